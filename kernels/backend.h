@@ -1,0 +1,233 @@
+// The narrow compute interface RAMba runs on. A backend owns memory (host memory for the CPU
+// backend, device memory for CUDA) and implements every op the model needs on that memory.
+// The model is written once against this interface; the CPU backend (kernels/cpu/) is the
+// reference and CI's only backend, the CUDA backend (kernels/cuda/) implements the same ops.
+//
+// Conventions shared by every op:
+//  - Activations are float32, row-major. `ld*` arguments are row strides in elements, so an op can
+//    read a column slice of a wider matrix (e.g. z | xBC | dt inside the in_proj output) in place.
+//  - Every pointer argument, including index and pointer arrays, points into this backend's memory
+//    (Allocate / Upload). Small parameter structs are passed by value from the host.
+//  - A batch is ragged: sequence s owns rows [seq_offsets[s], seq_offsets[s+1]). Prefill is one
+//    sequence of many rows; batched decode is many sequences of one row each; both go through the
+//    same ops.
+//  - Ops are asynchronous with respect to the host on backends that can be (CUDA); results are
+//    visible after Synchronize() or a Download(). They return an error instead of crashing.
+// A backend instance is not thread-safe: one thread drives it (the scheduler thread in server/).
+#ifndef RAMBA_KERNELS_BACKEND_H_
+#define RAMBA_KERNELS_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace ramba::kernels {
+
+enum class DType : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+size_t DTypeSize(DType t);
+std::string_view DTypeName(DType t);
+
+// bf16 / f16 <-> f32 conversions used by loaders and backends (round-to-nearest-even on narrowing).
+float Bf16ToF32(uint16_t v);
+uint16_t F32ToBf16(float v);
+float F16ToF32(uint16_t v);
+uint16_t F32ToF16(float v);
+
+class Backend;
+
+// Backend memory, released through its backend when destroyed. Move-only; empty when default
+// constructed. The Backend must outlive every Buffer it allocated.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  ~Buffer() { Reset(); }
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  void Reset();
+  void* data() const { return data_; }
+  size_t size() const { return bytes_; }
+  bool empty() const { return data_ == nullptr; }
+  template <class T>
+  T* as() const { return static_cast<T*>(data_); }
+
+ private:
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// A matrix in backend memory, row-major [rows, cols]. A Linear weight is [out_features, in_features].
+struct MatrixView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// Mamba-2 selective-state-space parameters of one layer (all in backend memory, float32).
+struct SsmParams {
+  const float* A_log = nullptr;    // [nheads]; A = -exp(A_log)
+  const float* D = nullptr;        // [nheads]
+  const float* dt_bias = nullptr;  // [nheads]
+  int64_t nheads = 0;
+  int64_t headdim = 0;
+  int64_t d_state = 0;
+  int64_t ngroups = 0;  // head h uses B/C group h / (nheads / ngroups)
+  float dt_min = 0.0f;  // softplus(dt + dt_bias) is clamped to [dt_min, dt_max]
+  float dt_max = 0.0f;  // (0, +inf) means no clamp
+};
+
+// Per-row view of every sequence's chunk memory, for retrieval and sparse attention.
+struct ChunkMemoryBatch {
+  const int32_t* row_seq = nullptr;        // [rows] sequence index of each row
+  const int64_t* row_position = nullptr;   // [rows] absolute token position of each row
+  const float* const* landmarks = nullptr; // [num_seqs] -> [num_chunks[s], retrieval_dim]
+  const int64_t* num_chunks = nullptr;     // [num_seqs] chunks stored per sequence
+  // [num_seqs] -> [num_chunks[s]] -> one chunk: K [chunk_size, kv_heads, head_dim] followed by
+  // V [chunk_size, kv_heads, head_dim]. A table of pointers lets chunks live anywhere (and be
+  // shared between forked sessions) without copying.
+  const float* const* const* chunk_kv = nullptr;
+};
+
+// Sampling parameters of one row. temperature == 0 means greedy (argmax, lowest id on ties).
+struct SamplingParams {
+  float temperature = 1.0f;
+  int32_t top_k = 0;    // 0: no top-k filter
+  float top_p = 1.0f;   // 1: no nucleus filter
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string_view name() const = 0;
+  // True when backend memory is ordinary host memory (the CPU backend): callers may then read and
+  // write it directly instead of Upload/Download.
+  virtual bool host_accessible() const = 0;
+  // The dtype the model converts weight matrices to when loading onto this backend.
+  virtual DType weight_dtype() const = 0;
+
+  // ---- Memory ----
+  virtual absl::StatusOr<Buffer> Allocate(size_t bytes) = 0;
+  virtual absl::Status Upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual absl::Status Download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status Copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status Zero(void* dst, size_t bytes) = 0;
+  virtual absl::Status Synchronize() = 0;
+
+  // ---- Ops ----
+  // out[i, :] = table[tokens[i], :] (converted to f32). Token ids must be < table.rows.
+  virtual absl::Status Embed(const int32_t* tokens, int64_t n, MatrixView table, float* out) = 0;
+
+  // y[m, n] = x[m, k] * w^T (+ bias[n] when bias is non-null); with accumulate, y += that.
+  // k = w.cols, n = w.rows.
+  virtual absl::Status Matmul(const float* x, int64_t ldx, int64_t m, MatrixView w,
+                              const float* bias, float* y, int64_t ldy, bool accumulate) = 0;
+
+  // y = x * rsqrt(mean(x^2) + eps) * weight, per row of `dim` values. y may alias x.
+  virtual absl::Status RmsNorm(const float* x, int64_t ldx, const float* weight, float* y,
+                               int64_t ldy, int64_t rows, int64_t dim, float eps) = 0;
+
+  // Mamba-2 gated norm, gate first: g = y * silu(z); out = g * rsqrt(mean_group(g^2) + eps) * weight,
+  // the mean taken over consecutive groups of `group_size` channels (group_size == dim: one group).
+  virtual absl::Status GatedRmsNorm(const float* y, int64_t ldy, const float* z, int64_t ldz,
+                                    const float* weight, float* out, int64_t ldo, int64_t rows,
+                                    int64_t dim, int64_t group_size, float eps) = 0;
+
+  // y[i] += x[i] for i < n.
+  virtual absl::Status Add(float* y, const float* x, int64_t n) = 0;
+
+  // out[i] = silu(gate[i]) * up[i] for i < n. out may alias gate or up.
+  virtual absl::Status SwiGlu(const float* gate, const float* up, float* out, int64_t n) = 0;
+
+  // out[b, :] = mean over r < block_len of x[b * block_len + r, :], for b < num_blocks.
+  virtual absl::Status BlockMean(const float* x, int64_t num_blocks, int64_t block_len,
+                                 int64_t dim, float* out) = 0;
+
+  // Depthwise causal conv1d + bias + SiLU over a ragged batch, continuing each sequence's state.
+  // x: [rows, channels] (stride ldx); conv_states[s]: [kernel - 1, channels], oldest row first,
+  // updated in place to the last kernel - 1 inputs; weight: [channels, kernel]; bias: [channels]
+  // or null; y: [rows, channels] contiguous.
+  virtual absl::Status CausalConv1dSilu(const float* x, int64_t ldx, const int64_t* seq_offsets,
+                                        int64_t num_seqs, float* const* conv_states,
+                                        const float* weight, const float* bias, int64_t channels,
+                                        int64_t kernel, float* y) = 0;
+
+  // Mamba-2 SSM over a ragged batch, continuing each sequence's state. Per row and head h:
+  //   dt = clamp(softplus(dt_raw[h] + dt_bias[h])), S = exp(dt * A) * S + dt * x (outer) B,
+  //   y = S C + D * x.
+  // xbc: [rows, nheads*headdim + 2*ngroups*d_state] laid out x | B | C (stride ldxbc);
+  // dt_raw: [rows, nheads] (stride lddt); ssm_states[s]: [nheads, headdim, d_state], updated;
+  // y: [rows, nheads*headdim] contiguous. Must equal the token-by-token recurrence.
+  virtual absl::Status SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw, int64_t lddt,
+                               const int64_t* seq_offsets, int64_t num_seqs,
+                               float* const* ssm_states, const SsmParams& p, float* y) = 0;
+
+  // Rotary embedding, rotate-half convention, in place on x [rows, heads * head_dim]; the position
+  // of row r is r % period (positions restart at 0 in every chunk). inv_freq_i = theta^(-2i/head_dim).
+  virtual absl::Status RopeInChunk(float* x, int64_t rows, int64_t heads, int64_t head_dim,
+                                   int64_t period, float theta) = 0;
+
+  // Bidirectional softmax attention inside independent blocks of block_len rows (one chunk plus
+  // its CLS row each). q, out: [num_blocks * block_len, nh * hd]; k, v: [.., nkv * hd];
+  // query head h reads kv head h / (nh / nkv); scale 1 / sqrt(hd).
+  virtual absl::Status BlockAttention(const float* q, const float* k, const float* v, float* out,
+                                      int64_t num_blocks, int64_t block_len, int64_t nh,
+                                      int64_t nkv, int64_t hd) = 0;
+
+  // Landmark retrieval for every row: r [rows, retrieval_dim] is split into `heads` equal parts,
+  // as are the landmarks. Chunk c is eligible for a row at position t iff (c + 1) * chunk_size <= t
+  // and c < num_chunks. Keeps the top min(top_k, eligible) chunks by score r.l / sqrt(dim / heads),
+  // orders them by chunk index descending (most recent first), and computes stick-breaking
+  // weights in fp32: w_j = sigmoid(s_j) * prod_{i<j} (1 - sigmoid(s_i)).
+  // indices, weights: [rows, heads, top_k]; unused slots get index -1 and weight 0.
+  virtual absl::Status RetrieveChunks(const float* r, int64_t rows, const ChunkMemoryBatch& mem,
+                                      int64_t retrieval_dim, int64_t heads, int64_t top_k,
+                                      int64_t chunk_size, int32_t* indices, float* weights) = 0;
+
+  // Sparse chunk attention: for row r and query head h (kv head g = h / (nh / nkv), retrieval
+  // head e = g * retrieval_heads / nkv):
+  //   out[r, h] = sum_j weights[r, e, j] * softmax(q[r, h] . K_c / sqrt(hd)) V_c,
+  //   c = indices[r, e, j], over the chunk's chunk_size keys; slots with index -1 add nothing.
+  // q, out: [rows, nh * hd].
+  virtual absl::Status SparseChunkAttention(const float* q, int64_t rows,
+                                            const ChunkMemoryBatch& mem, const int32_t* indices,
+                                            const float* weights, int64_t retrieval_heads,
+                                            int64_t top_k, int64_t nh, int64_t nkv, int64_t hd,
+                                            int64_t chunk_size, float* out) = 0;
+
+  // Draws one token per row from logits [rows, vocab]: greedy when temperature == 0, otherwise
+  // softmax(logits / temperature) restricted to the top_k most likely tokens, then to the
+  // smallest prefix (by descending probability) whose mass reaches top_p, sampled by inverse CDF
+  // with uniforms[r] in [0, 1). params and uniforms are host arrays of `rows` entries; out is
+  // backend memory. Deterministic for equal inputs.
+  virtual absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
+                              const SamplingParams* params, const float* uniforms,
+                              int32_t* out) = 0;
+
+ protected:
+  friend class Buffer;
+  virtual void Free(void* data, size_t bytes) = 0;
+};
+
+// CPU backend; threads <= 0 uses every core (OpenMP + OpenBLAS).
+std::unique_ptr<Backend> CreateCpuBackend(int threads = 0);
+
+// True when this binary was built with the CUDA backend and a GPU is visible.
+bool CudaAvailable();
+
+// "cpu", "cuda" or "auto" (cuda when available, else cpu).
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view device, int threads = 0);
+
+}  // namespace ramba::kernels
+
+#endif  // RAMBA_KERNELS_BACKEND_H_
