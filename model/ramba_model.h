@@ -1,0 +1,80 @@
+// The RAMba language model: weights on a backend plus prefill and decode over session states.
+#ifndef RAMBA_MODEL_RAMBA_MODEL_H_
+#define RAMBA_MODEL_RAMBA_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "kernels/backend.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+#include "model/session_state.h"
+#include "model/weights.h"
+
+namespace ramba {
+
+// Which rows of a forward pass produce logits.
+enum class LogitsMode {
+  kNone,  // no logits (intermediate prefill segments)
+  kLast,  // the last token of every sequence: [num_seqs, vocab]
+  kAll,   // every token: [total_tokens, vocab]
+};
+
+// Thread-safe: Forward calls are serialised internally (they share one scratch workspace and the
+// backend). Weights are immutable after loading. The backend must outlive the model.
+class RambaModel {
+ public:
+  // Loads config.json and model.safetensors from `model_dir`.
+  static absl::StatusOr<std::unique_ptr<RambaModel>> Load(const std::string& model_dir,
+                                                          kernels::Backend* backend);
+  // Builds a model from tensors already in memory (tests, random-weight benchmarks).
+  static absl::StatusOr<std::unique_ptr<RambaModel>> Create(ModelConfig config,
+                                                            const TensorMap& tensors,
+                                                            kernels::Backend* backend);
+
+  const ModelConfig& config() const { return config_; }
+  kernels::Backend* backend() const { return backend_; }
+
+  // An empty session (position 0).
+  absl::StatusOr<std::unique_ptr<SessionState>> NewSession() const;
+
+  // Runs tokens[s] through the model on top of states[s] for every s (a ragged batch: prefill is
+  // one long sequence, batched decode many one-token sequences), advancing each state. Logits
+  // (float32, host memory) per `mode`. Token ids must be in [0, vocab_size): checked, and a bad id
+  // leaves every state untouched. Empty token lists are allowed (that sequence is skipped).
+  absl::Status Forward(absl::Span<SessionState* const> states,
+                       absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
+                       std::vector<float>* logits);
+
+  // Feeds `tokens` to one session in segments of at most `segment_tokens` (bounded scratch
+  // memory; the result equals a single pass). Writes the last token's logits when `last_logits`
+  // is non-null (and tokens is non-empty).
+  absl::Status Prefill(SessionState* state, absl::Span<const int32_t> tokens,
+                       std::vector<float>* last_logits, int64_t segment_tokens = 1024);
+
+  // One token for each of a batch of sessions; logits [num_states, vocab].
+  absl::Status Decode(absl::Span<SessionState* const> states, absl::Span<const int32_t> tokens,
+                      std::vector<float>* logits);
+
+ private:
+  struct Workspace;
+  RambaModel(ModelConfig config, ModelWeights weights, kernels::Backend* backend);
+  absl::Status ForwardLocked(absl::Span<SessionState* const> states,
+                             absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
+                             std::vector<float>* logits) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  ModelConfig config_;
+  ModelWeights weights_;
+  kernels::Backend* backend_;
+  absl::Mutex mu_;
+  std::unique_ptr<Workspace> workspace_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace ramba
+
+#endif  // RAMBA_MODEL_RAMBA_MODEL_H_

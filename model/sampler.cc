@@ -1,0 +1,60 @@
+#include "model/sampler.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+
+namespace ramba {
+
+absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
+  if (!(o.temperature >= 0.0f) || !std::isfinite(o.temperature)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be a finite number >= 0, got ", o.temperature));
+  }
+  if (o.top_k < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", o.top_k));
+  }
+  if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", o.top_p));
+  }
+  return absl::OkStatus();
+}
+
+float SamplingUniform(uint64_t seed, int64_t position) {
+  uint64_t z = seed ^ (0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(position) + 1));
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) / static_cast<float>(1ull << 24);
+}
+
+absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,
+                                                  absl::Span<const float> logits, int64_t vocab,
+                                                  absl::Span<const SamplingOptions> options,
+                                                  absl::Span<const int64_t> positions) {
+  const int64_t rows = static_cast<int64_t>(options.size());
+  if (vocab <= 0 || static_cast<int64_t>(logits.size()) != rows * vocab ||
+      static_cast<int64_t>(positions.size()) != rows) {
+    return absl::InvalidArgumentError(absl::StrCat("SampleTokens: ", logits.size(),
+                                                   " logits for ", rows, " rows of vocab ", vocab));
+  }
+  std::vector<kernels::SamplingParams> params(rows);
+  std::vector<float> uniforms(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    RETURN_IF_ERROR(ValidateSamplingOptions(options[r]));
+    params[r] = {options[r].temperature, options[r].top_k, options[r].top_p};
+    uniforms[r] = SamplingUniform(options[r].seed, positions[r]);
+  }
+  // Logits are host memory; stage them through the backend so every backend samples the same way.
+  ASSIGN_OR_RETURN(kernels::Buffer dev_logits, backend->Allocate(logits.size() * sizeof(float)));
+  RETURN_IF_ERROR(backend->Upload(dev_logits.data(), logits.data(), logits.size() * sizeof(float)));
+  ASSIGN_OR_RETURN(kernels::Buffer dev_out, backend->Allocate(rows * sizeof(int32_t)));
+  RETURN_IF_ERROR(backend->Sample(dev_logits.as<float>(), rows, vocab, params.data(),
+                                  uniforms.data(), dev_out.as<int32_t>()));
+  std::vector<int32_t> out(rows);
+  RETURN_IF_ERROR(backend->Download(out.data(), dev_out.data(), rows * sizeof(int32_t)));
+  return out;
+}
+
+}  // namespace ramba

@@ -1,0 +1,39 @@
+// Token sampling with reproducible randomness: the uniform used for a token is a hash of the
+// request seed and the token's position, so the same seed gives the same tokens, also after a
+// session is saved and restored, or when the same sequence is decoded in another batch.
+#ifndef RAMBA_MODEL_SAMPLER_H_
+#define RAMBA_MODEL_SAMPLER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kernels/backend.h"
+
+namespace ramba {
+
+struct SamplingOptions {
+  float temperature = 0.0f;  // 0: greedy
+  int32_t top_k = 0;         // 0: off
+  float top_p = 1.0f;        // 1: off
+  uint64_t seed = 0;
+};
+
+// Checks ranges: temperature >= 0 and finite, top_k >= 0, 0 < top_p <= 1. The message names the
+// field.
+absl::Status ValidateSamplingOptions(const SamplingOptions& options);
+
+// The uniform in [0, 1) for (seed, position): splitmix64 of both, top 24 bits.
+float SamplingUniform(uint64_t seed, int64_t position);
+
+// Samples one token per row of host `logits` [rows, vocab]; positions[r] is the position the
+// sampled token will take in its session.
+absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,
+                                                  absl::Span<const float> logits, int64_t vocab,
+                                                  absl::Span<const SamplingOptions> options,
+                                                  absl::Span<const int64_t> positions);
+
+}  // namespace ramba
+
+#endif  // RAMBA_MODEL_SAMPLER_H_

@@ -1,0 +1,103 @@
+// Everything one RAMba session keeps between calls (spec section 6), resident on a backend, and its
+// versioned serialisation into separately storable parts.
+#ifndef RAMBA_MODEL_SESSION_STATE_H_
+#define RAMBA_MODEL_SESSION_STATE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kernels/backend.h"
+#include "model/config.h"
+
+namespace ramba {
+
+// Keys and values of one completed chunk: K [chunk_size, kv_dim] followed by V [chunk_size,
+// kv_dim], float32 in backend memory. Immutable once written, so forked sessions share it.
+struct ChunkKV {
+  kernels::Buffer kv;
+  const float* data() const { return kv.as<const float>(); }
+};
+
+// Serialised parts. Each part starts with a magic number, a format version and its kind, then its
+// sizes, float32 little-endian payload and a CRC-32 of everything before it, so a reader can
+// reject a part of another model shape or a corrupted one with a clear error.
+enum class StatePartKind : uint16_t { kStates = 1, kChunk = 2, kLandmarks = 3 };
+inline constexpr uint32_t kStatePartMagic = 0x53424D52;  // "RMBS" little-endian
+inline constexpr uint16_t kStatePartVersion = 1;
+
+// Per-session model state. Not thread-safe: one writer at a time (the server's session lock).
+// The backend must outlive the state.
+class SessionState {
+ public:
+  static absl::StatusOr<std::unique_ptr<SessionState>> Create(const ModelConfig& config,
+                                                              kernels::Backend* backend);
+
+  // Tokens consumed so far.
+  int64_t position() const { return position_; }
+  // Completed chunks in the chunk memory (== position / chunk_size).
+  int64_t num_chunks() const { return static_cast<int64_t>(chunks_.size()); }
+  // Lower-decoder outputs buffered for the current partial chunk.
+  int64_t buffered_rows() const { return position_ % config_.chunk_size; }
+  const ModelConfig& config() const { return config_; }
+  kernels::Backend* backend() const { return backend_; }
+
+  // A new state equal to this one. Recurrent states and landmarks are copied; chunk K/V are
+  // shared (they are immutable), so a fork costs O(states + landmarks), not O(context).
+  absl::StatusOr<std::unique_ptr<SessionState>> Fork() const;
+
+  // ---- Serialisation ----
+  // Position, every Mamba layer's conv and SSM state, the partial-chunk buffer, the chunk count.
+  absl::StatusOr<std::string> SerializeStates() const;
+  // K/V of chunk `index` (0 <= index < num_chunks()).
+  absl::StatusOr<std::string> SerializeChunk(int64_t index) const;
+  // Landmarks of chunks [begin, end).
+  absl::StatusOr<std::string> SerializeLandmarks(int64_t begin, int64_t end) const;
+
+  // Rebuilds a state from its parts: `states`, then `chunks` for indices 0..n-1 in order, and
+  // landmark parts that together cover [0, n) in order (n = the chunk count in `states`). Any
+  // mismatch (other model shape, missing or extra chunk, bad checksum) is an error naming it.
+  static absl::StatusOr<std::unique_ptr<SessionState>> Deserialize(
+      const ModelConfig& config, kernels::Backend* backend, std::string_view states,
+      absl::Span<const std::string_view> chunks, absl::Span<const std::string_view> landmarks);
+
+  // ---- Access for the model's forward pass (backend memory) ----
+  float* conv_state(int64_t layer) const;  // [conv_kernel - 1, conv_dim]
+  float* ssm_state(int64_t layer) const;   // [num_heads, head_dim, state_size]
+  float* chunk_buffer() const;             // [chunk_size, hidden]
+  const float* landmarks() const;          // [num_chunks, retrieval_dim]
+  // Pointers to every chunk's K/V block, index = chunk number.
+  const std::vector<const float*>& chunk_pointers() const { return chunk_ptrs_; }
+  // Appends a chunk whose K/V block and landmark row are already in backend memory.
+  absl::Status AppendChunk(std::shared_ptr<const ChunkKV> chunk, const float* landmark);
+  void AdvancePosition(int64_t n) { position_ += n; }
+  int64_t chunk_floats() const { return 2 * config_.chunk_size * config_.kv_dim(); }
+
+ private:
+  SessionState(const ModelConfig& config, kernels::Backend* backend);
+  absl::Status Init();
+  absl::Status ReserveLandmarks(int64_t chunks);
+  int64_t conv_floats() const { return (config_.conv_kernel - 1) * config_.conv_dim(); }
+  int64_t ssm_floats() const {
+    return config_.num_heads * config_.head_dim * config_.state_size;
+  }
+  int64_t recurrent_floats() const;
+
+  ModelConfig config_;
+  kernels::Backend* backend_;
+  int64_t position_ = 0;
+  // One allocation: [layers][conv] then [layers][ssm] then the chunk buffer.
+  kernels::Buffer recurrent_;
+  kernels::Buffer landmarks_;  // capacity landmark_capacity_ rows
+  int64_t landmark_capacity_ = 0;
+  std::vector<std::shared_ptr<const ChunkKV>> chunks_;
+  std::vector<const float*> chunk_ptrs_;
+};
+
+}  // namespace ramba
+
+#endif  // RAMBA_MODEL_SESSION_STATE_H_
