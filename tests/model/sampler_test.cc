@@ -1,0 +1,97 @@
+// Sampling: greedy, reproducibility from a seed, filters, and validation messages.
+#include "model/sampler.h"
+
+#include <map>
+
+#include "gtest/gtest.h"
+
+namespace ramba {
+namespace {
+
+class SamplerTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<kernels::Backend> backend_ = kernels::CreateCpuBackend();
+  // vocab 5: token 3 most likely, then 1.
+  std::vector<float> logits_ = {0.1f, 2.0f, -1.0f, 2.5f, 0.0f};
+};
+
+TEST_F(SamplerTest, GreedyPicksArgmax) {
+  SamplingOptions o;  // temperature 0
+  auto t = SampleTokens(backend_.get(), logits_, 5, {o}, {0});
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)[0], 3);
+}
+
+TEST_F(SamplerTest, SameSeedSameTokensOtherSeedOtherTokens) {
+  SamplingOptions o;
+  o.temperature = 1.5f;
+  o.seed = 42;
+  std::vector<int32_t> a, b, c;
+  for (int64_t pos = 0; pos < 200; ++pos) {
+    a.push_back((*SampleTokens(backend_.get(), logits_, 5, {o}, {pos}))[0]);
+    b.push_back((*SampleTokens(backend_.get(), logits_, 5, {o}, {pos}))[0]);
+    SamplingOptions other = o;
+    other.seed = 43;
+    c.push_back((*SampleTokens(backend_.get(), logits_, 5, {other}, {pos}))[0]);
+  }
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  std::map<int32_t, int> counts;
+  for (int32_t t : a) counts[t]++;
+  EXPECT_GE(counts.size(), 4u);           // temperature 1.5 spreads the mass
+  EXPECT_GT(counts[3], counts[2]);        // but keeps the order
+}
+
+TEST_F(SamplerTest, TopKAndTopPRestrictTheSupport) {
+  SamplingOptions k2;
+  k2.temperature = 1.0f;
+  k2.top_k = 2;
+  SamplingOptions p;
+  p.temperature = 1.0f;
+  p.top_p = 0.5f;  // token 3 alone holds > 50% after softmax
+  for (int64_t pos = 0; pos < 300; ++pos) {
+    k2.seed = p.seed = pos;
+    const int32_t a = (*SampleTokens(backend_.get(), logits_, 5, {k2}, {pos}))[0];
+    EXPECT_TRUE(a == 3 || a == 1) << a;
+    const int32_t b = (*SampleTokens(backend_.get(), logits_, 5, {p}, {pos}))[0];
+    EXPECT_EQ(b, 3);
+  }
+}
+
+TEST_F(SamplerTest, BatchRowsAreIndependent) {
+  std::vector<float> two = logits_;
+  two.insert(two.end(), {5.0f, 0.0f, 0.0f, 0.0f, 0.0f});
+  SamplingOptions g;
+  auto t = SampleTokens(backend_.get(), two, 5, {g, g}, {0, 0});
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(*t, (std::vector<int32_t>{3, 0}));
+}
+
+TEST_F(SamplerTest, InvalidOptionsNameTheField) {
+  SamplingOptions o;
+  o.temperature = -1;
+  EXPECT_NE(ValidateSamplingOptions(o).message().find("temperature"), std::string::npos);
+  o = {};
+  o.top_p = 0;
+  EXPECT_NE(ValidateSamplingOptions(o).message().find("top_p"), std::string::npos);
+  o = {};
+  o.top_k = -3;
+  EXPECT_NE(ValidateSamplingOptions(o).message().find("top_k"), std::string::npos);
+  EXPECT_EQ(SampleTokens(backend_.get(), logits_, 5, {o}, {0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(SampleTokens(backend_.get(), logits_, 4, {SamplingOptions{}}, {0}).ok());
+}
+
+TEST(SamplingUniformTest, InRangeAndSpread) {
+  double sum = 0;
+  for (int64_t i = 0; i < 10000; ++i) {
+    const float u = SamplingUniform(7, i);
+    ASSERT_GE(u, 0.0f);
+    ASSERT_LT(u, 1.0f);
+    sum += u;
+  }
+  EXPECT_NEAR(sum / 10000, 0.5, 0.02);
+}
+
+}  // namespace
+}  // namespace ramba
