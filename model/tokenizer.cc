@@ -20,6 +20,8 @@
 #include "unicode/normalizer2.h"
 #include "unicode/stringpiece.h"
 #include "unicode/uchar.h"
+#include "unicode/unistr.h"
+#include "unicode/utf16.h"
 
 namespace ramba {
 namespace {
@@ -186,7 +188,8 @@ class Normalizer {
     if (nfc) {
       UErrorCode err = U_ZERO_ERROR;
       n.nfc_ = icu::Normalizer2::getNFCInstance(err);
-      if (U_FAILURE(err) || n.nfc_ == nullptr) {
+      if (U_SUCCESS(err)) n.nfd_ = icu::Normalizer2::getNFDInstance(err);
+      if (U_FAILURE(err) || n.nfc_ == nullptr || n.nfd_ == nullptr) {
         return absl::InternalError(absl::StrCat("ICU NFC normalizer: ", u_errorName(err)));
       }
     }
@@ -219,6 +222,10 @@ class Normalizer {
  private:
   void NormalizeValid(std::string_view s, std::string* out) const {
     if (s.empty()) return;
+    if (HasLongMarkRun(s)) {  // before ICU: its quick check is quadratic there too
+      NfcLinear(s, out);
+      return;
+    }
     const icu::StringPiece piece(s.data(), static_cast<int32_t>(s.size()));
     UErrorCode err = U_ZERO_ERROR;
     if (nfc_->isNormalizedUTF8(piece, err) && U_SUCCESS(err)) {
@@ -233,7 +240,112 @@ class Normalizer {
     out->append(U_SUCCESS(err) ? std::string_view(normalized) : s);
   }
 
+  // ICU puts combining marks in canonical order with an insertion sort, which is quadratic in a
+  // long run of marks ("Zalgo" text: 1 MB took minutes). Text with such a run takes this
+  // linear-time path instead: UAX #15's algorithm (full canonical decomposition, stable sort of
+  // each run of marks by combining class, canonical composition) with ICU's per-character
+  // decompositions and pair compositions. The test run with kLongMarkRun = -1 (every string
+  // down this path) matched all NFC goldens.
+#ifndef RAMBA_TOKENIZER_LONG_MARK_RUN
+#define RAMBA_TOKENIZER_LONG_MARK_RUN 32
+#endif
+  static constexpr int kLongMarkRun = RAMBA_TOKENIZER_LONG_MARK_RUN;
+
+  static bool HasLongMarkRun(std::string_view s) {
+    if (kLongMarkRun < 0) return true;  // testing: every string takes the linear path
+    int run = 0;
+    for (size_t i = 0; i < s.size();) {
+      const Utf8Char c = NextChar(s, i);
+      i += c.len;
+      if (c.cp < 0x300) {
+        run = 0;
+      } else if (u_getCombiningClass(static_cast<UChar32>(c.cp)) != 0) {
+        if (++run > kLongMarkRun) return true;
+      } else {
+        run = 0;
+      }
+    }
+    return false;
+  }
+
+  void NfcLinear(std::string_view s, std::string* out) const {
+    const auto ccc = [](char32_t cp) { return u_getCombiningClass(static_cast<UChar32>(cp)); };
+    // Decompose.
+    std::vector<char32_t> cps;
+    cps.reserve(s.size());
+    icu::UnicodeString decomposition;
+    for (size_t i = 0; i < s.size();) {
+      const Utf8Char c = NextChar(s, i);
+      i += c.len;
+      if (!nfd_->getDecomposition(static_cast<UChar32>(c.cp), decomposition)) {
+        cps.push_back(c.cp);
+        continue;
+      }
+      for (int32_t k = 0; k < decomposition.length();) {
+        const UChar32 d = decomposition.char32At(k);
+        cps.push_back(static_cast<char32_t>(d));
+        k += U16_LENGTH(d);
+      }
+    }
+    // Canonical order.
+    for (size_t i = 0; i < cps.size();) {
+      if (ccc(cps[i]) == 0) {
+        ++i;
+        continue;
+      }
+      size_t j = i;
+      while (j < cps.size() && ccc(cps[j]) != 0) ++j;
+      std::stable_sort(cps.begin() + i, cps.begin() + j,
+                       [&](char32_t a, char32_t b) { return ccc(a) < ccc(b); });
+      i = j;
+    }
+    // Compose: a character joins the last starter unless a character between them is a starter
+    // or has a combining class at least its own ("blocked").
+    std::vector<char32_t> composed;
+    composed.reserve(cps.size());
+    int starter = -1;  // index in `composed`
+    int last_class = -1;
+    for (char32_t cp : cps) {
+      const int cls = ccc(cp);
+      if (starter >= 0) {
+        const bool blocked = !(last_class < cls || last_class == 0) ||
+                             (last_class == 0 && starter + 1 != static_cast<int>(composed.size()));
+        if (!blocked) {
+          const UChar32 pair = nfc_->composePair(static_cast<UChar32>(composed[starter]),
+                                                 static_cast<UChar32>(cp));
+          if (pair >= 0) {
+            composed[starter] = static_cast<char32_t>(pair);
+            continue;
+          }
+        }
+      }
+      if (cls == 0) starter = static_cast<int>(composed.size());
+      last_class = cls;
+      composed.push_back(cp);
+    }
+    for (char32_t cp : composed) AppendUtf8(cp, out);
+  }
+
+  static void AppendUtf8(char32_t cp, std::string* out) {
+    if (cp < 0x80) {
+      out->push_back(static_cast<char>(cp));
+    } else if (cp < 0x800) {
+      out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else if (cp < 0x10000) {
+      out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else {
+      out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+  }
+
   const icu::Normalizer2* nfc_ = nullptr;
+  const icu::Normalizer2* nfd_ = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -145,6 +145,20 @@ TEST_F(NeoxTest, IllFormedUtf8) {
   EXPECT_EQ(tok_->Encode("a\xffz"), tok_->Encode("a\uFFFDz"));
 }
 
+TEST_F(NeoxTest, LongCombiningMarkRunsNormalize) {
+  // More than 32 marks in a row take the linear-time NFC path (ICU's reordering is quadratic);
+  // the expected strings are Python's unicodedata.normalize("NFC", ...).
+  std::string zalgo = "e", want = "\u1EB9";
+  std::string hangul = "\u1100\u1161\u11A8", want_hangul = "\uAC01";
+  for (int i = 0; i < 20; ++i) zalgo += "\u0301\u0323", hangul += "\u0301\u0323";
+  for (int i = 0; i < 19; ++i) want += "\u0323";
+  for (int i = 0; i < 20; ++i) want_hangul += "\u0323";
+  for (int i = 0; i < 20; ++i) want += "\u0301", want_hangul += "\u0301";
+  EXPECT_EQ(tok_->Decode(tok_->Encode("x " + zalgo + " y")).value(), "x " + want + " y");
+  EXPECT_EQ(tok_->Decode(tok_->Encode(hangul)).value(), want_hangul);
+  EXPECT_EQ(tok_->Encode(zalgo), tok_->Encode(want));
+}
+
 TEST_F(NeoxTest, ConcurrentEncodesAgree) {
   std::string text;
   for (int i = 0; i < 200; ++i) text += "Thread " + std::to_string(i) + " encodes caf\u00e9s. ";
