@@ -1,0 +1,129 @@
+#include "kernels/backend.h"
+
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace ramba::kernels {
+
+size_t DTypeSize(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return 4;
+    case DType::kBF16:
+    case DType::kF16:
+      return 2;
+  }
+  return 0;
+}
+
+std::string_view DTypeName(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return "f32";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF16:
+      return "f16";
+  }
+  return "unknown";
+}
+
+namespace {
+
+uint32_t FloatBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+float BitsFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+}  // namespace
+
+float Bf16ToF32(uint16_t v) { return BitsFloat(static_cast<uint32_t>(v) << 16); }
+
+uint16_t F32ToBf16(float v) {
+  const uint32_t u = FloatBits(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    // NaN: keep the sign and a quiet-NaN payload so truncation cannot turn it into infinity.
+    return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  }
+  // Round to nearest, ties to even; overflow rounds up to infinity as IEEE requires.
+  const uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>((u + rounding) >> 16);
+}
+
+float F16ToF32(uint16_t v) {
+  const uint32_t sign = static_cast<uint32_t>(v & 0x8000u) << 16;
+  const uint32_t exp = (v >> 10) & 0x1fu;
+  const uint32_t mant = v & 0x3ffu;
+  if (exp == 0x1f) return BitsFloat(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  if (exp != 0) return BitsFloat(sign | ((exp + 112) << 23) | (mant << 13));
+  if (mant == 0) return BitsFloat(sign);
+  // Subnormal half: mant * 2^-24 is exact in float.
+  const float mag = static_cast<float>(mant) * 5.9604644775390625e-8f;
+  return sign ? -mag : mag;
+}
+
+uint16_t F32ToF16(float v) {
+  const uint32_t u = FloatBits(v);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65536: inf
+  if (a >= 0x38800000u) {
+    // Normal half. Rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even;
+    // a carry out of the mantissa correctly bumps the exponent.
+    const uint32_t rebased = a - (112u << 23);
+    const uint32_t rounding = 0xfffu + ((rebased >> 13) & 1u);
+    return static_cast<uint16_t>(sign | ((rebased + rounding) >> 13));
+  }
+  if (a < 0x33000000u) return sign;  // below half the smallest subnormal (2^-25): zero
+  // Subnormal half: value = m * 2^-24 with m = round(a_float * 2^24), ties to even.
+  const uint32_t e = a >> 23;               // 102..112
+  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126 - e;           // 14..24: mant * 2^(e-150) / 2^-24 = mant >> (126-e)
+  const uint32_t q = mant >> shift;
+  const uint32_t rem = mant & ((1u << shift) - 1);
+  const uint32_t half = 1u << (shift - 1);
+  const uint32_t r = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+  return static_cast<uint16_t>(sign | r);
+}
+
+Buffer& Buffer::operator=(Buffer&& o) noexcept {
+  if (this != &o) {
+    Reset();
+    owner_ = std::exchange(o.owner_, nullptr);
+    data_ = std::exchange(o.data_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
+void Buffer::Reset() {
+  if (data_ != nullptr && owner_ != nullptr) owner_->Free(data_, bytes_);
+  owner_ = nullptr;
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+bool CudaAvailable() { return false; }
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view device, int threads) {
+  if (device == "cpu" || device == "auto") return CreateCpuBackend(threads);
+  if (device == "cuda") {
+    return absl::UnimplementedError(
+        "the CUDA backend is not built into this binary; use --device=cpu");
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown device \"", std::string(device), "\"; expected cpu, cuda or auto"));
+}
+
+}  // namespace ramba::kernels
