@@ -1,0 +1,224 @@
+// Tests for kernels/backend.h basics: dtype helpers and conversions, Buffer ownership, backend
+// creation, memory ops and argument validation of the CPU backend.
+#include "kernels/backend.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vec.h"
+#include "tests/kernels/kernel_test_util.h"
+
+namespace ramba::kernels {
+namespace {
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+float FromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+TEST(DTypeTest, SizesAndNames) {
+  EXPECT_EQ(DTypeSize(DType::kF32), 4u);
+  EXPECT_EQ(DTypeSize(DType::kBF16), 2u);
+  EXPECT_EQ(DTypeSize(DType::kF16), 2u);
+  EXPECT_EQ(DTypeName(DType::kF32), "f32");
+  EXPECT_EQ(DTypeName(DType::kBF16), "bf16");
+  EXPECT_EQ(DTypeName(DType::kF16), "f16");
+}
+
+TEST(DTypeTest, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(F32ToBf16(1.0f), 0x3f80);
+  EXPECT_EQ(F32ToBf16(FromBits(0x3f808000u)), 0x3f80);  // tie, even stays
+  EXPECT_EQ(F32ToBf16(FromBits(0x3f818000u)), 0x3f82);  // tie, odd rounds up
+  EXPECT_EQ(F32ToBf16(FromBits(0x3f808001u)), 0x3f81);  // above tie
+  EXPECT_EQ(F32ToBf16(-2.0f), 0xc000);
+  EXPECT_EQ(F32ToBf16(INFINITY), 0x7f80);
+  EXPECT_EQ(F32ToBf16(FromBits(0x7f7fffffu)), 0x7f80);  // max float rounds to inf
+  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(NAN))));
+  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(FromBits(0x7f800001u)))));  // low-payload NaN
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = Bf16ToF32(static_cast<uint16_t>(h));
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(F32ToBf16(f), h) << h;
+  }
+}
+
+TEST(DTypeTest, F16ExhaustiveRoundTripAndVectorPath) {
+  std::vector<uint16_t> all(0x10000);
+  for (uint32_t h = 0; h < 0x10000; ++h) all[h] = static_cast<uint16_t>(h);
+  std::vector<float> vec(all.size());
+  cpu::F16RowToF32(all.data(), static_cast<int64_t>(all.size()), vec.data());
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = F16ToF32(static_cast<uint16_t>(h));
+    if (std::isnan(f)) {
+      ASSERT_TRUE(std::isnan(vec[h])) << h;
+      ASSERT_TRUE(std::isnan(F16ToF32(F32ToF16(f))));
+      continue;
+    }
+    ASSERT_EQ(Bits(vec[h]), Bits(f)) << h;
+    ASSERT_EQ(F32ToF16(f), h) << h;
+  }
+  EXPECT_EQ(F16ToF32(0x3c00), 1.0f);
+  EXPECT_EQ(F16ToF32(0x0001), std::ldexp(1.0f, -24));
+  EXPECT_EQ(F16ToF32(0x7bff), 65504.0f);
+}
+
+TEST(DTypeTest, F16RoundsToNearestEven) {
+  EXPECT_EQ(F32ToF16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // tie -> even
+  EXPECT_EQ(F32ToF16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);  // tie -> even (up)
+  EXPECT_EQ(F32ToF16(65519.0f), 0x7bff);
+  EXPECT_EQ(F32ToF16(65520.0f), 0x7c00);  // tie at max -> inf
+  EXPECT_EQ(F32ToF16(-1e10f), 0xfc00);
+  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -25)), 0x0000);  // half the smallest subnormal: even
+  EXPECT_EQ(F32ToF16(std::ldexp(1.5f, -25)), 0x0001);
+  EXPECT_EQ(F32ToF16(std::ldexp(3.0f, -25)), 0x0002);  // 1.5 ulp tie -> even (2)
+  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -14) - std::ldexp(1.0f, -26)), 0x0400);  // into normals
+  EXPECT_EQ(F32ToF16(-0.0f), 0x8000);
+}
+
+TEST(DTypeTest, Bf16VectorPathMatchesScalar) {
+  std::vector<uint16_t> all(0x10000);
+  for (uint32_t h = 0; h < 0x10000; ++h) all[h] = static_cast<uint16_t>(h);
+  std::vector<float> vec(all.size());
+  cpu::Bf16RowToF32(all.data(), static_cast<int64_t>(all.size()), vec.data());
+  for (uint32_t h = 0; h < 0x10000; ++h) ASSERT_EQ(Bits(vec[h]), Bits(Bf16ToF32(h)));
+}
+
+// Counts frees so Buffer ownership can be observed.
+class CountingBackend : public CpuBackend {
+ public:
+  CountingBackend() : CpuBackend(0) {}
+  int frees = 0;
+
+ protected:
+  void Free(void* data, size_t bytes) override {
+    ++frees;
+    CpuBackend::Free(data, bytes);
+  }
+};
+
+TEST(BufferTest, MoveSemantics) {
+  CountingBackend be;
+  {
+    Buffer empty;
+    EXPECT_TRUE(empty.empty());
+    EXPECT_EQ(empty.size(), 0u);
+    empty.Reset();  // no-op
+  }
+  EXPECT_EQ(be.frees, 0);
+  absl::StatusOr<Buffer> a = be.Allocate(100);
+  ASSERT_TRUE(a.ok());
+  void* pa = a->data();
+  EXPECT_EQ(a->size(), 100u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(pa) % 64, 0u);
+
+  Buffer b(std::move(*a));  // move construction transfers ownership
+  EXPECT_TRUE(a->empty());
+  EXPECT_EQ(a->size(), 0u);
+  EXPECT_EQ(b.data(), pa);
+  EXPECT_EQ(b.size(), 100u);
+  EXPECT_EQ(be.frees, 0);
+
+  Buffer c = std::move(*be.Allocate(8));
+  c = std::move(b);  // move assignment frees c's old memory
+  EXPECT_EQ(be.frees, 1);
+  EXPECT_EQ(c.data(), pa);
+  EXPECT_TRUE(b.empty());
+
+  Buffer& self = c;
+  c = std::move(self);  // self-move keeps the buffer
+  EXPECT_EQ(c.data(), pa);
+  EXPECT_EQ(be.frees, 1);
+
+  c.as<char>()[99] = 7;
+  c.Reset();
+  EXPECT_EQ(be.frees, 2);
+  EXPECT_TRUE(c.empty());
+  { Buffer d = std::move(*be.Allocate(16)); }
+  EXPECT_EQ(be.frees, 3);
+}
+
+TEST(BufferTest, ZeroBytesIsStillAValidPointer) {
+  auto be = testing::Cpu();
+  auto b = be->Allocate(0);
+  ASSERT_TRUE(b.ok());
+  EXPECT_NE(b->data(), nullptr);
+  EXPECT_EQ(b->size(), 0u);
+}
+
+TEST(BackendTest, Create) {
+  auto cpu = CreateBackend("cpu");
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_EQ((*cpu)->name(), "cpu");
+  EXPECT_TRUE((*cpu)->host_accessible());
+  EXPECT_EQ((*cpu)->weight_dtype(), DType::kF32);
+  auto autob = CreateBackend("auto", 1);
+  ASSERT_TRUE(autob.ok());
+  EXPECT_EQ((*autob)->name(), "cpu");
+  EXPECT_FALSE(CudaAvailable());
+  EXPECT_EQ(CreateBackend("cuda").status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(CreateBackend("tpu").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(BackendTest, MemoryOps) {
+  auto be = testing::Cpu();
+  auto buf = be->Allocate(16 * sizeof(float));
+  ASSERT_TRUE(buf.ok());
+  std::vector<float> src(16), dst(16, -1.0f);
+  for (int i = 0; i < 16; ++i) src[i] = static_cast<float>(i);
+  ASSERT_TRUE(be->Upload(buf->data(), src.data(), 64).ok());
+  ASSERT_TRUE(be->Copy(buf->as<float>() + 1, buf->as<float>(), 8 * sizeof(float)).ok());  // overlap
+  ASSERT_TRUE(be->Zero(buf->as<float>() + 12, 4 * sizeof(float)).ok());
+  ASSERT_TRUE(be->Synchronize().ok());
+  ASSERT_TRUE(be->Download(dst.data(), buf->data(), 64).ok());
+  const std::vector<float> want = {0, 0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 0, 0, 0, 0};
+  EXPECT_EQ(dst, want);
+  EXPECT_FALSE(be->Upload(nullptr, src.data(), 4).ok());
+  EXPECT_FALSE(be->Download(dst.data(), nullptr, 4).ok());
+  EXPECT_TRUE(be->Copy(nullptr, nullptr, 0).ok());
+}
+
+TEST(BackendTest, BadArgumentsAreErrorsNotCrashes) {
+  auto be = testing::Cpu();
+  std::vector<float> a(64, 1.0f), b(64, 1.0f);
+  const absl::StatusCode kBad = absl::StatusCode::kInvalidArgument;
+  MatrixView w{a.data(), DType::kF32, 4, 4};
+  EXPECT_EQ(be->Matmul(a.data(), 4, -1, w, nullptr, b.data(), 4, false).code(), kBad);
+  EXPECT_EQ(be->Matmul(nullptr, 4, 2, w, nullptr, b.data(), 4, false).code(), kBad);
+  EXPECT_EQ(be->Matmul(a.data(), 3, 2, w, nullptr, b.data(), 4, false).code(), kBad);
+  EXPECT_EQ(be->RmsNorm(a.data(), 8, nullptr, b.data(), 8, 2, 8, 1e-5f).code(), kBad);
+  EXPECT_EQ(be->RmsNorm(a.data(), 8, a.data(), b.data(), 8, -2, 8, 1e-5f).code(), kBad);
+  EXPECT_EQ(be->GatedRmsNorm(a.data(), 8, a.data(), 8, a.data(), b.data(), 8, 2, 8, 3, 1e-5f).code(),
+            kBad);
+  EXPECT_EQ(be->Add(b.data(), a.data(), -1).code(), kBad);
+  EXPECT_EQ(be->SwiGlu(nullptr, a.data(), b.data(), 4).code(), kBad);
+  EXPECT_EQ(be->BlockMean(a.data(), 2, 0, 4, b.data()).code(), kBad);
+  EXPECT_EQ(be->RopeInChunk(a.data(), 2, 2, 7, 65, 1e4f).code(), kBad);
+  EXPECT_EQ(be->BlockAttention(a.data(), a.data(), a.data(), b.data(), 1, 2, 3, 2, 4).code(), kBad);
+  const int32_t bad_token = 9;
+  EXPECT_EQ(be->Embed(&bad_token, 1, w, b.data()).code(), kBad);
+  const int64_t bad_offsets[] = {0, 3, 2};
+  float* states[] = {a.data(), a.data()};
+  EXPECT_EQ(be->CausalConv1dSilu(a.data(), 4, bad_offsets, 2, states, a.data(), nullptr, 4, 2,
+                                 b.data()).code(),
+            kBad);
+  SsmParams p;  // zero sizes
+  EXPECT_EQ(be->SsmScan(a.data(), 8, a.data(), 1, bad_offsets, 1, states, p, b.data()).code(), kBad);
+  const SamplingParams sp{-1.0f, 0, 1.0f};
+  const float u = 0.5f;
+  int32_t out;
+  EXPECT_EQ(be->Sample(a.data(), 1, 8, &sp, &u, &out).code(), kBad);
+  EXPECT_EQ(be->Sample(a.data(), 1, 0, &sp, &u, &out).code(), kBad);
+}
+
+}  // namespace
+}  // namespace ramba::kernels
