@@ -3,6 +3,7 @@
 #define RAMBA_MODEL_CONFIG_H_
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 
@@ -30,7 +31,8 @@ struct ModelConfig {
   bool use_conv_bias = true;
   bool use_bias = false;            // in_proj/out_proj bias: only false is supported
   float time_step_min_limit = 0.0f; // time_step_limit[0]
-  float time_step_max_limit = 0.0f; // time_step_limit[1]; +inf (JSON Infinity) means no clamp
+  float time_step_max_limit =       // time_step_limit[1]; +inf (JSON Infinity) means no clamp
+      std::numeric_limits<float>::infinity();
   float layer_norm_epsilon = 1e-5f;
   // Chunk memory and HSA.
   int64_t chunk_size = 64;
@@ -41,6 +43,8 @@ struct ModelConfig {
   int64_t num_key_value_heads = 0;  // encoder kv heads
   int64_t num_kv_heads = 1;         // HSA chunk-memory kv heads (proj_k / proj_v)
   bool singlehead_retrieval = false;// one retrieval head shared by all kv heads
+  // The next three are fixed in the reference (its LlamaConfig / RMSNorm defaults); config.json
+  // may override them with these ramba-only keys.
   float encoder_rms_norm_eps = 1e-6f;
   float encoder_rope_theta = 10000.0f;
   float hsa_norm_eps = 1e-6f;       // pre_norm of retrieval and HSA layers, chunking norm
@@ -48,7 +52,8 @@ struct ModelConfig {
   int64_t bos_token_id = 0;
   int64_t eos_token_id = 0;
   int64_t pad_token_id = 0;
-  // Set by the weight loader (checkpoint has layers.N.cls_emb), not by config.json.
+  // Set by the weight loader (checkpoint has layers.N.cls_emb). ParseModelConfig only presets it
+  // from the informational key enable_enc_cls (default: encoder_layers > 0).
   bool has_cls = true;
 
   int64_t d_inner() const { return expand * hidden_size; }
@@ -74,12 +79,19 @@ struct ModelConfig {
 };
 
 // Parses config.json text. Accepts the reference's non-standard literals Infinity, -Infinity and
-// NaN. Missing optional keys take the defaults above; unknown keys are ignored; keys that switch on
-// features the engine does not implement (e.g. enable_softmax, enable_qk_norm) are rejected.
+// NaN. Missing optional keys (and keys whose value is null) take the defaults above; unknown keys
+// are ignored; keys that switch on features the engine does not implement (e.g. enable_softmax,
+// enable_qk_norm, hsa_only=false) are rejected. Required: hidden_size (or d_model), vocab_size,
+// num_lower_layers, num_upper_layers, num_attention_heads, retrieval_dim. num_heads defaults to
+// expand * hidden_size / head_dim, num_key_value_heads to num_attention_heads. The result has
+// passed Validate(). Every error is InvalidArgument naming the key (or the parse position).
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text);
+// Reads and parses a config.json file: NotFound when it does not exist.
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path);
 
-// Serialises to config.json text in the same key names (used by tests and tools).
+// Serialises to config.json text in the same key names (used by tests and tools). Infinite and NaN
+// values are written as the reference's literals Infinity / -Infinity / NaN, which
+// ParseModelConfig and Python's json module read back.
 std::string ModelConfigToJson(const ModelConfig& config);
 
 }  // namespace ramba
