@@ -1,0 +1,181 @@
+// Sample: greedy, temperature, top-k, top-p, inverse-CDF order and determinism.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "tests/kernels/kernel_test_util.h"
+
+namespace ramba::kernels {
+namespace {
+
+using testing::RandomVec;
+
+int32_t SampleOne(Backend* be, const std::vector<float>& logits, SamplingParams p, float u) {
+  int32_t out = -7;
+  EXPECT_TRUE(be->Sample(logits.data(), 1, logits.size(), &p, &u, &out).ok());
+  return out;
+}
+
+// Counts of each token over a uniform grid of n values of u.
+std::map<int32_t, int> Histogram(Backend* be, const std::vector<float>& logits, SamplingParams p,
+                                 int n) {
+  std::map<int32_t, int> h;
+  for (int i = 0; i < n; ++i) ++h[SampleOne(be, logits, p, (i + 0.5f) / n)];
+  return h;
+}
+
+std::vector<float> LogProbs(const std::vector<double>& p) {
+  std::vector<float> l;
+  for (double x : p) l.push_back(static_cast<float>(std::log(x)));
+  return l;
+}
+
+TEST(SampleTest, GreedyTakesLowestIdOnTies) {
+  auto be = testing::Cpu();
+  EXPECT_EQ(SampleOne(be.get(), {1, 3, 3, 2}, {0.0f, 0, 1.0f}, 0.99f), 1);
+  EXPECT_EQ(SampleOne(be.get(), {NAN, -1, 5, NAN, 5}, {0.0f, 0, 1.0f}, 0.3f), 2);
+  EXPECT_EQ(SampleOne(be.get(), {-INFINITY, -INFINITY}, {0.0f, 0, 1.0f}, 0.3f), 0);
+  // Greedy ignores top-k / top-p and the uniform.
+  EXPECT_EQ(SampleOne(be.get(), {0, 9, 1}, {0.0f, 2, 0.1f}, 0.0f), 1);
+}
+
+TEST(SampleTest, InverseCdfRunsOverDescendingProbabilities) {
+  auto be = testing::Cpu();
+  const auto logits = LogProbs({0.1, 0.6, 0.3});
+  const SamplingParams p{1.0f, 0, 1.0f};
+  EXPECT_EQ(SampleOne(be.get(), logits, p, 0.0f), 1);
+  EXPECT_EQ(SampleOne(be.get(), logits, p, 0.59f), 1);
+  EXPECT_EQ(SampleOne(be.get(), logits, p, 0.61f), 2);
+  EXPECT_EQ(SampleOne(be.get(), logits, p, 0.89f), 2);
+  EXPECT_EQ(SampleOne(be.get(), logits, p, 0.91f), 0);
+  EXPECT_EQ(SampleOne(be.get(), logits, p, 0.99999994f), 0);
+  EXPECT_EQ(SampleOne(be.get(), logits, p, 1.0f), 0);  // out-of-range uniform is clamped
+}
+
+TEST(SampleTest, FullDistributionMatchesSoftmax) {
+  auto be = testing::Cpu();
+  const std::vector<double> probs = {0.05, 0.25, 0.1, 0.4, 0.2};
+  const int n = 10000;
+  auto h = Histogram(be.get(), LogProbs(probs), {1.0f, 0, 1.0f}, n);
+  for (size_t t = 0; t < probs.size(); ++t) EXPECT_NEAR(h[t], probs[t] * n, 2) << t;
+}
+
+TEST(SampleTest, TemperatureSharpensAndFlattens) {
+  auto be = testing::Cpu();
+  const std::vector<float> logits = {1.0f, 2.0f, 0.5f};
+  for (float T : {0.5f, 2.0f}) {
+    std::vector<double> p(3);
+    double z = 0;
+    for (int i = 0; i < 3; ++i) z += p[i] = std::exp(logits[i] / T);
+    const int n = 10000;
+    auto h = Histogram(be.get(), logits, {T, 0, 1.0f}, n);
+    for (int i = 0; i < 3; ++i) EXPECT_NEAR(h[i], p[i] / z * n, 2) << T;
+  }
+}
+
+TEST(SampleTest, TopKRestrictsAndRenormalises) {
+  auto be = testing::Cpu();
+  const std::vector<double> probs = {0.1, 0.3, 0.05, 0.35, 0.2};
+  const int n = 10000;
+  auto h = Histogram(be.get(), LogProbs(probs), {1.0f, 2, 1.0f}, n);
+  EXPECT_EQ(h.size(), 2u);
+  EXPECT_NEAR(h[3], 0.35 / 0.65 * n, 2);
+  EXPECT_NEAR(h[1], 0.30 / 0.65 * n, 2);
+  auto h1 = Histogram(be.get(), LogProbs(probs), {1.0f, 1, 1.0f}, 100);
+  EXPECT_EQ(h1, (std::map<int32_t, int>{{3, 100}}));
+  // top_k >= vocab keeps everything.
+  EXPECT_EQ(Histogram(be.get(), LogProbs(probs), {1.0f, 50, 1.0f}, 1000).size(), 5u);
+}
+
+TEST(SampleTest, TopKTiesPreferLowerIds) {
+  auto be = testing::Cpu();
+  const std::vector<float> logits = {0, 1, 1, 1, 0};
+  auto h = Histogram(be.get(), logits, {1.0f, 2, 1.0f}, 1000);
+  EXPECT_EQ(h, (std::map<int32_t, int>{{1, 500}, {2, 500}}));
+}
+
+TEST(SampleTest, TopPKeepsSmallestPrefixReachingMass) {
+  auto be = testing::Cpu();
+  const std::vector<double> probs = {0.15, 0.5, 0.05, 0.3};
+  const auto logits = LogProbs(probs);
+  const int n = 10000;
+  auto h = Histogram(be.get(), logits, {1.0f, 0, 0.7f}, n);  // 0.5 < 0.7 <= 0.8
+  EXPECT_EQ(h.size(), 2u);
+  EXPECT_NEAR(h[1], 0.5 / 0.8 * n, 2);
+  EXPECT_NEAR(h[3], 0.3 / 0.8 * n, 2);
+  // A tiny top_p still keeps one token.
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 0, 1e-6f}, 100), (std::map<int32_t, int>{{1, 100}}));
+  // top-k first, then top-p over the renormalised top-k mass: {1: .625, 3: .375} -> 0.6 keeps 1.
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 2, 0.6f}, 100), (std::map<int32_t, int>{{1, 100}}));
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 2, 0.7f}, 100).size(), 2u);
+}
+
+// Straightforward reference: full sort, double probabilities.
+int32_t SampleRef(const std::vector<float>& logits, SamplingParams p, float u) {
+  const int64_t V = logits.size();
+  std::vector<int32_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  std::vector<double> pr(V);
+  for (int64_t i = 0; i < V; ++i) pr[i] = std::exp((double(logits[i]) - logits[order[0]]) / p.temperature);
+  int64_t kept = p.top_k > 0 ? std::min<int64_t>(p.top_k, V) : V;
+  double mass = 0;
+  for (int64_t j = 0; j < kept; ++j) mass += pr[order[j]];
+  if (p.top_p < 1.0f) {
+    double cum = 0;
+    int64_t j = 0;
+    while (j < kept) {
+      cum += pr[order[j++]];
+      if (cum >= p.top_p * mass) break;
+    }
+    kept = j;
+    mass = cum;
+  }
+  double cum = 0;
+  for (int64_t j = 0; j < kept; ++j) {
+    cum += pr[order[j]];
+    if (cum > u * mass) return order[j];
+  }
+  return order[kept - 1];
+}
+
+TEST(SampleTest, LargeVocabMatchesReferenceAndBatchIsDeterministic) {
+  auto be = testing::Cpu();
+  const int64_t V = 50280, rows = 6;
+  std::vector<float> logits = RandomVec(rows * V, 3, -4.0f, 4.0f);
+  const std::vector<SamplingParams> params = {{1.0f, 0, 1.0f},  {0.7f, 0, 0.9f}, {1.3f, 40, 1.0f},
+                                              {1.0f, 100, 0.5f}, {0.0f, 0, 1.0f}, {2.0f, 0, 0.2f}};
+  const auto uniforms = RandomVec(rows, 4, 0.0f, 1.0f);
+  std::vector<int32_t> out(rows), again(rows);
+  ASSERT_TRUE(be->Sample(logits.data(), rows, V, params.data(), uniforms.data(), out.data()).ok());
+  ASSERT_TRUE(be->Sample(logits.data(), rows, V, params.data(), uniforms.data(), again.data()).ok());
+  EXPECT_EQ(out, again);
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> row(logits.begin() + r * V, logits.begin() + (r + 1) * V);
+    int32_t want;
+    if (params[r].temperature == 0.0f) {
+      want = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+    } else {
+      want = SampleRef(row, params[r], uniforms[r]);
+    }
+    EXPECT_EQ(out[r], want) << r;
+    EXPECT_EQ(SampleOne(be.get(), row, params[r], uniforms[r]), out[r]) << r;  // batch == alone
+  }
+  // Many uniforms over a fixed distribution agree with the reference.
+  const std::vector<float> row(logits.begin(), logits.begin() + V);
+  const auto us = RandomVec(200, 5, 0.0f, 1.0f);
+  for (float u : us) {
+    const SamplingParams p{0.8f, 0, 0.95f};
+    ASSERT_EQ(SampleOne(be.get(), row, p, u), SampleRef(row, p, u)) << u;
+  }
+}
+
+}  // namespace
+}  // namespace ramba::kernels
