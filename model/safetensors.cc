@@ -166,6 +166,14 @@ absl::StatusOr<TensorMap> ParseSafetensors(std::string_view file_bytes,
   json root;
   try {
     root = json::parse(header.begin(), header.end(), cb);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    // Drop nlohmann's "[json.exception.parse_error.101] parse error at line 1, column 2: ".
+    if (const size_t colon = what.find(": "); colon != std::string::npos) {
+      what = what.substr(colon + 2);
+    }
+    return absl::InvalidArgumentError(absl::StrCat("safetensors header is not valid JSON at byte ",
+                                                   e.byte > 0 ? e.byte - 1 : 0, ": ", what));
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("safetensors header is not valid JSON: ", e.what()));
