@@ -15,8 +15,9 @@ namespace {
 
 // Largest m that takes the convert-and-dot path for 16-bit weights.
 constexpr int64_t kSmallM = 4;
-// f32 elements of one converted weight block on the sgemm path (1 MiB, fits L2).
-constexpr int64_t kBlockElems = 1 << 18;
+// f32 elements of one converted weight block on the sgemm path (16 MiB): large blocks keep
+// sgemm's own packing and threading efficient.
+constexpr int64_t kBlockElems = 1 << 22;
 
 void ConvertRow(const uint16_t* src, DType t, int64_t n, float* dst) {
   if (t == DType::kBF16) {

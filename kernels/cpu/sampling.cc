@@ -1,6 +1,6 @@
 // Token sampling, one row per work item. Tokens are ranked by (logit descending, id ascending);
 // only as much of that ranking is sorted as the top-k / top-p cut and the inverse-CDF walk need
-// (partial sorts of a growing prefix), so a peaked distribution costs O(vocab), not a full sort.
+// (selection + sort of a growing prefix), so a peaked distribution costs O(vocab), not a full sort.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -52,7 +52,9 @@ int32_t SampleRow(const float* logits, int64_t vocab, const SamplingParams& para
   auto ensure_sorted = [&](int64_t m) {
     if (m <= sorted) return;
     m = std::min(vocab, std::max(m, std::max<int64_t>(64, sorted * 4)));
-    std::partial_sort(order.begin() + sorted, order.begin() + m, order.end(), ranks_before);
+    // Select the next block, then sort just that block: O(vocab + block log block).
+    if (m < vocab) std::nth_element(order.begin() + sorted, order.begin() + m, order.end(), ranks_before);
+    std::sort(order.begin() + sorted, order.begin() + m, ranks_before);
     sorted = m;
   };
 

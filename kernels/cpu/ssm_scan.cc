@@ -14,6 +14,29 @@ namespace ramba::kernels::cpu {
 namespace {
 constexpr int64_t kPBlock = 16;
 constexpr float kDtSoftplusThreshold = 20.0f;  // PyTorch's F.softplus default
+
+// One row of the recurrence for `np` state rows: S = dA * S + x (outer) dtB, y = S C + D x.
+// The hottest loop outside BLAS: built for AVX2 as well as baseline x86-64 and picked at load
+// time (ifunc), since the project compiles without -march.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void UpdateRows(float* state, const float* xs, const float* __restrict db,
+                const float* __restrict C, float dA, float Dh, int64_t np, int64_t N, float* yr) {
+  for (int64_t i = 0; i < np; ++i) {
+    float* __restrict S = state + i * N;
+    const float xi = xs[i];
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = S[n] * dA + db[n] * xi;
+      S[n] = v;
+      acc += v * C[n];
+    }
+    yr[i] = acc + Dh * xi;
+  }
+}
+
 }  // namespace
 
 void SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw, int64_t lddt,
@@ -53,19 +76,7 @@ void SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw, int64_t lddt,
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) dtb[n] = dt * B[n];
         const float* __restrict db = dtb.data();
-        float* yr = y + r * (H * P) + h * P + p0;
-        for (int64_t i = 0; i < np; ++i) {
-          float* __restrict S = state + i * N;
-          const float xi = xs[i];
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t n = 0; n < N; ++n) {
-            const float v = S[n] * dA + db[n] * xi;
-            S[n] = v;
-            acc += v * C[n];
-          }
-          yr[i] = acc + Dh * xi;
-        }
+        UpdateRows(state, xs, db, C, dA, Dh, np, N, y + r * (H * P) + h * P + p0);
       }
     }
   }
