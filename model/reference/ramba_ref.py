@@ -419,8 +419,9 @@ class ChunkingLayer(nn.Module):
         if cfg.enable_enc_cls:
             self.cls_emb = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
 
-    def encode(self, u):
-        """u [N, C, S, d] -> K, V [N, C, S, kvh, hd], landmarks [N, C, R, rd/R]."""
+    def encode_hidden(self, u):
+        """u [N, C, S, d] -> E [N*C, S, d] (encoder outputs of the chunk tokens) and the
+        landmark input [N*C, d] (CLS output, or the mean of E without CLS)."""
         cfg = self.cfg
         N, C, S, d = u.shape
         x = u.reshape(N * C, S, d)
@@ -431,10 +432,15 @@ class ChunkingLayer(nn.Module):
         else:
             E = self.norm(x)
         if cfg.enable_enc_cls:
-            lmk = self.lmk_ln(E[:, S])
-            E = E[:, :S]
-        else:
-            lmk = self.lmk_ln(E.mean(dim=1))
+            return E[:, :S], E[:, S]
+        return E, E.mean(dim=1)
+
+    def encode(self, u):
+        """u [N, C, S, d] -> K, V [N, C, S, kvh, hd], landmarks [N, C, R, rd/R]."""
+        cfg = self.cfg
+        N, C, S, d = u.shape
+        E, lmk_in = self.encode_hidden(u)
+        lmk = self.lmk_ln(lmk_in)
         K = self.proj_k(E).view(N, C, S, cfg.num_kv_heads, cfg.attn_head_dim)
         V = self.proj_v(E).view(N, C, S, cfg.num_kv_heads, cfg.attn_head_dim)
         R = cfg.retrieval_heads
