@@ -46,6 +46,8 @@ RambaModel::RambaModel(ModelConfig config, ModelWeights weights, Backend* backen
     : config_(std::move(config)), weights_(std::move(weights)), backend_(backend),
       workspace_(std::make_unique<Workspace>(backend)) {}
 
+RambaModel::~RambaModel() = default;
+
 absl::StatusOr<std::unique_ptr<RambaModel>> RambaModel::Create(ModelConfig config,
                                                                const TensorMap& tensors,
                                                                Backend* backend) {
@@ -181,14 +183,18 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   }
   std::vector<std::shared_ptr<const ChunkKV>> encoded;
   float* landmarks_new = nullptr;
+  // Gather chunk inputs (buffered rows + this batch's rows) into X, then refill every sequence's
+  // partial-chunk buffer with its leftover rows (also when no chunk completes).
+  const int64_t enc_rows = new_chunks * block_len;
+  float* X = nullptr;
   if (new_chunks > 0) {
-    const int64_t enc_rows = new_chunks * block_len;
-    ASSIGN_OR_RETURN(float* X, ws.Get<float>(W::kX, enc_rows * d));
-    // Gather chunk inputs (buffered rows + this batch's rows), then refill the buffers.
+    ASSIGN_OR_RETURN(X, ws.Get<float>(W::kX, enc_rows * d));
+  }
+  {
     int64_t block = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
       SessionState* st = states[s];
-      const int64_t p0 = st->position(), T = static_cast<int64_t>(tokens[s].size());
+      const int64_t T = static_cast<int64_t>(tokens[s].size());
       const float* u = h + seq_offsets[s] * d;
       int64_t buffered = st->buffered_rows();
       int64_t consumed = 0;  // rows of u used so far
@@ -211,8 +217,9 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
         RETURN_IF_ERROR(be->Copy(st->chunk_buffer() + buffered * d, u + consumed * d,
                                  rest * d * sizeof(float)));
       }
-      (void)p0;
     }
+  }
+  if (new_chunks > 0) {
     // Encoder.
     float* E = X;
     if (c.encoder_layers > 0) {

@@ -37,6 +37,8 @@ class RambaModel {
                                                             const TensorMap& tensors,
                                                             kernels::Backend* backend);
 
+  ~RambaModel();
+
   const ModelConfig& config() const { return config_; }
   kernels::Backend* backend() const { return backend_; }
 

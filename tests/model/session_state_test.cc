@@ -98,7 +98,7 @@ TEST_F(SessionStateTest, SaveRestoreContinueIsBitwiseIdentical) {
   ASSERT_EQ(la.size(), lb.size());
   EXPECT_EQ(0, std::memcmp(la.data(), lb.data(), la.size() * sizeof(float)));
   // And the re-serialised states match byte for byte.
-  EXPECT_EQ(*a->SerializeStates(), *(*b)->SerializeStates());
+  EXPECT_TRUE(*a->SerializeStates() == *(*b)->SerializeStates());
 }
 
 TEST_F(SessionStateTest, EmptyStateRoundTrips) {
@@ -171,7 +171,7 @@ TEST_F(SessionStateTest, BadTokenLeavesStateUntouched) {
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("index 250"), std::string::npos) << st;
   EXPECT_EQ(s->position(), 70);
-  EXPECT_EQ(*s->SerializeStates(), before);
+  EXPECT_TRUE(*s->SerializeStates() == before);
 
   SessionState* one[] = {s.get()};
   const int32_t neg[] = {-1};
@@ -218,7 +218,7 @@ TEST_F(SessionStateTest, RejectsCorruptedAndForeignParts) {
   std::vector<std::string_view> lms(good.landmarks.begin(), good.landmarks.end());
   auto r5 = SessionState::Deserialize(other, backend_.get(), good.states, chunks, lms);
   EXPECT_FALSE(r5.ok());
-  EXPECT_NE(r5.status().message().find("state_size"), std::string::npos) << r5.status();
+  EXPECT_NE(r5.status().message().find("but the model has"), std::string::npos) << r5.status();
 
   EXPECT_FALSE(s->SerializeChunk(99).ok());
   EXPECT_FALSE(s->SerializeLandmarks(1, 0).ok());
