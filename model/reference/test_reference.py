@@ -126,6 +126,37 @@ class ModelTest(unittest.TestCase):
                         self.assertAlmostEqual(a, b, places=12)
                     self.assertTrue(bool((w[0, t, hd, k:] == 0).all()))
 
+    def test_hsa_matches_naive(self):
+        """HSA layer output for a few tokens against a per-head, per-chunk loop of the spec."""
+        model = small_model(7, chunk_topk=3, num_kv_heads=2, num_attention_heads=4)
+        cfg = model.config
+        ids = torch.randint(0, cfg.vocab_size, (1, 330), generator=torch.Generator().manual_seed(7))
+        lower, chunking, retrieval, upper = model._parts()
+        hsa = upper[0]
+        with torch.no_grad():
+            h = model.backbone.embeddings(ids)
+            for blk in lower:
+                h, _, _ = blk(h)
+            K, V, lmk = chunking.encode(h[:, :320].reshape(1, 5, 64, -1))
+            idx, w = retrieval(h, lmk, 0)
+            out = hsa(h, K, V, idx, w)
+            q = hsa.q_proj(hsa.pre_norm(h))[0]
+            hd, H, G = cfg.attn_head_dim, cfg.num_attention_heads, cfg.num_kv_heads
+            for t in (0, 63, 64, 100, 200, 329):
+                o = torch.zeros(cfg.hidden_size)
+                for head in range(H):
+                    g = head // (H // G)
+                    rh = g if cfg.retrieval_heads > 1 else 0
+                    for j in range(idx.shape[-1]):
+                        c = idx[0, t, rh, j].item()
+                        qh = q[t, head * hd:(head + 1) * hd]
+                        a = torch.softmax(K[0, c, :, g] @ qh / math.sqrt(hd), dim=0)
+                        o[head * hd:(head + 1) * hd] += w[0, t, rh, j] * (a @ V[0, c, :, g])
+                want = h[0, t] + hsa.o_proj(o)
+                self.assertLess(rel(out[0, t], want), 1e-12, t)
+                if t < 64:
+                    self.assertTrue(torch.equal(out[0, t], h[0, t]))
+
     def test_gradients(self):
         model = small_model(4).float()
         ids = torch.randint(0, 64, (2, 200), generator=torch.Generator().manual_seed(4))
@@ -180,6 +211,24 @@ class SafetensorsTest(unittest.TestCase):
             with torch.no_grad():
                 self.assertLess(rel(m2(ids), model.float().double()(ids)), 1e-12)
 
+
+    def test_convert_checkpoint(self):
+        import subprocess
+        model = small_model(8)
+        sd = {("module." + k).replace("embeddings.", "embedding."): v.to(torch.bfloat16)
+              for k, v in model.state_dict().items()}
+        sd["module.lm_head.weight"] = sd["module.backbone.embedding.weight"]
+        with tempfile.TemporaryDirectory() as d:
+            os.makedirs(os.path.join(d, "src"))
+            torch.save(sd, os.path.join(d, "src", "pytorch_model.bin"))
+            with open(os.path.join(d, "src", "config.json"), "w") as f:
+                f.write(model.config.to_json_string())
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert_checkpoint.py")
+            subprocess.run([sys.executable, script, os.path.join(d, "src"), os.path.join(d, "out"),
+                            "--check"], check=True, stdout=subprocess.DEVNULL)
+            t = load_file(os.path.join(d, "out", "model.safetensors"))
+            self.assertEqual(set(t), set(model.state_dict()))
+            self.assertEqual(t["backbone.embeddings.weight"].dtype, torch.bfloat16)
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
