@@ -15,6 +15,10 @@ namespace {
 
 // Largest m that takes the convert-and-dot path for 16-bit weights.
 constexpr int64_t kSmallM = 4;
+// Largest m for which f32 weights are dotted row by row instead of going to sgemm: sgemm packs
+// the whole weight matrix on every call, which for a handful of rows (batched decode) costs
+// more than the product itself; row-by-row dots read each weight once.
+constexpr int64_t kSmallMF32 = 16;
 // f32 elements of one converted weight block on the sgemm path (16 MiB): large blocks keep
 // sgemm's own packing and threading efficient.
 constexpr int64_t kBlockElems = 1 << 22;
@@ -41,6 +45,47 @@ void ZeroRows(int64_t m, int64_t n, float* y, int64_t ldy) {
   for (int64_t i = 0; i < m; ++i) std::fill(y + i * ldy, y + i * ldy + n, 0.0f);
 }
 
+// y[i, j] (+)= x[i, :] . W[j, :] for the m (<= kSmallMF32) rows of x and the weight rows
+// [j0, j1). Inputs are taken four at a time so every weight element loaded from memory feeds four
+// multiply-adds. Cloned per ISA because the build targets baseline x86-64 (no -march), and
+// OpenBLAS, which dispatches at run time, is not used on this path.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void SmallMRows(const float* x, int64_t ldx, int64_t m, const float* W, int64_t k, int64_t j0,
+                int64_t j1, float* y, int64_t ldy, bool accumulate) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* __restrict w = W + j * k;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      const float* __restrict x0 = x + i * ldx;
+      const float* __restrict x1 = x0 + ldx;
+      const float* __restrict x2 = x1 + ldx;
+      const float* __restrict x3 = x2 + ldx;
+      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t t = 0; t < k; ++t) {
+        const float wv = w[t];
+        a0 += x0[t] * wv;
+        a1 += x1[t] * wv;
+        a2 += x2[t] * wv;
+        a3 += x3[t] * wv;
+      }
+      const float a[4] = {a0, a1, a2, a3};
+      for (int r = 0; r < 4; ++r) {
+        float& out = y[(i + r) * ldy + j];
+        out = accumulate ? out + a[r] : a[r];
+      }
+    }
+    for (; i < m; ++i) {
+      const float* __restrict xi = x + i * ldx;
+      float a = 0;
+#pragma omp simd reduction(+ : a)
+      for (int64_t t = 0; t < k; ++t) a += xi[t] * w[t];
+      float& out = y[i * ldy + j];
+      out = accumulate ? out + a : a;
+    }
+  }
+}
+
 }  // namespace
 
 void Matmul(const float* x, int64_t ldx, int64_t m, const MatrixView& w, const float* bias,
@@ -54,7 +99,15 @@ void Matmul(const float* x, int64_t ldx, int64_t m, const MatrixView& w, const f
   }
   if (w.dtype == DType::kF32) {
     const float* W = static_cast<const float*>(w.data);
-    if (m == 1) {
+    if (m > 1 && m <= kSmallMF32) {
+      constexpr int64_t kRowsPerTask = 16;
+      const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for schedule(static) if (n * k > kMinParallelWork)
+      for (int64_t b = 0; b < tasks; ++b) {
+        SmallMRows(x, ldx, m, W, k, b * kRowsPerTask, std::min(n, (b + 1) * kRowsPerTask), y, ldy,
+                   accumulate);
+      }
+    } else if (m == 1) {
       // sgemv with beta 0 may still read y (0 * NaN); zero it and accumulate instead.
       if (!accumulate) ZeroRows(1, n, y, ldy);
       cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(n), static_cast<int>(k), 1.0f, W,

@@ -1,6 +1,7 @@
 // C++ logits vs the PyTorch reference's fixtures (tests/fixtures/*, made by
 // model/reference/export_fixtures.py), through every path that feeds tokens: one full pass,
 // the fixture's own segmentation, and token-by-token decode.
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -109,6 +110,11 @@ TEST_P(ModelFixtureTest, MatchesReference) {
   }
   EXPECT_LE(MaxRowRelError(decoded, f.expected, V), 1e-4) << "decode vs reference";
   EXPECT_LE(MaxRowRelError(decoded, full, V), 1e-5) << "decode vs full pass";
+  std::printf("%s: rel err vs reference full %.2e segmented %.2e decode %.2e; "
+              "segmented vs full %.2e, decode vs full %.2e\n",
+              GetParam().c_str(), MaxRowRelError(full, f.expected, V),
+              MaxRowRelError(segmented, f.expected, V), MaxRowRelError(decoded, f.expected, V),
+              MaxRowRelError(segmented, full, V), MaxRowRelError(decoded, full, V));
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFixtureTest, ::testing::ValuesIn(FixtureNames()),
