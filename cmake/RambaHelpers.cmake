@@ -19,7 +19,7 @@ function(ramba_cc_test)
   add_test(NAME ${R_NAME} COMMAND ${R_NAME})
   set_tests_properties(${R_NAME} PROPERTIES
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR} TIMEOUT 900
-    ENVIRONMENT "OMP_NUM_THREADS=2")
+    ENVIRONMENT "OMP_NUM_THREADS=1")  # ctest runs tests in parallel: no oversubscription
   if(R_LABELS)
     set_tests_properties(${R_NAME} PROPERTIES LABELS "${R_LABELS}")
   endif()

@@ -67,6 +67,14 @@ FIXTURES = [
                      mamba_chunk_size=64, chunk_topk=4, retrieval_dim=64, encoder_layers=1,
                      num_attention_heads=2, num_key_value_heads=2, num_kv_heads=2,
                      enable_enc_cls=True)),
+    dict(name="tiny_byte", tokens=733, seed=6, retrieval_scale=1.6,
+         description="byte-level vocabulary (256): the CLI's and scripts/run's demo model until a "
+                     "trained one ships; encoder_layers=1 with CLS, 2 HSA layers, chunk_topk=8",
+         config=dict(hidden_size=32, vocab_size=256, num_lower_layers=1, num_upper_layers=2,
+                     num_mamba_per_gca=1, state_size=16, head_dim=16, expand=2, n_groups=1,
+                     mamba_chunk_size=64, chunk_topk=8, retrieval_dim=64, encoder_layers=1,
+                     num_attention_heads=4, num_key_value_heads=4, num_kv_heads=1,
+                     enable_enc_cls=True)),
 ]
 
 
