@@ -94,6 +94,10 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path);
 // ParseModelConfig and Python's json module read back.
 std::string ModelConfigToJson(const ModelConfig& config);
 
+// The shape of the reference's 370M model (configs/ramba-370M/config_enc1_4096.json of the
+// authors' repository): for tests and benchmarks with random weights.
+ModelConfig Reference370MConfig();
+
 }  // namespace ramba
 
 #endif  // RAMBA_MODEL_CONFIG_H_

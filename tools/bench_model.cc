@@ -43,25 +43,6 @@ ramba::ModelConfig TinyConfig() {
   return c;
 }
 
-ramba::ModelConfig Config370M() {
-  ramba::ModelConfig c;
-  c.hidden_size = 1024;
-  c.vocab_size = 50280;
-  c.num_lower_layers = 24;
-  c.num_upper_layers = 24;
-  c.num_mamba_per_gca = 8;
-  c.state_size = 128;
-  c.head_dim = 64;
-  c.num_heads = 32;
-  c.retrieval_dim = 1024;
-  c.encoder_layers = 1;
-  c.num_attention_heads = 16;
-  c.num_key_value_heads = 16;
-  c.num_kv_heads = 1;
-  c.time_step_max_limit = INFINITY;
-  return c;
-}
-
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -80,7 +61,7 @@ int main(int argc, char** argv) {
   if (name == "tiny") {
     config = TinyConfig();
   } else if (name == "370m") {
-    config = Config370M();
+    config = ramba::Reference370MConfig();
   } else {
     auto c = ramba::LoadModelConfig(name);
     if (!c.ok()) return Fail(c.status());

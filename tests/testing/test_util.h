@@ -60,31 +60,7 @@ inline ModelConfig SmallConfig() {
   return c;
 }
 
-// The shape of the reference's 370M model (configs/ramba-370M/config_enc1_4096.json).
-inline ModelConfig Config370M() {
-  ModelConfig c;
-  c.hidden_size = 1024;
-  c.vocab_size = 50280;
-  c.num_lower_layers = 24;
-  c.num_upper_layers = 24;
-  c.num_mamba_per_gca = 8;
-  c.state_size = 128;
-  c.head_dim = 64;
-  c.expand = 2;
-  c.num_heads = 32;
-  c.n_groups = 1;
-  c.conv_kernel = 4;
-  c.mamba_chunk_size = 256;
-  c.chunk_size = 64;
-  c.chunk_topk = 8;
-  c.retrieval_dim = 1024;
-  c.encoder_layers = 1;
-  c.num_attention_heads = 16;
-  c.num_key_value_heads = 16;
-  c.num_kv_heads = 1;
-  c.time_step_max_limit = INFINITY;
-  return c;
-}
+inline ModelConfig Config370M() { return Reference370MConfig(); }
 
 inline std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
   std::vector<int32_t> t(n);
