@@ -1,0 +1,198 @@
+#include "server/engine.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace ramba::server {
+
+struct Engine::Running {
+  std::shared_ptr<EngineRequest> req;
+  std::vector<int32_t> pending;  // tokens still to feed, consumed from `next`
+  size_t next = 0;
+  int32_t generated = 0;
+  int64_t take = 0;  // tokens taken into the current iteration's batch
+
+  int64_t remaining() const { return static_cast<int64_t>(pending.size() - next); }
+  bool generating() const { return req->max_new_tokens > 0; }
+};
+
+Engine::Engine(RambaModel* model, EngineOptions options)
+    : model_(model), options_(options), thread_([this] { Loop(); }) {}
+
+Engine::~Engine() {
+  Stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Engine::Submit(std::shared_ptr<EngineRequest> request) {
+  absl::MutexLock lock(&mu_);
+  if (stopping_) {
+    request->on_done(absl::UnavailableError("the engine is shutting down"), FinishReason::kCancelled);
+    return;
+  }
+  queue_.push_back(std::move(request));
+}
+
+int64_t Engine::QueueDepth() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int64_t>(queue_.size());
+}
+
+int64_t Engine::ActiveRequests() const { return active_count_.load(); }
+
+void Engine::Stop() {
+  absl::MutexLock lock(&mu_);
+  stopping_ = true;
+}
+
+void Engine::Loop() {
+  std::vector<std::unique_ptr<Running>> active;
+  auto finish = [](Running& r, const absl::Status& s, FinishReason reason) {
+    r.req->on_done(s, reason);
+  };
+  while (true) {
+    std::deque<std::shared_ptr<EngineRequest>> rejected;
+    bool stop = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this, &active]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !queue_.empty() || !active.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      stop = stopping_;
+      if (stop) {
+        rejected.swap(queue_);
+      } else {
+        while (!queue_.empty() &&
+               static_cast<int64_t>(active.size()) < options_.max_active_requests) {
+          auto r = std::make_unique<Running>();
+          r->req = std::move(queue_.front());
+          queue_.pop_front();
+          r->pending = r->req->input;
+          active.push_back(std::move(r));
+        }
+      }
+    }
+    if (stop) {
+      for (auto& r : active) finish(*r, absl::CancelledError("the engine stopped"), FinishReason::kCancelled);
+      for (auto& q : rejected) q->on_done(absl::CancelledError("the engine stopped"), FinishReason::kCancelled);
+      active_count_ = 0;
+      return;
+    }
+    active_count_ = static_cast<int64_t>(active.size());
+    Step(active);
+  }
+}
+
+void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
+  // Leave: cancelled requests, and requests that cannot make progress.
+  std::vector<std::unique_ptr<Running>> keep;
+  for (auto& r : active) {
+    if (r->req->cancelled.load()) {
+      r->req->on_done(absl::CancelledError("the request was cancelled"), FinishReason::kCancelled);
+    } else if (r->remaining() == 0) {
+      // Only possible for a request submitted with empty input.
+      if (r->generating()) {
+        r->req->on_done(absl::InvalidArgumentError(
+                            "generation needs at least one input token to sample from"),
+                        FinishReason::kError);
+      } else {
+        r->req->on_done(absl::OkStatus(), FinishReason::kInputConsumed);
+      }
+    } else {
+      keep.push_back(std::move(r));
+    }
+  }
+  active.swap(keep);
+  if (active.empty()) return;
+
+  // Build the batch: one token for every request at its last input token (decoding), then
+  // prompt tokens for the others, oldest first, within the token budget.
+  int64_t budget = options_.max_batch_tokens;
+  for (auto& r : active) r->take = 0;
+  for (auto& r : active) {
+    if (r->remaining() == 1 && budget > 0) {
+      r->take = 1;
+      --budget;
+    }
+  }
+  for (auto& r : active) {
+    if (r->take == 0 && budget > 0) {
+      r->take = std::min(r->remaining(), budget);
+      budget -= r->take;
+    }
+  }
+  std::vector<Running*> batch;
+  std::vector<SessionState*> states;
+  std::vector<absl::Span<const int32_t>> spans;
+  for (auto& r : active) {
+    if (r->take == 0) continue;
+    batch.push_back(r.get());
+    states.push_back(r->req->state);
+    spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+  }
+  std::vector<float> logits;
+  const absl::Status st = model_->Forward(states, spans, LogitsMode::kLast, &logits);
+  std::vector<Running*> done;
+  if (!st.ok()) {
+    for (Running* r : batch) {
+      r->req->on_done(st, FinishReason::kError);
+      done.push_back(r);
+    }
+  } else {
+    // Sample for every request whose input is now consumed and that still generates.
+    const int64_t vocab = model_->config().vocab_size;
+    std::vector<Running*> samplers;
+    std::vector<float> rows;
+    std::vector<SamplingOptions> opts;
+    std::vector<int64_t> positions;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      Running* r = batch[i];
+      r->next += r->take;
+      if (r->remaining() > 0) continue;
+      if (!r->generating()) {
+        r->req->on_done(absl::OkStatus(), FinishReason::kInputConsumed);
+        done.push_back(r);
+        continue;
+      }
+      samplers.push_back(r);
+      rows.insert(rows.end(), logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab);
+      opts.push_back(r->req->sampling);
+      positions.push_back(r->req->state->position());
+    }
+    if (!samplers.empty()) {
+      auto tokens = SampleTokens(model_->backend(), rows, vocab, opts, positions);
+      for (size_t j = 0; j < samplers.size(); ++j) {
+        Running* r = samplers[j];
+        if (!tokens.ok()) {
+          r->req->on_done(tokens.status(), FinishReason::kError);
+          done.push_back(r);
+          continue;
+        }
+        const int32_t token = (*tokens)[j];
+        ++r->generated;
+        const TokenAction action = r->req->on_token ? r->req->on_token(token) : TokenAction::kContinue;
+        if (action == TokenAction::kStop) {
+          r->req->on_done(absl::OkStatus(), FinishReason::kStop);
+          done.push_back(r);
+        } else if (r->generated >= r->req->max_new_tokens) {
+          r->req->on_done(absl::OkStatus(), FinishReason::kMaxTokens);
+          done.push_back(r);
+        } else {
+          r->pending.push_back(token);
+        }
+      }
+    }
+  }
+  if (!done.empty()) {
+    active.erase(std::remove_if(active.begin(), active.end(),
+                                [&](const std::unique_ptr<Running>& r) {
+                                  return std::find(done.begin(), done.end(), r.get()) != done.end();
+                                }),
+                 active.end());
+  }
+  active_count_ = static_cast<int64_t>(active.size());
+}
+
+}  // namespace ramba::server

@@ -1,0 +1,92 @@
+// The engine: one thread that owns the model (and so the backend's stream) and runs every
+// session's work in continuous batches. Each iteration takes one token from every decoding
+// request plus a budget of prompt tokens from prefilling ones, runs them through
+// RambaModel::Forward as one ragged batch, samples where a request's input is exhausted, and
+// reports tokens through callbacks. Requests join and leave between iterations.
+//
+// The engine never sees protobuf or the store: the gRPC layer turns requests into EngineRequests
+// and commits session state after they finish.
+#ifndef RAMBA_SERVER_ENGINE_H_
+#define RAMBA_SERVER_ENGINE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "model/ramba_model.h"
+#include "model/sampler.h"
+
+namespace ramba::server {
+
+enum class FinishReason { kNone, kInputConsumed, kMaxTokens, kStop, kCancelled, kError };
+
+// What a token callback tells the engine.
+enum class TokenAction { kContinue, kStop };
+
+struct EngineRequest {
+  // The session to run on. The caller holds the session's writer lock until on_done has run and
+  // keeps the state alive until then; the engine is its only user meanwhile.
+  SessionState* state = nullptr;
+  // Tokens fed before sampling (prompt / appended text). Must be non-empty when generating: the
+  // first token is sampled from the logits of the last input token. The last *generated* token
+  // is reported but not fed: the caller keeps it as the session's pending token and puts it first
+  // in the next request's input, so no step is spent on a token nobody may read.
+  std::vector<int32_t> input;
+  int32_t max_new_tokens = 0;    // 0: append only
+  SamplingOptions sampling;
+  // Called on the engine thread for each generated token; kStop ends generation after it (stop
+  // sequences and stop ids are decided by the caller, which knows the text).
+  std::function<TokenAction(int32_t token)> on_token;
+  // Called exactly once, on the engine thread, when the request leaves the engine.
+  std::function<void(const absl::Status& status, FinishReason reason)> on_done;
+  // Set by any thread (client cancelled, deadline passed); checked before every iteration, so a
+  // cancelled request stops within one step with its state consistent (position = tokens fed).
+  std::atomic<bool> cancelled{false};
+};
+
+struct EngineOptions {
+  // Tokens per iteration across all requests (decode rows count one each). Bounds scratch memory
+  // and the latency one long prompt adds to other sessions' decode steps.
+  int64_t max_batch_tokens = 1024;
+  // Requests in flight at once; more wait in the queue.
+  int64_t max_active_requests = 256;
+};
+
+// Thread-safe: Submit and Stop may be called from any thread.
+class Engine {
+ public:
+  Engine(RambaModel* model, EngineOptions options);
+  ~Engine();  // stops (cancelling what is left) and joins the thread
+
+  // Queues a request; its callbacks run on the engine thread.
+  void Submit(std::shared_ptr<EngineRequest> request);
+  // Requests waiting or running.
+  int64_t QueueDepth() const;
+  int64_t ActiveRequests() const;
+  // Finishes every request with Cancelled and stops the thread. Idempotent.
+  void Stop();
+
+ private:
+  struct Running;
+  void Loop();
+  // Runs one iteration over `active`; returns false when there was nothing to do.
+  void Step(std::vector<std::unique_ptr<Running>>& active);
+
+  RambaModel* model_;
+  EngineOptions options_;
+  mutable absl::Mutex mu_;
+  std::deque<std::shared_ptr<EngineRequest>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::atomic<int64_t> active_count_{0};
+  std::thread thread_;
+};
+
+}  // namespace ramba::server
+
+#endif  // RAMBA_SERVER_ENGINE_H_
