@@ -53,6 +53,7 @@ void Engine::Loop() {
   };
   while (true) {
     std::deque<std::shared_ptr<EngineRequest>> rejected;
+    std::vector<std::unique_ptr<Running>> admitted;
     bool stop = false;
     {
       absl::MutexLock lock(&mu_);
@@ -70,7 +71,7 @@ void Engine::Loop() {
           r->req = std::move(queue_.front());
           queue_.pop_front();
           r->pending = r->req->input;
-          active.push_back(std::move(r));
+          admitted.push_back(std::move(r));
         }
       }
     }
@@ -80,9 +81,38 @@ void Engine::Loop() {
       active_count_ = 0;
       return;
     }
+    // Validate outside the lock: a bad request must fail alone, not poison a shared batch.
+    for (auto& r : admitted) {
+      const absl::Status st = Validate(*r->req);
+      if (st.ok()) {
+        active.push_back(std::move(r));
+      } else {
+        r->req->on_done(st, FinishReason::kError);
+      }
+    }
     active_count_ = static_cast<int64_t>(active.size());
     Step(active);
   }
+}
+
+absl::Status Engine::Validate(const EngineRequest& req) const {
+  if (req.state == nullptr) return absl::InvalidArgumentError("request has no session state");
+  if (req.max_new_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_new_tokens must be >= 0, got ", req.max_new_tokens));
+  }
+  if (req.max_new_tokens > 0 && req.input.empty()) {
+    return absl::InvalidArgumentError("generation needs at least one input token to sample from");
+  }
+  const int64_t vocab = model_->config().vocab_size;
+  for (size_t i = 0; i < req.input.size(); ++i) {
+    if (req.input[i] < 0 || req.input[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", req.input[i], " at index ", i,
+                                                     " is outside the vocabulary [0, ", vocab,
+                                                     ")"));
+    }
+  }
+  return ValidateSamplingOptions(req.sampling);
 }
 
 void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {

@@ -75,6 +75,7 @@ class Engine {
  private:
   struct Running;
   void Loop();
+  absl::Status Validate(const EngineRequest& request) const;
   // Runs one iteration over `active`; returns false when there was nothing to do.
   void Step(std::vector<std::unique_ptr<Running>>& active);
 

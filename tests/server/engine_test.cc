@@ -1,0 +1,197 @@
+// The engine's continuous batching gives each request exactly what it would get alone, stops on
+// request, and leaves states consistent.
+#include "server/engine.h"
+
+#include <future>
+
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "model/weights.h"
+#include "tests/testing/test_util.h"
+
+namespace ramba::server {
+namespace {
+
+struct Outcome {
+  std::vector<int32_t> tokens;
+  absl::Status status;
+  FinishReason reason = FinishReason::kNone;
+};
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    backend_ = kernels::CreateCpuBackend();
+    config_ = testing::SmallConfig();
+    model_ = std::move(*RambaModel::Create(config_, RandomTensors(config_, 11), backend_.get()));
+  }
+
+  // Submits a request and returns a future of its outcome.
+  std::future<Outcome> Run(Engine& engine, SessionState* state, std::vector<int32_t> input,
+                           int max_new, SamplingOptions sampling = {},
+                           std::function<TokenAction(int32_t)> stop = nullptr,
+                           std::shared_ptr<EngineRequest>* handle = nullptr) {
+    auto req = std::make_shared<EngineRequest>();
+    auto outcome = std::make_shared<Outcome>();
+    auto promise = std::make_shared<std::promise<Outcome>>();
+    req->state = state;
+    req->input = std::move(input);
+    req->max_new_tokens = max_new;
+    req->sampling = sampling;
+    req->on_token = [outcome, stop](int32_t t) {
+      outcome->tokens.push_back(t);
+      return stop ? stop(t) : TokenAction::kContinue;
+    };
+    req->on_done = [outcome, promise](const absl::Status& s, FinishReason r) {
+      outcome->status = s;
+      outcome->reason = r;
+      promise->set_value(*outcome);
+    };
+    if (handle != nullptr) *handle = req;
+    engine.Submit(req);
+    return promise->get_future();
+  }
+
+  // The same generation done by hand with Prefill + Decode.
+  std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
+    auto s = std::move(*model_->NewSession());
+    std::vector<float> logits;
+    EXPECT_TRUE(model_->Prefill(s.get(), prompt, &logits).ok());
+    std::vector<int32_t> out;
+    SessionState* st[] = {s.get()};
+    for (int i = 0; i < n; ++i) {
+      const int32_t t = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      out.push_back(t);
+      if (i + 1 < n) {
+        const int32_t in[] = {t};
+        EXPECT_TRUE(model_->Decode(st, in, &logits).ok());
+      }
+    }
+    return out;
+  }
+
+  std::unique_ptr<kernels::Backend> backend_;
+  ModelConfig config_;
+  std::unique_ptr<RambaModel> model_;
+};
+
+TEST_F(EngineTest, ConcurrentRequestsMatchRunningAlone) {
+  EngineOptions opts;
+  opts.max_batch_tokens = 96;  // forces prompts to be split across iterations
+  Engine engine(model_.get(), opts);
+  std::vector<std::unique_ptr<SessionState>> states;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::future<Outcome>> futures;
+  for (int i = 0; i < 6; ++i) {
+    prompts.push_back(testing::RandomTokens(20 + 70 * i, config_.vocab_size, 100 + i));
+    states.push_back(std::move(*model_->NewSession()));
+  }
+  for (int i = 0; i < 6; ++i) futures.push_back(Run(engine, states[i].get(), prompts[i], 12));
+  for (int i = 0; i < 6; ++i) {
+    Outcome o = futures[i].get();
+    ASSERT_TRUE(o.status.ok()) << o.status;
+    EXPECT_EQ(o.reason, FinishReason::kMaxTokens);
+    EXPECT_EQ(o.tokens, Reference(prompts[i], 12)) << "request " << i;
+    // The last generated token is not fed: it is the caller's pending token.
+    EXPECT_EQ(states[i]->position(), static_cast<int64_t>(prompts[i].size()) + 11);
+  }
+}
+
+TEST_F(EngineTest, AppendOnlyConsumesInput) {
+  Engine engine(model_.get(), {});
+  auto s = std::move(*model_->NewSession());
+  Outcome o = Run(engine, s.get(), testing::RandomTokens(300, config_.vocab_size, 1), 0).get();
+  EXPECT_TRUE(o.status.ok());
+  EXPECT_EQ(o.reason, FinishReason::kInputConsumed);
+  EXPECT_TRUE(o.tokens.empty());
+  EXPECT_EQ(s->position(), 300);
+  EXPECT_EQ(s->num_chunks(), 4);
+}
+
+TEST_F(EngineTest, StopFromCallback) {
+  Engine engine(model_.get(), {});
+  auto s = std::move(*model_->NewSession());
+  int seen = 0;
+  Outcome o = Run(engine, s.get(), {1, 2, 3}, 50, {},
+                  [&seen](int32_t) { return ++seen == 4 ? TokenAction::kStop : TokenAction::kContinue; })
+                  .get();
+  EXPECT_EQ(o.reason, FinishReason::kStop);
+  EXPECT_EQ(o.tokens.size(), 4u);
+  EXPECT_EQ(s->position(), 3 + 3);
+}
+
+TEST_F(EngineTest, CancelStopsWithinOneStepAndStateIsConsistent) {
+  Engine engine(model_.get(), {});
+  auto s = std::move(*model_->NewSession());
+  std::shared_ptr<EngineRequest> handle;
+  int n = 0;
+  auto f = Run(engine, s.get(), {5, 6, 7}, 1000, {},
+               [&handle, &n](int32_t) {
+                 if (++n == 10) handle->cancelled = true;
+                 return TokenAction::kContinue;
+               },
+               &handle);
+  Outcome o = f.get();
+  EXPECT_EQ(o.reason, FinishReason::kCancelled);
+  EXPECT_EQ(o.status.code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(o.tokens.size(), 10u);  // cancelled after the 10th token, before the 11th step
+  EXPECT_EQ(s->position(), 3 + 9);  // every fed token, nothing half-done
+  // The session can go on.
+  Outcome more = Run(engine, s.get(), {o.tokens.back()}, 2).get();
+  EXPECT_TRUE(more.status.ok());
+}
+
+TEST_F(EngineTest, SeededSamplingIsReproducibleAcrossBatching) {
+  SamplingOptions sampling;
+  sampling.temperature = 1.0f;
+  sampling.top_p = 0.9f;
+  sampling.seed = 77;
+  const auto prompt = testing::RandomTokens(150, config_.vocab_size, 5);
+  std::vector<int32_t> alone, crowded;
+  {
+    Engine engine(model_.get(), {});
+    auto s = std::move(*model_->NewSession());
+    alone = Run(engine, s.get(), prompt, 20, sampling).get().tokens;
+  }
+  {
+    Engine engine(model_.get(), {});
+    std::vector<std::unique_ptr<SessionState>> others;
+    std::vector<std::future<Outcome>> fs;
+    for (int i = 0; i < 4; ++i) {
+      others.push_back(std::move(*model_->NewSession()));
+      fs.push_back(Run(engine, others.back().get(), testing::RandomTokens(90, 300, i), 25));
+    }
+    auto s = std::move(*model_->NewSession());
+    crowded = Run(engine, s.get(), prompt, 20, sampling).get().tokens;
+    for (auto& f : fs) f.get();
+  }
+  EXPECT_EQ(alone, crowded);
+}
+
+TEST_F(EngineTest, BadInputFailsOnlyThatRequest) {
+  Engine engine(model_.get(), {});
+  auto a = std::move(*model_->NewSession());
+  auto b = std::move(*model_->NewSession());
+  auto fa = Run(engine, a.get(), {1, 2, static_cast<int32_t>(config_.vocab_size)}, 3);
+  Outcome oa = fa.get();
+  EXPECT_EQ(oa.status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(a->position(), 0);
+  Outcome empty = Run(engine, b.get(), {}, 3).get();
+  EXPECT_EQ(empty.status.code(), absl::StatusCode::kInvalidArgument);
+  Outcome ok = Run(engine, b.get(), {1, 2, 3}, 3).get();
+  EXPECT_TRUE(ok.status.ok());
+}
+
+TEST_F(EngineTest, StopCancelsEverything) {
+  auto engine = std::make_unique<Engine>(model_.get(), EngineOptions{});
+  auto s = std::move(*model_->NewSession());
+  auto f = Run(*engine, s.get(), {1, 2, 3}, 100000);
+  engine->Stop();
+  Outcome o = f.get();
+  EXPECT_EQ(o.reason, FinishReason::kCancelled);
+  engine.reset();
+  SUCCEED();
+}
+
+}  // namespace
+}  // namespace ramba::server
