@@ -1,0 +1,70 @@
+#include "server/metrics.h"
+
+#include <exception>
+
+#include "absl/strings/str_cat.h"
+
+namespace ramba::server {
+namespace {
+
+// Latency buckets from 1 ms to ~100 s, roughly x2.5 apart.
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100};
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen_address) {
+  std::unique_ptr<Metrics> m(new Metrics());
+  m->registry_ = std::make_shared<prometheus::Registry>();
+  auto& reg = *m->registry_;
+  auto histogram = [&](const std::string& name, const std::string& help) {
+    return &prometheus::BuildHistogram().Name(name).Help(help).Register(reg).Add({}, LatencyBuckets());
+  };
+  m->time_to_first_token = histogram("ramba_time_to_first_token_seconds",
+                                     "Time from a Generate request to its first token.");
+  m->inter_token_latency = histogram("ramba_inter_token_latency_seconds",
+                                     "Time between consecutive generated tokens of one request.");
+  m->request_latency = histogram("ramba_request_duration_seconds",
+                                 "End-to-end duration of requests that run the model.");
+  m->commit_latency = histogram("ramba_store_commit_duration_seconds",
+                                "Duration of one atomic session commit to RocksDB.");
+  auto& tokens = prometheus::BuildCounter()
+                     .Name("ramba_tokens_total")
+                     .Help("Tokens processed, by kind (prompt: fed to the model, generated).")
+                     .Register(reg);
+  m->prompt_tokens = &tokens.Add({{"kind", "prompt"}});
+  m->generated_tokens = &tokens.Add({{"kind", "generated"}});
+  auto& requests = prometheus::BuildCounter()
+                       .Name("ramba_requests_total")
+                       .Help("Model-running requests by outcome.")
+                       .Register(reg);
+  m->requests_ok = &requests.Add({{"outcome", "ok"}});
+  m->requests_cancelled = &requests.Add({{"outcome", "cancelled"}});
+  m->requests_failed = &requests.Add({{"outcome", "error"}});
+  auto gauge = [&](const std::string& name, const std::string& help) {
+    return &prometheus::BuildGauge().Name(name).Help(help).Register(reg).Add({});
+  };
+  m->active_sessions = gauge("ramba_sessions_active", "Sessions resident in memory.");
+  m->stored_sessions = gauge("ramba_sessions_stored", "Sessions in the store.");
+  m->store_bytes = gauge("ramba_store_bytes", "Approximate bytes of the RocksDB store on disk.");
+  m->queue_depth = gauge("ramba_engine_queue_depth", "Engine requests waiting or running.");
+  if (!listen_address.empty()) {
+    try {
+      m->exposer_ = std::make_unique<prometheus::Exposer>(listen_address);
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve metrics on ", listen_address, ": ", e.what()));
+    }
+    m->exposer_->RegisterCollectable(m->registry_);
+  }
+  return m;
+}
+
+int Metrics::port() const {
+  if (exposer_ == nullptr) return 0;
+  const auto ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
+
+}  // namespace ramba::server
