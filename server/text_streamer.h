@@ -1,0 +1,40 @@
+// Turns generated tokens' bytes into streamable UTF-8 text while watching for stop sequences:
+// text is released only up to a complete UTF-8 character and never while it could still be the
+// start of a stop sequence, so a client never sees half a character or part of a stop sequence.
+#ifndef RAMBA_SERVER_TEXT_STREAMER_H_
+#define RAMBA_SERVER_TEXT_STREAMER_H_
+
+#include <string>
+#include <vector>
+
+namespace ramba::server {
+
+class TextStreamer {
+ public:
+  TextStreamer(std::vector<std::string> stop_sequences, bool include_stop_sequence);
+
+  // Adds one token's bytes; returns the text now safe to release (possibly empty). After a stop
+  // sequence matched, stopped() is true and later calls return "".
+  std::string Add(const std::string& token_bytes);
+  // Releases whatever is held back (end of generation without a stop match). Invalid UTF-8 at
+  // the end becomes U+FFFD.
+  std::string Flush();
+
+  bool stopped() const { return stop_index_ >= 0; }
+  // The stop sequence that matched (valid when stopped()).
+  const std::string& matched() const { return stops_[stop_index_]; }
+
+ private:
+  std::vector<std::string> stops_;
+  bool include_stop_;
+  std::string held_;  // bytes not yet released
+  int stop_index_ = -1;
+};
+
+// Length of the longest prefix of `s` that ends on a UTF-8 character boundary, treating an
+// incomplete trailing sequence (up to 3 bytes) as not yet complete.
+size_t CompleteUtf8Prefix(const std::string& s);
+
+}  // namespace ramba::server
+
+#endif  // RAMBA_SERVER_TEXT_STREAMER_H_
