@@ -1,6 +1,7 @@
 #include "server/text_streamer.h"
 
 #include <algorithm>
+#include <cstdint>
 
 namespace ramba::server {
 
@@ -25,6 +26,37 @@ size_t CompleteUtf8Prefix(const std::string& s) {
   return n;  // only continuation bytes: invalid, release as is
 }
 
+std::string SanitizeUtf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t len = 0;
+    uint32_t min = 0;
+    if (c < 0x80) len = 1;
+    else if ((c & 0xE0) == 0xC0) { len = 2; min = 0x80; }
+    else if ((c & 0xF0) == 0xE0) { len = 3; min = 0x800; }
+    else if ((c & 0xF8) == 0xF0) { len = 4; min = 0x10000; }
+    bool ok = len > 0 && i + len <= s.size();
+    uint32_t cp = len == 1 ? c : (c & (0x7F >> len));
+    for (size_t k = 1; ok && k < len; ++k) {
+      const unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      ok = (cc & 0xC0) == 0x80;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    ok = ok && cp >= min && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
+    if (ok) {
+      out.append(s, i, len);
+      i += len;
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    }
+  }
+  return out;
+}
+
 TextStreamer::TextStreamer(std::vector<std::string> stop_sequences, bool include_stop_sequence)
     : include_stop_(include_stop_sequence) {
   for (auto& s : stop_sequences) {
@@ -47,7 +79,7 @@ std::string TextStreamer::Add(const std::string& token_bytes) {
   if (best != std::string::npos) {
     std::string out = held_.substr(0, best + (include_stop_ ? stops_[stop_index_].size() : 0));
     held_.clear();
-    return out;
+    return SanitizeUtf8(out);
   }
   // Hold back the longest suffix that is a proper prefix of some stop sequence.
   size_t keep = 0;
@@ -63,7 +95,7 @@ std::string TextStreamer::Add(const std::string& token_bytes) {
   release = CompleteUtf8Prefix(held_.substr(0, release));
   std::string out = held_.substr(0, release);
   held_.erase(0, release);
-  return out;
+  return SanitizeUtf8(out);
 }
 
 std::string TextStreamer::Flush() {
@@ -72,7 +104,7 @@ std::string TextStreamer::Flush() {
   out.swap(held_);
   const size_t complete = CompleteUtf8Prefix(out);
   if (complete < out.size()) out = out.substr(0, complete) + "\xEF\xBF\xBD";
-  return out;
+  return SanitizeUtf8(out);
 }
 
 }  // namespace ramba::server

@@ -35,6 +35,10 @@ class TextStreamer {
 // incomplete trailing sequence (up to 3 bytes) as not yet complete.
 size_t CompleteUtf8Prefix(const std::string& s);
 
+// `s` with every byte that is not part of a valid UTF-8 sequence replaced by U+FFFD (protobuf
+// string fields must hold valid UTF-8; models can emit any byte).
+std::string SanitizeUtf8(const std::string& s);
+
 }  // namespace ramba::server
 
 #endif  // RAMBA_SERVER_TEXT_STREAMER_H_

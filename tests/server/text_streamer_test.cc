@@ -54,6 +54,16 @@ TEST(TextStreamerTest, IncludeStopSequenceAndEarliestMatch) {
   EXPECT_EQ(t.matched(), "lo w");
 }
 
+TEST(TextStreamerTest, InvalidBytesBecomeReplacementCharacters) {
+  EXPECT_EQ(SanitizeUtf8("a\xFF" "b"), "a\xEF\xBF\xBD" "b");
+  EXPECT_EQ(SanitizeUtf8("\x80"), "\xEF\xBF\xBD");
+  EXPECT_EQ(SanitizeUtf8("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // overlong
+  EXPECT_EQ(SanitizeUtf8("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
+  EXPECT_EQ(SanitizeUtf8("ok \xE2\x82\xAC"), "ok \xE2\x82\xAC");
+  TextStreamer t({}, false);
+  EXPECT_EQ(t.Add("x\xFE"), "x\xEF\xBF\xBD");
+}
+
 TEST(TextStreamerTest, CompleteUtf8Prefix) {
   EXPECT_EQ(CompleteUtf8Prefix(""), 0u);
   EXPECT_EQ(CompleteUtf8Prefix("ab"), 2u);

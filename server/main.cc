@@ -1,0 +1,141 @@
+// ramba-server: the ramba.v1 gRPC service over a RAMba model, sessions persisted in RocksDB,
+// Prometheus metrics on a separate HTTP port.
+//
+//   ramba-server --model models/ramba-tiny --data_dir /var/lib/ramba --port 50051
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "kernels/backend.h"
+#include "model/ramba_model.h"
+#include "model/tokenizer.h"
+#include "server/engine.h"
+#include "server/metrics.h"
+#include "server/service.h"
+#include "server/session_manager.h"
+#include "store/session_store.h"
+
+ABSL_FLAG(std::string, model, "models/ramba-tiny", "Model directory (config.json, model.safetensors, tokenizer).");
+ABSL_FLAG(std::string, data_dir, "ramba-data", "RocksDB directory for sessions (created when missing).");
+ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
+ABSL_FLAG(int32_t, port, 50051, "gRPC port (0: any free port; the chosen one is printed).");
+ABSL_FLAG(int32_t, metrics_port, 9090, "Prometheus /metrics HTTP port (-1: off; 0: any free port).");
+ABSL_FLAG(std::string, device, "auto", "cpu, cuda or auto (cuda when a GPU is present).");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads for the CPU backend (0: all cores).");
+ABSL_FLAG(int64_t, max_batch_tokens, 1024, "Tokens per engine step across all sessions.");
+ABSL_FLAG(int64_t, max_active_requests, 256, "Requests the engine runs at once; more wait.");
+ABSL_FLAG(int64_t, max_resident_sessions, 64, "Sessions kept in memory; idle ones are evicted (they are always on disk).");
+ABSL_FLAG(int64_t, max_sessions, 1000000, "Sessions the store may hold (RESOURCE_EXHAUSTED beyond).");
+ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may carry.");
+ABSL_FLAG(int32_t, max_generate_tokens, 1 << 16, "Largest max_tokens a Generate may ask for.");
+ABSL_FLAG(int64_t, max_message_bytes, 16 << 20, "Largest gRPC message accepted.");
+ABSL_FLAG(bool, sync_commits, true, "fsync every commit (acknowledged = durable).");
+ABSL_FLAG(int32_t, drain_seconds, 30, "Grace period for running calls on SIGTERM.");
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop = true; }
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "ramba-server: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Serves a RAMba model over gRPC (ramba.v1.RambaService) with persistent sessions.\n"
+      "  ramba-server --model DIR --data_dir DIR [--port 50051] [--metrics_port 9090]");
+  absl::ParseCommandLine(argc, argv);
+  using namespace ramba;
+
+  auto backend = kernels::CreateBackend(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_threads));
+  if (!backend.ok()) return Fail(backend.status());
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  auto model = RambaModel::Load(model_dir, backend->get());
+  if (!model.ok()) return Fail(model.status());
+  auto tokenizer = LoadTokenizer(model_dir, (*model)->config().vocab_size);
+  if (!tokenizer.ok()) return Fail(tokenizer.status());
+
+  store::StoreOptions store_options;
+  store_options.path = absl::GetFlag(FLAGS_data_dir);
+  store_options.sync_commits = absl::GetFlag(FLAGS_sync_commits);
+  auto store = store::SessionStore::Open(store_options);
+  if (!store.ok()) return Fail(store.status());
+
+  const int32_t metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  auto metrics = server::Metrics::Create(
+      metrics_port < 0 ? "" : absl::StrCat(absl::GetFlag(FLAGS_host), ":", metrics_port));
+  if (!metrics.ok()) return Fail(metrics.status());
+
+  server::EngineOptions engine_options;
+  engine_options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  engine_options.max_active_requests = absl::GetFlag(FLAGS_max_active_requests);
+  server::Engine engine(model->get(), engine_options);
+  server::SessionManagerOptions session_options;
+  session_options.max_resident_sessions = absl::GetFlag(FLAGS_max_resident_sessions);
+  server::SessionManager sessions(model->get(), store->get(), session_options);
+
+  server::ServiceOptions service_options;
+  service_options.model_name = model_dir;
+  service_options.device = std::string((*backend)->name());
+  service_options.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  service_options.limits.max_request_input_tokens = absl::GetFlag(FLAGS_max_request_tokens);
+  service_options.limits.max_generate_tokens = absl::GetFlag(FLAGS_max_generate_tokens);
+  service_options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  server::RambaService service(model->get(), tokenizer->get(), &engine, &sessions, metrics->get(),
+                               service_options);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
+                           grpc::InsecureServerCredentials(), &bound_port);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(service_options.limits.max_message_bytes));
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || bound_port == 0) {
+    return Fail(absl::UnavailableError("cannot listen on the gRPC port"));
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  // Tests and scripts read these lines to find the ports.
+  std::printf("ramba-server listening on port %d, metrics on port %d, model %s on %s, data %s\n",
+              bound_port, (*metrics)->port(), model_dir.c_str(),
+              std::string((*backend)->name()).c_str(), store_options.path.c_str());
+  std::fflush(stdout);
+
+  // Refresh level gauges while serving; exit on SIGTERM/SIGINT.
+  while (!g_stop) {
+    (*metrics)->active_sessions->Set(static_cast<double>(sessions.ResidentSessions()));
+    (*metrics)->stored_sessions->Set(static_cast<double>(sessions.StoredSessions()));
+    (*metrics)->store_bytes->Set(static_cast<double>((*store)->ApproximateBytes()));
+    (*metrics)->queue_depth->Set(static_cast<double>(engine.QueueDepth() + engine.ActiveRequests()));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  // Graceful drain: refuse new calls, report NOT_SERVING, let running calls finish within the
+  // grace period, then cancel what is left.
+  std::printf("ramba-server: draining\n");
+  std::fflush(stdout);
+  service.StartDraining();
+  server->GetHealthCheckService()->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::seconds(absl::GetFlag(FLAGS_drain_seconds)));
+  engine.Stop();
+  server->Wait();
+  std::printf("ramba-server: stopped\n");
+  return 0;
+}

@@ -1,0 +1,322 @@
+// The gRPC service over real gRPC on loopback (port 0), a real RocksDB store in a temp dir and
+// the byte-level fixture model: the session life cycle, streaming generation and error codes.
+#include "server/service.h"
+
+#include <filesystem>
+
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "tests/testing/test_util.h"
+
+namespace ramba::server {
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = ::ramba::v1;
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("ramba_svc_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    backend_ = kernels::CreateCpuBackend();
+    const std::string model_dir = testing::FixtureDir() + "/tiny_byte";
+    model_ = std::move(*RambaModel::Load(model_dir, backend_.get()));
+    tokenizer_ = std::move(*LoadTokenizer(model_dir, model_->config().vocab_size));
+    store::StoreOptions so;
+    so.path = dir_.string();
+    store_ = std::move(*store::SessionStore::Open(so));
+    engine_ = std::make_unique<Engine>(model_.get(), EngineOptions{});
+    sessions_ = std::make_unique<SessionManager>(model_.get(), store_.get(), SessionManagerOptions{});
+    metrics_ = std::move(*Metrics::Create(""));
+    ServiceOptions opts;
+    opts.model_name = "tiny_byte";
+    opts.device = "cpu";
+    opts.limits.max_request_input_tokens = 5000;
+    service_ = std::make_unique<RambaService>(model_.get(), tokenizer_.get(), engine_.get(),
+                                              sessions_.get(), metrics_.get(), opts);
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_GT(port, 0);
+    stub_ = v1::RambaService::NewStub(
+        grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    // A bounded shutdown: a reactor that never finished would show up as a failure, not a hang.
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    engine_->Stop();
+    server_.reset();
+    engine_.reset();
+    sessions_.reset();
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+
+  v1::Session Create(const std::string& id, const std::string& text) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    v1::CreateSessionResponse resp;
+    req.set_session_id(id);
+    if (!text.empty()) req.mutable_initial_input()->set_text(text);
+    const grpc::Status s = stub_->CreateSession(&ctx, req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return resp.session();
+  }
+
+  struct Streamed {
+    grpc::Status status;
+    std::vector<int32_t> ids;
+    std::string text;
+    v1::Final final;
+    bool has_final = false;
+  };
+  Streamed Generate(const v1::GenerateRequest& req) {
+    grpc::ClientContext ctx;
+    auto reader = stub_->Generate(&ctx, req);
+    Streamed out;
+    v1::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+      if (msg.has_tokens()) {
+        for (const auto& t : msg.tokens().tokens()) {
+          out.ids.push_back(t.id());
+          out.text += t.text();
+        }
+      } else if (msg.has_final()) {
+        out.final = msg.final();
+        out.has_final = true;
+      }
+    }
+    out.status = reader->Finish();
+    return out;
+  }
+
+  fs::path dir_;
+  std::unique_ptr<kernels::Backend> backend_;
+  std::unique_ptr<RambaModel> model_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<store::SessionStore> store_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<SessionManager> sessions_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<RambaService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<v1::RambaService::Stub> stub_;
+};
+
+TEST_F(ServiceTest, CreateAppendGenerate) {
+  v1::Session s = Create("chat", "Once upon a time");
+  EXPECT_EQ(s.position(), 16);
+  {
+    grpc::ClientContext ctx;
+    v1::AppendRequest req;
+    v1::AppendResponse resp;
+    req.set_session_id("chat");
+    req.mutable_input()->set_text(", in a land far away,");
+    req.set_expected_position(16);
+    ASSERT_TRUE(stub_->Append(&ctx, req, &resp).ok());
+    EXPECT_EQ(resp.appended_tokens(), 21);
+    EXPECT_EQ(resp.session().position(), 37);
+  }
+  v1::GenerateRequest g;
+  g.set_session_id("chat");
+  g.mutable_stopping()->set_max_tokens(20);
+  g.mutable_stopping()->set_ignore_eos(true);
+  g.mutable_sampling()->set_temperature(0);
+  Streamed out = Generate(g);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  ASSERT_TRUE(out.has_final);
+  EXPECT_EQ(out.ids.size(), 20u);
+  EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_MAX_TOKENS);
+  EXPECT_EQ(out.final.position(), 57);
+  EXPECT_EQ(out.final.usage().generated_tokens(), 20);
+
+  // Greedy generation is what the model gives for the same history, token for token.
+  auto state = std::move(*model_->NewSession());
+  std::vector<int32_t> history = tokenizer_->Encode("Once upon a time, in a land far away,");
+  std::vector<float> logits;
+  ASSERT_TRUE(model_->Prefill(state.get(), history, &logits).ok());
+  SessionState* st[] = {state.get()};
+  for (int i = 0; i < 20; ++i) {
+    const int32_t t = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    ASSERT_EQ(t, out.ids[i]) << "token " << i;
+    const int32_t in[] = {t};
+    ASSERT_TRUE(model_->Decode(st, in, &logits).ok());
+  }
+
+  grpc::ClientContext ctx;
+  v1::GetSessionRequest gr;
+  v1::GetSessionResponse gresp;
+  gr.set_session_id("chat");
+  ASSERT_TRUE(stub_->GetSession(&ctx, gr, &gresp).ok());
+  EXPECT_EQ(gresp.session().position(), 57);
+}
+
+TEST_F(ServiceTest, CommitGeneratedFalseLeavesSessionAsItWas) {
+  Create("s", "abcdef");
+  v1::GenerateRequest g;
+  g.set_session_id("s");
+  g.mutable_stopping()->set_max_tokens(5);
+  g.mutable_stopping()->set_ignore_eos(true);
+  g.mutable_sampling()->set_temperature(0);
+  g.set_commit_generated(false);
+  g.mutable_input()->set_text("gh");
+  Streamed a = Generate(g);
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  EXPECT_EQ(a.final.position(), 8);  // the input joined, the generated tokens did not
+  Streamed b = Generate(g);  // same again from position 10 now
+  ASSERT_TRUE(b.status.ok());
+  EXPECT_EQ(b.final.position(), 10);
+}
+
+TEST_F(ServiceTest, ErrorsNameTheProblem) {
+  Create("e", "hello");
+  {
+    grpc::ClientContext ctx;
+    v1::AppendRequest req;
+    v1::AppendResponse resp;
+    req.set_session_id("missing");
+    req.mutable_input()->set_text("x");
+    EXPECT_EQ(stub_->Append(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::AppendRequest req;
+    v1::AppendResponse resp;
+    req.set_session_id("e");
+    req.mutable_input()->set_text("x");
+    req.set_expected_position(3);
+    const grpc::Status s = stub_->Append(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_NE(s.error_message().find("expected_position"), std::string::npos);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::AppendRequest req;
+    v1::AppendResponse resp;
+    req.set_session_id("e");
+    req.mutable_input()->mutable_tokens()->add_ids(256);
+    const grpc::Status s = stub_->Append(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("input.tokens.ids[0]"), std::string::npos) << s.error_message();
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::AppendRequest req;
+    v1::AppendResponse resp;
+    req.set_session_id("e");
+    req.mutable_input()->set_text(std::string(6000, 'a'));
+    EXPECT_EQ(stub_->Append(&ctx, req, &resp).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  }
+  v1::GenerateRequest g;
+  g.set_session_id("e");
+  g.mutable_sampling()->set_top_p(1.5f);
+  Streamed bad = Generate(g);
+  EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad.status.error_message().find("top_p"), std::string::npos);
+  EXPECT_FALSE(bad.has_final);
+  g.mutable_sampling()->clear_top_p();
+  g.mutable_stopping()->set_max_tokens(0);
+  EXPECT_EQ(Generate(g).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // Nothing above changed the session.
+  grpc::ClientContext ctx;
+  v1::GetSessionRequest gr;
+  v1::GetSessionResponse gresp;
+  gr.set_session_id("e");
+  ASSERT_TRUE(stub_->GetSession(&ctx, gr, &gresp).ok());
+  EXPECT_EQ(gresp.session().position(), 5);
+}
+
+TEST_F(ServiceTest, StopSequenceAndGenerateOnce) {
+  v1::GenerateOnceRequest once;
+  once.mutable_input()->set_text("The passkey is 7243. ");
+  once.mutable_stopping()->set_max_tokens(12);
+  once.mutable_stopping()->set_ignore_eos(true);
+  once.mutable_sampling()->set_temperature(0);
+  grpc::ClientContext ctx;
+  auto reader = stub_->GenerateOnce(&ctx, once);
+  v1::GenerateResponse msg;
+  std::string text;
+  std::vector<int32_t> ids;
+  bool final = false;
+  while (reader->Read(&msg)) {
+    if (msg.has_final()) {
+      final = true;
+      EXPECT_FALSE(msg.final().has_position());
+    }
+    for (const auto& t : msg.tokens().tokens()) {
+      ids.push_back(t.id());
+      text += t.text();
+    }
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  ASSERT_TRUE(final);
+  ASSERT_EQ(ids.size(), 12u);
+  // Use a piece of that output as a stop sequence: generation must stop there and not leak it.
+  const std::string stop = text.substr(4, 2);
+  Create("st", "The passkey is 7243. ");
+  v1::GenerateRequest g;
+  g.set_session_id("st");
+  g.mutable_stopping()->set_max_tokens(12);
+  g.mutable_stopping()->set_ignore_eos(true);
+  g.mutable_stopping()->add_stop_sequences(stop);
+  g.mutable_sampling()->set_temperature(0);
+  Streamed out = Generate(g);
+  ASSERT_TRUE(out.status.ok());
+  EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_STOP_SEQUENCE);
+  EXPECT_EQ(out.final.stop_sequence(), stop);
+  EXPECT_EQ(out.text, text.substr(0, text.find(stop)));
+}
+
+TEST_F(ServiceTest, ForkListDelete) {
+  Create("p", "shared history");
+  grpc::ClientContext c1;
+  v1::ForkSessionRequest f;
+  v1::ForkSessionResponse fr;
+  f.set_session_id("p");
+  f.set_new_session_id("c");
+  ASSERT_TRUE(stub_->ForkSession(&c1, f, &fr).ok());
+  EXPECT_EQ(fr.session().position(), 14);
+  EXPECT_EQ(fr.session().parent_id(), "p");
+  grpc::ClientContext c2;
+  v1::ListSessionsRequest l;
+  v1::ListSessionsResponse lr;
+  ASSERT_TRUE(stub_->ListSessions(&c2, l, &lr).ok());
+  EXPECT_EQ(lr.sessions_size(), 2);
+  grpc::ClientContext c3;
+  v1::DeleteSessionRequest d;
+  v1::DeleteSessionResponse dr;
+  d.set_session_id("p");
+  ASSERT_TRUE(stub_->DeleteSession(&c3, d, &dr).ok());
+  v1::GenerateRequest g;
+  g.set_session_id("c");
+  g.mutable_stopping()->set_max_tokens(3);
+  Streamed out = Generate(g);
+  EXPECT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.final.position(), 17);
+}
+
+TEST_F(ServiceTest, ModelInfoAndTokenize) {
+  grpc::ClientContext c1;
+  v1::GetModelInfoRequest req;
+  v1::GetModelInfoResponse resp;
+  ASSERT_TRUE(stub_->GetModelInfo(&c1, req, &resp).ok());
+  EXPECT_EQ(resp.model().vocab_size(), 256);
+  EXPECT_EQ(resp.model().chunk_size(), 64);
+  EXPECT_EQ(resp.model().tokenizer(), v1::TOKENIZER_KIND_BYTE);
+  grpc::ClientContext c2;
+  v1::TokenizeRequest t;
+  v1::TokenizeResponse tr;
+  t.set_text("hi");
+  ASSERT_TRUE(stub_->Tokenize(&c2, t, &tr).ok());
+  ASSERT_EQ(tr.ids_size(), 2);
+  EXPECT_EQ(tr.ids(0), 'h');
+}
+
+}  // namespace
+}  // namespace ramba::server

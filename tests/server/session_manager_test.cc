@@ -1,0 +1,209 @@
+// Session manager over a real RocksDB store in a temp dir: paging, leases, commits, eviction,
+// forks.
+#include "server/session_manager.h"
+
+#include <filesystem>
+
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "model/weights.h"
+#include "tests/testing/test_util.h"
+
+namespace ramba::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+class SessionManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("ramba_sm_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    backend_ = kernels::CreateCpuBackend();
+    config_ = testing::SmallConfig();
+    model_ = std::move(*RambaModel::Create(config_, RandomTensors(config_, 5), backend_.get()));
+    Reopen();
+  }
+  void TearDown() override {
+    manager_.reset();
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+  void Reopen(int64_t max_resident = 8) {
+    manager_.reset();
+    store_.reset();
+    store::StoreOptions o;
+    o.path = dir_.string();
+    auto s = store::SessionStore::Open(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    store_ = std::move(*s);
+    SessionManagerOptions mo;
+    mo.max_resident_sessions = max_resident;
+    manager_ = std::make_unique<SessionManager>(model_.get(), store_.get(), mo);
+  }
+  // Feeds tokens to a leased session, keeping the last one pending as the server does.
+  void Feed(SessionLease& lease, std::vector<int32_t> tokens) {
+    if (lease.meta().pending_token) tokens.insert(tokens.begin(), *lease.meta().pending_token);
+    lease.meta().pending_token = tokens.back();
+    tokens.pop_back();
+    ASSERT_TRUE(model_->Prefill(lease.state(), tokens, nullptr).ok());
+  }
+  std::vector<float> NextLogits(SessionLease& lease) {
+    // Logits after the pending token, computed on a throwaway fork.
+    auto f = std::move(*lease.state()->Fork());
+    std::vector<float> logits;
+    const int32_t t[] = {*lease.meta().pending_token};
+    EXPECT_TRUE(model_->Prefill(f.get(), t, &logits).ok());
+    return logits;
+  }
+
+  fs::path dir_;
+  std::unique_ptr<kernels::Backend> backend_;
+  ModelConfig config_;
+  std::unique_ptr<RambaModel> model_;
+  std::unique_ptr<store::SessionStore> store_;
+  std::unique_ptr<SessionManager> manager_;
+};
+
+TEST_F(SessionManagerTest, CommitSurvivesReopen) {
+  SessionMeta meta;
+  meta.labels = {{"user", "ada"}};
+  meta.default_sampling.temperature = 0.5f;
+  auto v = manager_->Create("conv-1", meta);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->position, 0);
+  std::vector<float> before;
+  {
+    auto lease = manager_->Acquire("conv-1");
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    Feed(*lease, testing::RandomTokens(200, config_.vocab_size, 1));
+    Feed(*lease, testing::RandomTokens(77, config_.vocab_size, 2));
+    ASSERT_TRUE(lease->Commit().ok());
+    EXPECT_EQ(lease->position(), 277);
+    before = NextLogits(*lease);
+  }
+  Reopen();
+  auto got = manager_->Get("conv-1");
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->position, 277);
+  EXPECT_EQ(got->num_chunks, 276 / 64);
+  EXPECT_EQ(got->meta.labels.at("user"), "ada");
+  EXPECT_FLOAT_EQ(*got->meta.default_sampling.temperature, 0.5f);
+  EXPECT_FALSE(got->meta.default_sampling.top_k.has_value());
+  auto lease = manager_->Acquire("conv-1");
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  EXPECT_EQ(lease->position(), 277);
+  EXPECT_EQ(NextLogits(*lease), before);  // bitwise: the restored state is the committed one
+}
+
+TEST_F(SessionManagerTest, OneWriterAtATime) {
+  ASSERT_TRUE(manager_->Create("a", {}).ok());
+  auto first = manager_->Acquire("a");
+  ASSERT_TRUE(first.ok());
+  auto second = manager_->Acquire("a");
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(manager_->Delete("a", std::nullopt).code(), absl::StatusCode::kAborted);
+  { auto released = std::move(*first); }
+  EXPECT_TRUE(manager_->Acquire("a").ok());
+}
+
+TEST_F(SessionManagerTest, UncommittedChangesAreDropped) {
+  ASSERT_TRUE(manager_->Create("a", {}).ok());
+  {
+    auto lease = manager_->Acquire("a");
+    Feed(*lease, testing::RandomTokens(100, config_.vocab_size, 3));
+    ASSERT_TRUE(lease->Commit().ok());
+  }
+  {
+    auto lease = manager_->Acquire("a");
+    Feed(*lease, testing::RandomTokens(100, config_.vocab_size, 4));  // no commit
+  }
+  auto lease = manager_->Acquire("a");
+  ASSERT_TRUE(lease.ok());
+  EXPECT_EQ(lease->position(), 100);
+  EXPECT_EQ(lease->state()->position(), 99);
+}
+
+TEST_F(SessionManagerTest, MemoryLimitIsResourceExhaustedNotACrash) {
+  Reopen(/*max_resident=*/2);
+  for (const char* id : {"x", "y", "z"}) ASSERT_TRUE(manager_->Create(id, {}).ok());
+  auto x = manager_->Acquire("x");
+  auto y = manager_->Acquire("y");
+  ASSERT_TRUE(x.ok() && y.ok());
+  auto z = manager_->Acquire("z");
+  EXPECT_EQ(z.status().code(), absl::StatusCode::kResourceExhausted);
+  { auto done = std::move(*x); }
+  EXPECT_TRUE(manager_->Acquire("z").ok());  // the idle one was evicted
+  EXPECT_LE(manager_->ResidentSessions(), 2);
+}
+
+TEST_F(SessionManagerTest, ForkSharesHistoryAndDivergesIndependently) {
+  ASSERT_TRUE(manager_->Create("parent", {}).ok());
+  {
+    auto lease = manager_->Acquire("parent");
+    Feed(*lease, testing::RandomTokens(260, config_.vocab_size, 5));
+    ASSERT_TRUE(lease->Commit().ok());
+  }
+  auto child = manager_->Fork("parent", "child", {{"branch", "b"}});
+  ASSERT_TRUE(child.ok()) << child.status();
+  EXPECT_EQ(child->position, 260);
+  EXPECT_EQ(child->meta.parent_id, "parent");
+  EXPECT_EQ(child->meta.fork_position, 260);
+  EXPECT_EQ(manager_->Fork("parent", "c2", {}, 1).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  std::vector<float> parent_next;
+  {
+    auto lease = manager_->Acquire("parent");
+    parent_next = NextLogits(*lease);
+    Feed(*lease, {1, 2, 3});
+    ASSERT_TRUE(lease->Commit().ok());
+  }
+  EXPECT_EQ(manager_->Delete("parent", 5).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(manager_->Delete("parent", std::nullopt).ok());
+  EXPECT_EQ(manager_->Get("parent").status().code(), absl::StatusCode::kNotFound);
+  auto lease = manager_->Acquire("child");
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  EXPECT_EQ(lease->position(), 260);
+  EXPECT_EQ(NextLogits(*lease), parent_next);
+}
+
+TEST_F(SessionManagerTest, ListAndErrors) {
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(manager_->Create("s" + std::to_string(i), {}).ok());
+  auto page = manager_->List("", 3);
+  ASSERT_TRUE(page.ok());
+  EXPECT_EQ(page->first.size(), 3u);
+  EXPECT_FALSE(page->second.empty());
+  auto rest = manager_->List(page->second, 3);
+  ASSERT_TRUE(rest.ok());
+  EXPECT_EQ(rest->first.size(), 2u);
+  EXPECT_EQ(manager_->Create("s1", {}).status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(manager_->Acquire("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(manager_->Acquire("bad id!").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(manager_->Create(std::string(129, 'a'), {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto generated = manager_->Create("", {});
+  ASSERT_TRUE(generated.ok());
+  EXPECT_TRUE(SessionManager::ValidateId(generated->id).ok());
+}
+
+TEST(SessionMetaTest, JsonRoundTrip) {
+  SessionMeta m;
+  m.labels = {{"k", "v"}, {"é", "ü"}};
+  m.default_sampling.temperature = 0.7f;
+  m.default_sampling.seed = 123456789012345ull;
+  m.pending_token = 42;
+  m.parent_id = "p";
+  auto back = SessionMeta::FromJson(m.ToJson());
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->labels, m.labels);
+  EXPECT_EQ(back->default_sampling.seed, m.default_sampling.seed);
+  EXPECT_FALSE(back->default_sampling.top_p.has_value());
+  EXPECT_EQ(back->pending_token, 42);
+  EXPECT_EQ(back->parent_id, "p");
+  EXPECT_EQ(SessionMeta::FromJson("{").status().code(), absl::StatusCode::kDataLoss);
+}
+
+}  // namespace
+}  // namespace ramba::server
