@@ -1,0 +1,113 @@
+#!/usr/bin/python3
+"""End-to-end test of a real ramba-server process through a Python client generated only from
+proto/ramba/v1/ramba.proto (Debian's protoc + grpc_python_plugin, python3-grpcio).
+
+    client_test.py SERVER_BINARY MODEL_DIR SOURCE_DIR
+
+Starts the server on free ports with a temporary data directory, drives a session (create,
+append, streaming generate, fork, list, errors), scrapes /metrics over HTTP, restarts the server
+and checks the session survived. Prints 'N passed, N failed'."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+server_bin, model_dir, source_dir = sys.argv[1:4]
+work = tempfile.mkdtemp(prefix="ramba_py_")
+gen = os.path.join(work, "gen")
+os.makedirs(gen)
+subprocess.run(["protoc", f"-I{source_dir}/proto", f"--python_out={gen}", f"--grpc_out={gen}",
+                "--plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin",
+                f"{source_dir}/proto/ramba/v1/ramba.proto"], check=True)
+sys.path.insert(0, gen)
+import grpc  # noqa: E402
+from ramba.v1 import ramba_pb2 as pb, ramba_pb2_grpc as rpc  # noqa: E402
+
+passed = failed = 0
+
+
+def check(name, cond, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+    else:
+        failed += 1
+        print(f"FAIL {name} {detail}")
+
+
+def start():
+    p = subprocess.Popen([server_bin, "--model", model_dir, "--data_dir", os.path.join(work, "data"),
+                          "--host", "127.0.0.1", "--port", "0", "--metrics_port", "0",
+                          "--threads", "1"], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    m = re.search(r"listening on port (\d+), metrics on port (\d+)", line)
+    if not m:
+        p.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return p, int(m.group(1)), int(m.group(2))
+
+
+proc, port, metrics_port = start()
+try:
+    stub = rpc.RambaServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    s = stub.CreateSession(pb.CreateSessionRequest(session_id="py-1",
+                                                   initial_input=pb.Input(text="Hello from Python."),
+                                                   labels={"client": "python"})).session
+    check("create position", s.position == 18, s)
+    r = stub.Append(pb.AppendRequest(session_id="py-1", input=pb.Input(text=" More text."),
+                                     expected_position=18))
+    check("append", r.session.position == 29 and r.appended_tokens == 11, r)
+    tokens, final = [], None
+    for msg in stub.Generate(pb.GenerateRequest(
+            session_id="py-1", sampling=pb.SamplingParams(temperature=0),
+            stopping=pb.StoppingCriteria(max_tokens=8, ignore_eos=True))):
+        if msg.HasField("tokens"):
+            tokens += [t.id for t in msg.tokens.tokens]
+        else:
+            final = msg.final
+    check("generate tokens", len(tokens) == 8, tokens)
+    check("generate final", final is not None and final.position == 37
+          and final.finish_reason == pb.FINISH_REASON_MAX_TOKENS, final)
+    fork = stub.ForkSession(pb.ForkSessionRequest(session_id="py-1", new_session_id="py-2")).session
+    check("fork", fork.position == 37 and fork.parent_id == "py-1", fork)
+    listed = stub.ListSessions(pb.ListSessionsRequest(page_size=10)).sessions
+    check("list", sorted(x.id for x in listed) == ["py-1", "py-2"], listed)
+    for req, code in [
+        (pb.AppendRequest(session_id="nope", input=pb.Input(text="x")), grpc.StatusCode.NOT_FOUND),
+        (pb.AppendRequest(session_id="py-1", input=pb.Input(text="x"), expected_position=1),
+         grpc.StatusCode.FAILED_PRECONDITION),
+        (pb.AppendRequest(session_id="py-1", input=pb.Input(tokens=pb.TokenIds(ids=[999]))),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.AppendRequest(session_id="bad id", input=pb.Input(text="x")),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        try:
+            stub.Append(req)
+            check(f"error {code}", False, "no error")
+        except grpc.RpcError as e:
+            check(f"error {code}", e.code() == code, f"{e.code()} {e.details()}")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    samples = dict(l.rsplit(" ", 1) for l in body.splitlines() if l and not l.startswith("#"))
+    check("metrics generated", float(samples.get('ramba_tokens_total{kind="generated"}', 0)) == 8,
+          samples.get('ramba_tokens_total{kind="generated"}'))
+    check("metrics prompt", float(samples.get('ramba_tokens_total{kind="prompt"}', 0)) >= 29)
+finally:
+    proc.terminate()
+    check("drain exit code", proc.wait(timeout=60) == 0)
+
+# Restart: the session is where it was.
+proc, port, _ = start()
+try:
+    stub = rpc.RambaServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    got = stub.GetSession(pb.GetSessionRequest(session_id="py-1")).session
+    check("restart position", got.position == 37 and got.labels["client"] == "python", got)
+finally:
+    proc.terminate()
+    proc.wait(timeout=60)
+    shutil.rmtree(work, ignore_errors=True)
+
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
