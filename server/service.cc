@@ -137,6 +137,15 @@ absl::Status CheckExpected(bool has, int64_t expected, int64_t actual, const std
   return absl::OkStatus();
 }
 
+// The contract returns the session's position with FAILED_PRECONDITION, so a client can retry
+// without another GetSession.
+constexpr char kPositionTrailer[] = "ramba-session-position";
+void AddPositionTrailer(grpc::CallbackServerContext* ctx, const absl::Status& s, int64_t position) {
+  if (s.code() == absl::StatusCode::kFailedPrecondition) {
+    ctx->AddTrailingMetadata(kPositionTrailer, std::to_string(position));
+  }
+}
+
 grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& s) {
   auto* r = ctx->DefaultReactor();
   r->Finish(ToGrpcStatus(s));
@@ -252,9 +261,9 @@ absl::StatusOr<GenerateSpec> ParseGenerate(const RambaService::Deps& d, const v1
 // flight, the rest coalesced), commits, and sends Final.
 class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  GenerateCall(const RambaService::Deps& deps, GenerateSpec spec, std::string session_id,
-               bool stateless)
-      : deps_(deps), spec_(std::move(spec)), session_id_(std::move(session_id)),
+  GenerateCall(grpc::CallbackServerContext* ctx, const RambaService::Deps& deps,
+               GenerateSpec spec, std::string session_id, bool stateless)
+      : ctx_(ctx), deps_(deps), spec_(std::move(spec)), session_id_(std::move(session_id)),
         stateless_(stateless), start_(Clock::now()),
         streamer_(spec_.stop_sequences, spec_.include_stop_sequence) {}
 
@@ -302,8 +311,12 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     ASSIGN_OR_RETURN(SessionLease lease, deps_.sessions->Acquire(session_id_));
     load_ms_ = Ms(t0, Clock::now());
     lease_ = std::make_shared<SessionLease>(std::move(lease));
-    RETURN_IF_ERROR(CheckExpected(spec_.has_expected, spec_.expected_position,
-                                  lease_->position(), session_id_));
+    {
+      absl::Status st = CheckExpected(spec_.has_expected, spec_.expected_position,
+                                      lease_->position(), session_id_);
+      AddPositionTrailer(ctx_, st, lease_->position());
+      RETURN_IF_ERROR(st);
+    }
     sampling_ = Resolve(spec_.sampling, lease_->meta().default_sampling);
     std::vector<int32_t> feed;
     if (lease_->meta().pending_token) feed.push_back(*lease_->meta().pending_token);
@@ -515,6 +528,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     return false;
   }
 
+  grpc::CallbackServerContext* ctx_;
   RambaService::Deps deps_;
   GenerateSpec spec_;
   std::string session_id_;
@@ -548,8 +562,9 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
 // AppendStream: collects input pieces, then appends and commits on half-close.
 class AppendStreamCall : public grpc::ServerReadReactor<v1::AppendStreamRequest> {
  public:
-  AppendStreamCall(const RambaService::Deps& deps, v1::AppendResponse* resp)
-      : deps_(deps), resp_(resp) {
+  AppendStreamCall(grpc::CallbackServerContext* ctx, const RambaService::Deps& deps,
+                   v1::AppendResponse* resp)
+      : ctx_(ctx), deps_(deps), resp_(resp) {
     StartRead(&msg_);
   }
   void OnReadDone(bool ok) override {
@@ -591,6 +606,7 @@ class AppendStreamCall : public grpc::ServerReadReactor<v1::AppendStreamRequest>
     if (!lease.ok()) return Finish(ToGrpcStatus(lease.status()));
     auto shared = std::make_shared<SessionLease>(std::move(*lease));
     if (absl::Status s = CheckExpected(has_expected_, expected_, shared->position(), id_); !s.ok()) {
+      AddPositionTrailer(ctx_, s, shared->position());
       return Finish(ToGrpcStatus(s));
     }
     const int64_t n = static_cast<int64_t>(tokens_.size());
@@ -608,6 +624,7 @@ class AppendStreamCall : public grpc::ServerReadReactor<v1::AppendStreamRequest>
     });
   }
 
+  grpc::CallbackServerContext* ctx_;
   RambaService::Deps deps_;
   v1::AppendResponse* resp_;
   v1::AppendStreamRequest msg_;
@@ -751,6 +768,7 @@ grpc::ServerUnaryReactor* RambaService::Append(grpc::CallbackServerContext* ctx,
   if (auto s = CheckExpected(req->has_expected_position(), req->expected_position(),
                              shared->position(), req->session_id());
       !s.ok()) {
+    AddPositionTrailer(ctx, s, shared->position());
     return Done(ctx, s);
   }
   auto* reactor = ctx->DefaultReactor();
@@ -773,7 +791,7 @@ grpc::ServerUnaryReactor* RambaService::Append(grpc::CallbackServerContext* ctx,
 
 grpc::ServerReadReactor<v1::AppendStreamRequest>* RambaService::AppendStream(
     grpc::CallbackServerContext* ctx, v1::AppendResponse* resp) {
-  return new AppendStreamCall(deps_, resp);
+  return new AppendStreamCall(ctx, deps_, resp);
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* RambaService::Generate(
@@ -789,8 +807,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RambaService::Generate(
     spec->has_expected = req->has_expected_position();
     spec->expected_position = req->expected_position();
   }
-  auto* call = new GenerateCall(deps_, spec.ok() ? *spec : GenerateSpec{}, req->session_id(),
-                                /*stateless=*/false);
+  auto* call = new GenerateCall(ctx, deps_, spec.ok() ? *spec : GenerateSpec{},
+                                req->session_id(), /*stateless=*/false);
   if (!spec.ok()) {
     call->Finish(ToGrpcStatus(spec.status()));
   } else {
@@ -804,7 +822,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RambaService::GenerateOnce(
   absl::StatusOr<GenerateSpec> spec =
       draining_ ? absl::StatusOr<GenerateSpec>(kDraining)
                 : ParseGenerate(deps_, req->input(), req->sampling(), req->stopping(), req->output());
-  auto* call = new GenerateCall(deps_, spec.ok() ? *spec : GenerateSpec{}, "", /*stateless=*/true);
+  auto* call =
+      new GenerateCall(ctx, deps_, spec.ok() ? *spec : GenerateSpec{}, "", /*stateless=*/true);
   if (!spec.ok()) {
     call->Finish(ToGrpcStatus(spec.status()));
   } else {

@@ -194,6 +194,10 @@ TEST_F(ServiceTest, ErrorsNameTheProblem) {
     const grpc::Status s = stub_->Append(&ctx, req, &resp);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
     EXPECT_NE(s.error_message().find("expected_position"), std::string::npos);
+    const auto& trailers = ctx.GetServerTrailingMetadata();
+    auto it = trailers.find("ramba-session-position");
+    ASSERT_NE(it, trailers.end());
+    EXPECT_EQ(std::string(it->second.data(), it->second.size()), "5");
   }
   {
     grpc::ClientContext ctx;
