@@ -6,13 +6,15 @@ checkpoint names of the authors' HF-style code, so that its state_dict loads the
 
 Two entry points over the same layer math:
   * `RambaForCausalLM.forward(input_ids [N, L]) -> logits [N, L, V]`: full sequence, batched,
-    differentiable and device-agnostic (training; Mamba in the chunked SSD form).
+    differentiable and device-agnostic (training; Mamba in the chunked SSD form;
+    `hsa_mode="dense"` computes HSA with matrix products instead of gathers, same result).
   * `state = model.init_state(N)`; `logits = model.step(state, input_ids [N, m])`: incremental,
     any segment length m >= 1, over an explicit `RambaState` (decode / segmented prefill).
     `step(..., mamba_mode="recurrent")` runs the Mamba-2 token recurrence instead of SSD.
 
 Computation runs in the parameters' dtype (use `model.double()` for fixtures) except that SSM
-states and stick-breaking weights are at least fp32.
+states and stick-breaking weights are at least fp32. Under torch.autocast (bf16 training) the SSM
+scan and the retrieval scores opt out of autocast and stay in >= fp32.
 """
 import dataclasses
 import json
@@ -161,6 +163,12 @@ def _at_least_f32(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+def _no_autocast(t):
+    """Disables autocast (mixed-precision training) for the ops that must run in >= fp32: the SSM
+    scan and the retrieval scores. Without autocast this changes nothing."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def rms_norm(x, weight, eps):
     dt = x.dtype
     xf = x.to(_at_least_f32(dt))
@@ -280,25 +288,26 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(conv.transpose(1, 2))
         x, Bm, Cm = torch.split(xBC, [di, ng * ds, ng * ds], dim=-1)
         sdt = _at_least_f32(hs.dtype)
-        x = x.reshape(b, l, nh, hp).to(sdt)
-        rep = nh // ng
-        Bm = Bm.reshape(b, l, ng, ds).repeat_interleave(rep, dim=2).to(sdt)
-        Cm = Cm.reshape(b, l, ng, ds).repeat_interleave(rep, dim=2).to(sdt)
-        dt = F.softplus(dt.to(sdt) + self.dt_bias.to(sdt))
-        lo, hi = cfg.time_step_limit
-        if lo > 0.0 or hi != float("inf"):
-            dt = dt.clamp(lo, hi)
-        A = -torch.exp(self.A_log.to(sdt))
-        if ssm_state is not None:
-            ssm_state = ssm_state.to(sdt)
-        if mode == "ssd":
-            y, new_ssm = ssd_chunked(x, dt, A, Bm, Cm, cfg.mamba_chunk_size, ssm_state)
-        elif mode == "recurrent":
-            y, new_ssm = ssm_recurrent(x, dt, A, Bm, Cm, ssm_state)
-        else:
-            raise ValueError(f"unknown mamba mode {mode}")
-        y = y + self.D.to(sdt)[:, None] * x
-        y = y.reshape(b, l, di).to(hs.dtype)
+        with _no_autocast(hs):  # the scan and its state stay in >= fp32 under mixed precision
+            x = x.reshape(b, l, nh, hp).to(sdt)
+            rep = nh // ng
+            Bm = Bm.reshape(b, l, ng, ds).repeat_interleave(rep, dim=2).to(sdt)
+            Cm = Cm.reshape(b, l, ng, ds).repeat_interleave(rep, dim=2).to(sdt)
+            dt = F.softplus(dt.to(sdt) + self.dt_bias.to(sdt))
+            lo, hi = cfg.time_step_limit
+            if lo > 0.0 or hi != float("inf"):
+                dt = dt.clamp(lo, hi)
+            A = -torch.exp(self.A_log.to(sdt))
+            if ssm_state is not None:
+                ssm_state = ssm_state.to(sdt)
+            if mode == "ssd":
+                y, new_ssm = ssd_chunked(x, dt, A, Bm, Cm, cfg.mamba_chunk_size, ssm_state)
+            elif mode == "recurrent":
+                y, new_ssm = ssm_recurrent(x, dt, A, Bm, Cm, ssm_state)
+            else:
+                raise ValueError(f"unknown mamba mode {mode}")
+            y = y + self.D.to(sdt)[:, None] * x
+            y = y.reshape(b, l, di).to(hs.dtype)
         # gated RMSNorm, gate first, per group
         g = y * F.silu(z)
         g = g.reshape(b, l, ng, di // ng)
@@ -464,8 +473,9 @@ class RetrievalLayer(nn.Module):
         cfg = self.cfg
         N, L, _ = u.shape
         R = cfg.retrieval_heads
-        r = self.ln(self.pre_norm(u)).view(N, L, R, cfg.retrieval_dim // R)
-        s = torch.einsum("nlhd,nchd->nlhc", r, lmk) / math.sqrt(cfg.retrieval_dim // R)
+        with _no_autocast(u):  # scores (and so top-K and stick-breaking) in >= fp32
+            r = self.ln(self.pre_norm(u)).view(N, L, R, cfg.retrieval_dim // R)
+            s = torch.einsum("nlhd,nchd->nlhc", r, lmk.to(r.dtype)) / math.sqrt(cfg.retrieval_dim // R)
         C = lmk.shape[1]
         t = pos0 + torch.arange(L, device=u.device)
         eligible = (torch.arange(C, device=u.device)[None, :] + 1) * cfg.chunk_size <= t[:, None]  # [L, C]
@@ -502,8 +512,11 @@ class HSALayer(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, h, K, V, idx, w):
-        """h [N, L, d]; K, V [N, C, S, kvh, hd]; idx, w [N, L, R, k] from RetrievalLayer."""
+    def forward(self, h, K, V, idx, w, mode="gather", pos0=0):
+        """h [N, L, d] at absolute positions pos0..; K, V [N, C, S, kvh, hd]; idx, w [N, L, R, k]
+        from RetrievalLayer. mode "gather" gathers the selected chunks slot by slot; "dense"
+        (training: matrix products instead of gathers, same result) attends to every eligible
+        chunk's keys with the chunk's stick-breaking weight, zero for unselected chunks."""
         if idx is None:
             return h
         cfg = self.cfg
@@ -513,6 +526,10 @@ class HSALayer(nn.Module):
         if idx.shape[2] != kvh:  # single retrieval head shared by all kv heads
             idx = idx.expand(N, L, kvh, idx.shape[-1])
             w = w.expand(N, L, kvh, w.shape[-1])
+        if mode == "dense":
+            return h + self.o_proj(self._dense(q, K, V, idx, w, pos0).to(h.dtype).reshape(N, L, d))
+        if mode != "gather":
+            raise ValueError(f"unknown hsa mode {mode}")
         n_idx = torch.arange(N, device=h.device)[:, None, None]
         g_idx = torch.arange(kvh, device=h.device)[None, None, :]
         out = torch.zeros(N, L, kvh, H // kvh, hd, dtype=_at_least_f32(h.dtype), device=h.device)
@@ -525,6 +542,34 @@ class HSALayer(nn.Module):
             o = torch.einsum("nlgrs,nlgsd->nlgrd", a, Vj)
             out = out + w[..., j, None, None].to(out.dtype) * o.to(out.dtype)
         return h + self.o_proj(out.to(h.dtype).reshape(N, L, d))
+
+    def _dense(self, q, K, V, idx, w, pos0, block=1024):
+        """Dense form of the slot loop: out = sum_c W[c] softmax(q K_c / sqrt(hd)) V_c with W the
+        stick-breaking weights scattered over chunks (0 where not selected). Query blocks of
+        `block` tokens only visit the chunks eligible for their last token."""
+        N, L, kvh, G, hd = q.shape
+        C, S = K.shape[1], K.shape[2]
+        W = torch.zeros(N, L, kvh, C, dtype=w.dtype, device=w.device).scatter_add(-1, idx, w)
+        K2 = K.permute(0, 3, 1, 2, 4)  # [N, kvh, C, S, hd]
+        V2 = V.permute(0, 3, 1, 2, 4)
+        outs = []
+        for t0 in range(0, L, block):
+            t1 = min(L, t0 + block)
+            Cb = min(C, (pos0 + t1 - 1) // S)  # chunks eligible for the block's last token
+            if Cb <= 0:
+                outs.append(torch.zeros(N, t1 - t0, kvh, G, hd, dtype=_at_least_f32(q.dtype),
+                                        device=q.device))
+                continue
+            qb = q[:, t0:t1].permute(0, 2, 1, 3, 4).reshape(N, kvh, (t1 - t0) * G, hd)
+            Kb = K2[:, :, :Cb].reshape(N, kvh, Cb * S, hd)
+            Vb = V2[:, :, :Cb].reshape(N, kvh, Cb * S, hd)
+            a = torch.matmul(qb, Kb.transpose(-1, -2)) / math.sqrt(hd)
+            a = torch.softmax(a.view(N, kvh, t1 - t0, G, Cb, S), dim=-1)
+            Wb = W[:, t0:t1, :, :Cb].permute(0, 2, 1, 3)[:, :, :, None, :, None]  # [N,kvh,l,1,Cb,1]
+            p = (a * Wb.to(a.dtype)).reshape(N, kvh, (t1 - t0) * G, Cb * S)
+            o = torch.matmul(p.to(Vb.dtype), Vb)
+            outs.append(o.view(N, kvh, t1 - t0, G, hd).permute(0, 2, 1, 3, 4).to(_at_least_f32(q.dtype)))
+        return torch.cat(outs, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,7 +647,7 @@ class RambaForCausalLM(nn.Module):
         return [i for i, m in enumerate(self.backbone.layers) if isinstance(m, Mamba2Block)]
 
     # -- full sequence --
-    def forward(self, input_ids, mamba_mode="ssd"):
+    def forward(self, input_ids, mamba_mode="ssd", hsa_mode="gather"):
         cfg = self.config
         lower, chunking, retrieval, upper = self._parts()
         N, L = input_ids.shape
@@ -618,7 +663,7 @@ class RambaForCausalLM(nn.Module):
             K = V = idx = w = None
         for m in upper:
             if isinstance(m, HSALayer):
-                h = m(h, K, V, idx, w)
+                h = m(h, K, V, idx, w, mode=hsa_mode)
             else:
                 h, _, _ = m(h, mode=mamba_mode)
         return self._lm_head(h)

@@ -57,6 +57,7 @@ class ModelTest(unittest.TestCase):
             full = model(ids)
             full_rec = model(ids, mamba_mode="recurrent")
             self.assertLess(rel(full_rec, full), 1e-10, "ssd vs recurrent forward")
+            self.assertLess(rel(model(ids, hsa_mode="dense"), full), 1e-12, "dense vs gather HSA")
             # token by token, recurrence
             st = model.init_state(N)
             tok = torch.cat([model.step(st, ids[:, t:t + 1], mamba_mode="recurrent")
@@ -167,6 +168,21 @@ class ModelTest(unittest.TestCase):
                      "backbone.layers.3.q_proj.weight", "backbone.layers.0.mixer.A_log"):
             p = dict(model.named_parameters())[name]
             self.assertTrue(p.grad is not None and p.grad.abs().sum() > 0, name)
+
+    def test_dense_hsa_gradients(self):
+        """hsa_mode="dense" (training) gives the gather path's loss and gradients."""
+        for seed, over in ((9, {}), (10, dict(singlehead_retrieval=True, enable_enc_cls=True))):
+            model = small_model(seed, **over)
+            ids = torch.randint(0, 64, (2, 300), generator=torch.Generator().manual_seed(seed))
+            grads = []
+            for mode in ("gather", "dense"):
+                model.zero_grad()
+                logits = model(ids, hsa_mode=mode)
+                F.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)).backward()
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            self.assertEqual(set(grads[0]), set(grads[1]))
+            for n in grads[0]:
+                self.assertLess(rel(grads[1][n], grads[0][n]), 1e-10, n)
 
     def test_state_dict_names(self):
         model = small_model(5, enable_enc_cls=True, tie_word_embeddings=False)
