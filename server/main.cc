@@ -12,6 +12,8 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -132,9 +134,19 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   service.StartDraining();
   server->GetHealthCheckService()->SetServingStatus(false);
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::seconds(absl::GetFlag(FLAGS_drain_seconds)));
-  engine.Stop();
+  // At the deadline Shutdown cancels the calls still running, but it then waits for their
+  // reactors, and a call whose model work ignores cancellation (a long Append's prefill) finishes
+  // only when the engine fails its request: stop the engine when the grace period ends.
+  const auto drain_end = std::chrono::system_clock::now() +
+                         std::chrono::seconds(absl::GetFlag(FLAGS_drain_seconds));
+  absl::Notification drained;
+  std::thread stopper([&] {
+    drained.WaitForNotificationWithDeadline(absl::FromChrono(drain_end));
+    engine.Stop();
+  });
+  server->Shutdown(drain_end);
+  drained.Notify();
+  stopper.join();
   server->Wait();
   std::printf("ramba-server: stopped\n");
   return 0;
