@@ -158,7 +158,8 @@ const absl::Status kDraining = absl::UnavailableError("the server is draining fo
 // on the engine thread after the commit (or failure). Uncommitted changes are dropped with the
 // lease on failure.
 void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLease> lease,
-                     std::vector<int32_t> tokens, std::function<void(absl::Status)> done) {
+                     std::vector<int32_t> tokens, std::function<void(absl::Status)> done,
+                     grpc::CallbackServerContext* ctx = nullptr) {
   if (tokens.empty()) {
     done(absl::OkStatus());
     return;
@@ -170,12 +171,17 @@ void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLeas
   const int32_t last = tokens.back();
   Metrics* metrics = deps.metrics;
   const size_t n = tokens.size();
-  req->on_done = [lease, last, done, metrics, n](const absl::Status& s, FinishReason) mutable {
+  req->on_done = [lease, last, done, metrics, n, ctx](const absl::Status& s,
+                                                      FinishReason) mutable {
     // Take the lease out of the callback so it is released before `done` answers the client
     // (the callback object itself lives until the engine drops the request).
     std::shared_ptr<SessionLease> held = std::move(lease);
     absl::Status result = s;
-    if (s.ok()) {
+    // All or nothing: a call the client cancelled (or whose deadline passed) commits nothing.
+    if (result.ok() && ctx != nullptr && ctx->IsCancelled()) {
+      result = absl::CancelledError("the call was cancelled before its append committed");
+    }
+    if (result.ok()) {
       held->meta().pending_token = last;
       const auto t0 = Clock::now();
       result = held->Commit();
@@ -621,7 +627,7 @@ class AppendStreamCall : public grpc::ServerReadReactor<v1::AppendStreamRequest>
       }
       shared.reset();
       Finish(ToGrpcStatus(s));
-    });
+    }, ctx_);
   }
 
   grpc::CallbackServerContext* ctx_;
@@ -684,7 +690,8 @@ grpc::ServerUnaryReactor* RambaService::CreateSession(grpc::CallbackServerContex
                       sessions->Delete(id, std::nullopt).IgnoreError();
                     }
                     reactor->Finish(ToGrpcStatus(s));
-                  });
+                  },
+                  ctx);
   return reactor;
 }
 
@@ -785,7 +792,8 @@ grpc::ServerUnaryReactor* RambaService::Append(grpc::CallbackServerContext* ctx,
                       s = v.status();
                     }
                     reactor->Finish(ToGrpcStatus(s));
-                  });
+                  },
+                  ctx);
   return reactor;
 }
 
