@@ -2,7 +2,7 @@
 """End-to-end test of a real ramba-server process through a Python client generated only from
 proto/ramba/v1/ramba.proto (Debian's protoc + grpc_python_plugin, python3-grpcio).
 
-    client_test.py SERVER_BINARY MODEL_DIR SOURCE_DIR
+    client_test.py SERVER_BINARY MODEL_DIR SOURCE_DIR [CLI_BINARY]
 
 Starts the server on free ports with a temporary data directory, drives a session (create,
 append, streaming generate, fork, list, errors), scrapes /metrics over HTTP, restarts the server
@@ -16,6 +16,7 @@ import tempfile
 import urllib.request
 
 server_bin, model_dir, source_dir = sys.argv[1:4]
+cli_bin = sys.argv[4] if len(sys.argv) > 4 else None
 work = tempfile.mkdtemp(prefix="ramba_py_")
 gen = os.path.join(work, "gen")
 os.makedirs(gen)
@@ -94,6 +95,30 @@ try:
     check("metrics generated", float(samples.get('ramba_tokens_total{kind="generated"}', 0)) == 8,
           samples.get('ramba_tokens_total{kind="generated"}'))
     check("metrics prompt", float(samples.get('ramba_tokens_total{kind="prompt"}', 0)) >= 29)
+
+    if cli_bin:
+        # The `ramba` client CLI against the same server.
+        def cli(*args, stdin=None):
+            return subprocess.run([cli_bin, "--server", f"127.0.0.1:{port}", *args], input=stdin,
+                                  capture_output=True, text=True, timeout=60)
+        r = cli("create", "--id", "cli-1", "--label", "via=cli", "--text", "abc")
+        check("cli create", r.returncode == 0 and '"cli-1"' in r.stdout, r.stderr)
+        r = cli("append", "cli-1", "-", stdin="defgh")
+        check("cli append stdin", r.returncode == 0 and "8" in r.stdout, (r.stdout, r.stderr))
+        r = cli("generate", "cli-1", "--max_tokens", "5", "--temperature", "0", "--ignore_eos")
+        check("cli generate", r.returncode == 0 and "13" in r.stderr, (r.stdout, r.stderr))
+        r = cli("fork", "cli-1", "--id", "cli-2")
+        check("cli fork", r.returncode == 0 and '"cli-2"' in r.stdout, r.stderr)
+        r = cli("list")
+        check("cli list", r.returncode == 0 and "cli-1" in r.stdout and "cli-2" in r.stdout, r.stdout)
+        r = cli("delete", "cli-2")
+        check("cli delete", r.returncode == 0, r.stderr)
+        r = cli("get", "cli-2")
+        check("cli not found", r.returncode == 1 and "NOT_FOUND" in r.stderr, r.stderr)
+        r = cli("append", "cli-1", "--text", "x", "--expected_position", "3")
+        check("cli precondition", r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr, r.stderr)
+        r = cli("info")
+        check("cli info", r.returncode == 0 and "256" in r.stdout, r.stdout)
 finally:
     proc.terminate()
     check("drain exit code", proc.wait(timeout=60) == 0)
