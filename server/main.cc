@@ -37,6 +37,7 @@ ABSL_FLAG(int64_t, max_batch_tokens, 1024, "Tokens per engine step across all se
 ABSL_FLAG(int64_t, max_active_requests, 256, "Requests the engine runs at once; more wait.");
 ABSL_FLAG(int64_t, max_resident_sessions, 64, "Sessions kept in memory; idle ones are evicted (they are always on disk).");
 ABSL_FLAG(int64_t, max_sessions, 1000000, "Sessions the store may hold (RESOURCE_EXHAUSTED beyond).");
+ABSL_FLAG(int64_t, max_session_tokens, int64_t{1} << 40, "Tokens a session may hold (RESOURCE_EXHAUSTED / SESSION_LIMIT beyond).");
 ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may carry.");
 ABSL_FLAG(int32_t, max_generate_tokens, 1 << 16, "Largest max_tokens a Generate may ask for.");
 ABSL_FLAG(int64_t, max_message_bytes, 16 << 20, "Largest gRPC message accepted.");
@@ -94,6 +95,7 @@ int main(int argc, char** argv) {
   service_options.device = std::string((*backend)->name());
   service_options.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   service_options.limits.max_request_input_tokens = absl::GetFlag(FLAGS_max_request_tokens);
+  service_options.limits.max_session_tokens = absl::GetFlag(FLAGS_max_session_tokens);
   service_options.limits.max_generate_tokens = absl::GetFlag(FLAGS_max_generate_tokens);
   service_options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   server::RambaService service(model->get(), tokenizer->get(), &engine, &sessions, metrics->get(),

@@ -137,6 +137,17 @@ absl::Status CheckExpected(bool has, int64_t expected, int64_t actual, const std
   return absl::OkStatus();
 }
 
+// Sessions may not grow beyond ServiceLimits.max_session_tokens.
+absl::Status CheckSessionLimit(const ServiceLimits& lim, int64_t position, int64_t adding,
+                               const std::string& id) {
+  if (adding > 0 && position + adding > lim.max_session_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "session '", id, "' would grow to ", position + adding,
+        " tokens, beyond the server's max_session_tokens of ", lim.max_session_tokens));
+  }
+  return absl::OkStatus();
+}
+
 // The contract returns the session's position with FAILED_PRECONDITION, so a client can retry
 // without another GetSession.
 constexpr char kPositionTrailer[] = "ramba-session-position";
@@ -323,6 +334,16 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       AddPositionTrailer(ctx_, st, lease_->position());
       RETURN_IF_ERROR(st);
     }
+    {
+      const ServiceLimits& lim = deps_.options.limits;
+      const int64_t input = spec_.commit_input ? static_cast<int64_t>(spec_.input.size()) : 0;
+      RETURN_IF_ERROR(CheckSessionLimit(lim, lease_->position(), input + 1, session_id_));
+      const int64_t room = lim.max_session_tokens - lease_->position() - input;
+      if (spec_.commit_generated && spec_.max_tokens > room) {
+        spec_.max_tokens = static_cast<int32_t>(room);
+        session_limited_ = true;
+      }
+    }
     sampling_ = Resolve(spec_.sampling, lease_->meta().default_sampling);
     std::vector<int32_t> feed;
     if (lease_->meta().pending_token) feed.push_back(*lease_->meta().pending_token);
@@ -444,7 +465,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       return;
     }
     if (r == FinishReason::kMaxTokens && reason_ == v1::FINISH_REASON_UNSPECIFIED) {
-      reason_ = v1::FINISH_REASON_MAX_TOKENS;
+      reason_ = session_limited_ ? v1::FINISH_REASON_SESSION_LIMIT : v1::FINISH_REASON_MAX_TOKENS;
     }
     v1::Final final;
     final.set_finish_reason(reason_);
@@ -547,6 +568,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   std::unique_ptr<SessionState> temp_;
   bool fork_only_ = false;
   bool input_committed_ = false;
+  bool session_limited_ = false;
   std::shared_ptr<EngineRequest> request_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> cancelled_{false};
   std::vector<int32_t> generated_;
@@ -615,6 +637,11 @@ class AppendStreamCall : public grpc::ServerReadReactor<v1::AppendStreamRequest>
       AddPositionTrailer(ctx_, s, shared->position());
       return Finish(ToGrpcStatus(s));
     }
+    if (absl::Status s = CheckSessionLimit(deps_.options.limits, shared->position(),
+                                           static_cast<int64_t>(tokens_.size()), id_);
+        !s.ok()) {
+      return Finish(ToGrpcStatus(s));
+    }
     const int64_t n = static_cast<int64_t>(tokens_.size());
     SessionManager* sessions = deps_.sessions;
     AppendAndCommit(deps_, shared, tokens_, [this, shared, n, sessions](absl::Status s) mutable {
@@ -663,6 +690,11 @@ grpc::ServerUnaryReactor* RambaService::CreateSession(grpc::CallbackServerContex
   auto tokens = ToTokens(req->initial_input(), *deps_.tokenizer, deps_.model->config().vocab_size,
                          deps_.options.limits.max_request_input_tokens, "initial_input");
   if (!tokens.ok()) return Done(ctx, tokens.status());
+  if (auto s = CheckSessionLimit(deps_.options.limits, 0, static_cast<int64_t>(tokens->size()),
+                                 req->session_id());
+      !s.ok()) {
+    return Done(ctx, s);
+  }
   if (deps_.sessions->StoredSessions() >= deps_.options.limits.max_sessions) {
     return Done(ctx, absl::ResourceExhaustedError("the server stores its maximum number of sessions"));
   }
@@ -776,6 +808,11 @@ grpc::ServerUnaryReactor* RambaService::Append(grpc::CallbackServerContext* ctx,
                              shared->position(), req->session_id());
       !s.ok()) {
     AddPositionTrailer(ctx, s, shared->position());
+    return Done(ctx, s);
+  }
+  if (auto s = CheckSessionLimit(deps_.options.limits, shared->position(),
+                                 static_cast<int64_t>(tokens->size()), req->session_id());
+      !s.ok()) {
     return Done(ctx, s);
   }
   auto* reactor = ctx->DefaultReactor();

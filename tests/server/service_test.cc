@@ -36,6 +36,7 @@ class ServiceTest : public ::testing::Test {
     opts.model_name = "tiny_byte";
     opts.device = "cpu";
     opts.limits.max_request_input_tokens = 5000;
+    opts.limits.max_session_tokens = 100;
     service_ = std::make_unique<RambaService>(model_.get(), tokenizer_.get(), engine_.get(),
                                               sessions_.get(), metrics_.get(), opts);
     grpc::ServerBuilder builder;
@@ -303,6 +304,30 @@ TEST_F(ServiceTest, ForkListDelete) {
   Streamed out = Generate(g);
   EXPECT_TRUE(out.status.ok()) << out.status.error_message();
   EXPECT_EQ(out.final.position(), 17);
+}
+
+TEST_F(ServiceTest, SessionLimit) {
+  Create("lim", std::string(90, 'a'));
+  {
+    grpc::ClientContext ctx;
+    v1::AppendRequest req;
+    v1::AppendResponse resp;
+    req.set_session_id("lim");
+    req.mutable_input()->set_text(std::string(20, 'b'));
+    const grpc::Status s = stub_->Append(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_NE(s.error_message().find("max_session_tokens"), std::string::npos);
+  }
+  v1::GenerateRequest g;
+  g.set_session_id("lim");
+  g.mutable_stopping()->set_max_tokens(50);
+  g.mutable_stopping()->set_ignore_eos(true);
+  Streamed out = Generate(g);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_SESSION_LIMIT);
+  EXPECT_EQ(out.final.position(), 100);
+  EXPECT_EQ(out.ids.size(), 10u);
+  EXPECT_EQ(Generate(g).status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
 }
 
 TEST_F(ServiceTest, ModelInfoAndTokenize) {
