@@ -96,6 +96,17 @@ try:
           samples.get('ramba_tokens_total{kind="generated"}'))
     check("metrics prompt", float(samples.get('ramba_tokens_total{kind="prompt"}', 0)) >= 29)
 
+    # Standard gRPC health checking and server reflection, spoken with raw protobuf bytes.
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                 request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    check("health SERVING", health(b"", timeout=10) == b"\x08\x01")
+    reflect = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    replies = list(reflect(iter([b"\x3a\x00"]), timeout=10))  # list_services: ""
+    check("reflection lists the service", any(b"ramba.v1.RambaService" in r for r in replies), replies)
+
     if cli_bin:
         # The `ramba` client CLI against the same server.
         def cli(*args, stdin=None):
