@@ -65,22 +65,10 @@ void BlockAttention(const float* q, const float* k, const float* v, float* out,
         const int64_t r0 = b * block_len;
         for (int64_t i = 0; i < block_len; ++i) {
           const float* qi = q + (r0 + i) * qstride + h * hd;
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < block_len; ++j) {
-            p[j] = Dot(qi, k + (r0 + j) * kvstride + g * hd, hd) * scale;
-            mx = std::max(mx, p[j]);
-          }
-          float sum = 0.0f;
-          for (int64_t j = 0; j < block_len; ++j) {
-            p[j] = std::exp(p[j] - mx);
-            sum += p[j];
-          }
-          const float inv = 1.0f / sum;
           float* oi = out + (r0 + i) * qstride + h * hd;
           std::fill(oi, oi + hd, 0.0f);
-          for (int64_t j = 0; j < block_len; ++j) {
-            Axpy(p[j] * inv, v + (r0 + j) * kvstride + g * hd, oi, hd);
-          }
+          AttendAccumulate(qi, k + r0 * kvstride + g * hd, v + r0 * kvstride + g * hd, kvstride,
+                           block_len, hd, scale, 1.0f, p.data(), oi);
         }
       }
     }

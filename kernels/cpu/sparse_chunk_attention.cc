@@ -21,7 +21,6 @@ void SparseChunkAttention(const float* q, int64_t rows, const ChunkMemoryBatch& 
 #pragma omp parallel if (rows * nh * top_k * chunk_size * hd > kMinParallelWork)
   {
     std::vector<float> p(static_cast<size_t>(chunk_size));
-    std::vector<float> attn(static_cast<size_t>(hd));
 #pragma omp for collapse(2) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t h = 0; h < nh; ++h) {
@@ -37,22 +36,8 @@ void SparseChunkAttention(const float* q, int64_t rows, const ChunkMemoryBatch& 
           if (idx[j] < 0) continue;
           const float* K = table[idx[j]];
           const float* V = K + kv_half;
-          float mx = -INFINITY;
-          for (int64_t i = 0; i < chunk_size; ++i) {
-            p[i] = Dot(qh, K + (i * nkv + g) * hd, hd) * scale;
-            mx = std::max(mx, p[i]);
-          }
-          float sum = 0.0f;
-          for (int64_t i = 0; i < chunk_size; ++i) {
-            p[i] = std::exp(p[i] - mx);
-            sum += p[i];
-          }
-          const float inv = 1.0f / sum;
-          std::fill(attn.begin(), attn.end(), 0.0f);
-          for (int64_t i = 0; i < chunk_size; ++i) {
-            Axpy(p[i] * inv, V + (i * nkv + g) * hd, attn.data(), hd);
-          }
-          Axpy(wt[j], attn.data(), o, hd);
+          AttendAccumulate(qh, K + g * hd, V + g * hd, nkv * hd, chunk_size, hd, scale, wt[j],
+                           p.data(), o);
         }
       }
     }

@@ -2,6 +2,7 @@
 #ifndef RAMBA_KERNELS_CPU_VEC_H_
 #define RAMBA_KERNELS_CPU_VEC_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -74,6 +75,26 @@ inline void F16RowToF32(const uint16_t* __restrict src, int64_t n, float* __rest
     std::memcpy(&f, &bits, sizeof(f));
     dst[i] = f;
   }
+}
+
+// out[0..hd) += weight * softmax_i(scale * q . k_i) v_i over n keys, where key i starts at
+// k + i * stride and value i at v + i * stride. `p` is scratch of n floats. Shared by the block
+// (encoder) attention and the sparse chunk attention.
+inline void AttendAccumulate(const float* q, const float* k, const float* v, int64_t stride,
+                             int64_t n, int64_t hd, float scale, float weight, float* p,
+                             float* out) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = Dot(q, k + i * stride, hd) * scale;
+    mx = std::max(mx, p[i]);
+  }
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = std::exp(p[i] - mx);
+    sum += p[i];
+  }
+  const float w = weight / sum;
+  for (int64_t i = 0; i < n; ++i) Axpy(p[i] * w, v + i * stride, out, hd);
 }
 
 }  // namespace ramba::kernels::cpu
