@@ -1,10 +1,17 @@
 #include "kernels/backend.h"
 
+#ifdef RAMBA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
 #include <cstring>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 
 namespace ramba::kernels {
 
@@ -114,14 +121,34 @@ void Buffer::Reset() {
   bytes_ = 0;
 }
 
+#ifdef RAMBA_HAVE_CUDA
+bool CudaAvailable() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: clear the error, report none
+    return false;
+  }
+  return count > 0;
+}
+#else
 bool CudaAvailable() { return false; }
+#endif
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view device, int threads) {
-  if (device == "cpu" || device == "auto") return CreateCpuBackend(threads);
-  if (device == "cuda") {
+  if (device == "cpu") return CreateCpuBackend(threads);
+  if (device == "cuda" || (device == "auto" && CudaAvailable())) {
+#ifdef RAMBA_HAVE_CUDA
+    if (!CudaAvailable()) {
+      return absl::FailedPreconditionError("--device=cuda but no CUDA GPU is visible");
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> b, CudaBackend::Create(0));
+    return std::unique_ptr<Backend>(std::move(b));
+#else
     return absl::UnimplementedError(
         "the CUDA backend is not built into this binary; use --device=cpu");
+#endif
   }
+  if (device == "auto") return CreateCpuBackend(threads);
   return absl::InvalidArgumentError(
       absl::StrCat("unknown device \"", std::string(device), "\"; expected cpu, cuda or auto"));
 }

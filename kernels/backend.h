@@ -96,6 +96,9 @@ struct ChunkMemoryBatch {
   // V [chunk_size, kv_heads, head_dim]. A table of pointers lets chunks live anywhere (and be
   // shared between forked sessions) without copying.
   const float* const* const* chunk_kv = nullptr;
+  // Host-side bound on num_chunks[s] over the batch, so device backends can size their grids
+  // without reading device memory; -1 when unknown (the CPU backend ignores it).
+  int64_t max_num_chunks = -1;
 };
 
 // Sampling parameters of one row. temperature == 0 means greedy (argmax, lowest id on ties).
@@ -156,11 +159,13 @@ class Backend {
   // Depthwise causal conv1d + bias + SiLU over a ragged batch, continuing each sequence's state.
   // x: [rows, channels] (stride ldx); conv_states[s]: [kernel - 1, channels], oldest row first,
   // updated in place to the last kernel - 1 inputs; weight: [channels, kernel]; bias: [channels]
-  // or null; y: [rows, channels] contiguous.
+  // or null; y: [rows, channels] contiguous. host_seq_offsets, when given, is a host copy of
+  // seq_offsets: device backends size their grids from it (the CUDA backend requires it).
   virtual absl::Status CausalConv1dSilu(const float* x, int64_t ldx, const int64_t* seq_offsets,
                                         int64_t num_seqs, float* const* conv_states,
                                         const float* weight, const float* bias, int64_t channels,
-                                        int64_t kernel, float* y) = 0;
+                                        int64_t kernel, float* y,
+                                        const int64_t* host_seq_offsets = nullptr) = 0;
 
   // Mamba-2 SSM over a ragged batch, continuing each sequence's state. Per row and head h:
   //   dt = clamp(softplus(dt_raw[h] + dt_bias[h])), S = exp(dt * A) * S + dt * x (outer) B,
@@ -168,9 +173,11 @@ class Backend {
   // xbc: [rows, nheads*headdim + 2*ngroups*d_state] laid out x | B | C (stride ldxbc);
   // dt_raw: [rows, nheads] (stride lddt); ssm_states[s]: [nheads, headdim, d_state], updated;
   // y: [rows, nheads*headdim] contiguous. Must equal the token-by-token recurrence.
+  // host_seq_offsets: as for CausalConv1dSilu.
   virtual absl::Status SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw, int64_t lddt,
                                const int64_t* seq_offsets, int64_t num_seqs,
-                               float* const* ssm_states, const SsmParams& p, float* y) = 0;
+                               float* const* ssm_states, const SsmParams& p, float* y,
+                               const int64_t* host_seq_offsets = nullptr) = 0;
 
   // Rotary embedding, rotate-half convention, in place on x [rows, heads * head_dim]; the position
   // of row r is r % period (positions restart at 0 in every chunk). inv_freq_i = theta^(-2i/head_dim).

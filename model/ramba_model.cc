@@ -1,5 +1,6 @@
 #include "model/ramba_model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -159,13 +160,14 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
     RETURN_IF_ERROR(be->CausalConv1dSilu(zxbcdt + d_inner, P, offsets_dev, num_seqs,
                                          conv_ptrs_dev + layer * num_seqs, mw.conv_weight.data(),
                                          c.use_conv_bias ? mw.conv_bias.data() : nullptr,
-                                         conv_dim, c.conv_kernel, xbc));
+                                         conv_dim, c.conv_kernel, xbc, seq_offsets.data()));
     kernels::SsmParams p = ssm;
     p.A_log = mw.A_log.data();
     p.D = mw.D.data();
     p.dt_bias = mw.dt_bias.data();
     RETURN_IF_ERROR(be->SsmScan(xbc, conv_dim, zxbcdt + d_inner + conv_dim, P, offsets_dev,
-                                num_seqs, ssm_ptrs_dev + layer * num_seqs, p, y));
+                                num_seqs, ssm_ptrs_dev + layer * num_seqs, p, y,
+                                seq_offsets.data()));
     RETURN_IF_ERROR(be->GatedRmsNorm(y, d_inner, zxbcdt, P, mw.gated_norm.data(), g, d_inner,
                                      rows, d_inner, d_inner / c.n_groups, c.layer_norm_epsilon));
     return be->Matmul(g, d_inner, rows, mw.out_proj.view, nullptr, h, d, true);
@@ -316,6 +318,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   std::vector<const float* const*> table_ptrs;
   for (int64_t s = 0; s < num_seqs; ++s) table_ptrs.push_back(tables_dev + table_offsets[s]);
   kernels::ChunkMemoryBatch mem;
+  mem.max_num_chunks = *std::max_element(num_chunks.begin(), num_chunks.end());
   mem.row_seq = row_seq_dev;
   mem.row_position = row_pos_dev;
   ASSIGN_OR_RETURN(mem.landmarks, ws.Put(W::kLandmarkPtrs, landmark_ptrs));

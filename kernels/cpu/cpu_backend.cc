@@ -206,7 +206,8 @@ absl::Status CpuBackend::BlockMean(const float* x, int64_t num_blocks, int64_t b
 absl::Status CpuBackend::CausalConv1dSilu(const float* x, int64_t ldx, const int64_t* seq_offsets,
                                           int64_t num_seqs, float* const* conv_states,
                                           const float* weight, const float* bias,
-                                          int64_t channels, int64_t kernel, float* y) {
+                                          int64_t channels, int64_t kernel, float* y,
+                                          const int64_t* /*host_seq_offsets*/) {
   constexpr std::string_view kOp = "CausalConv1dSilu";
   RAMBA_CHECK_ARG(kOp, channels >= 0, "negative size");
   RAMBA_CHECK_ARG(kOp, kernel >= 1, "kernel must be >= 1");
@@ -231,7 +232,8 @@ absl::Status CpuBackend::CausalConv1dSilu(const float* x, int64_t ldx, const int
 
 absl::Status CpuBackend::SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw,
                                  int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
-                                 float* const* ssm_states, const SsmParams& p, float* y) {
+                                 float* const* ssm_states, const SsmParams& p, float* y,
+                                 const int64_t* /*host_seq_offsets*/) {
   constexpr std::string_view kOp = "SsmScan";
   RAMBA_CHECK_ARG(kOp, p.nheads > 0 && p.headdim > 0 && p.d_state > 0 && p.ngroups > 0,
                   "nheads, headdim, d_state and ngroups must be positive");

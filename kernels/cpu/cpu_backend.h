@@ -41,11 +41,12 @@ class CpuBackend : public Backend {
                          float* out) override;
   absl::Status CausalConv1dSilu(const float* x, int64_t ldx, const int64_t* seq_offsets,
                                 int64_t num_seqs, float* const* conv_states, const float* weight,
-                                const float* bias, int64_t channels, int64_t kernel,
-                                float* y) override;
+                                const float* bias, int64_t channels, int64_t kernel, float* y,
+                                const int64_t* host_seq_offsets = nullptr) override;
   absl::Status SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw, int64_t lddt,
                        const int64_t* seq_offsets, int64_t num_seqs, float* const* ssm_states,
-                       const SsmParams& p, float* y) override;
+                       const SsmParams& p, float* y,
+                       const int64_t* host_seq_offsets = nullptr) override;
   absl::Status RopeInChunk(float* x, int64_t rows, int64_t heads, int64_t head_dim,
                            int64_t period, float theta) override;
   absl::Status BlockAttention(const float* q, const float* k, const float* v, float* out,

@@ -1,0 +1,367 @@
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "kernels/cuda/cuda_check.h"
+
+namespace ramba::kernels {
+namespace {
+
+absl::Status Invalid(std::string_view op, std::string_view what) {
+  return absl::InvalidArgumentError(std::string(op) + ": " + std::string(what));
+}
+
+#define RAMBA_CHECK_ARG(op, cond, msg)    \
+  do {                                    \
+    if (!(cond)) return Invalid(op, msg); \
+  } while (0)
+
+// Offsets are checked on the host copy: device memory is never read back to validate.
+absl::Status CheckHostOffsets(std::string_view op, const int64_t* host_offsets, int64_t num_seqs) {
+  RAMBA_CHECK_ARG(op, num_seqs >= 0, "num_seqs must be >= 0");
+  if (num_seqs == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(op, host_offsets != nullptr,
+                  "the CUDA backend needs host_seq_offsets (a host copy of seq_offsets)");
+  RAMBA_CHECK_ARG(op, host_offsets[0] >= 0, "seq_offsets[0] must be >= 0");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    if (host_offsets[s + 1] < host_offsets[s]) {
+      return Invalid(op, absl::StrCat("seq_offsets decrease at sequence ", s));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool ValidWeightDtype(DType t) {
+  return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
+  std::unique_ptr<CudaBackend> b(new CudaBackend());
+  RETURN_IF_ERROR(b->Init(device));
+  return b;
+}
+
+absl::Status CudaBackend::Init(int dev) {
+  int count = 0;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+  if (dev < 0 || dev >= count) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("CUDA device ", dev, " requested but ", count, " visible"));
+  }
+  device = dev;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev));
+  int smem = 0;
+  RAMBA_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  max_shared_per_block = static_cast<size_t>(smem);
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  // Keep freed pool memory cached: chunk K/V and scratch come and go at every step, and returning
+  // them to the driver would make every allocation a synchronising cudaMalloc.
+  cudaMemPool_t pool;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, dev));
+  uint64_t threshold = UINT64_MAX;
+  RAMBA_CUDA_RETURN_IF_ERROR(
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&cublaslt));
+  scratch_.resize(static_cast<size_t>(cuda::ScratchSlot::kNumSlots));
+  return absl::OkStatus();
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream != nullptr) cudaStreamSynchronize(stream);
+  for (ScratchBlock& s : scratch_) {
+    if (s.data != nullptr) cudaFreeAsync(s.data, stream);
+  }
+  if (cublaslt != nullptr) cublasLtDestroy(cublaslt);
+  if (stream != nullptr) {
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+  }
+}
+
+// ---- Memory ----
+
+absl::StatusOr<Buffer> CudaBackend::Allocate(size_t bytes) {
+  // Never hand out null: a zero-byte buffer is still a valid pointer for ops of size 0.
+  const size_t rounded = bytes == 0 ? 256 : bytes;
+  void* p = nullptr;
+  const cudaError_t e = cudaMallocAsync(&p, rounded, stream);
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are not blamed
+    return absl::ResourceExhaustedError(
+        absl::StrCat("Allocate: out of GPU memory for ", bytes, " bytes"));
+  }
+  RAMBA_CUDA_RETURN_IF_ERROR(e);
+  return Buffer(this, p, bytes);
+}
+
+void CudaBackend::Free(void* data, size_t /*bytes*/) { cudaFreeAsync(data, stream); }
+
+absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("Upload", dst != nullptr && host_src != nullptr, "null pointer");
+  // From pageable memory the copy is staged before the call returns, so the caller may reuse
+  // host_src at once.
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Download(void* host_dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("Download", host_dst != nullptr && src != nullptr, "null pointer");
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("Copy", dst != nullptr && src != nullptr, "null pointer");
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Zero(void* dst, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("Zero", dst != nullptr, "null pointer");
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Synchronize() {
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<void*> CudaBackend::Scratch(cuda::ScratchSlot slot, size_t bytes) {
+  ScratchBlock& s = scratch_[static_cast<size_t>(slot)];
+  if (s.bytes < bytes || s.data == nullptr) {
+    if (s.data != nullptr) RAMBA_CUDA_RETURN_IF_ERROR(cudaFreeAsync(s.data, stream));
+    s.data = nullptr;
+    s.bytes = 0;
+    const size_t grown = std::max<size_t>(bytes + bytes / 4, 4096);
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&s.data, grown, stream));
+    s.bytes = grown;
+  }
+  return s.data;
+}
+
+absl::StatusOr<void*> CudaBackend::UploadScratch(cuda::ScratchSlot slot, const void* host,
+                                                 size_t bytes) {
+  ASSIGN_OR_RETURN(void* p, Scratch(slot, bytes));
+  RETURN_IF_ERROR(Upload(p, host, bytes));
+  return p;
+}
+
+// ---- Ops: host-side argument checks, then the launcher ----
+
+absl::Status CudaBackend::Embed(const int32_t* tokens, int64_t n, MatrixView table, float* out) {
+  RAMBA_CHECK_ARG("Embed", n >= 0 && table.rows >= 0 && table.cols >= 0, "negative size");
+  if (n == 0 || table.cols == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("Embed", tokens != nullptr && out != nullptr && table.data != nullptr,
+                  "null pointer");
+  RAMBA_CHECK_ARG("Embed", ValidWeightDtype(table.dtype), "unsupported table dtype");
+  return cuda::Embed(*this, tokens, n, table, out);
+}
+
+absl::Status CudaBackend::Matmul(const float* x, int64_t ldx, int64_t m, MatrixView w,
+                                 const float* bias, float* y, int64_t ldy, bool accumulate) {
+  constexpr std::string_view kOp = "Matmul";
+  RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
+  if (m == 0 || w.rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, x != nullptr && y != nullptr && w.data != nullptr, "null pointer");
+  RAMBA_CHECK_ARG(kOp, ldx >= w.cols, "ldx below k");
+  RAMBA_CHECK_ARG(kOp, ldy >= w.rows, "ldy below n");
+  RAMBA_CHECK_ARG(kOp, ValidWeightDtype(w.dtype), "unsupported weight dtype");
+  RAMBA_CHECK_ARG(kOp, m <= INT_MAX && w.rows <= INT_MAX && w.cols <= INT_MAX && ldx <= INT_MAX &&
+                           ldy <= INT_MAX,
+                  "size exceeds INT_MAX");
+  return cuda::Matmul(*this, x, ldx, m, w, bias, y, ldy, accumulate);
+}
+
+absl::Status CudaBackend::RmsNorm(const float* x, int64_t ldx, const float* weight, float* y,
+                                  int64_t ldy, int64_t rows, int64_t dim, float eps) {
+  RAMBA_CHECK_ARG("RmsNorm", rows >= 0 && dim >= 0, "negative size");
+  if (rows == 0 || dim == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("RmsNorm", x != nullptr && y != nullptr && weight != nullptr, "null pointer");
+  RAMBA_CHECK_ARG("RmsNorm", ldx >= dim && ldy >= dim, "row stride below dim");
+  return cuda::RmsNorm(*this, x, ldx, weight, y, ldy, rows, dim, eps);
+}
+
+absl::Status CudaBackend::GatedRmsNorm(const float* y, int64_t ldy, const float* z, int64_t ldz,
+                                       const float* weight, float* out, int64_t ldo, int64_t rows,
+                                       int64_t dim, int64_t group_size, float eps) {
+  constexpr std::string_view kOp = "GatedRmsNorm";
+  RAMBA_CHECK_ARG(kOp, rows >= 0 && dim >= 0, "negative size");
+  if (rows == 0 || dim == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, group_size > 0 && dim % group_size == 0,
+                  "group_size must divide dim");
+  RAMBA_CHECK_ARG(kOp, y != nullptr && z != nullptr && weight != nullptr && out != nullptr,
+                  "null pointer");
+  RAMBA_CHECK_ARG(kOp, ldy >= dim && ldz >= dim && ldo >= dim, "row stride below dim");
+  return cuda::GatedRmsNorm(*this, y, ldy, z, ldz, weight, out, ldo, rows, dim, group_size, eps);
+}
+
+absl::Status CudaBackend::Add(float* y, const float* x, int64_t n) {
+  RAMBA_CHECK_ARG("Add", n >= 0, "negative size");
+  if (n == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("Add", y != nullptr && x != nullptr, "null pointer");
+  return cuda::Add(*this, y, x, n);
+}
+
+absl::Status CudaBackend::SwiGlu(const float* gate, const float* up, float* out, int64_t n) {
+  RAMBA_CHECK_ARG("SwiGlu", n >= 0, "negative size");
+  if (n == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("SwiGlu", gate != nullptr && up != nullptr && out != nullptr, "null pointer");
+  return cuda::SwiGlu(*this, gate, up, out, n);
+}
+
+absl::Status CudaBackend::BlockMean(const float* x, int64_t num_blocks, int64_t block_len,
+                                    int64_t dim, float* out) {
+  RAMBA_CHECK_ARG("BlockMean", num_blocks >= 0 && block_len >= 1 && dim >= 0,
+                  "bad size (block_len must be >= 1)");
+  if (num_blocks == 0 || dim == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("BlockMean", x != nullptr && out != nullptr, "null pointer");
+  return cuda::BlockMean(*this, x, num_blocks, block_len, dim, out);
+}
+
+absl::Status CudaBackend::CausalConv1dSilu(const float* x, int64_t ldx, const int64_t* seq_offsets,
+                                           int64_t num_seqs, float* const* conv_states,
+                                           const float* weight, const float* bias,
+                                           int64_t channels, int64_t kernel, float* y,
+                                           const int64_t* host_seq_offsets) {
+  constexpr std::string_view kOp = "CausalConv1dSilu";
+  RAMBA_CHECK_ARG(kOp, channels >= 0, "negative size");
+  RAMBA_CHECK_ARG(kOp, kernel >= 1, "kernel must be >= 1");
+  RETURN_IF_ERROR(CheckHostOffsets(kOp, host_seq_offsets, num_seqs));
+  if (num_seqs == 0 || channels == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, seq_offsets != nullptr && weight != nullptr, "null pointer");
+  RAMBA_CHECK_ARG(kOp, ldx >= channels, "ldx below channels");
+  if (host_seq_offsets[num_seqs] > host_seq_offsets[0]) {
+    RAMBA_CHECK_ARG(kOp, x != nullptr && y != nullptr, "x or y is null");
+  }
+  if (kernel > 1) RAMBA_CHECK_ARG(kOp, conv_states != nullptr, "conv_states is null");
+  return cuda::CausalConv1dSilu(*this, x, ldx, seq_offsets, num_seqs, conv_states, weight, bias,
+                                channels, kernel, y, host_seq_offsets);
+}
+
+absl::Status CudaBackend::SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw,
+                                  int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
+                                  float* const* ssm_states, const SsmParams& p, float* y,
+                                  const int64_t* host_seq_offsets) {
+  constexpr std::string_view kOp = "SsmScan";
+  RAMBA_CHECK_ARG(kOp, p.nheads > 0 && p.headdim > 0 && p.d_state > 0 && p.ngroups > 0,
+                  "nheads, headdim, d_state and ngroups must be positive");
+  RAMBA_CHECK_ARG(kOp, p.nheads % p.ngroups == 0, "ngroups must divide nheads");
+  RAMBA_CHECK_ARG(kOp, p.A_log != nullptr && p.D != nullptr && p.dt_bias != nullptr,
+                  "A_log, D or dt_bias is null");
+  RAMBA_CHECK_ARG(kOp, !(p.dt_min > p.dt_max), "dt_min exceeds dt_max");
+  RETURN_IF_ERROR(CheckHostOffsets(kOp, host_seq_offsets, num_seqs));
+  if (num_seqs == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, ldxbc >= p.nheads * p.headdim + 2 * p.ngroups * p.d_state,
+                  "ldxbc below nheads*headdim + 2*ngroups*d_state");
+  RAMBA_CHECK_ARG(kOp, lddt >= p.nheads, "lddt below nheads");
+  RAMBA_CHECK_ARG(kOp, ssm_states != nullptr && seq_offsets != nullptr, "null pointer");
+  if (host_seq_offsets[num_seqs] > host_seq_offsets[0]) {
+    RAMBA_CHECK_ARG(kOp, xbc != nullptr && dt_raw != nullptr && y != nullptr, "null pointer");
+  }
+  return cuda::SsmScan(*this, xbc, ldxbc, dt_raw, lddt, seq_offsets, num_seqs, ssm_states, p, y,
+                       host_seq_offsets);
+}
+
+absl::Status CudaBackend::RopeInChunk(float* x, int64_t rows, int64_t heads, int64_t head_dim,
+                                      int64_t period, float theta) {
+  constexpr std::string_view kOp = "RopeInChunk";
+  RAMBA_CHECK_ARG(kOp, rows >= 0 && heads >= 0 && head_dim >= 0, "negative size");
+  RAMBA_CHECK_ARG(kOp, head_dim % 2 == 0, "head_dim must be even");
+  RAMBA_CHECK_ARG(kOp, period >= 1, "period must be >= 1");
+  if (rows == 0 || heads == 0 || head_dim == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, x != nullptr, "null pointer");
+  return cuda::RopeInChunk(*this, x, rows, heads, head_dim, period, theta);
+}
+
+absl::Status CudaBackend::BlockAttention(const float* q, const float* k, const float* v,
+                                         float* out, int64_t num_blocks, int64_t block_len,
+                                         int64_t nh, int64_t nkv, int64_t hd) {
+  constexpr std::string_view kOp = "BlockAttention";
+  RAMBA_CHECK_ARG(kOp, num_blocks >= 0 && block_len >= 0, "negative size");
+  RAMBA_CHECK_ARG(kOp, nh > 0 && nkv > 0 && hd > 0 && nh % nkv == 0,
+                  "heads must be positive and nkv must divide nh");
+  if (num_blocks == 0 || block_len == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, q != nullptr && k != nullptr && v != nullptr && out != nullptr,
+                  "null pointer");
+  return cuda::BlockAttention(*this, q, k, v, out, num_blocks, block_len, nh, nkv, hd);
+}
+
+absl::Status CudaBackend::RetrieveChunks(const float* r, int64_t rows, const ChunkMemoryBatch& mem,
+                                         int64_t retrieval_dim, int64_t heads, int64_t top_k,
+                                         int64_t chunk_size, int32_t* indices, float* weights) {
+  constexpr std::string_view kOp = "RetrieveChunks";
+  RAMBA_CHECK_ARG(kOp, rows >= 0, "negative size");
+  RAMBA_CHECK_ARG(kOp, heads > 0 && retrieval_dim > 0 && retrieval_dim % heads == 0,
+                  "heads must divide retrieval_dim");
+  RAMBA_CHECK_ARG(kOp, top_k > 0 && chunk_size > 0, "top_k and chunk_size must be positive");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, mem.max_num_chunks >= 0,
+                  "the CUDA backend needs mem.max_num_chunks (host-side bound)");
+  RAMBA_CHECK_ARG(kOp, r != nullptr && indices != nullptr && weights != nullptr &&
+                           mem.row_seq != nullptr && mem.row_position != nullptr &&
+                           mem.num_chunks != nullptr && mem.landmarks != nullptr,
+                  "null pointer");
+  return cuda::RetrieveChunks(*this, r, rows, mem, retrieval_dim, heads, top_k, chunk_size,
+                              indices, weights);
+}
+
+absl::Status CudaBackend::SparseChunkAttention(const float* q, int64_t rows,
+                                               const ChunkMemoryBatch& mem,
+                                               const int32_t* indices, const float* weights,
+                                               int64_t retrieval_heads, int64_t top_k, int64_t nh,
+                                               int64_t nkv, int64_t hd, int64_t chunk_size,
+                                               float* out) {
+  constexpr std::string_view kOp = "SparseChunkAttention";
+  RAMBA_CHECK_ARG(kOp, rows >= 0, "negative size");
+  RAMBA_CHECK_ARG(kOp, nh > 0 && nkv > 0 && hd > 0 && nh % nkv == 0,
+                  "heads must be positive and nkv must divide nh");
+  RAMBA_CHECK_ARG(kOp, retrieval_heads > 0 && nkv % retrieval_heads == 0,
+                  "retrieval_heads must be positive and divide nkv");
+  RAMBA_CHECK_ARG(kOp, top_k > 0 && chunk_size > 0, "top_k and chunk_size must be positive");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, q != nullptr && out != nullptr && indices != nullptr &&
+                           weights != nullptr && mem.row_seq != nullptr && mem.chunk_kv != nullptr,
+                  "null pointer");
+  return cuda::SparseChunkAttention(*this, q, rows, mem, indices, weights, retrieval_heads, top_k,
+                                    nh, nkv, hd, chunk_size, out);
+}
+
+absl::Status CudaBackend::Sample(const float* logits, int64_t rows, int64_t vocab,
+                                 const SamplingParams* params, const float* uniforms,
+                                 int32_t* out) {
+  constexpr std::string_view kOp = "Sample";
+  RAMBA_CHECK_ARG(kOp, rows >= 0, "negative size");
+  RAMBA_CHECK_ARG(kOp, vocab > 0 && vocab <= INT32_MAX, "vocab must be in [1, 2^31)");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, logits != nullptr && params != nullptr && uniforms != nullptr &&
+                           out != nullptr,
+                  "null pointer");
+  for (int64_t r = 0; r < rows; ++r) {
+    const SamplingParams& sp = params[r];
+    if (!(sp.temperature >= 0.0f) || !std::isfinite(sp.temperature) || sp.top_k < 0 ||
+        std::isnan(sp.top_p)) {
+      return Invalid(kOp, absl::StrCat("row ", r, " has invalid sampling parameters"));
+    }
+  }
+  return cuda::Sample(*this, logits, rows, vocab, params, uniforms, out);
+}
+
+}  // namespace ramba::kernels

@@ -1,0 +1,90 @@
+// The CUDA backend: device memory from a stream-ordered pool, every op enqueued on one stream,
+// bf16 weight matrices (cuBLASLt and our own kernels), float32 activations and recurrent states.
+// Ops are asynchronous; Download and Synchronize wait. Not thread-safe, like every Backend.
+#ifndef RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
+#define RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
+
+#include <memory>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/cuda/ops.h"
+
+namespace ramba::kernels {
+
+class CudaBackend : public Backend, public cuda::Context {
+ public:
+  // Uses device `device`; fails when no GPU is usable.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device = 0);
+  ~CudaBackend() override;
+
+  std::string_view name() const override { return "cuda"; }
+  bool host_accessible() const override { return false; }
+  DType weight_dtype() const override { return DType::kBF16; }
+
+  absl::StatusOr<Buffer> Allocate(size_t bytes) override;
+  absl::Status Upload(void* dst, const void* host_src, size_t bytes) override;
+  absl::Status Download(void* host_dst, const void* src, size_t bytes) override;
+  absl::Status Copy(void* dst, const void* src, size_t bytes) override;
+  absl::Status Zero(void* dst, size_t bytes) override;
+  absl::Status Synchronize() override;
+
+  absl::Status Embed(const int32_t* tokens, int64_t n, MatrixView table, float* out) override;
+  absl::Status Matmul(const float* x, int64_t ldx, int64_t m, MatrixView w, const float* bias,
+                      float* y, int64_t ldy, bool accumulate) override;
+  absl::Status RmsNorm(const float* x, int64_t ldx, const float* weight, float* y, int64_t ldy,
+                       int64_t rows, int64_t dim, float eps) override;
+  absl::Status GatedRmsNorm(const float* y, int64_t ldy, const float* z, int64_t ldz,
+                            const float* weight, float* out, int64_t ldo, int64_t rows,
+                            int64_t dim, int64_t group_size, float eps) override;
+  absl::Status Add(float* y, const float* x, int64_t n) override;
+  absl::Status SwiGlu(const float* gate, const float* up, float* out, int64_t n) override;
+  absl::Status BlockMean(const float* x, int64_t num_blocks, int64_t block_len, int64_t dim,
+                         float* out) override;
+  absl::Status CausalConv1dSilu(const float* x, int64_t ldx, const int64_t* seq_offsets,
+                                int64_t num_seqs, float* const* conv_states, const float* weight,
+                                const float* bias, int64_t channels, int64_t kernel, float* y,
+                                const int64_t* host_seq_offsets = nullptr) override;
+  absl::Status SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw, int64_t lddt,
+                       const int64_t* seq_offsets, int64_t num_seqs, float* const* ssm_states,
+                       const SsmParams& p, float* y,
+                       const int64_t* host_seq_offsets = nullptr) override;
+  absl::Status RopeInChunk(float* x, int64_t rows, int64_t heads, int64_t head_dim,
+                           int64_t period, float theta) override;
+  absl::Status BlockAttention(const float* q, const float* k, const float* v, float* out,
+                              int64_t num_blocks, int64_t block_len, int64_t nh, int64_t nkv,
+                              int64_t hd) override;
+  absl::Status RetrieveChunks(const float* r, int64_t rows, const ChunkMemoryBatch& mem,
+                              int64_t retrieval_dim, int64_t heads, int64_t top_k,
+                              int64_t chunk_size, int32_t* indices, float* weights) override;
+  absl::Status SparseChunkAttention(const float* q, int64_t rows, const ChunkMemoryBatch& mem,
+                                    const int32_t* indices, const float* weights,
+                                    int64_t retrieval_heads, int64_t top_k, int64_t nh,
+                                    int64_t nkv, int64_t hd, int64_t chunk_size,
+                                    float* out) override;
+  absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
+                      const SamplingParams* params, const float* uniforms,
+                      int32_t* out) override;
+
+  // cuda::Context
+  absl::StatusOr<void*> Scratch(cuda::ScratchSlot slot, size_t bytes) override;
+  absl::StatusOr<void*> UploadScratch(cuda::ScratchSlot slot, const void* host,
+                                      size_t bytes) override;
+
+ protected:
+  void Free(void* data, size_t bytes) override;
+
+ private:
+  CudaBackend() = default;
+  absl::Status Init(int device);
+
+  struct ScratchBlock {
+    void* data = nullptr;
+    size_t bytes = 0;
+  };
+  std::vector<ScratchBlock> scratch_;
+};
+
+}  // namespace ramba::kernels
+
+#endif  // RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_

@@ -1,0 +1,106 @@
+// The CUDA implementations of the Backend ops (kernels/backend.h documents each op's contract).
+// CudaBackend checks host-side arguments and forwards here; each function enqueues its work on
+// ctx.stream and returns without synchronising. Pointers are device memory unless a comment says
+// otherwise. One .cu file per op family: matmul.cu, elementwise.cu, mamba.cu, retrieval.cu,
+// attention.cu, sampling.cu.
+#ifndef RAMBA_KERNELS_CUDA_OPS_H_
+#define RAMBA_KERNELS_CUDA_OPS_H_
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/backend.h"
+
+namespace ramba::kernels::cuda {
+
+// Scratch slots: each op family owns its slots, so one op's scratch never aliases another's
+// while both are queued on the stream.
+enum class ScratchSlot : int {
+  kMatmulInput = 0,   // activations converted to bf16 for cuBLASLt
+  kCublasWorkspace,   // cuBLASLt workspace
+  kSsm,               // chunked-scan intermediates
+  kRetrieval,         // landmark scores / partial top-K lists
+  kAttention,         // attention partials
+  kSampling,          // per-row parameters, uniforms and candidate lists
+  kSamplingAux,
+  kNumSlots
+};
+
+// What every launcher needs: the stream, library handles, device facts and scratch memory.
+// Owned by CudaBackend; not thread-safe (one thread drives a backend).
+class Context {
+ public:
+  virtual ~Context() = default;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t cublaslt = nullptr;
+  int device = 0;
+  int num_sms = 0;
+  size_t max_shared_per_block = 0;  // opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+
+  // Device scratch of at least `bytes`, valid until the next Scratch call on the same slot.
+  // Growing is stream-ordered (cudaFreeAsync / cudaMallocAsync), so work already queued that
+  // reads the old block stays valid.
+  virtual absl::StatusOr<void*> Scratch(ScratchSlot slot, size_t bytes) = 0;
+  // Copies `bytes` of host memory into device scratch on the stream (for small per-call arrays
+  // that the Backend interface passes on the host, e.g. sampling parameters).
+  virtual absl::StatusOr<void*> UploadScratch(ScratchSlot slot, const void* host, size_t bytes) = 0;
+};
+
+// ---- matmul.cu ----
+absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, MatrixView w,
+                    const float* bias, float* y, int64_t ldy, bool accumulate);
+
+// ---- elementwise.cu ----
+absl::Status Embed(Context& ctx, const int32_t* tokens, int64_t n, MatrixView table, float* out);
+absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
+                     int64_t ldy, int64_t rows, int64_t dim, float eps);
+absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float* z, int64_t ldz,
+                          const float* weight, float* out, int64_t ldo, int64_t rows, int64_t dim,
+                          int64_t group_size, float eps);
+absl::Status Add(Context& ctx, float* y, const float* x, int64_t n);
+absl::Status SwiGlu(Context& ctx, const float* gate, const float* up, float* out, int64_t n);
+absl::Status BlockMean(Context& ctx, const float* x, int64_t num_blocks, int64_t block_len,
+                       int64_t dim, float* out);
+absl::Status RopeInChunk(Context& ctx, float* x, int64_t rows, int64_t heads, int64_t head_dim,
+                         int64_t period, float theta);
+
+// ---- mamba.cu ----
+// host_seq_offsets: host copy of seq_offsets (never null here), for grid sizing.
+absl::Status CausalConv1dSilu(Context& ctx, const float* x, int64_t ldx, const int64_t* seq_offsets,
+                              int64_t num_seqs, float* const* conv_states, const float* weight,
+                              const float* bias, int64_t channels, int64_t kernel, float* y,
+                              const int64_t* host_seq_offsets);
+absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float* dt_raw,
+                     int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
+                     float* const* ssm_states, const SsmParams& p, float* y,
+                     const int64_t* host_seq_offsets);
+
+// ---- attention.cu ----
+absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const float* v,
+                            float* out, int64_t num_blocks, int64_t block_len, int64_t nh,
+                            int64_t nkv, int64_t hd);
+
+// ---- retrieval.cu ----
+// mem.max_num_chunks >= 0 here (host-side bound, for grid sizing).
+absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const ChunkMemoryBatch& mem,
+                            int64_t retrieval_dim, int64_t heads,
+                            int64_t top_k, int64_t chunk_size, int32_t* indices, float* weights);
+absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
+                                  const ChunkMemoryBatch& mem, const int32_t* indices,
+                                  const float* weights, int64_t retrieval_heads, int64_t top_k,
+                                  int64_t nh, int64_t nkv, int64_t hd, int64_t chunk_size,
+                                  float* out);
+
+// ---- sampling.cu ----
+// params and uniforms are host arrays of `rows` entries.
+absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
+                    const SamplingParams* params, const float* uniforms, int32_t* out);
+
+}  // namespace ramba::kernels::cuda
+
+#endif  // RAMBA_KERNELS_CUDA_OPS_H_
