@@ -1,14 +1,22 @@
-// bench-model: prefill and decode throughput of a RAMba configuration with random weights.
+// bench-model: prefill and decode throughput of a RAMba configuration with random weights, each
+// figure next to its bytes floor (measured copy bandwidth of the backend).
 //
-//   bench-model --config 370m --prefill_tokens 2048 --decode_tokens 32 --batch 1
+//   bench-model --config 370m --device cuda --prefill_tokens 65536 --batches 1,16,64,256
+// One session is prefilled with --prefill_tokens pseudo-random tokens (timed: prefill tok/s), then
+// forked into each decode batch size (forks share chunk K/V and copy states and landmarks, so
+// every session of a batch reads its own landmarks and recurrent state) and decode steps are timed.
 // Prints one line per measurement; figures belong in docs/benchmarks.md with the command.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "kernels/backend.h"
 #include "model/ramba_model.h"
 #include "model/weights.h"
@@ -19,7 +27,9 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all cores)");
 ABSL_FLAG(int32_t, prefill_tokens, 2048, "Prompt length for the prefill measurement");
 ABSL_FLAG(int32_t, segment, 1024, "Prefill segment length");
 ABSL_FLAG(int32_t, decode_tokens, 64, "Decode steps to time");
-ABSL_FLAG(int32_t, batch, 1, "Sessions decoded together");
+ABSL_FLAG(std::string, batches, "1", "Comma-separated decode batch sizes");
+ABSL_FLAG(double, bandwidth_gbs, 0,
+          "Memory bandwidth for the floors in GB/s (0: measure a large backend copy)");
 
 namespace {
 
@@ -52,6 +62,36 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
+// Bytes of weight matrices one decode step reads (the chunk encoder runs once per 64 tokens and
+// is left out).
+double DecodeWeightBytes(const ramba::ModelConfig& c, size_t dtype_bytes) {
+  const double d = c.hidden_size;
+  double elems = c.num_mamba_layers() * (d * c.in_proj_dim() + c.d_inner() * d);
+  elems += c.num_hsa_layers() * 2 * d * d;
+  elems += d * c.retrieval_dim + c.vocab_size * d;
+  return elems * dtype_bytes;
+}
+
+// Read + write bandwidth of a 1 GiB device copy (CPU: 256 MiB), GB/s.
+double MeasureBandwidth(ramba::kernels::Backend* be) {
+  const size_t bytes = be->host_accessible() ? (size_t{256} << 20) : (size_t{1} << 30);
+  auto a = be->Allocate(bytes);
+  auto b = be->Allocate(bytes);
+  if (!a.ok() || !b.ok()) return 0;
+  std::vector<uint8_t> init(1 << 20);
+  for (size_t i = 0; i < init.size(); ++i) init[i] = static_cast<uint8_t>(i * 131 + 7);
+  for (size_t off = 0; off < bytes; off += init.size()) {
+    (void)be->Upload(a->as<uint8_t>() + off, init.data(), init.size());
+  }
+  (void)be->Copy(b->data(), a->data(), bytes);
+  (void)be->Synchronize();
+  const int reps = 5;
+  const double t0 = Now();
+  for (int i = 0; i < reps; ++i) (void)be->Copy(b->data(), a->data(), bytes);
+  (void)be->Synchronize();
+  return 2.0 * bytes * reps / (Now() - t0) / 1e9;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -67,47 +107,97 @@ int main(int argc, char** argv) {
     if (!c.ok()) return Fail(c.status());
     config = *c;
   }
+  std::vector<int32_t> batches;
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_batches), ',')) {
+    int32_t b = 0;
+    if (!absl::SimpleAtoi(part, &b) || b < 1) return Fail(absl::InvalidArgumentError("bad --batches"));
+    batches.push_back(b);
+  }
   auto backend = ramba::kernels::CreateBackend(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_threads));
   if (!backend.ok()) return Fail(backend.status());
+  ramba::kernels::Backend* be = backend->get();
+  double bw = absl::GetFlag(FLAGS_bandwidth_gbs);
+  if (bw <= 0) bw = MeasureBandwidth(be);
   absl::StatusOr<std::unique_ptr<ramba::RambaModel>> model;
   {
     const ramba::TensorMap tensors = ramba::RandomTensors(config, 1);
-    model = ramba::RambaModel::Create(config, tensors, backend->get());
+    model = ramba::RambaModel::Create(config, tensors, be);
   }
   if (!model.ok()) return Fail(model.status());
+  const std::string dev(be->name());
+  std::printf("config=%s device=%s copy bandwidth %.0f GB/s (read+write)\n", name.c_str(),
+              dev.c_str(), bw);
 
   const int32_t n = absl::GetFlag(FLAGS_prefill_tokens);
-  const int32_t batch = absl::GetFlag(FLAGS_batch);
   std::vector<int32_t> prompt(n);
-  for (int32_t i = 0; i < n; ++i) prompt[i] = (i * 7919 + 13) % config.vocab_size;
-
-  std::vector<std::unique_ptr<ramba::SessionState>> states;
-  double prefill_s = 0;
-  for (int32_t b = 0; b < batch; ++b) {
-    auto s = (*model)->NewSession();
-    if (!s.ok()) return Fail(s.status());
-    const double t0 = Now();
-    if (auto st = (*model)->Prefill(s->get(), prompt, nullptr, absl::GetFlag(FLAGS_segment)); !st.ok()) {
+  uint64_t x = 88172645463325252ull;
+  for (int32_t i = 0; i < n; ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    prompt[i] = static_cast<int32_t>(x % config.vocab_size);
+  }
+  auto base = (*model)->NewSession();
+  if (!base.ok()) return Fail(base.status());
+  {
+    // Warm-up on a throwaway session so one-time costs (workspace growth, library handles) stay
+    // out of the prefill figure.
+    auto warm = (*model)->NewSession();
+    if (!warm.ok()) return Fail(warm.status());
+    const int32_t w = std::min<int32_t>(n, absl::GetFlag(FLAGS_segment));
+    if (auto st = (*model)->Prefill(warm->get(), absl::MakeConstSpan(prompt).first(w), nullptr,
+                                    absl::GetFlag(FLAGS_segment)); !st.ok()) {
       return Fail(st);
     }
-    if (b == 0) prefill_s = Now() - t0;
-    states.push_back(std::move(*s));
   }
-  std::vector<ramba::SessionState*> ptrs;
-  for (auto& s : states) ptrs.push_back(s.get());
-  std::vector<int32_t> tokens(batch, 1);
-  std::vector<float> logits;
-  // One warm-up step, then the timed ones.
-  if (auto st = (*model)->Decode(ptrs, tokens, &logits); !st.ok()) return Fail(st);
+  const double t0 = Now();
+  if (auto st = (*model)->Prefill(base->get(), prompt, nullptr, absl::GetFlag(FLAGS_segment));
+      !st.ok()) {
+    return Fail(st);
+  }
+  const double prefill_s = Now() - t0;
+  std::printf("prefill %d tokens: %.3f s = %.0f tok/s (segment %d)\n", n, prefill_s,
+              n / prefill_s, absl::GetFlag(FLAGS_segment));
+
+  const size_t wbytes = ramba::kernels::DTypeSize(be->weight_dtype());
+  const double weight_bytes = DecodeWeightBytes(config, wbytes);
+  const double state_bytes =
+      4.0 * config.num_mamba_layers() *
+      ((config.conv_kernel - 1) * config.conv_dim() +
+       config.num_heads * config.head_dim * config.state_size);
+  const double landmark_bytes = 4.0 * (n / config.chunk_size) * config.retrieval_dim;
+  // Each retrieval head selects top-K chunks for its share of the kv heads; every HSA layer
+  // reads the same selected K/V, counted once.
+  const double chunk_bytes = 4.0 * config.chunk_topk * 2 * config.chunk_size * config.kv_dim();
   const int32_t steps = absl::GetFlag(FLAGS_decode_tokens);
-  const double t1 = Now();
-  for (int32_t i = 0; i < steps; ++i) {
-    if (auto st = (*model)->Decode(ptrs, tokens, &logits); !st.ok()) return Fail(st);
+  for (int32_t batch : batches) {
+    std::vector<std::unique_ptr<ramba::SessionState>> states;
+    for (int32_t b = 0; b < batch; ++b) {
+      auto s = (*base)->Fork();
+      if (!s.ok()) return Fail(s.status());
+      states.push_back(std::move(*s));
+    }
+    std::vector<ramba::SessionState*> ptrs;
+    for (auto& s : states) ptrs.push_back(s.get());
+    std::vector<int32_t> tokens(batch);
+    std::vector<float> logits;
+    for (int32_t b = 0; b < batch; ++b) tokens[b] = (b * 7919 + 13) % config.vocab_size;
+    // Two warm-up steps, then the timed ones.
+    for (int i = 0; i < 2; ++i) {
+      if (auto st = (*model)->Decode(ptrs, tokens, &logits); !st.ok()) return Fail(st);
+    }
+    const double t1 = Now();
+    for (int32_t i = 0; i < steps; ++i) {
+      if (auto st = (*model)->Decode(ptrs, tokens, &logits); !st.ok()) return Fail(st);
+    }
+    const double step_s = (Now() - t1) / steps;
+    // Floor: weights once, every session's recurrent state read and written, its landmarks and
+    // its top-K chunks read once.
+    const double floor_bytes =
+        weight_bytes + batch * (2 * state_bytes + landmark_bytes + chunk_bytes);
+    const double floor_s = floor_bytes / (bw * 1e9);
+    std::printf("decode batch %4d context %8d: %8.3f ms/step %9.0f tok/s | floor %.3f ms "
+                "(%.1f MB) ratio %.2fx\n",
+                batch, n, 1e3 * step_s, batch / step_s, 1e3 * floor_s, floor_bytes / 1e6,
+                step_s / floor_s);
   }
-  const double decode_s = Now() - t1;
-  std::printf("config=%s device=%s prefill: %d tokens in %.3f s = %.1f tok/s | decode batch %d at "
-              "context %d: %.2f ms/step = %.1f tok/s\n",
-              name.c_str(), std::string((*backend)->name()).c_str(), n, prefill_s, n / prefill_s,
-              batch, n, 1e3 * decode_s / steps, steps * batch / decode_s);
   return 0;
 }
