@@ -16,7 +16,7 @@ struct RambaModel::Workspace {
     kTokens, kSeqOffsets, kRowSeq, kRowPos, kConvPtrs, kSsmPtrs,
     kH, kNorm, kInProj, kXbc, kY, kG,
     kX, kXn, kQ, kK, kV, kAttn, kGate, kUp, kKfull, kVfull, kMean, kLmk,
-    kR, kIdx, kW, kLandmarkPtrs, kNumChunks, kChunkTables, kChunkTablePtrs,
+    kR, kIdx, kW, kLandmarkPtrs, kNumChunks, kChunkTablePtrs,
     kHsaQ, kHsaO, kLastRows, kLogits, kNumSlots
   };
   explicit Workspace(Backend* b) : backend(b), buffers(kNumSlots) {}
@@ -305,18 +305,12 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
                              c.retrieval_dim, false));
   std::vector<const float*> landmark_ptrs;
   std::vector<int64_t> num_chunks;
-  std::vector<const float*> all_chunk_ptrs;
-  std::vector<int64_t> table_offsets;
+  std::vector<const float* const*> table_ptrs;
   for (int64_t s = 0; s < num_seqs; ++s) {
     landmark_ptrs.push_back(states[s]->landmarks());
     num_chunks.push_back(states[s]->num_chunks());
-    table_offsets.push_back(static_cast<int64_t>(all_chunk_ptrs.size()));
-    const auto& cp = states[s]->chunk_pointers();
-    all_chunk_ptrs.insert(all_chunk_ptrs.end(), cp.begin(), cp.end());
+    table_ptrs.push_back(states[s]->chunk_table());
   }
-  ASSIGN_OR_RETURN(const float** tables_dev, ws.Put(W::kChunkTables, all_chunk_ptrs));
-  std::vector<const float* const*> table_ptrs;
-  for (int64_t s = 0; s < num_seqs; ++s) table_ptrs.push_back(tables_dev + table_offsets[s]);
   kernels::ChunkMemoryBatch mem;
   mem.max_num_chunks = *std::max_element(num_chunks.begin(), num_chunks.end());
   mem.row_seq = row_seq_dev;

@@ -112,7 +112,23 @@ absl::Status SessionState::Init() {
   const size_t bytes = recurrent_floats() * sizeof(float);
   ASSIGN_OR_RETURN(recurrent_, backend_->Allocate(bytes));
   RETURN_IF_ERROR(backend_->Zero(recurrent_.data(), bytes));
-  return ReserveLandmarks(16);
+  RETURN_IF_ERROR(ReserveLandmarks(16));
+  return SyncChunkTable(0);
+}
+
+absl::Status SessionState::SyncChunkTable(int64_t from) {
+  const int64_t n = num_chunks();
+  if (n > chunk_table_capacity_ || chunk_table_.empty()) {
+    const int64_t capacity = std::max<int64_t>({16, n, 2 * chunk_table_capacity_});
+    ASSIGN_OR_RETURN(chunk_table_, backend_->Allocate(capacity * sizeof(const float*)));
+    chunk_table_capacity_ = capacity;
+    from = 0;  // a new table starts empty
+  }
+  if (from < n) {
+    RETURN_IF_ERROR(backend_->Upload(chunk_table_.as<const float*>() + from,
+                                     chunk_ptrs_.data() + from, (n - from) * sizeof(const float*)));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Create(const ModelConfig& config,
@@ -155,7 +171,7 @@ absl::Status SessionState::AppendChunk(std::shared_ptr<const ChunkKV> chunk,
                                  row_bytes));
   chunk_ptrs_.push_back(chunk->data());
   chunks_.push_back(std::move(chunk));
-  return absl::OkStatus();
+  return SyncChunkTable(num_chunks() - 1);
 }
 
 absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {
@@ -170,6 +186,7 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {
   }
   s->chunks_ = chunks_;
   s->chunk_ptrs_ = chunk_ptrs_;
+  RETURN_IF_ERROR(s->SyncChunkTable(0));
   s->position_ = position_;
   return s;
 }
@@ -296,6 +313,7 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Deserialize(
     s->chunk_ptrs_.push_back(chunk->data());
     s->chunks_.push_back(std::move(chunk));
   }
+  RETURN_IF_ERROR(s->SyncChunkTable(0));
   return s;
 }
 

@@ -70,8 +70,11 @@ class SessionState {
   float* ssm_state(int64_t layer) const;   // [num_heads, head_dim, state_size]
   float* chunk_buffer() const;             // [chunk_size, hidden]
   const float* landmarks() const;          // [num_chunks, retrieval_dim]
-  // Pointers to every chunk's K/V block, index = chunk number.
+  // Pointers to every chunk's K/V block, index = chunk number (host copy).
   const std::vector<const float*>& chunk_pointers() const { return chunk_ptrs_; }
+  // The same table in backend memory, kept in step with the chunks, so a batch passes one
+  // pointer per session instead of uploading O(context) pointers every step.
+  const float* const* chunk_table() const { return chunk_table_.as<const float* const>(); }
   // Appends a chunk whose K/V block and landmark row are already in backend memory.
   absl::Status AppendChunk(std::shared_ptr<const ChunkKV> chunk, const float* landmark);
   void AdvancePosition(int64_t n) { position_ += n; }
@@ -81,6 +84,8 @@ class SessionState {
   SessionState(const ModelConfig& config, kernels::Backend* backend);
   absl::Status Init();
   absl::Status ReserveLandmarks(int64_t chunks);
+  // Grows the backend chunk table to hold `chunks` entries and uploads chunk_ptrs_[from, n).
+  absl::Status SyncChunkTable(int64_t from);
   int64_t conv_floats() const { return (config_.conv_kernel - 1) * config_.conv_dim(); }
   int64_t ssm_floats() const {
     return config_.num_heads * config_.head_dim * config_.state_size;
@@ -96,6 +101,8 @@ class SessionState {
   int64_t landmark_capacity_ = 0;
   std::vector<std::shared_ptr<const ChunkKV>> chunks_;
   std::vector<const float*> chunk_ptrs_;
+  kernels::Buffer chunk_table_;  // capacity chunk_table_capacity_ pointers
+  int64_t chunk_table_capacity_ = 0;
 };
 
 }  // namespace ramba

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -74,6 +75,11 @@ absl::Status CudaBackend::Init(int dev) {
   RAMBA_CUDA_RETURN_IF_ERROR(
       cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
   RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&cublaslt));
+  RAMBA_CUDA_RETURN_IF_ERROR(
+      cudaMallocHost(reinterpret_cast<void**>(&staging_), kStagingSegments * kStagingSegmentBytes));
+  for (cudaEvent_t& e : staging_done_) {
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
   scratch_.resize(static_cast<size_t>(cuda::ScratchSlot::kNumSlots));
   return absl::OkStatus();
 }
@@ -84,6 +90,10 @@ CudaBackend::~CudaBackend() {
     if (s.data != nullptr) cudaFreeAsync(s.data, stream);
   }
   if (cublaslt != nullptr) cublasLtDestroy(cublaslt);
+  for (cudaEvent_t e : staging_done_) {
+    if (e != nullptr) cudaEventDestroy(e);
+  }
+  if (staging_ != nullptr) cudaFreeHost(staging_);
   if (stream != nullptr) {
     cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
@@ -111,9 +121,28 @@ void CudaBackend::Free(void* data, size_t /*bytes*/) { cudaFreeAsync(data, strea
 absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Upload", dst != nullptr && host_src != nullptr, "null pointer");
-  // From pageable memory the copy is staged before the call returns, so the caller may reuse
-  // host_src at once.
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream));
+  if (bytes > kStagingSegmentBytes) {
+    // Large (weights, restored chunks): from pageable memory the copy is staged before the call
+    // returns, so the caller may reuse host_src at once.
+    RAMBA_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream));
+    return absl::OkStatus();
+  }
+  const size_t aligned = (bytes + 255) & ~size_t{255};
+  if (staging_offset_ + aligned > kStagingSegmentBytes) {
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaEventRecord(staging_done_[staging_segment_], stream));
+    staging_pending_[staging_segment_] = true;
+    staging_segment_ = (staging_segment_ + 1) % kStagingSegments;
+    staging_offset_ = 0;
+    if (staging_pending_[staging_segment_]) {
+      RAMBA_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(staging_done_[staging_segment_]));
+      staging_pending_[staging_segment_] = false;
+    }
+  }
+  char* slot = staging_ + staging_segment_ * kStagingSegmentBytes + staging_offset_;
+  std::memcpy(slot, host_src, bytes);
+  staging_offset_ += aligned;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream));
   return absl::OkStatus();
 }
 

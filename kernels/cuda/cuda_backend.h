@@ -83,6 +83,18 @@ class CudaBackend : public Backend, public cuda::Context {
     size_t bytes = 0;
   };
   std::vector<ScratchBlock> scratch_;
+
+  // Pinned staging for small uploads (the per-step index and pointer arrays): a copy from pageable
+  // memory makes the host wait for all queued GPU work first, so each step's launches would stall
+  // behind the previous step. Segments are reused round-robin; an event recorded when a segment
+  // fills says when its copies are done.
+  static constexpr int kStagingSegments = 8;
+  static constexpr size_t kStagingSegmentBytes = size_t{1} << 20;
+  char* staging_ = nullptr;
+  cudaEvent_t staging_done_[kStagingSegments] = {};
+  bool staging_pending_[kStagingSegments] = {};
+  int staging_segment_ = 0;
+  size_t staging_offset_ = 0;
 };
 
 }  // namespace ramba::kernels
