@@ -221,6 +221,23 @@ class Backend {
                               const SamplingParams* params, const float* uniforms,
                               int32_t* out) = 0;
 
+  // dst[r][0, cols) = src[r * ld, r * ld + cols) for r < rows; dst is an array of `rows` row
+  // pointers (batched decode appends each session's row to its own partial-chunk buffer).
+  virtual absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,
+                                   int64_t cols) = 0;
+
+  // ---- Graphs (optional) ----
+  // Ops issued between BeginGraph and EndGraph are recorded, not run; LaunchGraph replays them
+  // with one launch. Inputs are read through fixed addresses, so callers upload a step's arrays
+  // before LaunchGraph and must not Upload, Allocate or grow scratch while recording. A graph
+  // stays valid while scratch_generation() is unchanged (scratch reallocation moves addresses).
+  virtual bool SupportsGraphs() const { return false; }
+  virtual absl::Status BeginGraph() { return absl::UnimplementedError("graphs"); }
+  virtual absl::StatusOr<int64_t> EndGraph() { return absl::UnimplementedError("graphs"); }
+  virtual absl::Status LaunchGraph(int64_t graph) { return absl::UnimplementedError("graphs"); }
+  virtual void DestroyGraph(int64_t graph) {}
+  virtual uint64_t scratch_generation() const { return 0; }
+
  protected:
   friend class Buffer;
   virtual void Free(void* data, size_t bytes) = 0;

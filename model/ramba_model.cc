@@ -17,7 +17,7 @@ struct RambaModel::Workspace {
     kH, kNorm, kInProj, kXbc, kY, kG,
     kX, kXn, kQ, kK, kV, kAttn, kGate, kUp, kKfull, kVfull, kMean, kLmk,
     kR, kIdx, kW, kLandmarkPtrs, kNumChunks, kChunkTablePtrs,
-    kHsaQ, kHsaO, kLastRows, kLogits, kNumSlots
+    kHsaQ, kHsaO, kLastRows, kLogits, kBufferRows, kNumSlots
   };
   explicit Workspace(Backend* b) : backend(b), buffers(kNumSlots) {}
 
@@ -26,8 +26,12 @@ struct RambaModel::Workspace {
     const size_t bytes = std::max<int64_t>(count, 1) * sizeof(T);
     kernels::Buffer& buf = buffers[slot];
     if (buf.size() < bytes) {
+      if (recording) {
+        return absl::FailedPreconditionError("workspace must not grow while a graph is recorded");
+      }
       buf.Reset();
       ASSIGN_OR_RETURN(buf, backend->Allocate(bytes + bytes / 4));
+      ++generation;  // recorded graphs hold the old address
     }
     return buf.as<T>();
   }
@@ -41,13 +45,17 @@ struct RambaModel::Workspace {
 
   Backend* backend;
   std::vector<kernels::Buffer> buffers;
+  uint64_t generation = 0;
+  bool recording = false;
 };
 
 RambaModel::RambaModel(ModelConfig config, ModelWeights weights, Backend* backend)
     : config_(std::move(config)), weights_(std::move(weights)), backend_(backend),
       workspace_(std::make_unique<Workspace>(backend)) {}
 
-RambaModel::~RambaModel() = default;
+RambaModel::~RambaModel() {
+  for (auto& [key, graph] : graphs_) backend_->DestroyGraph(graph.id);
+}
 
 absl::StatusOr<std::unique_ptr<RambaModel>> RambaModel::Create(ModelConfig config,
                                                                const TensorMap& tensors,
@@ -72,6 +80,185 @@ absl::Status RambaModel::Forward(absl::Span<SessionState* const> states,
                                  LogitsMode mode, std::vector<float>* logits) {
   absl::MutexLock lock(&mu_);
   return ForwardLocked(states, tokens, mode, logits);
+}
+
+// Device addresses of one batch's per-row and per-sequence arrays.
+struct RambaModel::Batch {
+  int64_t rows = 0;
+  int64_t num_seqs = 0;
+  const int32_t* tokens = nullptr;
+  const int64_t* offsets = nullptr;          // backend memory
+  const int64_t* host_offsets = nullptr;     // host copy (grid sizing)
+  float* const* conv_ptrs = nullptr;         // [mamba layers][num_seqs]
+  float* const* ssm_ptrs = nullptr;
+  kernels::ChunkMemoryBatch mem;
+};
+
+// Embedding and the lower Mamba decoder: h = the chunking layer's input.
+absl::Status RambaModel::LowerLayers(const Batch& b) {
+  Workspace& ws = *workspace_;
+  using W = Workspace;
+  ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, b.rows * config_.hidden_size));
+  RETURN_IF_ERROR(backend_->Embed(b.tokens, b.rows, weights_.embeddings.view, h));
+  for (int64_t l = 0; l < config_.num_lower_layers; ++l) RETURN_IF_ERROR(MambaBlock(b, l));
+  return absl::OkStatus();
+}
+
+absl::Status RambaModel::MambaBlock(const Batch& b, int64_t layer) {
+  const ModelConfig& c = config_;
+  Workspace& ws = *workspace_;
+  Backend* be = backend_;
+  using W = Workspace;
+  const int64_t rows = b.rows, d = c.hidden_size, P = c.in_proj_dim();
+  const int64_t d_inner = c.d_inner(), conv_dim = c.conv_dim();
+  ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, rows * d));
+  ASSIGN_OR_RETURN(float* xn, ws.Get<float>(W::kNorm, rows * d));
+  ASSIGN_OR_RETURN(float* zxbcdt, ws.Get<float>(W::kInProj, rows * P));
+  ASSIGN_OR_RETURN(float* xbc, ws.Get<float>(W::kXbc, rows * conv_dim));
+  ASSIGN_OR_RETURN(float* y, ws.Get<float>(W::kY, rows * d_inner));
+  ASSIGN_OR_RETURN(float* g, ws.Get<float>(W::kG, rows * d_inner));
+  const MambaWeights& mw = weights_.mamba[layer];
+  RETURN_IF_ERROR(be->RmsNorm(h, d, mw.norm.data(), xn, d, rows, d, c.layer_norm_epsilon));
+  RETURN_IF_ERROR(be->Matmul(xn, d, rows, mw.in_proj.view, nullptr, zxbcdt, P, false));
+  RETURN_IF_ERROR(be->CausalConv1dSilu(zxbcdt + d_inner, P, b.offsets, b.num_seqs,
+                                       b.conv_ptrs + layer * b.num_seqs, mw.conv_weight.data(),
+                                       c.use_conv_bias ? mw.conv_bias.data() : nullptr, conv_dim,
+                                       c.conv_kernel, xbc, b.host_offsets));
+  kernels::SsmParams p;
+  p.nheads = c.num_heads;
+  p.headdim = c.head_dim;
+  p.d_state = c.state_size;
+  p.ngroups = c.n_groups;
+  p.dt_min = c.time_step_min_limit;
+  p.dt_max = c.time_step_max_limit;
+  p.A_log = mw.A_log.data();
+  p.D = mw.D.data();
+  p.dt_bias = mw.dt_bias.data();
+  RETURN_IF_ERROR(be->SsmScan(xbc, conv_dim, zxbcdt + d_inner + conv_dim, P, b.offsets,
+                              b.num_seqs, b.ssm_ptrs + layer * b.num_seqs, p, y, b.host_offsets));
+  RETURN_IF_ERROR(be->GatedRmsNorm(y, d_inner, zxbcdt, P, mw.gated_norm.data(), g, d_inner, rows,
+                                   d_inner, d_inner / c.n_groups, c.layer_norm_epsilon));
+  return be->Matmul(g, d_inner, rows, mw.out_proj.view, nullptr, h, d, true);
+}
+
+// Encodes `new_chunks` blocks already gathered in X (block_len rows each, CLS row last when the
+// model has one) and appends block i to owners[i].
+absl::Status RambaModel::EncodeChunks(float* X, int64_t new_chunks,
+                                      absl::Span<SessionState* const> owners) {
+  const ModelConfig& c = config_;
+  Workspace& ws = *workspace_;
+  Backend* be = backend_;
+  using W = Workspace;
+  const int64_t d = c.hidden_size, S = c.chunk_size;
+  const int64_t block_len = S + (c.has_cls ? 1 : 0);
+  const int64_t enc_rows = new_chunks * block_len;
+  if (c.encoder_layers > 0) {
+    const int64_t hd = c.attn_head_dim(), nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+    const int64_t inter = c.encoder_intermediate_size();
+    ASSIGN_OR_RETURN(float* exn, ws.Get<float>(W::kXn, enc_rows * d));
+    ASSIGN_OR_RETURN(float* q, ws.Get<float>(W::kQ, enc_rows * nh * hd));
+    ASSIGN_OR_RETURN(float* k, ws.Get<float>(W::kK, enc_rows * nkv * hd));
+    ASSIGN_OR_RETURN(float* v, ws.Get<float>(W::kV, enc_rows * nkv * hd));
+    ASSIGN_OR_RETURN(float* attn, ws.Get<float>(W::kAttn, enc_rows * nh * hd));
+    ASSIGN_OR_RETURN(float* gate, ws.Get<float>(W::kGate, enc_rows * inter));
+    ASSIGN_OR_RETURN(float* up, ws.Get<float>(W::kUp, enc_rows * inter));
+    const float eps = c.encoder_rms_norm_eps;
+    for (const EncoderLayerWeights& lw : weights_.chunking.layers) {
+      RETURN_IF_ERROR(be->RmsNorm(X, d, lw.input_norm.data(), exn, d, enc_rows, d, eps));
+      RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.q.view, lw.q_bias.data(), q, nh * hd, false));
+      RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.k.view, lw.k_bias.data(), k, nkv * hd, false));
+      RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.v.view, lw.v_bias.data(), v, nkv * hd, false));
+      RETURN_IF_ERROR(be->RmsNorm(q, hd, lw.q_norm.data(), q, hd, enc_rows * nh, hd, eps));
+      RETURN_IF_ERROR(be->RmsNorm(k, hd, lw.k_norm.data(), k, hd, enc_rows * nkv, hd, eps));
+      RETURN_IF_ERROR(be->RopeInChunk(q, enc_rows, nh, hd, block_len, c.encoder_rope_theta));
+      RETURN_IF_ERROR(be->RopeInChunk(k, enc_rows, nkv, hd, block_len, c.encoder_rope_theta));
+      RETURN_IF_ERROR(be->BlockAttention(q, k, v, attn, new_chunks, block_len, nh, nkv, hd));
+      RETURN_IF_ERROR(be->Matmul(attn, nh * hd, enc_rows, lw.o.view, nullptr, X, d, true));
+      RETURN_IF_ERROR(be->RmsNorm(X, d, lw.post_attention_norm.data(), exn, d, enc_rows, d, eps));
+      RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.gate.view, nullptr, gate, inter, false));
+      RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.up.view, nullptr, up, inter, false));
+      RETURN_IF_ERROR(be->SwiGlu(gate, up, gate, enc_rows * inter));
+      RETURN_IF_ERROR(be->Matmul(gate, inter, enc_rows, lw.down.view, nullptr, X, d, true));
+    }
+  }
+  // Final norm (encoder.norm, or the chunking layer's own norm without an encoder), in place.
+  float* E = X;
+  RETURN_IF_ERROR(be->RmsNorm(X, d, weights_.chunking.final_norm.data(), E, d, enc_rows, d,
+                              c.encoder_rms_norm_eps));
+  const int64_t kv_dim = c.kv_dim();
+  ASSIGN_OR_RETURN(float* kfull, ws.Get<float>(W::kKfull, enc_rows * kv_dim));
+  ASSIGN_OR_RETURN(float* vfull, ws.Get<float>(W::kVfull, enc_rows * kv_dim));
+  RETURN_IF_ERROR(be->Matmul(E, d, enc_rows, weights_.chunking.proj_k.view, nullptr, kfull, kv_dim,
+                             false));
+  RETURN_IF_ERROR(be->Matmul(E, d, enc_rows, weights_.chunking.proj_v.view, nullptr, vfull, kv_dim,
+                             false));
+  ASSIGN_OR_RETURN(float* landmarks_new, ws.Get<float>(W::kLmk, new_chunks * c.retrieval_dim));
+  if (c.has_cls) {
+    RETURN_IF_ERROR(be->Matmul(E + S * d, block_len * d, new_chunks, weights_.chunking.lmk_ln.view,
+                               nullptr, landmarks_new, c.retrieval_dim, false));
+  } else {
+    ASSIGN_OR_RETURN(float* mean, ws.Get<float>(W::kMean, new_chunks * d));
+    RETURN_IF_ERROR(be->BlockMean(E, new_chunks, S, d, mean));
+    RETURN_IF_ERROR(be->Matmul(mean, d, new_chunks, weights_.chunking.lmk_ln.view, nullptr,
+                               landmarks_new, c.retrieval_dim, false));
+  }
+  const size_t half = S * kv_dim * sizeof(float);
+  for (int64_t i = 0; i < new_chunks; ++i) {
+    auto chunk = std::make_shared<ChunkKV>();
+    ASSIGN_OR_RETURN(chunk->kv, be->Allocate(2 * half));
+    RETURN_IF_ERROR(be->Copy(chunk->kv.as<char>(), kfull + i * block_len * kv_dim, half));
+    RETURN_IF_ERROR(be->Copy(chunk->kv.as<char>() + half, vfull + i * block_len * kv_dim, half));
+    RETURN_IF_ERROR(owners[i]->AppendChunk(std::move(chunk), landmarks_new + i * c.retrieval_dim));
+  }
+  return absl::OkStatus();
+}
+
+// Retrieval and the upper decoder ([HSA, Mamba x G] per group) on h, in place.
+absl::Status RambaModel::UpperLayers(const Batch& b) {
+  const ModelConfig& c = config_;
+  Workspace& ws = *workspace_;
+  Backend* be = backend_;
+  using W = Workspace;
+  const int64_t rows = b.rows, d = c.hidden_size, S = c.chunk_size;
+  const int64_t heads = c.retrieval_heads(), K = c.chunk_topk;
+  ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, rows * d));
+  ASSIGN_OR_RETURN(float* xn, ws.Get<float>(W::kNorm, rows * d));
+  ASSIGN_OR_RETURN(float* r, ws.Get<float>(W::kR, rows * c.retrieval_dim));
+  RETURN_IF_ERROR(be->RmsNorm(h, d, weights_.retrieval.pre_norm.data(), xn, d, rows, d,
+                              c.hsa_norm_eps));
+  RETURN_IF_ERROR(be->Matmul(xn, d, rows, weights_.retrieval.ln.view, nullptr, r,
+                             c.retrieval_dim, false));
+  ASSIGN_OR_RETURN(int32_t * idx, ws.Get<int32_t>(W::kIdx, rows * heads * K));
+  ASSIGN_OR_RETURN(float* wts, ws.Get<float>(W::kW, rows * heads * K));
+  RETURN_IF_ERROR(be->RetrieveChunks(r, rows, b.mem, c.retrieval_dim, heads, K, S, idx, wts));
+  ASSIGN_OR_RETURN(float* hq, ws.Get<float>(W::kHsaQ, rows * d));
+  ASSIGN_OR_RETURN(float* ho, ws.Get<float>(W::kHsaO, rows * d));
+  int64_t mamba_layer = c.num_lower_layers;
+  for (const HsaWeights& hw : weights_.hsa) {
+    RETURN_IF_ERROR(be->RmsNorm(h, d, hw.pre_norm.data(), xn, d, rows, d, c.hsa_norm_eps));
+    RETURN_IF_ERROR(be->Matmul(xn, d, rows, hw.q_proj.view, nullptr, hq, d, false));
+    RETURN_IF_ERROR(be->SparseChunkAttention(hq, rows, b.mem, idx, wts, heads, K,
+                                             c.num_attention_heads, c.num_kv_heads,
+                                             c.attn_head_dim(), S, ho));
+    RETURN_IF_ERROR(be->Matmul(ho, d, rows, hw.o_proj.view, nullptr, h, d, true));
+    for (int64_t j = 0; j < c.num_mamba_per_gca; ++j) RETURN_IF_ERROR(MambaBlock(b, mamba_layer++));
+  }
+  return absl::OkStatus();
+}
+
+// Final norm and LM head over `rows` rows at src; returns the logits' backend address.
+absl::StatusOr<float*> RambaModel::Head(const float* src, int64_t rows) {
+  const ModelConfig& c = config_;
+  Workspace& ws = *workspace_;
+  using W = Workspace;
+  const int64_t d = c.hidden_size;
+  ASSIGN_OR_RETURN(float* normed, ws.Get<float>(W::kNorm, rows * d));
+  RETURN_IF_ERROR(backend_->RmsNorm(src, d, weights_.norm_f.data(), normed, d, rows, d,
+                                    c.layer_norm_epsilon));
+  ASSIGN_OR_RETURN(float* out, ws.Get<float>(W::kLogits, rows * c.vocab_size));
+  RETURN_IF_ERROR(backend_->Matmul(normed, d, rows, weights_.lm_head.view, nullptr, out,
+                                   c.vocab_size, false));
+  return out;
 }
 
 absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
@@ -116,16 +303,27 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   const int64_t rows = static_cast<int64_t>(all_tokens.size());
   if (logits != nullptr) logits->clear();
   if (rows == 0) return absl::OkStatus();
+  if (mode == LogitsMode::kLast) {
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      if (seq_offsets[s + 1] == seq_offsets[s]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("sequence ", s, " has no tokens, so it has no last-token logits"));
+      }
+    }
+  }
+  if (be->SupportsGraphs() && rows == num_seqs && mode == LogitsMode::kLast && logits != nullptr) {
+    return DecodeStepLocked(states, all_tokens, logits);
+  }
 
-  const int64_t d = c.hidden_size, S = c.chunk_size, P = c.in_proj_dim();
-  const int64_t d_inner = c.d_inner(), conv_dim = c.conv_dim();
+  const int64_t d = c.hidden_size, S = c.chunk_size;
   using W = Workspace;
 
-  // ---- Embedding and per-batch index arrays ----
-  ASSIGN_OR_RETURN(int32_t * tok_dev, ws.Put(W::kTokens, all_tokens));
-  ASSIGN_OR_RETURN(int64_t * offsets_dev, ws.Put(W::kSeqOffsets, seq_offsets));
-  ASSIGN_OR_RETURN(int32_t * row_seq_dev, ws.Put(W::kRowSeq, row_seq));
-  ASSIGN_OR_RETURN(int64_t * row_pos_dev, ws.Put(W::kRowPos, row_pos));
+  Batch b;
+  b.rows = rows;
+  b.num_seqs = num_seqs;
+  b.host_offsets = seq_offsets.data();
+  ASSIGN_OR_RETURN(b.tokens, ws.Put(W::kTokens, all_tokens));
+  ASSIGN_OR_RETURN(b.offsets, ws.Put(W::kSeqOffsets, seq_offsets));
   std::vector<float*> conv_ptrs, ssm_ptrs;
   for (int64_t l = 0; l < c.num_mamba_layers(); ++l) {
     for (int64_t s = 0; s < num_seqs; ++s) {
@@ -133,64 +331,25 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
       ssm_ptrs.push_back(states[s]->ssm_state(l));
     }
   }
-  ASSIGN_OR_RETURN(float** conv_ptrs_dev, ws.Put(W::kConvPtrs, conv_ptrs));
-  ASSIGN_OR_RETURN(float** ssm_ptrs_dev, ws.Put(W::kSsmPtrs, ssm_ptrs));
-
+  ASSIGN_OR_RETURN(b.conv_ptrs, ws.Put(W::kConvPtrs, conv_ptrs));
+  ASSIGN_OR_RETURN(b.ssm_ptrs, ws.Put(W::kSsmPtrs, ssm_ptrs));
+  RETURN_IF_ERROR(LowerLayers(b));
   ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, rows * d));
-  RETURN_IF_ERROR(be->Embed(tok_dev, rows, weights_.embeddings.view, h));
-
-  ASSIGN_OR_RETURN(float* xn, ws.Get<float>(W::kNorm, rows * d));
-  ASSIGN_OR_RETURN(float* zxbcdt, ws.Get<float>(W::kInProj, rows * P));
-  ASSIGN_OR_RETURN(float* xbc, ws.Get<float>(W::kXbc, rows * conv_dim));
-  ASSIGN_OR_RETURN(float* y, ws.Get<float>(W::kY, rows * d_inner));
-  ASSIGN_OR_RETURN(float* g, ws.Get<float>(W::kG, rows * d_inner));
-
-  kernels::SsmParams ssm;
-  ssm.nheads = c.num_heads;
-  ssm.headdim = c.head_dim;
-  ssm.d_state = c.state_size;
-  ssm.ngroups = c.n_groups;
-  ssm.dt_min = c.time_step_min_limit;
-  ssm.dt_max = c.time_step_max_limit;
-
-  auto mamba_block = [&](int64_t layer) -> absl::Status {
-    const MambaWeights& mw = weights_.mamba[layer];
-    RETURN_IF_ERROR(be->RmsNorm(h, d, mw.norm.data(), xn, d, rows, d, c.layer_norm_epsilon));
-    RETURN_IF_ERROR(be->Matmul(xn, d, rows, mw.in_proj.view, nullptr, zxbcdt, P, false));
-    RETURN_IF_ERROR(be->CausalConv1dSilu(zxbcdt + d_inner, P, offsets_dev, num_seqs,
-                                         conv_ptrs_dev + layer * num_seqs, mw.conv_weight.data(),
-                                         c.use_conv_bias ? mw.conv_bias.data() : nullptr,
-                                         conv_dim, c.conv_kernel, xbc, seq_offsets.data()));
-    kernels::SsmParams p = ssm;
-    p.A_log = mw.A_log.data();
-    p.D = mw.D.data();
-    p.dt_bias = mw.dt_bias.data();
-    RETURN_IF_ERROR(be->SsmScan(xbc, conv_dim, zxbcdt + d_inner + conv_dim, P, offsets_dev,
-                                num_seqs, ssm_ptrs_dev + layer * num_seqs, p, y,
-                                seq_offsets.data()));
-    RETURN_IF_ERROR(be->GatedRmsNorm(y, d_inner, zxbcdt, P, mw.gated_norm.data(), g, d_inner,
-                                     rows, d_inner, d_inner / c.n_groups, c.layer_norm_epsilon));
-    return be->Matmul(g, d_inner, rows, mw.out_proj.view, nullptr, h, d, true);
-  };
-
-  // ---- Lower decoder ----
-  for (int64_t l = 0; l < c.num_lower_layers; ++l) RETURN_IF_ERROR(mamba_block(l));
 
   // ---- Chunking layer: encode every chunk completed by this batch ----
-  const int64_t block_len = S + (c.has_cls ? 1 : 0);
-  int64_t new_chunks = 0;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t p0 = states[s]->position();
-    new_chunks += (p0 + static_cast<int64_t>(tokens[s].size())) / S - p0 / S;
-  }
-  std::vector<std::shared_ptr<const ChunkKV>> encoded;
-  float* landmarks_new = nullptr;
   // Gather chunk inputs (buffered rows + this batch's rows) into X, then refill every sequence's
   // partial-chunk buffer with its leftover rows (also when no chunk completes).
-  const int64_t enc_rows = new_chunks * block_len;
+  const int64_t block_len = S + (c.has_cls ? 1 : 0);
+  std::vector<SessionState*> owners;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t p0 = states[s]->position();
+    const int64_t n = (p0 + static_cast<int64_t>(tokens[s].size())) / S - p0 / S;
+    for (int64_t j = 0; j < n; ++j) owners.push_back(states[s]);
+  }
+  const int64_t new_chunks = static_cast<int64_t>(owners.size());
   float* X = nullptr;
   if (new_chunks > 0) {
-    ASSIGN_OR_RETURN(X, ws.Get<float>(W::kX, enc_rows * d));
+    ASSIGN_OR_RETURN(X, ws.Get<float>(W::kX, new_chunks * block_len * d));
   }
   {
     int64_t block = 0;
@@ -221,121 +380,12 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
       }
     }
   }
-  if (new_chunks > 0) {
-    // Encoder.
-    float* E = X;
-    if (c.encoder_layers > 0) {
-      const int64_t hd = c.attn_head_dim(), nh = c.num_attention_heads,
-                    nkv = c.num_key_value_heads;
-      const int64_t inter = c.encoder_intermediate_size();
-      ASSIGN_OR_RETURN(float* exn, ws.Get<float>(W::kXn, enc_rows * d));
-      ASSIGN_OR_RETURN(float* q, ws.Get<float>(W::kQ, enc_rows * nh * hd));
-      ASSIGN_OR_RETURN(float* k, ws.Get<float>(W::kK, enc_rows * nkv * hd));
-      ASSIGN_OR_RETURN(float* v, ws.Get<float>(W::kV, enc_rows * nkv * hd));
-      ASSIGN_OR_RETURN(float* attn, ws.Get<float>(W::kAttn, enc_rows * nh * hd));
-      ASSIGN_OR_RETURN(float* gate, ws.Get<float>(W::kGate, enc_rows * inter));
-      ASSIGN_OR_RETURN(float* up, ws.Get<float>(W::kUp, enc_rows * inter));
-      const float eps = c.encoder_rms_norm_eps;
-      for (const EncoderLayerWeights& lw : weights_.chunking.layers) {
-        RETURN_IF_ERROR(be->RmsNorm(X, d, lw.input_norm.data(), exn, d, enc_rows, d, eps));
-        RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.q.view, lw.q_bias.data(), q, nh * hd, false));
-        RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.k.view, lw.k_bias.data(), k, nkv * hd, false));
-        RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.v.view, lw.v_bias.data(), v, nkv * hd, false));
-        RETURN_IF_ERROR(be->RmsNorm(q, hd, lw.q_norm.data(), q, hd, enc_rows * nh, hd, eps));
-        RETURN_IF_ERROR(be->RmsNorm(k, hd, lw.k_norm.data(), k, hd, enc_rows * nkv, hd, eps));
-        RETURN_IF_ERROR(be->RopeInChunk(q, enc_rows, nh, hd, block_len, c.encoder_rope_theta));
-        RETURN_IF_ERROR(be->RopeInChunk(k, enc_rows, nkv, hd, block_len, c.encoder_rope_theta));
-        RETURN_IF_ERROR(be->BlockAttention(q, k, v, attn, new_chunks, block_len, nh, nkv, hd));
-        RETURN_IF_ERROR(be->Matmul(attn, nh * hd, enc_rows, lw.o.view, nullptr, X, d, true));
-        RETURN_IF_ERROR(be->RmsNorm(X, d, lw.post_attention_norm.data(), exn, d, enc_rows, d, eps));
-        RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.gate.view, nullptr, gate, inter, false));
-        RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.up.view, nullptr, up, inter, false));
-        RETURN_IF_ERROR(be->SwiGlu(gate, up, gate, enc_rows * inter));
-        RETURN_IF_ERROR(be->Matmul(gate, inter, enc_rows, lw.down.view, nullptr, X, d, true));
-      }
-    }
-    // Final norm (encoder.norm, or the chunking layer's own norm without an encoder), in place.
-    RETURN_IF_ERROR(be->RmsNorm(X, d, weights_.chunking.final_norm.data(), E, d, enc_rows, d,
-                                c.encoder_rms_norm_eps));
-    const int64_t kv_dim = c.kv_dim();
-    ASSIGN_OR_RETURN(float* kfull, ws.Get<float>(W::kKfull, enc_rows * kv_dim));
-    ASSIGN_OR_RETURN(float* vfull, ws.Get<float>(W::kVfull, enc_rows * kv_dim));
-    RETURN_IF_ERROR(be->Matmul(E, d, enc_rows, weights_.chunking.proj_k.view, nullptr, kfull,
-                               kv_dim, false));
-    RETURN_IF_ERROR(be->Matmul(E, d, enc_rows, weights_.chunking.proj_v.view, nullptr, vfull,
-                               kv_dim, false));
-    ASSIGN_OR_RETURN(landmarks_new, ws.Get<float>(W::kLmk, new_chunks * c.retrieval_dim));
-    if (c.has_cls) {
-      RETURN_IF_ERROR(be->Matmul(E + S * d, block_len * d, new_chunks,
-                                 weights_.chunking.lmk_ln.view, nullptr, landmarks_new,
-                                 c.retrieval_dim, false));
-    } else {
-      ASSIGN_OR_RETURN(float* mean, ws.Get<float>(W::kMean, new_chunks * d));
-      RETURN_IF_ERROR(be->BlockMean(E, new_chunks, S, d, mean));
-      RETURN_IF_ERROR(be->Matmul(mean, d, new_chunks, weights_.chunking.lmk_ln.view, nullptr,
-                                 landmarks_new, c.retrieval_dim, false));
-    }
-    const size_t half = S * kv_dim * sizeof(float);
-    for (int64_t b = 0; b < new_chunks; ++b) {
-      auto chunk = std::make_shared<ChunkKV>();
-      ASSIGN_OR_RETURN(chunk->kv, be->Allocate(2 * half));
-      RETURN_IF_ERROR(be->Copy(chunk->kv.as<char>(), kfull + b * block_len * kv_dim, half));
-      RETURN_IF_ERROR(be->Copy(chunk->kv.as<char>() + half, vfull + b * block_len * kv_dim, half));
-      encoded.push_back(std::move(chunk));
-    }
-  }
-  // Append the new chunks in sequence order (blocks were laid out that way).
-  {
-    int64_t b = 0;
-    for (int64_t s = 0; s < num_seqs; ++s) {
-      const int64_t p0 = states[s]->position();
-      const int64_t n = (p0 + static_cast<int64_t>(tokens[s].size())) / S - p0 / S;
-      for (int64_t j = 0; j < n; ++j, ++b) {
-        RETURN_IF_ERROR(states[s]->AppendChunk(encoded[b], landmarks_new + b * c.retrieval_dim));
-      }
-    }
-  }
+  // New chunks are appended before retrieval: later rows of a prefill may select them.
+  if (new_chunks > 0) RETURN_IF_ERROR(EncodeChunks(X, new_chunks, owners));
 
-  // ---- Retrieval layer: top-K chunks and stick-breaking weights per token ----
-  const int64_t heads = c.retrieval_heads(), K = c.chunk_topk;
-  ASSIGN_OR_RETURN(float* r, ws.Get<float>(W::kR, rows * c.retrieval_dim));
-  RETURN_IF_ERROR(be->RmsNorm(h, d, weights_.retrieval.pre_norm.data(), xn, d, rows, d,
-                              c.hsa_norm_eps));
-  RETURN_IF_ERROR(be->Matmul(xn, d, rows, weights_.retrieval.ln.view, nullptr, r,
-                             c.retrieval_dim, false));
-  std::vector<const float*> landmark_ptrs;
-  std::vector<int64_t> num_chunks;
-  std::vector<const float* const*> table_ptrs;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    landmark_ptrs.push_back(states[s]->landmarks());
-    num_chunks.push_back(states[s]->num_chunks());
-    table_ptrs.push_back(states[s]->chunk_table());
-  }
-  kernels::ChunkMemoryBatch mem;
-  mem.max_num_chunks = *std::max_element(num_chunks.begin(), num_chunks.end());
-  mem.row_seq = row_seq_dev;
-  mem.row_position = row_pos_dev;
-  ASSIGN_OR_RETURN(mem.landmarks, ws.Put(W::kLandmarkPtrs, landmark_ptrs));
-  ASSIGN_OR_RETURN(mem.num_chunks, ws.Put(W::kNumChunks, num_chunks));
-  ASSIGN_OR_RETURN(mem.chunk_kv, ws.Put(W::kChunkTablePtrs, table_ptrs));
-  ASSIGN_OR_RETURN(int32_t * idx, ws.Get<int32_t>(W::kIdx, rows * heads * K));
-  ASSIGN_OR_RETURN(float* wts, ws.Get<float>(W::kW, rows * heads * K));
-  RETURN_IF_ERROR(be->RetrieveChunks(r, rows, mem, c.retrieval_dim, heads, K, S, idx, wts));
-
-  // ---- Upper decoder: [HSA, Mamba x G] per group ----
-  ASSIGN_OR_RETURN(float* hq, ws.Get<float>(W::kHsaQ, rows * d));
-  ASSIGN_OR_RETURN(float* ho, ws.Get<float>(W::kHsaO, rows * d));
-  int64_t mamba_layer = c.num_lower_layers;
-  for (const HsaWeights& hw : weights_.hsa) {
-    RETURN_IF_ERROR(be->RmsNorm(h, d, hw.pre_norm.data(), xn, d, rows, d, c.hsa_norm_eps));
-    RETURN_IF_ERROR(be->Matmul(xn, d, rows, hw.q_proj.view, nullptr, hq, d, false));
-    RETURN_IF_ERROR(be->SparseChunkAttention(hq, rows, mem, idx, wts, heads, K,
-                                             c.num_attention_heads, c.num_kv_heads,
-                                             c.attn_head_dim(), S, ho));
-    RETURN_IF_ERROR(be->Matmul(ho, d, rows, hw.o_proj.view, nullptr, h, d, true));
-    for (int64_t j = 0; j < c.num_mamba_per_gca; ++j) RETURN_IF_ERROR(mamba_block(mamba_layer++));
-  }
-
+  // ---- Retrieval and upper decoder ----
+  ASSIGN_OR_RETURN(b.mem, MemoryBatch(states, row_seq, row_pos, /*bucket=*/false));
+  RETURN_IF_ERROR(UpperLayers(b));
   for (int64_t s = 0; s < num_seqs; ++s) {
     states[s]->AdvancePosition(static_cast<int64_t>(tokens[s].size()));
   }
@@ -345,26 +395,154 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   const float* src = h;
   int64_t out_rows = rows;
   if (mode == LogitsMode::kLast) {
-    out_rows = 0;
+    out_rows = num_seqs;
     ASSIGN_OR_RETURN(float* last, ws.Get<float>(W::kLastRows, num_seqs * d));
     for (int64_t s = 0; s < num_seqs; ++s) {
-      if (seq_offsets[s + 1] == seq_offsets[s]) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("sequence ", s, " has no tokens, so it has no last-token logits"));
-      }
-      RETURN_IF_ERROR(be->Copy(last + out_rows * d, h + (seq_offsets[s + 1] - 1) * d,
-                               d * sizeof(float)));
-      ++out_rows;
+      RETURN_IF_ERROR(be->Copy(last + s * d, h + (seq_offsets[s + 1] - 1) * d, d * sizeof(float)));
     }
     src = last;
   }
-  ASSIGN_OR_RETURN(float* normed, ws.Get<float>(W::kNorm, out_rows * d));
-  RETURN_IF_ERROR(be->RmsNorm(src, d, weights_.norm_f.data(), normed, d, out_rows, d,
-                              c.layer_norm_epsilon));
-  ASSIGN_OR_RETURN(float* out, ws.Get<float>(W::kLogits, out_rows * c.vocab_size));
-  RETURN_IF_ERROR(be->Matmul(normed, d, out_rows, weights_.lm_head.view, nullptr, out,
-                             c.vocab_size, false));
+  ASSIGN_OR_RETURN(float* out, Head(src, out_rows));
   logits->resize(out_rows * c.vocab_size);
+  return be->Download(logits->data(), out, logits->size() * sizeof(float));
+}
+
+absl::StatusOr<kernels::ChunkMemoryBatch> RambaModel::MemoryBatch(
+    absl::Span<SessionState* const> states, const std::vector<int32_t>& row_seq,
+    const std::vector<int64_t>& row_pos, bool bucket) {
+  Workspace& ws = *workspace_;
+  using W = Workspace;
+  std::vector<const float*> landmark_ptrs;
+  std::vector<int64_t> num_chunks;
+  std::vector<const float* const*> table_ptrs;
+  int64_t max_chunks = 0;
+  for (SessionState* st : states) {
+    landmark_ptrs.push_back(st->landmarks());
+    num_chunks.push_back(st->num_chunks());
+    table_ptrs.push_back(st->chunk_table());
+    max_chunks = std::max(max_chunks, st->num_chunks());
+  }
+  kernels::ChunkMemoryBatch mem;
+  mem.max_num_chunks = bucket ? ChunkBucket(max_chunks) : max_chunks;
+  ASSIGN_OR_RETURN(mem.row_seq, ws.Put(W::kRowSeq, row_seq));
+  ASSIGN_OR_RETURN(mem.row_position, ws.Put(W::kRowPos, row_pos));
+  ASSIGN_OR_RETURN(mem.landmarks, ws.Put(W::kLandmarkPtrs, landmark_ptrs));
+  ASSIGN_OR_RETURN(mem.num_chunks, ws.Put(W::kNumChunks, num_chunks));
+  ASSIGN_OR_RETURN(mem.chunk_kv, ws.Put(W::kChunkTablePtrs, table_ptrs));
+  return mem;
+}
+
+// Graphs are keyed by the chunk-count bucket too, since retrieval sizes its grid from it.
+int64_t RambaModel::ChunkBucket(int64_t max_chunks) {
+  int64_t b = 64;
+  while (b < max_chunks) b *= 2;
+  return b;
+}
+
+// One token per session on a backend with graphs. The step's ops (embedding, lower decoder, the
+// append of each row to its partial-chunk buffer, retrieval, upper decoder, head) read every
+// per-step address through arrays uploaded first, so after one eager run of a (batch, chunk
+// bucket) shape they are recorded once and replayed with one launch. Chunks completed by this
+// step are encoded afterwards, outside the graph: a decode row never retrieves the chunk it
+// completes ((c + 1) * chunk_size > its position), so the order does not change the result.
+absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states,
+                                          const std::vector<int32_t>& tokens,
+                                          std::vector<float>* logits) {
+  const ModelConfig& c = config_;
+  Workspace& ws = *workspace_;
+  Backend* be = backend_;
+  using W = Workspace;
+  const int64_t B = static_cast<int64_t>(states.size());
+  const int64_t d = c.hidden_size, S = c.chunk_size;
+
+  std::vector<int64_t> offsets(B + 1);
+  std::vector<int32_t> row_seq(B);
+  std::vector<int64_t> row_pos(B);
+  std::vector<float*> conv_ptrs, ssm_ptrs, buffer_rows(B);
+  for (int64_t s = 0; s < B; ++s) {
+    offsets[s + 1] = s + 1;
+    row_seq[s] = static_cast<int32_t>(s);
+    row_pos[s] = states[s]->position();
+    buffer_rows[s] = states[s]->chunk_buffer() + states[s]->buffered_rows() * d;
+  }
+  for (int64_t l = 0; l < c.num_mamba_layers(); ++l) {
+    for (int64_t s = 0; s < B; ++s) {
+      conv_ptrs.push_back(states[s]->conv_state(l));
+      ssm_ptrs.push_back(states[s]->ssm_state(l));
+    }
+  }
+  Batch b;
+  b.rows = B;
+  b.num_seqs = B;
+  b.host_offsets = offsets.data();
+  ASSIGN_OR_RETURN(b.tokens, ws.Put(W::kTokens, tokens));
+  ASSIGN_OR_RETURN(b.offsets, ws.Put(W::kSeqOffsets, offsets));
+  ASSIGN_OR_RETURN(b.conv_ptrs, ws.Put(W::kConvPtrs, conv_ptrs));
+  ASSIGN_OR_RETURN(b.ssm_ptrs, ws.Put(W::kSsmPtrs, ssm_ptrs));
+  ASSIGN_OR_RETURN(float** rows_dev, ws.Put(W::kBufferRows, buffer_rows));
+  ASSIGN_OR_RETURN(b.mem, MemoryBatch(states, row_seq, row_pos, /*bucket=*/true));
+
+  auto ops = [&]() -> absl::StatusOr<float*> {
+    RETURN_IF_ERROR(LowerLayers(b));
+    ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, B * d));
+    RETURN_IF_ERROR(be->ScatterRows(h, d, rows_dev, B, d));
+    RETURN_IF_ERROR(UpperLayers(b));
+    return Head(h, B);
+  };
+
+  const std::pair<int64_t, int64_t> key(B, b.mem.max_num_chunks);
+  const uint64_t generation = ws.generation + (be->scratch_generation() << 32);
+  float* out = nullptr;
+  auto it = graphs_.find(key);
+  if (it != graphs_.end() && it->second.generation != generation) {
+    be->DestroyGraph(it->second.id);
+    graphs_.erase(it);
+    it = graphs_.end();
+  }
+  if (it != graphs_.end()) {
+    RETURN_IF_ERROR(be->LaunchGraph(it->second.id));
+    out = it->second.logits;
+  } else if (seen_shapes_.count(key) == 0) {
+    // First time at this shape: run eagerly, which also sizes every scratch buffer.
+    seen_shapes_.insert(key);
+    ASSIGN_OR_RETURN(out, ops());
+  } else {
+    RETURN_IF_ERROR(be->BeginGraph());
+    ws.recording = true;
+    absl::StatusOr<float*> recorded = ops();
+    ws.recording = false;
+    absl::StatusOr<int64_t> id = be->EndGraph();
+    if (recorded.ok() && id.ok()) {
+      graphs_[key] = Graph{*id, generation, *recorded};
+      RETURN_IF_ERROR(be->LaunchGraph(*id));
+      out = *recorded;
+    } else {
+      // Recording failed (e.g. a buffer had to grow): nothing ran, so run the step eagerly.
+      if (id.ok()) be->DestroyGraph(*id);
+      ASSIGN_OR_RETURN(out, ops());
+    }
+  }
+
+  // Chunks completed by this step: the partial-chunk buffer now holds all chunk_size rows.
+  std::vector<SessionState*> owners;
+  for (int64_t s = 0; s < B; ++s) {
+    if (states[s]->buffered_rows() == S - 1) owners.push_back(states[s]);
+  }
+  if (!owners.empty()) {
+    const int64_t block_len = S + (c.has_cls ? 1 : 0);
+    const int64_t n = static_cast<int64_t>(owners.size());
+    ASSIGN_OR_RETURN(float* X, ws.Get<float>(W::kX, n * block_len * d));
+    for (int64_t i = 0; i < n; ++i) {
+      float* dst = X + i * block_len * d;
+      RETURN_IF_ERROR(be->Copy(dst, owners[i]->chunk_buffer(), S * d * sizeof(float)));
+      if (c.has_cls) {
+        RETURN_IF_ERROR(be->Copy(dst + S * d, weights_.chunking.cls.data(), d * sizeof(float)));
+      }
+    }
+    RETURN_IF_ERROR(EncodeChunks(X, n, owners));
+  }
+  for (SessionState* st : states) st->AdvancePosition(1);
+  logits->resize(B * c.vocab_size);
   return be->Download(logits->data(), out, logits->size() * sizeof(float));
 }
 

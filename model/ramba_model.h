@@ -3,8 +3,11 @@
 #define RAMBA_MODEL_RAMBA_MODEL_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -65,16 +68,39 @@ class RambaModel {
 
  private:
   struct Workspace;
+  struct Batch;
+  struct Graph {
+    int64_t id = 0;
+    uint64_t generation = 0;  // workspace + backend scratch generation at recording
+    float* logits = nullptr;
+  };
   RambaModel(ModelConfig config, ModelWeights weights, kernels::Backend* backend);
   absl::Status ForwardLocked(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
                              std::vector<float>* logits) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status DecodeStepLocked(absl::Span<SessionState* const> states,
+                                const std::vector<int32_t>& tokens, std::vector<float>* logits)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stages of a forward pass (mu_ held).
+  absl::Status LowerLayers(const Batch& b);
+  absl::Status MambaBlock(const Batch& b, int64_t layer);
+  absl::Status EncodeChunks(float* X, int64_t new_chunks, absl::Span<SessionState* const> owners);
+  absl::Status UpperLayers(const Batch& b);
+  absl::StatusOr<float*> Head(const float* src, int64_t rows);
+  absl::StatusOr<kernels::ChunkMemoryBatch> MemoryBatch(absl::Span<SessionState* const> states,
+                                                        const std::vector<int32_t>& row_seq,
+                                                        const std::vector<int64_t>& row_pos,
+                                                        bool bucket);
+  static int64_t ChunkBucket(int64_t max_chunks);
 
   ModelConfig config_;
   ModelWeights weights_;
   kernels::Backend* backend_;
   absl::Mutex mu_;
   std::unique_ptr<Workspace> workspace_ ABSL_GUARDED_BY(mu_);
+  // Recorded decode steps by (batch size, chunk bucket), and shapes already run once eagerly.
+  std::map<std::pair<int64_t, int64_t>, Graph> graphs_ ABSL_GUARDED_BY(mu_);
+  std::set<std::pair<int64_t, int64_t>> seen_shapes_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ramba

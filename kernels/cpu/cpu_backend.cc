@@ -374,4 +374,17 @@ std::unique_ptr<Backend> CreateCpuBackend(int threads) {
   return std::make_unique<CpuBackend>(threads);
 }
 
+absl::Status CpuBackend::ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,
+                                     int64_t cols) {
+  RAMBA_CHECK_ARG("ScatterRows", rows >= 0 && cols >= 0, "negative size");
+  if (rows == 0 || cols == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("ScatterRows", src != nullptr && dst != nullptr && ld >= cols,
+                  "null pointer or ld below cols");
+  for (int64_t r = 0; r < rows; ++r) {
+    if (dst[r] == nullptr) return Invalid("ScatterRows", absl::StrCat("row ", r, " is null"));
+    std::memcpy(dst[r], src + r * ld, cols * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace ramba::kernels

@@ -63,6 +63,8 @@ class CpuBackend : public Backend {
   absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
                       const SamplingParams* params, const float* uniforms,
                       int32_t* out) override;
+  absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,
+                           int64_t cols) override;
 
  protected:
   void Free(void* data, size_t bytes) override;

@@ -93,6 +93,7 @@ CudaBackend::~CudaBackend() {
   for (cudaEvent_t e : staging_done_) {
     if (e != nullptr) cudaEventDestroy(e);
   }
+  for (auto& [id, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (staging_ != nullptr) cudaFreeHost(staging_);
   if (stream != nullptr) {
     cudaStreamSynchronize(stream);
@@ -176,6 +177,11 @@ absl::Status CudaBackend::Synchronize() {
 absl::StatusOr<void*> CudaBackend::Scratch(cuda::ScratchSlot slot, size_t bytes) {
   ScratchBlock& s = scratch_[static_cast<size_t>(slot)];
   if (s.bytes < bytes || s.data == nullptr) {
+    if (capturing_) {
+      return absl::FailedPreconditionError(
+          "scratch must not grow while a graph is recorded (run the step once eagerly first)");
+    }
+    ++scratch_generation_;
     if (s.data != nullptr) RAMBA_CUDA_RETURN_IF_ERROR(cudaFreeAsync(s.data, stream));
     s.data = nullptr;
     s.bytes = 0;
@@ -391,6 +397,52 @@ absl::Status CudaBackend::Sample(const float* logits, int64_t rows, int64_t voca
     }
   }
   return cuda::Sample(*this, logits, rows, vocab, params, uniforms, out);
+}
+
+absl::Status CudaBackend::ScatterRows(const float* src, int64_t ld, float* const* dst,
+                                      int64_t rows, int64_t cols) {
+  RAMBA_CHECK_ARG("ScatterRows", rows >= 0 && cols >= 0, "negative size");
+  if (rows == 0 || cols == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("ScatterRows", src != nullptr && dst != nullptr && ld >= cols,
+                  "null pointer or ld below cols");
+  return cuda::ScatterRows(*this, src, ld, dst, rows, cols);
+}
+
+// ---- Graphs ----
+
+absl::Status CudaBackend::BeginGraph() {
+  if (capturing_) return absl::FailedPreconditionError("BeginGraph: already recording");
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> CudaBackend::EndGraph() {
+  if (!capturing_) return absl::FailedPreconditionError("EndGraph: not recording");
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  RAMBA_CUDA_RETURN_IF_ERROR(e);
+  const int64_t id = next_graph_++;
+  graphs_[id] = exec;
+  return id;
+}
+
+absl::Status CudaBackend::LaunchGraph(int64_t graph) {
+  auto it = graphs_.find(graph);
+  if (it == graphs_.end()) return absl::NotFoundError(absl::StrCat("no graph ", graph));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->second, stream));
+  return absl::OkStatus();
+}
+
+void CudaBackend::DestroyGraph(int64_t graph) {
+  auto it = graphs_.find(graph);
+  if (it == graphs_.end()) return;
+  cudaGraphExecDestroy(it->second);
+  graphs_.erase(it);
 }
 
 }  // namespace ramba::kernels

@@ -4,6 +4,7 @@
 #ifndef RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
 #define RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
 
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -65,6 +66,15 @@ class CudaBackend : public Backend, public cuda::Context {
   absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
                       const SamplingParams* params, const float* uniforms,
                       int32_t* out) override;
+  absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,
+                           int64_t cols) override;
+
+  bool SupportsGraphs() const override { return true; }
+  absl::Status BeginGraph() override;
+  absl::StatusOr<int64_t> EndGraph() override;
+  absl::Status LaunchGraph(int64_t graph) override;
+  void DestroyGraph(int64_t graph) override;
+  uint64_t scratch_generation() const override { return scratch_generation_; }
 
   // cuda::Context
   absl::StatusOr<void*> Scratch(cuda::ScratchSlot slot, size_t bytes) override;
@@ -83,6 +93,10 @@ class CudaBackend : public Backend, public cuda::Context {
     size_t bytes = 0;
   };
   std::vector<ScratchBlock> scratch_;
+  uint64_t scratch_generation_ = 0;
+  bool capturing_ = false;
+  std::map<int64_t, cudaGraphExec_t> graphs_;
+  int64_t next_graph_ = 1;
 
   // Pinned staging for small uploads (the per-step index and pointer arrays): a copy from pageable
   // memory makes the host wait for all queued GPU work first, so each step's launches would stall

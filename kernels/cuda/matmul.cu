@@ -1,8 +1,573 @@
-// Placeholder until the matmul kernels land.
+// Matmul y[m, n] (+)= x[m, k] W[n, k]^T (+ bias) on the GPU, two paths:
+//  - 16-bit weights and m <= 16 (batched decode, memory-bound): our own kernel. Each block owns a
+//    tile of output columns and a range of k; groups of 8 lanes stream 128-byte pieces of weight
+//    rows with 16-byte loads and multiply them with every input row of x, kept in float32 and
+//    staged in shared memory. Small n is split over k (partial sums in scratch, then reduced in a
+//    fixed order, so results are deterministic).
+//  - Everything else: cuBLASLt, with x converted to the weights' 16-bit type in scratch (f32
+//    weights: plain FP32 GEMM, no TF32). If cuBLASLt offers no algorithm for a 16-bit shape, the
+//    small-m kernel runs on slabs of 16 rows instead.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
+
 namespace ramba::kernels::cuda {
-absl::Status Matmul(Context&, const float*, int64_t, int64_t, MatrixView, const float*, float*,
-                    int64_t, bool) {
-  return absl::UnimplementedError("cuda Matmul");
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Small-m kernel.
+
+constexpr int kSmallM = 16;          // largest m on the small-m path
+constexpr int kThreads = 128;        // threads per block
+constexpr int kGroupLanes = 8;       // lanes that share one weight row (8 x 16 B = 128 B per load)
+constexpr int kGroups = kThreads / kGroupLanes;  // weight-row groups per block
+constexpr int kVec = 8;              // 16-bit weights per 16-byte load
+constexpr int kStep = kGroupLanes * kVec;        // k covered by a group in one step (64)
+
+// Per-m shape: columns per group (each loaded weight chunk and x value is reused that many times
+// from registers) and steps per k tile (16-byte loads in flight per column). C * kSteps = 8 keeps
+// the weight registers at 32 per thread.
+template <int M>
+struct SmallMShape {
+  static constexpr int kCols = M <= 2 ? 2 : 4;
+  static constexpr int kSteps = 8 / kCols;
+  static constexpr int kTile = kStep * kSteps;  // k elements staged per tile
+};
+
+struct SmallMArgs {
+  const float* x;
+  int ldx;
+  const uint16_t* w;
+  int n;
+  int k;
+  int k_per_split;  // multiple of the tile; gridDim.y splits cover [0, k)
+  bool vec_w;       // w 16-byte aligned and k % 8 == 0: every row chunk can be loaded as a uint4
+  bool vec_x;       // x 16-byte aligned and ldx % 4 == 0
+  const float* bias;
+  float* y;
+  int ldy;
+  bool accumulate;
+  float* partials;  // [splits, M, n] when gridDim.y > 1, else null (write y directly)
+};
+
+// The 8 weights w[row][kk .. kk + 8), clipped to kk + i < end (zeros beyond).
+__device__ __forceinline__ uint4 LoadWeightChunk(const uint16_t* row, int kk, int end, bool vec) {
+  if (vec && kk + kVec <= end) return __ldg(reinterpret_cast<const uint4*>(row + kk));
+  uint32_t h[kVec];
+#pragma unroll
+  for (int q = 0; q < kVec; ++q) h[q] = kk + q < end ? row[kk + q] : 0u;
+  return make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16),
+                    h[6] | (h[7] << 16));
 }
+
+// Element 2p of the chunk is the low half of word p (little endian).
+template <bool kBf16>
+__device__ __forceinline__ void ChunkToFloat(const uint4& v, float f[kVec]) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    if constexpr (kBf16) {
+      f[2 * p] = __uint_as_float(u[p] << 16);
+      f[2 * p + 1] = __uint_as_float(u[p] & 0xffff0000u);
+    } else {
+      f[2 * p] = __half2float(__ushort_as_half(static_cast<unsigned short>(u[p] & 0xffffu)));
+      f[2 * p + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(u[p] >> 16)));
+    }
+  }
+}
+
+// x values of one tile are stored permuted so that lane l of a group, which needs k elements
+// [8l, 8l + 8) of each 64-wide step, reads them as float4 slots l and 8 + l: the 8 lanes of a
+// group then read 128 contiguous bytes per instruction (no bank conflicts).
+__device__ __forceinline__ int PermutedSlot(int cl) {  // cl: tile column, multiple of 4
+  const int r = cl % kStep;
+  return (cl / kStep) * (kStep / 4) + ((r % kVec) / 4) * kGroupLanes + r / kVec;
+}
+
+template <bool kBf16, int M>
+__global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
+  constexpr int C = SmallMShape<M>::kCols;
+  constexpr int S = SmallMShape<M>::kSteps;
+  constexpr int KT = SmallMShape<M>::kTile;
+  constexpr int kSlots = KT / 4;  // float4 slots per staged x row
+  __shared__ float4 xs[M][kSlots];
+
+  const int tid = threadIdx.x;
+  const int lane = tid % kGroupLanes;
+  const int col0 = blockIdx.x * (kGroups * C) + (tid / kGroupLanes) * C;
+  const int kb = blockIdx.y * a.k_per_split;
+  const int ke = min(a.k, kb + a.k_per_split);
+
+  const uint16_t* rows[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) rows[c] = a.w + static_cast<int64_t>(col0 + c) * a.k;
+
+  float acc[M][C];
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[i][c] = 0.0f;
+  }
+
+  for (int t0 = kb; t0 < ke; t0 += KT) {
+    const int t1 = min(ke, t0 + KT);
+    // Issue this tile's weight loads first so they are in flight while x is staged.
+    uint4 wr[S][C];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int kk = t0 + s * kStep + lane * kVec;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        wr[s][c] = (col0 + c < a.n && kk < t1) ? LoadWeightChunk(rows[c], kk, t1, a.vec_w)
+                                               : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    __syncthreads();  // the previous tile's readers are done with xs
+    for (int u = tid; u < M * kSlots; u += kThreads) {
+      const int i = u / kSlots;
+      const int cl = (u % kSlots) * 4;
+      const int kg = t0 + cl;
+      const float* src = a.x + static_cast<int64_t>(i) * a.ldx + kg;
+      float4 v;
+      if (a.vec_x && kg + 4 <= t1) {
+        v = *reinterpret_cast<const float4*>(src);
+      } else {
+        v.x = kg < t1 ? src[0] : 0.0f;
+        v.y = kg + 1 < t1 ? src[1] : 0.0f;
+        v.z = kg + 2 < t1 ? src[2] : 0.0f;
+        v.w = kg + 3 < t1 ? src[3] : 0.0f;
+      }
+      xs[i][PermutedSlot(cl)] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      float wf[C][kVec];
+#pragma unroll
+      for (int c = 0; c < C; ++c) ChunkToFloat<kBf16>(wr[s][c], wf[c]);
+#pragma unroll
+      for (int i = 0; i < M; ++i) {
+        const float4 lo = xs[i][s * (kStep / 4) + lane];
+        const float4 hi = xs[i][s * (kStep / 4) + kGroupLanes + lane];
+        const float xv[kVec] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+#pragma unroll
+          for (int q = 0; q < kVec; ++q) acc[i][c] = fmaf(wf[c][q], xv[q], acc[i][c]);
+        }
+      }
+    }
+  }
+
+  // Sum over the 8 lanes of the group (xor offsets < 8 stay inside the group); every lane of the
+  // warp takes part, including groups whose columns are past n.
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      float v = acc[i][c];
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      acc[i][c] = v;
+    }
+  }
+  // The lanes of a group share the stores.
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int j = col0 + c;
+      if ((i * C + c) % kGroupLanes != lane || j >= a.n) continue;
+      if (a.partials != nullptr) {
+        a.partials[(static_cast<int64_t>(blockIdx.y) * M + i) * a.n + j] = acc[i][c];
+      } else {
+        float* out = a.y + static_cast<int64_t>(i) * a.ldy + j;
+        // Same order as the CPU: (y + x.w) + bias.
+        float v = a.accumulate ? *out + acc[i][c] : acc[i][c];
+        if (a.bias != nullptr) v += a.bias[j];
+        *out = v;
+      }
+    }
+  }
+}
+
+// y[i, j] (+)= sum over splits of partials[s, i, j] (+ bias[j]), summed in split order.
+__global__ void SplitKReduceKernel(const float* partials, int splits, int m, int n,
+                                   const float* bias, float* y, int ldy, bool accumulate) {
+  const int64_t total = static_cast<int64_t>(m) * n;
+  const int64_t plane = total;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = partials[idx];
+    for (int z = 1; z < splits; ++z) s += partials[z * plane + idx];
+    const int64_t i = idx / n;
+    const int j = static_cast<int>(idx - i * n);
+    float* out = y + i * ldy + j;
+    float v = accumulate ? *out + s : s;
+    if (bias != nullptr) v += bias[j];
+    *out = v;
+  }
+}
+
+// y[i, j] = (zero_first ? 0 : y[i, j]) + (bias ? bias[j] : 0): the k == 0 product and the bias of
+// the cuBLASLt path (added after the GEMM, in the CPU's order).
+__global__ void BiasEpilogueKernel(float* y, int ldy, int m, int n, const float* bias,
+                                   bool zero_first) {
+  const int64_t total = static_cast<int64_t>(m) * n;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / n;
+    const int j = static_cast<int>(idx - i * n);
+    float* out = y + i * ldy + j;
+    float v = zero_first ? 0.0f : *out;
+    if (bias != nullptr) v += bias[j];
+    *out = v;
+  }
+}
+
+int GridFor(int64_t work, int threads, const Context& ctx) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(ctx.num_sms) * 16);
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+bool Aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+absl::Status LaunchBiasEpilogue(Context& ctx, float* y, int ldy, int m, int n, const float* bias,
+                                bool zero_first) {
+  constexpr int kEpilogueThreads = 256;
+  BiasEpilogueKernel<<<GridFor(static_cast<int64_t>(m) * n, kEpilogueThreads, ctx),
+                       kEpilogueThreads, 0, ctx.stream>>>(y, ldy, m, n, bias, zero_first);
+  RAMBA_CUDA_CHECK_LAUNCH("BiasEpilogueKernel");
+  return absl::OkStatus();
+}
+
+template <bool kBf16, int M>
+absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t* w, int n, int k,
+                          const float* bias, float* y, int ldy, bool accumulate) {
+  using Shape = SmallMShape<M>;
+  const int col_tile = kGroups * Shape::kCols;
+  const int64_t col_blocks = (static_cast<int64_t>(n) + col_tile - 1) / col_tile;
+  const int64_t tiles = (static_cast<int64_t>(k) + Shape::kTile - 1) / Shape::kTile;
+  // Split k until one full wave of blocks is resident (small n), at least one tile per split.
+  static const int blocks_per_sm = [] {
+    int b = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, SmallMMatmulKernel<kBf16, M>, kThreads,
+                                                      0) != cudaSuccess) {
+      cudaGetLastError();  // a sizing hint only: fall back to a small default
+      b = 0;
+    }
+    return std::max(b, 2);
+  }();
+  const int64_t target = static_cast<int64_t>(blocks_per_sm) * std::max(ctx.num_sms, 1);
+  int64_t splits = std::min<int64_t>({(target + col_blocks - 1) / col_blocks, tiles, 65535});
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
+  splits = (tiles + tiles_per_split - 1) / tiles_per_split;
+
+  SmallMArgs a;
+  a.x = x;
+  a.ldx = ldx;
+  a.w = w;
+  a.n = n;
+  a.k = k;
+  a.k_per_split = static_cast<int>(tiles_per_split * Shape::kTile);
+  a.vec_w = Aligned(w, 16) && k % kVec == 0;
+  a.vec_x = Aligned(x, 16) && ldx % 4 == 0;
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  a.accumulate = accumulate;
+  a.partials = nullptr;
+  if (splits > 1) {
+    const size_t bytes = static_cast<size_t>(splits) * M * static_cast<size_t>(n) * sizeof(float);
+    absl::StatusOr<void*> scratch = ctx.Scratch(ScratchSlot::kMatmulInput, bytes);
+    if (!scratch.ok()) return scratch.status();
+    a.partials = static_cast<float*>(*scratch);
+  }
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
+  SmallMMatmulKernel<kBf16, M><<<grid, kThreads, 0, ctx.stream>>>(a);
+  RAMBA_CUDA_CHECK_LAUNCH("SmallMMatmulKernel");
+  if (splits > 1) {
+    constexpr int kReduceThreads = 256;
+    SplitKReduceKernel<<<GridFor(static_cast<int64_t>(M) * n, kReduceThreads, ctx),
+                         kReduceThreads, 0, ctx.stream>>>(a.partials, static_cast<int>(splits), M,
+                                                          n, bias, y, ldy, accumulate);
+    RAMBA_CUDA_CHECK_LAUNCH("SplitKReduceKernel");
+  }
+  return absl::OkStatus();
+}
+
+template <bool kBf16>
+absl::Status SmallMMatmul(Context& ctx, const float* x, int ldx, int m, const uint16_t* w, int n,
+                          int k, const float* bias, float* y, int ldy, bool accumulate) {
+  switch (m) {
+#define RAMBA_SMALL_M_CASE(M) \
+  case M:                     \
+    return LaunchSmallM<kBf16, M>(ctx, x, ldx, w, n, k, bias, y, ldy, accumulate);
+    RAMBA_SMALL_M_CASE(1)
+    RAMBA_SMALL_M_CASE(2)
+    RAMBA_SMALL_M_CASE(3)
+    RAMBA_SMALL_M_CASE(4)
+    RAMBA_SMALL_M_CASE(5)
+    RAMBA_SMALL_M_CASE(6)
+    RAMBA_SMALL_M_CASE(7)
+    RAMBA_SMALL_M_CASE(8)
+    RAMBA_SMALL_M_CASE(9)
+    RAMBA_SMALL_M_CASE(10)
+    RAMBA_SMALL_M_CASE(11)
+    RAMBA_SMALL_M_CASE(12)
+    RAMBA_SMALL_M_CASE(13)
+    RAMBA_SMALL_M_CASE(14)
+    RAMBA_SMALL_M_CASE(15)
+    RAMBA_SMALL_M_CASE(16)
+#undef RAMBA_SMALL_M_CASE
+    default:
+      return absl::InternalError("SmallMMatmul: m out of range");
+  }
+}
+
+// Any m, 16 rows at a time (the fallback when cuBLASLt has no algorithm).
+absl::Status SmallMSlabs(Context& ctx, const float* x, int ldx, int m, const MatrixView& w,
+                         const float* bias, float* y, int ldy, bool accumulate) {
+  const auto* w16 = static_cast<const uint16_t*>(w.data);
+  const int n = static_cast<int>(w.rows), k = static_cast<int>(w.cols);
+  for (int r0 = 0; r0 < m; r0 += kSmallM) {
+    const int rows = std::min(kSmallM, m - r0);
+    const float* xs = x + static_cast<int64_t>(r0) * ldx;
+    float* ys = y + static_cast<int64_t>(r0) * ldy;
+    const absl::Status s =
+        w.dtype == DType::kBF16
+            ? SmallMMatmul<true>(ctx, xs, ldx, rows, w16, n, k, bias, ys, ldy, accumulate)
+            : SmallMMatmul<false>(ctx, xs, ldx, rows, w16, n, k, bias, ys, ldy, accumulate);
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuBLASLt path.
+
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+
+// x[m, k] (stride ldx) -> xb[m, ldxb] in bf16 / f16 (round to nearest even), columns k..ldxb
+// zero. ldxb % 8 == 0, so each thread writes one aligned 16-byte chunk of 8 values.
+template <bool kBf16>
+__global__ void ConvertXKernel(const float* x, int ldx, int m, int k, bool vec_x, uint16_t* xb,
+                               int ldxb) {
+  const int chunks = ldxb / kVec;
+  const int64_t total = static_cast<int64_t>(m) * chunks;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = u / chunks;
+    const int c0 = static_cast<int>(u - i * chunks) * kVec;
+    const float* src = x + i * ldx + c0;
+    float v[kVec];
+    if (vec_x && c0 + kVec <= k) {
+      const float4 lo = *reinterpret_cast<const float4*>(src);
+      const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+      v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+      v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    } else {
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) v[q] = c0 + q < k ? src[q] : 0.0f;
+    }
+    uint32_t h[kVec];
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) {
+      h[q] = kBf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v[q]))
+                   : __half_as_ushort(__float2half_rn(v[q]));
+    }
+    *reinterpret_cast<uint4*>(xb + i * ldxb + c0) =
+        make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16),
+                   h[6] | (h[7] << 16));
+  }
+}
+
+uint32_t PointerAlignment(const void* p) {
+  const uintptr_t v = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = 256;
+  while (a > 1 && v % a != 0) a /= 2;
+  return a;
+}
+
+struct DescDeleter {
+  void operator()(cublasLtMatmulDescOpaque_t* d) const { cublasLtMatmulDescDestroy(d); }
+  void operator()(cublasLtMatrixLayoutOpaque_t* d) const { cublasLtMatrixLayoutDestroy(d); }
+  void operator()(cublasLtMatmulPreferenceOpaque_t* d) const {
+    cublasLtMatmulPreferenceDestroy(d);
+  }
+};
+using MatmulDesc = std::unique_ptr<cublasLtMatmulDescOpaque_t, DescDeleter>;
+using Layout = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, DescDeleter>;
+using Preference = std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, DescDeleter>;
+
+// Heuristic results per problem (the query costs tens of microseconds of host time).
+using AlgoKey = std::tuple<int, int, int, int, int, int64_t, int64_t, int64_t, uint32_t, uint32_t,
+                           uint32_t>;
+struct AlgoEntry {
+  bool found = false;
+  cublasLtMatmulAlgo_t algo = {};
+};
+std::mutex& AlgoCacheMutex() {
+  static std::mutex* mu = new std::mutex;
+  return *mu;
+}
+std::map<AlgoKey, AlgoEntry>& AlgoCache() {
+  static auto* cache = new std::map<AlgoKey, AlgoEntry>;
+  return *cache;
+}
+constexpr size_t kMaxCachedAlgos = 4096;
+
+// Row-major y[m, n] is column-major Y^T [n, m] with ld ldy. Y^T = op(A) * B with A the weights
+// W[n, k] row-major = column-major [k, n] (ld lda) transposed, and B = X^T: row-major x[m, k] =
+// column-major [k, m] (ld ldb). Sets *found = false (and does nothing) when cuBLASLt offers no
+// algorithm.
+absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64_t lda,
+                      const void* B, int64_t ldb, int m, int n, int k, float* y, int64_t ldy,
+                      bool accumulate, bool* found) {
+  *found = false;
+  cublasLtMatmulDesc_t op_raw = nullptr;
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&op_raw, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  MatmulDesc op(op_raw);
+  const int32_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      op.get(), CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      op.get(), CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
+
+  cublasLtMatrixLayout_t a_raw = nullptr, b_raw = nullptr, c_raw = nullptr;
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&a_raw, ab_type, k, n, lda));
+  Layout a_layout(a_raw);
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&b_raw, ab_type, k, m, ldb));
+  Layout b_layout(b_raw);
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&c_raw, CUDA_R_32F, n, m, ldy));
+  Layout c_layout(c_raw);
+
+  const uint32_t align_a = PointerAlignment(A), align_b = PointerAlignment(B),
+                 align_c = PointerAlignment(y);
+  const AlgoKey key{ctx.device, static_cast<int>(ab_type), m, n, k, lda, ldb, ldy,
+                    align_a, align_b, align_c};
+  AlgoEntry entry;
+  bool cached = false;
+  {
+    std::lock_guard<std::mutex> lock(AlgoCacheMutex());
+    auto it = AlgoCache().find(key);
+    if (it != AlgoCache().end()) {
+      entry = it->second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    cublasLtMatmulPreference_t pref_raw = nullptr;
+    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref_raw));
+    Preference pref(pref_raw);
+    const uint64_t ws = kCublasWorkspaceBytes;
+    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    // The default assumes 256-byte aligned matrices; y may be a column slice of a wider matrix.
+    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
+    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
+    cublasLtMatmulHeuristicResult_t result = {};
+    int returned = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+        ctx.cublaslt, op.get(), a_layout.get(), b_layout.get(), c_layout.get(), c_layout.get(),
+        pref.get(), 1, &result, &returned);
+    // NOT_SUPPORTED (or no result) means no algorithm for this problem, not a failure.
+    if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED) {
+      RAMBA_CUBLAS_RETURN_IF_ERROR(st);
+    }
+    entry.found = st == CUBLAS_STATUS_SUCCESS && returned > 0;
+    if (entry.found) entry.algo = result.algo;
+    std::lock_guard<std::mutex> lock(AlgoCacheMutex());
+    if (AlgoCache().size() >= kMaxCachedAlgos) AlgoCache().clear();
+    AlgoCache()[key] = entry;
+  }
+  if (!entry.found) return absl::OkStatus();
+
+  absl::StatusOr<void*> ws = ctx.Scratch(ScratchSlot::kCublasWorkspace, kCublasWorkspaceBytes);
+  if (!ws.ok()) return ws.status();
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  // beta == 0: C is not read, so y may hold anything (NaN) beforehand.
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(ctx.cublaslt, op.get(), &alpha, A, a_layout.get(), B,
+                                              b_layout.get(), &beta, y, c_layout.get(), y,
+                                              c_layout.get(), &entry.algo, *ws,
+                                              kCublasWorkspaceBytes, ctx.stream));
+  *found = true;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, MatrixView w,
+                    const float* bias, float* y, int64_t ldy, bool accumulate) {
+  // CudaBackend checked: m, n > 0, all sizes and strides fit in int, ldx >= k, ldy >= n.
+  const int mi = static_cast<int>(m), n = static_cast<int>(w.rows), k = static_cast<int>(w.cols);
+  const int ldxi = static_cast<int>(ldx), ldyi = static_cast<int>(ldy);
+  if (k == 0) return LaunchBiasEpilogue(ctx, y, ldyi, mi, n, bias, !accumulate);
+
+  if (w.dtype == DType::kF32) {
+    bool found = false;
+    absl::Status s = LtMatmul(ctx, CUDA_R_32F, w.data, k, x, ldx, mi, n, k, y, ldy, accumulate,
+                              &found);
+    if (!s.ok()) return s;
+    if (!found) return absl::InternalError("Matmul: cuBLASLt has no FP32 algorithm for this shape");
+    return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldyi, mi, n, bias, false)
+                           : absl::OkStatus();
+  }
+
+  const bool bf16 = w.dtype == DType::kBF16;
+  const auto* w16 = static_cast<const uint16_t*>(w.data);
+  if (mi <= kSmallM) {
+    return bf16 ? SmallMMatmul<true>(ctx, x, ldxi, mi, w16, n, k, bias, y, ldyi, accumulate)
+                : SmallMMatmul<false>(ctx, x, ldxi, mi, w16, n, k, bias, y, ldyi, accumulate);
+  }
+
+  // Packed 16-bit copy of x, rows padded to a multiple of 8 elements (16 bytes).
+  const int64_t ldxb = (static_cast<int64_t>(k) + kVec - 1) / kVec * kVec;
+  if (ldxb > INT32_MAX) return absl::InvalidArgumentError("Matmul: k too large");
+  absl::StatusOr<void*> scratch =
+      ctx.Scratch(ScratchSlot::kMatmulInput, static_cast<size_t>(mi) * ldxb * sizeof(uint16_t));
+  if (!scratch.ok()) return scratch.status();
+  auto* xb = static_cast<uint16_t*>(*scratch);
+  constexpr int kConvertThreads = 256;
+  const int convert_grid = GridFor(static_cast<int64_t>(mi) * (ldxb / kVec), kConvertThreads, ctx);
+  const bool vec_x = Aligned(x, 16) && ldx % 4 == 0;
+  if (bf16) {
+    ConvertXKernel<true><<<convert_grid, kConvertThreads, 0, ctx.stream>>>(
+        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb));
+  } else {
+    ConvertXKernel<false><<<convert_grid, kConvertThreads, 0, ctx.stream>>>(
+        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb));
+  }
+  RAMBA_CUDA_CHECK_LAUNCH("ConvertXKernel");
+  bool found = false;
+  absl::Status s = LtMatmul(ctx, bf16 ? CUDA_R_16BF : CUDA_R_16F, w.data, k, xb, ldxb, mi, n, k,
+                            y, ldy, accumulate, &found);
+  if (!s.ok()) return s;
+  if (!found) return SmallMSlabs(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate);
+  return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldyi, mi, n, bias, false)
+                         : absl::OkStatus();
+}
+
 }  // namespace ramba::kernels::cuda

@@ -96,6 +96,10 @@ absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
                                   int64_t nh, int64_t nkv, int64_t hd, int64_t chunk_size,
                                   float* out);
 
+// ---- copy.cu ----
+absl::Status ScatterRows(Context& ctx, const float* src, int64_t ld, float* const* dst,
+                         int64_t rows, int64_t cols);
+
 // ---- sampling.cu ----
 // params and uniforms are host arrays of `rows` entries.
 absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t vocab,

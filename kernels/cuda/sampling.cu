@@ -1,5 +1,588 @@
-// Placeholder until the sampling kernel lands.
+// Token sampling, one thread block per row, matching kernels/cpu/sampling.cc token for token.
+//
+// Tokens are ranked by (logit descending, id ascending) as on the CPU, but nothing is sorted.
+// Every question the sampler asks is "which token of the ranking is the first at which a
+// cumulative weight reaches a threshold": the k-th token (weight 1: top-k, and the last positive
+// token), or the token where the cumulative probability mass reaches top_p * mass (top-p) or
+// exceeds u * mass (the inverse CDF). Search() answers it by a radix select over 32-bit
+// order-preserving keys of the logits: four passes of 8-bit digit histograms (count and mass per
+// digit, highest digit first) narrow the answer to one logit value, and the tokens tied on that
+// value are told apart by id. A pass costs O(vocab) whatever the distribution looks like, and a
+// row takes about a dozen of them (the row stays in shared memory when it fits); once a top-k or
+// top-p cut leaves few candidates, they are compacted into a short list and later passes run on it.
+//
+// Probabilities are exp((l - max) / T) in f32 as on the CPU, then held as fixed-point integers
+// q = round(p * 2^S), with S chosen so that a whole row sums below 2^62. Integer sums are exact
+// in any order, so histogram atomics are deterministic, and every cut is decided on exact
+// cumulative sums; they differ from the CPU's double sums by under 1e-9 of the mass, so GPU and CPU
+// disagree only when a uniform (or top_p) lands within rounding of a cumulative boundary.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
+
 namespace ramba::kernels::cuda {
-absl::Status Sample(Context&, const float*, int64_t, int64_t, const SamplingParams*, const float*, int32_t*) { return absl::UnimplementedError("cuda Sample"); }
+namespace {
+
+using Mass = unsigned long long;  // fixed-point probability mass (and counts, in shared state)
+
+constexpr int kDigitBits = 8;
+constexpr int kBins = 1 << kDigitBits;
+constexpr int kLevels = 32 / kDigitBits;
+constexpr int kBinsPerLane = kBins / 32;  // navigation: one warp scans the bins
+// Histogram copies, picked by lane: lanes hitting one bin in the same instruction mostly update
+// different words, so shared atomics on a few hot bins (flat distributions) serialise less.
+constexpr int kReplicas = 4;
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kMaxList = 4096;          // candidate list capacity cap
+constexpr int64_t kMaxVocab = 1 << 24;  // keeps S >= 38 (fixed-point resolution)
+constexpr uint32_t kFullMask = 0xffffffffu;
+constexpr uint32_t kNoBin = 0xffffffffu;
+
+static_assert(kBins % 32 == 0 && kLevels * kDigitBits == 32, "digit layout");
+
+// Per-row arguments, packed on the host.
+struct RowArgs {
+  float temperature;
+  int32_t top_k;
+  float top_p;
+  float uniform;
+};
+
+// Keys order like the CPU's Clean(logit): NaN counts as -inf and -0 ties with +0.
+__device__ __forceinline__ uint32_t OrderedKey(float l) {
+  if (l != l) l = -INFINITY;
+  uint32_t b = __float_as_uint(l);
+  if (b == 0x80000000u) b = 0;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float KeyToFloat(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Probability of a token from its key, the CPU's f32 arithmetic, and its fixed-point value.
+struct Prob {
+  float mx;
+  float inv_t;
+  float scale;  // 2^S
+  bool mx_inf;  // +inf logits share all the mass
+  __device__ __forceinline__ float P(uint32_t key) const {
+    const float l = KeyToFloat(key);
+    if (mx_inf) return l == INFINITY ? 1.0f : 0.0f;
+    return expf(__fmul_rn(__fsub_rn(l, mx), inv_t));
+  }
+  // Exact scaling by a power of two, then round to an integer (NaN converts to 0).
+  __device__ __forceinline__ Mass Q(uint32_t key) const {
+    return __float2ull_rn(__fmul_rn(P(key), scale));
+  }
+};
+
+// The tokens a pass iterates over: the whole row (keys in shared memory, or computed from global
+// memory when the row does not fit) or a compacted list. Ids increase with the position.
+struct View {
+  const float* logits;    // the row, global memory
+  const uint32_t* keys;   // shared memory keys, or null: compute from logits
+  const uint32_t* ids;    // list ids, or null: id = position
+  int n;
+  __device__ __forceinline__ uint32_t Key(int i) const {
+    return keys != nullptr ? keys[i] : OrderedKey(__ldg(logits + i));
+  }
+  __device__ __forceinline__ uint32_t Id(int i) const {
+    return ids != nullptr ? ids[i] : static_cast<uint32_t>(i);
+  }
+};
+
+enum class Goal : int { kCount, kTopP, kCdf };
+
+// What Search looks for: the first ranked token at which the cumulative count reaches `count`
+// (kCount), or the cumulative mass reaches top_p * mass (kTopP) or exceeds uniform * mass (kCdf).
+struct Query {
+  Goal goal;
+  uint32_t count;
+  float arg;        // top_p or the uniform
+  Mass mass;        // mass of the kept set, when mass_known
+  bool mass_known;  // else: the mass of all keys >= floor (only when nothing was cut yet)
+  uint32_t floor;   // only keys >= floor take part (the kept set is a ranking prefix)
+};
+
+// Search state and result, shared; written by warp 0.
+struct Nav {
+  uint32_t prefix;      // key bits chosen so far; after the last level, the answer's key
+  int found;            // 0: the threshold is above the kept weight (no crossing)
+  Mass cnt_above;       // tokens (keys >= floor) ranked before every key with this prefix
+  Mass mass_above;      // their mass (mass queries only)
+  Mass mass;            // kept mass used for the threshold
+  Mass thr;             // integer threshold on the cumulative weight
+  Mass bin_cnt;         // tokens in the chosen bin (after the last level: ties on the key)
+  uint32_t bin_min_id;  // lowest id in the chosen bin (last level)
+};
+
+// Shared memory. Dynamic: histograms, the candidate list and, when it fits, the row's keys.
+// The regions sit at fixed offsets (the list's size, cap, is a launch argument), so addressing
+// them costs no registers.
+extern __shared__ __align__(16) unsigned char g_dyn[];
+__shared__ Mass g_red[kMaxWarps];  // reduction scratch
+__shared__ Nav g_nav;
+__shared__ uint32_t g_result;
+
+struct Smem {
+  int cap;
+  __device__ __forceinline__ Mass* hist_mass() const {  // [kBins * kReplicas]
+    return reinterpret_cast<Mass*>(g_dyn);
+  }
+  __device__ __forceinline__ uint32_t* hist_cnt() const {  // [kBins * kReplicas]
+    return reinterpret_cast<uint32_t*>(g_dyn + kBins * kReplicas * sizeof(Mass));
+  }
+  __device__ __forceinline__ uint32_t* min_id() const { return hist_cnt() + kBins * kReplicas; }
+  __device__ __forceinline__ uint32_t* list_keys() const { return min_id() + kBins; }
+  __device__ __forceinline__ uint32_t* list_ids() const { return list_keys() + cap; }
+  __device__ __forceinline__ uint32_t* row_keys() const { return list_ids() + cap; }
+  __device__ __forceinline__ Mass* red() const { return g_red; }
+  __device__ __forceinline__ Nav* nav() const { return &g_nav; }
+  __device__ __forceinline__ uint32_t* result() const { return &g_result; }
+};
+
+__device__ __forceinline__ Mass WarpInclusiveScan(Mass v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const Mass y = __shfl_up_sync(kFullMask, v, o);
+    if (lane >= o) v += y;
+  }
+  return v;
+}
+
+// Block-wide sum / max; every thread gets the result. Ends with a barrier, so `red` is free again.
+__device__ Mass BlockSum(Mass v, const Smem& sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  if ((threadIdx.x & 31) == 0) sm.red()[threadIdx.x >> 5] = v;
+  __syncthreads();
+  Mass s = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) s += sm.red()[w];
+  __syncthreads();
+  return s;
+}
+
+__device__ Mass BlockMax(Mass v, const Smem& sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
+  if ((threadIdx.x & 31) == 0) sm.red()[threadIdx.x >> 5] = v;
+  __syncthreads();
+  Mass m = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) m = max(m, sm.red()[w]);
+  __syncthreads();
+  return m;
+}
+
+// Exclusive prefix sum over threads in thread order; *total gets the sum. Ends with a barrier.
+__device__ uint32_t BlockExclusiveScan(uint32_t v, const Smem& sm, uint32_t* total) {
+  const int warp = threadIdx.x >> 5;
+  const Mass incl = WarpInclusiveScan(v);
+  if ((threadIdx.x & 31) == 31) sm.red()[warp] = incl;
+  __syncthreads();
+  Mass before = 0, sum = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) {
+    if (w < warp) before += sm.red()[w];
+    sum += sm.red()[w];
+  }
+  __syncthreads();
+  *total = static_cast<uint32_t>(sum);
+  return static_cast<uint32_t>(before + incl - v);
+}
+
+// Each thread's contiguous slice of [0, n), so that thread order is position order.
+__device__ __forceinline__ void ThreadSlice(int n, int* begin, int* end) {
+  const int64_t chunk = (static_cast<int64_t>(n) + blockDim.x - 1) / blockDim.x;
+  const int64_t b = threadIdx.x * chunk;
+  *begin = static_cast<int>(b < n ? b : n);
+  *end = static_cast<int>(b + chunk < n ? b + chunk : n);
+}
+
+// Integer threshold on the cumulative weight (cum is an integer, so ">= x" is ">= ceil(x)" and
+// "> x" is ">= floor(x) + 1"), with the CPU's clamps.
+__device__ Mass Threshold(const Query& q, Mass mass) {
+  if (q.goal == Goal::kCount) return q.count;
+  if (q.goal == Goal::kTopP) {
+    const double t = ceil(static_cast<double>(fmaxf(q.arg, 0.0f)) * static_cast<double>(mass));
+    return t < 1.0 ? 1 : static_cast<Mass>(t);  // the CPU keeps at least one token
+  }
+  double u = q.arg;
+  if (u < 0.0) u = 0.0;
+  Mass t = mass;  // u >= 1 or NaN: nothing exceeds u * mass, the CPU falls back
+  if (u < 1.0) t = min(static_cast<Mass>(floor(u * static_cast<double>(mass))), mass);
+  return t + 1;
+}
+
+__device__ __forceinline__ void FlushRun(const Smem& sm, uint32_t bin, uint32_t cnt, Mass mass,
+                                         uint32_t min_id, bool with_mass, bool last) {
+  if (cnt == 0) return;
+  const int slot = static_cast<int>(bin) * kReplicas + (threadIdx.x & (kReplicas - 1));
+  atomicAdd(&sm.hist_cnt()[slot], cnt);
+  if (with_mass) atomicAdd(&sm.hist_mass()[slot], mass);
+  if (last) atomicMin(&sm.min_id()[bin], min_id);
+}
+
+// Warp 0: finds the bin, in descending key order, in which the cumulative weight reaches the
+// threshold, and stores the updated state in g_nav. `nav` is the previous level's state.
+__device__ void Navigate(const Smem& sm, const Query& q, int level, Nav nav) {
+  const int lane = threadIdx.x;
+  const bool by_mass = q.goal != Goal::kCount;
+  const int hi = kBins - 1 - lane * kBinsPerLane;  // this lane's bins: hi, hi - 1, ...
+  Mass lc = 0, lm = 0;
+  for (int t = 0; t < kBinsPerLane; ++t) {
+    lc += sm.hist_cnt()[(hi - t) * kReplicas];
+    lm += sm.hist_mass()[(hi - t) * kReplicas];
+  }
+  const Mass ic = WarpInclusiveScan(lc);
+  const Mass im = WarpInclusiveScan(lm);
+  if (level == 0) {
+    const Mass total_cnt = __shfl_sync(kFullMask, ic, 31);
+    const Mass total_mass = __shfl_sync(kFullMask, im, 31);
+    nav.prefix = 0;
+    nav.cnt_above = 0;
+    nav.mass_above = 0;
+    nav.mass = q.mass_known ? q.mass : total_mass;
+    nav.thr = Threshold(q, nav.mass);
+    nav.found = nav.thr >= 1 && nav.thr <= (by_mass ? nav.mass : total_cnt);
+  }
+  const Mass lw = by_mass ? lm : lc;
+  const Mass iw = by_mass ? im : ic;
+  // The invariant weight_above < thr <= weight_above + weight(prefix range) gives need >= 1.
+  const Mass need = nav.found ? nav.thr - (by_mass ? nav.mass_above : nav.cnt_above) : 0;
+  const unsigned hit = __ballot_sync(kFullMask, nav.found && need >= 1 && iw >= need);
+  if (hit == 0) {
+    if (lane == 0) {
+      nav.found = 0;
+      *sm.nav() = nav;
+    }
+    return;
+  }
+  if (lane == __ffs(hit) - 1) {
+    Mass cw = iw - lw, cc = ic - lc, cm = im - lm;
+    int bin = hi;
+    Mass bc = 0, bm = 0;
+    for (int t = 0; t < kBinsPerLane; ++t) {
+      bin = hi - t;
+      bc = sm.hist_cnt()[bin * kReplicas];
+      bm = sm.hist_mass()[bin * kReplicas];
+      const Mass bw = by_mass ? bm : bc;
+      if (cw + bw >= need) break;
+      cw += bw;
+      cc += bc;
+      cm += bm;
+    }
+    nav.prefix = (nav.prefix << kDigitBits) | static_cast<uint32_t>(bin);
+    nav.cnt_above += cc;
+    nav.mass_above += cm;
+    nav.bin_cnt = bc;
+    nav.bin_min_id = sm.min_id()[bin];
+    *sm.nav() = nav;
+  }
+}
+
+// Radix select (see the file comment). Called by the whole block; the result is block-uniform.
+// On success the answer's key is nav.prefix; the tokens before it in the ranking are the
+// nav.cnt_above tokens with larger keys plus lower-id ties.
+__device__ __noinline__ Nav Search(const View& v, const Prob& prob, const Query& q, const Smem& sm) {
+  const int tid = threadIdx.x;
+  const bool with_mass = q.goal != Goal::kCount;
+  Nav nav{};
+  for (int level = 0; level < kLevels; ++level) {
+    const int shift = 32 - kDigitBits * (level + 1);
+    const bool last = level == kLevels - 1;
+    for (int i = tid; i < kBins * kReplicas; i += blockDim.x) {
+      sm.hist_cnt()[i] = 0;
+      sm.hist_mass()[i] = 0;
+    }
+    for (int i = tid; i < kBins; i += blockDim.x) sm.min_id()[i] = 0xffffffffu;
+    __syncthreads();
+    // Histogram of this level's digit over the keys in the current prefix range. Runs of equal
+    // digits (common in flat or peaked rows) are merged in registers before the atomics.
+    uint32_t run_bin = kNoBin, run_cnt = 0, run_min = 0;
+    Mass run_mass = 0;
+    for (int i = tid; i < v.n; i += blockDim.x) {
+      const uint32_t key = v.Key(i);
+      if (key < q.floor) continue;
+      if (level > 0 && (key >> (shift + kDigitBits)) != nav.prefix) continue;
+      const uint32_t bin = (key >> shift) & (kBins - 1);
+      if (bin != run_bin) {
+        FlushRun(sm, run_bin, run_cnt, run_mass, run_min, with_mass, last);
+        run_bin = bin;
+        run_cnt = 0;
+        run_mass = 0;
+        run_min = v.Id(i);  // ids increase along a thread's positions
+      }
+      ++run_cnt;
+      if (with_mass) run_mass += prob.Q(key);
+    }
+    FlushRun(sm, run_bin, run_cnt, run_mass, run_min, with_mass, last);
+    __syncthreads();
+    if (tid < kBins) {  // fold the replicas into copy 0 (blockDim.x >= kBins)
+      uint32_t c = 0;
+      Mass m = 0;
+      for (int r = 0; r < kReplicas; ++r) {
+        c += sm.hist_cnt()[tid * kReplicas + r];
+        m += sm.hist_mass()[tid * kReplicas + r];
+      }
+      sm.hist_cnt()[tid * kReplicas] = c;
+      sm.hist_mass()[tid * kReplicas] = m;
+    }
+    __syncthreads();
+    if (tid < 32) Navigate(sm, q, level, nav);
+    __syncthreads();
+    nav = *sm.nav();
+    if (!nav.found) break;
+  }
+  return nav;
+}
+
+// 1-based position j among the tokens tied on the found key (ids ascending) that the threshold
+// selects; the tokens of the key all have the same weight.
+__device__ Mass TieIndex(const Nav& f, const Query& q, const Prob& prob) {
+  if (q.goal == Goal::kCount) return f.thr - f.cnt_above;
+  const Mass w = prob.Q(f.prefix);
+  if (w == 0) return 1;  // cannot happen: the chosen bin had positive mass
+  return (f.thr - f.mass_above + w - 1) / w;
+}
+
+// Id of the j-th (1-based) token of the view whose key is `key`, in id order.
+__device__ __noinline__ uint32_t NthTie(const View& v, uint32_t key, Mass j, const Smem& sm) {
+  if (threadIdx.x == 0) *sm.result() = 0;  // published by the scan's barrier
+  int begin, end;
+  ThreadSlice(v.n, &begin, &end);
+  uint32_t c = 0;
+  for (int i = begin; i < end; ++i) c += v.Key(i) == key;
+  uint32_t total;
+  const uint32_t before = BlockExclusiveScan(c, sm, &total);
+  if (before < j && j <= static_cast<Mass>(before) + c) {
+    Mass left = j - before;
+    for (int i = begin; i < end; ++i) {
+      if (v.Key(i) == key && --left == 0) {
+        *sm.result() = v.Id(i);
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  const uint32_t id = *sm.result();
+  __syncthreads();
+  return id;
+}
+
+// The token a successful search selects.
+__device__ uint32_t TokenOf(const View& v, const Nav& f, const Query& q, const Prob& prob,
+                            const Smem& sm) {
+  const Mass j = TieIndex(f, q, prob);
+  return j <= 1 ? f.bin_min_id : NthTie(v, f.prefix, j, sm);
+}
+
+// Copies the tokens with key >= floor, in id order, to the list; returns how many.
+__device__ __noinline__ int Compact(const View& v, uint32_t floor, int cap, const Smem& sm) {
+  int begin, end;
+  ThreadSlice(v.n, &begin, &end);
+  uint32_t c = 0;
+  for (int i = begin; i < end; ++i) c += v.Key(i) >= floor;
+  uint32_t total;
+  uint32_t pos = BlockExclusiveScan(c, sm, &total);
+  for (int i = begin; i < end; ++i) {
+    const uint32_t key = v.Key(i);
+    if (key < floor) continue;
+    if (pos < static_cast<uint32_t>(cap)) {
+      sm.list_keys()[pos] = key;
+      sm.list_ids()[pos] = v.Id(i);
+    }
+    ++pos;
+  }
+  __syncthreads();
+  return static_cast<int>(min(total, static_cast<uint32_t>(cap)));
+}
+
+// Mass of the tokens with key > `key`.
+__device__ __noinline__ Mass MassAbove(const View& v, const Prob& prob, uint32_t key,
+                                       const Smem& sm) {
+  Mass s = 0;
+  for (int i = threadIdx.x; i < v.n; i += blockDim.x) {
+    const uint32_t k = v.Key(i);
+    if (k > key) s += prob.Q(k);
+  }
+  return BlockSum(s, sm);
+}
+
+// Number of tokens with key >= floor and p > 0.
+__device__ __noinline__ Mass CountPositive(const View& v, const Prob& prob, uint32_t floor,
+                                           const Smem& sm) {
+  Mass c = 0;
+  for (int i = threadIdx.x; i < v.n; i += blockDim.x) {
+    const uint32_t k = v.Key(i);
+    c += k >= floor && prob.P(k) > 0.0f;
+  }
+  return BlockSum(c, sm);
+}
+
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    SampleKernel(const float* __restrict__ logits, int vocab, const RowArgs* __restrict__ args,
+                 int32_t* __restrict__ out, int cap, int keys_in_smem, float scale) {
+  const Smem sm{cap};
+  uint32_t* row_keys = keys_in_smem ? sm.row_keys() : nullptr;
+
+  const int tid = threadIdx.x;
+  const int row = blockIdx.x;
+  const float* lrow = logits + static_cast<int64_t>(row) * vocab;
+  const RowArgs a = args[row];
+
+  if (!(a.temperature > 0.0f)) {
+    // Greedy: the largest (key, -id).
+    Mass best = 0;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      const Mass c = (static_cast<Mass>(OrderedKey(__ldg(lrow + i))) << 32) |
+                     (0xffffffffu - static_cast<uint32_t>(i));
+      best = max(best, c);
+    }
+    best = BlockMax(best, sm);
+    if (tid == 0) out[row] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(best));
+    return;
+  }
+
+  uint32_t max_key = 0;
+  for (int i = tid; i < vocab; i += blockDim.x) {
+    const uint32_t key = OrderedKey(__ldg(lrow + i));
+    if (row_keys != nullptr) row_keys[i] = key;
+    max_key = max(max_key, key);
+  }
+  max_key = static_cast<uint32_t>(BlockMax(max_key, sm));  // its barrier publishes row_keys
+  if (max_key == OrderedKey(-INFINITY)) {  // every logit -inf or NaN: the CPU's argmax is 0
+    if (tid == 0) out[row] = 0;
+    return;
+  }
+  Prob prob;
+  prob.mx = KeyToFloat(max_key);
+  prob.mx_inf = prob.mx == INFINITY;
+  prob.inv_t = __frcp_rn(a.temperature);  // == 1.0f / T, correctly rounded
+  prob.scale = scale;
+
+  View view{lrow, row_keys, nullptr, vocab};
+  bool compacted = false;
+  // After a cut, continue on a list of the tokens with key >= floor when they fit.
+  auto maybe_compact = [&](uint32_t floor, Mass n_ge) {
+    if (compacted || n_ge > static_cast<Mass>(cap)) return;
+    const int n = Compact(view, floor, cap, sm);
+    view = View{lrow, sm.list_keys(), sm.list_ids(), n};
+    compacted = true;
+  };
+
+  uint32_t floor = 0;  // the kept set is the ranking prefix of `kept` tokens, all keys >= floor
+  Mass kept = static_cast<Mass>(vocab);
+  Mass mass = 0;
+  bool mass_known = false;
+
+  if (a.top_k > 0 && a.top_k < vocab) {
+    const Query q{Goal::kCount, static_cast<uint32_t>(a.top_k), 0.0f, 0, false, 0};
+    const Nav f = Search(view, prob, q, sm);  // always found: top_k < vocab
+    const Mass j = TieIndex(f, q, prob);
+    mass = MassAbove(view, prob, f.prefix, sm) + j * prob.Q(f.prefix);
+    mass_known = true;
+    kept = static_cast<Mass>(a.top_k);
+    floor = f.prefix;
+    maybe_compact(floor, f.cnt_above + f.bin_cnt);
+  }
+
+  if (a.top_p < 1.0f) {
+    const Query q{Goal::kTopP, 0, a.top_p, mass, mass_known, floor};
+    const Nav f = Search(view, prob, q, sm);
+    mass = f.mass;
+    mass_known = true;
+    if (f.found) {  // else (zero mass) nothing is cut
+      const Mass j = TieIndex(f, q, prob);
+      kept = f.cnt_above + j;
+      mass = f.mass_above + j * prob.Q(f.prefix);
+      floor = f.prefix;
+      maybe_compact(floor, f.cnt_above + f.bin_cnt);
+    }
+  }
+
+  const Query q{Goal::kCdf, 0, a.uniform, mass, mass_known, floor};
+  const Nav f = Search(view, prob, q, sm);
+  uint32_t token;
+  if (f.found) {
+    token = TokenOf(view, f, q, prob, sm);
+  } else {
+    // The CPU's walk found no crossing (u == 1): it returns the last kept token with p > 0.
+    // Probabilities do not increase along the ranking, so that is the token of rank
+    // min(kept, #positive).
+    const Mass positive = CountPositive(view, prob, floor, sm);
+    const Mass rank = positive < 1 ? 1 : min(kept, positive);
+    const Query qr{Goal::kCount, static_cast<uint32_t>(rank), 0.0f, 0, false, floor};
+    const Nav g = Search(view, prob, qr, sm);
+    token = g.found ? TokenOf(view, g, qr, prob, sm) : 0;
+  }
+  if (tid == 0) out[row] = static_cast<int32_t>(token);
+}
+
+int CeilLog2(int64_t v) {
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
+}  // namespace
+
+absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
+                    const SamplingParams* params, const float* uniforms, int32_t* out) {
+  if (rows == 0) return absl::OkStatus();
+  if (vocab > kMaxVocab) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Sample: vocab ", vocab, " exceeds the CUDA sampler's limit ", kMaxVocab));
+  }
+  if (rows > INT32_MAX) return absl::InvalidArgumentError("Sample: too many rows");
+  std::vector<RowArgs> host(static_cast<size_t>(rows));
+  bool any_sampled = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    host[r] = RowArgs{params[r].temperature, params[r].top_k, params[r].top_p, uniforms[r]};
+    any_sampled = any_sampled || params[r].temperature > 0.0f;
+  }
+  ASSIGN_OR_RETURN(void* dev_args, ctx.UploadScratch(ScratchSlot::kSampling, host.data(),
+                                                     host.size() * sizeof(RowArgs)));
+
+  // Shared memory: histograms, the candidate list and, when it fits, the row's keys.
+  cudaFuncAttributes attr;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, SampleKernel));
+  const size_t fixed = kBins * kReplicas * (sizeof(Mass) + sizeof(uint32_t)) +
+                       kBins * sizeof(uint32_t);
+  const size_t limit = std::max<size_t>(ctx.max_shared_per_block, 48 * 1024);
+  const size_t budget = limit > attr.sharedSizeBytes ? limit - attr.sharedSizeBytes : 0;
+  if (budget < fixed) return absl::InternalError("Sample: not enough shared memory");
+  const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(uint32_t);
+  const int keys_in_smem = any_sampled && fixed + row_bytes + 256 * 2 * sizeof(uint32_t) <= budget;
+  const size_t list_room = budget - fixed - (keys_in_smem ? row_bytes : 0);
+  // Greedy-only batches touch no dynamic shared memory.
+  const int cap = !any_sampled ? 0
+                               : static_cast<int>(std::min<size_t>(
+                                     {list_room / (2 * sizeof(uint32_t)),
+                                      static_cast<size_t>(kMaxList), static_cast<size_t>(vocab)}));
+  const size_t smem = !any_sampled ? 0
+                                   : fixed + static_cast<size_t>(cap) * 2 * sizeof(uint32_t) +
+                                         (keys_in_smem ? row_bytes : 0);
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      SampleKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+
+  const int threads = vocab <= 4096 ? 256 : kMaxThreads;  // >= kBins (histogram fold)
+  const float scale = std::ldexp(1.0f, 62 - CeilLog2(vocab));  // row mass < 2^62
+  SampleKernel<<<static_cast<unsigned>(rows), threads, smem, ctx.stream>>>(
+      logits, static_cast<int>(vocab), static_cast<const RowArgs*>(dev_args), out, cap,
+      keys_in_smem, scale);
+  RAMBA_CUDA_CHECK_LAUNCH("SampleKernel");
+  return absl::OkStatus();
+}
+
 }  // namespace ramba::kernels::cuda

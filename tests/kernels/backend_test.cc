@@ -175,6 +175,19 @@ TEST(BackendTest, Create) {
   EXPECT_EQ(CreateBackend("tpu").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(BackendTest, ScatterRowsWritesEachRowToItsPointer) {
+  auto be = testing::Cpu();
+  std::vector<float> src = {1, 2, 3, 9, 4, 5, 6, 9};  // 2 rows of 3, ld 4
+  std::vector<float> a(3, 0), b(5, 0);
+  float* dst[] = {b.data() + 1, a.data()};
+  ASSERT_TRUE(be->ScatterRows(src.data(), 4, dst, 2, 3).ok());
+  EXPECT_EQ(b, (std::vector<float>{0, 1, 2, 3, 0}));
+  EXPECT_EQ(a, (std::vector<float>{4, 5, 6}));
+  float* bad[] = {a.data(), nullptr};
+  EXPECT_EQ(be->ScatterRows(src.data(), 4, bad, 2, 3).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(be->ScatterRows(src.data(), 2, dst, 2, 3).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(BackendTest, MemoryOps) {
   auto be = testing::Cpu();
   auto buf = be->Allocate(16 * sizeof(float));

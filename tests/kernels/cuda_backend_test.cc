@@ -65,3 +65,44 @@ TEST_F(CudaBackendTest, RaggedOpsWithoutHostOffsetsAreRejected) {
 
 }  // namespace
 }  // namespace ramba::kernels::testing
+
+namespace ramba::kernels::testing {
+namespace {
+
+TEST_F(CudaOpTest, ScatterRowsMatchesCpu) {
+  const int64_t rows = 37, cols = 301, ld = 320;
+  std::vector<float> src = RandomVec(rows * ld, 3);
+  float* d_src = ToGpu(src);
+  float* d_dst = Poisoned<float>(rows * 2 * cols);
+  std::vector<float*> ptrs;
+  for (int64_t r = 0; r < rows; ++r) ptrs.push_back(d_dst + ((r * 7) % rows) * 2 * cols + cols / 3);
+  ASSERT_TRUE(gpu_->ScatterRows(d_src, ld, ToGpu(ptrs), rows, cols).ok());
+  std::vector<float> got = FromGpu(d_dst, rows * 2 * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = ((r * 7) % rows) * 2 * cols + cols / 3;
+    for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(got[base + c], src[r * ld + c]) << r << "," << c;
+  }
+}
+
+TEST_F(CudaOpTest, RecordedGraphReplaysWithNewInputs) {
+  const int64_t n = 4096;
+  float* a = ToGpu(RandomVec(n, 1));
+  float* b = ToGpu(RandomVec(n, 2));
+  ASSERT_TRUE(gpu_->BeginGraph().ok());
+  ASSERT_TRUE(gpu_->Add(b, a, n).ok());  // recorded, not run
+  auto id = gpu_->EndGraph();
+  ASSERT_TRUE(id.ok()) << id.status();
+  std::vector<float> before = FromGpu(b, n);
+  EXPECT_EQ(before, RandomVec(n, 2)) << "recording must not run the ops";
+  const std::vector<float> a2 = RandomVec(n, 5);
+  ASSERT_TRUE(gpu_->Upload(a, a2.data(), n * sizeof(float)).ok());
+  ASSERT_TRUE(gpu_->LaunchGraph(*id).ok());
+  ASSERT_TRUE(gpu_->LaunchGraph(*id).ok());
+  std::vector<float> got = FromGpu(b, n);
+  for (int64_t i = 0; i < n; ++i) ASSERT_FLOAT_EQ(got[i], before[i] + 2 * a2[i]) << i;
+  gpu_->DestroyGraph(*id);
+  EXPECT_FALSE(gpu_->LaunchGraph(*id).ok());
+}
+
+}  // namespace
+}  // namespace ramba::kernels::testing
