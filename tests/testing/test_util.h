@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -12,7 +13,12 @@
 
 namespace ramba::testing {
 
-inline std::string SourceDir() { return RAMBA_SOURCE_DIR; }
+// The source tree: $RAMBA_SOURCE_DIR when set (binaries shipped to the GPU host run from another
+// checkout), else the path compiled in.
+inline std::string SourceDir() {
+  const char* env = std::getenv("RAMBA_SOURCE_DIR");
+  return env != nullptr && env[0] != '\0' ? env : RAMBA_SOURCE_DIR;
+}
 inline std::string FixtureDir() { return SourceDir() + "/tests/fixtures"; }
 
 // Largest per-row error relative to the row's largest magnitude: max_r max_i |a-b| / max_i |b|.
