@@ -45,7 +45,8 @@ void ExpectPaddingUntouched(const std::vector<float>& got, const std::vector<flo
                             int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = cols; c < ld; ++c) {
-      ASSERT_EQ(Bits(got[r * ld + c]), Bits(want[r * ld + c])) << "padding row " << r << " col " << c;
+      ASSERT_EQ(Bits(got[r * ld + c]), Bits(want[r * ld + c]))
+          << "padding row " << r << " col " << c;
     }
   }
 }
@@ -53,7 +54,8 @@ void ExpectPaddingUntouched(const std::vector<float>& got, const std::vector<flo
 void ExpectBitwiseEqual(const std::vector<float>& got, const std::vector<float>& want) {
   ASSERT_EQ(got.size(), want.size());
   for (size_t i = 0; i < got.size(); ++i) {
-    ASSERT_EQ(Bits(got[i]), Bits(want[i])) << "element " << i << ": " << got[i] << " vs " << want[i];
+    ASSERT_EQ(Bits(got[i]), Bits(want[i]))
+        << "element " << i << ": " << got[i] << " vs " << want[i];
   }
 }
 
@@ -464,7 +466,8 @@ TEST_F(CudaDenseOpsTest, RopeInChunk) {
     float* gx = ToGpu(x);
     ASSERT_TRUE(gpu_->RopeInChunk(gx, c.rows, c.heads, c.head_dim, c.period, c.theta).ok());
     std::vector<float> want = x;
-    ASSERT_TRUE(cpu_->RopeInChunk(want.data(), c.rows, c.heads, c.head_dim, c.period, c.theta).ok());
+    ASSERT_TRUE(
+        cpu_->RopeInChunk(want.data(), c.rows, c.heads, c.head_dim, c.period, c.theta).ok());
     const std::vector<float> got = FromGpu(gx, n);
     EXPECT_LE(NormRelError(got, want), 1e-5);
     double max_diff = 0;
