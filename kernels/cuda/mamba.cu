@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(kConvThreads)
     for (int j = 0; j < kernel; ++j) {
       // Tap j reads input t - hist + j: a row of the old state when negative, else a row of x.
       const int64_t src = t - hist + j;
-      const float in = src < 0 ? states[s][(hist + src) * channels + c] : x[(start + src) * ldx + c];
+      const float in =
+          src < 0 ? states[s][(hist + src) * channels + c] : x[(start + src) * ldx + c];
       acc += w[j] * in;
     }
     y[r * channels + c] = SiluDev(acc);
@@ -410,8 +411,12 @@ absl::Status LaunchTiledPr(Context& ctx, const ScanArgs& a, int64_t num_seqs) {
     return num_seqs * a.H * ((a.P + kScanWarps * pr - 1) / (kScanWarps * pr));
   };
   const int64_t min_blocks = ctx.num_sms > 0 ? ctx.num_sms : 1;
-  if (a.P >= kScanWarps * 4 && blocks(4) >= min_blocks) return LaunchTiled<NPL, 4>(ctx, a, num_seqs);
-  if (a.P >= kScanWarps * 2 && blocks(2) >= min_blocks) return LaunchTiled<NPL, 2>(ctx, a, num_seqs);
+  if (a.P >= kScanWarps * 4 && blocks(4) >= min_blocks) {
+    return LaunchTiled<NPL, 4>(ctx, a, num_seqs);
+  }
+  if (a.P >= kScanWarps * 2 && blocks(2) >= min_blocks) {
+    return LaunchTiled<NPL, 2>(ctx, a, num_seqs);
+  }
   return LaunchTiled<NPL, 1>(ctx, a, num_seqs);
 }
 
