@@ -134,19 +134,23 @@ bool CudaAvailable() {
 bool CudaAvailable() { return false; }
 #endif
 
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(DType weight_dtype) {
+#ifdef RAMBA_HAVE_CUDA
+  if (!CudaAvailable()) {
+    return absl::FailedPreconditionError("--device=cuda but no CUDA GPU is visible");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> b, CudaBackend::Create(0, weight_dtype));
+  return std::unique_ptr<Backend>(std::move(b));
+#else
+  return absl::UnimplementedError(
+      "the CUDA backend is not built into this binary; use --device=cpu");
+#endif
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view device, int threads) {
   if (device == "cpu") return CreateCpuBackend(threads);
   if (device == "cuda" || (device == "auto" && CudaAvailable())) {
-#ifdef RAMBA_HAVE_CUDA
-    if (!CudaAvailable()) {
-      return absl::FailedPreconditionError("--device=cuda but no CUDA GPU is visible");
-    }
-    ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> b, CudaBackend::Create(0));
-    return std::unique_ptr<Backend>(std::move(b));
-#else
-    return absl::UnimplementedError(
-        "the CUDA backend is not built into this binary; use --device=cpu");
-#endif
+    return CreateCudaBackend(DType::kBF16);
   }
   if (device == "auto") return CreateCpuBackend(threads);
   return absl::InvalidArgumentError(

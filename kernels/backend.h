@@ -246,6 +246,10 @@ class Backend {
 // CPU backend; threads <= 0 uses every core (OpenMP + OpenBLAS).
 std::unique_ptr<Backend> CreateCpuBackend(int threads = 0);
 
+// CUDA backend on device 0 whose weight matrices are `weight_dtype` (bf16 for serving; f32 lets
+// tests compare the GPU with the CPU without weight rounding). Unimplemented without CUDA.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(DType weight_dtype = DType::kBF16);
+
 // True when this binary was built with the CUDA backend and a GPU is visible.
 bool CudaAvailable();
 

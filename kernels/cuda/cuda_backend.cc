@@ -46,8 +46,12 @@ bool ValidWeightDtype(DType t) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, DType weight_dtype) {
+  if (weight_dtype != DType::kBF16 && weight_dtype != DType::kF32) {
+    return absl::InvalidArgumentError("CUDA weight dtype must be bf16 or f32");
+  }
   std::unique_ptr<CudaBackend> b(new CudaBackend());
+  b->weight_dtype_ = weight_dtype;
   RETURN_IF_ERROR(b->Init(device));
   return b;
 }

@@ -16,12 +16,14 @@ namespace ramba::kernels {
 class CudaBackend : public Backend, public cuda::Context {
  public:
   // Uses device `device`; fails when no GPU is usable.
-  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device = 0);
+  // Weight matrices are stored as `weight_dtype` (kBF16 or kF32).
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device = 0,
+                                                             DType weight_dtype = DType::kBF16);
   ~CudaBackend() override;
 
   std::string_view name() const override { return "cuda"; }
   bool host_accessible() const override { return false; }
-  DType weight_dtype() const override { return DType::kBF16; }
+  DType weight_dtype() const override { return weight_dtype_; }
 
   absl::StatusOr<Buffer> Allocate(size_t bytes) override;
   absl::Status Upload(void* dst, const void* host_src, size_t bytes) override;
@@ -93,6 +95,7 @@ class CudaBackend : public Backend, public cuda::Context {
     size_t bytes = 0;
   };
   std::vector<ScratchBlock> scratch_;
+  DType weight_dtype_ = DType::kBF16;
   uint64_t scratch_generation_ = 0;
   bool capturing_ = false;
   std::map<int64_t, cudaGraphExec_t> graphs_;

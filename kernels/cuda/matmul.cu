@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -360,10 +361,12 @@ absl::Status SmallMSlabs(Context& ctx, const float* x, int ldx, int m, const Mat
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 
 // x[m, k] (stride ldx) -> xb[m, ldxb] in bf16 / f16 (round to nearest even), columns k..ldxb
-// zero. ldxb % 8 == 0, so each thread writes one aligned 16-byte chunk of 8 values.
+// zero. ldxb % 8 == 0, so each thread writes one aligned 16-byte chunk of 8 values. With
+// `lo` non-null, also the rounding residue lo = round16(x - hi) at lo[m, ldxb]: hi + lo carries
+// about 16 mantissa bits, so W.hi + W.lo equals the f32-activation product to ~1e-5 relative.
 template <bool kBf16>
 __global__ void ConvertXKernel(const float* x, int ldx, int m, int k, bool vec_x, uint16_t* xb,
-                               int ldxb) {
+                               int ldxb, uint16_t* lo) {
   const int chunks = ldxb / kVec;
   const int64_t total = static_cast<int64_t>(m) * chunks;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
@@ -381,16 +384,39 @@ __global__ void ConvertXKernel(const float* x, int ldx, int m, int k, bool vec_x
 #pragma unroll
       for (int q = 0; q < kVec; ++q) v[q] = c0 + q < k ? src[q] : 0.0f;
     }
-    uint32_t h[kVec];
+    uint32_t h[kVec], l[kVec];
 #pragma unroll
     for (int q = 0; q < kVec; ++q) {
-      h[q] = kBf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v[q]))
-                   : __half_as_ushort(__float2half_rn(v[q]));
+      if (kBf16) {
+        const __nv_bfloat16 hb = __float2bfloat16_rn(v[q]);
+        h[q] = __bfloat16_as_ushort(hb);
+        l[q] = __bfloat16_as_ushort(__float2bfloat16_rn(v[q] - __bfloat162float(hb)));
+      } else {
+        const __half hh = __float2half_rn(v[q]);
+        h[q] = __half_as_ushort(hh);
+        l[q] = __half_as_ushort(__float2half_rn(v[q] - __half2float(hh)));
+      }
     }
     *reinterpret_cast<uint4*>(xb + i * ldxb + c0) =
         make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16),
                    h[6] | (h[7] << 16));
+    if (lo != nullptr) {
+      *reinterpret_cast<uint4*>(lo + i * ldxb + c0) =
+          make_uint4(l[0] | (l[1] << 16), l[2] | (l[3] << 16), l[4] | (l[5] << 16),
+                     l[6] | (l[7] << 16));
+    }
   }
+}
+
+// Activations enter the 16-bit GEMM as hi + lo (two products) unless
+// RAMBA_CUDA_BF16_ACTIVATIONS=1 asks for the plain one-product form (half the tensor-core work,
+// activations rounded to 8 mantissa bits: about 1e-2 relative error at the logits of a deep model).
+bool SplitActivations() {
+  static const bool split = [] {
+    const char* e = std::getenv("RAMBA_CUDA_BF16_ACTIVATIONS");
+    return !(e != nullptr && e[0] == '1');
+  }();
+  return split;
 }
 
 uint32_t PointerAlignment(const void* p) {
@@ -542,19 +568,22 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
   // Packed 16-bit copy of x, rows padded to a multiple of 8 elements (16 bytes).
   const int64_t ldxb = (static_cast<int64_t>(k) + kVec - 1) / kVec * kVec;
   if (ldxb > INT32_MAX) return absl::InvalidArgumentError("Matmul: k too large");
+  const bool split = SplitActivations();
+  const size_t half_bytes = static_cast<size_t>(mi) * ldxb * sizeof(uint16_t);
   absl::StatusOr<void*> scratch =
-      ctx.Scratch(ScratchSlot::kMatmulInput, static_cast<size_t>(mi) * ldxb * sizeof(uint16_t));
+      ctx.Scratch(ScratchSlot::kMatmulInput, split ? 2 * half_bytes : half_bytes);
   if (!scratch.ok()) return scratch.status();
   auto* xb = static_cast<uint16_t*>(*scratch);
+  uint16_t* xlo = split ? xb + static_cast<size_t>(mi) * ldxb : nullptr;
   constexpr int kConvertThreads = 256;
   const int convert_grid = GridFor(static_cast<int64_t>(mi) * (ldxb / kVec), kConvertThreads, ctx);
   const bool vec_x = Aligned(x, 16) && ldx % 4 == 0;
   if (bf16) {
     ConvertXKernel<true><<<convert_grid, kConvertThreads, 0, ctx.stream>>>(
-        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb));
+        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb), xlo);
   } else {
     ConvertXKernel<false><<<convert_grid, kConvertThreads, 0, ctx.stream>>>(
-        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb));
+        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb), xlo);
   }
   RAMBA_CUDA_CHECK_LAUNCH("ConvertXKernel");
   bool found = false;
@@ -562,6 +591,12 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
                             y, ldy, accumulate, &found);
   if (!s.ok()) return s;
   if (!found) return SmallMSlabs(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate);
+  if (split) {
+    s = LtMatmul(ctx, bf16 ? CUDA_R_16BF : CUDA_R_16F, w.data, k, xlo, ldxb, mi, n, k, y, ldy,
+                 /*accumulate=*/true, &found);
+    if (!s.ok()) return s;
+    if (!found) return absl::InternalError("Matmul: cuBLASLt lost its algorithm for the residue");
+  }
   return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldyi, mi, n, bias, false)
                          : absl::OkStatus();
 }
