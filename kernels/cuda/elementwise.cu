@@ -223,6 +223,65 @@ __global__ void GatedRmsNormKernel(const float* y, int64_t ldy, const float* z, 
   }
 }
 
+// ---- Block-per-row variants for few rows (decode): a warp alone walking a 2048-wide row waits
+// on one memory latency per 128 values; 256 threads keep the whole row in flight. ----
+
+constexpr int kRowThreads = 256;
+
+__device__ float BlockSum(float v, float* shared) {
+  v = WarpSum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kRowThreads / 32; ++w) total += shared[w];
+  __syncthreads();  // shared is reused by the next call
+  return total;
+}
+
+// Scalar loads, each thread owns elements t, t + 256, ...: coalesced and alias-safe (a thread
+// reads its elements before it writes them).
+__global__ void __launch_bounds__(kRowThreads) RmsNormRowKernel(const float* x, int64_t ldx,
+                                                                const float* weight, float* y,
+                                                                int64_t ldy, int64_t dim,
+                                                                float eps) {
+  __shared__ float shared[kRowThreads / 32];
+  const float* xr = x + blockIdx.x * ldx;
+  float* yr = y + blockIdx.x * ldy;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) ss += xr[i] * xr[i];
+  ss = BlockSum(ss, shared);
+  const float scale = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) yr[i] = weight[i] * (xr[i] * scale);
+}
+
+__global__ void __launch_bounds__(kRowThreads) GatedRmsNormRowKernel(
+    const float* y, int64_t ldy, const float* z, int64_t ldz, const float* weight, float* out,
+    int64_t ldo, int64_t groups, int64_t group_size, float eps) {
+  __shared__ float shared[kRowThreads / 32];
+  const int64_t r = blockIdx.x / groups;
+  const int64_t g0 = (blockIdx.x - r * groups) * group_size;
+  const float* yr = y + r * ldy + g0;
+  const float* zr = z + r * ldz + g0;
+  const float* wg = weight + g0;
+  float* o = out + r * ldo + g0;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < group_size; i += kRowThreads) {
+    const float g = yr[i] * Silu(zr[i]);
+    o[i] = g;
+    ss += g * g;
+  }
+  ss = BlockSum(ss, shared);
+  const float scale = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
+  for (int64_t i = threadIdx.x; i < group_size; i += kRowThreads) o[i] = wg[i] * (o[i] * scale);
+}
+
+// Rows (or groups) below which the block-per-row kernels win.
+bool FewRows(const Context& ctx, int64_t items, int64_t width) {
+  return width >= 512 && items <= 2 * static_cast<int64_t>(ctx.num_sms) && items <= INT32_MAX;
+}
+
 // ---- Add / SwiGlu: flat arrays ----
 
 __global__ void AddKernel(float* y, const float* x, int64_t n, bool vec) {
@@ -336,6 +395,12 @@ absl::Status Embed(Context& ctx, const int32_t* tokens, int64_t n, MatrixView ta
 
 absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
                      int64_t ldy, int64_t rows, int64_t dim, float eps) {
+  if (FewRows(ctx, rows, dim)) {
+    RmsNormRowKernel<<<static_cast<unsigned>(rows), kRowThreads, 0, ctx.stream>>>(x, ldx, weight,
+                                                                                 y, ldy, dim, eps);
+    RAMBA_CUDA_CHECK_LAUNCH("RmsNormRowKernel");
+    return absl::OkStatus();
+  }
   const bool vec = dim % 4 == 0 && ldx % 4 == 0 && ldy % 4 == 0 && Aligned16(x) &&
                    Aligned16(y) && Aligned16(weight);
   const int grid = GridFor(rows, kWarpsPerBlock, ctx);
@@ -352,6 +417,13 @@ absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* wei
 absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float* z, int64_t ldz,
                           const float* weight, float* out, int64_t ldo, int64_t rows, int64_t dim,
                           int64_t group_size, float eps) {
+  const int64_t groups = dim / group_size;
+  if (FewRows(ctx, rows * groups, group_size)) {
+    GatedRmsNormRowKernel<<<static_cast<unsigned>(rows * groups), kRowThreads, 0, ctx.stream>>>(
+        y, ldy, z, ldz, weight, out, ldo, groups, group_size, eps);
+    RAMBA_CUDA_CHECK_LAUNCH("GatedRmsNormRowKernel");
+    return absl::OkStatus();
+  }
   const bool vec = group_size % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && ldo % 4 == 0 &&
                    Aligned16(y) && Aligned16(z) && Aligned16(out) && Aligned16(weight);
   const int grid = GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx);

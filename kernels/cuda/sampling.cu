@@ -14,8 +14,9 @@
 // Probabilities are exp((l - max) / T) in f32 as on the CPU, then held as fixed-point integers
 // q = round(p * 2^S), with S chosen so that a whole row sums below 2^62. Integer sums are exact
 // in any order, so histogram atomics are deterministic, and every cut is decided on exact
-// cumulative sums; they differ from the CPU's double sums by under 1e-9 of the mass, so GPU and CPU
-// disagree only when a uniform (or top_p) lands within rounding of a cumulative boundary.
+// cumulative sums. Those differ from the CPU's double sums by at most vocab^2 * 2^-62 of the mass
+// (6e-10 for 50K tokens) plus expf's last-bit differences, so GPU and CPU disagree only when a
+// uniform (or top_p) lands within rounding of a cumulative boundary.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,14 +42,16 @@ constexpr int kBinsPerLane = kBins / 32;  // navigation: one warp scans the bins
 // Histogram copies, picked by lane: lanes hitting one bin in the same instruction mostly update
 // different words, so shared atomics on a few hot bins (flat distributions) serialise less.
 constexpr int kReplicas = 4;
-constexpr int kMaxThreads = 1024;
+constexpr int kMaxThreads = 768;  // 80 registers a thread, no spills
 constexpr int kMaxWarps = kMaxThreads / 32;
-constexpr int kMaxList = 4096;          // candidate list capacity cap
+constexpr size_t kMaxList = 4096;       // candidate list (key and id) capacity
+constexpr size_t kMinList = 256;        // keep at least this much list room beside the row
 constexpr int64_t kMaxVocab = 1 << 24;  // keeps S >= 38 (fixed-point resolution)
 constexpr uint32_t kFullMask = 0xffffffffu;
 constexpr uint32_t kNoBin = 0xffffffffu;
 
 static_assert(kBins % 32 == 0 && kLevels * kDigitBits == 32, "digit layout");
+static_assert(kMaxThreads % 32 == 0 && kMaxThreads >= kBins, "one thread per bin folds replicas");
 
 // Per-row arguments, packed on the host.
 struct RowArgs {
@@ -90,9 +93,9 @@ struct Prob {
 // The tokens a pass iterates over: the whole row (keys in shared memory, or computed from global
 // memory when the row does not fit) or a compacted list. Ids increase with the position.
 struct View {
-  const float* logits;    // the row, global memory
-  const uint32_t* keys;   // shared memory keys, or null: compute from logits
-  const uint32_t* ids;    // list ids, or null: id = position
+  const float* logits;   // the row, global memory
+  const uint32_t* keys;  // shared memory keys, or null: compute from logits
+  const uint32_t* ids;   // list ids, or null: id = position
   int n;
   __device__ __forceinline__ uint32_t Key(int i) const {
     return keys != nullptr ? keys[i] : OrderedKey(__ldg(logits + i));
@@ -294,7 +297,7 @@ __device__ void Navigate(const Smem& sm, const Query& q, int level, Nav nav) {
 // Radix select (see the file comment). Called by the whole block; the result is block-uniform.
 // On success the answer's key is nav.prefix; the tokens before it in the ranking are the
 // nav.cnt_above tokens with larger keys plus lower-id ties.
-__device__ __noinline__ Nav Search(const View& v, const Prob& prob, const Query& q, const Smem& sm) {
+__device__ Nav Search(const View& v, const Prob& prob, const Query& q, const Smem& sm) {
   const int tid = threadIdx.x;
   const bool with_mass = q.goal != Goal::kCount;
   Nav nav{};
@@ -357,7 +360,7 @@ __device__ Mass TieIndex(const Nav& f, const Query& q, const Prob& prob) {
 }
 
 // Id of the j-th (1-based) token of the view whose key is `key`, in id order.
-__device__ __noinline__ uint32_t NthTie(const View& v, uint32_t key, Mass j, const Smem& sm) {
+__device__ uint32_t NthTie(const View& v, uint32_t key, Mass j, const Smem& sm) {
   if (threadIdx.x == 0) *sm.result() = 0;  // published by the scan's barrier
   int begin, end;
   ThreadSlice(v.n, &begin, &end);
@@ -388,7 +391,7 @@ __device__ uint32_t TokenOf(const View& v, const Nav& f, const Query& q, const P
 }
 
 // Copies the tokens with key >= floor, in id order, to the list; returns how many.
-__device__ __noinline__ int Compact(const View& v, uint32_t floor, int cap, const Smem& sm) {
+__device__ int Compact(const View& v, uint32_t floor, int cap, const Smem& sm) {
   int begin, end;
   ThreadSlice(v.n, &begin, &end);
   uint32_t c = 0;
@@ -409,8 +412,7 @@ __device__ __noinline__ int Compact(const View& v, uint32_t floor, int cap, cons
 }
 
 // Mass of the tokens with key > `key`.
-__device__ __noinline__ Mass MassAbove(const View& v, const Prob& prob, uint32_t key,
-                                       const Smem& sm) {
+__device__ Mass MassAbove(const View& v, const Prob& prob, uint32_t key, const Smem& sm) {
   Mass s = 0;
   for (int i = threadIdx.x; i < v.n; i += blockDim.x) {
     const uint32_t k = v.Key(i);
@@ -420,8 +422,7 @@ __device__ __noinline__ Mass MassAbove(const View& v, const Prob& prob, uint32_t
 }
 
 // Number of tokens with key >= floor and p > 0.
-__device__ __noinline__ Mass CountPositive(const View& v, const Prob& prob, uint32_t floor,
-                                           const Smem& sm) {
+__device__ Mass CountPositive(const View& v, const Prob& prob, uint32_t floor, const Smem& sm) {
   Mass c = 0;
   for (int i = threadIdx.x; i < v.n; i += blockDim.x) {
     const uint32_t k = v.Key(i);
@@ -489,12 +490,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   if (a.top_k > 0 && a.top_k < vocab) {
     const Query q{Goal::kCount, static_cast<uint32_t>(a.top_k), 0.0f, 0, false, 0};
     const Nav f = Search(view, prob, q, sm);  // always found: top_k < vocab
-    const Mass j = TieIndex(f, q, prob);
-    mass = MassAbove(view, prob, f.prefix, sm) + j * prob.Q(f.prefix);
-    mass_known = true;
     kept = static_cast<Mass>(a.top_k);
     floor = f.prefix;
     maybe_compact(floor, f.cnt_above + f.bin_cnt);
+    const Mass j = TieIndex(f, q, prob);
+    mass = MassAbove(view, prob, f.prefix, sm) + j * prob.Q(f.prefix);
+    mass_known = true;
   }
 
   if (a.top_p < 1.0f) {
@@ -554,29 +555,28 @@ absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t voc
   ASSIGN_OR_RETURN(void* dev_args, ctx.UploadScratch(ScratchSlot::kSampling, host.data(),
                                                      host.size() * sizeof(RowArgs)));
 
-  // Shared memory: histograms, the candidate list and, when it fits, the row's keys.
+  // Shared memory: histograms, the candidate list and, when it fits, the row's keys. Greedy-only
+  // batches use none.
   cudaFuncAttributes attr;
   RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, SampleKernel));
-  const size_t fixed = kBins * kReplicas * (sizeof(Mass) + sizeof(uint32_t)) +
-                       kBins * sizeof(uint32_t);
   const size_t limit = std::max<size_t>(ctx.max_shared_per_block, 48 * 1024);
   const size_t budget = limit > attr.sharedSizeBytes ? limit - attr.sharedSizeBytes : 0;
-  if (budget < fixed) return absl::InternalError("Sample: not enough shared memory");
-  const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(uint32_t);
-  const int keys_in_smem = any_sampled && fixed + row_bytes + 256 * 2 * sizeof(uint32_t) <= budget;
-  const size_t list_room = budget - fixed - (keys_in_smem ? row_bytes : 0);
-  // Greedy-only batches touch no dynamic shared memory.
-  const int cap = !any_sampled ? 0
-                               : static_cast<int>(std::min<size_t>(
-                                     {list_room / (2 * sizeof(uint32_t)),
-                                      static_cast<size_t>(kMaxList), static_cast<size_t>(vocab)}));
-  const size_t smem = !any_sampled ? 0
-                                   : fixed + static_cast<size_t>(cap) * 2 * sizeof(uint32_t) +
-                                         (keys_in_smem ? row_bytes : 0);
+  const size_t fixed = kBins * kReplicas * (sizeof(Mass) + sizeof(uint32_t)) + kBins * 4;
+  const size_t row_bytes = static_cast<size_t>(vocab) * 4;
+  size_t smem = 0;
+  int cap = 0;
+  int keys_in_smem = 0;
+  if (any_sampled) {
+    if (budget < fixed) return absl::InternalError("Sample: not enough shared memory");
+    keys_in_smem = fixed + row_bytes + kMinList * 8 <= budget;
+    const size_t room = budget - fixed - (keys_in_smem ? row_bytes : 0);
+    cap = static_cast<int>(std::min<size_t>({room / 8, kMaxList, static_cast<size_t>(vocab)}));
+    smem = fixed + static_cast<size_t>(cap) * 8 + (keys_in_smem ? row_bytes : 0);
+  }
   RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       SampleKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 
-  const int threads = vocab <= 4096 ? 256 : kMaxThreads;  // >= kBins (histogram fold)
+  const int threads = vocab <= 4096 ? 256 : kMaxThreads;       // >= kBins (histogram fold)
   const float scale = std::ldexp(1.0f, 62 - CeilLog2(vocab));  // row mass < 2^62
   SampleKernel<<<static_cast<unsigned>(rows), threads, smem, ctx.stream>>>(
       logits, static_cast<int>(vocab), static_cast<const RowArgs*>(dev_args), out, cap,

@@ -331,6 +331,7 @@ TEST_F(CudaDenseOpsTest, RmsNorm) {
       {300, 1024, 0, 0, true, 0, 1e-5f}, {7, 1, 0, 3, false, 0, 1e-5f},
       {16, 4096, 0, 0, false, 0, 1e-5f}, {9, 1024, 0, 0, false, 1, 1e-5f},
       {4800, 64, 0, 0, true, 1, 1e-6f},  {2, 8, 1, 1, true, 0, 1e-5f},
+      {2, 1024, 0, 0, true, 0, 1e-5f},   {3, 2051, 1, 0, true, 1, 1e-5f},
   };
   uint32_t seed = 200;
   for (const Case& c : cases) {
@@ -365,7 +366,7 @@ TEST_F(CudaDenseOpsTest, GatedRmsNorm) {
   const Case cases[] = {
       {1, 2048, 2048, 0, 0, 0}, {5, 2048, 256, 4, 0, 0}, {3, 77, 77, 1, 3, 0},
       {64, 96, 8, 0, 2, 0},     {16, 1024, 1024, 0, 0, 1}, {300, 64, 16, 8, 4, 0},
-      {2, 6, 3, 0, 0, 0},
+      {2, 6, 3, 0, 0, 0},       {3, 2048, 1024, 4, 2, 1}, {2, 1031, 1031, 1, 0, 1},
   };
   uint32_t seed = 300;
   for (const Case& c : cases) {

@@ -1,0 +1,192 @@
+// bench-ops: the HSA kernels alone, on random data, against their floors.
+//
+//   bench-ops --device cuda --lengths 16384,65536,1048576
+// For each length L (tokens of one sequence, L / 64 chunks of K/V in memory):
+//  - prefill sparse attention: L query rows x 16 heads over 1 kv head, head dim 64, top-8 chunks of
+//    64 keys (RetrieveChunks picks them from random landmarks first, untimed); FLOP floor
+//    4 * L * heads * K * 64 * 64 at the given --tflops;
+//  - decode retrieval + sparse attention for --decode_batch rows at position L: bytes floor =
+//    every landmark read once (L / 64 x retrieval_dim x 4 B per row's sequence) + the selected
+//    chunks' K/V, at the measured copy bandwidth.
+// Timing: one warm-up, then the median of --reps runs, each closed by Synchronize.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "base/status_macros.h"
+#include "kernels/backend.h"
+
+ABSL_FLAG(std::string, device, "cuda", "cpu, cuda or auto");
+ABSL_FLAG(std::string, lengths, "16384,65536,1048576", "Comma-separated sequence lengths");
+ABSL_FLAG(int32_t, heads, 16, "Query heads");
+ABSL_FLAG(int32_t, retrieval_dim, 1024, "Landmark width (370M: 1024)");
+ABSL_FLAG(int32_t, decode_batch, 1, "Rows of the decode measurement (each its own sequence)");
+ABSL_FLAG(int32_t, reps, 20, "Timed repetitions");
+ABSL_FLAG(int64_t, max_prefill_rows, 1 << 20, "Longest prefill measured");
+ABSL_FLAG(double, tflops, 0, "Compute peak for the prefill floor (0: 67 = H100 f32 CUDA cores)");
+
+namespace {
+
+using ramba::kernels::Backend;
+using ramba::kernels::Buffer;
+
+constexpr int64_t kChunk = 64, kTopK = 8, kHeadDim = 64;
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "bench-ops: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+template <class T>
+absl::StatusOr<Buffer> Put(Backend* be, const std::vector<T>& v) {
+  auto b = be->Allocate(v.size() * sizeof(T));
+  if (!b.ok()) return b.status();
+  if (auto s = be->Upload(b->data(), v.data(), v.size() * sizeof(T)); !s.ok()) return s;
+  return b;
+}
+
+std::vector<float> Random(int64_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+template <class F>
+double MedianSeconds(Backend* be, int reps, F&& run) {
+  if (!run().ok() || !be->Synchronize().ok()) return NAN;
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const double t0 = Now();
+    if (!run().ok() || !be->Synchronize().ok()) return NAN;
+    t.push_back(Now() - t0);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+double MeasureBandwidth(Backend* be) {
+  const size_t bytes = be->host_accessible() ? (size_t{256} << 20) : (size_t{1} << 30);
+  auto a = be->Allocate(bytes);
+  auto b = be->Allocate(bytes);
+  if (!a.ok() || !b.ok()) return 0;
+  std::vector<uint8_t> init(1 << 20, 7);
+  for (size_t off = 0; off < bytes; off += init.size()) {
+    (void)be->Upload(a->as<uint8_t>() + off, init.data(), init.size());
+  }
+  const double s = MedianSeconds(be, 5, [&] { return be->Copy(b->data(), a->data(), bytes); });
+  return 2.0 * bytes / s / 1e9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  auto backend = ramba::kernels::CreateBackend(absl::GetFlag(FLAGS_device));
+  if (!backend.ok()) return Fail(backend.status());
+  Backend* be = backend->get();
+  const int64_t nh = absl::GetFlag(FLAGS_heads), rdim = absl::GetFlag(FLAGS_retrieval_dim);
+  const int reps = absl::GetFlag(FLAGS_reps);
+  const double bw = MeasureBandwidth(be);
+  const double tflops = absl::GetFlag(FLAGS_tflops) > 0 ? absl::GetFlag(FLAGS_tflops) : 67.0;
+  std::printf("device=%s copy bandwidth %.0f GB/s; prefill floor at %.0f TFLOP/s\n",
+              std::string(be->name()).c_str(), bw, tflops);
+
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_lengths), ',')) {
+    int64_t L = 0;
+    if (!absl::SimpleAtoi(part, &L) || L < kChunk) return Fail(absl::InvalidArgumentError("length"));
+    const int64_t chunks = L / kChunk;
+    // One sequence's chunk memory: K/V blocks (one allocation, pointer table into it) + landmarks.
+    const int64_t kv_floats = 2 * kChunk * kHeadDim;
+    auto kv = be->Allocate(chunks * kv_floats * sizeof(float));
+    if (!kv.ok()) return Fail(kv.status());
+    for (int64_t c0 = 0; c0 < chunks; c0 += 256) {
+      const int64_t n = std::min<int64_t>(256, chunks - c0);
+      const auto v = Random(n * kv_floats, static_cast<uint32_t>(c0 + 1));
+      if (auto s = be->Upload(kv->as<float>() + c0 * kv_floats, v.data(), v.size() * 4); !s.ok()) {
+        return Fail(s);
+      }
+    }
+    std::vector<const float*> table(chunks);
+    for (int64_t c = 0; c < chunks; ++c) table[c] = kv->as<float>() + c * kv_floats;
+    auto table_dev = Put(be, table);
+    auto landmarks = Put(be, Random(chunks * rdim, 99));
+    if (!table_dev.ok() || !landmarks.ok()) return Fail(absl::InternalError("upload"));
+
+    auto measure = [&](int64_t rows, bool decode) -> absl::Status {
+      // Decode: `rows` sequences (all sharing this memory) at position L; prefill: one sequence.
+      const int64_t seqs = decode ? rows : 1;
+      std::vector<int32_t> row_seq(rows);
+      std::vector<int64_t> row_pos(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        row_seq[r] = decode ? static_cast<int32_t>(r) : 0;
+        row_pos[r] = decode ? L : r;
+      }
+      ASSIGN_OR_RETURN(Buffer d_seq, Put(be, row_seq));
+      ASSIGN_OR_RETURN(Buffer d_pos, Put(be, row_pos));
+      ASSIGN_OR_RETURN(Buffer d_lm, Put(be, std::vector<const float*>(seqs, landmarks->as<float>())));
+      ASSIGN_OR_RETURN(Buffer d_nc, Put(be, std::vector<int64_t>(seqs, chunks)));
+      ASSIGN_OR_RETURN(Buffer d_tab,
+                       Put(be, std::vector<const float* const*>(
+                                   seqs, table_dev->as<const float* const>())));
+      ramba::kernels::ChunkMemoryBatch mem;
+      mem.row_seq = d_seq.as<int32_t>();
+      mem.row_position = d_pos.as<int64_t>();
+      mem.landmarks = d_lm.as<const float* const>();
+      mem.num_chunks = d_nc.as<int64_t>();
+      mem.chunk_kv = d_tab.as<const float* const* const>();
+      mem.max_num_chunks = chunks;
+      ASSIGN_OR_RETURN(Buffer r, Put(be, Random(rows * rdim, 5)));
+      ASSIGN_OR_RETURN(Buffer q, Put(be, Random(rows * nh * kHeadDim, 6)));
+      ASSIGN_OR_RETURN(Buffer out, be->Allocate(rows * nh * kHeadDim * sizeof(float)));
+      ASSIGN_OR_RETURN(Buffer idx, be->Allocate(rows * kTopK * sizeof(int32_t)));
+      ASSIGN_OR_RETURN(Buffer w, be->Allocate(rows * kTopK * sizeof(float)));
+      auto retrieve = [&] {
+        return be->RetrieveChunks(r.as<float>(), rows, mem, rdim, 1, kTopK, kChunk,
+                                  idx.as<int32_t>(), w.as<float>());
+      };
+      auto attend = [&] {
+        return be->SparseChunkAttention(q.as<float>(), rows, mem, idx.as<int32_t>(), w.as<float>(),
+                                        1, kTopK, nh, 1, kHeadDim, kChunk, out.as<float>());
+      };
+      const double t_ret = MedianSeconds(be, reps, retrieve);
+      const double t_att = MedianSeconds(be, reps, attend);
+      if (decode) {
+        const double bytes = rows * (chunks * rdim * 4.0 + kTopK * kv_floats * 4.0);
+        const double floor = bytes / (bw * 1e9);
+        std::printf("decode  L=%8lld rows=%4lld: retrieval %8.3f ms + sparse attention %7.3f ms = "
+                    "%8.3f ms | bytes floor %.3f ms (%.1f MB), ratio %.2fx\n",
+                    static_cast<long long>(L), static_cast<long long>(rows), 1e3 * t_ret,
+                    1e3 * t_att, 1e3 * (t_ret + t_att), 1e3 * floor, bytes / 1e6,
+                    (t_ret + t_att) / floor);
+      } else {
+        const double flops = 4.0 * rows * nh * kTopK * kChunk * kHeadDim;
+        const double floor = flops / (tflops * 1e12);
+        std::printf("prefill L=%8lld: sparse attention %8.3f ms (FLOP floor %.3f ms, %.2fx) | "
+                    "retrieval %8.3f ms\n",
+                    static_cast<long long>(L), 1e3 * t_att, 1e3 * floor, t_att / floor,
+                    1e3 * t_ret);
+      }
+      return absl::OkStatus();
+    };
+    if (L <= absl::GetFlag(FLAGS_max_prefill_rows)) {
+      if (auto s = measure(L, false); !s.ok()) return Fail(s);
+    }
+    if (auto s = measure(absl::GetFlag(FLAGS_decode_batch), true); !s.ok()) return Fail(s);
+  }
+  return 0;
+}
