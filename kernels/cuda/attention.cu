@@ -37,9 +37,8 @@ __device__ __forceinline__ float WarpMax(float v) {
 inline __host__ __device__ int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
 
 size_t SmemBytes(int len, int hd) {
-  return sizeof(float) * (static_cast<size_t>(len) * KeyStride(hd) +
-                          static_cast<size_t>(len) * hd + static_cast<size_t>(kWarps) * hd +
-                          static_cast<size_t>(kWarps) * len);
+  return sizeof(float) * (static_cast<size_t>(len) * KeyStride(hd) + static_cast<size_t>(len) * hd +
+                          static_cast<size_t>(kWarps) * hd + static_cast<size_t>(kWarps) * len);
 }
 
 // One query against n staged keys/values (a warp): o[t] = softmax(scale q.K) V.
@@ -116,9 +115,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int group = nh / nkv;
   extern __shared__ float4 smem4[];
   float* kbuf = reinterpret_cast<float*>(smem4);  // [len][ks]
-  float* vbuf = kbuf + len * ks;                    // [len][hd]
-  float* qbuf = vbuf + len * hd;                    // [warps][hd]
-  float* pbuf = qbuf + kWarps * hd;                 // [warps][len]
+  float* vbuf = kbuf + len * ks;                  // [len][hd]
+  float* qbuf = vbuf + len * hd;                  // [warps][hd]
+  float* pbuf = qbuf + kWarps * hd;               // [warps][len]
   const int64_t b = blockIdx.x / nkv;
   const int g = static_cast<int>(blockIdx.x % nkv);
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
@@ -170,12 +169,13 @@ absl::Status Launch(Context& ctx, const float* q, const float* k, const float* v
                                                  " bytes of shared memory per block"));
   }
   if (smem > kDefaultSmem) {
-    RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        BlockAttentionKernel<kHd>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(smem)));
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(BlockAttentionKernel<kHd>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(smem)));
   }
-  BlockAttentionKernel<kHd><<<static_cast<unsigned>(num_blocks * nkv), kThreads, smem,
-                              ctx.stream>>>(q, k, v, out, len, nh, nkv, hd, scale, vec_io);
+  BlockAttentionKernel<kHd>
+      <<<static_cast<unsigned>(num_blocks * nkv), kThreads, smem, ctx.stream>>>(
+          q, k, v, out, len, nh, nkv, hd, scale, vec_io);
   RAMBA_CUDA_CHECK_LAUNCH("BlockAttentionKernel");
   return absl::OkStatus();
 }

@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(kScanThreads)
                    int k, int64_t chunk_size, float inv_sqrt, int64_t part_len, int parts,
                    Cand* __restrict__ partials) {
   extern __shared__ float4 smem4[];
-  float* rs = reinterpret_cast<float*>(smem4);                      // [dim] this row's query
-  Cand* lists = reinterpret_cast<Cand*>(rs + (dim + 3) / 4 * 4);    // [warps][heads][k]
+  float* rs = reinterpret_cast<float*>(smem4);                    // [dim] this row's query
+  Cand* lists = reinterpret_cast<Cand*>(rs + (dim + 3) / 4 * 4);  // [warps][heads][k]
   const int64_t row = blockIdx.x / parts;
   const int part = static_cast<int>(blockIdx.x % parts);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -168,8 +168,9 @@ __global__ void __launch_bounds__(kScanThreads)
       }
       const Cand x{CleanScore(WarpSum(acc) * inv_sqrt), static_cast<int32_t>(c)};
       Cand* list = lists + (warp * heads + e) * k;
-      // Every lane holds the same x, so the branch is warp-uniform.
-      if (Better(x, list[k - 1])) {
+      // Every lane holds the same x, so the branch is warp-uniform; the ballot also orders every
+      // lane's read of list[k - 1] before lane 0 rewrites it.
+      if (__ballot_sync(kFullMask, Better(x, list[k - 1])) != 0) {
         if (lane == 0) InsertOne(list, k, x);
         __syncwarp();
       }
@@ -192,11 +193,12 @@ constexpr int kTileRows = 64;
 constexpr int kTileChunks = 64;
 constexpr int kTileDepth = 32;  // dims per shared-memory stage
 constexpr int kTileThreads = 256;
-constexpr int kTilePad = 4;     // keeps float4 rows aligned; staging stores are at most 4-way
+constexpr int kTilePad = 4;  // keeps float4 rows aligned; staging stores are at most 4-way
 constexpr int kTileWarps = kTileThreads / kWarp;
 // Each thread computes a 4 x 4 block of scores.
 static_assert(kTileRows * kTileChunks == kTileThreads * 16, "4x4 scores per thread");
 static_assert(kTileRows % kTileWarps == 0 && kTileChunks == 2 * kWarp, "list update mapping");
+static_assert(kTileRows == kTileChunks, "staging loads a row and a chunk per index");
 
 struct TileSmem {
   float rs[kTileDepth][kTileRows + kTilePad];    // query tile, dim-major
@@ -221,8 +223,8 @@ __global__ void __launch_bounds__(kTileThreads)
                     int parts, Cand* __restrict__ partials) {
   extern __shared__ float4 smem4[];
   TileSmem& sm = *reinterpret_cast<TileSmem*>(smem4);
-  Cand* lists = reinterpret_cast<Cand*>(reinterpret_cast<char*>(smem4) +
-                                        (sizeof(TileSmem) + 15) / 16 * 16);
+  Cand* lists =
+      reinterpret_cast<Cand*>(reinterpret_cast<char*>(smem4) + (sizeof(TileSmem) + 15) / 16 * 16);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int part = blockIdx.y;
   const int e = blockIdx.z;
@@ -394,8 +396,9 @@ constexpr int kAttnThreads = kAttnWarps * kWarp;
 inline __host__ __device__ int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
 
 size_t SparseSmemBytes(int cs, int hd, int group) {
-  return sizeof(float) * (static_cast<size_t>(cs) * KeyStride(hd) + static_cast<size_t>(cs) * hd +
-                          2 * static_cast<size_t>(group) * hd + static_cast<size_t>(kAttnWarps) * cs);
+  return sizeof(float) *
+         (static_cast<size_t>(cs) * KeyStride(hd) + static_cast<size_t>(cs) * hd +
+          2 * static_cast<size_t>(group) * hd + static_cast<size_t>(kAttnWarps) * cs);
 }
 
 // One query against n staged keys/values (a warp): o[t] += weight * softmax(scale q.K) V.
@@ -472,10 +475,10 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   const int group = nh / nkv;
   extern __shared__ float4 smem4[];
   float* kbuf = reinterpret_cast<float*>(smem4);  // [cs][ks]
-  float* vbuf = kbuf + cs * ks;                     // [cs][hd]
-  float* qbuf = vbuf + cs * hd;                     // [group][hd]
-  float* obuf = qbuf + group * hd;                  // [group][hd]
-  float* pbuf = obuf + group * hd;                  // [warps][cs]
+  float* vbuf = kbuf + cs * ks;                   // [cs][hd]
+  float* qbuf = vbuf + cs * hd;                   // [group][hd]
+  float* obuf = qbuf + group * hd;                // [group][hd]
+  float* pbuf = obuf + group * hd;                // [warps][cs]
   const int64_t row = blockIdx.x / nkv;
   const int g = static_cast<int>(blockIdx.x % nkv);
   const int e = g * rheads / nkv;
@@ -550,21 +553,10 @@ absl::Status PrepareSmem(Context& ctx, Kernel kernel, size_t bytes, const char* 
   return absl::OkStatus();
 }
 
-struct SparseArgs {
-  const float* q;
-  ChunkMemoryBatch mem;
-  const int32_t* indices;
-  const float* weights;
-  int rheads, k, nh, nkv, hd, cs;
-  float scale;
-  float* out;
-};
-
-template <int kHd>
-absl::Status LaunchSparse(Context& ctx, const SparseArgs& a, unsigned blocks, size_t smem) {
+template <int kHd, class... Args>
+absl::Status LaunchSparse(Context& ctx, unsigned blocks, size_t smem, Args... args) {
   RETURN_IF_ERROR(PrepareSmem(ctx, SparseChunkAttentionKernel<kHd>, smem, "SparseChunkAttention"));
-  SparseChunkAttentionKernel<kHd><<<blocks, kAttnThreads, smem, ctx.stream>>>(
-      a.q, a.mem, a.indices, a.weights, a.rheads, a.k, a.nh, a.nkv, a.hd, a.cs, a.scale, a.out);
+  SparseChunkAttentionKernel<kHd><<<blocks, kAttnThreads, smem, ctx.stream>>>(args...);
   RAMBA_CUDA_CHECK_LAUNCH("SparseChunkAttentionKernel");
   return absl::OkStatus();
 }
@@ -580,8 +572,8 @@ constexpr size_t kMergeSmemTarget = kDefaultSmem;
 }  // namespace
 
 absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const ChunkMemoryBatch& mem,
-                            int64_t retrieval_dim, int64_t heads, int64_t top_k,
-                            int64_t chunk_size, int32_t* indices, float* weights) {
+                            int64_t retrieval_dim, int64_t heads, int64_t top_k, int64_t chunk_size,
+                            int32_t* indices, float* weights) {
   if (rows == 0) return absl::OkStatus();
   if (retrieval_dim > (1 << 20) || top_k > (1 << 16) || mem.max_num_chunks >= INT32_MAX) {
     return absl::UnimplementedError("RetrieveChunks: sizes beyond the CUDA kernels' limits");
@@ -634,8 +626,8 @@ absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const Ch
     const dim3 grid(static_cast<unsigned>(CeilDiv(rows, kTileRows)), static_cast<unsigned>(parts),
                     static_cast<unsigned>(nheads));
     ScanTilesKernel<<<grid, kTileThreads, tile_smem, ctx.stream>>>(
-        r, rows, mem, dim, nheads, dh, k, chunk_size, inv_sqrt, part_len,
-        static_cast<int>(parts), partials);
+        r, rows, mem, dim, nheads, dh, k, chunk_size, inv_sqrt, part_len, static_cast<int>(parts),
+        partials);
     RAMBA_CUDA_CHECK_LAUNCH("ScanTilesKernel");
   } else {
     const size_t smem = ScanSmemBytes(dim, nheads, k);
@@ -668,14 +660,20 @@ absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
   const int group = static_cast<int>(nh / nkv);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const size_t smem = SparseSmemBytes(cs, ihd, group);
-  const SparseArgs a{q, mem, indices, weights, static_cast<int>(retrieval_heads),
-                     static_cast<int>(top_k), static_cast<int>(nh), static_cast<int>(nkv),
-                     ihd, cs, scale, out};
   const unsigned blocks = static_cast<unsigned>(rows * nkv);
+  const int rheads = static_cast<int>(retrieval_heads), k = static_cast<int>(top_k);
+  const int inh = static_cast<int>(nh), inkv = static_cast<int>(nkv);
   // Specialised head dims unroll the dot products; the generic kernel handles the rest.
-  if (hd == 64) return LaunchSparse<64>(ctx, a, blocks, smem);
-  if (hd == 32) return LaunchSparse<32>(ctx, a, blocks, smem);
-  return LaunchSparse<0>(ctx, a, blocks, smem);
+  if (hd == 64) {
+    return LaunchSparse<64>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
+                            cs, scale, out);
+  }
+  if (hd == 32) {
+    return LaunchSparse<32>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
+                            cs, scale, out);
+  }
+  return LaunchSparse<0>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd, cs,
+                         scale, out);
 }
 
 }  // namespace ramba::kernels::cuda

@@ -1,0 +1,532 @@
+// The CUDA attention-side ops against the CPU backend on fresh random inputs: RetrieveChunks (the
+// decode-shaped and the tiled prefill-shaped scan, ragged batches, ties, NaN, forks, misaligned
+// arrays), SparseChunkAttention and BlockAttention. Label gpu; skipped without a GPU.
+//
+// Retrieval inputs are random multiples of 1/16, so every dot product is exact in float whatever
+// the summation order: CPU and GPU scores are bitwise equal, indices must match exactly (ties
+// included), and equal scores are common.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "tests/kernels/cuda_test_util.h"
+
+namespace ramba::kernels::testing {
+namespace {
+
+constexpr int64_t kChunk = 64;
+
+// Random multiples of 1/16 in [lo / 16, hi / 16].
+std::vector<float> QuantizedVec(int64_t n, uint32_t seed, int lo = -24, int hi = 24) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> dist(lo, hi);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = static_cast<float>(dist(gen)) / 16.0f;
+  return v;
+}
+
+// Chunk memory of several sequences, built on the host and mirrored on the GPU by Upload.
+struct Memory {
+  int64_t dim = 0;                            // retrieval dim
+  int64_t kv_floats = 0;                      // floats per chunk (K then V); 0: no K/V
+  std::vector<std::vector<float>> landmarks;  // per sequence [num_chunks, dim]
+  std::vector<int> landmark_owner;            // sequence whose landmark array it reads
+  std::vector<int64_t> num_chunks;
+  std::vector<std::vector<int64_t>> chunk_ids;  // per sequence: storage id of each chunk
+  std::vector<float> kv;                        // [ids, kv_floats]
+  std::vector<int32_t> row_seq;
+  std::vector<int64_t> row_pos;
+  int64_t extra_bound = 0;  // added to max_num_chunks on the GPU (a loose bound)
+  bool misalign = false;    // GPU landmark and K/V arrays start 4 bytes past 16-byte alignment
+
+  // Host pointer arrays behind `cpu`.
+  std::vector<const float*> cpu_landmarks;
+  std::vector<std::vector<const float*>> cpu_tables;
+  std::vector<const float* const*> cpu_table_ptrs;
+  ChunkMemoryBatch cpu, gpu;
+
+  int64_t rows() const { return static_cast<int64_t>(row_seq.size()); }
+
+  int64_t NewChunkId(uint32_t seed) {
+    const int64_t id = kv_floats == 0 ? 0 : static_cast<int64_t>(kv.size()) / kv_floats;
+    if (kv_floats > 0) {
+      const auto k = RandomVec(kv_floats / 2, seed, -2.0f, 2.0f);
+      const auto v = RandomVec(kv_floats / 2, seed + 7777, -1.0f, 1.0f);
+      kv.insert(kv.end(), k.begin(), k.end());
+      kv.insert(kv.end(), v.begin(), v.end());
+    }
+    return id;
+  }
+  // A sequence of n chunks with fresh landmarks and K/V.
+  int AddSequence(int64_t n, uint32_t seed) {
+    const int s = static_cast<int>(num_chunks.size());
+    landmarks.push_back(QuantizedVec(n * dim, seed));
+    landmark_owner.push_back(s);
+    num_chunks.push_back(n);
+    chunk_ids.emplace_back();
+    for (int64_t c = 0; c < n; ++c) chunk_ids.back().push_back(NewChunkId(seed * 131 + c));
+    return s;
+  }
+  // A fork of `parent`: its first `shared` chunks (the same K/V pointers and landmark values),
+  // then `extra` chunks of its own.
+  int AddFork(int parent, int64_t shared, int64_t extra, uint32_t seed) {
+    const int s = static_cast<int>(num_chunks.size());
+    std::vector<float> lm(landmarks[parent].begin(), landmarks[parent].begin() + shared * dim);
+    const auto own = QuantizedVec(extra * dim, seed);
+    lm.insert(lm.end(), own.begin(), own.end());
+    landmarks.push_back(std::move(lm));
+    landmark_owner.push_back(s);
+    num_chunks.push_back(shared + extra);
+    std::vector<int64_t> ids(chunk_ids[parent].begin(), chunk_ids[parent].begin() + shared);
+    for (int64_t c = 0; c < extra; ++c) ids.push_back(NewChunkId(seed * 131 + c));
+    chunk_ids.push_back(std::move(ids));
+    return s;
+  }
+  // A sequence reading `parent`'s landmark array and chunk table (the same pointers) but holding
+  // only its first n chunks.
+  int AddAlias(int parent, int64_t n) {
+    const int s = static_cast<int>(num_chunks.size());
+    landmarks.emplace_back();
+    landmark_owner.push_back(parent);
+    num_chunks.push_back(n);
+    chunk_ids.emplace_back(chunk_ids[parent].begin(), chunk_ids[parent].begin() + n);
+    return s;
+  }
+  void AddRow(int s, int64_t pos) {
+    row_seq.push_back(s);
+    row_pos.push_back(pos);
+  }
+  void ShuffleRows(uint32_t seed) {
+    std::vector<size_t> perm(row_seq.size());
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), std::mt19937(seed));
+    std::vector<int32_t> seq;
+    std::vector<int64_t> pos;
+    for (size_t i : perm) {
+      seq.push_back(row_seq[i]);
+      pos.push_back(row_pos[i]);
+    }
+    row_seq = seq;
+    row_pos = pos;
+  }
+  const std::vector<float>& LandmarksOf(int s) const { return landmarks[landmark_owner[s]]; }
+};
+
+// Positions around every boundary that matters for eligibility, for chunk size cs.
+std::vector<int64_t> EdgePositions(int64_t cs) {
+  std::vector<int64_t> p = {0, 1, 20 * cs + 5, 120 * cs, int64_t{1} << 20};
+  for (int64_t c : {1, 2, 3, 7, 299, 300}) {
+    for (int64_t d : {-1, 0, 1}) p.push_back(c * cs + d);
+  }
+  return p;
+}
+
+struct Selection {
+  std::vector<int32_t> idx;
+  std::vector<float> w;
+};
+
+class CudaAttentionOpsTest : public CudaOpTest {
+ protected:
+  // Builds the CPU view and uploads the GPU copy of `m`.
+  void Upload(Memory* m) {
+    const size_t seqs = m->num_chunks.size();
+    const int pad = m->misalign ? 1 : 0;
+    std::vector<const float*> dev_lm(seqs, nullptr);
+    m->cpu_landmarks.assign(seqs, nullptr);
+    for (size_t s = 0; s < seqs; ++s) {
+      if (m->landmark_owner[s] != static_cast<int>(s) || m->landmarks[s].empty()) continue;
+      std::vector<float> padded(pad, 0.0f);
+      padded.insert(padded.end(), m->landmarks[s].begin(), m->landmarks[s].end());
+      dev_lm[s] = ToGpu(padded) + pad;
+      m->cpu_landmarks[s] = m->landmarks[s].data();
+    }
+    for (size_t s = 0; s < seqs; ++s) {
+      dev_lm[s] = dev_lm[m->landmark_owner[s]];
+      m->cpu_landmarks[s] = m->cpu_landmarks[m->landmark_owner[s]];
+    }
+    m->cpu = ChunkMemoryBatch{};
+    m->gpu = ChunkMemoryBatch{};
+    if (m->kv_floats > 0) {
+      std::vector<float> padded(pad, 0.0f);
+      padded.insert(padded.end(), m->kv.begin(), m->kv.end());
+      const float* base = ToGpu(padded) + pad;
+      m->cpu_tables.assign(seqs, {});
+      m->cpu_table_ptrs.clear();
+      std::vector<const float* const*> dev_tables;
+      for (size_t s = 0; s < seqs; ++s) {
+        std::vector<const float*> dev_table;
+        for (int64_t id : m->chunk_ids[s]) {
+          m->cpu_tables[s].push_back(m->kv.data() + id * m->kv_floats);
+          dev_table.push_back(base + id * m->kv_floats);
+        }
+        dev_tables.push_back(ToGpu(dev_table));
+        m->cpu_table_ptrs.push_back(m->cpu_tables[s].data());
+      }
+      m->cpu.chunk_kv = m->cpu_table_ptrs.data();
+      m->gpu.chunk_kv = ToGpu(dev_tables);
+    }
+    m->cpu.row_seq = m->row_seq.data();
+    m->cpu.row_position = m->row_pos.data();
+    m->cpu.landmarks = m->cpu_landmarks.data();
+    m->cpu.num_chunks = m->num_chunks.data();
+    m->gpu.row_seq = ToGpu(m->row_seq);
+    m->gpu.row_position = ToGpu(m->row_pos);
+    m->gpu.landmarks = ToGpu(dev_lm);
+    m->gpu.num_chunks = ToGpu(m->num_chunks);
+    m->gpu.max_num_chunks =
+        *std::max_element(m->num_chunks.begin(), m->num_chunks.end()) + m->extra_bound;
+  }
+
+  // RetrieveChunks on both backends; indices must match exactly, weights to 1e-5. Returns the
+  // CPU's selection. positive_r: queries in [0, 1.5], so landmarks of large positive values
+  // score far above random ones.
+  Selection CheckRetrieve(const Memory& m, int64_t heads, int64_t top_k, uint32_t seed,
+                          bool positive_r = false, int64_t cs = kChunk) {
+    SCOPED_TRACE(::testing::Message() << "rows=" << m.rows() << " dim=" << m.dim
+                                      << " heads=" << heads << " top_k=" << top_k);
+    const int64_t rows = m.rows(), n = rows * heads * top_k;
+    const std::vector<float> r = QuantizedVec(rows * m.dim, seed, positive_r ? 0 : -24, 24);
+    Selection want{std::vector<int32_t>(n, 77), std::vector<float>(n, 77.0f)};
+    const absl::Status cst = cpu_->RetrieveChunks(r.data(), rows, m.cpu, m.dim, heads, top_k, cs,
+                                                  want.idx.data(), want.w.data());
+    EXPECT_TRUE(cst.ok()) << cst;
+    int32_t* gi = Poisoned<int32_t>(n);
+    float* gw = Poisoned<float>(n);
+    const absl::Status st =
+        gpu_->RetrieveChunks(ToGpu(r), rows, m.gpu, m.dim, heads, top_k, cs, gi, gw);
+    EXPECT_TRUE(st.ok()) << st;
+    const std::vector<int32_t> idx = FromGpu(gi, n);
+    const std::vector<float> w = FromGpu(gw, n);
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (idx[i] == want.idx[i]) {
+        if (idx[i] < 0) EXPECT_EQ(w[i], 0.0f) << "unused slot " << i;
+        continue;
+      }
+      if (mismatches++ < 8) {
+        ADD_FAILURE() << "row " << i / (heads * top_k) << " head " << (i / top_k) % heads
+                      << " slot " << i % top_k << ": gpu chunk " << idx[i] << ", cpu chunk "
+                      << want.idx[i];
+      }
+    }
+    EXPECT_EQ(mismatches, 0);
+    EXPECT_LE(NormRelError(w, want.w), 1e-5);
+    return want;
+  }
+
+  // SparseChunkAttention on both backends with the given selection.
+  void CheckSparse(const Memory& m, const Selection& sel, int64_t rheads, int64_t top_k, int64_t nh,
+                   int64_t nkv, int64_t hd, int64_t cs, uint32_t seed) {
+    SCOPED_TRACE(::testing::Message()
+                 << "rows=" << m.rows() << " nh=" << nh << " nkv=" << nkv << " rheads=" << rheads
+                 << " hd=" << hd << " cs=" << cs << " top_k=" << top_k);
+    ASSERT_EQ(m.kv_floats, 2 * cs * nkv * hd);
+    const int64_t rows = m.rows(), n = rows * nh * hd;
+    const std::vector<float> q = RandomVec(n, seed, -2.0f, 2.0f);
+    std::vector<float> want(n, 99.0f);
+    const absl::Status cst =
+        cpu_->SparseChunkAttention(q.data(), rows, m.cpu, sel.idx.data(), sel.w.data(), rheads,
+                                   top_k, nh, nkv, hd, cs, want.data());
+    ASSERT_TRUE(cst.ok()) << cst;
+    float* go = Poisoned<float>(n);
+    const absl::Status st = gpu_->SparseChunkAttention(
+        ToGpu(q), rows, m.gpu, ToGpu(sel.idx), ToGpu(sel.w), rheads, top_k, nh, nkv, hd, cs, go);
+    ASSERT_TRUE(st.ok()) << st;
+    const std::vector<float> got = FromGpu(go, n);
+    EXPECT_LE(NormRelError(got, want), 1e-5);
+    // A row that selects nothing outputs exact zeros.
+    int64_t empty_rows = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto b = sel.idx.begin() + r * rheads * top_k;
+      if (std::any_of(b, b + rheads * top_k, [](int32_t c) { return c >= 0; })) continue;
+      ++empty_rows;
+      for (int64_t i = r * nh * hd; i < (r + 1) * nh * hd; ++i) ASSERT_EQ(got[i], 0.0f) << i;
+    }
+    EXPECT_GT(empty_rows, 0);
+  }
+
+  void CheckBlockAttention(int64_t blocks, int64_t len, int64_t nh, int64_t nkv, int64_t hd,
+                           uint32_t seed, bool misalign = false) {
+    SCOPED_TRACE(::testing::Message() << blocks << "x" << len << " nh=" << nh << " nkv=" << nkv
+                                      << " hd=" << hd << " misalign=" << misalign);
+    const int64_t rows = blocks * len;
+    const auto q = RandomVec(rows * nh * hd, seed, -2.0f, 2.0f);
+    const auto k = RandomVec(rows * nkv * hd, seed + 1, -2.0f, 2.0f);
+    const auto v = RandomVec(rows * nkv * hd, seed + 2);
+    std::vector<float> want(rows * nh * hd, 99.0f);
+    ASSERT_TRUE(
+        cpu_->BlockAttention(q.data(), k.data(), v.data(), want.data(), blocks, len, nh, nkv, hd)
+            .ok());
+    // Misaligned: every array starts one float past a 16-byte boundary.
+    const int pad = misalign ? 1 : 0;
+    auto padded = [&](const std::vector<float>& x) {
+      std::vector<float> p(pad, 0.0f);
+      p.insert(p.end(), x.begin(), x.end());
+      return ToGpu(p) + pad;
+    };
+    float* go = Poisoned<float>(rows * nh * hd + pad) + pad;
+    const absl::Status st =
+        gpu_->BlockAttention(padded(q), padded(k), padded(v), go, blocks, len, nh, nkv, hd);
+    ASSERT_TRUE(st.ok()) << st;
+    EXPECT_LE(NormRelError(FromGpu(go, rows * nh * hd), want), 1e-5);
+  }
+
+  // Sequences of 0, 1, 7 and 300 chunks, a fork of the 300 sharing 250 chunks, and an alias of
+  // the 300 holding 120 (same landmark array and chunk pointers); a row at every edge position
+  // of every sequence, shuffled. `copies` > 1 repeats the rows (more rows: the tiled scan).
+  Memory RaggedMemory(int64_t dim, int64_t kv_floats, int64_t cs, int copies, uint32_t seed) {
+    Memory m;
+    m.dim = dim;
+    m.kv_floats = kv_floats;
+    for (int64_t n : {0, 1, 7, 300}) m.AddSequence(n, seed++);
+    m.AddFork(3, 250, 20, seed++);
+    m.AddAlias(3, 120);
+    for (int copy = 0; copy < copies; ++copy) {
+      for (int s = 0; s < 6; ++s) {
+        for (int64_t p : EdgePositions(cs)) m.AddRow(s, p);
+      }
+    }
+    m.ShuffleRows(seed);
+    return m;
+  }
+};
+
+// ---------------- RetrieveChunks ----------------
+
+TEST_F(CudaAttentionOpsTest, RetrieveRaggedBatchAtEdgePositions) {
+  uint32_t seed = 1;
+  for (int copies : {1, 3}) {  // 138 rows: decode-shaped scan; 414 rows: tiled scan
+    for (int64_t heads : {1, 2}) {
+      for (int64_t top_k : {1, 3, 8}) {
+        Memory m = RaggedMemory(64, 0, kChunk, copies, seed++);
+        Upload(&m);
+        CheckRetrieve(m, heads, top_k, seed++);
+      }
+    }
+  }
+}
+
+TEST_F(CudaAttentionOpsTest, RetrieveWithLooseChunkBound) {
+  // max_num_chunks only sizes the grid: a loose bound gives the same result.
+  for (int copies : {1, 3}) {
+    Memory m = RaggedMemory(64, 0, kChunk, copies, 40);
+    m.extra_bound = 5000;
+    Upload(&m);
+    CheckRetrieve(m, 2, 8, 41);
+  }
+}
+
+TEST_F(CudaAttentionOpsTest, RetrieveMisalignedAndOddDims) {
+  // Landmarks not 16-byte aligned, and head dims not a multiple of 4: the scalar load paths.
+  uint32_t seed = 50;
+  for (int copies : {1, 3}) {
+    for (auto [dim, heads] : {std::pair<int64_t, int64_t>{64, 2}, {30, 3}, {7, 1}}) {
+      Memory m = RaggedMemory(dim, 0, kChunk, copies, seed++);
+      m.misalign = dim == 64;
+      Upload(&m);
+      CheckRetrieve(m, heads, 3, seed++);
+      CheckRetrieve(m, heads, 8, seed++);
+    }
+  }
+}
+
+TEST_F(CudaAttentionOpsTest, RetrieveTiesAndNaN) {
+  const int64_t dim = 32;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int copies : {1, 25}) {  // 13 rows: decode-shaped scan; 301 rows: tiled scan
+    for (int64_t heads : {1, 2}) {
+      Memory m;
+      m.dim = dim;
+      // Sequence 0: 40 identical landmarks, so every score ties and the lowest chunks win.
+      const int s0 = m.AddSequence(40, 7);
+      for (int64_t c = 1; c < 40; ++c) {
+        std::copy(m.landmarks[s0].begin(), m.landmarks[s0].begin() + dim,
+                  m.landmarks[s0].begin() + c * dim);
+      }
+      // Sequence 1: NaN in chunk 3's first head and in every head of chunk 7.
+      const int s1 = m.AddSequence(10, 8);
+      m.landmarks[s1][3 * dim + 1] = nan;
+      m.landmarks[s1][7 * dim] = nan;
+      m.landmarks[s1][7 * dim + dim / 2] = nan;
+      // Sequence 2: every landmark NaN: all scores -inf, kept by chunk index with weight 0.
+      const int s2 = m.AddSequence(5, 9);
+      for (float& x : m.landmarks[s2]) x = nan;
+      for (int copy = 0; copy < copies; ++copy) {
+        for (int s : {s0, s1, s2}) {
+          for (int64_t p : {int64_t{0}, 3 * kChunk + 1, 6 * kChunk, 100 * kChunk}) m.AddRow(s, p);
+        }
+      }
+      m.AddRow(s1, 8 * kChunk);
+      m.ShuffleRows(copies);
+      Upload(&m);
+      for (int64_t top_k : {3, 8}) {
+        const Selection sel = CheckRetrieve(m, heads, top_k, 60 + heads);
+        for (int64_t r = 0; r < m.rows(); ++r) {
+          if (m.row_pos[r] != 100 * kChunk) continue;
+          const int32_t* idx = sel.idx.data() + r * heads * top_k;
+          const float* w = sel.w.data() + r * heads * top_k;
+          if (m.row_seq[r] == s0) {
+            // 40 tied chunks: chunks top_k - 1 .. 0 are kept.
+            for (int64_t j = 0; j < top_k; ++j) EXPECT_EQ(idx[j], top_k - 1 - j);
+          } else if (m.row_seq[r] == s2) {
+            // NaN chunks are kept (by chunk index) with weight 0.
+            EXPECT_EQ(idx[0], std::min<int64_t>(top_k, 5) - 1);
+            EXPECT_EQ(w[0], 0.0f);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Landmarks of large positive values (strong: +1.5 everywhere, medium: +0.5) score far above
+// random ones against queries in [0, 1.5], so they are always selected and tie among themselves.
+void PlantDuplicates(Memory* m, int s, const std::vector<int64_t>& strong,
+                     const std::vector<int64_t>& medium) {
+  for (int64_t c : strong) std::fill_n(m->landmarks[s].begin() + c * m->dim, m->dim, 1.5f);
+  for (int64_t c : medium) std::fill_n(m->landmarks[s].begin() + c * m->dim, m->dim, 0.5f);
+}
+
+TEST_F(CudaAttentionOpsTest, RetrieveDecodeBatchOverLongMemory) {
+  // 64 rows of a decode batch over sequences of 20000 and 12000 chunks (and a fork reading the
+  // first 16000 of the 20000): each row's scan is split over many blocks.
+  const int64_t dim = 1024;
+  Memory m;
+  m.dim = dim;
+  const int a = m.AddSequence(20000, 11);
+  const int b = m.AddSequence(12000, 12);
+  const int c = m.AddAlias(a, 16000);
+  PlantDuplicates(&m, a, {150, 9000, 15999, 19999},
+                  {5, 6, 4000, 8000, 12000, 16000, 16001, 19000, 19998, 200, 300, 17000});
+  PlantDuplicates(&m, b, {11999}, {1, 2, 3, 6000, 11998});
+  // NaN in the first head of a strong chunk and in the second head of a medium one.
+  m.landmarks[a][9000 * dim + 5] = std::numeric_limits<float>::quiet_NaN();
+  m.landmarks[a][16000 * dim + dim - 1] = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937 gen(13);
+  for (int i = 0; i < 64; ++i) {
+    const int s = i % 3 == 0 ? a : (i % 3 == 1 ? b : c);
+    const int64_t full = m.num_chunks[s] * kChunk;
+    const int64_t pos =
+        i % 4 == 3 ? std::uniform_int_distribution<int64_t>(0, full)(gen) : full + i % kChunk;
+    m.AddRow(s, pos);
+  }
+  Upload(&m);
+  for (int64_t heads : {1, 2}) CheckRetrieve(m, heads, 8, 14 + heads, /*positive_r=*/true);
+  CheckRetrieve(m, 2, 3, 17, /*positive_r=*/false);
+}
+
+TEST_F(CudaAttentionOpsTest, RetrievePrefillOverManyChunks) {
+  // 2000 consecutive rows of one sequence over its 500 chunks (the tiled scan), with ties and NaN.
+  const int64_t dim = 1024;
+  Memory m;
+  m.dim = dim;
+  const int s = m.AddSequence(500, 21);
+  PlantDuplicates(&m, s, {3, 250, 499}, {10, 11, 100, 200, 300, 301, 302, 400, 450, 480, 498});
+  m.landmarks[s][250 * dim] = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t i = 0; i < 2000; ++i) m.AddRow(s, 500 * kChunk - 2000 + i);
+  Upload(&m);
+  CheckRetrieve(m, 2, 8, 22, /*positive_r=*/true);
+  CheckRetrieve(m, 1, 8, 23, /*positive_r=*/true);
+  CheckRetrieve(m, 2, 3, 24);
+}
+
+TEST_F(CudaAttentionOpsTest, RetrievePrefillFromTheStart) {
+  // Rows 0..1999 of a new sequence: most see fewer than top_k chunks, the first 64 see none.
+  Memory m;
+  m.dim = 256;
+  const int s = m.AddSequence(31, 31);
+  for (int64_t i = 0; i < 2000; ++i) m.AddRow(s, i);
+  Upload(&m);
+  CheckRetrieve(m, 1, 8, 32);
+  CheckRetrieve(m, 2, 3, 33);
+}
+
+// ---------------- SparseChunkAttention ----------------
+
+TEST_F(CudaAttentionOpsTest, SparseAttentionOverRetrievedChunks) {
+  struct Config {
+    int64_t nh, nkv, rheads, hd, top_k;
+  };
+  uint32_t seed = 100;
+  for (const Config& cf : {Config{4, 1, 1, 64, 8}, Config{16, 1, 1, 64, 8}, Config{16, 2, 1, 64, 3},
+                           Config{16, 2, 2, 64, 8}, Config{4, 2, 2, 32, 1}, Config{6, 3, 3, 12, 3},
+                           Config{5, 5, 1, 7, 8}}) {
+    Memory m = RaggedMemory(96, 2 * kChunk * cf.nkv * cf.hd, kChunk, 1, seed++);
+    Upload(&m);
+    Selection sel = CheckRetrieve(m, cf.rheads, cf.top_k, seed++);
+    // A zero weight on a used slot adds nothing.
+    for (size_t i = 0; i < sel.idx.size(); ++i) {
+      if (sel.idx[i] >= 0 && i % 5 == 0) sel.w[i] = 0.0f;
+    }
+    CheckSparse(m, sel, cf.rheads, cf.top_k, cf.nh, cf.nkv, cf.hd, kChunk, seed++);
+  }
+}
+
+TEST_F(CudaAttentionOpsTest, SparseAttentionMisalignedAndOddChunks) {
+  // K/V arrays one float past alignment, and an odd chunk size with an odd head dim.
+  Memory m = RaggedMemory(64, 2 * kChunk * 2 * 64, kChunk, 1, 200);
+  m.misalign = true;
+  Upload(&m);
+  CheckSparse(m, CheckRetrieve(m, 2, 8, 201), 2, 8, 16, 2, 64, kChunk, 202);
+
+  const int64_t cs = 13;
+  Memory odd = RaggedMemory(40, 2 * cs * 1 * 7, cs, 1, 210);
+  Upload(&odd);
+  CheckSparse(odd, CheckRetrieve(odd, 1, 3, 211, false, cs), 1, 3, 4, 1, 7, cs, 212);
+}
+
+TEST_F(CudaAttentionOpsTest, SparseAttentionDecodeAndPrefillShapes) {
+  // 256 decode rows spread over the sequences, then 1000 prefill rows of one sequence.
+  for (int64_t rows : {256, 1000}) {
+    for (auto [nkv, rheads] : {std::pair<int64_t, int64_t>{1, 1}, {2, 2}}) {
+      Memory m;
+      m.dim = 128;
+      m.kv_floats = 2 * kChunk * nkv * 64;
+      const int s0 = m.AddSequence(300, 300 + rows);
+      const int s1 = m.AddFork(s0, 200, 30, 301 + rows);
+      for (int64_t i = 0; i < rows; ++i) {
+        if (rows == 256) {
+          m.AddRow(i % 2 == 0 ? s0 : s1, (i * 97) % (300 * kChunk + 50));
+        } else {
+          m.AddRow(s0, 300 * kChunk - rows + i);
+        }
+      }
+      m.AddRow(s1, 10);  // selects nothing
+      Upload(&m);
+      const Selection sel = CheckRetrieve(m, rheads, 8, 302);
+      CheckSparse(m, sel, rheads, 8, 16, nkv, 64, kChunk, 303);
+    }
+  }
+}
+
+// ---------------- BlockAttention ----------------
+
+TEST_F(CudaAttentionOpsTest, BlockAttentionMatchesCpu) {
+  CheckBlockAttention(40, 65, 16, 4, 64, 1);  // chunk + CLS blocks, GQA
+  CheckBlockAttention(33, 65, 4, 1, 64, 2);   // MQA
+  CheckBlockAttention(6, 65, 4, 4, 32, 3);    // MHA, hd 32
+  CheckBlockAttention(5, 17, 4, 2, 32, 4);    // short blocks
+  CheckBlockAttention(7, 17, 2, 1, 64, 5);
+  CheckBlockAttention(3, 65, 6, 2, 12, 6);  // generic head dim, float4 path
+  CheckBlockAttention(2, 7, 3, 1, 5, 7);    // odd sizes, scalar path
+  CheckBlockAttention(1, 1, 2, 1, 64, 8);   // one-row blocks
+  CheckBlockAttention(4, 65, 4, 2, 64, 9, /*misalign=*/true);
+  CheckBlockAttention(1000, 65, 4, 4, 64, 10);  // a prefill's worth of chunks
+}
+
+TEST_F(CudaAttentionOpsTest, BlockAttentionOfNothingIsOk) {
+  float* x = Poisoned<float>(16);
+  EXPECT_TRUE(gpu_->BlockAttention(x, x, x, x, 0, 65, 4, 1, 64).ok());
+  EXPECT_TRUE(gpu_->Synchronize().ok());
+}
+
+}  // namespace
+}  // namespace ramba::kernels::testing
