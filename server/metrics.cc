@@ -3,6 +3,8 @@
 #include <exception>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "prometheus/text_serializer.h"
 
 namespace ramba::server {
 namespace {
@@ -50,21 +52,16 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   m->store_bytes = gauge("ramba_store_bytes", "Approximate bytes of the RocksDB store on disk.");
   m->queue_depth = gauge("ramba_engine_queue_depth", "Engine requests waiting or running.");
   if (!listen_address.empty()) {
-    try {
-      m->exposer_ = std::make_unique<prometheus::Exposer>(listen_address);
-    } catch (const std::exception& e) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot serve metrics on ", listen_address, ": ", e.what()));
-    }
-    m->exposer_->RegisterCollectable(m->registry_);
+    std::weak_ptr<prometheus::Registry> registry = m->registry_;
+    ASSIGN_OR_RETURN(m->http_, MetricsHttpServer::Start(listen_address, [registry] {
+                       auto r = registry.lock();
+                       return r == nullptr ? std::string()
+                                           : prometheus::TextSerializer().Serialize(r->Collect());
+                     }));
   }
   return m;
 }
 
-int Metrics::port() const {
-  if (exposer_ == nullptr) return 0;
-  const auto ports = exposer_->GetListeningPorts();
-  return ports.empty() ? 0 : ports.front();
-}
+int Metrics::port() const { return http_ == nullptr ? 0 : http_->port(); }
 
 }  // namespace ramba::server

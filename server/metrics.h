@@ -1,5 +1,6 @@
-// Prometheus metrics of the server, served as text at http://HOST:PORT/metrics by
-// prometheus-cpp's exposer. One Metrics object per process; its members are thread-safe.
+// Prometheus metrics of the server (prometheus-cpp registry), served as text at
+// http://HOST:PORT/metrics by MetricsHttpServer. One Metrics object per process; its members are
+// thread-safe.
 #ifndef RAMBA_SERVER_METRICS_H_
 #define RAMBA_SERVER_METRICS_H_
 
@@ -8,10 +9,10 @@
 
 #include "absl/status/statusor.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "server/metrics_http.h"
 
 namespace ramba::server {
 
@@ -46,7 +47,7 @@ class Metrics {
  private:
   Metrics() = default;
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsHttpServer> http_;
 };
 
 }  // namespace ramba::server

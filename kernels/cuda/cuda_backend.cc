@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace ramba::kernels {
@@ -78,7 +79,8 @@ absl::Status CudaBackend::Init(int dev) {
   uint64_t threshold = UINT64_MAX;
   RAMBA_CUDA_RETURN_IF_ERROR(
       cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&cublaslt));
+  RETURN_IF_ERROR(cuda::LoadCublasLt());
+  RAMBA_CUBLAS_RETURN_IF_ERROR(cuda::CublasLt().cublasLtCreate(&cublaslt));
   RAMBA_CUDA_RETURN_IF_ERROR(
       cudaMallocHost(reinterpret_cast<void**>(&staging_), kStagingSegments * kStagingSegmentBytes));
   for (cudaEvent_t& e : staging_done_) {
@@ -93,7 +95,7 @@ CudaBackend::~CudaBackend() {
   for (ScratchBlock& s : scratch_) {
     if (s.data != nullptr) cudaFreeAsync(s.data, stream);
   }
-  if (cublaslt != nullptr) cublasLtDestroy(cublaslt);
+  if (cublaslt != nullptr) cuda::CublasLt().cublasLtDestroy(cublaslt);
   for (cudaEvent_t e : staging_done_) {
     if (e != nullptr) cudaEventDestroy(e);
   }

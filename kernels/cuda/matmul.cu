@@ -20,6 +20,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
 
@@ -427,10 +428,14 @@ uint32_t PointerAlignment(const void* p) {
 }
 
 struct DescDeleter {
-  void operator()(cublasLtMatmulDescOpaque_t* d) const { cublasLtMatmulDescDestroy(d); }
-  void operator()(cublasLtMatrixLayoutOpaque_t* d) const { cublasLtMatrixLayoutDestroy(d); }
+  void operator()(cublasLtMatmulDescOpaque_t* d) const {
+    CublasLt().cublasLtMatmulDescDestroy(d);
+  }
+  void operator()(cublasLtMatrixLayoutOpaque_t* d) const {
+    CublasLt().cublasLtMatrixLayoutDestroy(d);
+  }
   void operator()(cublasLtMatmulPreferenceOpaque_t* d) const {
-    cublasLtMatmulPreferenceDestroy(d);
+    CublasLt().cublasLtMatmulPreferenceDestroy(d);
   }
 };
 using MatmulDesc = std::unique_ptr<cublasLtMatmulDescOpaque_t, DescDeleter>;
@@ -463,20 +468,20 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
                       bool accumulate, bool* found) {
   *found = false;
   cublasLtMatmulDesc_t op_raw = nullptr;
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&op_raw, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulDescCreate(&op_raw, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   MatmulDesc op(op_raw);
   const int32_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulDescSetAttribute(
       op.get(), CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulDescSetAttribute(
       op.get(), CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
 
   cublasLtMatrixLayout_t a_raw = nullptr, b_raw = nullptr, c_raw = nullptr;
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&a_raw, ab_type, k, n, lda));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatrixLayoutCreate(&a_raw, ab_type, k, n, lda));
   Layout a_layout(a_raw);
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&b_raw, ab_type, k, m, ldb));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatrixLayoutCreate(&b_raw, ab_type, k, m, ldb));
   Layout b_layout(b_raw);
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&c_raw, CUDA_R_32F, n, m, ldy));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatrixLayoutCreate(&c_raw, CUDA_R_32F, n, m, ldy));
   Layout c_layout(c_raw);
 
   const uint32_t align_a = PointerAlignment(A), align_b = PointerAlignment(B),
@@ -495,23 +500,23 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
   }
   if (!cached) {
     cublasLtMatmulPreference_t pref_raw = nullptr;
-    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref_raw));
+    RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulPreferenceCreate(&pref_raw));
     Preference pref(pref_raw);
     const uint64_t ws = kCublasWorkspaceBytes;
-    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulPreferenceSetAttribute(
         pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
     // The default assumes 256-byte aligned matrices; y may be a column slice of a wider matrix.
-    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulPreferenceSetAttribute(
         pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
-    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulPreferenceSetAttribute(
         pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulPreferenceSetAttribute(
         pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
-    RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulPreferenceSetAttribute(
         pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
     cublasLtMatmulHeuristicResult_t result = {};
     int returned = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+    const cublasStatus_t st = CublasLt().cublasLtMatmulAlgoGetHeuristic(
         ctx.cublaslt, op.get(), a_layout.get(), b_layout.get(), c_layout.get(), c_layout.get(),
         pref.get(), 1, &result, &returned);
     // NOT_SUPPORTED (or no result) means no algorithm for this problem, not a failure.
@@ -531,7 +536,7 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
   if (!ws.ok()) return ws.status();
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   // beta == 0: C is not read, so y may hold anything (NaN) beforehand.
-  RAMBA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(ctx.cublaslt, op.get(), &alpha, A, a_layout.get(), B,
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmul(ctx.cublaslt, op.get(), &alpha, A, a_layout.get(), B,
                                               b_layout.get(), &beta, y, c_layout.get(), y,
                                               c_layout.get(), &entry.algo, *ws,
                                               kCublasWorkspaceBytes, ctx.stream));

@@ -33,6 +33,24 @@ TEST(MetricsTest, BusyPortIsAnError) {
   EXPECT_EQ(b.status().code(), absl::StatusCode::kUnavailable);
 }
 
+TEST(MetricsTest, AnyAddressAnyPortAndOtherPaths) {
+  auto m = Metrics::Create("0.0.0.0:0");
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_GT((*m)->port(), 0);
+  (*m)->generated_tokens->Increment(3);
+  for (int i = 0; i < 3; ++i) {  // one connection per scrape, repeatedly
+    const auto samples = testing::ParsePrometheusText(testing::HttpGet((*m)->port(), "/metrics"));
+    EXPECT_EQ(samples.at("ramba_tokens_total{kind=\"generated\"}"), 3);
+  }
+  EXPECT_TRUE(testing::ParsePrometheusText(testing::HttpGet((*m)->port(), "/other")).empty());
+}
+
+TEST(MetricsTest, BadAddressIsAnError) {
+  EXPECT_EQ(Metrics::Create("no-port").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Metrics::Create("127.0.0.1:99999").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(MetricsTest, NotServedWhenNoAddress) {
   auto m = Metrics::Create("");
   ASSERT_TRUE(m.ok());
