@@ -23,6 +23,7 @@
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -420,6 +421,106 @@ absl::Status LaunchTiledPr(Context& ctx, const ScanArgs& a, int64_t num_seqs) {
   return LaunchTiled<NPL, 1>(ctx, a, num_seqs);
 }
 
+// ---------------- Decode: a few rows per sequence ----------------
+// Batched decode brings one row per sequence. The general kernels then spend their time on
+// launch structure (two conv launches; 32-step tiles of one step), so these do everything in one
+// pass per sequence, looping over its (few) rows.
+
+constexpr int64_t kDecodeMaxRows = 8;  // longest sequence the decode kernels take
+
+// Thread = (sequence, channel); the kernel - 1 history values stay in registers. Same
+// arithmetic order as ConvOutKernel (bias, then taps oldest first), so results are identical.
+template <int K>
+__global__ void __launch_bounds__(kConvThreads)
+    ConvDecodeKernel(const float* __restrict__ x, int64_t ldx, const int64_t* __restrict__ offsets,
+                     float* const* __restrict__ states, const float* __restrict__ weight,
+                     const float* __restrict__ bias, int64_t channels, float* __restrict__ y) {
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kConvThreads + threadIdx.x;
+  if (c >= channels) return;
+  const int64_t s = blockIdx.x;
+  const int64_t begin = offsets[s], end = offsets[s + 1];
+  if (begin == end) return;
+  float w[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) w[j] = weight[c * K + j];
+  const float b = bias != nullptr ? bias[c] : 0.0f;
+  float* st = states[s];
+  float win[K - 1];
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) win[j] = st[j * channels + c];
+  for (int64_t r = begin; r < end; ++r) {
+    const float in = x[r * ldx + c];
+    float acc = b;
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) acc += w[j] * win[j];
+    acc += w[K - 1] * in;
+    y[r * channels + c] = SiluDev(acc);
+#pragma unroll
+    for (int j = 0; j + 1 < K - 1; ++j) win[j] = win[j + 1];
+    win[K - 2] = in;
+  }
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) st[j * channels + c] = win[j];
+}
+
+constexpr int kSsmDecodeWarps = 8;
+
+// Block = (sequence, head); warps stride over the head's channels p, lanes over d_state
+// (n = lane + 32 i, coalesced). Per row: the simple kernel's update, S = S dA + (dt B) x, then
+// y = sum_n S C (warp reduction) + D x. The state row lives in registers across the rows.
+template <int NPL>
+__global__ void __launch_bounds__(kSsmDecodeWarps * 32) SsmDecodeKernel(ScanArgs a) {
+  const int h = static_cast<int>(blockIdx.x % a.H);
+  const int64_t s = blockIdx.x / a.H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t begin = a.offsets[s], end = a.offsets[s + 1];
+  if (begin == end) return;
+  const int64_t HP = static_cast<int64_t>(a.H) * a.P;
+  const int g = h / (a.H / a.G);
+  const int64_t b_off = HP + static_cast<int64_t>(g) * a.N;
+  const int64_t c_off = HP + static_cast<int64_t>(a.G + g) * a.N;
+  const float A = -expf(a.A_log[h]);
+  const float Dh = a.D[h];
+  const float bias = a.dt_bias[h];
+  for (int p = warp; p < a.P; p += kSsmDecodeWarps) {
+    float* st = a.states[s] + (static_cast<int64_t>(h) * a.P + p) * a.N;
+    float S[NPL];
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      const int n = lane + 32 * i;
+      S[i] = n < a.N ? st[n] : 0.0f;
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = a.xbc + r * a.ldxbc;
+      const float dt = DtOf(a.dt_raw[r * a.lddt + h], bias, a.dt_min, a.dt_max);
+      const float dA = expf(dt * A);
+      const float xv = row[static_cast<int64_t>(h) * a.P + p];
+      float acc = 0.0f;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) {
+        const int n = lane + 32 * i;
+        if (n < a.N) {
+          S[i] = S[i] * dA + (dt * row[b_off + n]) * xv;
+          acc += S[i] * row[c_off + n];
+        }
+      }
+      acc = WarpSum(acc);
+      if (lane == 0) a.y[r * HP + static_cast<int64_t>(h) * a.P + p] = acc + Dh * xv;
+    }
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      const int n = lane + 32 * i;
+      if (n < a.N) st[n] = S[i];
+    }
+  }
+}
+
+int64_t MaxRows(const int64_t* host_offsets, int64_t num_seqs) {
+  int64_t m = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) m = std::max(m, host_offsets[s + 1] - host_offsets[s]);
+  return m;
+}
+
 }  // namespace
 
 absl::Status CausalConv1dSilu(Context& ctx, const float* x, int64_t ldx, const int64_t* seq_offsets,
@@ -434,6 +535,14 @@ absl::Status CausalConv1dSilu(Context& ctx, const float* x, int64_t ldx, const i
   const int64_t rblocks = (row_end - row_begin + kConvRows - 1) / kConvRows;
   if (cblocks > 65535 || rblocks > INT_MAX || num_seqs > INT_MAX) {
     return absl::InvalidArgumentError("CausalConv1dSilu: grid too large");
+  }
+  if (kernel == 4 && num_seqs <= INT_MAX && rblocks > 0 &&
+      MaxRows(host_seq_offsets, num_seqs) <= kDecodeMaxRows) {
+    const dim3 grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(cblocks));
+    ConvDecodeKernel<4><<<grid, kConvThreads, 0, ctx.stream>>>(x, ldx, seq_offsets, conv_states,
+                                                              weight, bias, channels, y);
+    RAMBA_CUDA_CHECK_LAUNCH("ConvDecodeKernel");
+    return absl::OkStatus();
   }
   if (rblocks > 0) {
     const dim3 grid(static_cast<unsigned>(rblocks), static_cast<unsigned>(cblocks));
@@ -479,6 +588,23 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
   a.dt_max = p.dt_max;
   a.y = y;
 
+  if (!ForceSimpleScan() && MaxRows(host_seq_offsets, num_seqs) <= kDecodeMaxRows &&
+      num_seqs * p.nheads <= INT_MAX) {
+    const unsigned blocks = static_cast<unsigned>(num_seqs * p.nheads);
+    if (a.N <= 32) {
+      SsmDecodeKernel<1><<<blocks, kSsmDecodeWarps * 32, 0, ctx.stream>>>(a);
+    } else if (a.N <= 64) {
+      SsmDecodeKernel<2><<<blocks, kSsmDecodeWarps * 32, 0, ctx.stream>>>(a);
+    } else if (a.N <= 128) {
+      SsmDecodeKernel<4><<<blocks, kSsmDecodeWarps * 32, 0, ctx.stream>>>(a);
+    } else if (a.N <= 256) {
+      SsmDecodeKernel<8><<<blocks, kSsmDecodeWarps * 32, 0, ctx.stream>>>(a);
+    }
+    if (a.N <= 256) {
+      RAMBA_CUDA_CHECK_LAUNCH("SsmDecodeKernel");
+      return absl::OkStatus();
+    }
+  }
   if (!ForceSimpleScan()) {
     if (a.N <= 32) return LaunchTiledPr<1>(ctx, a, num_seqs);
     if (a.N <= 64) return LaunchTiledPr<2>(ctx, a, num_seqs);
