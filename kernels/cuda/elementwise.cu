@@ -224,9 +224,9 @@ __global__ void GatedRmsNormKernel(const float* y, int64_t ldy, const float* z, 
 }
 
 // ---- Block-per-row variants for few rows (decode): a warp alone walking a 2048-wide row waits
-// on one memory latency per 128 values; 256 threads keep the whole row in flight. ----
+// on one memory latency per 128 values; 1024 threads keep the whole row in flight. ----
 
-constexpr int kRowThreads = 256;
+constexpr int kRowThreads = 1024;  // a 2048-wide row: two values per thread
 
 __device__ float BlockSum(float v, float* shared) {
   v = WarpSum(v);
@@ -240,8 +240,8 @@ __device__ float BlockSum(float v, float* shared) {
   return total;
 }
 
-// Scalar loads, each thread owns elements t, t + 256, ...: coalesced and alias-safe (a thread
-// reads its elements before it writes them).
+// Scalar loads, each thread owns elements t, t + kRowThreads, ...: coalesced and alias-safe (a
+// thread reads its elements before it writes them).
 __global__ void __launch_bounds__(kRowThreads) RmsNormRowKernel(const float* x, int64_t ldx,
                                                                 const float* weight, float* y,
                                                                 int64_t ldy, int64_t dim,

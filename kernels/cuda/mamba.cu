@@ -465,8 +465,9 @@ __global__ void __launch_bounds__(kConvThreads)
 
 constexpr int kSsmDecodeWarps = 8;
 
-// Block = (sequence, head); warps stride over the head's channels p, lanes over d_state
-// (n = lane + 32 i, coalesced). Per row: the simple kernel's update, S = S dA + (dt B) x, then
+// Block = (sequence, head, group of kSsmDecodeWarps channels p), one warp per p, lanes over
+// d_state (n = lane + 32 i, coalesced): at batch 1 the step is latency-bound, so every state row
+// gets its own warp. Per row: the simple kernel's update, S = S dA + (dt B) x, then
 // y = sum_n S C (warp reduction) + D x. The state row lives in registers across the rows.
 template <int NPL>
 __global__ void __launch_bounds__(kSsmDecodeWarps * 32) SsmDecodeKernel(ScanArgs a) {
@@ -474,7 +475,8 @@ __global__ void __launch_bounds__(kSsmDecodeWarps * 32) SsmDecodeKernel(ScanArgs
   const int64_t s = blockIdx.x / a.H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t begin = a.offsets[s], end = a.offsets[s + 1];
-  if (begin == end) return;
+  const int p = static_cast<int>(blockIdx.y) * kSsmDecodeWarps + warp;
+  if (begin == end || p >= a.P) return;
   const int64_t HP = static_cast<int64_t>(a.H) * a.P;
   const int g = h / (a.H / a.G);
   const int64_t b_off = HP + static_cast<int64_t>(g) * a.N;
@@ -482,7 +484,7 @@ __global__ void __launch_bounds__(kSsmDecodeWarps * 32) SsmDecodeKernel(ScanArgs
   const float A = -expf(a.A_log[h]);
   const float Dh = a.D[h];
   const float bias = a.dt_bias[h];
-  for (int p = warp; p < a.P; p += kSsmDecodeWarps) {
+  {
     float* st = a.states[s] + (static_cast<int64_t>(h) * a.P + p) * a.N;
     float S[NPL];
 #pragma unroll
@@ -590,7 +592,8 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
 
   if (!ForceSimpleScan() && MaxRows(host_seq_offsets, num_seqs) <= kDecodeMaxRows &&
       num_seqs * p.nheads <= INT_MAX) {
-    const unsigned blocks = static_cast<unsigned>(num_seqs * p.nheads);
+    const dim3 blocks(static_cast<unsigned>(num_seqs * p.nheads),
+                      static_cast<unsigned>((p.headdim + kSsmDecodeWarps - 1) / kSsmDecodeWarps));
     if (a.N <= 32) {
       SsmDecodeKernel<1><<<blocks, kSsmDecodeWarps * 32, 0, ctx.stream>>>(a);
     } else if (a.N <= 64) {
