@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/arg_checks.h"
 
 namespace ramba::kernels {
 namespace {
@@ -19,14 +20,9 @@ namespace {
 constexpr size_t kAlignment = 64;
 
 absl::Status Invalid(std::string_view op, std::string_view what) {
-  return absl::InvalidArgumentError(std::string(op) + ": " + std::string(what));
+  return InvalidOpArgument(op, what);
 }
 
-// Returns an error naming the first negative size.
-#define RAMBA_CHECK_ARG(op, cond, msg) \
-  do {                                 \
-    if (!(cond)) return Invalid(op, msg); \
-  } while (0)
 
 absl::Status CheckOffsets(std::string_view op, const int64_t* seq_offsets, int64_t num_seqs) {
   RAMBA_CHECK_ARG(op, num_seqs >= 0, "num_seqs must be >= 0");

@@ -12,26 +12,16 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/warp_attend.cuh"
 
 namespace ramba::kernels::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarp;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int m = kWarp / 2; m > 0; m >>= 1) v += __shfl_xor_sync(kFullMask, v, m);
-  return v;
-}
-__device__ __forceinline__ float WarpMax(float v) {
-#pragma unroll
-  for (int m = kWarp / 2; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, m));
-  return v;
-}
 
 // Row stride of staged keys: conflict-free float4 reads (hd % 4 == 0) or scalar reads (odd).
 inline __host__ __device__ int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
@@ -41,68 +31,6 @@ size_t SmemBytes(int len, int hd) {
                           static_cast<size_t>(kWarps) * hd + static_cast<size_t>(kWarps) * len);
 }
 
-// One query against n staged keys/values (a warp): o[t] = softmax(scale q.K) V.
-// kHd > 0 fixes the head dim at compile time (and implies the float4 path).
-template <int kHd>
-__device__ void WarpAttend(const float* qv, const float* ks, const float* vs, float* p, int kstride,
-                           int n, int hd_rt, float scale, float* o, int lane) {
-  const int hd = kHd > 0 ? kHd : hd_rt;
-  const bool vec = kHd > 0 || hd % 4 == 0;
-  // Two keys per lane at a time, so each query element read from shared memory serves both.
-  float mx = -INFINITY;
-  for (int i0 = 0; i0 < n; i0 += 2 * kWarp) {
-    const int ia = i0 + lane, ib = ia + kWarp;
-    const float* ka = ks + min(ia, n - 1) * kstride;  // clamped: rows past n are never used
-    const float* kb = ks + min(ib, n - 1) * kstride;
-    float acc_a = 0.0f, acc_b = 0.0f;
-    if (vec) {
-#pragma unroll
-      for (int t4 = 0; t4 < hd / 4; ++t4) {
-        const float4 x = reinterpret_cast<const float4*>(qv)[t4];
-        const float4 a = reinterpret_cast<const float4*>(ka)[t4];
-        const float4 b = reinterpret_cast<const float4*>(kb)[t4];
-        acc_a = fmaf(x.x, a.x, acc_a);
-        acc_a = fmaf(x.y, a.y, acc_a);
-        acc_a = fmaf(x.z, a.z, acc_a);
-        acc_a = fmaf(x.w, a.w, acc_a);
-        acc_b = fmaf(x.x, b.x, acc_b);
-        acc_b = fmaf(x.y, b.y, acc_b);
-        acc_b = fmaf(x.z, b.z, acc_b);
-        acc_b = fmaf(x.w, b.w, acc_b);
-      }
-    } else {
-      for (int t = 0; t < hd; ++t) {
-        acc_a = fmaf(qv[t], ka[t], acc_a);
-        acc_b = fmaf(qv[t], kb[t], acc_b);
-      }
-    }
-    if (ia < n) {
-      p[ia] = acc_a * scale;
-      mx = fmaxf(mx, p[ia]);
-    }
-    if (ib < n) {
-      p[ib] = acc_b * scale;
-      mx = fmaxf(mx, p[ib]);
-    }
-  }
-  mx = WarpMax(mx);
-  float sum = 0.0f;
-  for (int i = lane; i < n; i += kWarp) {
-    const float x = expf(p[i] - mx);
-    p[i] = x;
-    sum += x;
-  }
-  sum = WarpSum(sum);
-  __syncwarp();  // p complete before every lane reads all of it
-  const float inv = 1.0f / sum;
-#pragma unroll
-  for (int t = lane; t < hd; t += kWarp) {
-    float acc = 0.0f;
-    for (int i = 0; i < n; ++i) acc = fmaf(p[i], vs[i * hd + t], acc);
-    o[t] = acc * inv;
-  }
-  __syncwarp();  // p is rewritten by the next call
-}
 
 // vec_io: q, k, v are 16-byte aligned and hd % 4 == 0, so rows load as float4.
 template <int kHd>
@@ -153,8 +81,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float* qi = q + row * q_stride + static_cast<int64_t>(h) * hd;
     for (int t = lane; t < hd; t += kWarp) qw[t] = __ldg(qi + t);
     __syncwarp();
-    WarpAttend<kHd>(qw, kbuf, vbuf, pw, ks, len, hd, scale,
-                    out + row * q_stride + static_cast<int64_t>(h) * hd, lane);
+    warp_attend::WarpAttend<kHd>(qw, kbuf, vbuf, pw, ks, len, hd, scale, /*weight=*/1.0f,
+                                 /*accumulate=*/false,
+                                 out + row * q_stride + static_cast<int64_t>(h) * hd, lane);
   }
 }
 

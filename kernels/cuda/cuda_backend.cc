@@ -13,18 +13,15 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/arg_checks.h"
 
 namespace ramba::kernels {
 namespace {
 
 absl::Status Invalid(std::string_view op, std::string_view what) {
-  return absl::InvalidArgumentError(std::string(op) + ": " + std::string(what));
+  return InvalidOpArgument(op, what);
 }
 
-#define RAMBA_CHECK_ARG(op, cond, msg)    \
-  do {                                    \
-    if (!(cond)) return Invalid(op, msg); \
-  } while (0)
 
 // Offsets are checked on the host copy: device memory is never read back to validate.
 absl::Status CheckHostOffsets(std::string_view op, const int64_t* host_offsets, int64_t num_seqs) {

@@ -22,6 +22,7 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/warp_attend.cuh"
 
 namespace ramba::kernels::cuda {
 namespace {
@@ -55,11 +56,6 @@ __device__ __forceinline__ int64_t Max64(int64_t a, int64_t b) { return a > b ? 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int m = kWarp / 2; m > 0; m >>= 1) v += __shfl_xor_sync(kFullMask, v, m);
-  return v;
-}
-__device__ __forceinline__ float WarpMax(float v) {
-#pragma unroll
-  for (int m = kWarp / 2; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, m));
   return v;
 }
 
@@ -401,68 +397,6 @@ size_t SparseSmemBytes(int cs, int hd, int group) {
           2 * static_cast<size_t>(group) * hd + static_cast<size_t>(kAttnWarps) * cs);
 }
 
-// One query against n staged keys/values (a warp): o[t] += weight * softmax(scale q.K) V.
-// kHd > 0 fixes the head dim at compile time (and implies the float4 path).
-template <int kHd>
-__device__ void WarpAttend(const float* qv, const float* ks, const float* vs, float* p, int kstride,
-                           int n, int hd_rt, float scale, float weight, float* o, int lane) {
-  const int hd = kHd > 0 ? kHd : hd_rt;
-  const bool vec = kHd > 0 || hd % 4 == 0;
-  // Two keys per lane at a time, so each query element read from shared memory serves both.
-  float mx = -INFINITY;
-  for (int i0 = 0; i0 < n; i0 += 2 * kWarp) {
-    const int ia = i0 + lane, ib = ia + kWarp;
-    const float* ka = ks + min(ia, n - 1) * kstride;  // clamped: rows past n are never used
-    const float* kb = ks + min(ib, n - 1) * kstride;
-    float acc_a = 0.0f, acc_b = 0.0f;
-    if (vec) {
-#pragma unroll
-      for (int t4 = 0; t4 < hd / 4; ++t4) {
-        const float4 x = reinterpret_cast<const float4*>(qv)[t4];
-        const float4 a = reinterpret_cast<const float4*>(ka)[t4];
-        const float4 b = reinterpret_cast<const float4*>(kb)[t4];
-        acc_a = fmaf(x.x, a.x, acc_a);
-        acc_a = fmaf(x.y, a.y, acc_a);
-        acc_a = fmaf(x.z, a.z, acc_a);
-        acc_a = fmaf(x.w, a.w, acc_a);
-        acc_b = fmaf(x.x, b.x, acc_b);
-        acc_b = fmaf(x.y, b.y, acc_b);
-        acc_b = fmaf(x.z, b.z, acc_b);
-        acc_b = fmaf(x.w, b.w, acc_b);
-      }
-    } else {
-      for (int t = 0; t < hd; ++t) {
-        acc_a = fmaf(qv[t], ka[t], acc_a);
-        acc_b = fmaf(qv[t], kb[t], acc_b);
-      }
-    }
-    if (ia < n) {
-      p[ia] = acc_a * scale;
-      mx = fmaxf(mx, p[ia]);
-    }
-    if (ib < n) {
-      p[ib] = acc_b * scale;
-      mx = fmaxf(mx, p[ib]);
-    }
-  }
-  mx = WarpMax(mx);
-  float sum = 0.0f;
-  for (int i = lane; i < n; i += kWarp) {
-    const float x = expf(p[i] - mx);
-    p[i] = x;
-    sum += x;
-  }
-  sum = WarpSum(sum);
-  __syncwarp();  // p complete before every lane reads all of it
-  const float wn = weight / sum;
-#pragma unroll
-  for (int t = lane; t < hd; t += kWarp) {
-    float acc = 0.0f;
-    for (int i = 0; i < n; ++i) acc = fmaf(p[i], vs[i * hd + t], acc);
-    o[t] += acc * wn;
-  }
-  __syncwarp();  // p is rewritten by the next call
-}
 
 template <int kHd>
 __global__ void __launch_bounds__(kAttnThreads, 2)
@@ -528,8 +462,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     }
     __syncthreads();
     for (int hh = warp; hh < group; hh += kAttnWarps) {
-      WarpAttend<kHd>(qbuf + hh * hd, kbuf, vbuf, pbuf + warp * cs, ks, cs, hd, scale, w,
-                      obuf + hh * hd, lane);
+      warp_attend::WarpAttend<kHd>(qbuf + hh * hd, kbuf, vbuf, pbuf + warp * cs, ks, cs, hd,
+                                   scale, w, /*accumulate=*/true, obuf + hh * hd, lane);
     }
   }
   __syncthreads();

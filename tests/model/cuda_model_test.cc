@@ -44,17 +44,6 @@ double NormRelError(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / den);
 }
 
-std::vector<std::string> FixtureNames() {
-  std::vector<std::string> names;
-  const fs::path dir = testing::FixtureDir();
-  if (!fs::exists(dir)) return names;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    if (fs::exists(e.path() / "expected.safetensors")) names.push_back(e.path().filename());
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 // The tensors the GPU stores as bf16 matrices (every 2-D tensor), rounded to bf16 and back.
 TensorMap RoundMatricesToBf16(TensorMap tensors) {
   for (auto& [name, t] : tensors) {
@@ -202,7 +191,7 @@ TEST_P(CudaModelFixtureTest, Bf16WeightsMatchCpuAndReference) {
               GetParam().c_str(), full, ref, seg, dec, MaxRowRelError(g.full, c.full, vocab_));
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelFixtureTest, ::testing::ValuesIn(FixtureNames()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelFixtureTest, ::testing::ValuesIn(testing::FixtureNames()),
                          [](const auto& info) { return info.param; });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(CudaModelFixtureTest);
 

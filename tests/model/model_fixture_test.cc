@@ -19,17 +19,6 @@ namespace {
 namespace fs = std::filesystem;
 using testing::MaxRowRelError;
 
-std::vector<std::string> FixtureNames() {
-  std::vector<std::string> names;
-  const fs::path dir = testing::FixtureDir();
-  if (!fs::exists(dir)) return names;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    if (fs::exists(e.path() / "expected.safetensors")) names.push_back(e.path().filename());
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 struct Fixture {
   std::unique_ptr<kernels::Backend> backend;
   std::unique_ptr<RambaModel> model;
@@ -117,13 +106,13 @@ TEST_P(ModelFixtureTest, MatchesReference) {
               MaxRowRelError(segmented, full, V), MaxRowRelError(decoded, full, V));
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFixtureTest, ::testing::ValuesIn(FixtureNames()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFixtureTest, ::testing::ValuesIn(testing::FixtureNames()),
                          [](const auto& info) { return info.param; });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(ModelFixtureTest);
 
 TEST(ModelFixtureCoverage, FixturesArePresent) {
   // The fixtures are committed; their absence means a broken checkout, not a skipped test.
-  EXPECT_GE(FixtureNames().size(), 4u);
+  EXPECT_GE(testing::FixtureNames().size(), 4u);
 }
 
 }  // namespace

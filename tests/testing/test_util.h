@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,19 @@ inline std::string SourceDir() {
   return env != nullptr && env[0] != '\0' ? env : RAMBA_SOURCE_DIR;
 }
 inline std::string FixtureDir() { return SourceDir() + "/tests/fixtures"; }
+
+// The model fixtures (folders of tests/fixtures with an expected.safetensors), sorted.
+inline std::vector<std::string> FixtureNames() {
+  namespace fs = std::filesystem;
+  std::vector<std::string> names;
+  const fs::path dir = FixtureDir();
+  if (!fs::exists(dir)) return names;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (fs::exists(e.path() / "expected.safetensors")) names.push_back(e.path().filename());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
 
 // Largest per-row error relative to the row's largest magnitude: max_r max_i |a-b| / max_i |b|.
 // Robust to logits near zero, strict on every row.
