@@ -7,12 +7,22 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "kernels/backend.h"
 
 namespace ramba::kernels {
 
 inline absl::Status InvalidOpArgument(std::string_view op, std::string_view what) {
   return absl::InvalidArgumentError(std::string(op) + ": " + std::string(what));
 }
+
+// Checks every backend applies in the same way.
+// SsmScan's parameters: positive sizes, ngroups | nheads, per-head arrays set, dt_min <= dt_max.
+absl::Status CheckSsmParams(std::string_view op, const SsmParams& p);
+// Attention head layout: nh, nkv, hd positive and nkv | nh.
+absl::Status CheckAttentionHeads(std::string_view op, int64_t nh, int64_t nkv, int64_t hd);
+// Per-row sampling parameters (host array of `rows`): finite temperature >= 0, top_k >= 0,
+// top_p not NaN.
+absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* params, int64_t rows);
 
 }  // namespace ramba::kernels
 

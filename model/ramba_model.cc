@@ -61,7 +61,8 @@ absl::StatusOr<std::unique_ptr<RambaModel>> RambaModel::Create(ModelConfig confi
                                                                const TensorMap& tensors,
                                                                Backend* backend) {
   ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(tensors, &config, backend));
-  return std::unique_ptr<RambaModel>(new RambaModel(std::move(config), std::move(weights), backend));
+  return std::unique_ptr<RambaModel>(
+      new RambaModel(std::move(config), std::move(weights), backend));
 }
 
 absl::StatusOr<std::unique_ptr<RambaModel>> RambaModel::Load(const std::string& model_dir,
@@ -93,6 +94,31 @@ struct RambaModel::Batch {
   float* const* ssm_ptrs = nullptr;
   kernels::ChunkMemoryBatch mem;
 };
+
+// Uploads a batch's token ids, offsets and per-layer state pointer arrays into the workspace.
+// b->host_offsets points into `offsets`, which must outlive the batch.
+absl::Status RambaModel::PrepareBatch(absl::Span<SessionState* const> states,
+                                      const std::vector<int32_t>& tokens,
+                                      const std::vector<int64_t>& offsets, Batch* b) {
+  Workspace& ws = *workspace_;
+  using W = Workspace;
+  const int64_t num_seqs = static_cast<int64_t>(states.size());
+  b->rows = static_cast<int64_t>(tokens.size());
+  b->num_seqs = num_seqs;
+  b->host_offsets = offsets.data();
+  std::vector<float*> conv_ptrs, ssm_ptrs;
+  for (int64_t l = 0; l < config_.num_mamba_layers(); ++l) {
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      conv_ptrs.push_back(states[s]->conv_state(l));
+      ssm_ptrs.push_back(states[s]->ssm_state(l));
+    }
+  }
+  ASSIGN_OR_RETURN(b->tokens, ws.Put(W::kTokens, tokens));
+  ASSIGN_OR_RETURN(b->offsets, ws.Put(W::kSeqOffsets, offsets));
+  ASSIGN_OR_RETURN(b->conv_ptrs, ws.Put(W::kConvPtrs, conv_ptrs));
+  ASSIGN_OR_RETURN(b->ssm_ptrs, ws.Put(W::kSsmPtrs, ssm_ptrs));
+  return absl::OkStatus();
+}
 
 // Embedding and the lower Mamba decoder: h = the chunking layer's input.
 absl::Status RambaModel::LowerLayers(const Batch& b) {
@@ -166,8 +192,10 @@ absl::Status RambaModel::EncodeChunks(float* X, int64_t new_chunks,
     for (const EncoderLayerWeights& lw : weights_.chunking.layers) {
       RETURN_IF_ERROR(be->RmsNorm(X, d, lw.input_norm.data(), exn, d, enc_rows, d, eps));
       RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.q.view, lw.q_bias.data(), q, nh * hd, false));
-      RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.k.view, lw.k_bias.data(), k, nkv * hd, false));
-      RETURN_IF_ERROR(be->Matmul(exn, d, enc_rows, lw.v.view, lw.v_bias.data(), v, nkv * hd, false));
+      RETURN_IF_ERROR(
+          be->Matmul(exn, d, enc_rows, lw.k.view, lw.k_bias.data(), k, nkv * hd, false));
+      RETURN_IF_ERROR(
+          be->Matmul(exn, d, enc_rows, lw.v.view, lw.v_bias.data(), v, nkv * hd, false));
       RETURN_IF_ERROR(be->RmsNorm(q, hd, lw.q_norm.data(), q, hd, enc_rows * nh, hd, eps));
       RETURN_IF_ERROR(be->RmsNorm(k, hd, lw.k_norm.data(), k, hd, enc_rows * nkv, hd, eps));
       RETURN_IF_ERROR(be->RopeInChunk(q, enc_rows, nh, hd, block_len, c.encoder_rope_theta));
@@ -319,20 +347,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   using W = Workspace;
 
   Batch b;
-  b.rows = rows;
-  b.num_seqs = num_seqs;
-  b.host_offsets = seq_offsets.data();
-  ASSIGN_OR_RETURN(b.tokens, ws.Put(W::kTokens, all_tokens));
-  ASSIGN_OR_RETURN(b.offsets, ws.Put(W::kSeqOffsets, seq_offsets));
-  std::vector<float*> conv_ptrs, ssm_ptrs;
-  for (int64_t l = 0; l < c.num_mamba_layers(); ++l) {
-    for (int64_t s = 0; s < num_seqs; ++s) {
-      conv_ptrs.push_back(states[s]->conv_state(l));
-      ssm_ptrs.push_back(states[s]->ssm_state(l));
-    }
-  }
-  ASSIGN_OR_RETURN(b.conv_ptrs, ws.Put(W::kConvPtrs, conv_ptrs));
-  ASSIGN_OR_RETURN(b.ssm_ptrs, ws.Put(W::kSsmPtrs, ssm_ptrs));
+  RETURN_IF_ERROR(PrepareBatch(states, all_tokens, seq_offsets, &b));
   RETURN_IF_ERROR(LowerLayers(b));
   ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, rows * d));
 
@@ -458,27 +473,15 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
   std::vector<int64_t> offsets(B + 1);
   std::vector<int32_t> row_seq(B);
   std::vector<int64_t> row_pos(B);
-  std::vector<float*> conv_ptrs, ssm_ptrs, buffer_rows(B);
+  std::vector<float*> buffer_rows(B);
   for (int64_t s = 0; s < B; ++s) {
     offsets[s + 1] = s + 1;
     row_seq[s] = static_cast<int32_t>(s);
     row_pos[s] = states[s]->position();
     buffer_rows[s] = states[s]->chunk_buffer() + states[s]->buffered_rows() * d;
   }
-  for (int64_t l = 0; l < c.num_mamba_layers(); ++l) {
-    for (int64_t s = 0; s < B; ++s) {
-      conv_ptrs.push_back(states[s]->conv_state(l));
-      ssm_ptrs.push_back(states[s]->ssm_state(l));
-    }
-  }
   Batch b;
-  b.rows = B;
-  b.num_seqs = B;
-  b.host_offsets = offsets.data();
-  ASSIGN_OR_RETURN(b.tokens, ws.Put(W::kTokens, tokens));
-  ASSIGN_OR_RETURN(b.offsets, ws.Put(W::kSeqOffsets, offsets));
-  ASSIGN_OR_RETURN(b.conv_ptrs, ws.Put(W::kConvPtrs, conv_ptrs));
-  ASSIGN_OR_RETURN(b.ssm_ptrs, ws.Put(W::kSsmPtrs, ssm_ptrs));
+  RETURN_IF_ERROR(PrepareBatch(states, tokens, offsets, &b));
   ASSIGN_OR_RETURN(float** rows_dev, ws.Put(W::kBufferRows, buffer_rows));
   ASSIGN_OR_RETURN(b.mem, MemoryBatch(states, row_seq, row_pos, /*bucket=*/true));
 

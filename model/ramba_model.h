@@ -82,6 +82,9 @@ class RambaModel {
                                 const std::vector<int32_t>& tokens, std::vector<float>* logits)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Stages of a forward pass (mu_ held).
+  absl::Status PrepareBatch(absl::Span<SessionState* const> states,
+                            const std::vector<int32_t>& tokens,
+                            const std::vector<int64_t>& offsets, Batch* b);
   absl::Status LowerLayers(const Batch& b);
   absl::Status MambaBlock(const Batch& b, int64_t layer);
   absl::Status EncodeChunks(float* X, int64_t new_chunks, absl::Span<SessionState* const> owners);

@@ -20,6 +20,7 @@
 #include "kernels/backend.h"
 #include "model/ramba_model.h"
 #include "model/weights.h"
+#include "tools/bench_util.h"
 
 ABSL_FLAG(std::string, config, "tiny", "tiny | 370m | path to a config.json");
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or auto");
@@ -53,9 +54,7 @@ ramba::ModelConfig TinyConfig() {
   return c;
 }
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+using ramba::bench::Now;
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "bench-model: %s\n", s.ToString().c_str());
@@ -70,26 +69,6 @@ double DecodeWeightBytes(const ramba::ModelConfig& c, size_t dtype_bytes) {
   elems += c.num_hsa_layers() * 2 * d * d;
   elems += d * c.retrieval_dim + c.vocab_size * d;
   return elems * dtype_bytes;
-}
-
-// Read + write bandwidth of a 1 GiB device copy (CPU: 256 MiB), GB/s.
-double MeasureBandwidth(ramba::kernels::Backend* be) {
-  const size_t bytes = be->host_accessible() ? (size_t{256} << 20) : (size_t{1} << 30);
-  auto a = be->Allocate(bytes);
-  auto b = be->Allocate(bytes);
-  if (!a.ok() || !b.ok()) return 0;
-  std::vector<uint8_t> init(1 << 20);
-  for (size_t i = 0; i < init.size(); ++i) init[i] = static_cast<uint8_t>(i * 131 + 7);
-  for (size_t off = 0; off < bytes; off += init.size()) {
-    (void)be->Upload(a->as<uint8_t>() + off, init.data(), init.size());
-  }
-  (void)be->Copy(b->data(), a->data(), bytes);
-  (void)be->Synchronize();
-  const int reps = 5;
-  const double t0 = Now();
-  for (int i = 0; i < reps; ++i) (void)be->Copy(b->data(), a->data(), bytes);
-  (void)be->Synchronize();
-  return 2.0 * bytes * reps / (Now() - t0) / 1e9;
 }
 
 }  // namespace
@@ -110,14 +89,16 @@ int main(int argc, char** argv) {
   std::vector<int32_t> batches;
   for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_batches), ',')) {
     int32_t b = 0;
-    if (!absl::SimpleAtoi(part, &b) || b < 1) return Fail(absl::InvalidArgumentError("bad --batches"));
+    if (!absl::SimpleAtoi(part, &b) || b < 1)
+      return Fail(absl::InvalidArgumentError("bad --batches"));
     batches.push_back(b);
   }
-  auto backend = ramba::kernels::CreateBackend(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_threads));
+  auto backend =
+      ramba::kernels::CreateBackend(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_threads));
   if (!backend.ok()) return Fail(backend.status());
   ramba::kernels::Backend* be = backend->get();
   double bw = absl::GetFlag(FLAGS_bandwidth_gbs);
-  if (bw <= 0) bw = MeasureBandwidth(be);
+  if (bw <= 0) bw = ramba::bench::MeasureCopyBandwidth(be);
   absl::StatusOr<std::unique_ptr<ramba::RambaModel>> model;
   {
     const ramba::TensorMap tensors = ramba::RandomTensors(config, 1);

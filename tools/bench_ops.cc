@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "base/status_macros.h"
 #include "kernels/backend.h"
+#include "tools/bench_util.h"
 
 ABSL_FLAG(std::string, device, "cuda", "cpu, cuda or auto");
 ABSL_FLAG(std::string, lengths, "16384,65536,1048576", "Comma-separated sequence lengths");
@@ -40,10 +41,6 @@ using ramba::kernels::Backend;
 using ramba::kernels::Buffer;
 
 constexpr int64_t kChunk = 64, kTopK = 8, kHeadDim = 64;
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "bench-ops: %s\n", s.ToString().c_str());
@@ -66,31 +63,7 @@ std::vector<float> Random(int64_t n, uint32_t seed) {
   return v;
 }
 
-template <class F>
-double MedianSeconds(Backend* be, int reps, F&& run) {
-  if (!run().ok() || !be->Synchronize().ok()) return NAN;
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const double t0 = Now();
-    if (!run().ok() || !be->Synchronize().ok()) return NAN;
-    t.push_back(Now() - t0);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-double MeasureBandwidth(Backend* be) {
-  const size_t bytes = be->host_accessible() ? (size_t{256} << 20) : (size_t{1} << 30);
-  auto a = be->Allocate(bytes);
-  auto b = be->Allocate(bytes);
-  if (!a.ok() || !b.ok()) return 0;
-  std::vector<uint8_t> init(1 << 20, 7);
-  for (size_t off = 0; off < bytes; off += init.size()) {
-    (void)be->Upload(a->as<uint8_t>() + off, init.data(), init.size());
-  }
-  const double s = MedianSeconds(be, 5, [&] { return be->Copy(b->data(), a->data(), bytes); });
-  return 2.0 * bytes / s / 1e9;
-}
+using ramba::bench::MedianSeconds;
 
 }  // namespace
 
@@ -101,14 +74,15 @@ int main(int argc, char** argv) {
   Backend* be = backend->get();
   const int64_t nh = absl::GetFlag(FLAGS_heads), rdim = absl::GetFlag(FLAGS_retrieval_dim);
   const int reps = absl::GetFlag(FLAGS_reps);
-  const double bw = MeasureBandwidth(be);
+  const double bw = ramba::bench::MeasureCopyBandwidth(be);
   const double tflops = absl::GetFlag(FLAGS_tflops) > 0 ? absl::GetFlag(FLAGS_tflops) : 67.0;
   std::printf("device=%s copy bandwidth %.0f GB/s; prefill floor at %.0f TFLOP/s\n",
               std::string(be->name()).c_str(), bw, tflops);
 
   for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_lengths), ',')) {
     int64_t L = 0;
-    if (!absl::SimpleAtoi(part, &L) || L < kChunk) return Fail(absl::InvalidArgumentError("length"));
+    if (!absl::SimpleAtoi(part, &L) || L < kChunk)
+      return Fail(absl::InvalidArgumentError("length"));
     const int64_t chunks = L / kChunk;
     // One sequence's chunk memory: K/V blocks (one allocation, pointer table into it) + landmarks.
     const int64_t kv_floats = 2 * kChunk * kHeadDim;
@@ -138,7 +112,8 @@ int main(int argc, char** argv) {
       }
       ASSIGN_OR_RETURN(Buffer d_seq, Put(be, row_seq));
       ASSIGN_OR_RETURN(Buffer d_pos, Put(be, row_pos));
-      ASSIGN_OR_RETURN(Buffer d_lm, Put(be, std::vector<const float*>(seqs, landmarks->as<float>())));
+      ASSIGN_OR_RETURN(Buffer d_lm,
+                       Put(be, std::vector<const float*>(seqs, landmarks->as<float>())));
       ASSIGN_OR_RETURN(Buffer d_nc, Put(be, std::vector<int64_t>(seqs, chunks)));
       ASSIGN_OR_RETURN(Buffer d_tab,
                        Put(be, std::vector<const float* const*>(

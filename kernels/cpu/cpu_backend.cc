@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/ops.h"
+#include "base/status_macros.h"
 #include "kernels/arg_checks.h"
 
 namespace ramba::kernels {
@@ -19,9 +20,6 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 
-absl::Status Invalid(std::string_view op, std::string_view what) {
-  return InvalidOpArgument(op, what);
-}
 
 
 absl::Status CheckOffsets(std::string_view op, const int64_t* seq_offsets, int64_t num_seqs) {
@@ -31,7 +29,7 @@ absl::Status CheckOffsets(std::string_view op, const int64_t* seq_offsets, int64
   RAMBA_CHECK_ARG(op, seq_offsets[0] >= 0, "seq_offsets[0] must be >= 0");
   for (int64_t s = 0; s < num_seqs; ++s) {
     if (seq_offsets[s + 1] < seq_offsets[s]) {
-      return Invalid(op, absl::StrCat("seq_offsets decrease at sequence ", s));
+      return InvalidOpArgument(op, absl::StrCat("seq_offsets decrease at sequence ", s));
     }
   }
   return absl::OkStatus();
@@ -43,9 +41,11 @@ absl::Status CheckChunkMemory(std::string_view op, const ChunkMemoryBatch& mem, 
                           mem.num_chunks != nullptr,
                   "chunk memory row_seq, row_position and num_chunks must be set");
   for (int64_t r = 0; r < rows; ++r) {
-    if (mem.row_seq[r] < 0) return Invalid(op, absl::StrCat("row ", r, " has a negative sequence"));
+    if (mem.row_seq[r] < 0)
+      return InvalidOpArgument(op, absl::StrCat("row ", r, " has a negative sequence"));
     if (mem.num_chunks[mem.row_seq[r]] < 0) {
-      return Invalid(op, absl::StrCat("sequence ", mem.row_seq[r], " has a negative chunk count"));
+      return InvalidOpArgument(
+          op, absl::StrCat("sequence ", mem.row_seq[r], " has a negative chunk count"));
     }
   }
   return absl::OkStatus();
@@ -70,7 +70,8 @@ void CpuBackend::ApplyThreads() const {
 absl::StatusOr<Buffer> CpuBackend::Allocate(size_t bytes) {
   // Round up to the alignment (aligned_alloc requires a multiple) and never hand out null, so a
   // zero-byte buffer is still a valid pointer for ops of size 0.
-  const size_t rounded = bytes == 0 ? kAlignment : (bytes + kAlignment - 1) / kAlignment * kAlignment;
+  const size_t rounded =
+      bytes == 0 ? kAlignment : (bytes + kAlignment - 1) / kAlignment * kAlignment;
   if (rounded < bytes) return absl::ResourceExhaustedError("Allocate: size overflows");
   void* p = std::aligned_alloc(kAlignment, rounded);
   if (p == nullptr) {
@@ -118,7 +119,7 @@ absl::Status CpuBackend::Embed(const int32_t* tokens, int64_t n, MatrixView tabl
   RAMBA_CHECK_ARG("Embed", DTypeSize(table.dtype) != 0, "unknown dtype");
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= table.rows) {
-      return Invalid("Embed", absl::StrCat("token ", tokens[i], " at row ", i,
+      return InvalidOpArgument("Embed", absl::StrCat("token ", tokens[i], " at row ", i,
                                            " is outside the table of ", table.rows, " rows"));
     }
   }
@@ -217,7 +218,8 @@ absl::Status CpuBackend::CausalConv1dSilu(const float* x, int64_t ldx, const int
   if (kernel > 1) {
     RAMBA_CHECK_ARG(kOp, conv_states != nullptr, "conv_states is null");
     for (int64_t s = 0; s < num_seqs; ++s) {
-      if (conv_states[s] == nullptr) return Invalid(kOp, absl::StrCat("conv state ", s, " is null"));
+      if (conv_states[s] == nullptr)
+        return InvalidOpArgument(kOp, absl::StrCat("conv state ", s, " is null"));
     }
   }
   ApplyThreads();
@@ -231,12 +233,7 @@ absl::Status CpuBackend::SsmScan(const float* xbc, int64_t ldxbc, const float* d
                                  float* const* ssm_states, const SsmParams& p, float* y,
                                  const int64_t* /*host_seq_offsets*/) {
   constexpr std::string_view kOp = "SsmScan";
-  RAMBA_CHECK_ARG(kOp, p.nheads > 0 && p.headdim > 0 && p.d_state > 0 && p.ngroups > 0,
-                  "nheads, headdim, d_state and ngroups must be positive");
-  RAMBA_CHECK_ARG(kOp, p.nheads % p.ngroups == 0, "ngroups must divide nheads");
-  RAMBA_CHECK_ARG(kOp, p.A_log != nullptr && p.D != nullptr && p.dt_bias != nullptr,
-                  "A_log, D or dt_bias is null");
-  RAMBA_CHECK_ARG(kOp, !(p.dt_min > p.dt_max), "dt_min exceeds dt_max");
+  RETURN_IF_ERROR(CheckSsmParams(kOp, p));
   if (auto st = CheckOffsets(kOp, seq_offsets, num_seqs); !st.ok()) return st;
   if (num_seqs == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG(kOp, ldxbc >= p.nheads * p.headdim + 2 * p.ngroups * p.d_state,
@@ -244,7 +241,8 @@ absl::Status CpuBackend::SsmScan(const float* xbc, int64_t ldxbc, const float* d
   RAMBA_CHECK_ARG(kOp, lddt >= p.nheads, "lddt below nheads");
   RAMBA_CHECK_ARG(kOp, ssm_states != nullptr, "ssm_states is null");
   for (int64_t s = 0; s < num_seqs; ++s) {
-    if (ssm_states[s] == nullptr) return Invalid(kOp, absl::StrCat("ssm state ", s, " is null"));
+    if (ssm_states[s] == nullptr)
+      return InvalidOpArgument(kOp, absl::StrCat("ssm state ", s, " is null"));
   }
   if (seq_offsets[num_seqs] > seq_offsets[0]) {
     RAMBA_CHECK_ARG(kOp, xbc != nullptr && dt_raw != nullptr && y != nullptr, "null pointer");
@@ -273,8 +271,7 @@ absl::Status CpuBackend::BlockAttention(const float* q, const float* k, const fl
                                         int64_t nh, int64_t nkv, int64_t hd) {
   constexpr std::string_view kOp = "BlockAttention";
   RAMBA_CHECK_ARG(kOp, num_blocks >= 0 && block_len >= 0, "negative size");
-  RAMBA_CHECK_ARG(kOp, nh > 0 && nkv > 0 && hd > 0 && nh % nkv == 0,
-                  "nh, nkv, hd must be positive and nkv must divide nh");
+  RETURN_IF_ERROR(CheckAttentionHeads(kOp, nh, nkv, hd));
   if (num_blocks == 0 || block_len == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG(kOp, q != nullptr && k != nullptr && v != nullptr && out != nullptr,
                   "null pointer");
@@ -299,7 +296,7 @@ absl::Status CpuBackend::RetrieveChunks(const float* r, int64_t rows, const Chun
     const int64_t s = mem.row_seq[i];
     if (mem.num_chunks[s] > 0 && mem.row_position[i] >= chunk_size &&
         (mem.landmarks == nullptr || mem.landmarks[s] == nullptr)) {
-      return Invalid(kOp, absl::StrCat("sequence ", s, " has chunks but no landmarks"));
+      return InvalidOpArgument(kOp, absl::StrCat("sequence ", s, " has chunks but no landmarks"));
     }
   }
   ApplyThreads();
@@ -314,8 +311,7 @@ absl::Status CpuBackend::SparseChunkAttention(const float* q, int64_t rows,
                                               int64_t chunk_size, float* out) {
   constexpr std::string_view kOp = "SparseChunkAttention";
   RAMBA_CHECK_ARG(kOp, rows >= 0 && top_k >= 0 && chunk_size >= 0, "negative size");
-  RAMBA_CHECK_ARG(kOp, nh > 0 && nkv > 0 && hd > 0 && nh % nkv == 0,
-                  "nh, nkv, hd must be positive and nkv must divide nh");
+  RETURN_IF_ERROR(CheckAttentionHeads(kOp, nh, nkv, hd));
   RAMBA_CHECK_ARG(kOp, retrieval_heads > 0 && nkv % retrieval_heads == 0,
                   "retrieval_heads must be positive and divide nkv");
   if (rows == 0) return absl::OkStatus();
@@ -332,11 +328,12 @@ absl::Status CpuBackend::SparseChunkAttention(const float* q, int64_t rows,
       const int32_t c = indices[i * retrieval_heads * top_k + j];
       if (c == -1) continue;
       if (c < -1 || c >= mem.num_chunks[s]) {
-        return Invalid(kOp, absl::StrCat("row ", i, " selects chunk ", c, " of sequence ", s,
-                                         ", which has ", mem.num_chunks[s], " chunks"));
+        return InvalidOpArgument(
+            kOp, absl::StrCat("row ", i, " selects chunk ", c, " of sequence ", s, ", which has ",
+                              mem.num_chunks[s], " chunks"));
       }
       if (mem.chunk_kv == nullptr || mem.chunk_kv[s] == nullptr || mem.chunk_kv[s][c] == nullptr) {
-        return Invalid(kOp, absl::StrCat("chunk ", c, " of sequence ", s, " has no K/V"));
+        return InvalidOpArgument(kOp, absl::StrCat("chunk ", c, " of sequence ", s, " has no K/V"));
       }
     }
   }
@@ -354,13 +351,7 @@ absl::Status CpuBackend::Sample(const float* logits, int64_t rows, int64_t vocab
   if (rows == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Sample", logits != nullptr && params != nullptr && uniforms != nullptr &&
                                 out != nullptr, "null pointer");
-  for (int64_t r = 0; r < rows; ++r) {
-    const SamplingParams& p = params[r];
-    if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature) || p.top_k < 0 ||
-        std::isnan(p.top_p)) {
-      return Invalid("Sample", absl::StrCat("row ", r, " has invalid sampling parameters"));
-    }
-  }
+  RETURN_IF_ERROR(CheckSamplingParams("Sample", params, rows));
   ApplyThreads();
   cpu::Sample(logits, rows, vocab, params, uniforms, out);
   return absl::OkStatus();
@@ -377,7 +368,8 @@ absl::Status CpuBackend::ScatterRows(const float* src, int64_t ld, float* const*
   RAMBA_CHECK_ARG("ScatterRows", src != nullptr && dst != nullptr && ld >= cols,
                   "null pointer or ld below cols");
   for (int64_t r = 0; r < rows; ++r) {
-    if (dst[r] == nullptr) return Invalid("ScatterRows", absl::StrCat("row ", r, " is null"));
+    if (dst[r] == nullptr)
+      return InvalidOpArgument("ScatterRows", absl::StrCat("row ", r, " is null"));
     std::memcpy(dst[r], src + r * ld, cols * sizeof(float));
   }
   return absl::OkStatus();

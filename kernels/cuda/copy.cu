@@ -21,7 +21,8 @@ absl::Status ScatterRows(Context& ctx, const float* src, int64_t ld, float* cons
                          int64_t rows, int64_t cols) {
   if (rows > 65535) return absl::InvalidArgumentError("ScatterRows: more than 65535 rows");
   constexpr int kThreads = 256;
-  const unsigned blocks_x = static_cast<unsigned>(std::min<int64_t>((cols + kThreads - 1) / kThreads, 64));
+  const unsigned blocks_x =
+      static_cast<unsigned>(std::min<int64_t>((cols + kThreads - 1) / kThreads, 64));
   ScatterRowsKernel<<<dim3(blocks_x, static_cast<unsigned>(rows)), kThreads, 0, ctx.stream>>>(
       src, ld, dst, cols);
   RAMBA_CUDA_CHECK_LAUNCH("ScatterRows");

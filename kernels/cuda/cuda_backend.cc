@@ -18,9 +18,6 @@
 namespace ramba::kernels {
 namespace {
 
-absl::Status Invalid(std::string_view op, std::string_view what) {
-  return InvalidOpArgument(op, what);
-}
 
 
 // Offsets are checked on the host copy: device memory is never read back to validate.
@@ -32,7 +29,7 @@ absl::Status CheckHostOffsets(std::string_view op, const int64_t* host_offsets, 
   RAMBA_CHECK_ARG(op, host_offsets[0] >= 0, "seq_offsets[0] must be >= 0");
   for (int64_t s = 0; s < num_seqs; ++s) {
     if (host_offsets[s + 1] < host_offsets[s]) {
-      return Invalid(op, absl::StrCat("seq_offsets decrease at sequence ", s));
+      return InvalidOpArgument(op, absl::StrCat("seq_offsets decrease at sequence ", s));
     }
   }
   return absl::OkStatus();
@@ -299,12 +296,7 @@ absl::Status CudaBackend::SsmScan(const float* xbc, int64_t ldxbc, const float* 
                                   float* const* ssm_states, const SsmParams& p, float* y,
                                   const int64_t* host_seq_offsets) {
   constexpr std::string_view kOp = "SsmScan";
-  RAMBA_CHECK_ARG(kOp, p.nheads > 0 && p.headdim > 0 && p.d_state > 0 && p.ngroups > 0,
-                  "nheads, headdim, d_state and ngroups must be positive");
-  RAMBA_CHECK_ARG(kOp, p.nheads % p.ngroups == 0, "ngroups must divide nheads");
-  RAMBA_CHECK_ARG(kOp, p.A_log != nullptr && p.D != nullptr && p.dt_bias != nullptr,
-                  "A_log, D or dt_bias is null");
-  RAMBA_CHECK_ARG(kOp, !(p.dt_min > p.dt_max), "dt_min exceeds dt_max");
+  RETURN_IF_ERROR(CheckSsmParams(kOp, p));
   RETURN_IF_ERROR(CheckHostOffsets(kOp, host_seq_offsets, num_seqs));
   if (num_seqs == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG(kOp, ldxbc >= p.nheads * p.headdim + 2 * p.ngroups * p.d_state,
@@ -334,8 +326,7 @@ absl::Status CudaBackend::BlockAttention(const float* q, const float* k, const f
                                          int64_t nh, int64_t nkv, int64_t hd) {
   constexpr std::string_view kOp = "BlockAttention";
   RAMBA_CHECK_ARG(kOp, num_blocks >= 0 && block_len >= 0, "negative size");
-  RAMBA_CHECK_ARG(kOp, nh > 0 && nkv > 0 && hd > 0 && nh % nkv == 0,
-                  "heads must be positive and nkv must divide nh");
+  RETURN_IF_ERROR(CheckAttentionHeads(kOp, nh, nkv, hd));
   if (num_blocks == 0 || block_len == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG(kOp, q != nullptr && k != nullptr && v != nullptr && out != nullptr,
                   "null pointer");
@@ -369,8 +360,7 @@ absl::Status CudaBackend::SparseChunkAttention(const float* q, int64_t rows,
                                                float* out) {
   constexpr std::string_view kOp = "SparseChunkAttention";
   RAMBA_CHECK_ARG(kOp, rows >= 0, "negative size");
-  RAMBA_CHECK_ARG(kOp, nh > 0 && nkv > 0 && hd > 0 && nh % nkv == 0,
-                  "heads must be positive and nkv must divide nh");
+  RETURN_IF_ERROR(CheckAttentionHeads(kOp, nh, nkv, hd));
   RAMBA_CHECK_ARG(kOp, retrieval_heads > 0 && nkv % retrieval_heads == 0,
                   "retrieval_heads must be positive and divide nkv");
   RAMBA_CHECK_ARG(kOp, top_k > 0 && chunk_size > 0, "top_k and chunk_size must be positive");
@@ -392,13 +382,7 @@ absl::Status CudaBackend::Sample(const float* logits, int64_t rows, int64_t voca
   RAMBA_CHECK_ARG(kOp, logits != nullptr && params != nullptr && uniforms != nullptr &&
                            out != nullptr,
                   "null pointer");
-  for (int64_t r = 0; r < rows; ++r) {
-    const SamplingParams& sp = params[r];
-    if (!(sp.temperature >= 0.0f) || !std::isfinite(sp.temperature) || sp.top_k < 0 ||
-        std::isnan(sp.top_p)) {
-      return Invalid(kOp, absl::StrCat("row ", r, " has invalid sampling parameters"));
-    }
-  }
+  RETURN_IF_ERROR(CheckSamplingParams(kOp, params, rows));
   return cuda::Sample(*this, logits, rows, vocab, params, uniforms, out);
 }
 

@@ -135,6 +135,23 @@ struct ScanArgs {
   float* y;
 };
 
+// What every scan kernel derives for head h: the x | B | C column offsets in an xbc row (B and C
+// of the head's group) and the head's A = -exp(A_log), D and dt bias.
+struct HeadConsts {
+  int64_t HP, b_off, c_off;
+  float A, D, dt_bias;
+};
+__device__ __forceinline__ HeadConsts HeadConstsOf(const ScanArgs& a, int h) {
+  const int64_t HP = static_cast<int64_t>(a.H) * a.P;
+  const int g = h / (a.H / a.G);
+  return HeadConsts{HP,
+                    HP + static_cast<int64_t>(g) * a.N,
+                    HP + static_cast<int64_t>(a.G + g) * a.N,
+                    -expf(a.A_log[h]),
+                    a.D[h],
+                    a.dt_bias[h]};
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -149,13 +166,9 @@ __global__ void __launch_bounds__(32) SsmScanSimpleKernel(ScanArgs a) {
   const int h = static_cast<int>(sh % a.H);
   const int64_t s = sh / a.H;
   const int lane = threadIdx.x;
-  const int64_t HP = static_cast<int64_t>(a.H) * a.P;
-  const int g = h / (a.H / a.G);
-  const int64_t b_off = HP + static_cast<int64_t>(g) * a.N;
-  const int64_t c_off = HP + static_cast<int64_t>(a.G + g) * a.N;
-  const float A = -expf(a.A_log[h]);
-  const float Dh = a.D[h];
-  const float bias = a.dt_bias[h];
+  const HeadConsts hc = HeadConstsOf(a, h);
+  const int64_t HP = hc.HP, b_off = hc.b_off, c_off = hc.c_off;
+  const float A = hc.A, Dh = hc.D, bias = hc.dt_bias;
   float* st = a.states[s] + (static_cast<int64_t>(h) * a.P + p) * a.N;
   for (int64_t r = a.offsets[s]; r < a.offsets[s + 1]; ++r) {
     const float* row = a.xbc + r * a.ldxbc;
@@ -241,14 +254,10 @@ __global__ void __launch_bounds__(kScanThreads, 1) SsmScanTiledKernel(ScanArgs a
   const int N = a.N, P = a.P;
   const int p_blk = pb * PB;  // first head channel of the block
   const int pw = warp * PR;   // the warp's first channel, relative to p_blk
-  const int64_t HP = static_cast<int64_t>(a.H) * P;
+  const HeadConsts hc = HeadConstsOf(a, h);
+  const int64_t HP = hc.HP, b_off = hc.b_off, c_off = hc.c_off;
+  const float A = hc.A, Dh = hc.D, bias = hc.dt_bias;
   const int64_t x_off = static_cast<int64_t>(h) * P + p_blk;
-  const int g = h / (a.H / a.G);
-  const int64_t b_off = HP + static_cast<int64_t>(g) * N;
-  const int64_t c_off = HP + static_cast<int64_t>(a.G + g) * N;
-  const float A = -expf(a.A_log[h]);
-  const float Dh = a.D[h];
-  const float bias = a.dt_bias[h];
 
   // Padding entries are never written by the tile copies: zero them once in both buffers.
   for (int buf = 0; buf < 2; ++buf) {
@@ -477,13 +486,9 @@ __global__ void __launch_bounds__(kSsmDecodeWarps * 32) SsmDecodeKernel(ScanArgs
   const int64_t begin = a.offsets[s], end = a.offsets[s + 1];
   const int p = static_cast<int>(blockIdx.y) * kSsmDecodeWarps + warp;
   if (begin == end || p >= a.P) return;
-  const int64_t HP = static_cast<int64_t>(a.H) * a.P;
-  const int g = h / (a.H / a.G);
-  const int64_t b_off = HP + static_cast<int64_t>(g) * a.N;
-  const int64_t c_off = HP + static_cast<int64_t>(a.G + g) * a.N;
-  const float A = -expf(a.A_log[h]);
-  const float Dh = a.D[h];
-  const float bias = a.dt_bias[h];
+  const HeadConsts hc = HeadConstsOf(a, h);
+  const int64_t HP = hc.HP, b_off = hc.b_off, c_off = hc.c_off;
+  const float A = hc.A, Dh = hc.D, bias = hc.dt_bias;
   {
     float* st = a.states[s] + (static_cast<int64_t>(h) * a.P + p) * a.N;
     float S[NPL];

@@ -468,7 +468,8 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
                       bool accumulate, bool* found) {
   *found = false;
   cublasLtMatmulDesc_t op_raw = nullptr;
-  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulDescCreate(&op_raw, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(
+      CublasLt().cublasLtMatmulDescCreate(&op_raw, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   MatmulDesc op(op_raw);
   const int32_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
   RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmulDescSetAttribute(
@@ -481,7 +482,8 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
   Layout a_layout(a_raw);
   RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatrixLayoutCreate(&b_raw, ab_type, k, m, ldb));
   Layout b_layout(b_raw);
-  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatrixLayoutCreate(&c_raw, CUDA_R_32F, n, m, ldy));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(
+      CublasLt().cublasLtMatrixLayoutCreate(&c_raw, CUDA_R_32F, n, m, ldy));
   Layout c_layout(c_raw);
 
   const uint32_t align_a = PointerAlignment(A), align_b = PointerAlignment(B),
@@ -536,10 +538,9 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
   if (!ws.ok()) return ws.status();
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   // beta == 0: C is not read, so y may hold anything (NaN) beforehand.
-  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmul(ctx.cublaslt, op.get(), &alpha, A, a_layout.get(), B,
-                                              b_layout.get(), &beta, y, c_layout.get(), y,
-                                              c_layout.get(), &entry.algo, *ws,
-                                              kCublasWorkspaceBytes, ctx.stream));
+  RAMBA_CUBLAS_RETURN_IF_ERROR(CublasLt().cublasLtMatmul(
+      ctx.cublaslt, op.get(), &alpha, A, a_layout.get(), B, b_layout.get(), &beta, y,
+      c_layout.get(), y, c_layout.get(), &entry.algo, *ws, kCublasWorkspaceBytes, ctx.stream));
   *found = true;
   return absl::OkStatus();
 }
@@ -597,9 +598,9 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
   if (!s.ok()) return s;
   if (!found) return SmallMSlabs(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate);
   if (split) {
-    s = LtMatmul(ctx, bf16 ? CUDA_R_16BF : CUDA_R_16F, w.data, k, xlo, ldxb, mi, n, k, y, ldy,
-                 /*accumulate=*/true, &found);
-    if (!s.ok()) return s;
+    const absl::Status lo = LtMatmul(ctx, bf16 ? CUDA_R_16BF : CUDA_R_16F, w.data, k, xlo, ldxb,
+                                     mi, n, k, y, ldy, /*accumulate=*/true, &found);
+    if (!lo.ok()) return lo;
     if (!found) return absl::InternalError("Matmul: cuBLASLt lost its algorithm for the residue");
   }
   return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldyi, mi, n, bias, false)

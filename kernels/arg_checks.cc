@@ -1,0 +1,36 @@
+#include "kernels/arg_checks.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace ramba::kernels {
+
+absl::Status CheckSsmParams(std::string_view op, const SsmParams& p) {
+  RAMBA_CHECK_ARG(op, p.nheads > 0 && p.headdim > 0 && p.d_state > 0 && p.ngroups > 0,
+                  "nheads, headdim, d_state and ngroups must be positive");
+  RAMBA_CHECK_ARG(op, p.nheads % p.ngroups == 0, "ngroups must divide nheads");
+  RAMBA_CHECK_ARG(op, p.A_log != nullptr && p.D != nullptr && p.dt_bias != nullptr,
+                  "A_log, D or dt_bias is null");
+  RAMBA_CHECK_ARG(op, !(p.dt_min > p.dt_max), "dt_min exceeds dt_max");
+  return absl::OkStatus();
+}
+
+absl::Status CheckAttentionHeads(std::string_view op, int64_t nh, int64_t nkv, int64_t hd) {
+  RAMBA_CHECK_ARG(op, nh > 0 && nkv > 0 && hd > 0 && nh % nkv == 0,
+                  "nh, nkv, hd must be positive and nkv must divide nh");
+  return absl::OkStatus();
+}
+
+absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* params, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const SamplingParams& p = params[r];
+    if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature) || p.top_k < 0 ||
+        std::isnan(p.top_p)) {
+      return InvalidOpArgument(op, absl::StrCat("row ", r, " has invalid sampling parameters"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace ramba::kernels

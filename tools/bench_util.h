@@ -1,0 +1,52 @@
+// Timing helpers shared by the benchmark tools (bench-model, bench-ops).
+#ifndef RAMBA_TOOLS_BENCH_UTIL_H_
+#define RAMBA_TOOLS_BENCH_UTIL_H_
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/backend.h"
+
+namespace ramba::bench {
+
+inline double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Median wall time of `reps` runs of run() on `be`, each closed by Synchronize, after one
+// warm-up run; NaN when a run fails.
+template <class F>
+double MedianSeconds(kernels::Backend* be, int reps, F&& run) {
+  if (!run().ok() || !be->Synchronize().ok()) return NAN;
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const double t0 = Now();
+    if (!run().ok() || !be->Synchronize().ok()) return NAN;
+    t.push_back(Now() - t0);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// Read + write bandwidth of a large backend copy (1 GiB on a device, 256 MiB on the CPU), GB/s:
+// the memory floor the benchmarks state their figures against. 0 when allocation fails.
+inline double MeasureCopyBandwidth(kernels::Backend* be) {
+  const size_t bytes = be->host_accessible() ? (size_t{256} << 20) : (size_t{1} << 30);
+  auto a = be->Allocate(bytes);
+  auto b = be->Allocate(bytes);
+  if (!a.ok() || !b.ok()) return 0;
+  std::vector<uint8_t> init(1 << 20);
+  for (size_t i = 0; i < init.size(); ++i) init[i] = static_cast<uint8_t>(i * 131 + 7);
+  for (size_t off = 0; off < bytes; off += init.size()) {
+    (void)be->Upload(a->as<uint8_t>() + off, init.data(), init.size());
+  }
+  const double s = MedianSeconds(be, 5, [&] { return be->Copy(b->data(), a->data(), bytes); });
+  return 2.0 * bytes / s / 1e9;
+}
+
+}  // namespace ramba::bench
+
+#endif  // RAMBA_TOOLS_BENCH_UTIL_H_
