@@ -121,6 +121,25 @@ void Buffer::Reset() {
   bytes_ = 0;
 }
 
+absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
+  const SsmParams& p = a.ssm;
+  const int64_t d_inner = p.nheads * p.headdim;
+  const int64_t conv_dim = d_inner + 2 * p.ngroups * p.d_state;
+  if (a.host_seq_offsets == nullptr && !host_accessible()) {
+    return absl::InvalidArgumentError("MambaMixer: host_seq_offsets is required");
+  }
+  const int64_t* offsets = a.host_seq_offsets != nullptr ? a.host_seq_offsets : a.seq_offsets;
+  if (a.num_seqs <= 0) return absl::OkStatus();
+  const int64_t base = offsets[0], rows = offsets[a.num_seqs] - base;  // rows are absolute
+  RETURN_IF_ERROR(CausalConv1dSilu(a.zxbcdt + d_inner, a.ld, a.seq_offsets, a.num_seqs,
+                                   a.conv_states, a.conv_weight, a.conv_bias, conv_dim,
+                                   a.conv_kernel, a.xbc, a.host_seq_offsets));
+  RETURN_IF_ERROR(SsmScan(a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim, a.ld, a.seq_offsets,
+                          a.num_seqs, a.ssm_states, p, a.y, a.host_seq_offsets));
+  return GatedRmsNorm(a.y + base * d_inner, d_inner, a.zxbcdt + base * a.ld, a.ld, a.norm_weight,
+                      a.g + base * d_inner, d_inner, rows, d_inner, a.norm_group_size, a.eps);
+}
+
 #ifdef RAMBA_HAVE_CUDA
 bool CudaAvailable() {
   int count = 0;

@@ -101,6 +101,29 @@ struct ChunkMemoryBatch {
   int64_t max_num_chunks = -1;
 };
 
+// One layer's Mamba-2 mixer: everything between in_proj and out_proj (Backend::MambaMixer).
+// rows = host_seq_offsets[num_seqs] - host_seq_offsets[0]; d_inner = nheads * headdim;
+// conv_dim = d_inner + 2 * ngroups * d_state.
+struct MambaMixerArgs {
+  const float* zxbcdt = nullptr;  // [rows, ...]: z [d_inner] | xBC [conv_dim] | dt [nheads]
+  int64_t ld = 0;                 // row stride of zxbcdt
+  const int64_t* seq_offsets = nullptr;
+  const int64_t* host_seq_offsets = nullptr;  // host copy (required by device backends)
+  int64_t num_seqs = 0;
+  float* const* conv_states = nullptr;  // [num_seqs] -> [conv_kernel - 1, conv_dim]
+  const float* conv_weight = nullptr;   // [conv_dim, conv_kernel]
+  const float* conv_bias = nullptr;     // [conv_dim] or null
+  int64_t conv_kernel = 0;
+  float* const* ssm_states = nullptr;   // [num_seqs] -> [nheads, headdim, d_state]
+  SsmParams ssm;
+  const float* norm_weight = nullptr;   // [d_inner], the gated norm's weight
+  int64_t norm_group_size = 0;
+  float eps = 0.0f;
+  float* xbc = nullptr;  // scratch [rows, conv_dim]: conv output
+  float* y = nullptr;    // scratch [rows, d_inner]: SSM output
+  float* g = nullptr;    // output [rows, d_inner]: the gated, normed values out_proj reads
+};
+
 // Sampling parameters of one row. temperature == 0 means greedy (argmax, lowest id on ties).
 struct SamplingParams {
   float temperature = 1.0f;
@@ -178,6 +201,11 @@ class Backend {
                                const int64_t* seq_offsets, int64_t num_seqs,
                                float* const* ssm_states, const SsmParams& p, float* y,
                                const int64_t* host_seq_offsets = nullptr) = 0;
+
+  // CausalConv1dSilu on the xBC columns, SsmScan, then GatedRmsNorm with z, as one op so that
+  // device backends can fuse the three for decode steps. The default runs the three ops (and
+  // uses the xbc and y scratch); results equal theirs up to summation order in the norm.
+  virtual absl::Status MambaMixer(const MambaMixerArgs& a);
 
   // Rotary embedding, rotate-half convention, in place on x [rows, heads * head_dim]; the position
   // of row r is r % period (positions restart at 0 in every chunk). inv_freq_i = theta^(-2i/head_dim).

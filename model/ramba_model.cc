@@ -17,7 +17,7 @@ struct RambaModel::Workspace {
     kH, kNorm, kInProj, kXbc, kY, kG,
     kX, kXn, kQ, kK, kV, kAttn, kGate, kUp, kKfull, kVfull, kMean, kLmk,
     kR, kIdx, kW, kLandmarkPtrs, kNumChunks, kChunkTablePtrs,
-    kHsaQ, kHsaO, kLastRows, kLogits, kBufferRows, kNumSlots
+    kHsaQ, kHsaO, kLastRows, kLogits, kBufferRows, kSampled, kNumSlots
   };
   explicit Workspace(Backend* b) : backend(b), buffers(kNumSlots) {}
 
@@ -80,7 +80,53 @@ absl::Status RambaModel::Forward(absl::Span<SessionState* const> states,
                                  absl::Span<const absl::Span<const int32_t>> tokens,
                                  LogitsMode mode, std::vector<float>* logits) {
   absl::MutexLock lock(&mu_);
-  return ForwardLocked(states, tokens, mode, logits);
+  Output output;
+  output.logits = logits;
+  return ForwardLocked(states, tokens, mode, output);
+}
+
+absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states,
+                                          absl::Span<const absl::Span<const int32_t>> tokens,
+                                          absl::Span<const SamplingOptions> options,
+                                          std::vector<int32_t>* sampled) {
+  if (sampled == nullptr) return absl::InvalidArgumentError("ForwardAndSample: null output");
+  if (options.size() != states.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("ForwardAndSample got ", states.size(),
+                                                   " states and ", options.size(),
+                                                   " sampling options"));
+  }
+  for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
+  absl::MutexLock lock(&mu_);
+  Output output;
+  output.options = options;
+  output.sampled = sampled;
+  return ForwardLocked(states, tokens, LogitsMode::kLast, output);
+}
+
+absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const float* out,
+                                 int64_t rows, const Output& output) {
+  Backend* be = backend_;
+  const int64_t vocab = config_.vocab_size;
+  if (output.sampled != nullptr) {
+    std::vector<kernels::SamplingParams> params(rows);
+    std::vector<float> uniforms(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const SamplingOptions& o = output.options[r];
+      params[r] = {o.temperature, o.top_k, o.top_p};
+      // The position the sampled token takes: right after this pass's tokens.
+      uniforms[r] = SamplingUniform(o.seed, states[r]->position());
+    }
+    ASSIGN_OR_RETURN(int32_t * dev, workspace_->Get<int32_t>(Workspace::kSampled, rows));
+    RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
+    output.sampled->resize(rows);
+    RETURN_IF_ERROR(be->Download(output.sampled->data(), dev, rows * sizeof(int32_t)));
+  }
+  if (output.logits != nullptr) {
+    output.logits->resize(rows * vocab);
+    RETURN_IF_ERROR(
+        be->Download(output.logits->data(), out, output.logits->size() * sizeof(float)));
+  }
+  return absl::OkStatus();
 }
 
 // Device addresses of one batch's per-row and per-sequence arrays.
@@ -146,24 +192,33 @@ absl::Status RambaModel::MambaBlock(const Batch& b, int64_t layer) {
   const MambaWeights& mw = weights_.mamba[layer];
   RETURN_IF_ERROR(be->RmsNorm(h, d, mw.norm.data(), xn, d, rows, d, c.layer_norm_epsilon));
   RETURN_IF_ERROR(be->Matmul(xn, d, rows, mw.in_proj.view, nullptr, zxbcdt, P, false));
-  RETURN_IF_ERROR(be->CausalConv1dSilu(zxbcdt + d_inner, P, b.offsets, b.num_seqs,
-                                       b.conv_ptrs + layer * b.num_seqs, mw.conv_weight.data(),
-                                       c.use_conv_bias ? mw.conv_bias.data() : nullptr, conv_dim,
-                                       c.conv_kernel, xbc, b.host_offsets));
-  kernels::SsmParams p;
-  p.nheads = c.num_heads;
-  p.headdim = c.head_dim;
-  p.d_state = c.state_size;
-  p.ngroups = c.n_groups;
-  p.dt_min = c.time_step_min_limit;
-  p.dt_max = c.time_step_max_limit;
-  p.A_log = mw.A_log.data();
-  p.D = mw.D.data();
-  p.dt_bias = mw.dt_bias.data();
-  RETURN_IF_ERROR(be->SsmScan(xbc, conv_dim, zxbcdt + d_inner + conv_dim, P, b.offsets,
-                              b.num_seqs, b.ssm_ptrs + layer * b.num_seqs, p, y, b.host_offsets));
-  RETURN_IF_ERROR(be->GatedRmsNorm(y, d_inner, zxbcdt, P, mw.gated_norm.data(), g, d_inner, rows,
-                                   d_inner, d_inner / c.n_groups, c.layer_norm_epsilon));
+  kernels::MambaMixerArgs m;
+  m.zxbcdt = zxbcdt;
+  m.ld = P;
+  m.seq_offsets = b.offsets;
+  m.host_seq_offsets = b.host_offsets;
+  m.num_seqs = b.num_seqs;
+  m.conv_states = b.conv_ptrs + layer * b.num_seqs;
+  m.conv_weight = mw.conv_weight.data();
+  m.conv_bias = c.use_conv_bias ? mw.conv_bias.data() : nullptr;
+  m.conv_kernel = c.conv_kernel;
+  m.ssm_states = b.ssm_ptrs + layer * b.num_seqs;
+  m.ssm.nheads = c.num_heads;
+  m.ssm.headdim = c.head_dim;
+  m.ssm.d_state = c.state_size;
+  m.ssm.ngroups = c.n_groups;
+  m.ssm.dt_min = c.time_step_min_limit;
+  m.ssm.dt_max = c.time_step_max_limit;
+  m.ssm.A_log = mw.A_log.data();
+  m.ssm.D = mw.D.data();
+  m.ssm.dt_bias = mw.dt_bias.data();
+  m.norm_weight = mw.gated_norm.data();
+  m.norm_group_size = d_inner / c.n_groups;
+  m.eps = c.layer_norm_epsilon;
+  m.xbc = xbc;
+  m.y = y;
+  m.g = g;
+  RETURN_IF_ERROR(be->MambaMixer(m));
   return be->Matmul(g, d_inner, rows, mw.out_proj.view, nullptr, h, d, true);
 }
 
@@ -291,7 +346,7 @@ absl::StatusOr<float*> RambaModel::Head(const float* src, int64_t rows) {
 
 absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
                                        absl::Span<const absl::Span<const int32_t>> tokens,
-                                       LogitsMode mode, std::vector<float>* logits) {
+                                       LogitsMode mode, const Output& output) {
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
   Backend* be = backend_;
@@ -329,7 +384,9 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
     seq_offsets.push_back(static_cast<int64_t>(all_tokens.size()));
   }
   const int64_t rows = static_cast<int64_t>(all_tokens.size());
-  if (logits != nullptr) logits->clear();
+  const bool wants_output = output.logits != nullptr || output.sampled != nullptr;
+  if (output.logits != nullptr) output.logits->clear();
+  if (output.sampled != nullptr) output.sampled->clear();
   if (rows == 0) return absl::OkStatus();
   if (mode == LogitsMode::kLast) {
     for (int64_t s = 0; s < num_seqs; ++s) {
@@ -339,8 +396,8 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
       }
     }
   }
-  if (be->SupportsGraphs() && rows == num_seqs && mode == LogitsMode::kLast && logits != nullptr) {
-    return DecodeStepLocked(states, all_tokens, logits);
+  if (be->SupportsGraphs() && rows == num_seqs && mode == LogitsMode::kLast && wants_output) {
+    return DecodeStepLocked(states, all_tokens, output);
   }
 
   const int64_t d = c.hidden_size, S = c.chunk_size;
@@ -406,7 +463,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   }
 
   // ---- Final norm and LM head on the rows that need logits ----
-  if (mode == LogitsMode::kNone || logits == nullptr) return be->Synchronize();
+  if (mode == LogitsMode::kNone || !wants_output) return be->Synchronize();
   const float* src = h;
   int64_t out_rows = rows;
   if (mode == LogitsMode::kLast) {
@@ -418,8 +475,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
     src = last;
   }
   ASSIGN_OR_RETURN(float* out, Head(src, out_rows));
-  logits->resize(out_rows * c.vocab_size);
-  return be->Download(logits->data(), out, logits->size() * sizeof(float));
+  return Deliver(states, out, out_rows, output);
 }
 
 absl::StatusOr<kernels::ChunkMemoryBatch> RambaModel::MemoryBatch(
@@ -462,7 +518,7 @@ int64_t RambaModel::ChunkBucket(int64_t max_chunks) {
 // completes ((c + 1) * chunk_size > its position), so the order does not change the result.
 absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states,
                                           const std::vector<int32_t>& tokens,
-                                          std::vector<float>* logits) {
+                                          const Output& output) {
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
   Backend* be = backend_;
@@ -545,8 +601,7 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
     RETURN_IF_ERROR(EncodeChunks(X, n, owners));
   }
   for (SessionState* st : states) st->AdvancePosition(1);
-  logits->resize(B * c.vocab_size);
-  return be->Download(logits->data(), out, logits->size() * sizeof(float));
+  return Deliver(states, out, B, output);
 }
 
 absl::Status RambaModel::Prefill(SessionState* state, absl::Span<const int32_t> tokens,

@@ -16,6 +16,7 @@
 #include "kernels/backend.h"
 #include "model/config.h"
 #include "model/safetensors.h"
+#include "model/sampler.h"
 #include "model/session_state.h"
 #include "model/weights.h"
 
@@ -56,6 +57,15 @@ class RambaModel {
                        absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
                        std::vector<float>* logits);
 
+  // Forward with LogitsMode::kLast, then one token per sequence drawn on the backend from its
+  // last-token logits with options[s] (sampler.h: the uniform is keyed by the position the token
+  // will take), so logits never leave the device: only the tokens are downloaded. Options are
+  // validated before any state changes.
+  absl::Status ForwardAndSample(absl::Span<SessionState* const> states,
+                                absl::Span<const absl::Span<const int32_t>> tokens,
+                                absl::Span<const SamplingOptions> options,
+                                std::vector<int32_t>* sampled);
+
   // Feeds `tokens` to one session in segments of at most `segment_tokens` (bounded scratch
   // memory; the result equals a single pass). Writes the last token's logits when `last_logits`
   // is non-null (and tokens is non-empty).
@@ -75,12 +85,21 @@ class RambaModel {
     float* logits = nullptr;
   };
   RambaModel(ModelConfig config, ModelWeights weights, kernels::Backend* backend);
+  // Where a forward pass's last-token logits go: downloaded, sampled on the backend, or both.
+  struct Output {
+    std::vector<float>* logits = nullptr;
+    absl::Span<const SamplingOptions> options;  // sample when sampled != null
+    std::vector<int32_t>* sampled = nullptr;
+  };
   absl::Status ForwardLocked(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
-                             std::vector<float>* logits) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                             const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status DecodeStepLocked(absl::Span<SessionState* const> states,
-                                const std::vector<int32_t>& tokens, std::vector<float>* logits)
+                                const std::vector<int32_t>& tokens, const Output& output)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Downloads and/or samples `rows` rows of logits at backend address `out` (states advanced).
+  absl::Status Deliver(absl::Span<SessionState* const> states, const float* out, int64_t rows,
+                       const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Stages of a forward pass (mu_ held).
   absl::Status PrepareBatch(absl::Span<SessionState* const> states,
                             const std::vector<int32_t>& tokens,

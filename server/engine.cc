@@ -162,8 +162,12 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
     states.push_back(r->req->state);
     spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
   }
-  std::vector<float> logits;
-  const absl::Status st = model_->Forward(states, spans, LogitsMode::kLast, &logits);
+  // Every sequence gets a token drawn on the backend (only the tokens are downloaded); those
+  // still consuming input ignore theirs.
+  std::vector<SamplingOptions> options;
+  for (Running* r : batch) options.push_back(r->req->sampling);
+  std::vector<int32_t> sampled;
+  const absl::Status st = model_->ForwardAndSample(states, spans, options, &sampled);
   std::vector<Running*> done;
   if (!st.ok()) {
     for (Running* r : batch) {
@@ -171,12 +175,6 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
       done.push_back(r);
     }
   } else {
-    // Sample for every request whose input is now consumed and that still generates.
-    const int64_t vocab = model_->config().vocab_size;
-    std::vector<Running*> samplers;
-    std::vector<float> rows;
-    std::vector<SamplingOptions> opts;
-    std::vector<int64_t> positions;
     for (size_t i = 0; i < batch.size(); ++i) {
       Running* r = batch[i];
       r->next += r->take;
@@ -186,32 +184,17 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
         done.push_back(r);
         continue;
       }
-      samplers.push_back(r);
-      rows.insert(rows.end(), logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab);
-      opts.push_back(r->req->sampling);
-      positions.push_back(r->req->state->position());
-    }
-    if (!samplers.empty()) {
-      auto tokens = SampleTokens(model_->backend(), rows, vocab, opts, positions);
-      for (size_t j = 0; j < samplers.size(); ++j) {
-        Running* r = samplers[j];
-        if (!tokens.ok()) {
-          r->req->on_done(tokens.status(), FinishReason::kError);
-          done.push_back(r);
-          continue;
-        }
-        const int32_t token = (*tokens)[j];
-        ++r->generated;
-        const TokenAction action = r->req->on_token ? r->req->on_token(token) : TokenAction::kContinue;
-        if (action == TokenAction::kStop) {
-          r->req->on_done(absl::OkStatus(), FinishReason::kStop);
-          done.push_back(r);
-        } else if (r->generated >= r->req->max_new_tokens) {
-          r->req->on_done(absl::OkStatus(), FinishReason::kMaxTokens);
-          done.push_back(r);
-        } else {
-          r->pending.push_back(token);
-        }
+      const int32_t token = sampled[i];
+      ++r->generated;
+      const TokenAction action = r->req->on_token ? r->req->on_token(token) : TokenAction::kContinue;
+      if (action == TokenAction::kStop) {
+        r->req->on_done(absl::OkStatus(), FinishReason::kStop);
+        done.push_back(r);
+      } else if (r->generated >= r->req->max_new_tokens) {
+        r->req->on_done(absl::OkStatus(), FinishReason::kMaxTokens);
+        done.push_back(r);
+      } else {
+        r->pending.push_back(token);
       }
     }
   }

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -81,6 +82,15 @@ absl::Status CudaBackend::Init(int dev) {
     RAMBA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
   scratch_.resize(static_cast<size_t>(cuda::ScratchSlot::kNumSlots));
+  const size_t counter_bytes = static_cast<size_t>(CounterSlot::kNumSlots) * kCountersPerSlot *
+                               sizeof(unsigned);
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&counters), counter_bytes));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(counters, 0, counter_bytes, stream));
+  // Programmatic dependent launch needs sm_90; RAMBA_CUDA_PDL=0 turns it off (to compare).
+  int major = 0;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const char* pdl_env = std::getenv("RAMBA_CUDA_PDL");
+  pdl = major >= 9 && !(pdl_env != nullptr && std::string_view(pdl_env) == "0");
   return absl::OkStatus();
 }
 
@@ -95,6 +105,7 @@ CudaBackend::~CudaBackend() {
   }
   for (auto& [id, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (staging_ != nullptr) cudaFreeHost(staging_);
+  if (counters != nullptr) cudaFree(counters);
   if (stream != nullptr) {
     cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
@@ -289,6 +300,28 @@ absl::Status CudaBackend::CausalConv1dSilu(const float* x, int64_t ldx, const in
   if (kernel > 1) RAMBA_CHECK_ARG(kOp, conv_states != nullptr, "conv_states is null");
   return cuda::CausalConv1dSilu(*this, x, ldx, seq_offsets, num_seqs, conv_states, weight, bias,
                                 channels, kernel, y, host_seq_offsets);
+}
+
+absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
+  constexpr std::string_view kOp = "MambaMixer";
+  RETURN_IF_ERROR(CheckSsmParams(kOp, a.ssm));
+  RETURN_IF_ERROR(CheckHostOffsets(kOp, a.host_seq_offsets, a.num_seqs));
+  if (a.num_seqs == 0) return absl::OkStatus();
+  const int64_t d_inner = a.ssm.nheads * a.ssm.headdim;
+  RAMBA_CHECK_ARG(kOp, a.norm_group_size > 0 && d_inner % a.norm_group_size == 0,
+                  "norm_group_size must divide nheads*headdim");
+  RAMBA_CHECK_ARG(kOp, a.ld >= 2 * d_inner + 2 * a.ssm.ngroups * a.ssm.d_state + a.ssm.nheads,
+                  "ld below the z | xBC | dt width");
+  RAMBA_CHECK_ARG(kOp, a.conv_kernel >= 1, "conv_kernel must be positive");
+  RAMBA_CHECK_ARG(kOp,
+                  a.seq_offsets != nullptr && a.conv_states != nullptr &&
+                      a.ssm_states != nullptr && a.conv_weight != nullptr &&
+                      a.norm_weight != nullptr && a.g != nullptr && a.zxbcdt != nullptr,
+                  "null pointer");
+  ASSIGN_OR_RETURN(bool fused, cuda::FusedMambaMixer(*this, a, a.num_seqs, a.host_seq_offsets));
+  if (fused) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, a.xbc != nullptr && a.y != nullptr, "null scratch pointer");
+  return Backend::MambaMixer(a);
 }
 
 absl::Status CudaBackend::SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw,

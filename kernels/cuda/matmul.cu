@@ -2,8 +2,11 @@
 //  - 16-bit weights and m <= 16 (batched decode, memory-bound): our own kernel. Each block owns a
 //    tile of output columns and a range of k; groups of 8 lanes stream 128-byte pieces of weight
 //    rows with 16-byte loads and multiply them with every input row of x, kept in float32 and
-//    staged in shared memory. Small n is split over k (partial sums in scratch, then reduced in a
-//    fixed order, so results are deterministic).
+//    staged in shared memory. Small n is split over k: every block writes its partial sums to
+//    scratch and the last block of a column tile to arrive (a per-tile counter) adds them in split
+//    order, so results are deterministic and no second kernel runs. Launched with PDL
+//    (launch.cuh), a block issues its first weight loads before waiting for the kernel that
+//    produces x.
 //  - Everything else: cuBLASLt, with x converted to the weights' 16-bit type in scratch (f32
 //    weights: plain FP32 GEMM, no TF32). If cuBLASLt offers no algorithm for a 16-bit shape, the
 //    small-m kernel runs on slabs of 16 rows instead.
@@ -22,6 +25,7 @@
 
 #include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace ramba::kernels::cuda {
@@ -61,6 +65,8 @@ struct SmallMArgs {
   int ldy;
   bool accumulate;
   float* partials;  // [splits, M, n] when gridDim.y > 1, else null (write y directly)
+  unsigned* counters;  // [gridDim.x] arrivals per column tile (zero between launches), or null:
+                       // then a SplitKReduceKernel adds the partials
 };
 
 // The 8 weights w[row][kk .. kk + 8), clipped to kk + i < end (zeros beyond).
@@ -122,10 +128,9 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
     for (int c = 0; c < C; ++c) acc[i][c] = 0.0f;
   }
 
-  for (int t0 = kb; t0 < ke; t0 += KT) {
-    const int t1 = min(ke, t0 + KT);
-    // Issue this tile's weight loads first so they are in flight while x is staged.
-    uint4 wr[S][C];
+  // Issues the weight loads of the tile starting at t0 (k elements [t0, t1)).
+  uint4 wr[S][C];
+  auto load_weights = [&](int t0, int t1) {
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       const int kk = t0 + s * kStep + lane * kVec;
@@ -135,6 +140,16 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
                                                : make_uint4(0u, 0u, 0u, 0u);
       }
     }
+  };
+  // Weights are never written by earlier kernels: the first tile's loads go out before waiting.
+  if (kb < ke) load_weights(kb, min(ke, kb + KT));
+  AllowDependentGrids();
+  WaitForPriorGrids();
+
+  for (int t0 = kb; t0 < ke; t0 += KT) {
+    const int t1 = min(ke, t0 + KT);
+    // Issue this tile's weight loads first so they are in flight while x is staged.
+    if (t0 != kb) load_weights(t0, t1);
     __syncthreads();  // the previous tile's readers are done with xs
     for (int u = tid; u < M * kSlots; u += kThreads) {
       const int i = u / kSlots;
@@ -203,11 +218,38 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
       }
     }
   }
+  if (a.partials == nullptr || a.counters == nullptr) return;
+
+  // Split k: the last block of this column tile adds every split's partials.
+  __shared__ bool last;
+  __threadfence();  // publish this block's partials before counting it in
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(&a.counters[blockIdx.x], 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  constexpr int kTileCols = kGroups * C;
+  const int64_t plane = static_cast<int64_t>(M) * a.n;
+  for (int u = tid; u < M * kTileCols; u += kThreads) {
+    const int i = u / kTileCols;
+    const int j = blockIdx.x * kTileCols + u % kTileCols;
+    if (j >= a.n) continue;
+    const float* p = a.partials + static_cast<int64_t>(i) * a.n + j;
+    float sum = __ldcg(p);  // same order as SplitKReduceKernel
+    for (unsigned z = 1; z < gridDim.y; ++z) sum += __ldcg(p + z * plane);
+    float* out = a.y + static_cast<int64_t>(i) * a.ldy + j;
+    float v = a.accumulate ? *out + sum : sum;
+    if (a.bias != nullptr) v += a.bias[j];
+    *out = v;
+  }
+  if (tid == 0) a.counters[blockIdx.x] = 0u;
 }
 
 // y[i, j] (+)= sum over splits of partials[s, i, j] (+ bias[j]), summed in split order.
 __global__ void SplitKReduceKernel(const float* partials, int splits, int m, int n,
                                    const float* bias, float* y, int ldy, bool accumulate) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int64_t total = static_cast<int64_t>(m) * n;
   const int64_t plane = total;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -227,6 +269,8 @@ __global__ void SplitKReduceKernel(const float* partials, int splits, int m, int
 // the cuBLASLt path (added after the GEMM, in the CPU's order).
 __global__ void BiasEpilogueKernel(float* y, int ldy, int m, int n, const float* bias,
                                    bool zero_first) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int64_t total = static_cast<int64_t>(m) * n;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -245,6 +289,14 @@ int GridFor(int64_t work, int threads, const Context& ctx) {
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
 }
 
+bool SeparateSplitKReduce() {
+  static const bool separate = [] {
+    const char* e = std::getenv("RAMBA_CUDA_SPLITK_KERNEL");
+    return e != nullptr && e[0] == '1';
+  }();
+  return separate;
+}
+
 bool Aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
@@ -252,10 +304,9 @@ bool Aligned(const void* p, size_t bytes) {
 absl::Status LaunchBiasEpilogue(Context& ctx, float* y, int ldy, int m, int n, const float* bias,
                                 bool zero_first) {
   constexpr int kEpilogueThreads = 256;
-  BiasEpilogueKernel<<<GridFor(static_cast<int64_t>(m) * n, kEpilogueThreads, ctx),
-                       kEpilogueThreads, 0, ctx.stream>>>(y, ldy, m, n, bias, zero_first);
-  RAMBA_CUDA_CHECK_LAUNCH("BiasEpilogueKernel");
-  return absl::OkStatus();
+  return Launch(ctx, BiasEpilogueKernel,
+                dim3(GridFor(static_cast<int64_t>(m) * n, kEpilogueThreads, ctx)),
+                dim3(kEpilogueThreads), 0, y, ldy, m, n, bias, zero_first);
 }
 
 template <bool kBf16, int M>
@@ -290,23 +341,26 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
   a.ldy = ldy;
   a.accumulate = accumulate;
   a.partials = nullptr;
+  a.counters = nullptr;
   if (splits > 1) {
     const size_t bytes = static_cast<size_t>(splits) * M * static_cast<size_t>(n) * sizeof(float);
     absl::StatusOr<void*> scratch = ctx.Scratch(ScratchSlot::kMatmulInput, bytes);
     if (!scratch.ok()) return scratch.status();
     a.partials = static_cast<float*>(*scratch);
+    // The in-kernel reduction needs one counter per column tile; RAMBA_CUDA_SPLITK_KERNEL=1
+    // keeps the separate reduce kernel (to compare).
+    if (col_blocks <= Context::kCountersPerSlot && !SeparateSplitKReduce()) {
+      a.counters = ctx.Counters(Context::CounterSlot::kMatmul);
+    }
   }
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
-  SmallMMatmulKernel<kBf16, M><<<grid, kThreads, 0, ctx.stream>>>(a);
-  RAMBA_CUDA_CHECK_LAUNCH("SmallMMatmulKernel");
-  if (splits > 1) {
-    constexpr int kReduceThreads = 256;
-    SplitKReduceKernel<<<GridFor(static_cast<int64_t>(M) * n, kReduceThreads, ctx),
-                         kReduceThreads, 0, ctx.stream>>>(a.partials, static_cast<int>(splits), M,
-                                                          n, bias, y, ldy, accumulate);
-    RAMBA_CUDA_CHECK_LAUNCH("SplitKReduceKernel");
-  }
-  return absl::OkStatus();
+  absl::Status st = Launch(ctx, SmallMMatmulKernel<kBf16, M>, grid, dim3(kThreads), 0, a);
+  if (!st.ok() || a.partials == nullptr || a.counters != nullptr) return st;
+  constexpr int kReduceThreads = 256;
+  return Launch(ctx, SplitKReduceKernel,
+                dim3(GridFor(static_cast<int64_t>(M) * n, kReduceThreads, ctx)),
+                dim3(kReduceThreads), 0, static_cast<const float*>(a.partials),
+                static_cast<int>(splits), M, n, bias, y, ldy, accumulate);
 }
 
 template <bool kBf16>
@@ -368,6 +422,8 @@ constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 template <bool kBf16>
 __global__ void ConvertXKernel(const float* x, int ldx, int m, int k, bool vec_x, uint16_t* xb,
                                int ldxb, uint16_t* lo) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int chunks = ldxb / kVec;
   const int64_t total = static_cast<int64_t>(m) * chunks;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
@@ -584,14 +640,10 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
   constexpr int kConvertThreads = 256;
   const int convert_grid = GridFor(static_cast<int64_t>(mi) * (ldxb / kVec), kConvertThreads, ctx);
   const bool vec_x = Aligned(x, 16) && ldx % 4 == 0;
-  if (bf16) {
-    ConvertXKernel<true><<<convert_grid, kConvertThreads, 0, ctx.stream>>>(
-        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb), xlo);
-  } else {
-    ConvertXKernel<false><<<convert_grid, kConvertThreads, 0, ctx.stream>>>(
-        x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb), xlo);
-  }
-  RAMBA_CUDA_CHECK_LAUNCH("ConvertXKernel");
+  const absl::Status converted =
+      Launch(ctx, bf16 ? ConvertXKernel<true> : ConvertXKernel<false>, dim3(convert_grid),
+             dim3(kConvertThreads), 0, x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb), xlo);
+  if (!converted.ok()) return converted;
   bool found = false;
   absl::Status s = LtMatmul(ctx, bf16 ? CUDA_R_16BF : CUDA_R_16F, w.data, k, xb, ldxb, mi, n, k,
                             y, ldy, accumulate, &found);

@@ -1,8 +1,8 @@
 // The CUDA implementations of the Backend ops (kernels/backend.h documents each op's contract).
 // CudaBackend checks host-side arguments and forwards here; each function enqueues its work on
 // ctx.stream and returns without synchronising. Pointers are device memory unless a comment says
-// otherwise. One .cu file per op family: matmul.cu, elementwise.cu, mamba.cu, retrieval.cu,
-// attention.cu, sampling.cu.
+// otherwise. One .cu file per op family: matmul.cu, elementwise.cu, mamba.cu (+ mamba_decode.cu),
+// retrieval.cu, attention.cu, sampling.cu, copy.cu. Kernels launch through launch.cuh.
 #ifndef RAMBA_KERNELS_CUDA_OPS_H_
 #define RAMBA_KERNELS_CUDA_OPS_H_
 
@@ -24,6 +24,7 @@ enum class ScratchSlot : int {
   kMatmulInput = 0,   // activations converted to bf16 for cuBLASLt
   kCublasWorkspace,   // cuBLASLt workspace
   kSsm,               // chunked-scan intermediates
+  kMixer,             // fused decode mixer: per-block partial sums of squares
   kRetrieval,         // landmark scores / partial top-K lists
   kAttention,         // attention partials
   kSampling,          // per-row parameters, uniforms and candidate lists
@@ -41,6 +42,17 @@ class Context {
   int device = 0;
   int num_sms = 0;
   size_t max_shared_per_block = 0;  // opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+  bool pdl = false;                 // launch with programmatic dependent launch (launch.cuh)
+
+  // Zeroed device counters for "last block finishes the work" kernels (split-K GEMM, fused
+  // mixer): a kernel counts arriving blocks in its slot's counters and the last block resets
+  // them to 0, so they are zero between kernels. kCountersPerSlot per slot.
+  enum class CounterSlot : int { kMatmul = 0, kMamba, kNumSlots };
+  static constexpr int64_t kCountersPerSlot = int64_t{1} << 16;
+  unsigned* counters = nullptr;
+  unsigned* Counters(CounterSlot slot) const {
+    return counters + static_cast<int64_t>(slot) * kCountersPerSlot;
+  }
 
   // Device scratch of at least `bytes`, valid until the next Scratch call on the same slot.
   // Growing is stream-ordered (cudaFreeAsync / cudaMallocAsync), so work already queued that
@@ -79,6 +91,13 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
                      int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
                      float* const* ssm_states, const SsmParams& p, float* y,
                      const int64_t* host_seq_offsets);
+
+// ---- mamba_decode.cu ----
+// The fused decode mixer (Backend::MambaMixer) for batches of <= kDecodeMaxRows rows per
+// sequence; returns false, launching nothing, for shapes it does not cover (the caller then
+// runs the three ops).
+absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int64_t num_seqs,
+                                     const int64_t* host_seq_offsets);
 
 // ---- attention.cu ----
 absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const float* v,

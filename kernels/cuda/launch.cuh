@@ -1,0 +1,57 @@
+// Kernel launches with programmatic dependent launch (PDL, sm_90): a kernel may be scheduled
+// while the kernel before it on the stream is still finishing, and waits inside (griddepcontrol)
+// only where it first touches that kernel's results. In a decode step of ~150 small kernels this
+// hides each launch's ramp-up, and lets a GEMM start streaming its weights (which no earlier
+// kernel writes) before its input exists.
+//
+// The rule every kernel launched through Launch() must follow: call WaitForPriorGrids() before
+// reading any memory an earlier kernel may write and before writing any memory an earlier kernel
+// may read. Kernels call AllowDependentGrids() early so that their successor is scheduled as soon
+// as every block of theirs is running; the successor's own wait keeps it correct.
+// Without sm_90 (or with RAMBA_CUDA_PDL=0) both instructions are no-ops / plain launches.
+#ifndef RAMBA_KERNELS_CUDA_LAUNCH_CUH_
+#define RAMBA_KERNELS_CUDA_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ops.h"
+
+namespace ramba::kernels::cuda {
+
+__device__ __forceinline__ void WaitForPriorGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void AllowDependentGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, ctx.stream>>>(args...), with PDL when ctx.pdl is set.
+template <class... KernelArgs, class... Args>
+absl::Status Launch(Context& ctx, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                    size_t smem, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = ctx.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = ctx.pdl ? 1 : 0;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  return absl::OkStatus();
+}
+
+}  // namespace ramba::kernels::cuda
+
+#endif  // RAMBA_KERNELS_CUDA_LAUNCH_CUH_
