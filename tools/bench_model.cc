@@ -29,6 +29,9 @@ ABSL_FLAG(int32_t, prefill_tokens, 2048, "Prompt length for the prefill measurem
 ABSL_FLAG(int32_t, segment, 1024, "Prefill segment length");
 ABSL_FLAG(int32_t, decode_tokens, 64, "Decode steps to time");
 ABSL_FLAG(std::string, batches, "1", "Comma-separated decode batch sizes");
+ABSL_FLAG(bool, download_logits, false,
+          "Decode steps download every row's logits (Decode) instead of sampling greedily on "
+          "the device and downloading the tokens (ForwardAndSample, what the server does)");
 ABSL_FLAG(double, bandwidth_gbs, 0,
           "Memory bandwidth for the floors in GB/s (0: measure a large backend copy)");
 
@@ -160,14 +163,23 @@ int main(int argc, char** argv) {
     for (auto& s : states) ptrs.push_back(s.get());
     std::vector<int32_t> tokens(batch);
     std::vector<float> logits;
+    std::vector<int32_t> sampled;
     for (int32_t b = 0; b < batch; ++b) tokens[b] = (b * 7919 + 13) % config.vocab_size;
+    std::vector<absl::Span<const int32_t>> spans;
+    for (int32_t b = 0; b < batch; ++b) spans.push_back(absl::MakeConstSpan(&tokens[b], 1));
+    const std::vector<ramba::SamplingOptions> greedy(batch);
+    const bool download = absl::GetFlag(FLAGS_download_logits);
+    auto step = [&]() {
+      return download ? (*model)->Decode(ptrs, tokens, &logits)
+                      : (*model)->ForwardAndSample(ptrs, spans, greedy, &sampled);
+    };
     // Two warm-up steps, then the timed ones.
     for (int i = 0; i < 2; ++i) {
-      if (auto st = (*model)->Decode(ptrs, tokens, &logits); !st.ok()) return Fail(st);
+      if (auto st = step(); !st.ok()) return Fail(st);
     }
     const double t1 = Now();
     for (int32_t i = 0; i < steps; ++i) {
-      if (auto st = (*model)->Decode(ptrs, tokens, &logits); !st.ok()) return Fail(st);
+      if (auto st = step(); !st.ok()) return Fail(st);
     }
     const double step_s = (Now() - t1) / steps;
     // Floor: weights once, every session's recurrent state read and written, its landmarks and

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/warp_attend.cuh"
 
@@ -38,6 +39,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     BlockAttentionKernel(const float* __restrict__ q, const float* __restrict__ k,
                          const float* __restrict__ v, float* __restrict__ out, int len, int nh,
                          int nkv, int hd_rt, float scale, bool vec_io) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int hd = kHd > 0 ? kHd : hd_rt;
   const int ks = KeyStride(hd);
   const int group = nh / nkv;
@@ -88,9 +91,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 template <int kHd>
-absl::Status Launch(Context& ctx, const float* q, const float* k, const float* v, float* out,
-                    int64_t num_blocks, int len, int nh, int nkv, int hd, float scale,
-                    bool vec_io) {
+absl::Status LaunchBlockAttention(Context& ctx, const float* q, const float* k, const float* v,
+                                  float* out, int64_t num_blocks, int len, int nh, int nkv, int hd,
+                                  float scale, bool vec_io) {
   const size_t smem = SmemBytes(len, hd);
   if (smem > ctx.max_shared_per_block) {
     return absl::UnimplementedError(absl::StrCat("BlockAttention: block_len ", len, " x head dim ",
@@ -102,11 +105,8 @@ absl::Status Launch(Context& ctx, const float* q, const float* k, const float* v
                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                     static_cast<int>(smem)));
   }
-  BlockAttentionKernel<kHd>
-      <<<static_cast<unsigned>(num_blocks * nkv), kThreads, smem, ctx.stream>>>(
-          q, k, v, out, len, nh, nkv, hd, scale, vec_io);
-  RAMBA_CUDA_CHECK_LAUNCH("BlockAttentionKernel");
-  return absl::OkStatus();
+  return Launch(ctx, BlockAttentionKernel<kHd>, static_cast<unsigned>(num_blocks * nkv), kThreads,
+                smem, q, k, v, out, len, nh, nkv, hd, scale, vec_io);
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -126,9 +126,15 @@ absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const 
   const int len = static_cast<int>(block_len), ih = static_cast<int>(hd);
   const int inh = static_cast<int>(nh), inkv = static_cast<int>(nkv);
   // Specialised head dims unroll the dot products; the generic kernel handles the rest.
-  if (hd == 64) return Launch<64>(ctx, q, k, v, out, num_blocks, len, inh, inkv, ih, scale, vec_io);
-  if (hd == 32) return Launch<32>(ctx, q, k, v, out, num_blocks, len, inh, inkv, ih, scale, vec_io);
-  return Launch<0>(ctx, q, k, v, out, num_blocks, len, inh, inkv, ih, scale, vec_io);
+  if (hd == 64) {
+    return LaunchBlockAttention<64>(ctx, q, k, v, out, num_blocks, len, inh, inkv, ih, scale,
+                                    vec_io);
+  }
+  if (hd == 32) {
+    return LaunchBlockAttention<32>(ctx, q, k, v, out, num_blocks, len, inh, inkv, ih, scale,
+                                    vec_io);
+  }
+  return LaunchBlockAttention<0>(ctx, q, k, v, out, num_blocks, len, inh, inkv, ih, scale, vec_io);
 }
 
 }  // namespace ramba::kernels::cuda

@@ -1,5 +1,6 @@
 // Small data-movement kernels that are not ops of one model layer.
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace ramba::kernels::cuda {
@@ -7,6 +8,8 @@ namespace {
 
 __global__ void ScatterRowsKernel(const float* __restrict__ src, int64_t ld,
                                   float* const* __restrict__ dst, int64_t cols) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int64_t r = blockIdx.y;
   float* d = dst[r];
   const float* s = src + r * ld;
@@ -23,10 +26,8 @@ absl::Status ScatterRows(Context& ctx, const float* src, int64_t ld, float* cons
   constexpr int kThreads = 256;
   const unsigned blocks_x =
       static_cast<unsigned>(std::min<int64_t>((cols + kThreads - 1) / kThreads, 64));
-  ScatterRowsKernel<<<dim3(blocks_x, static_cast<unsigned>(rows)), kThreads, 0, ctx.stream>>>(
-      src, ld, dst, cols);
-  RAMBA_CUDA_CHECK_LAUNCH("ScatterRows");
-  return absl::OkStatus();
+  return Launch(ctx, ScatterRowsKernel, dim3(blocks_x, static_cast<unsigned>(rows)), kThreads, 0,
+                src, ld, dst, cols);
 }
 
 }  // namespace ramba::kernels::cuda

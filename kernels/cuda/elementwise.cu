@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace ramba::kernels::cuda {
@@ -93,6 +94,8 @@ __device__ __forceinline__ float4 TableValue4(const void* table, int64_t idx) {
 template <DType kType, bool kVec>
 __global__ void EmbedKernel(const int32_t* tokens, int64_t n, const void* table, int64_t rows,
                             int64_t cols, float* out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const int64_t t = tokens[i];
     const bool valid = t >= 0 && t < rows;
@@ -119,15 +122,10 @@ absl::Status LaunchEmbed(Context& ctx, const int32_t* tokens, int64_t n, const M
                    reinterpret_cast<uintptr_t>(table.data) % vec_bytes == 0;
   const int grid = GridFor(n, 1, ctx);
   constexpr int kEmbedThreads = 128;
-  if (vec) {
-    EmbedKernel<kType, true><<<grid, kEmbedThreads, 0, ctx.stream>>>(tokens, n, table.data,
-                                                                     table.rows, table.cols, out);
-  } else {
-    EmbedKernel<kType, false><<<grid, kEmbedThreads, 0, ctx.stream>>>(tokens, n, table.data,
-                                                                      table.rows, table.cols, out);
-  }
-  RAMBA_CUDA_CHECK_LAUNCH("EmbedKernel");
-  return absl::OkStatus();
+  void (*kernel)(const int32_t*, int64_t, const void*, int64_t, int64_t, float*) =
+      vec ? EmbedKernel<kType, true> : EmbedKernel<kType, false>;
+  return Launch(ctx, kernel, grid, kEmbedThreads, 0, tokens, n, table.data, table.rows, table.cols,
+                out);
 }
 
 // ---- RmsNorm / GatedRmsNorm: one warp per row (per group) ----
@@ -135,6 +133,8 @@ absl::Status LaunchEmbed(Context& ctx, const int32_t* tokens, int64_t n, const M
 template <bool kVec>
 __global__ void RmsNormKernel(const float* x, int64_t ldx, const float* weight, float* y,
                               int64_t ldy, int64_t rows, int64_t dim, float eps) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int lane = threadIdx.x % 32;
   for (int64_t r = GlobalWarp(); r < rows; r += GridWarps()) {
     // y may alias x: every lane reads an element (twice) before it writes that same element, and
@@ -178,6 +178,8 @@ template <bool kVec>
 __global__ void GatedRmsNormKernel(const float* y, int64_t ldy, const float* z, int64_t ldz,
                                    const float* weight, float* out, int64_t ldo, int64_t rows,
                                    int64_t dim, int64_t group_size, float eps) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int lane = threadIdx.x % 32;
   const int64_t groups = dim / group_size;
   const int64_t items = rows * groups;
@@ -246,6 +248,8 @@ __global__ void __launch_bounds__(kRowThreads) RmsNormRowKernel(const float* x, 
                                                                 const float* weight, float* y,
                                                                 int64_t ldy, int64_t dim,
                                                                 float eps) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   __shared__ float shared[kRowThreads / 32];
   const float* xr = x + blockIdx.x * ldx;
   float* yr = y + blockIdx.x * ldy;
@@ -259,6 +263,8 @@ __global__ void __launch_bounds__(kRowThreads) RmsNormRowKernel(const float* x, 
 __global__ void __launch_bounds__(kRowThreads) GatedRmsNormRowKernel(
     const float* y, int64_t ldy, const float* z, int64_t ldz, const float* weight, float* out,
     int64_t ldo, int64_t groups, int64_t group_size, float eps) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   __shared__ float shared[kRowThreads / 32];
   const int64_t r = blockIdx.x / groups;
   const int64_t g0 = (blockIdx.x - r * groups) * group_size;
@@ -285,6 +291,8 @@ bool FewRows(const Context& ctx, int64_t items, int64_t width) {
 // ---- Add / SwiGlu: flat arrays ----
 
 __global__ void AddKernel(float* y, const float* x, int64_t n, bool vec) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   int64_t done = 0;
   if (vec) {
     auto* y4 = reinterpret_cast<float4*>(y);
@@ -306,6 +314,8 @@ __global__ void AddKernel(float* y, const float* x, int64_t n, bool vec) {
 // out may alias gate or up: each element is read before the same thread writes it.
 __global__ void SwiGluKernel(const float* gate, const float* up, float* out, int64_t n,
                              bool vec) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   int64_t done = 0;
   if (vec) {
     const auto* g4 = reinterpret_cast<const float4*>(gate);
@@ -327,6 +337,8 @@ __global__ void SwiGluKernel(const float* gate, const float* up, float* out, int
 
 __global__ void BlockMeanKernel(const float* x, int64_t num_blocks, int64_t block_len,
                                 int64_t dim, float* out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int64_t total = num_blocks * dim;
   const float len = static_cast<float>(block_len);
   for (int64_t idx = GlobalThread(); idx < total; idx += GridThreads()) {
@@ -354,6 +366,8 @@ struct RopeFreqs {
 // on the CPU (__fmul_rn blocks FMA contraction).
 __global__ void RopeKernel(float* x, int64_t rows, int64_t heads, int64_t head_dim,
                            int64_t period, float theta, RopeFreqs freqs, bool host_freqs) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int64_t half = head_dim / 2;
   const int64_t total = rows * half;
   for (int64_t idx = GlobalThread(); idx < total; idx += GridThreads()) {
@@ -396,22 +410,15 @@ absl::Status Embed(Context& ctx, const int32_t* tokens, int64_t n, MatrixView ta
 absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
                      int64_t ldy, int64_t rows, int64_t dim, float eps) {
   if (FewRows(ctx, rows, dim)) {
-    RmsNormRowKernel<<<static_cast<unsigned>(rows), kRowThreads, 0, ctx.stream>>>(x, ldx, weight,
-                                                                                 y, ldy, dim, eps);
-    RAMBA_CUDA_CHECK_LAUNCH("RmsNormRowKernel");
-    return absl::OkStatus();
+    return Launch(ctx, RmsNormRowKernel, static_cast<unsigned>(rows), kRowThreads, 0, x, ldx,
+                  weight, y, ldy, dim, eps);
   }
   const bool vec = dim % 4 == 0 && ldx % 4 == 0 && ldy % 4 == 0 && Aligned16(x) &&
                    Aligned16(y) && Aligned16(weight);
   const int grid = GridFor(rows, kWarpsPerBlock, ctx);
-  if (vec) {
-    RmsNormKernel<true><<<grid, kThreads, 0, ctx.stream>>>(x, ldx, weight, y, ldy, rows, dim, eps);
-  } else {
-    RmsNormKernel<false><<<grid, kThreads, 0, ctx.stream>>>(x, ldx, weight, y, ldy, rows, dim,
-                                                            eps);
-  }
-  RAMBA_CUDA_CHECK_LAUNCH("RmsNormKernel");
-  return absl::OkStatus();
+  void (*kernel)(const float*, int64_t, const float*, float*, int64_t, int64_t, int64_t, float) =
+      vec ? RmsNormKernel<true> : RmsNormKernel<false>;
+  return Launch(ctx, kernel, grid, kThreads, 0, x, ldx, weight, y, ldy, rows, dim, eps);
 }
 
 absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float* z, int64_t ldz,
@@ -419,47 +426,35 @@ absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float
                           int64_t group_size, float eps) {
   const int64_t groups = dim / group_size;
   if (FewRows(ctx, rows * groups, group_size)) {
-    GatedRmsNormRowKernel<<<static_cast<unsigned>(rows * groups), kRowThreads, 0, ctx.stream>>>(
-        y, ldy, z, ldz, weight, out, ldo, groups, group_size, eps);
-    RAMBA_CUDA_CHECK_LAUNCH("GatedRmsNormRowKernel");
-    return absl::OkStatus();
+    return Launch(ctx, GatedRmsNormRowKernel, static_cast<unsigned>(rows * groups), kRowThreads, 0,
+                  y, ldy, z, ldz, weight, out, ldo, groups, group_size, eps);
   }
   const bool vec = group_size % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && ldo % 4 == 0 &&
                    Aligned16(y) && Aligned16(z) && Aligned16(out) && Aligned16(weight);
   const int grid = GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx);
-  if (vec) {
-    GatedRmsNormKernel<true><<<grid, kThreads, 0, ctx.stream>>>(y, ldy, z, ldz, weight, out, ldo,
-                                                                rows, dim, group_size, eps);
-  } else {
-    GatedRmsNormKernel<false><<<grid, kThreads, 0, ctx.stream>>>(y, ldy, z, ldz, weight, out, ldo,
-                                                                 rows, dim, group_size, eps);
-  }
-  RAMBA_CUDA_CHECK_LAUNCH("GatedRmsNormKernel");
-  return absl::OkStatus();
+  void (*kernel)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t,
+                 int64_t, int64_t, int64_t, float) =
+      vec ? GatedRmsNormKernel<true> : GatedRmsNormKernel<false>;
+  return Launch(ctx, kernel, grid, kThreads, 0, y, ldy, z, ldz, weight, out, ldo, rows, dim,
+                group_size, eps);
 }
 
 absl::Status Add(Context& ctx, float* y, const float* x, int64_t n) {
   const bool vec = Aligned16(y) && Aligned16(x);
-  AddKernel<<<GridFor(vec ? (n + 3) / 4 : n, kThreads, ctx), kThreads, 0, ctx.stream>>>(y, x, n,
-                                                                                      vec);
-  RAMBA_CUDA_CHECK_LAUNCH("AddKernel");
-  return absl::OkStatus();
+  return Launch(ctx, AddKernel, GridFor(vec ? (n + 3) / 4 : n, kThreads, ctx), kThreads, 0, y, x,
+                n, vec);
 }
 
 absl::Status SwiGlu(Context& ctx, const float* gate, const float* up, float* out, int64_t n) {
   const bool vec = Aligned16(gate) && Aligned16(up) && Aligned16(out);
-  SwiGluKernel<<<GridFor(vec ? (n + 3) / 4 : n, kThreads, ctx), kThreads, 0, ctx.stream>>>(
-      gate, up, out, n, vec);
-  RAMBA_CUDA_CHECK_LAUNCH("SwiGluKernel");
-  return absl::OkStatus();
+  return Launch(ctx, SwiGluKernel, GridFor(vec ? (n + 3) / 4 : n, kThreads, ctx), kThreads, 0,
+                gate, up, out, n, vec);
 }
 
 absl::Status BlockMean(Context& ctx, const float* x, int64_t num_blocks, int64_t block_len,
                        int64_t dim, float* out) {
-  BlockMeanKernel<<<GridFor(num_blocks * dim, kThreads, ctx), kThreads, 0, ctx.stream>>>(
-      x, num_blocks, block_len, dim, out);
-  RAMBA_CUDA_CHECK_LAUNCH("BlockMeanKernel");
-  return absl::OkStatus();
+  return Launch(ctx, BlockMeanKernel, GridFor(num_blocks * dim, kThreads, ctx), kThreads, 0, x,
+                num_blocks, block_len, dim, out);
 }
 
 absl::Status RopeInChunk(Context& ctx, float* x, int64_t rows, int64_t heads, int64_t head_dim,
@@ -474,10 +469,8 @@ absl::Status RopeInChunk(Context& ctx, float* x, int64_t rows, int64_t heads, in
       freqs.inv[i] = 1.0f / powf(theta, e);
     }
   }
-  RopeKernel<<<GridFor(rows * half, kThreads, ctx), kThreads, 0, ctx.stream>>>(
-      x, rows, heads, head_dim, period, theta, freqs, host_freqs);
-  RAMBA_CUDA_CHECK_LAUNCH("RopeKernel");
-  return absl::OkStatus();
+  return Launch(ctx, RopeKernel, GridFor(rows * half, kThreads, ctx), kThreads, 0, x, rows, heads,
+                head_dim, period, theta, freqs, host_freqs);
 }
 
 }  // namespace ramba::kernels::cuda

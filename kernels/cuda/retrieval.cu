@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/warp_attend.cuh"
 
@@ -126,6 +127,8 @@ __global__ void __launch_bounds__(kScanThreads)
     ScanRowsKernel(const float* __restrict__ r, ChunkMemoryBatch mem, int dim, int heads, int dh,
                    int k, int64_t chunk_size, float inv_sqrt, int64_t part_len, int parts,
                    Cand* __restrict__ partials) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   extern __shared__ float4 smem4[];
   float* rs = reinterpret_cast<float*>(smem4);                    // [dim] this row's query
   Cand* lists = reinterpret_cast<Cand*>(rs + (dim + 3) / 4 * 4);  // [warps][heads][k]
@@ -217,6 +220,8 @@ __global__ void __launch_bounds__(kTileThreads)
     ScanTilesKernel(const float* __restrict__ r, int64_t rows, ChunkMemoryBatch mem, int dim,
                     int heads, int dh, int k, int64_t chunk_size, float inv_sqrt, int64_t part_len,
                     int parts, Cand* __restrict__ partials) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   extern __shared__ float4 smem4[];
   TileSmem& sm = *reinterpret_cast<TileSmem*>(smem4);
   Cand* lists =
@@ -337,6 +342,8 @@ size_t MergeSmemBytes(int64_t parts, int k) {
 __global__ void __launch_bounds__(kMergeThreads)
     MergeKernel(const Cand* __restrict__ partials, int parts, int k, int32_t* __restrict__ indices,
                 float* __restrict__ weights) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   extern __shared__ float4 smem4[];
   Cand* cands = reinterpret_cast<Cand*>(smem4);  // [parts][k]
   Cand* lists = cands + parts * k;               // [warps][k]
@@ -404,6 +411,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
                                const int32_t* __restrict__ indices,
                                const float* __restrict__ weights, int rheads, int k, int nh,
                                int nkv, int hd_rt, int cs, float scale, float* __restrict__ out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const int hd = kHd > 0 ? kHd : hd_rt;
   const int ks = KeyStride(hd);
   const int group = nh / nkv;
@@ -490,9 +499,7 @@ absl::Status PrepareSmem(Context& ctx, Kernel kernel, size_t bytes, const char* 
 template <int kHd, class... Args>
 absl::Status LaunchSparse(Context& ctx, unsigned blocks, size_t smem, Args... args) {
   RETURN_IF_ERROR(PrepareSmem(ctx, SparseChunkAttentionKernel<kHd>, smem, "SparseChunkAttention"));
-  SparseChunkAttentionKernel<kHd><<<blocks, kAttnThreads, smem, ctx.stream>>>(args...);
-  RAMBA_CUDA_CHECK_LAUNCH("SparseChunkAttentionKernel");
-  return absl::OkStatus();
+  return Launch(ctx, SparseChunkAttentionKernel<kHd>, blocks, kAttnThreads, smem, args...);
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -559,25 +566,21 @@ absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const Ch
     RETURN_IF_ERROR(PrepareSmem(ctx, ScanTilesKernel, tile_smem, "RetrieveChunks"));
     const dim3 grid(static_cast<unsigned>(CeilDiv(rows, kTileRows)), static_cast<unsigned>(parts),
                     static_cast<unsigned>(nheads));
-    ScanTilesKernel<<<grid, kTileThreads, tile_smem, ctx.stream>>>(
-        r, rows, mem, dim, nheads, dh, k, chunk_size, inv_sqrt, part_len, static_cast<int>(parts),
-        partials);
-    RAMBA_CUDA_CHECK_LAUNCH("ScanTilesKernel");
+    RETURN_IF_ERROR(Launch(ctx, ScanTilesKernel, grid, kTileThreads, tile_smem, r, rows, mem, dim,
+                           nheads, dh, k, chunk_size, inv_sqrt, part_len, static_cast<int>(parts),
+                           partials));
   } else {
     const size_t smem = ScanSmemBytes(dim, nheads, k);
     RETURN_IF_ERROR(PrepareSmem(ctx, ScanRowsKernel, smem, "RetrieveChunks"));
-    ScanRowsKernel<<<static_cast<unsigned>(rows * parts), kScanThreads, smem, ctx.stream>>>(
-        r, mem, dim, nheads, dh, k, chunk_size, inv_sqrt, part_len, static_cast<int>(parts),
-        partials);
-    RAMBA_CUDA_CHECK_LAUNCH("ScanRowsKernel");
+    RETURN_IF_ERROR(Launch(ctx, ScanRowsKernel, static_cast<unsigned>(rows * parts), kScanThreads,
+                           smem, r, mem, dim, nheads, dh, k, chunk_size, inv_sqrt, part_len,
+                           static_cast<int>(parts), partials));
   }
 
   const size_t merge_smem = MergeSmemBytes(parts, k);
   RETURN_IF_ERROR(PrepareSmem(ctx, MergeKernel, merge_smem, "RetrieveChunks"));
-  MergeKernel<<<static_cast<unsigned>(rows * nheads), kMergeThreads, merge_smem, ctx.stream>>>(
-      partials, static_cast<int>(parts), k, indices, weights);
-  RAMBA_CUDA_CHECK_LAUNCH("MergeKernel");
-  return absl::OkStatus();
+  return Launch(ctx, MergeKernel, static_cast<unsigned>(rows * nheads), kMergeThreads, merge_smem,
+                partials, static_cast<int>(parts), k, indices, weights);
 }
 
 absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,

@@ -28,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace ramba::kernels::cuda {
@@ -434,6 +435,8 @@ __device__ Mass CountPositive(const View& v, const Prob& prob, uint32_t floor, c
 __global__ void __launch_bounds__(kMaxThreads, 1)
     SampleKernel(const float* __restrict__ logits, int vocab, const RowArgs* __restrict__ args,
                  int32_t* __restrict__ out, int cap, int keys_in_smem, float scale) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
   const Smem sm{cap};
   uint32_t* row_keys = keys_in_smem ? sm.row_keys() : nullptr;
 
@@ -578,11 +581,9 @@ absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t voc
 
   const int threads = vocab <= 4096 ? 256 : kMaxThreads;       // >= kBins (histogram fold)
   const float scale = std::ldexp(1.0f, 62 - CeilLog2(vocab));  // row mass < 2^62
-  SampleKernel<<<static_cast<unsigned>(rows), threads, smem, ctx.stream>>>(
-      logits, static_cast<int>(vocab), static_cast<const RowArgs*>(dev_args), out, cap,
-      keys_in_smem, scale);
-  RAMBA_CUDA_CHECK_LAUNCH("SampleKernel");
-  return absl::OkStatus();
+  return Launch(ctx, SampleKernel, static_cast<unsigned>(rows), threads, smem, logits,
+                static_cast<int>(vocab), static_cast<const RowArgs*>(dev_args), out, cap,
+                keys_in_smem, scale);
 }
 
 }  // namespace ramba::kernels::cuda
