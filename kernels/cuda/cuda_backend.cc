@@ -318,8 +318,21 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
                       a.ssm_states != nullptr && a.conv_weight != nullptr &&
                       a.norm_weight != nullptr && a.g != nullptr && a.zxbcdt != nullptr,
                   "null pointer");
-  ASSIGN_OR_RETURN(bool fused, cuda::FusedMambaMixer(*this, a, a.num_seqs, a.host_seq_offsets));
-  if (fused) return absl::OkStatus();
+  // RAMBA_CUDA_FUSED_MIXER: 0 runs the three ops, 1 the fused decode kernel finished by each
+  // sequence's last block, 2 the fused kernel plus a finishing kernel. Unset: measured choice
+  // (docs/benchmarks.md, side by side): with PDL-launched ops the three were faster up to batch
+  // 64 (1.37 vs 1.43 ms at batch 1, 4.70 vs 4.95 ms at 64) and the fused pair at 256 (13.7 vs
+  // 14.4 ms), where separate kernels pass each row through L2 twice more.
+  constexpr int64_t kFusedMixerMinBatch = 256;
+  const char* env = std::getenv("RAMBA_CUDA_FUSED_MIXER");  // read per call: tests switch it
+  const int mode = env != nullptr && env[0] >= '0' && env[0] <= '2'
+                       ? env[0] - '0'
+                       : (a.num_seqs >= kFusedMixerMinBatch ? 2 : 0);
+  if (mode != 0) {
+    ASSIGN_OR_RETURN(bool fused, cuda::FusedMambaMixer(*this, a, a.num_seqs,
+                                                       a.host_seq_offsets, mode == 2));
+    if (fused) return absl::OkStatus();
+  }
   RAMBA_CHECK_ARG(kOp, a.xbc != nullptr && a.y != nullptr, "null scratch pointer");
   return Backend::MambaMixer(a);
 }

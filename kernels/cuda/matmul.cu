@@ -2,9 +2,10 @@
 //  - 16-bit weights and m <= 16 (batched decode, memory-bound): our own kernel. Each block owns a
 //    tile of output columns and a range of k; groups of 8 lanes stream 128-byte pieces of weight
 //    rows with 16-byte loads and multiply them with every input row of x, kept in float32 and
-//    staged in shared memory. Small n is split over k: every block writes its partial sums to
-//    scratch and the last block of a column tile to arrive (a per-tile counter) adds them in split
-//    order, so results are deterministic and no second kernel runs. Launched with PDL
+//    staged in shared memory. Small n is split over k (partial sums in scratch, then reduced in a
+//    fixed order by a second kernel, so results are deterministic; letting the last block of a
+//    column tile reduce instead was measured slower, 1.50 vs 1.44 ms per batch-1 decode step and
+//    4.06 vs 3.42 ms at batch 16: its serial tail outweighs a launch). Launched with PDL
 //    (launch.cuh), a block issues its first weight loads before waiting for the kernel that
 //    produces x.
 //  - Everything else: cuBLASLt, with x converted to the weights' 16-bit type in scratch (f32
@@ -65,8 +66,6 @@ struct SmallMArgs {
   int ldy;
   bool accumulate;
   float* partials;  // [splits, M, n] when gridDim.y > 1, else null (write y directly)
-  unsigned* counters;  // [gridDim.x] arrivals per column tile (zero between launches), or null:
-                       // then a SplitKReduceKernel adds the partials
 };
 
 // The 8 weights w[row][kk .. kk + 8), clipped to kk + i < end (zeros beyond).
@@ -218,31 +217,6 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
       }
     }
   }
-  if (a.partials == nullptr || a.counters == nullptr) return;
-
-  // Split k: the last block of this column tile adds every split's partials.
-  __shared__ bool last;
-  __threadfence();  // publish this block's partials before counting it in
-  __syncthreads();
-  if (tid == 0) last = atomicAdd(&a.counters[blockIdx.x], 1u) == gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  constexpr int kTileCols = kGroups * C;
-  const int64_t plane = static_cast<int64_t>(M) * a.n;
-  for (int u = tid; u < M * kTileCols; u += kThreads) {
-    const int i = u / kTileCols;
-    const int j = blockIdx.x * kTileCols + u % kTileCols;
-    if (j >= a.n) continue;
-    const float* p = a.partials + static_cast<int64_t>(i) * a.n + j;
-    float sum = __ldcg(p);  // same order as SplitKReduceKernel
-    for (unsigned z = 1; z < gridDim.y; ++z) sum += __ldcg(p + z * plane);
-    float* out = a.y + static_cast<int64_t>(i) * a.ldy + j;
-    float v = a.accumulate ? *out + sum : sum;
-    if (a.bias != nullptr) v += a.bias[j];
-    *out = v;
-  }
-  if (tid == 0) a.counters[blockIdx.x] = 0u;
 }
 
 // y[i, j] (+)= sum over splits of partials[s, i, j] (+ bias[j]), summed in split order.
@@ -289,14 +263,6 @@ int GridFor(int64_t work, int threads, const Context& ctx) {
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
 }
 
-bool SeparateSplitKReduce() {
-  static const bool separate = [] {
-    const char* e = std::getenv("RAMBA_CUDA_SPLITK_KERNEL");
-    return e != nullptr && e[0] == '1';
-  }();
-  return separate;
-}
-
 bool Aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
@@ -341,21 +307,15 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
   a.ldy = ldy;
   a.accumulate = accumulate;
   a.partials = nullptr;
-  a.counters = nullptr;
   if (splits > 1) {
     const size_t bytes = static_cast<size_t>(splits) * M * static_cast<size_t>(n) * sizeof(float);
     absl::StatusOr<void*> scratch = ctx.Scratch(ScratchSlot::kMatmulInput, bytes);
     if (!scratch.ok()) return scratch.status();
     a.partials = static_cast<float*>(*scratch);
-    // The in-kernel reduction needs one counter per column tile; RAMBA_CUDA_SPLITK_KERNEL=1
-    // keeps the separate reduce kernel (to compare).
-    if (col_blocks <= Context::kCountersPerSlot && !SeparateSplitKReduce()) {
-      a.counters = ctx.Counters(Context::CounterSlot::kMatmul);
-    }
   }
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
   absl::Status st = Launch(ctx, SmallMMatmulKernel<kBf16, M>, grid, dim3(kThreads), 0, a);
-  if (!st.ok() || a.partials == nullptr || a.counters != nullptr) return st;
+  if (!st.ok() || a.partials == nullptr) return st;
   constexpr int kReduceThreads = 256;
   return Launch(ctx, SplitKReduceKernel,
                 dim3(GridFor(static_cast<int64_t>(M) * n, kReduceThreads, ctx)),

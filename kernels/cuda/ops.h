@@ -44,10 +44,10 @@ class Context {
   size_t max_shared_per_block = 0;  // opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)
   bool pdl = false;                 // launch with programmatic dependent launch (launch.cuh)
 
-  // Zeroed device counters for "last block finishes the work" kernels (split-K GEMM, fused
-  // mixer): a kernel counts arriving blocks in its slot's counters and the last block resets
-  // them to 0, so they are zero between kernels. kCountersPerSlot per slot.
-  enum class CounterSlot : int { kMatmul = 0, kMamba, kNumSlots };
+  // Zeroed device counters for "last block finishes the work" kernels (the fused decode mixer):
+  // a kernel counts arriving blocks in its slot's counters and the last block resets them to 0,
+  // so they are zero between kernels. kCountersPerSlot per slot.
+  enum class CounterSlot : int { kMamba = 0, kNumSlots };
   static constexpr int64_t kCountersPerSlot = int64_t{1} << 16;
   unsigned* counters = nullptr;
   unsigned* Counters(CounterSlot slot) const {
@@ -95,9 +95,10 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
 // ---- mamba_decode.cu ----
 // The fused decode mixer (Backend::MambaMixer) for batches of <= kDecodeMaxRows rows per
 // sequence; returns false, launching nothing, for shapes it does not cover (the caller then
-// runs the three ops).
+// runs the three ops). The norm and the B/C conv state are finished by each sequence's last
+// block, or with finish_kernel by a second small kernel.
 absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int64_t num_seqs,
-                                     const int64_t* host_seq_offsets);
+                                     const int64_t* host_seq_offsets, bool finish_kernel);
 
 // ---- attention.cu ----
 absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const float* v,

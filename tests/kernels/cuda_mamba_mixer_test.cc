@@ -1,6 +1,6 @@
 // Backend::MambaMixer (conv + SSM + gated norm) on the CUDA backend against the CPU backend's
-// three separate ops (label gpu; skipped without a GPU). Decode-shaped batches take the fused
-// kernel (kernels/cuda/mamba_decode.cu): one-row and few-row sequences, empty ones, batches
+// three separate ops (label gpu; skipped without a GPU). With RAMBA_CUDA_FUSED_MIXER=1 (set by
+// the fixture) decode-shaped batches take the fused kernel (kernels/cuda/mamba_decode.cu): one-row and few-row sequences, empty ones, batches
 // that start past row 0, heads not a multiple of the block's channels, several B/C groups and
 // norm groups, repeated calls (the last-block counters must be back at zero), bitwise
 // determinism; a prefill-shaped batch takes the unfused path through the same entry point.
@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -67,6 +68,16 @@ struct MixerResult {
 
 class CudaMambaMixerTest : public CudaOpTest {
  protected:
+  // The CUDA backend fuses only batches of 256 and more by default; these tests force it.
+  void SetUp() override {
+    CudaOpTest::SetUp();
+    setenv("RAMBA_CUDA_FUSED_MIXER", "1", 1);
+  }
+  void TearDown() override {
+    unsetenv("RAMBA_CUDA_FUSED_MIXER");
+    CudaOpTest::TearDown();
+  }
+
   MambaMixerArgs Args(const MixerData& d) {
     MambaMixerArgs a;
     a.ld = d.ld;
@@ -209,6 +220,21 @@ TEST_F(CudaMambaMixerTest, SuccessiveStepsContinueTheState) {
     cpu = RunCpu(next);
   }
   ExpectClose(gpu, cpu);
+}
+
+// RAMBA_CUDA_FUSED_MIXER=2: the norm and B/C conv state finished by a second kernel.
+TEST_F(CudaMambaMixerTest, FinishKernelVariant) {
+  setenv("RAMBA_CUDA_FUSED_MIXER", "2", 1);
+  Check({.lens = {1, 0, 3, 8, 2, 0}, .base = 3, .seed = 41});
+  Check({.lens = {1, 1, 1}, .H = 32, .P = 64, .N = 128, .G = 1, .norm_groups = 1, .seed = 43});
+  setenv("RAMBA_CUDA_FUSED_MIXER", "0", 1);  // and the three separate ops
+  Check({.lens = {1, 2, 1}, .seed = 47});
+}
+
+// Enough sequences that blocks take many channels each (the per-batch channel split).
+TEST_F(CudaMambaMixerTest, LargeBatchWideBlocks) {
+  Check({.lens = std::vector<int64_t>(300, 1), .H = 32, .P = 64, .N = 128, .G = 1,
+         .norm_groups = 1, .seed = 53});
 }
 
 TEST_F(CudaMambaMixerTest, BitwiseDeterministic) {

@@ -1,7 +1,8 @@
 // CausalConv1dSilu and SsmScan on the CUDA backend against the CPU backend (label gpu; skipped
 // without a GPU): ragged batches with empty and one-row sequences, batches that start past row 0,
 // long prefill, decode batches, odd shapes, the 370M shape, state continuation across calls, and
-// both scan kernels (the tiled one and the plain one forced by RAMBA_CUDA_SSM_KERNEL=simple).
+// every scan path: chunk-parallel (the default for long sequences), the sequential tiled kernel
+// (RAMBA_CUDA_SSM_KERNEL=sequential) and the plain one (RAMBA_CUDA_SSM_KERNEL=simple).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -18,6 +19,11 @@ namespace ramba::kernels::testing {
 namespace {
 
 constexpr double kTol = 1e-4;
+// The chunked scan weighs each chunk's rows by exp(A * sum dt) instead of step by step; a CPU
+// emulation of its arithmetic on these tests' cases stays below 4e-6 of the recurrence (worst:
+// states with slowly decaying dt), and a wrong chunk boundary or carry errs by O(1).
+constexpr double kChunkTol = 1e-5;
+constexpr int64_t kChunkRows = 256;  // L in kernels/cuda/mamba.cu; sequences > 2 L are chunked
 
 std::vector<int64_t> Offsets(int64_t base, const std::vector<int64_t>& lens) {
   std::vector<int64_t> offs = {base};
@@ -39,19 +45,23 @@ std::vector<float> Slice(const std::vector<float>& v, int64_t begin, int64_t end
   return std::vector<float>(v.begin() + begin, v.begin() + end);
 }
 
-// Selects the plain scan kernel for the lifetime of the object.
-class ForceSimpleScan {
+// Selects a scan path (RAMBA_CUDA_SSM_KERNEL) for the lifetime of the object; null: the default.
+class ScopedScanKernel {
  public:
-  explicit ForceSimpleScan(bool on) : on_(on) {
-    if (on_) setenv("RAMBA_CUDA_SSM_KERNEL", "simple", 1);
+  explicit ScopedScanKernel(const char* kernel) : on_(kernel != nullptr) {
+    if (on_) setenv("RAMBA_CUDA_SSM_KERNEL", kernel, 1);
   }
-  ~ForceSimpleScan() {
+  ~ScopedScanKernel() {
     if (on_) unsetenv("RAMBA_CUDA_SSM_KERNEL");
   }
 
  private:
   bool on_;
 };
+
+// The three scan paths; "default" is chunked for sequences longer than 2 kChunkRows.
+const char* const kScanKernels[] = {nullptr, "sequential", "simple"};
+std::string KernelName(const char* kernel) { return kernel != nullptr ? kernel : "default"; }
 
 // ---------------- CausalConv1dSilu ----------------
 
@@ -227,6 +237,7 @@ struct SsmCase {
   std::vector<int64_t> lens;
   int64_t base = 0;
   bool clamp = false;
+  bool long_memory = false;  // dt clamped to [0.001, 0.01]: states carry across many chunks
   uint32_t seed = 1;
 };
 
@@ -245,8 +256,8 @@ SsmData MakeSsm(const SsmCase& c) {
   d.p.headdim = c.P;
   d.p.d_state = c.N;
   d.p.ngroups = c.G;
-  d.p.dt_min = c.clamp ? 0.01f : 0.0f;
-  d.p.dt_max = c.clamp ? 0.2f : INFINITY;
+  d.p.dt_min = c.long_memory ? 0.001f : c.clamp ? 0.01f : 0.0f;
+  d.p.dt_max = c.long_memory ? 0.01f : c.clamp ? 0.2f : INFINITY;
   d.hp = c.H * c.P;
   d.ldxbc = d.hp + 2 * c.G * c.N + 5;  // ldxbc > width
   d.lddt = c.H + 3;
@@ -298,30 +309,36 @@ class CudaSsmTest : public CudaMambaTest {
     *states = StatesFromGpu(dev_states, d.states);
   }
 
-  // Both GPU kernels against the CPU backend.
-  void CheckSsm(const SsmCase& c) {
+  // The given GPU scan paths (default: all three) against the CPU backend: outputs of the whole
+  // batch and each sequence's own rows, and every state.
+  void CheckSsm(const SsmCase& c, double tol = kTol,
+                std::vector<const char*> kernels = {std::begin(kScanKernels),
+                                                    std::end(kScanKernels)}) {
     const SsmData d = MakeSsm(c);
     std::vector<float> y_cpu;
     std::vector<std::vector<float>> s_cpu;
     SsmCpu(d, &y_cpu, &s_cpu);
-    for (bool simple : {false, true}) {
+    for (const char* kernel : kernels) {
       SCOPED_TRACE(::testing::Message()
                    << "H " << c.H << " P " << c.P << " N " << c.N << " G " << c.G << " seqs "
-                   << c.lens.size() << " base " << c.base << " clamp " << c.clamp << " kernel "
-                   << (simple ? "simple" : "tiled"));
-      ForceSimpleScan force(simple);
+                   << c.lens.size() << " base " << c.base << " clamp " << c.clamp
+                   << " long_memory " << c.long_memory << " kernel " << KernelName(kernel));
+      ScopedScanKernel force(kernel);
       std::vector<float> y_gpu;
       std::vector<std::vector<float>> s_gpu;
       SsmGpu(d, &y_gpu, &s_gpu);
       const int64_t b = c.base * d.hp, e = d.offs.back() * d.hp;
       EXPECT_TRUE(StillPoisoned(y_gpu, 0, b)) << "rows before the batch were written";
-      EXPECT_LE(NormRelError(Slice(y_gpu, b, e), Slice(y_cpu, b, e)), kTol);
+      EXPECT_LE(NormRelError(Slice(y_gpu, b, e), Slice(y_cpu, b, e)), tol);
       for (size_t s = 0; s < c.lens.size(); ++s) {
         if (c.lens[s] == 0) {
           EXPECT_EQ(s_gpu[s], d.states[s]) << "empty sequence " << s << " changed its state";
-        } else {
-          EXPECT_LE(NormRelError(s_gpu[s], s_cpu[s]), kTol) << "state " << s;
+          continue;
         }
+        // Per sequence too: a small sequence's error must not hide behind a long one's norm.
+        const int64_t sb = d.offs[s] * d.hp, se = d.offs[s + 1] * d.hp;
+        EXPECT_LE(NormRelError(Slice(y_gpu, sb, se), Slice(y_cpu, sb, se)), tol) << "y of " << s;
+        EXPECT_LE(NormRelError(s_gpu[s], s_cpu[s]), tol) << "state " << s;
       }
     }
   }
@@ -399,16 +416,20 @@ TEST_F(CudaSsmTest, TwoCallsEqualOneCall) {
   c.P = 64;
   c.N = 128;
   c.G = 1;
-  const int64_t T = 1000;
+  const int64_t T = 1500;
   c.lens = {T};
   const SsmData d = MakeSsm(c);
-  for (bool simple : {false, true}) {
-    ForceSimpleScan force(simple);
+  for (const char* kernel : kScanKernels) {
+    ScopedScanKernel force(kernel);
+    // The sequential kernels do the same arithmetic however the rows are split. The chunked
+    // path's chunk boundaries move with the split (333: sequential then chunked; 700: chunked
+    // twice), which changes rounding only.
+    const double tol = kernel == nullptr ? kChunkTol : 1e-6;
     std::vector<float> y_one;
     std::vector<std::vector<float>> s_one;
     SsmGpu(d, &y_one, &s_one);
-    for (int64_t split : {333, 1, 32, 999}) {
-      SCOPED_TRACE(::testing::Message() << "split " << split << " simple " << simple);
+    for (int64_t split : {333, 1, 32, 700, 1499}) {
+      SCOPED_TRACE(::testing::Message() << "split " << split << " kernel " << KernelName(kernel));
       std::vector<float*> dev_states;
       float* const* d_ptrs = StatesToGpu(d.states, &dev_states);
       const float* d_xbc = ToGpu(d.xbc);
@@ -422,9 +443,88 @@ TEST_F(CudaSsmTest, TwoCallsEqualOneCall) {
                                               d_ptrs, p, d_y, offs.data());
         ASSERT_TRUE(st.ok()) << st;
       }
-      EXPECT_LE(NormRelError(FromGpu(d_y, T * d.hp), y_one), 1e-6);
-      EXPECT_LE(NormRelError(StatesFromGpu(dev_states, d.states)[0], s_one[0]), 1e-6);
+      EXPECT_LE(NormRelError(FromGpu(d_y, T * d.hp), y_one), tol);
+      EXPECT_LE(NormRelError(StatesFromGpu(dev_states, d.states)[0], s_one[0]), tol);
     }
+  }
+}
+
+// ---- Chunk-parallel scan (sequences longer than 2 * kChunkRows) ----
+
+// Single long sequences: a partial last chunk (3 L + 17 rows: 4 chunks, the last of 17 rows) and
+// ~5000 rows, from random non-zero states, on odd shapes (headdim below a warp's channels,
+// d_state not a multiple of 32, one group or one group per head, d_state up to 256) and real ones.
+TEST_F(CudaSsmTest, ChunkedLongSequenceMatchesCpu) {
+  const std::vector<std::vector<int64_t>> shapes = {
+      {3, 5, 33, 1}, {3, 5, 33, 3}, {6, 24, 16, 2}, {4, 40, 100, 2}, {3, 10, 200, 3},
+      {8, 64, 64, 1}, {32, 64, 128, 1}};
+  uint32_t seed = 300;
+  for (const auto& sh : shapes) {
+    for (int64_t len : {3 * kChunkRows + 17, int64_t{4999}}) {
+      for (int regime : {0, 1, 2}) {  // dt unclamped (fast decay), clamped, long memory
+        SsmCase c;
+        c.H = sh[0];
+        c.P = sh[1];
+        c.N = sh[2];
+        c.G = sh[3];
+        c.lens = {len};
+        c.clamp = regime == 1;
+        c.long_memory = regime == 2;
+        c.seed = seed++;
+        CheckSsm(c, kChunkTol, {nullptr, "sequential"});
+      }
+    }
+  }
+}
+
+// Long, short, empty and one-row sequences in one call, starting past row 0: chunked and
+// sequential work items share the output launch. 512 = 2 L is the longest unchunked length;
+// 513 gives a last chunk of one row.
+TEST_F(CudaSsmTest, ChunkedRaggedBatchMatchesCpu) {
+  const std::vector<std::vector<int64_t>> shapes = {
+      {6, 24, 16, 2}, {3, 5, 33, 3}, {32, 64, 128, 1}};
+  uint32_t seed = 400;
+  for (const auto& sh : shapes) {
+    for (bool long_memory : {false, true}) {
+      SsmCase c;
+      c.H = sh[0];
+      c.P = sh[1];
+      c.N = sh[2];
+      c.G = sh[3];
+      c.lens = {0, 2 * kChunkRows + 1, 1, 0, 3 * kChunkRows + 17, 37, 2 * kChunkRows, 2000, 5, 0};
+      c.base = 3;
+      c.long_memory = long_memory;
+      c.seed = seed++;
+      CheckSsm(c, kChunkTol, {nullptr, "sequential"});
+    }
+  }
+}
+
+// The 370M prefill shape at 8192 rows: the chunked path against the sequential tiled kernel on
+// the GPU (RAMBA_CUDA_SSM_KERNEL=sequential), outputs and state.
+TEST_F(CudaSsmTest, ChunkedMatchesSequential370MPrefill) {
+  for (bool long_memory : {false, true}) {
+    SCOPED_TRACE(::testing::Message() << "long_memory " << long_memory);
+    SsmCase c;
+    c.H = 32;
+    c.P = 64;
+    c.N = 128;
+    c.G = 1;
+    c.lens = {8192};
+    c.long_memory = long_memory;
+    c.seed = 500 + long_memory;
+    const SsmData d = MakeSsm(c);
+    std::vector<float> y_chunked, y_seq;
+    std::vector<std::vector<float>> s_chunked, s_seq;
+    SsmGpu(d, &y_chunked, &s_chunked);
+    {
+      ScopedScanKernel force("sequential");
+      SsmGpu(d, &y_seq, &s_seq);
+    }
+    EXPECT_LE(NormRelError(y_chunked, y_seq), kChunkTol);
+    EXPECT_LE(NormRelError(s_chunked[0], s_seq[0]), kChunkTol);
+    // Rounding differs, so equal bits would mean the default path did not chunk.
+    EXPECT_NE(s_chunked[0], s_seq[0]);
   }
 }
 
