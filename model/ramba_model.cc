@@ -108,14 +108,12 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
   Backend* be = backend_;
   const int64_t vocab = config_.vocab_size;
   if (output.sampled != nullptr) {
-    std::vector<kernels::SamplingParams> params(rows);
-    std::vector<float> uniforms(rows);
-    for (int64_t r = 0; r < rows; ++r) {
-      const SamplingOptions& o = output.options[r];
-      params[r] = {o.temperature, o.top_k, o.top_p};
-      // The position the sampled token takes: right after this pass's tokens.
-      uniforms[r] = SamplingUniform(o.seed, states[r]->position());
-    }
+    // The position each sampled token takes: right after this pass's tokens.
+    std::vector<int64_t> positions(rows);
+    for (int64_t r = 0; r < rows; ++r) positions[r] = states[r]->position();
+    std::vector<kernels::SamplingParams> params;
+    std::vector<float> uniforms;
+    SamplingInputs(output.options, positions, &params, &uniforms);
     ASSIGN_OR_RETURN(int32_t * dev, workspace_->Get<int32_t>(Workspace::kSampled, rows));
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
     output.sampled->resize(rows);

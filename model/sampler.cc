@@ -29,6 +29,16 @@ float SamplingUniform(uint64_t seed, int64_t position) {
   return static_cast<float>(z >> 40) / static_cast<float>(1ull << 24);
 }
 
+void SamplingInputs(absl::Span<const SamplingOptions> options, absl::Span<const int64_t> positions,
+                    std::vector<kernels::SamplingParams>* params, std::vector<float>* uniforms) {
+  params->resize(options.size());
+  uniforms->resize(options.size());
+  for (size_t r = 0; r < options.size(); ++r) {
+    (*params)[r] = {options[r].temperature, options[r].top_k, options[r].top_p};
+    (*uniforms)[r] = SamplingUniform(options[r].seed, positions[r]);
+  }
+}
+
 absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,
                                                   absl::Span<const float> logits, int64_t vocab,
                                                   absl::Span<const SamplingOptions> options,
@@ -39,13 +49,10 @@ absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,
     return absl::InvalidArgumentError(absl::StrCat("SampleTokens: ", logits.size(),
                                                    " logits for ", rows, " rows of vocab ", vocab));
   }
-  std::vector<kernels::SamplingParams> params(rows);
-  std::vector<float> uniforms(rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    RETURN_IF_ERROR(ValidateSamplingOptions(options[r]));
-    params[r] = {options[r].temperature, options[r].top_k, options[r].top_p};
-    uniforms[r] = SamplingUniform(options[r].seed, positions[r]);
-  }
+  for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
+  std::vector<kernels::SamplingParams> params;
+  std::vector<float> uniforms;
+  SamplingInputs(options, positions, &params, &uniforms);
   // Logits are host memory; stage them through the backend so every backend samples the same way.
   ASSIGN_OR_RETURN(kernels::Buffer dev_logits, backend->Allocate(logits.size() * sizeof(float)));
   RETURN_IF_ERROR(backend->Upload(dev_logits.data(), logits.data(), logits.size() * sizeof(float)));

@@ -27,6 +27,11 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& options);
 // The uniform in [0, 1) for (seed, position): splitmix64 of both, top 24 bits.
 float SamplingUniform(uint64_t seed, int64_t position);
 
+// The backend Sample op's per-row inputs for options[r] and the position positions[r] the token
+// will take. Options must be valid (ValidateSamplingOptions).
+void SamplingInputs(absl::Span<const SamplingOptions> options, absl::Span<const int64_t> positions,
+                    std::vector<kernels::SamplingParams>* params, std::vector<float>* uniforms);
+
 // Samples one token per row of host `logits` [rows, vocab]; positions[r] is the position the
 // sampled token will take in its session.
 absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <numeric>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
@@ -360,8 +361,6 @@ __global__ void __launch_bounds__(kMixThreads) MixerFinishKernel(MixArgs a) {
   if (T > 0) FinishSequence(a, s, row0, T, s_scale);
 }
 
-int Gcd(int a, int b) { return b == 0 ? a : Gcd(b, a % b); }
-
 }  // namespace
 
 absl::Status LaunchConvDecode4(Context& ctx, const float* x, int64_t ldx, const int64_t* offsets,
@@ -410,7 +409,7 @@ absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& m, int6
   // recompute the group's B/C conv fewer times (at batch 256, 256 blocks per sequence read
   // 8 KiB each of L2 per layer); a block touches at most kMixMaxHeads heads.
   const int P = static_cast<int>(p.headdim);
-  const int dom = Gcd(static_cast<int>(p.nheads / p.ngroups) * P,
+  const int dom = std::gcd(static_cast<int>(p.nheads / p.ngroups) * P,
                       static_cast<int>(m.norm_group_size));
   const int64_t target = 2 * static_cast<int64_t>(std::max(ctx.num_sms, 1));
   auto blocks_for = [&](int cpb) {
