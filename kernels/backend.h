@@ -99,6 +99,9 @@ struct ChunkMemoryBatch {
   // Host-side bound on num_chunks[s] over the batch, so device backends can size their grids
   // without reading device memory; -1 when unknown (the CPU backend ignores it).
   int64_t max_num_chunks = -1;
+  // Host-side count of sequences (entries of landmarks / num_chunks / chunk_kv); -1 when unknown.
+  // With max_num_chunks it lets a device backend size per-(sequence, chunk) scratch.
+  int64_t num_seqs = -1;
 };
 
 // One layer's Mamba-2 mixer: everything between in_proj and out_proj (Backend::MambaMixer).

@@ -493,6 +493,7 @@ absl::StatusOr<kernels::ChunkMemoryBatch> RambaModel::MemoryBatch(
   }
   kernels::ChunkMemoryBatch mem;
   mem.max_num_chunks = bucket ? ChunkBucket(max_chunks) : max_chunks;
+  mem.num_seqs = static_cast<int64_t>(states.size());
   ASSIGN_OR_RETURN(mem.row_seq, ws.Put(W::kRowSeq, row_seq));
   ASSIGN_OR_RETURN(mem.row_position, ws.Put(W::kRowPos, row_pos));
   ASSIGN_OR_RETURN(mem.landmarks, ws.Put(W::kLandmarkPtrs, landmark_ptrs));

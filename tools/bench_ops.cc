@@ -4,7 +4,10 @@
 // For each length L (tokens of one sequence, L / 64 chunks of K/V in memory):
 //  - prefill sparse attention: L query rows x 16 heads over 1 kv head, head dim 64, top-8 chunks of
 //    64 keys (RetrieveChunks picks them from random landmarks first, untimed); FLOP floor
-//    4 * L * heads * K * 64 * 64 at the given --tflops;
+//    4 * L * heads * K * 64 * 64 at the given --tflops (default: H100 SXM dense bf16 tensor cores,
+//    the precision of the prefill path). --selection=block gives every 64-row query block its
+//    first row's selection (chunks shared by neighbouring tokens, as in the reference kernel's
+//    Q_X = 64 mode); token (default) keeps each row's own, random and so rarely shared;
 //  - decode retrieval + sparse attention for --decode_batch rows at position L: bytes floor =
 //    every landmark read once (L / 64 x retrieval_dim x 4 B per row's sequence) + the selected
 //    chunks' K/V, at the measured copy bandwidth.
@@ -33,7 +36,10 @@ ABSL_FLAG(int32_t, retrieval_dim, 1024, "Landmark width (370M: 1024)");
 ABSL_FLAG(int32_t, decode_batch, 1, "Rows of the decode measurement (each its own sequence)");
 ABSL_FLAG(int32_t, reps, 20, "Timed repetitions");
 ABSL_FLAG(int64_t, max_prefill_rows, 1 << 20, "Longest prefill measured");
-ABSL_FLAG(double, tflops, 0, "Compute peak for the prefill floor (0: 67 = H100 f32 CUDA cores)");
+ABSL_FLAG(double, tflops, 989, "Compute peak for the prefill floor (H100 SXM: 989 bf16 tensor "
+          "cores, 67 f32 CUDA cores)");
+ABSL_FLAG(std::string, selection, "token", "Prefill selections: token (each row its own) or block "
+          "(each 64-row block shares its first row's)");
 
 namespace {
 
@@ -75,7 +81,11 @@ int main(int argc, char** argv) {
   const int64_t nh = absl::GetFlag(FLAGS_heads), rdim = absl::GetFlag(FLAGS_retrieval_dim);
   const int reps = absl::GetFlag(FLAGS_reps);
   const double bw = ramba::bench::MeasureCopyBandwidth(be);
-  const double tflops = absl::GetFlag(FLAGS_tflops) > 0 ? absl::GetFlag(FLAGS_tflops) : 67.0;
+  const double tflops = absl::GetFlag(FLAGS_tflops);
+  const std::string selection = absl::GetFlag(FLAGS_selection);
+  if (tflops <= 0 || (selection != "token" && selection != "block")) {
+    return Fail(absl::InvalidArgumentError("--tflops must be positive, --selection token|block"));
+  }
   std::printf("device=%s copy bandwidth %.0f GB/s; prefill floor at %.0f TFLOP/s\n",
               std::string(be->name()).c_str(), bw, tflops);
 
@@ -125,6 +135,7 @@ int main(int argc, char** argv) {
       mem.num_chunks = d_nc.as<int64_t>();
       mem.chunk_kv = d_tab.as<const float* const* const>();
       mem.max_num_chunks = chunks;
+      mem.num_seqs = seqs;
       ASSIGN_OR_RETURN(Buffer r, Put(be, Random(rows * rdim, 5)));
       ASSIGN_OR_RETURN(Buffer q, Put(be, Random(rows * nh * kHeadDim, 6)));
       ASSIGN_OR_RETURN(Buffer out, be->Allocate(rows * nh * kHeadDim * sizeof(float)));
@@ -139,6 +150,19 @@ int main(int argc, char** argv) {
                                         1, kTopK, nh, 1, kHeadDim, kChunk, out.as<float>());
       };
       const double t_ret = MedianSeconds(be, reps, retrieve);
+      if (!decode && selection == "block") {
+        std::vector<int32_t> hi(rows * kTopK);
+        std::vector<float> hw(rows * kTopK);
+        RETURN_IF_ERROR(be->Download(hi.data(), idx.data(), hi.size() * sizeof(int32_t)));
+        RETURN_IF_ERROR(be->Download(hw.data(), w.data(), hw.size() * sizeof(float)));
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t first = row / kChunk * kChunk;  // same eligible chunks as `row`
+          std::copy_n(hi.begin() + first * kTopK, kTopK, hi.begin() + row * kTopK);
+          std::copy_n(hw.begin() + first * kTopK, kTopK, hw.begin() + row * kTopK);
+        }
+        RETURN_IF_ERROR(be->Upload(idx.data(), hi.data(), hi.size() * sizeof(int32_t)));
+        RETURN_IF_ERROR(be->Upload(w.data(), hw.data(), hw.size() * sizeof(float)));
+      }
       const double t_att = MedianSeconds(be, reps, attend);
       if (decode) {
         const double bytes = rows * (chunks * rdim * 4.0 + kTopK * kv_floats * 4.0);
@@ -151,10 +175,10 @@ int main(int argc, char** argv) {
       } else {
         const double flops = 4.0 * rows * nh * kTopK * kChunk * kHeadDim;
         const double floor = flops / (tflops * 1e12);
-        std::printf("prefill L=%8lld: sparse attention %8.3f ms (FLOP floor %.3f ms, %.2fx) | "
-                    "retrieval %8.3f ms\n",
-                    static_cast<long long>(L), 1e3 * t_att, 1e3 * floor, t_att / floor,
-                    1e3 * t_ret);
+        std::printf("prefill L=%8lld selection=%s: sparse attention %8.3f ms (FLOP floor %.3f ms "
+                    "at %.0f TFLOP/s, %.2fx) | retrieval %8.3f ms\n",
+                    static_cast<long long>(L), selection.c_str(), 1e3 * t_att, 1e3 * floor,
+                    tflops, t_att / floor, 1e3 * t_ret);
       }
       return absl::OkStatus();
     };

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
 
@@ -49,6 +50,23 @@ absl::Status Launch(Context& ctx, void (*kernel)(KernelArgs...), dim3 grid, dim3
   cfg.attrs = attr;
   cfg.numAttrs = ctx.pdl ? 1 : 0;
   RAMBA_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  return absl::OkStatus();
+}
+
+// Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB;
+// Unimplemented (naming `op`) when the device cannot give that much.
+template <class Kernel>
+absl::Status PrepareSmem(Context& ctx, Kernel kernel, size_t bytes, const char* op) {
+  if (bytes > ctx.max_shared_per_block) {
+    return absl::UnimplementedError(absl::StrCat(op, ": needs ", bytes,
+                                                 " bytes of shared memory per block; the device "
+                                                 "allows ",
+                                                 ctx.max_shared_per_block));
+  }
+  if (bytes > 48 * 1024) {
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
   return absl::OkStatus();
 }
 

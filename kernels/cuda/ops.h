@@ -27,6 +27,7 @@ enum class ScratchSlot : int {
   kMixer,             // fused decode mixer: per-block partial sums of squares
   kRetrieval,         // landmark scores / partial top-K lists
   kAttention,         // attention partials
+  kSparseKv,          // selected chunks' K/V in bf16 for the tensor-core sparse attention
   kSampling,          // per-row parameters, uniforms and candidate lists
   kSamplingAux,
   kNumSlots
@@ -110,6 +111,8 @@ absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const 
 absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const ChunkMemoryBatch& mem,
                             int64_t retrieval_dim, int64_t heads,
                             int64_t top_k, int64_t chunk_size, int32_t* indices, float* weights);
+
+// ---- sparse_attention.cu ----
 absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
                                   const ChunkMemoryBatch& mem, const int32_t* indices,
                                   const float* weights, int64_t retrieval_heads, int64_t top_k,

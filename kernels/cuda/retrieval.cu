@@ -8,9 +8,6 @@
 // (many rows) score 64-row x 64-chunk tiles staged in shared memory, so a landmark is read once per
 // 64 rows. The kept set is defined by the CPU's total order (score descending, then chunk index
 // ascending), so the result does not depend on how the chunk range was split.
-//
-// SparseChunkAttention runs a block per (row, kv head): the K/V of each selected chunk is staged
-// in shared memory once and read by every query head of the group.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,7 +20,6 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
-#include "kernels/cuda/warp_attend.cuh"
 
 namespace ramba::kernels::cuda {
 namespace {
@@ -390,118 +386,6 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
-// ---- SparseChunkAttention ----
-
-constexpr int kAttnWarps = 8;
-constexpr int kAttnThreads = kAttnWarps * kWarp;
-
-// Row stride of staged keys: conflict-free float4 reads (hd % 4 == 0) or scalar reads (odd).
-inline __host__ __device__ int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
-
-size_t SparseSmemBytes(int cs, int hd, int group) {
-  return sizeof(float) *
-         (static_cast<size_t>(cs) * KeyStride(hd) + static_cast<size_t>(cs) * hd +
-          2 * static_cast<size_t>(group) * hd + static_cast<size_t>(kAttnWarps) * cs);
-}
-
-
-template <int kHd>
-__global__ void __launch_bounds__(kAttnThreads, 2)
-    SparseChunkAttentionKernel(const float* __restrict__ q, ChunkMemoryBatch mem,
-                               const int32_t* __restrict__ indices,
-                               const float* __restrict__ weights, int rheads, int k, int nh,
-                               int nkv, int hd_rt, int cs, float scale, float* __restrict__ out) {
-  AllowDependentGrids();
-  WaitForPriorGrids();
-  const int hd = kHd > 0 ? kHd : hd_rt;
-  const int ks = KeyStride(hd);
-  const int group = nh / nkv;
-  extern __shared__ float4 smem4[];
-  float* kbuf = reinterpret_cast<float*>(smem4);  // [cs][ks]
-  float* vbuf = kbuf + cs * ks;                   // [cs][hd]
-  float* qbuf = vbuf + cs * hd;                   // [group][hd]
-  float* obuf = qbuf + group * hd;                // [group][hd]
-  float* pbuf = obuf + group * hd;                // [warps][cs]
-  const int64_t row = blockIdx.x / nkv;
-  const int g = static_cast<int>(blockIdx.x % nkv);
-  const int e = g * rheads / nkv;
-  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
-
-  const float* qrow = q + (row * nh + static_cast<int64_t>(g) * group) * hd;
-  for (int i = tid; i < group * hd; i += kAttnThreads) {
-    qbuf[i] = qrow[i];
-    obuf[i] = 0.0f;
-  }
-  const int32_t seq = mem.row_seq[row];
-  const float* const* table = mem.chunk_kv[seq];
-  // The CPU backend rejects out-of-range indices; here they are skipped rather than read.
-  const int64_t num_chunks = mem.num_chunks != nullptr ? mem.num_chunks[seq] : INT64_MAX;
-  const int32_t* idx = indices + (row * rheads + e) * k;
-  const float* wt = weights + (row * rheads + e) * k;
-  const int64_t stride = static_cast<int64_t>(nkv) * hd;  // between keys of one chunk
-  const int64_t kv_half = static_cast<int64_t>(cs) * stride;
-
-  for (int j = 0; j < k; ++j) {
-    // Block-uniform: every thread reads the same slot.
-    const int32_t c = idx[j];
-    const float w = wt[j];
-    if (c < 0 || c >= num_chunks || w == 0.0f) continue;  // a zero weight adds nothing
-    const float* kc = table[c];
-    if (kc == nullptr) continue;
-    const float* vc = kc + kv_half;
-    __syncthreads();  // the previous slot's readers are done with kbuf / vbuf
-    if (hd % 4 == 0 && reinterpret_cast<uintptr_t>(kc) % 16 == 0) {
-      const int hv = hd / 4;
-#pragma unroll 4
-      for (int i = tid; i < cs * hv; i += kAttnThreads) {
-        const int key = i / hv, t4 = i % hv;
-        const int64_t off = key * stride + static_cast<int64_t>(g) * hd;
-        const float4 kx = __ldg(reinterpret_cast<const float4*>(kc + off) + t4);
-        const float4 vx = __ldg(reinterpret_cast<const float4*>(vc + off) + t4);
-        *reinterpret_cast<float4*>(kbuf + key * ks + 4 * t4) = kx;
-        *reinterpret_cast<float4*>(vbuf + key * hd + 4 * t4) = vx;
-      }
-    } else {
-      for (int i = tid; i < cs * hd; i += kAttnThreads) {
-        const int key = i / hd, t = i % hd;
-        const int64_t off = key * stride + static_cast<int64_t>(g) * hd + t;
-        kbuf[key * ks + t] = __ldg(kc + off);
-        vbuf[key * hd + t] = __ldg(vc + off);
-      }
-    }
-    __syncthreads();
-    for (int hh = warp; hh < group; hh += kAttnWarps) {
-      warp_attend::WarpAttend<kHd>(qbuf + hh * hd, kbuf, vbuf, pbuf + warp * cs, ks, cs, hd,
-                                   scale, w, /*accumulate=*/true, obuf + hh * hd, lane);
-    }
-  }
-  __syncthreads();
-  float* orow = out + (row * nh + static_cast<int64_t>(g) * group) * hd;
-  for (int i = tid; i < group * hd; i += kAttnThreads) orow[i] = obuf[i];
-}
-
-// Raises a kernel's dynamic shared memory limit when it needs more than the default.
-template <class Kernel>
-absl::Status PrepareSmem(Context& ctx, Kernel kernel, size_t bytes, const char* op) {
-  if (bytes > ctx.max_shared_per_block) {
-    return absl::UnimplementedError(absl::StrCat(op, ": needs ", bytes,
-                                                 " bytes of shared memory per block; the device "
-                                                 "allows ",
-                                                 ctx.max_shared_per_block));
-  }
-  if (bytes > kDefaultSmem) {
-    RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-  return absl::OkStatus();
-}
-
-template <int kHd, class... Args>
-absl::Status LaunchSparse(Context& ctx, unsigned blocks, size_t smem, Args... args) {
-  RETURN_IF_ERROR(PrepareSmem(ctx, SparseChunkAttentionKernel<kHd>, smem, "SparseChunkAttention"));
-  return Launch(ctx, SparseChunkAttentionKernel<kHd>, blocks, kAttnThreads, smem, args...);
-}
-
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Above this many rows a call is taken for a prefill (rows of few sequences) and scanned in tiles;
@@ -581,36 +465,6 @@ absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const Ch
   RETURN_IF_ERROR(PrepareSmem(ctx, MergeKernel, merge_smem, "RetrieveChunks"));
   return Launch(ctx, MergeKernel, static_cast<unsigned>(rows * nheads), kMergeThreads, merge_smem,
                 partials, static_cast<int>(parts), k, indices, weights);
-}
-
-absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
-                                  const ChunkMemoryBatch& mem, const int32_t* indices,
-                                  const float* weights, int64_t retrieval_heads, int64_t top_k,
-                                  int64_t nh, int64_t nkv, int64_t hd, int64_t chunk_size,
-                                  float* out) {
-  if (rows == 0) return absl::OkStatus();
-  if (hd > 4096 || nh > 65536 || chunk_size > 65536 || top_k > INT32_MAX ||
-      rows * nkv > INT32_MAX) {
-    return absl::UnimplementedError("SparseChunkAttention: sizes beyond the CUDA kernel's limits");
-  }
-  const int ihd = static_cast<int>(hd), cs = static_cast<int>(chunk_size);
-  const int group = static_cast<int>(nh / nkv);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const size_t smem = SparseSmemBytes(cs, ihd, group);
-  const unsigned blocks = static_cast<unsigned>(rows * nkv);
-  const int rheads = static_cast<int>(retrieval_heads), k = static_cast<int>(top_k);
-  const int inh = static_cast<int>(nh), inkv = static_cast<int>(nkv);
-  // Specialised head dims unroll the dot products; the generic kernel handles the rest.
-  if (hd == 64) {
-    return LaunchSparse<64>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
-                            cs, scale, out);
-  }
-  if (hd == 32) {
-    return LaunchSparse<32>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
-                            cs, scale, out);
-  }
-  return LaunchSparse<0>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd, cs,
-                         scale, out);
 }
 
 }  // namespace ramba::kernels::cuda

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -183,6 +184,7 @@ class CudaAttentionOpsTest : public CudaOpTest {
     m->gpu.num_chunks = ToGpu(m->num_chunks);
     m->gpu.max_num_chunks =
         *std::max_element(m->num_chunks.begin(), m->num_chunks.end()) + m->extra_bound;
+    m->gpu.num_seqs = static_cast<int64_t>(seqs);
   }
 
   // RetrieveChunks on both backends; indices must match exactly, weights to 1e-5. Returns the
@@ -222,35 +224,86 @@ class CudaAttentionOpsTest : public CudaOpTest {
     return want;
   }
 
-  // SparseChunkAttention on both backends with the given selection.
-  void CheckSparse(const Memory& m, const Selection& sel, int64_t rheads, int64_t top_k, int64_t nh,
+  // SparseChunkAttention on the GPU with RAMBA_CUDA_SPARSE_ATTENTION = `path` ("" for the
+  // default choice); null when the call failed.
+  std::vector<float> GpuSparse(const Memory& m, const Selection& sel, const std::vector<float>& q,
+                               int64_t rheads, int64_t top_k, int64_t nh, int64_t nkv, int64_t hd,
+                               int64_t cs, const char* path) {
+    if (*path != '\0') setenv("RAMBA_CUDA_SPARSE_ATTENTION", path, 1);
+    const int64_t n = m.rows() * nh * hd;
+    float* go = Poisoned<float>(n);
+    const absl::Status st = gpu_->SparseChunkAttention(
+        ToGpu(q), m.rows(), m.gpu, ToGpu(sel.idx), ToGpu(sel.w), rheads, top_k, nh, nkv, hd, cs, go);
+    unsetenv("RAMBA_CUDA_SPARSE_ATTENTION");
+    EXPECT_TRUE(st.ok()) << st;
+    return FromGpu(go, n);
+  }
+
+  // Rows whose selection is empty must output exact zeros; returns how many there were.
+  static int64_t CheckEmptyRowsAreZero(const std::vector<float>& got, const Selection& sel,
+                                       int64_t rows, int64_t rheads, int64_t top_k, int64_t width) {
+    int64_t empty_rows = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto b = sel.idx.begin() + r * rheads * top_k;
+      if (std::any_of(b, b + rheads * top_k, [](int32_t c) { return c >= 0; })) continue;
+      ++empty_rows;
+      for (int64_t i = r * width; i < (r + 1) * width; ++i) EXPECT_EQ(got[i], 0.0f) << i;
+    }
+    return empty_rows;
+  }
+
+  // SparseChunkAttention on both backends with the given selection: the f32 path to 1e-5; where
+  // the shape has a bf16 tensor-core path (head dim 64, 64-key chunks, 16 query heads per kv
+  // head), that path too: against the CPU on bf16-rounded Q, K and V (only P's rounding and the
+  // summation order differ) and against the exact CPU result at bf16 precision.
+  // Returns the path the default chose.
+  enum class Path { kF32, kBf16, kFailed };
+  Path CheckSparse(const Memory& m, const Selection& sel, int64_t rheads, int64_t top_k, int64_t nh,
                    int64_t nkv, int64_t hd, int64_t cs, uint32_t seed) {
     SCOPED_TRACE(::testing::Message()
                  << "rows=" << m.rows() << " nh=" << nh << " nkv=" << nkv << " rheads=" << rheads
                  << " hd=" << hd << " cs=" << cs << " top_k=" << top_k);
-    ASSERT_EQ(m.kv_floats, 2 * cs * nkv * hd);
+    EXPECT_EQ(m.kv_floats, 2 * cs * nkv * hd);
     const int64_t rows = m.rows(), n = rows * nh * hd;
     const std::vector<float> q = RandomVec(n, seed, -2.0f, 2.0f);
     std::vector<float> want(n, 99.0f);
     const absl::Status cst =
         cpu_->SparseChunkAttention(q.data(), rows, m.cpu, sel.idx.data(), sel.w.data(), rheads,
                                    top_k, nh, nkv, hd, cs, want.data());
-    ASSERT_TRUE(cst.ok()) << cst;
-    float* go = Poisoned<float>(n);
-    const absl::Status st = gpu_->SparseChunkAttention(
-        ToGpu(q), rows, m.gpu, ToGpu(sel.idx), ToGpu(sel.w), rheads, top_k, nh, nkv, hd, cs, go);
-    ASSERT_TRUE(st.ok()) << st;
-    const std::vector<float> got = FromGpu(go, n);
+    EXPECT_TRUE(cst.ok()) << cst;
+    if (!cst.ok()) return Path::kFailed;
+
+    const std::vector<float> got = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "f32");
     EXPECT_LE(NormRelError(got, want), 1e-5);
-    // A row that selects nothing outputs exact zeros.
-    int64_t empty_rows = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const auto b = sel.idx.begin() + r * rheads * top_k;
-      if (std::any_of(b, b + rheads * top_k, [](int32_t c) { return c >= 0; })) continue;
-      ++empty_rows;
-      for (int64_t i = r * nh * hd; i < (r + 1) * nh * hd; ++i) ASSERT_EQ(got[i], 0.0f) << i;
+    EXPECT_GT(CheckEmptyRowsAreZero(got, sel, rows, rheads, top_k, nh * hd), 0);
+
+    if (hd != 64 || cs != 64 || nh != 16 * nkv) return Path::kF32;
+    const std::vector<float> tc = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "bf16");
+    auto round = [](std::vector<float> v) {
+      for (float& x : v) x = Bf16ToF32(F32ToBf16(x));
+      return v;
+    };
+    const std::vector<float> q16 = round(q), kv16 = round(m.kv);
+    std::vector<std::vector<const float*>> tables16(m.cpu_tables.size());
+    std::vector<const float* const*> table_ptrs16;
+    for (size_t s = 0; s < tables16.size(); ++s) {
+      for (int64_t id : m.chunk_ids[s]) tables16[s].push_back(kv16.data() + id * m.kv_floats);
+      table_ptrs16.push_back(tables16[s].data());
     }
-    EXPECT_GT(empty_rows, 0);
+    ChunkMemoryBatch mem16 = m.cpu;
+    mem16.chunk_kv = table_ptrs16.data();
+    std::vector<float> want16(n, 99.0f);
+    EXPECT_TRUE(cpu_->SparseChunkAttention(q16.data(), rows, mem16, sel.idx.data(), sel.w.data(),
+                                           rheads, top_k, nh, nkv, hd, cs, want16.data())
+                    .ok());
+    EXPECT_LE(NormRelError(tc, want16), 4e-3);
+    EXPECT_LE(NormRelError(tc, want), 1e-2);
+    EXPECT_GT(CheckEmptyRowsAreZero(tc, sel, rows, rheads, top_k, nh * hd), 0);
+    // The default picks one of the two paths.
+    const std::vector<float> dflt = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "");
+    if (dflt == tc) return Path::kBf16;
+    EXPECT_TRUE(dflt == got) << "the default matches neither path";
+    return Path::kF32;
   }
 
   void CheckBlockAttention(int64_t blocks, int64_t len, int64_t nh, int64_t nkv, int64_t hd,
@@ -456,7 +509,8 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionOverRetrievedChunks) {
     int64_t nh, nkv, rheads, hd, top_k;
   };
   uint32_t seed = 100;
-  for (const Config& cf : {Config{4, 1, 1, 64, 8}, Config{16, 1, 1, 64, 8}, Config{16, 2, 1, 64, 3},
+  for (const Config& cf : {Config{4, 1, 1, 64, 8}, Config{16, 1, 1, 64, 8}, Config{32, 2, 2, 64, 8},
+                           Config{32, 2, 1, 64, 3}, Config{16, 2, 1, 64, 3},
                            Config{16, 2, 2, 64, 8}, Config{4, 2, 2, 32, 1}, Config{6, 3, 3, 12, 3},
                            Config{5, 5, 1, 7, 8}}) {
     Memory m = RaggedMemory(96, 2 * kChunk * cf.nkv * cf.hd, kChunk, 1, seed++);
@@ -466,7 +520,9 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionOverRetrievedChunks) {
     for (size_t i = 0; i < sel.idx.size(); ++i) {
       if (sel.idx[i] >= 0 && i % 5 == 0) sel.w[i] = 0.0f;
     }
-    CheckSparse(m, sel, cf.rheads, cf.top_k, cf.nh, cf.nkv, cf.hd, kChunk, seed++);
+    // Under 257 rows the default stays on f32.
+    EXPECT_EQ(CheckSparse(m, sel, cf.rheads, cf.top_k, cf.nh, cf.nkv, cf.hd, kChunk, seed++),
+              Path::kF32);
   }
 }
 
@@ -476,6 +532,10 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionMisalignedAndOddChunks) {
   m.misalign = true;
   Upload(&m);
   CheckSparse(m, CheckRetrieve(m, 2, 8, 201), 2, 8, 16, 2, 64, kChunk, 202);
+  Memory m1 = RaggedMemory(64, 2 * kChunk * 64, kChunk, 1, 205);  // the bf16 path's shapes
+  m1.misalign = true;
+  Upload(&m1);
+  CheckSparse(m1, CheckRetrieve(m1, 1, 8, 206), 1, 8, 16, 1, 64, kChunk, 207);
 
   const int64_t cs = 13;
   Memory odd = RaggedMemory(40, 2 * cs * 1 * 7, cs, 1, 210);
@@ -502,7 +562,10 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionDecodeAndPrefillShapes) {
       m.AddRow(s1, 10);  // selects nothing
       Upload(&m);
       const Selection sel = CheckRetrieve(m, rheads, 8, 302);
-      CheckSparse(m, sel, rheads, 8, 16, nkv, 64, kChunk, 303);
+      const int64_t nh = 16 * nkv;
+      const Path chosen = CheckSparse(m, sel, rheads, 8, nh, nkv, 64, kChunk, 303);
+      // Both are prefill-shaped (over 256 rows of two sequences): the tensor cores.
+      EXPECT_EQ(chosen, Path::kBf16);
     }
   }
 }

@@ -1,0 +1,434 @@
+// HSA's sparse chunk attention (the query side) on the GPU: every query row attends, per kv head,
+// to the top-K chunks its retrieval picked, a softmax within each chunk, weighted by the
+// stick-breaking weights.
+//
+// Two paths:
+//  - f32 (every shape; decode): a block per (row, kv head) stages each selected chunk's f32 K/V in
+//    shared memory once and its warps run the group's query heads over it on CUDA cores.
+//  - bf16 tensor cores (prefill-shaped calls of the 370M shapes: head dim 64, chunks of 64 keys,
+//    16 query heads per kv head, as in the paper's kernel). One pass converts the batch's chunks
+//    to bf16 (K as stored, V transposed) once per call; then a warp per (row, kv head) computes
+//    S = Q K^T and O += w softmax(S) V with mma.sync m16n8k16, the 16 query heads being the M
+//    dimension, reading each selected chunk's bf16 fragments straight from L2 (L1 serves rows of a
+//    block that picked the same chunk). Keys and dims are permuted so that every lane's fragment
+//    is one 16- or 8-byte load; the permutation is applied identically on both sides of each
+//    product, so results are unaffected. Inputs are rounded to bf16 (Q, K, V, P) with f32
+//    accumulation, which is the precision of the reference kernel; RAMBA_CUDA_SPARSE_ATTENTION=f32
+//    forces the f32 path.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/warp_attend.cuh"
+
+namespace ramba::kernels::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+
+// ---- f32 path: a block per (row, kv head) ----
+
+constexpr int kAttnWarps = 8;
+constexpr int kAttnThreads = kAttnWarps * kWarp;
+
+// Row stride of staged keys: conflict-free float4 reads (hd % 4 == 0) or scalar reads (odd).
+inline __host__ __device__ int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
+
+size_t SparseSmemBytes(int cs, int hd, int group) {
+  return sizeof(float) *
+         (static_cast<size_t>(cs) * KeyStride(hd) + static_cast<size_t>(cs) * hd +
+          2 * static_cast<size_t>(group) * hd + static_cast<size_t>(kAttnWarps) * cs);
+}
+
+
+template <int kHd>
+__global__ void __launch_bounds__(kAttnThreads, 2)
+    SparseChunkAttentionKernel(const float* __restrict__ q, ChunkMemoryBatch mem,
+                               const int32_t* __restrict__ indices,
+                               const float* __restrict__ weights, int rheads, int k, int nh,
+                               int nkv, int hd_rt, int cs, float scale, float* __restrict__ out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int hd = kHd > 0 ? kHd : hd_rt;
+  const int ks = KeyStride(hd);
+  const int group = nh / nkv;
+  extern __shared__ float4 smem4[];
+  float* kbuf = reinterpret_cast<float*>(smem4);  // [cs][ks]
+  float* vbuf = kbuf + cs * ks;                   // [cs][hd]
+  float* qbuf = vbuf + cs * hd;                   // [group][hd]
+  float* obuf = qbuf + group * hd;                // [group][hd]
+  float* pbuf = obuf + group * hd;                // [warps][cs]
+  const int64_t row = blockIdx.x / nkv;
+  const int g = static_cast<int>(blockIdx.x % nkv);
+  const int e = g * rheads / nkv;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+
+  const float* qrow = q + (row * nh + static_cast<int64_t>(g) * group) * hd;
+  for (int i = tid; i < group * hd; i += kAttnThreads) {
+    qbuf[i] = qrow[i];
+    obuf[i] = 0.0f;
+  }
+  const int32_t seq = mem.row_seq[row];
+  const float* const* table = mem.chunk_kv[seq];
+  // The CPU backend rejects out-of-range indices; here they are skipped rather than read.
+  const int64_t num_chunks = mem.num_chunks != nullptr ? mem.num_chunks[seq] : INT64_MAX;
+  const int32_t* idx = indices + (row * rheads + e) * k;
+  const float* wt = weights + (row * rheads + e) * k;
+  const int64_t stride = static_cast<int64_t>(nkv) * hd;  // between keys of one chunk
+  const int64_t kv_half = static_cast<int64_t>(cs) * stride;
+
+  for (int j = 0; j < k; ++j) {
+    // Block-uniform: every thread reads the same slot.
+    const int32_t c = idx[j];
+    const float w = wt[j];
+    if (c < 0 || c >= num_chunks || w == 0.0f) continue;  // a zero weight adds nothing
+    const float* kc = table[c];
+    if (kc == nullptr) continue;
+    const float* vc = kc + kv_half;
+    __syncthreads();  // the previous slot's readers are done with kbuf / vbuf
+    if (hd % 4 == 0 && reinterpret_cast<uintptr_t>(kc) % 16 == 0) {
+      const int hv = hd / 4;
+#pragma unroll 4
+      for (int i = tid; i < cs * hv; i += kAttnThreads) {
+        const int key = i / hv, t4 = i % hv;
+        const int64_t off = key * stride + static_cast<int64_t>(g) * hd;
+        const float4 kx = __ldg(reinterpret_cast<const float4*>(kc + off) + t4);
+        const float4 vx = __ldg(reinterpret_cast<const float4*>(vc + off) + t4);
+        *reinterpret_cast<float4*>(kbuf + key * ks + 4 * t4) = kx;
+        *reinterpret_cast<float4*>(vbuf + key * hd + 4 * t4) = vx;
+      }
+    } else {
+      for (int i = tid; i < cs * hd; i += kAttnThreads) {
+        const int key = i / hd, t = i % hd;
+        const int64_t off = key * stride + static_cast<int64_t>(g) * hd + t;
+        kbuf[key * ks + t] = __ldg(kc + off);
+        vbuf[key * hd + t] = __ldg(vc + off);
+      }
+    }
+    __syncthreads();
+    for (int hh = warp; hh < group; hh += kAttnWarps) {
+      warp_attend::WarpAttend<kHd>(qbuf + hh * hd, kbuf, vbuf, pbuf + warp * cs, ks, cs, hd,
+                                   scale, w, /*accumulate=*/true, obuf + hh * hd, lane);
+    }
+  }
+  __syncthreads();
+  float* orow = out + (row * nh + static_cast<int64_t>(g) * group) * hd;
+  for (int i = tid; i < group * hd; i += kAttnThreads) orow[i] = obuf[i];
+}
+
+template <int kHd, class... Args>
+absl::Status LaunchSparse(Context& ctx, unsigned blocks, size_t smem, Args... args) {
+  RETURN_IF_ERROR(PrepareSmem(ctx, SparseChunkAttentionKernel<kHd>, smem, "SparseChunkAttention"));
+  return Launch(ctx, SparseChunkAttentionKernel<kHd>, blocks, kAttnThreads, smem, args...);
+}
+
+
+// ---- bf16 tensor-core path ----
+
+constexpr int kMmaHd = 64;     // head dim
+constexpr int kMmaKeys = 64;   // keys per chunk
+constexpr int kMmaGroup = 16;  // query heads per kv head: the MMA's M
+constexpr int kStagedElems = 2 * kMmaKeys * kMmaHd;  // bf16 K [key][dim], then V^T [dim][key]
+constexpr int kMmaWarps = 4;
+constexpr int kStageThreads = 256;
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// d += a (16x16, row) * b (16x8, col); bf16 in, f32 accumulate.
+__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Staged block of (sequence, chunk, kv head) = item, in [num_seqs][max_chunks][nkv] order.
+__device__ __forceinline__ const __nv_bfloat16* StagedChunk(const __nv_bfloat16* staging,
+                                                            int64_t seq, int64_t chunk,
+                                                            int64_t max_chunks, int nkv, int g) {
+  return staging + ((seq * max_chunks + chunk) * nkv + g) * kStagedElems;
+}
+
+// One block per (sequence, chunk, kv head): K row-major as stored, V transposed through shared
+// memory. Chunks past a sequence's count or without K/V are left unwritten (never read).
+__global__ void __launch_bounds__(kStageThreads)
+    StageChunksBf16Kernel(ChunkMemoryBatch mem, int nkv, int64_t max_chunks,
+                          __nv_bfloat16* __restrict__ staging) {
+  AllowDependentGrids();
+  WaitForPriorGrids();  // K/V may come from earlier kernels; staging may still be read
+  __shared__ float vs[kMmaKeys][kMmaHd + 1];
+  const int64_t item = blockIdx.x;
+  const int g = static_cast<int>(item % nkv);
+  const int64_t seq = item / nkv / max_chunks, c = item / nkv % max_chunks;
+  if (c >= mem.num_chunks[seq]) return;
+  const float* kc = mem.chunk_kv[seq][c];
+  if (kc == nullptr) return;
+  const int64_t stride = static_cast<int64_t>(nkv) * kMmaHd;  // between keys
+  const float* vc = kc + kMmaKeys * stride;
+  __nv_bfloat16* dst = staging + item * kStagedElems;
+  uint32_t* kdst = reinterpret_cast<uint32_t*>(dst);
+  for (int i = threadIdx.x; i < kMmaKeys * kMmaHd / 2; i += kStageThreads) {
+    const int key = i / (kMmaHd / 2), d = 2 * (i % (kMmaHd / 2));
+    const float* src = kc + key * stride + g * kMmaHd + d;
+    kdst[i] = PackBf16(__ldg(src), __ldg(src + 1));
+    vs[key][d] = __ldg(vc + key * stride + g * kMmaHd + d);
+    vs[key][d + 1] = __ldg(vc + key * stride + g * kMmaHd + d + 1);
+  }
+  __syncthreads();
+  uint32_t* vdst = reinterpret_cast<uint32_t*>(dst + kMmaKeys * kMmaHd);
+  for (int i = threadIdx.x; i < kMmaHd * kMmaKeys / 2; i += kStageThreads) {
+    const int d = i / (kMmaKeys / 2), key = 2 * (i % (kMmaKeys / 2));
+    vdst[i] = PackBf16(vs[key][d], vs[key + 1][d]);
+  }
+}
+
+// Loads 8 consecutive floats (16-byte aligned) as bf16 pairs.
+__device__ __forceinline__ void LoadRow8(const float* p, float (&x)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+
+// A warp per (row, kv head) item; lane = 4 * g8 + t in the MMA fragment layouts.
+//
+// Dims: in the QK^T product, 32-dim block `blk` and k-step `st`, the logical k index 2t + e maps
+// to dim 32 blk + 8t + 4st + e and 2t + 8 + e to 32 blk + 8t + 4st + 2 + e, so a lane's Q and K
+// operands for both k-steps of a block are the 8 consecutive dims 32 blk + 8t ... + 7.
+// Keys: column c = 2t' + e of S tile i (8 keys) is key 16 (i / 2) + 4t' + 2 (i % 2) + e, so in the
+// PV product (k-step j = S tiles 2j and 2j + 1) a lane's V^T operand is the 4 consecutive keys
+// 16j + 4t ... + 3 of one dim.
+__global__ void __launch_bounds__(kMmaWarps * kWarp)
+    SparseChunkAttentionMmaKernel(const float* __restrict__ q, ChunkMemoryBatch mem,
+                                  const int32_t* __restrict__ indices,
+                                  const float* __restrict__ weights, int rheads, int k, int nkv,
+                                  int64_t items, int64_t max_chunks,
+                                  const __nv_bfloat16* __restrict__ staging, float scale_log2,
+                                  float* __restrict__ out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int g8 = lane / 4, t = lane % 4;
+  const int nh = nkv * kMmaGroup;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmaWarps + warp; item < items;
+       item += static_cast<int64_t>(gridDim.x) * kMmaWarps) {
+    const int64_t row = item / nkv;
+    const int g = static_cast<int>(item % nkv);
+    const int e = g * rheads / nkv;
+    const float* qg = q + (row * nh + g * kMmaGroup) * kMmaHd;
+
+    uint32_t qa[2][2][4];  // [dim block][k-step][A register]
+#pragma unroll
+    for (int blk = 0; blk < 2; ++blk) {
+      float x0[8], x1[8];  // heads g8 and g8 + 8
+      LoadRow8(qg + g8 * kMmaHd + 32 * blk + 8 * t, x0);
+      LoadRow8(qg + (g8 + 8) * kMmaHd + 32 * blk + 8 * t, x1);
+#pragma unroll
+      for (int st = 0; st < 2; ++st) {
+        qa[blk][st][0] = PackBf16(x0[4 * st], x0[4 * st + 1]);
+        qa[blk][st][1] = PackBf16(x1[4 * st], x1[4 * st + 1]);
+        qa[blk][st][2] = PackBf16(x0[4 * st + 2], x0[4 * st + 3]);
+        qa[blk][st][3] = PackBf16(x1[4 * st + 2], x1[4 * st + 3]);
+      }
+    }
+
+    float o[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+
+    const int32_t seq = mem.row_seq[row];
+    const int64_t num_chunks = mem.num_chunks[seq];
+    const float* const* table = mem.chunk_kv[seq];
+    const int32_t* idx = indices + (row * rheads + e) * k;
+    const float* wt = weights + (row * rheads + e) * k;
+    for (int j = 0; j < k; ++j) {
+      const int32_t c = idx[j];
+      const float w = wt[j];
+      // Same skips as the f32 path (and the CPU, which rejects what is out of range).
+      if (c < 0 || c >= num_chunks || w == 0.0f || table[c] == nullptr) continue;
+      const __nv_bfloat16* kb = StagedChunk(staging, seq, c, max_chunks, nkv, g);
+      const __nv_bfloat16* vt = kb + kMmaKeys * kMmaHd;
+
+      uint4 kf[8][2];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int key = 16 * (i / 2) + 4 * (g8 / 2) + 2 * (i % 2) + g8 % 2;
+        const uint4* kr = reinterpret_cast<const uint4*>(kb + key * kMmaHd + 8 * t);
+        kf[i][0] = __ldg(kr);
+        kf[i][1] = __ldg(kr + 4);  // dims 32 + 8t ...
+      }
+      uint2 vf[4][8];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          vf[jj][nt] =
+              __ldg(reinterpret_cast<const uint2*>(vt + (8 * nt + g8) * kMmaKeys + 16 * jj + 4 * t));
+        }
+      }
+
+      float s[8][4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        Mma16816(s[i], qa[0][0], kf[i][0].x, kf[i][0].y);
+        Mma16816(s[i], qa[0][1], kf[i][0].z, kf[i][0].w);
+        Mma16816(s[i], qa[1][0], kf[i][1].x, kf[i][1].y);
+        Mma16816(s[i], qa[1][1], kf[i][1].z, kf[i][1].w);
+      }
+      // Softmax over the chunk's 64 keys for heads g8 (s[.][0..1]) and g8 + 8 (s[.][2..3]); a
+      // head's row is spread over the 4 lanes of a quad.
+      float m0 = -INFINITY, m1 = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        m0 = fmaxf(m0, fmaxf(s[i][0], s[i][1]));
+        m1 = fmaxf(m1, fmaxf(s[i][2], s[i][3]));
+      }
+#pragma unroll
+      for (int m = 1; m <= 2; m <<= 1) {
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, m));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, m));
+      }
+      float l0 = 0.0f, l1 = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s[i][0] = exp2f((s[i][0] - m0) * scale_log2);
+        s[i][1] = exp2f((s[i][1] - m0) * scale_log2);
+        s[i][2] = exp2f((s[i][2] - m1) * scale_log2);
+        s[i][3] = exp2f((s[i][3] - m1) * scale_log2);
+        l0 += s[i][0] + s[i][1];
+        l1 += s[i][2] + s[i][3];
+      }
+#pragma unroll
+      for (int m = 1; m <= 2; m <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, m);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, m);
+      }
+      const float f0 = w / l0, f1 = w / l1;  // the chunk's weight folded into P
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const uint32_t pa[4] = {PackBf16(s[2 * jj][0] * f0, s[2 * jj][1] * f0),
+                                PackBf16(s[2 * jj][2] * f1, s[2 * jj][3] * f1),
+                                PackBf16(s[2 * jj + 1][0] * f0, s[2 * jj + 1][1] * f0),
+                                PackBf16(s[2 * jj + 1][2] * f1, s[2 * jj + 1][3] * f1)};
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) Mma16816(o[nt], pa, vf[jj][nt].x, vf[jj][nt].y);
+      }
+    }
+
+    float* og = out + (row * nh + g * kMmaGroup) * kMmaHd;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      *reinterpret_cast<float2*>(og + g8 * kMmaHd + 8 * nt + 2 * t) = make_float2(o[nt][0], o[nt][1]);
+      *reinterpret_cast<float2*>(og + (g8 + 8) * kMmaHd + 8 * nt + 2 * t) =
+          make_float2(o[nt][2], o[nt][3]);
+    }
+  }
+}
+
+// Prefill-shaped: enough rows that staging every chunk of the batch once costs less than the
+// attention reads it saves (each staged chunk is read at least once on average). Decode batches
+// (a row per sequence) never qualify.
+constexpr int64_t kMmaMinRows = 257;
+// Largest staging buffer the path may hold (1M tokens of one sequence need 256 MiB).
+constexpr int64_t kMaxStagingBytes = int64_t{1} << 30;
+
+// "f32" forces the CUDA-core path, "bf16" the tensor-core path where its shapes allow;
+// read per call so tests and benchmarks can switch it.
+enum class SparsePath { kAuto, kF32, kBf16 };
+SparsePath RequestedSparsePath() {
+  const char* v = std::getenv("RAMBA_CUDA_SPARSE_ATTENTION");
+  if (v == nullptr) return SparsePath::kAuto;
+  if (std::strcmp(v, "f32") == 0) return SparsePath::kF32;
+  if (std::strcmp(v, "bf16") == 0) return SparsePath::kBf16;
+  return SparsePath::kAuto;
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Returns false (nothing launched) when the call does not fit the tensor-core path.
+absl::StatusOr<bool> SparseAttentionMma(Context& ctx, const float* q, int64_t rows,
+                                        const ChunkMemoryBatch& mem, const int32_t* indices,
+                                        const float* weights, int64_t rheads, int64_t top_k,
+                                        int64_t nh, int64_t nkv, int64_t hd, int64_t chunk_size,
+                                        float* out) {
+  const SparsePath path = RequestedSparsePath();
+  if (path == SparsePath::kF32) return false;
+  if (hd != kMmaHd || chunk_size != kMmaKeys || nh != kMmaGroup * nkv) return false;
+  if (mem.num_seqs <= 0 || mem.max_num_chunks <= 0 || !Aligned16(q) || !Aligned16(out)) {
+    return false;
+  }
+  const int64_t staged = mem.num_seqs * mem.max_num_chunks * nkv;
+  const int64_t bytes = staged * kStagedElems * static_cast<int64_t>(sizeof(__nv_bfloat16));
+  if (bytes > kMaxStagingBytes || staged > INT32_MAX) return false;
+  if (path == SparsePath::kAuto &&
+      (rows < kMmaMinRows || rows * top_k < mem.num_seqs * mem.max_num_chunks)) {
+    return false;
+  }
+  ASSIGN_OR_RETURN(void* scratch, ctx.Scratch(ScratchSlot::kSparseKv, static_cast<size_t>(bytes)));
+  auto* staging = static_cast<__nv_bfloat16*>(scratch);
+  RETURN_IF_ERROR(Launch(ctx, StageChunksBf16Kernel, static_cast<unsigned>(staged), kStageThreads,
+                         0, mem, static_cast<int>(nkv), mem.max_num_chunks, staging));
+  const int64_t items = rows * nkv;
+  const int64_t blocks = std::min<int64_t>((items + kMmaWarps - 1) / kMmaWarps, INT32_MAX);
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));
+  RETURN_IF_ERROR(Launch(ctx, SparseChunkAttentionMmaKernel, static_cast<unsigned>(blocks),
+                         kMmaWarps * kWarp, 0, q, mem, indices, weights, static_cast<int>(rheads),
+                         static_cast<int>(top_k), static_cast<int>(nkv), items,
+                         mem.max_num_chunks, staging, scale_log2, out));
+  return true;
+}
+
+}  // namespace
+
+absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
+                                  const ChunkMemoryBatch& mem, const int32_t* indices,
+                                  const float* weights, int64_t retrieval_heads, int64_t top_k,
+                                  int64_t nh, int64_t nkv, int64_t hd, int64_t chunk_size,
+                                  float* out) {
+  if (rows == 0) return absl::OkStatus();
+  if (hd > 4096 || nh > 65536 || chunk_size > 65536 || top_k > INT32_MAX ||
+      rows * nkv > INT32_MAX) {
+    return absl::UnimplementedError("SparseChunkAttention: sizes beyond the CUDA kernel's limits");
+  }
+  ASSIGN_OR_RETURN(const bool done, SparseAttentionMma(ctx, q, rows, mem, indices, weights,
+                                                      retrieval_heads, top_k, nh, nkv, hd,
+                                                      chunk_size, out));
+  if (done) return absl::OkStatus();
+  const int ihd = static_cast<int>(hd), cs = static_cast<int>(chunk_size);
+  const int group = static_cast<int>(nh / nkv);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const size_t smem = SparseSmemBytes(cs, ihd, group);
+  const unsigned blocks = static_cast<unsigned>(rows * nkv);
+  const int rheads = static_cast<int>(retrieval_heads), k = static_cast<int>(top_k);
+  const int inh = static_cast<int>(nh), inkv = static_cast<int>(nkv);
+  // Specialised head dims unroll the dot products; the generic kernel handles the rest.
+  if (hd == 64) {
+    return LaunchSparse<64>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
+                            cs, scale, out);
+  }
+  if (hd == 32) {
+    return LaunchSparse<32>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
+                            cs, scale, out);
+  }
+  return LaunchSparse<0>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd, cs,
+                         scale, out);
+}
+
+}  // namespace ramba::kernels::cuda
