@@ -4,7 +4,9 @@
 //
 // Two paths:
 //  - f32 (every shape; decode): a block per (row, kv head) stages each selected chunk's f32 K/V in
-//    shared memory once and its warps run the group's query heads over it on CUDA cores.
+//    shared memory once and its warps run the group's query heads over it on CUDA cores. When
+//    that is too few blocks for the GPU (decode), a block per (row, kv head, slot) instead, and a
+//    second kernel sums the slots.
 //  - bf16 tensor cores (prefill-shaped calls of the 370M shapes: head dim 64, chunks of 64 keys,
 //    16 query heads per kv head, as in the paper's kernel). One pass converts the batch's chunks
 //    to bf16 (K as stored, V transposed) once per call; then a warp per (row, kv head) computes
@@ -56,7 +58,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     SparseChunkAttentionKernel(const float* __restrict__ q, ChunkMemoryBatch mem,
                                const int32_t* __restrict__ indices,
                                const float* __restrict__ weights, int rheads, int k, int nh,
-                               int nkv, int hd_rt, int cs, float scale, float* __restrict__ out) {
+                               int nkv, int hd_rt, int cs, float scale, bool split,
+                               float* __restrict__ out) {
   AllowDependentGrids();
   WaitForPriorGrids();
   const int hd = kHd > 0 ? kHd : hd_rt;
@@ -68,8 +71,13 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   float* qbuf = vbuf + cs * hd;                   // [group][hd]
   float* obuf = qbuf + group * hd;                // [group][hd]
   float* pbuf = obuf + group * hd;                // [warps][cs]
-  const int64_t row = blockIdx.x / nkv;
-  const int g = static_cast<int>(blockIdx.x % nkv);
+  // split: a block per (row, kv head, slot), writing that slot's weighted output to `out` as a
+  // partial [blocks][group][hd] (SumSlotsKernel adds them up); else a block per (row, kv head).
+  const int64_t item = split ? blockIdx.x / k : blockIdx.x;
+  const int j_begin = split ? static_cast<int>(blockIdx.x % k) : 0;
+  const int j_end = split ? j_begin + 1 : k;
+  const int64_t row = item / nkv;
+  const int g = static_cast<int>(item % nkv);
   const int e = g * rheads / nkv;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
 
@@ -87,7 +95,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   const int64_t stride = static_cast<int64_t>(nkv) * hd;  // between keys of one chunk
   const int64_t kv_half = static_cast<int64_t>(cs) * stride;
 
-  for (int j = 0; j < k; ++j) {
+  for (int j = j_begin; j < j_end; ++j) {
     // Block-uniform: every thread reads the same slot.
     const int32_t c = idx[j];
     const float w = wt[j];
@@ -122,8 +130,25 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     }
   }
   __syncthreads();
-  float* orow = out + (row * nh + static_cast<int64_t>(g) * group) * hd;
+  float* orow = split ? out + static_cast<int64_t>(blockIdx.x) * group * hd
+                      : out + (row * nh + static_cast<int64_t>(g) * group) * hd;
   for (int i = tid; i < group * hd; i += kAttnThreads) orow[i] = obuf[i];
+}
+
+// out[row, g * group + h, :] = sum over slots j, in slot order from 0, of the split kernel's
+// partials: the same additions as the one-block-per-row kernel, so the same bits.
+__global__ void __launch_bounds__(256)
+    SumSlotsKernel(const float* __restrict__ partials, int k, int64_t width, int64_t total,
+                   float* __restrict__ out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int64_t item = i / width, x = i % width;  // item = row * nkv + g; out is [items][width]
+  const float* p = partials + item * k * width + x;
+  float acc = 0.0f;
+  for (int j = 0; j < k; ++j) acc += p[j * width];
+  out[i] = acc;
 }
 
 template <int kHd, class... Args>
@@ -415,20 +440,36 @@ absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
   const int group = static_cast<int>(nh / nkv);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const size_t smem = SparseSmemBytes(cs, ihd, group);
-  const unsigned blocks = static_cast<unsigned>(rows * nkv);
   const int rheads = static_cast<int>(retrieval_heads), k = static_cast<int>(top_k);
   const int inh = static_cast<int>(nh), inkv = static_cast<int>(nkv);
+  // Too few (row, kv head) blocks to fill the GPU (decode): a block per slot as well, so a row's
+  // chunks are read by K SMs at once instead of one after another, then a sum over the slots.
+  const int64_t items = rows * nkv;
+  const char* split_env = std::getenv("RAMBA_CUDA_SPARSE_SPLIT");  // "0": measure without it
+  const bool split = k > 1 && items < 2 * std::max(ctx.num_sms, 1) && items * k <= INT32_MAX &&
+                     !(split_env != nullptr && std::strcmp(split_env, "0") == 0);
+  float* dst = out;
+  if (split) {
+    const size_t bytes = static_cast<size_t>(items * k * group * hd) * sizeof(float);
+    ASSIGN_OR_RETURN(void* scratch, ctx.Scratch(ScratchSlot::kAttention, bytes));
+    dst = static_cast<float*>(scratch);
+  }
+  const unsigned blocks = static_cast<unsigned>(split ? items * k : items);
   // Specialised head dims unroll the dot products; the generic kernel handles the rest.
   if (hd == 64) {
-    return LaunchSparse<64>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
-                            cs, scale, out);
+    RETURN_IF_ERROR(LaunchSparse<64>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh,
+                                     inkv, ihd, cs, scale, split, dst));
+  } else if (hd == 32) {
+    RETURN_IF_ERROR(LaunchSparse<32>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh,
+                                     inkv, ihd, cs, scale, split, dst));
+  } else {
+    RETURN_IF_ERROR(LaunchSparse<0>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh,
+                                    inkv, ihd, cs, scale, split, dst));
   }
-  if (hd == 32) {
-    return LaunchSparse<32>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd,
-                            cs, scale, out);
-  }
-  return LaunchSparse<0>(ctx, blocks, smem, q, mem, indices, weights, rheads, k, inh, inkv, ihd, cs,
-                         scale, out);
+  if (!split) return absl::OkStatus();
+  const int64_t width = static_cast<int64_t>(group) * hd, total = items * width;
+  return Launch(ctx, SumSlotsKernel, static_cast<unsigned>((total + 255) / 256), 256, 0, dst, k,
+                width, total, out);
 }
 
 }  // namespace ramba::kernels::cuda
