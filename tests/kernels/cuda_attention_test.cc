@@ -570,6 +570,31 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionDecodeAndPrefillShapes) {
   }
 }
 
+TEST_F(CudaAttentionOpsTest, SparseAttentionRowsSharingChunks) {
+  // Neighbouring rows that picked the same chunks (as trained models' neighbouring tokens do):
+  // rows copy the selection of the first row of their group of 8 (two of three rows), or of the
+  // group of 16, or keep their own.
+  Memory m;
+  m.dim = 128;
+  m.kv_floats = 2 * kChunk * 64;
+  const int s0 = m.AddSequence(300, 400);
+  const int s1 = m.AddSequence(40, 401);
+  for (int64_t i = 0; i < 1200; ++i) m.AddRow(i < 1000 ? s0 : s1, 40 * kChunk + i % 700);
+  Upload(&m);
+  Selection sel = CheckRetrieve(m, 1, 8, 402);
+  for (int64_t r = 0; r < m.rows(); ++r) {
+    const int64_t from = r % 3 == 0 ? r : (r % 5 == 0 ? r / 16 * 16 : r / 8 * 8);
+    if (m.row_seq[from] != m.row_seq[r]) continue;
+    std::copy_n(sel.idx.begin() + from * 8, 8, sel.idx.begin() + r * 8);
+    std::copy_n(sel.w.begin() + from * 8, 8, sel.w.begin() + r * 8);
+  }
+  m.AddRow(s1, 3);  // selects nothing
+  Upload(&m);
+  sel.idx.insert(sel.idx.end(), 8, -1);
+  sel.w.insert(sel.w.end(), 8, 0.0f);
+  EXPECT_EQ(CheckSparse(m, sel, 1, 8, 16, 1, 64, kChunk, 403), Path::kBf16);
+}
+
 // ---------------- BlockAttention ----------------
 
 TEST_F(CudaAttentionOpsTest, BlockAttentionMatchesCpu) {
