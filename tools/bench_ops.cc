@@ -86,8 +86,10 @@ int main(int argc, char** argv) {
   if (tflops <= 0 || (selection != "token" && selection != "block")) {
     return Fail(absl::InvalidArgumentError("--tflops must be positive, --selection token|block"));
   }
-  std::printf("device=%s copy bandwidth %.0f GB/s; prefill floor at %.0f TFLOP/s\n",
-              std::string(be->name()).c_str(), bw, tflops);
+  const double l2_bw = ramba::bench::MeasureCachedCopyBandwidth(be);
+  std::printf("device=%s copy bandwidth %.0f GB/s (L2-resident copies: %.0f GB/s); prefill floor "
+              "at %.0f TFLOP/s\n",
+              std::string(be->name()).c_str(), bw, l2_bw, tflops);
 
   for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_lengths), ',')) {
     int64_t L = 0;
@@ -164,6 +166,14 @@ int main(int argc, char** argv) {
         RETURN_IF_ERROR(be->Upload(w.data(), hw.data(), hw.size() * sizeof(float)));
       }
       const double t_att = MedianSeconds(be, reps, attend);
+      // Prefill: every selected (row, chunk) pair reads the chunk's K/V (16 KiB in bf16) unless
+      // rows share it.
+      int64_t pairs = 0;
+      if (!decode) {
+        std::vector<int32_t> hi(rows * kTopK);
+        RETURN_IF_ERROR(be->Download(hi.data(), idx.data(), hi.size() * sizeof(int32_t)));
+        pairs = std::count_if(hi.begin(), hi.end(), [](int32_t c) { return c >= 0; });
+      }
       if (decode) {
         const double bytes = rows * (chunks * rdim * 4.0 + kTopK * kv_floats * 4.0);
         const double floor = bytes / (bw * 1e9);
@@ -175,10 +185,13 @@ int main(int argc, char** argv) {
       } else {
         const double flops = 4.0 * rows * nh * kTopK * kChunk * kHeadDim;
         const double floor = flops / (tflops * 1e12);
+        const double chunk_bytes = pairs * 2.0 * kChunk * kHeadDim * 2;
         std::printf("prefill L=%8lld selection=%s: sparse attention %8.3f ms (FLOP floor %.3f ms "
-                    "at %.0f TFLOP/s, %.2fx) | retrieval %8.3f ms\n",
+                    "at %.0f TFLOP/s, %.2fx; unshared chunk reads %.2f GB = %.2f TB/s) | "
+                    "retrieval %8.3f ms\n",
                     static_cast<long long>(L), selection.c_str(), 1e3 * t_att, 1e3 * floor,
-                    tflops, t_att / floor, 1e3 * t_ret);
+                    tflops, t_att / floor, chunk_bytes / 1e9, chunk_bytes / t_att / 1e12,
+                    1e3 * t_ret);
       }
       return absl::OkStatus();
     };
