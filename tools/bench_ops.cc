@@ -86,10 +86,8 @@ int main(int argc, char** argv) {
   if (tflops <= 0 || (selection != "token" && selection != "block")) {
     return Fail(absl::InvalidArgumentError("--tflops must be positive, --selection token|block"));
   }
-  const double l2_bw = ramba::bench::MeasureCachedCopyBandwidth(be);
-  std::printf("device=%s copy bandwidth %.0f GB/s (L2-resident copies: %.0f GB/s); prefill floor "
-              "at %.0f TFLOP/s\n",
-              std::string(be->name()).c_str(), bw, l2_bw, tflops);
+  std::printf("device=%s copy bandwidth %.0f GB/s; prefill floor at %.0f TFLOP/s\n",
+              std::string(be->name()).c_str(), bw, tflops);
 
   for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_lengths), ',')) {
     int64_t L = 0;

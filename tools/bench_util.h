@@ -47,25 +47,6 @@ inline double MeasureCopyBandwidth(kernels::Backend* be) {
   return 2.0 * bytes / s / 1e9;
 }
 
-// The same for copies small enough that source and destination stay in the GPU's L2 cache
-// (2 x 8 MiB): `copies` back-to-back copies per timing, so launch gaps do not dominate. A proxy
-// for the L2 bandwidth that kernels re-reading an L2-resident working set are bound by.
-inline double MeasureCachedCopyBandwidth(kernels::Backend* be, size_t bytes = size_t{8} << 20,
-                                         int copies = 64) {
-  auto a = be->Allocate(bytes);
-  auto b = be->Allocate(bytes);
-  if (!a.ok() || !b.ok()) return 0;
-  const double s = MedianSeconds(be, 5, [&] {
-    for (int i = 0; i < copies; ++i) {
-      auto st = i % 2 == 0 ? be->Copy(b->data(), a->data(), bytes)
-                           : be->Copy(a->data(), b->data(), bytes);
-      if (!st.ok()) return st;
-    }
-    return absl::OkStatus();
-  });
-  return 2.0 * bytes * copies / s / 1e9;
-}
-
 }  // namespace ramba::bench
 
 #endif  // RAMBA_TOOLS_BENCH_UTIL_H_
