@@ -121,6 +121,13 @@ void Buffer::Reset() {
   bytes_ = 0;
 }
 
+absl::Status Backend::RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
+                                    const float* norm_weight, float eps, float* xn, MatrixView w,
+                                    float* y, int64_t ldy) {
+  RETURN_IF_ERROR(RmsNorm(x, ldx, norm_weight, xn, ldx, m, w.cols, eps));
+  return Matmul(xn, ldx, m, w, nullptr, y, ldy, false);
+}
+
 absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
   const SsmParams& p = a.ssm;
   const int64_t d_inner = p.nheads * p.headdim;

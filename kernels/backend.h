@@ -162,6 +162,14 @@ class Backend {
   virtual absl::Status Matmul(const float* x, int64_t ldx, int64_t m, MatrixView w,
                               const float* bias, float* y, int64_t ldy, bool accumulate) = 0;
 
+  // y[m, n] = RmsNorm(x; norm_weight, eps) * w^T, k = w.cols: the norm of the rows of x feeding a
+  // projection (a layer's in_proj, the LM head). xn [m, k] with row stride ldx is scratch: the
+  // default runs RmsNorm into it and then Matmul; a backend may fuse the two (same values) and
+  // leave xn unwritten.
+  virtual absl::Status RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
+                                     const float* norm_weight, float eps, float* xn, MatrixView w,
+                                     float* y, int64_t ldy);
+
   // y = x * rsqrt(mean(x^2) + eps) * weight, per row of `dim` values. y may alias x.
   virtual absl::Status RmsNorm(const float* x, int64_t ldx, const float* weight, float* y,
                                int64_t ldy, int64_t rows, int64_t dim, float eps) = 0;

@@ -188,8 +188,8 @@ absl::Status RambaModel::MambaBlock(const Batch& b, int64_t layer) {
   ASSIGN_OR_RETURN(float* y, ws.Get<float>(W::kY, rows * d_inner));
   ASSIGN_OR_RETURN(float* g, ws.Get<float>(W::kG, rows * d_inner));
   const MambaWeights& mw = weights_.mamba[layer];
-  RETURN_IF_ERROR(be->RmsNorm(h, d, mw.norm.data(), xn, d, rows, d, c.layer_norm_epsilon));
-  RETURN_IF_ERROR(be->Matmul(xn, d, rows, mw.in_proj.view, nullptr, zxbcdt, P, false));
+  RETURN_IF_ERROR(be->RmsNormMatmul(h, d, rows, mw.norm.data(), c.layer_norm_epsilon, xn,
+                                    mw.in_proj.view, zxbcdt, P));
   kernels::MambaMixerArgs m;
   m.zxbcdt = zxbcdt;
   m.ld = P;
@@ -334,11 +334,10 @@ absl::StatusOr<float*> RambaModel::Head(const float* src, int64_t rows) {
   using W = Workspace;
   const int64_t d = c.hidden_size;
   ASSIGN_OR_RETURN(float* normed, ws.Get<float>(W::kNorm, rows * d));
-  RETURN_IF_ERROR(backend_->RmsNorm(src, d, weights_.norm_f.data(), normed, d, rows, d,
-                                    c.layer_norm_epsilon));
   ASSIGN_OR_RETURN(float* out, ws.Get<float>(W::kLogits, rows * c.vocab_size));
-  RETURN_IF_ERROR(backend_->Matmul(normed, d, rows, weights_.lm_head.view, nullptr, out,
-                                   c.vocab_size, false));
+  RETURN_IF_ERROR(backend_->RmsNormMatmul(src, d, rows, weights_.norm_f.data(),
+                                          c.layer_norm_epsilon, normed, weights_.lm_head.view,
+                                          out, c.vocab_size));
   return out;
 }
 

@@ -236,6 +236,25 @@ absl::Status CudaBackend::Matmul(const float* x, int64_t ldx, int64_t m, MatrixV
   return cuda::Matmul(*this, x, ldx, m, w, bias, y, ldy, accumulate);
 }
 
+absl::Status CudaBackend::RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
+                                        const float* norm_weight, float eps, float* xn,
+                                        MatrixView w, float* y, int64_t ldy) {
+  constexpr std::string_view kOp = "RmsNormMatmul";
+  RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
+  if (m == 0 || w.rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, x != nullptr && y != nullptr && w.data != nullptr && xn != nullptr &&
+                           norm_weight != nullptr,
+                  "null pointer");
+  RAMBA_CHECK_ARG(kOp, w.cols > 0, "k must be positive");
+  RAMBA_CHECK_ARG(kOp, ldx >= w.cols, "ldx below k");
+  RAMBA_CHECK_ARG(kOp, ldy >= w.rows, "ldy below n");
+  RAMBA_CHECK_ARG(kOp, ValidWeightDtype(w.dtype), "unsupported weight dtype");
+  RAMBA_CHECK_ARG(kOp, m <= INT_MAX && w.rows <= INT_MAX && w.cols <= INT_MAX && ldx <= INT_MAX &&
+                           ldy <= INT_MAX,
+                  "size exceeds INT_MAX");
+  return cuda::RmsNormMatmul(*this, x, ldx, m, norm_weight, eps, xn, w, y, ldy);
+}
+
 absl::Status CudaBackend::RmsNorm(const float* x, int64_t ldx, const float* weight, float* y,
                                   int64_t ldy, int64_t rows, int64_t dim, float eps) {
   RAMBA_CHECK_ARG("RmsNorm", rows >= 0 && dim >= 0, "negative size");

@@ -35,6 +35,8 @@ class CudaBackend : public Backend, public cuda::Context {
   absl::Status Embed(const int32_t* tokens, int64_t n, MatrixView table, float* out) override;
   absl::Status Matmul(const float* x, int64_t ldx, int64_t m, MatrixView w, const float* bias,
                       float* y, int64_t ldy, bool accumulate) override;
+  absl::Status RmsNormMatmul(const float* x, int64_t ldx, int64_t m, const float* norm_weight,
+                             float eps, float* xn, MatrixView w, float* y, int64_t ldy) override;
   absl::Status RmsNorm(const float* x, int64_t ldx, const float* weight, float* y, int64_t ldy,
                        int64_t rows, int64_t dim, float eps) override;
   absl::Status GatedRmsNorm(const float* y, int64_t ldy, const float* z, int64_t ldz,

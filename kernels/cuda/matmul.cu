@@ -22,8 +22,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string_view>
 #include <tuple>
 
+#include "base/status_macros.h"
 #include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
@@ -66,6 +68,11 @@ struct SmallMArgs {
   int ldy;
   bool accumulate;
   float* partials;  // [splits, M, n] when gridDim.y > 1, else null (write y directly)
+  // RMSNorm prologue (RmsNormMatmul): x's rows are normalised as they are staged,
+  // x[i, kk] -> norm_w[kk] * (x[i, kk] * rsqrt(mean_k(x[i, :]^2) + eps)); null: plain x.
+  const float* norm_w;
+  float norm_eps;
+  bool vec_norm;  // the row sums of squares in RmsNormKernel's float4 order
 };
 
 // The 8 weights w[row][kk .. kk + 8), clipped to kk + i < end (zeros beyond).
@@ -109,6 +116,7 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
   constexpr int KT = SmallMShape<M>::kTile;
   constexpr int kSlots = KT / 4;  // float4 slots per staged x row
   __shared__ float4 xs[M][kSlots];
+  __shared__ float norm_scale[M];
 
   const int tid = threadIdx.x;
   const int lane = tid % kGroupLanes;
@@ -144,6 +152,31 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
   if (kb < ke) load_weights(kb, min(ke, kb + KT));
   AllowDependentGrids();
   WaitForPriorGrids();
+  if (a.norm_w != nullptr) {
+    // Every block needs whole rows for the scale: a warp per row, summed as RmsNormKernel does
+    // (decode-sized RmsNorm calls take its block-per-row kernel, so values may differ from
+    // RmsNorm's in the last bit).
+    const int warp = tid / 32, wl = tid % 32;
+    for (int i = warp; i < M; i += kThreads / 32) {
+      const float* xr = a.x + static_cast<int64_t>(i) * a.ldx;
+      float ss = 0.0f;
+      if (a.vec_norm) {
+        for (int v = wl; v < a.k / 4; v += 32) {
+          const float4 q = reinterpret_cast<const float4*>(xr)[v];
+          ss = fmaf(q.x, q.x, ss);
+          ss = fmaf(q.y, q.y, ss);
+          ss = fmaf(q.z, q.z, ss);
+          ss = fmaf(q.w, q.w, ss);
+        }
+      } else {
+        for (int kk = wl; kk < a.k; kk += 32) ss = fmaf(xr[kk], xr[kk], ss);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if (wl == 0) norm_scale[i] = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.norm_eps);
+    }
+    // Read after the staging loop's first barrier.
+  }
 
   for (int t0 = kb; t0 < ke; t0 += KT) {
     const int t1 = min(ke, t0 + KT);
@@ -163,6 +196,14 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
         v.y = kg + 1 < t1 ? src[1] : 0.0f;
         v.z = kg + 2 < t1 ? src[2] : 0.0f;
         v.w = kg + 3 < t1 ? src[3] : 0.0f;
+      }
+      if (a.norm_w != nullptr) {
+        const float sc = norm_scale[i];
+        const float* nw = a.norm_w + kg;
+        v.x = kg < t1 ? nw[0] * (v.x * sc) : 0.0f;
+        v.y = kg + 1 < t1 ? nw[1] * (v.y * sc) : 0.0f;
+        v.z = kg + 2 < t1 ? nw[2] * (v.z * sc) : 0.0f;
+        v.w = kg + 3 < t1 ? nw[3] * (v.w * sc) : 0.0f;
       }
       xs[i][PermutedSlot(cl)] = v;
     }
@@ -275,9 +316,16 @@ absl::Status LaunchBiasEpilogue(Context& ctx, float* y, int ldy, int m, int n, c
                 dim3(kEpilogueThreads), 0, y, ldy, m, n, bias, zero_first);
 }
 
+// RMSNorm prologue of the small-m kernel (null weight: none).
+struct NormPrologue {
+  const float* weight = nullptr;
+  float eps = 0.0f;
+};
+
 template <bool kBf16, int M>
 absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t* w, int n, int k,
-                          const float* bias, float* y, int ldy, bool accumulate) {
+                          const float* bias, float* y, int ldy, bool accumulate,
+                          NormPrologue norm) {
   using Shape = SmallMShape<M>;
   const int col_tile = kGroups * Shape::kCols;
   const int64_t col_blocks = (static_cast<int64_t>(n) + col_tile - 1) / col_tile;
@@ -307,6 +355,9 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
   a.ldy = ldy;
   a.accumulate = accumulate;
   a.partials = nullptr;
+  a.norm_w = norm.weight;
+  a.norm_eps = norm.eps;
+  a.vec_norm = k % 4 == 0 && ldx % 4 == 0 && Aligned(x, 16) && Aligned(norm.weight, 16);
   if (splits > 1) {
     const size_t bytes = static_cast<size_t>(splits) * M * static_cast<size_t>(n) * sizeof(float);
     absl::StatusOr<void*> scratch = ctx.Scratch(ScratchSlot::kMatmulInput, bytes);
@@ -325,11 +376,12 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
 
 template <bool kBf16>
 absl::Status SmallMMatmul(Context& ctx, const float* x, int ldx, int m, const uint16_t* w, int n,
-                          int k, const float* bias, float* y, int ldy, bool accumulate) {
+                          int k, const float* bias, float* y, int ldy, bool accumulate,
+                          NormPrologue norm = {}) {
   switch (m) {
 #define RAMBA_SMALL_M_CASE(M) \
   case M:                     \
-    return LaunchSmallM<kBf16, M>(ctx, x, ldx, w, n, k, bias, y, ldy, accumulate);
+    return LaunchSmallM<kBf16, M>(ctx, x, ldx, w, n, k, bias, y, ldy, accumulate, norm);
     RAMBA_SMALL_M_CASE(1)
     RAMBA_SMALL_M_CASE(2)
     RAMBA_SMALL_M_CASE(3)
@@ -617,6 +669,33 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
   }
   return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldyi, mi, n, bias, false)
                          : absl::OkStatus();
+}
+
+constexpr int64_t kFusedNormMaxRows = kThreads / 32;
+
+absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
+                          const float* norm_weight, float eps, float* xn, MatrixView w, float* y,
+                          int64_t ldy) {
+  // CudaBackend checked as for Matmul, plus norm_weight and xn (ldx-strided, k columns).
+  const int k = static_cast<int>(w.cols);
+  static const bool fused = [] {  // RAMBA_CUDA_FUSED_NORM=0: the two ops (for comparisons)
+    const char* e = std::getenv("RAMBA_CUDA_FUSED_NORM");
+    return e == nullptr || std::string_view(e) != "0";
+  }();
+  // Every block of the GEMM recomputes the rows' norms before its first tile: a warp per row, so
+  // up to 4 rows cost one row's latency. Measured at batch 16 (4 rows per warp) the fused step
+  // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.206 vs 1.265 ms).
+  if (fused && m <= kFusedNormMaxRows && k > 0 && w.dtype != DType::kF32) {
+    const NormPrologue norm{norm_weight, eps};
+    const auto* w16 = static_cast<const uint16_t*>(w.data);
+    const int mi = static_cast<int>(m), n = static_cast<int>(w.rows);
+    const int ldxi = static_cast<int>(ldx), ldyi = static_cast<int>(ldy);
+    return w.dtype == DType::kBF16
+               ? SmallMMatmul<true>(ctx, x, ldxi, mi, w16, n, k, nullptr, y, ldyi, false, norm)
+               : SmallMMatmul<false>(ctx, x, ldxi, mi, w16, n, k, nullptr, y, ldyi, false, norm);
+  }
+  RETURN_IF_ERROR(RmsNorm(ctx, x, ldx, norm_weight, xn, ldx, m, w.cols, eps));
+  return Matmul(ctx, xn, ldx, m, w, nullptr, y, ldy, false);
 }
 
 }  // namespace ramba::kernels::cuda

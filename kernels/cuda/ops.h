@@ -70,6 +70,11 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
 
 // ---- elementwise.cu ----
 absl::Status Embed(Context& ctx, const int32_t* tokens, int64_t n, MatrixView table, float* out);
+// Backend::RmsNormMatmul: the small-m kernel normalises x as it stages it (xn untouched);
+// otherwise RmsNorm into xn, then Matmul.
+absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
+                          const float* norm_weight, float eps, float* xn, MatrixView w, float* y,
+                          int64_t ldy);
 absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
                      int64_t ldy, int64_t rows, int64_t dim, float eps);
 absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float* z, int64_t ldz,

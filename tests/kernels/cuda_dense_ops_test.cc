@@ -252,6 +252,53 @@ TEST_F(CudaDenseOpsTest, MatmulDeterministic) {
   }
 }
 
+// RmsNormMatmul: the small-m kernel's RMSNorm prologue (m <= 4, 16-bit weights) must match
+// RmsNorm followed by Matmul on the GPU (to 1e-6: the row's sum of squares is reduced in another
+// order) and the CPU; larger m and f32 weights run the two ops (bit for bit). Odd k (scalar
+// sums), split k, strided and misaligned x.
+TEST_F(CudaDenseOpsTest, RmsNormMatmulMatchesNormThenMatmul) {
+  struct Case {
+    int64_t m, n, k, ldx_pad, x_off;
+    DType dtype;
+  };
+  uint32_t seed = 8000;
+  for (const Case& c : {Case{1, 4384, 1024, 0, 0, DType::kBF16}, Case{5, 70, 136, 3, 0, DType::kF16},
+                        Case{4, 33, 8200, 0, 0, DType::kBF16}, Case{3, 65, 135, 2, 1, DType::kBF16},
+                        Case{16, 33, 8200, 0, 0, DType::kBF16},
+                        Case{2, 300, 1024, 0, 1, DType::kBF16}, Case{40, 65, 1024, 0, 0, DType::kBF16},
+                        Case{3, 65, 256, 0, 0, DType::kF32}}) {
+    SCOPED_TRACE(::testing::Message() << "m=" << c.m << " n=" << c.n << " k=" << c.k
+                                      << " ldx_pad=" << c.ldx_pad << " x_off=" << c.x_off);
+    const int64_t ldx = c.k + c.ldx_pad;
+    const Mat w = MakeMatrix(c.n, c.k, c.dtype, seed++);
+    const std::vector<float> x = RandomVec(c.m * ldx + c.x_off, seed++, -3.0f, 3.0f);
+    const std::vector<float> nw = RandomVec(c.k, seed++, 0.5f, 1.5f);
+    const float eps = 1e-5f;
+    const float* gx = ToGpu(x) + c.x_off;
+    const float* gnw = ToGpu(nw);
+    float* gxn = Poisoned<float>(c.m * ldx);
+    float* gy = Poisoned<float>(c.m * c.n);
+    ASSERT_TRUE(gpu_->RmsNormMatmul(gx, ldx, c.m, gnw, eps, gxn, w.gpu, gy, c.n).ok());
+    const std::vector<float> fused = FromGpu(gy, c.m * c.n);
+    float* gy2 = Poisoned<float>(c.m * c.n);
+    ASSERT_TRUE(gpu_->RmsNorm(gx, ldx, gnw, gxn, ldx, c.m, c.k, eps).ok());
+    ASSERT_TRUE(gpu_->Matmul(gxn, ldx, c.m, w.gpu, nullptr, gy2, c.n, false).ok());
+    const std::vector<float> unfused = FromGpu(gy2, c.m * c.n);
+    if (c.m > 4 || c.dtype == DType::kF32) {
+      ExpectBitwiseEqual(fused, unfused);
+    } else {
+      EXPECT_LE(NormRelError(fused, unfused), 1e-6);
+    }
+
+    std::vector<float> xn(c.m * ldx), want(c.m * c.n);
+    ASSERT_TRUE(cpu_->RmsNormMatmul(x.data() + c.x_off, ldx, c.m, nw.data(), eps, xn.data(),
+                                    w.cpu(), want.data(), c.n)
+                    .ok());
+    // As in CheckMatmul: the cuBLASLt path (m > 16, 16-bit weights) rounds x to 16 bits.
+    EXPECT_LE(NormRelError(fused, want), c.m <= 16 || c.dtype == DType::kF32 ? 1e-5 : 1e-2);
+  }
+}
+
 // The RAMba-370M decode projections (in_proj, out_proj, lm_head), then a rough timing (printed,
 // not asserted; includes launch overhead).
 TEST_F(CudaDenseOpsTest, Matmul370MDecodeShapes) {
