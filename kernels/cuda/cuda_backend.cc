@@ -212,6 +212,24 @@ absl::StatusOr<void*> CudaBackend::UploadScratch(cuda::ScratchSlot slot, const v
 
 // ---- Ops: host-side argument checks, then the launcher ----
 
+namespace {
+
+// The checks every projection shares (m > 0 and w.rows > 0 here).
+absl::Status CheckMatmulArgs(std::string_view op, const float* x, int64_t ldx, int64_t m,
+                             MatrixView w, const float* y, int64_t ldy) {
+  RAMBA_CHECK_ARG(op, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
+  RAMBA_CHECK_ARG(op, x != nullptr && y != nullptr && w.data != nullptr, "null pointer");
+  RAMBA_CHECK_ARG(op, ldx >= w.cols, "ldx below k");
+  RAMBA_CHECK_ARG(op, ldy >= w.rows, "ldy below n");
+  RAMBA_CHECK_ARG(op, ValidWeightDtype(w.dtype), "unsupported weight dtype");
+  RAMBA_CHECK_ARG(op, m <= INT_MAX && w.rows <= INT_MAX && w.cols <= INT_MAX && ldx <= INT_MAX &&
+                          ldy <= INT_MAX,
+                  "size exceeds INT_MAX");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status CudaBackend::Embed(const int32_t* tokens, int64_t n, MatrixView table, float* out) {
   RAMBA_CHECK_ARG("Embed", n >= 0 && table.rows >= 0 && table.cols >= 0, "negative size");
   if (n == 0 || table.cols == 0) return absl::OkStatus();
@@ -223,16 +241,11 @@ absl::Status CudaBackend::Embed(const int32_t* tokens, int64_t n, MatrixView tab
 
 absl::Status CudaBackend::Matmul(const float* x, int64_t ldx, int64_t m, MatrixView w,
                                  const float* bias, float* y, int64_t ldy, bool accumulate) {
-  constexpr std::string_view kOp = "Matmul";
-  RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
-  if (m == 0 || w.rows == 0) return absl::OkStatus();
-  RAMBA_CHECK_ARG(kOp, x != nullptr && y != nullptr && w.data != nullptr, "null pointer");
-  RAMBA_CHECK_ARG(kOp, ldx >= w.cols, "ldx below k");
-  RAMBA_CHECK_ARG(kOp, ldy >= w.rows, "ldy below n");
-  RAMBA_CHECK_ARG(kOp, ValidWeightDtype(w.dtype), "unsupported weight dtype");
-  RAMBA_CHECK_ARG(kOp, m <= INT_MAX && w.rows <= INT_MAX && w.cols <= INT_MAX && ldx <= INT_MAX &&
-                           ldy <= INT_MAX,
-                  "size exceeds INT_MAX");
+  if (m == 0 || w.rows == 0) {
+    RAMBA_CHECK_ARG("Matmul", m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(CheckMatmulArgs("Matmul", x, ldx, m, w, y, ldy));
   return cuda::Matmul(*this, x, ldx, m, w, bias, y, ldy, accumulate);
 }
 
@@ -240,18 +253,13 @@ absl::Status CudaBackend::RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
                                         const float* norm_weight, float eps, float* xn,
                                         MatrixView w, float* y, int64_t ldy) {
   constexpr std::string_view kOp = "RmsNormMatmul";
-  RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
-  if (m == 0 || w.rows == 0) return absl::OkStatus();
-  RAMBA_CHECK_ARG(kOp, x != nullptr && y != nullptr && w.data != nullptr && xn != nullptr &&
-                           norm_weight != nullptr,
-                  "null pointer");
+  if (m == 0 || w.rows == 0) {
+    RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(CheckMatmulArgs(kOp, x, ldx, m, w, y, ldy));
+  RAMBA_CHECK_ARG(kOp, xn != nullptr && norm_weight != nullptr, "null pointer");
   RAMBA_CHECK_ARG(kOp, w.cols > 0, "k must be positive");
-  RAMBA_CHECK_ARG(kOp, ldx >= w.cols, "ldx below k");
-  RAMBA_CHECK_ARG(kOp, ldy >= w.rows, "ldy below n");
-  RAMBA_CHECK_ARG(kOp, ValidWeightDtype(w.dtype), "unsupported weight dtype");
-  RAMBA_CHECK_ARG(kOp, m <= INT_MAX && w.rows <= INT_MAX && w.cols <= INT_MAX && ldx <= INT_MAX &&
-                           ldy <= INT_MAX,
-                  "size exceeds INT_MAX");
   return cuda::RmsNormMatmul(*this, x, ldx, m, norm_weight, eps, xn, w, y, ldy);
 }
 

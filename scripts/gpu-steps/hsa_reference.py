@@ -16,6 +16,8 @@ import types
 
 import torch
 
+from sdpa_baseline import median_ms  # this folder's: the same timing for both baselines
+
 
 def import_reference():
     path = os.environ.get("RAMBA_REFERENCE_OPS", "")
@@ -33,21 +35,6 @@ def import_reference():
     sys.path.insert(0, path)
     import hsa_triton
     return hsa_triton
-
-
-def median_ms(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def selection(L, q_x, topk, chunk, device):
