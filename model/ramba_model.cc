@@ -305,10 +305,9 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, rows * d));
   ASSIGN_OR_RETURN(float* xn, ws.Get<float>(W::kNorm, rows * d));
   ASSIGN_OR_RETURN(float* r, ws.Get<float>(W::kR, rows * c.retrieval_dim));
-  RETURN_IF_ERROR(be->RmsNorm(h, d, weights_.retrieval.pre_norm.data(), xn, d, rows, d,
-                              c.hsa_norm_eps));
-  RETURN_IF_ERROR(be->Matmul(xn, d, rows, weights_.retrieval.ln.view, nullptr, r,
-                             c.retrieval_dim, false));
+  RETURN_IF_ERROR(be->RmsNormMatmul(h, d, rows, weights_.retrieval.pre_norm.data(),
+                                    c.hsa_norm_eps, xn, weights_.retrieval.ln.view, r,
+                                    c.retrieval_dim));
   ASSIGN_OR_RETURN(int32_t * idx, ws.Get<int32_t>(W::kIdx, rows * heads * K));
   ASSIGN_OR_RETURN(float* wts, ws.Get<float>(W::kW, rows * heads * K));
   RETURN_IF_ERROR(be->RetrieveChunks(r, rows, b.mem, c.retrieval_dim, heads, K, S, idx, wts));
@@ -316,8 +315,8 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   ASSIGN_OR_RETURN(float* ho, ws.Get<float>(W::kHsaO, rows * d));
   int64_t mamba_layer = c.num_lower_layers;
   for (const HsaWeights& hw : weights_.hsa) {
-    RETURN_IF_ERROR(be->RmsNorm(h, d, hw.pre_norm.data(), xn, d, rows, d, c.hsa_norm_eps));
-    RETURN_IF_ERROR(be->Matmul(xn, d, rows, hw.q_proj.view, nullptr, hq, d, false));
+    RETURN_IF_ERROR(be->RmsNormMatmul(h, d, rows, hw.pre_norm.data(), c.hsa_norm_eps, xn,
+                                      hw.q_proj.view, hq, d));
     RETURN_IF_ERROR(be->SparseChunkAttention(hq, rows, b.mem, idx, wts, heads, K,
                                              c.num_attention_heads, c.num_kv_heads,
                                              c.attn_head_dim(), S, ho));

@@ -24,8 +24,7 @@ constexpr int kThreads = kWarps * kWarp;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
 
-// Row stride of staged keys: conflict-free float4 reads (hd % 4 == 0) or scalar reads (odd).
-inline __host__ __device__ int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
+using warp_attend::KeyStride;
 
 size_t SmemBytes(int len, int hd) {
   return sizeof(float) * (static_cast<size_t>(len) * KeyStride(hd) + static_cast<size_t>(len) * hd +
@@ -56,24 +55,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t kv_stride = static_cast<int64_t>(nkv) * hd;
   const int64_t q_stride = static_cast<int64_t>(nh) * hd;
 
-  if (vec_io) {
-    const int hv = hd / 4;
-    for (int i = tid; i < len * hv; i += kThreads) {
-      const int j = i / hv, t4 = i % hv;
-      const int64_t off = (r0 + j) * kv_stride + static_cast<int64_t>(g) * hd;
-      const float4 kx = __ldg(reinterpret_cast<const float4*>(k + off) + t4);
-      const float4 vx = __ldg(reinterpret_cast<const float4*>(v + off) + t4);
-      *reinterpret_cast<float4*>(kbuf + j * ks + 4 * t4) = kx;
-      *reinterpret_cast<float4*>(vbuf + j * hd + 4 * t4) = vx;
-    }
-  } else {
-    for (int i = tid; i < len * hd; i += kThreads) {
-      const int j = i / hd, t = i % hd;
-      const int64_t off = (r0 + j) * kv_stride + static_cast<int64_t>(g) * hd + t;
-      kbuf[j * ks + t] = __ldg(k + off);
-      vbuf[j * hd + t] = __ldg(v + off);
-    }
-  }
+  const int64_t head0 = r0 * kv_stride + static_cast<int64_t>(g) * hd;
+  warp_attend::StageKeysValues<kThreads>(k + head0, v + head0, kv_stride, len, hd, vec_io, kbuf,
+                                         vbuf, tid);
   __syncthreads();
 
   float* qw = qbuf + warp * hd;

@@ -684,7 +684,7 @@ absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
   }();
   // Every block of the GEMM recomputes the rows' norms before its first tile: a warp per row, so
   // up to 4 rows cost one row's latency. Measured at batch 16 (4 rows per warp) the fused step
-  // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.206 vs 1.265 ms).
+  // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.199 vs 1.290 ms).
   if (fused && m <= kFusedNormMaxRows && k > 0 && w.dtype != DType::kF32) {
     const NormPrologue norm{norm_weight, eps};
     const auto* w16 = static_cast<const uint16_t*>(w.data);

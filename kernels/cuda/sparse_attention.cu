@@ -43,8 +43,7 @@ constexpr int kWarp = 32;
 constexpr int kAttnWarps = 8;
 constexpr int kAttnThreads = kAttnWarps * kWarp;
 
-// Row stride of staged keys: conflict-free float4 reads (hd % 4 == 0) or scalar reads (odd).
-inline __host__ __device__ int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
+using warp_attend::KeyStride;
 
 size_t SparseSmemBytes(int cs, int hd, int group) {
   return sizeof(float) *
@@ -104,25 +103,9 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     if (kc == nullptr) continue;
     const float* vc = kc + kv_half;
     __syncthreads();  // the previous slot's readers are done with kbuf / vbuf
-    if (hd % 4 == 0 && reinterpret_cast<uintptr_t>(kc) % 16 == 0) {
-      const int hv = hd / 4;
-#pragma unroll 4
-      for (int i = tid; i < cs * hv; i += kAttnThreads) {
-        const int key = i / hv, t4 = i % hv;
-        const int64_t off = key * stride + static_cast<int64_t>(g) * hd;
-        const float4 kx = __ldg(reinterpret_cast<const float4*>(kc + off) + t4);
-        const float4 vx = __ldg(reinterpret_cast<const float4*>(vc + off) + t4);
-        *reinterpret_cast<float4*>(kbuf + key * ks + 4 * t4) = kx;
-        *reinterpret_cast<float4*>(vbuf + key * hd + 4 * t4) = vx;
-      }
-    } else {
-      for (int i = tid; i < cs * hd; i += kAttnThreads) {
-        const int key = i / hd, t = i % hd;
-        const int64_t off = key * stride + static_cast<int64_t>(g) * hd + t;
-        kbuf[key * ks + t] = __ldg(kc + off);
-        vbuf[key * hd + t] = __ldg(vc + off);
-      }
-    }
+    warp_attend::StageKeysValues<kAttnThreads>(
+        kc + static_cast<int64_t>(g) * hd, vc + static_cast<int64_t>(g) * hd, stride, cs, hd,
+        hd % 4 == 0 && reinterpret_cast<uintptr_t>(kc) % 16 == 0, kbuf, vbuf, tid);
     __syncthreads();
     for (int hh = warp; hh < group; hh += kAttnWarps) {
       warp_attend::WarpAttend<kHd>(qbuf + hh * hd, kbuf, vbuf, pbuf + warp * cs, ks, cs, hd,

@@ -20,6 +20,36 @@ __device__ __forceinline__ float WarpMax(float v) {
   return v;
 }
 
+// Row stride of staged keys: conflict-free float4 reads (hd % 4 == 0) or scalar reads (odd).
+__host__ __device__ inline int KeyStride(int hd) { return hd % 4 == 0 ? hd + 4 : hd + 1; }
+
+// Copies n keys and values of one kv head to shared memory (keys at row stride KeyStride(hd),
+// values at hd), the block's kThreads threads together. k and v point at the head's first key;
+// keys are `stride` floats apart. vec: k and v 16-byte aligned and hd, stride multiples of 4.
+template <int kThreads>
+__device__ __forceinline__ void StageKeysValues(const float* k, const float* v, int64_t stride,
+                                                int n, int hd, bool vec, float* kbuf, float* vbuf,
+                                                int tid) {
+  const int ks = KeyStride(hd);
+  if (vec) {
+    const int hv = hd / 4;
+#pragma unroll 4
+    for (int i = tid; i < n * hv; i += kThreads) {
+      const int key = i / hv, t4 = i % hv;
+      const float4 kx = __ldg(reinterpret_cast<const float4*>(k + key * stride) + t4);
+      const float4 vx = __ldg(reinterpret_cast<const float4*>(v + key * stride) + t4);
+      *reinterpret_cast<float4*>(kbuf + key * ks + 4 * t4) = kx;
+      *reinterpret_cast<float4*>(vbuf + key * hd + 4 * t4) = vx;
+    }
+  } else {
+    for (int i = tid; i < n * hd; i += kThreads) {
+      const int key = i / hd, t = i % hd;
+      kbuf[key * ks + t] = __ldg(k + key * stride + t);
+      vbuf[key * hd + t] = __ldg(v + key * stride + t);
+    }
+  }
+}
+
 // One query against n staged keys/values, computed by one warp:
 //   o[t] (+)= weight * softmax(scale q.K) V   (+= when accumulate).
 // p: n floats of per-warp scratch. kHd > 0 fixes the head dim at compile time.
