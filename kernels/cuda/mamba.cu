@@ -26,11 +26,12 @@
 //      dependency chain), and the chunk's decay exp(A * sum of its dt);
 //   2. carry: per state element, S_in[0] = old state, S_in[c + 1] = decay[c] S_in[c] + S_loc[c]
 //      (S_in overwrites S_loc in scratch); the last one is the sequence's new state;
-//   3. outputs: the tiled kernel runs every chunk as its own work item from S_in[c] (short
-//      sequences in the same launch as whole items, in place on their state).
-// RAMBA_CUDA_SSM_KERNEL=sequential turns the chunked path off. The quadratic SSD form of the
-// chunk outputs is not used: its f32 FMA count per step is about the recurrence's, and its
-// speed-up comes from tensor cores, whose TF32/bf16 rounding misses the accuracy target.
+//   3. outputs: every chunk is its own work item from S_in[c] (short sequences in the same
+//      launch as whole items, in place on their state), by the SSD form on tensor cores
+//      (mamba_ssd.cu: 3-product bf16, ~1e-5 of the recurrence) for the shapes it takes, else by
+//      the tiled recurrence.
+// RAMBA_CUDA_SSM_KERNEL=chunked_f32 keeps pass 3 on the f32 recurrence; =sequential turns the
+// chunked path off.
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
@@ -56,7 +57,12 @@ using mamba::HeadConstsOf;
 using mamba::kConvThreads;
 using mamba::kDecodeMaxRows;
 using mamba::MaxRows;
+using mamba::ChunkPlan;
+using mamba::ChunksOf;
+using mamba::ItemOf;
+using mamba::ItemsOf;
 using mamba::ScanArgs;
+using mamba::ScanItem;
 using mamba::SeqOfRow;
 using mamba::SiluDev;
 using mamba::WarpSum;
@@ -148,48 +154,6 @@ __global__ void __launch_bounds__(32) SsmScanSimpleKernel(ScanArgs a) {
     acc = WarpSum(acc);
     if (lane == 0) a.y[r * HP + static_cast<int64_t>(h) * a.P + p] = acc + Dh * xv;
   }
-}
-
-// How one SsmScan call splits its sequences. Sequential (item_begin null): work item s is
-// sequence s, scanned in place on ssm_states[s]. Chunked: a sequence of more than min_rows rows
-// is cut into chunks of L rows (the last one shorter), each a work item of its own that starts
-// from its S_in in `states` and stores no state; other sequences stay one item, in place.
-struct ChunkPlan {
-  const int64_t* chunk_begin = nullptr;  // [num_seqs + 1]: first chunk of sequence s
-  const int64_t* item_begin = nullptr;   // [num_seqs + 1]: first work item of sequence s
-  float* states = nullptr;               // [chunks, H, P, N]: S_loc (pass 1), S_in (pass 2)
-  float* decay = nullptr;                // [chunks, H]: exp(A * sum of the chunk's dt)
-  int64_t num_seqs = 0;
-  int64_t min_rows = 0;
-  int64_t L = 0;
-};
-
-// Chunks and work items of a sequence of `rows` rows; host and device agree by construction.
-__host__ __device__ inline int64_t ChunksOf(int64_t rows, int64_t min_rows, int64_t L) {
-  return rows > min_rows ? (rows + L - 1) / L : 0;
-}
-__host__ __device__ inline int64_t ItemsOf(int64_t rows, int64_t min_rows, int64_t L) {
-  return rows > min_rows ? (rows + L - 1) / L : (rows > 0 ? 1 : 0);
-}
-
-struct ScanItem {
-  int64_t row0, rows;
-  const float* init;  // [H, P, N]: the state before row0
-  float* fin;         // [H, P, N]: where the state after the last row goes, or null
-};
-
-__device__ __forceinline__ ScanItem ItemOf(const ScanArgs& a, const ChunkPlan& c, int64_t item) {
-  if (c.item_begin == nullptr) {
-    const int64_t row0 = a.offsets[item];
-    return ScanItem{row0, a.offsets[item + 1] - row0, a.states[item], a.states[item]};
-  }
-  const int64_t s = SeqOfRow(c.item_begin, c.num_seqs, item);
-  const int64_t row0 = a.offsets[s], rows = a.offsets[s + 1] - row0;
-  if (rows <= c.min_rows) return ScanItem{row0, rows, a.states[s], a.states[s]};
-  const int64_t k = item - c.item_begin[s];
-  const int64_t hpn = static_cast<int64_t>(a.H) * a.P * a.N;
-  const int64_t len = rows - k * c.L < c.L ? rows - k * c.L : c.L;
-  return ScanItem{row0 + k * c.L, len, c.states + (c.chunk_begin[s] + k) * hpn, nullptr};
 }
 
 constexpr int kScanWarps = 4;
@@ -660,11 +624,14 @@ __global__ void __launch_bounds__(kCarryThreads) SsmChunkCarryKernel(ScanArgs a,
   }
 }
 
-enum class ScanKernel { kAuto, kSimple, kSequential };
+// kAuto: chunked, its outputs by the SSD kernel where that takes the shape; kChunkedF32: chunked,
+// outputs by the f32 recurrence.
+enum class ScanKernel { kAuto, kChunkedF32, kSimple, kSequential };
 
 ScanKernel ScanKernelFromEnv() {
   const char* v = std::getenv("RAMBA_CUDA_SSM_KERNEL");
   if (v == nullptr) return ScanKernel::kAuto;
+  if (std::strcmp(v, "chunked_f32") == 0) return ScanKernel::kChunkedF32;
   if (std::strcmp(v, "simple") == 0) return ScanKernel::kSimple;
   if (std::strcmp(v, "sequential") == 0) return ScanKernel::kSequential;
   return ScanKernel::kAuto;
@@ -719,7 +686,7 @@ absl::Status LaunchTiledAnyN(Context& ctx, const ScanArgs& a, const ChunkPlan& p
 // Passes 0-3 when some sequence is long enough; false (nothing launched) when none is, or when
 // the chunk states or a grid would not fit, so the caller scans sequentially.
 absl::StatusOr<bool> LaunchChunked(Context& ctx, const ScanArgs& a, int64_t num_seqs,
-                                   const int64_t* host_offsets) {
+                                   const int64_t* host_offsets, bool ssd_outputs) {
   const int64_t hpn = static_cast<int64_t>(a.H) * a.P * a.N;
   if (hpn > static_cast<int64_t>(kMaxChunkScratch / 2 / sizeof(float)) ||
       num_seqs > static_cast<int64_t>(kMaxChunkScratch / 4 / sizeof(int64_t)) ||
@@ -773,7 +740,11 @@ absl::StatusOr<bool> LaunchChunked(Context& ctx, const ScanArgs& a, int64_t num_
   const dim3 carry_grid(static_cast<unsigned>((hpn + kCarryThreads - 1) / kCarryThreads),
                         static_cast<unsigned>(std::min<int64_t>(num_seqs, 65535)));
   RETURN_IF_ERROR(Launch(ctx, SsmChunkCarryKernel, carry_grid, dim3(kCarryThreads), 0, a, plan));
-  RETURN_IF_ERROR(LaunchTiledAnyN(ctx, a, plan, items, 8));
+  if (ssd_outputs) {
+    RETURN_IF_ERROR(mamba::LaunchSsdOutputs(ctx, a, plan, items));
+  } else {
+    RETURN_IF_ERROR(LaunchTiledAnyN(ctx, a, plan, items, 8));
+  }
   return true;
 }
 
@@ -847,8 +818,9 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
     if (*done) return absl::OkStatus();
   }
   if (choice != ScanKernel::kSimple && a.N <= 256) {
-    if (choice == ScanKernel::kAuto) {
-      absl::StatusOr<bool> done = LaunchChunked(ctx, a, num_seqs, host_seq_offsets);
+    if (choice == ScanKernel::kAuto || choice == ScanKernel::kChunkedF32) {
+      const bool ssd = choice == ScanKernel::kAuto && mamba::SsdSupports(ctx, a);
+      absl::StatusOr<bool> done = LaunchChunked(ctx, a, num_seqs, host_seq_offsets, ssd);
       if (!done.ok()) return done.status();
       if (*done) return absl::OkStatus();
     }

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/cuda/ops.h"
 
 namespace ramba::kernels::cuda::mamba {
@@ -83,6 +84,48 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
+// How one SsmScan call splits its sequences. Sequential (item_begin null): work item s is
+// sequence s, scanned in place on ssm_states[s]. Chunked: a sequence of more than min_rows rows
+// is cut into chunks of L rows (the last one shorter), each a work item of its own that starts
+// from its S_in in `states` and stores no state; other sequences stay one item, in place.
+struct ChunkPlan {
+  const int64_t* chunk_begin = nullptr;  // [num_seqs + 1]: first chunk of sequence s
+  const int64_t* item_begin = nullptr;   // [num_seqs + 1]: first work item of sequence s
+  float* states = nullptr;               // [chunks, H, P, N]: S_loc (pass 1), S_in (pass 2)
+  float* decay = nullptr;                // [chunks, H]: exp(A * sum of the chunk's dt)
+  int64_t num_seqs = 0;
+  int64_t min_rows = 0;
+  int64_t L = 0;
+};
+
+// Chunks and work items of a sequence of `rows` rows; host and device agree by construction.
+__host__ __device__ inline int64_t ChunksOf(int64_t rows, int64_t min_rows, int64_t L) {
+  return rows > min_rows ? (rows + L - 1) / L : 0;
+}
+__host__ __device__ inline int64_t ItemsOf(int64_t rows, int64_t min_rows, int64_t L) {
+  return rows > min_rows ? (rows + L - 1) / L : (rows > 0 ? 1 : 0);
+}
+
+struct ScanItem {
+  int64_t row0, rows;
+  const float* init;  // [H, P, N]: the state before row0
+  float* fin;         // [H, P, N]: where the state after the last row goes, or null
+};
+
+__device__ __forceinline__ ScanItem ItemOf(const ScanArgs& a, const ChunkPlan& c, int64_t item) {
+  if (c.item_begin == nullptr) {
+    const int64_t row0 = a.offsets[item];
+    return ScanItem{row0, a.offsets[item + 1] - row0, a.states[item], a.states[item]};
+  }
+  const int64_t s = SeqOfRow(c.item_begin, c.num_seqs, item);
+  const int64_t row0 = a.offsets[s], rows = a.offsets[s + 1] - row0;
+  if (rows <= c.min_rows) return ScanItem{row0, rows, a.states[s], a.states[s]};
+  const int64_t k = item - c.item_begin[s];
+  const int64_t hpn = static_cast<int64_t>(a.H) * a.P * a.N;
+  const int64_t len = rows - k * c.L < c.L ? rows - k * c.L : c.L;
+  return ScanItem{row0 + k * c.L, len, c.states + (c.chunk_begin[s] + k) * hpn, nullptr};
+}
+
 inline int64_t MaxRows(const int64_t* host_offsets, int64_t num_seqs) {
   int64_t m = 0;
   for (int64_t s = 0; s < num_seqs; ++s) m = std::max(m, host_offsets[s + 1] - host_offsets[s]);
@@ -96,6 +139,13 @@ absl::Status LaunchConvDecode4(Context& ctx, const float* x, int64_t ldx, const 
                                const float* bias, int64_t channels, float* y);
 // SSM update for d_state <= 256; returns false (launching nothing) for larger states.
 absl::StatusOr<bool> LaunchSsmDecode(Context& ctx, const ScanArgs& a, int64_t num_seqs);
+
+// mamba_ssd.cu: the outputs (and, for whole-sequence items, the new states) of every work item
+// of `plan`, by the SSD form on tensor cores; only for what SsdSupports accepts (headdim 64,
+// d_state 64 or 128).
+bool SsdSupports(const Context& ctx, const ScanArgs& a);
+absl::Status LaunchSsdOutputs(Context& ctx, const ScanArgs& a, const ChunkPlan& plan,
+                              int64_t items);
 
 }  // namespace ramba::kernels::cuda::mamba
 

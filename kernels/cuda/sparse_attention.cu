@@ -30,6 +30,7 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/warp_attend.cuh"
 
@@ -149,23 +150,6 @@ constexpr int kMmaGroup = 16;  // query heads per kv head: the MMA's M
 constexpr int kStagedElems = 2 * kMmaKeys * kMmaHd;  // bf16 K [key][dim], then V^T [dim][key]
 constexpr int kMmaWarps = 4;
 constexpr int kStageThreads = 256;
-
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-}
-
-// d += a (16x16, row) * b (16x8, col); bf16 in, f32 accumulate.
-__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Staged block of (sequence, chunk, kv head) = item, in [num_seqs][max_chunks][nkv] order.
 __device__ __forceinline__ const __nv_bfloat16* StagedChunk(const __nv_bfloat16* staging,

@@ -1,0 +1,308 @@
+// The Mamba-2 scan's outputs in the SSD (state space duality) form on tensor cores: pass 3 of the
+// chunk-parallel scan in mamba.cu, which was the largest cost of a prefill as a per-step
+// recurrence on CUDA cores.
+//
+// A block (4 warps) owns one (work item, head) and walks the item's rows in sub-chunks of Q = 32
+// rows, with the head's state S [P = 64][N] in the warps' MMA accumulators (warp w: channels
+// 16w..16w+15). With cum_t = dt_0 + ... + dt_t within the sub-chunk, x the head's channels and B,
+// C its group's:
+//   y_t[p]  = exp(A cum_t) (C_t . S[p])  +  sum_{s <= t} G[t][s] dt_s x_s[p]  +  D x_t[p]
+//   G[t][s] = (C_t . B_s) exp(A (cum_t - cum_s))
+//   S'[p]   = exp(A cum_Q) S[p]  +  sum_s exp(A (cum_Q - cum_s)) dt_s x_s[p] B_s
+// which is the recurrence S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t, y_t = C_t . S_t + D x_t
+// unrolled over the sub-chunk: four small matrix products (C B^T, S C^T, (dt x)^T G^T and
+// (w dt x)^T B) per sub-chunk instead of T dependent steps with a reduction over N each.
+//
+// Precision: every product runs as three bf16 MMAs over operands split as x = hi + lo (hi*hi +
+// hi*lo + lo*hi; the dropped lo*lo and the rounding of lo are ~2^-17 relative), so results stay
+// within ~1e-5 of the f32 recurrence; one bf16 product would err ~4e-3.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "base/status_macros.h"
+#include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/mamba_common.cuh"
+#include "kernels/cuda/mma.cuh"
+
+namespace ramba::kernels::cuda::mamba {
+namespace {
+
+constexpr int kSsdWarps = 4;
+constexpr int kSsdThreads = 32 * kSsdWarps;
+constexpr int kSsdP = 16 * kSsdWarps;  // head channels, 16 per warp (the MMA's M)
+constexpr int kQ = 32;                  // rows per sub-chunk
+constexpr unsigned kFull = 0xffffffffu;
+
+// One sub-chunk in shared memory, bf16 hi and lo planes, rows as in xbc. Each row is padded by
+// 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct bank groups.
+template <int N>
+struct SsdTile {
+  __nv_bfloat16 c[2][kQ][N + 8];       // C_t
+  __nv_bfloat16 b[2][kQ][N + 8];       // B_s
+  __nv_bfloat16 v[2][kQ][kSsdP + 8];   // dt_s x_s
+  __nv_bfloat16 vw[2][kQ][kSsdP + 8];  // exp(A (cum_Q - cum_s)) dt_s x_s
+  __nv_bfloat16 g[2][kQ][kQ + 8];      // G[t][s]; only the blocks on or below the diagonal
+};
+
+__device__ __forceinline__ void StoreSplit4(__nv_bfloat16* hi, __nv_bfloat16* lo, float4 v) {
+  uint32_t h0, l0, h1, l1;
+  PackSplitBf16(v.x, v.y, &h0, &l0);
+  PackSplitBf16(v.z, v.w, &h1, &l1);
+  *reinterpret_cast<uint2*>(hi) = make_uint2(h0, h1);
+  *reinterpret_cast<uint2*>(lo) = make_uint2(l0, l1);
+}
+
+// p[0..3]; one 16-byte load when xbc rows are 16-byte aligned (the model's case).
+__device__ __forceinline__ float4 Load4(const float* p, bool vec) {
+  if (vec) return *reinterpret_cast<const float4*>(p);
+  return make_float4(p[0], p[1], p[2], p[3]);
+}
+
+__device__ __forceinline__ float4 Scale4(float4 v, float s) {
+  return make_float4(v.x * s, v.y * s, v.z * s, v.w * s);
+}
+
+// d += (a_hi + a_lo)(b_hi + b_lo) without a_lo b_lo; the small terms first.
+__device__ __forceinline__ void Mma3(float (&d)[4], const uint32_t (&ah)[4],
+                                     const uint32_t (&al)[4], uint32_t bh0, uint32_t bh1,
+                                     uint32_t bl0, uint32_t bl1) {
+  Mma16816(d, al, bh0, bh1);
+  Mma16816(d, ah, bl0, bl1);
+  Mma16816(d, ah, bh0, bh1);
+}
+
+// ldmatrix row addresses (lane l) for the fragment layouts of mma.cuh:
+//  - A (16 x 16) from [m][k] storage: row m0 + l % 8 + 8 (l / 8 % 2), col k0 + 8 (l / 16);
+//    with Trans from [k][m] storage: row k0 + l % 8 + 8 (l / 16), col m0 + 8 (l / 8 % 2);
+//  - two B n8 tiles (k16) from [n][k] storage: row n0 + l % 8 + 8 (l / 16), col k0 + 8 (l / 8 % 2),
+//    giving b0, b1 of tile n0 then of tile n0 + 8;
+//    with Trans from [k][n] storage: row k0 + l % 8 + 8 (l / 8 % 2), col n0 + 8 (l / 16).
+template <int N>
+__global__ void __launch_bounds__(kSsdThreads, 3) SsdChunkKernel(ScanArgs a, ChunkPlan plan) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  constexpr int NT = N / 8;  // n8 tiles of a state row
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SsdTile<N>& sm = *reinterpret_cast<SsdTile<N>*>(smem_raw);
+
+  const int h = static_cast<int>(blockIdx.x % a.H);
+  const ScanItem item = ItemOf(a, plan, blockIdx.x / a.H);
+  if (item.rows == 0) return;  // whole block: before any barrier
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int l8 = lane % 8, l8b = (lane / 8) % 2, l16 = lane / 16;
+  const HeadConsts hc = HeadConstsOf(a, h);
+  const int p0 = warp * 16;
+  const int64_t x_col = static_cast<int64_t>(h) * kSsdP;
+  const int64_t st_off = x_col * N;
+  const bool vec = a.ldxbc % 4 == 0 && reinterpret_cast<uintptr_t>(a.xbc) % 16 == 0;
+
+  // s[nt]: S[p][n] for p = p0 + g (+ 8 in [2..3]), n = 8 nt + 2c (+ 1).
+  float s[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int p = p0 + g + (e >= 2 ? 8 : 0), n = 8 * nt + 2 * c + (e & 1);
+      s[nt][e] = item.init[st_off + static_cast<int64_t>(p) * N + n];
+    }
+  }
+
+  for (int64_t t0 = 0; t0 < item.rows; t0 += kQ) {
+    const int rows = static_cast<int>(item.rows - t0 < kQ ? item.rows - t0 : kQ);
+    const int64_t r0 = item.row0 + t0;
+    // Every warp holds row `lane`'s dt and cumulative dt; rows past the item have dt = 0.
+    float dt = 0.0f;
+    if (lane < rows) {
+      dt = DtOf(a.dt_raw[(r0 + lane) * a.lddt + h], hc.dt_bias, a.dt_min, a.dt_max);
+    }
+    float cum = dt;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const float u = __shfl_up_sync(kFull, cum, o);
+      if (lane >= o) cum += u;
+    }
+    const float total = __shfl_sync(kFull, cum, 31);
+    const float in_w = dt * expf(hc.A * (total - cum));  // row lane's input weight in S'
+    const float out_decay = expf(hc.A * cum);            // S's decay at row lane
+
+    __syncthreads();  // the previous sub-chunk is done with the tile
+    constexpr int N4 = N / 4, P4 = kSsdP / 4;
+    for (int i = tid; i < kQ * N4; i += kSsdThreads) {
+      const int t = i / N4, q = 4 * (i % N4);
+      float4 cv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), bv = cv;
+      if (t < rows) {
+        const float* row = a.xbc + (r0 + t) * a.ldxbc;
+        cv = Load4(row + hc.c_off + q, vec);
+        bv = Load4(row + hc.b_off + q, vec);
+      }
+      StoreSplit4(&sm.c[0][t][q], &sm.c[1][t][q], cv);
+      StoreSplit4(&sm.b[0][t][q], &sm.b[1][t][q], bv);
+    }
+    static_assert(kQ * P4 % kSsdThreads == 0, "every lane takes part in the shuffles");
+    for (int i = tid; i < kQ * P4; i += kSsdThreads) {
+      const int t = i / P4, q = 4 * (i % P4);
+      const float dt_t = __shfl_sync(kFull, dt, t);
+      const float w_t = __shfl_sync(kFull, in_w, t);
+      float4 xv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (t < rows) xv = Load4(a.xbc + (r0 + t) * a.ldxbc + x_col + q, vec);
+      StoreSplit4(&sm.v[0][t][q], &sm.v[1][t][q], Scale4(xv, dt_t));
+      StoreSplit4(&sm.vw[0][t][q], &sm.vw[1][t][q], Scale4(xv, w_t));
+    }
+    __syncthreads();
+
+    // G columns 8w..8w+7 (warp w), for the 16-row blocks that reach the diagonal.
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      if (16 * mt + 15 < 8 * warp) continue;  // above the diagonal: never read
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int kk = 0; kk < N / 16; kk += 2) {
+        uint32_t bh[4], bl[4];  // two k16 steps of one n8 tile
+        Ldsm4<false>(bh, &sm.b[0][8 * warp + l8][16 * kk + 8 * (lane / 8)]);
+        Ldsm4<false>(bl, &sm.b[1][8 * warp + l8][16 * kk + 8 * (lane / 8)]);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          uint32_t ah[4], al[4];
+          Ldsm4<false>(ah, &sm.c[0][16 * mt + l8 + 8 * l8b][16 * (kk + u) + 8 * l16]);
+          Ldsm4<false>(al, &sm.c[1][16 * mt + l8 + 8 * l8b][16 * (kk + u) + 8 * l16]);
+          Mma3(acc, ah, al, bh[2 * u], bh[2 * u + 1], bl[2 * u], bl[2 * u + 1]);
+        }
+      }
+      const int s0 = 8 * warp + 2 * c;
+      const float cs0 = __shfl_sync(kFull, cum, s0), cs1 = __shfl_sync(kFull, cum, s0 + 1);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int t = 16 * mt + g + 8 * half;
+        const float ct = __shfl_sync(kFull, cum, t);
+        const float g0 = s0 <= t ? acc[2 * half] * expf(hc.A * (ct - cs0)) : 0.0f;
+        const float g1 = s0 + 1 <= t ? acc[2 * half + 1] * expf(hc.A * (ct - cs1)) : 0.0f;
+        uint32_t hi, lo;
+        PackSplitBf16(g0, g1, &hi, &lo);
+        *reinterpret_cast<uint32_t*>(&sm.g[0][t][s0]) = hi;
+        *reinterpret_cast<uint32_t*>(&sm.g[1][t][s0]) = lo;
+      }
+    }
+    __syncthreads();
+
+    // y^T [16 channels][32 rows] = S C^T scaled per row, + (dt x)^T G^T.
+    float y[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) y[j][e] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+      uint32_t sh[4], sl[4];
+      PackSplitBf16(s[2 * kk][0], s[2 * kk][1], &sh[0], &sl[0]);
+      PackSplitBf16(s[2 * kk][2], s[2 * kk][3], &sh[1], &sl[1]);
+      PackSplitBf16(s[2 * kk + 1][0], s[2 * kk + 1][1], &sh[2], &sl[2]);
+      PackSplitBf16(s[2 * kk + 1][2], s[2 * kk + 1][3], &sh[3], &sl[3]);
+#pragma unroll
+      for (int jj = 0; jj < 4; jj += 2) {
+        uint32_t ch[4], cl[4];
+        Ldsm4<false>(ch, &sm.c[0][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+        Ldsm4<false>(cl, &sm.c[1][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+        Mma3(y[jj], sh, sl, ch[0], ch[1], cl[0], cl[1]);
+        Mma3(y[jj + 1], sh, sl, ch[2], ch[3], cl[2], cl[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float d0 = __shfl_sync(kFull, out_decay, 8 * j + 2 * c);
+      const float d1 = __shfl_sync(kFull, out_decay, 8 * j + 2 * c + 1);
+      y[j][0] *= d0;
+      y[j][1] *= d1;
+      y[j][2] *= d0;
+      y[j][3] *= d1;
+    }
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t vh[4], vl[4];
+      Ldsm4<true>(vh, &sm.v[0][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
+      Ldsm4<true>(vl, &sm.v[1][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
+#pragma unroll
+      for (int jj = 2 * kk; jj < 4; jj += 2) {  // row tiles reaching columns 16kk..16kk+15
+        uint32_t gh[4], gl[4];
+        Ldsm4<false>(gh, &sm.g[0][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+        Ldsm4<false>(gl, &sm.g[1][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+        Mma3(y[jj], vh, vl, gh[0], gh[1], gl[0], gl[1]);
+        Mma3(y[jj + 1], vh, vl, gh[2], gh[3], gl[2], gl[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = 8 * j + 2 * c + (e & 1);
+        const int64_t p = x_col + p0 + g + (e >= 2 ? 8 : 0);
+        if (t < rows) {
+          const int64_t r = r0 + t;
+          a.y[r * hc.HP + p] = y[j][e] + hc.D * a.xbc[r * a.ldxbc + p];
+        }
+      }
+    }
+
+    // S' = exp(A cum_Q) S + (w dt x)^T B.
+    const float chunk_decay = expf(hc.A * total);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] *= chunk_decay;
+    }
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t wh[4], wl[4];
+      Ldsm4<true>(wh, &sm.vw[0][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
+      Ldsm4<true>(wl, &sm.vw[1][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t bh[4], bl[4];
+        Ldsm4<true>(bh, &sm.b[0][16 * kk + l8 + 8 * l8b][8 * nt + 8 * l16]);
+        Ldsm4<true>(bl, &sm.b[1][16 * kk + l8 + 8 * l8b][8 * nt + 8 * l16]);
+        Mma3(s[nt], wh, wl, bh[0], bh[1], bl[0], bl[1]);
+        Mma3(s[nt + 1], wh, wl, bh[2], bh[3], bl[2], bl[3]);
+      }
+    }
+  }
+
+  if (item.fin == nullptr) return;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int p = p0 + g + (e >= 2 ? 8 : 0), n = 8 * nt + 2 * c + (e & 1);
+      item.fin[st_off + static_cast<int64_t>(p) * N + n] = s[nt][e];
+    }
+  }
+}
+
+template <int N>
+absl::Status LaunchSsd(Context& ctx, const ScanArgs& a, const ChunkPlan& plan, int64_t blocks) {
+  constexpr size_t smem = sizeof(SsdTile<N>);
+  RETURN_IF_ERROR(PrepareSmem(ctx, SsdChunkKernel<N>, smem, "SsmScan"));
+  return Launch(ctx, SsdChunkKernel<N>, dim3(static_cast<unsigned>(blocks)), dim3(kSsdThreads),
+                smem, a, plan);
+}
+
+}  // namespace
+
+bool SsdSupports(const Context& ctx, const ScanArgs& a) {
+  return a.P == kSsdP && (a.N == 64 || a.N == 128) &&
+         sizeof(SsdTile<128>) <= ctx.max_shared_per_block;
+}
+
+absl::Status LaunchSsdOutputs(Context& ctx, const ScanArgs& a, const ChunkPlan& plan,
+                              int64_t items) {
+  const int64_t blocks = items * a.H;
+  if (blocks > INT_MAX) return absl::InvalidArgumentError("SsmScan: grid too large");
+  if (a.N == 128) return LaunchSsd<128>(ctx, a, plan, blocks);
+  return LaunchSsd<64>(ctx, a, plan, blocks);
+}
+
+}  // namespace ramba::kernels::cuda::mamba
