@@ -27,11 +27,10 @@
 //   2. carry: per state element, S_in[0] = old state, S_in[c + 1] = decay[c] S_in[c] + S_loc[c]
 //      (S_in overwrites S_loc in scratch); the last one is the sequence's new state;
 //   3. outputs: every chunk is its own work item from S_in[c] (short sequences in the same
-//      launch as whole items, in place on their state), by the SSD form on tensor cores
-//      (mamba_ssd.cu: 3-product bf16, ~1e-5 of the recurrence) for the shapes it takes, else by
-//      the tiled recurrence.
-// RAMBA_CUDA_SSM_KERNEL=chunked_f32 keeps pass 3 on the f32 recurrence; =sequential turns the
-// chunked path off.
+//      launch as whole items, in place on their state), by the tiled recurrence.
+// For the shapes it takes (headdim 64, d_state 64 or 128), passes 1 and 3 run instead in the SSD
+// form on tensor cores (mamba_ssd.cu: 3-product bf16, ~1e-5 of the recurrence).
+// RAMBA_CUDA_SSM_KERNEL=chunked_f32 keeps the f32 passes; =sequential turns the chunked path off.
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
@@ -686,7 +685,7 @@ absl::Status LaunchTiledAnyN(Context& ctx, const ScanArgs& a, const ChunkPlan& p
 // Passes 0-3 when some sequence is long enough; false (nothing launched) when none is, or when
 // the chunk states or a grid would not fit, so the caller scans sequentially.
 absl::StatusOr<bool> LaunchChunked(Context& ctx, const ScanArgs& a, int64_t num_seqs,
-                                   const int64_t* host_offsets, bool ssd_outputs) {
+                                   const int64_t* host_offsets, bool ssd) {
   const int64_t hpn = static_cast<int64_t>(a.H) * a.P * a.N;
   if (hpn > static_cast<int64_t>(kMaxChunkScratch / 2 / sizeof(float)) ||
       num_seqs > static_cast<int64_t>(kMaxChunkScratch / 4 / sizeof(int64_t)) ||
@@ -729,18 +728,18 @@ absl::StatusOr<bool> LaunchChunked(Context& ctx, const ScanArgs& a, int64_t num_
 
   RETURN_IF_ERROR(Launch(ctx, SsmChunkPlanKernel, dim3(1), dim3(kPlanThreads), 0, a.offsets,
                          num_seqs, plan.min_rows, L, chunk_begin, item_begin));
-  if (kStateSmemBytes > kDefaultSmemLimit) {
-    RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SsmChunkStateKernel,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                    static_cast<int>(kStateSmemBytes)));
+  if (ssd) {
+    RETURN_IF_ERROR(mamba::LaunchSsdStates(ctx, a, plan, chunks));
+  } else {
+    RETURN_IF_ERROR(PrepareSmem(ctx, SsmChunkStateKernel, kStateSmemBytes, "SsmScan"));
+    RETURN_IF_ERROR(Launch(ctx, SsmChunkStateKernel,
+                           dim3(static_cast<unsigned>(chunks * a.H * ptiles * ntiles)),
+                           dim3(kStateThreads), kStateSmemBytes, a, plan, ptiles, ntiles));
   }
-  RETURN_IF_ERROR(Launch(ctx, SsmChunkStateKernel,
-                         dim3(static_cast<unsigned>(chunks * a.H * ptiles * ntiles)),
-                         dim3(kStateThreads), kStateSmemBytes, a, plan, ptiles, ntiles));
   const dim3 carry_grid(static_cast<unsigned>((hpn + kCarryThreads - 1) / kCarryThreads),
                         static_cast<unsigned>(std::min<int64_t>(num_seqs, 65535)));
   RETURN_IF_ERROR(Launch(ctx, SsmChunkCarryKernel, carry_grid, dim3(kCarryThreads), 0, a, plan));
-  if (ssd_outputs) {
+  if (ssd) {
     RETURN_IF_ERROR(mamba::LaunchSsdOutputs(ctx, a, plan, items));
   } else {
     RETURN_IF_ERROR(LaunchTiledAnyN(ctx, a, plan, items, 8));

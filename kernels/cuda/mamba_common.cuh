@@ -140,10 +140,13 @@ absl::Status LaunchConvDecode4(Context& ctx, const float* x, int64_t ldx, const 
 // SSM update for d_state <= 256; returns false (launching nothing) for larger states.
 absl::StatusOr<bool> LaunchSsmDecode(Context& ctx, const ScanArgs& a, int64_t num_seqs);
 
-// mamba_ssd.cu: the outputs (and, for whole-sequence items, the new states) of every work item
-// of `plan`, by the SSD form on tensor cores; only for what SsdSupports accepts (headdim 64,
-// d_state 64 or 128).
+// mamba_ssd.cu: passes 1 and 3 of the chunked scan by the SSD form on tensor cores, for what
+// SsdSupports accepts (headdim 64, d_state 64 or 128). States: every chunk's S_loc and decay
+// (as SsmChunkStateKernel). Outputs: every work item of `plan`, and the new state of whole-sequence
+// items.
 bool SsdSupports(const Context& ctx, const ScanArgs& a);
+absl::Status LaunchSsdStates(Context& ctx, const ScanArgs& a, const ChunkPlan& plan,
+                             int64_t chunks);
 absl::Status LaunchSsdOutputs(Context& ctx, const ScanArgs& a, const ChunkPlan& plan,
                               int64_t items);
 

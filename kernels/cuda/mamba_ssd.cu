@@ -17,6 +17,7 @@
 // hi*lo + lo*hi; the dropped lo*lo and the rounding of lo are ~2^-17 relative), so results stay
 // within ~1e-5 of the f32 recurrence; one bf16 product would err ~4e-3.
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -37,15 +38,22 @@ constexpr int kSsdP = 16 * kSsdWarps;  // head channels, 16 per warp (the MMA's 
 constexpr int kQ = 32;                  // rows per sub-chunk
 constexpr unsigned kFull = 0xffffffffu;
 
-// One sub-chunk in shared memory, bf16 hi and lo planes, rows as in xbc. Each row is padded by
-// 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct bank groups.
+// Shared memory of a block. The bf16 tiles (hi and lo planes, rows as in xbc) hold the sub-chunk
+// being computed; each row is padded by 16 bytes so that the 8 row addresses of an ldmatrix fall
+// in distinct bank groups. The raw f32 rows of the next sub-chunk land meanwhile (cp.async), so
+// no global load is on the critical path.
 template <int N>
-struct SsdTile {
+struct SsdSmem {
   __nv_bfloat16 c[2][kQ][N + 8];       // C_t
   __nv_bfloat16 b[2][kQ][N + 8];       // B_s
   __nv_bfloat16 v[2][kQ][kSsdP + 8];   // dt_s x_s
   __nv_bfloat16 vw[2][kQ][kSsdP + 8];  // exp(A (cum_Q - cum_s)) dt_s x_s
   __nv_bfloat16 g[2][kQ][kQ + 8];      // G[t][s]; only the blocks on or below the diagonal
+  float xd[kQ][kSsdP + 4];             // D x_t
+  float raw_c[kQ][N];
+  float raw_b[kQ][N];
+  float raw_x[kQ][kSsdP];
+  float raw_dt[kQ];
 };
 
 __device__ __forceinline__ void StoreSplit4(__nv_bfloat16* hi, __nv_bfloat16* lo, float4 v) {
@@ -56,23 +64,41 @@ __device__ __forceinline__ void StoreSplit4(__nv_bfloat16* hi, __nv_bfloat16* lo
   *reinterpret_cast<uint2*>(lo) = make_uint2(l0, l1);
 }
 
-// p[0..3]; one 16-byte load when xbc rows are 16-byte aligned (the model's case).
-__device__ __forceinline__ float4 Load4(const float* p, bool vec) {
-  if (vec) return *reinterpret_cast<const float4*>(p);
-  return make_float4(p[0], p[1], p[2], p[3]);
-}
-
 __device__ __forceinline__ float4 Scale4(float4 v, float s) {
   return make_float4(v.x * s, v.y * s, v.z * s, v.w * s);
 }
 
-// d += (a_hi + a_lo)(b_hi + b_lo) without a_lo b_lo; the small terms first.
-__device__ __forceinline__ void Mma3(float (&d)[4], const uint32_t (&ah)[4],
-                                     const uint32_t (&al)[4], uint32_t bh0, uint32_t bh1,
-                                     uint32_t bl0, uint32_t bl1) {
-  Mma16816(d, al, bh0, bh1);
-  Mma16816(d, ah, bl0, bl1);
-  Mma16816(d, ah, bh0, bh1);
+// Queues the copy of 4 floats (one 16-byte copy when aligned), or zeroes dst past the item.
+__device__ __forceinline__ void Copy4(float* dst, const float* src, bool valid, bool vec) {
+  if (!valid) {
+    *reinterpret_cast<float4*>(dst) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  } else if (vec) {
+    __pipeline_memcpy_async(dst, src, 16);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) __pipeline_memcpy_async(dst + i, src + i, sizeof(float));
+  }
+}
+
+// d[i] += (ah + al)(b_hi + b_lo of tile i), b[i] = {hi b0, hi b1, lo b0, lo b1}, without al b_lo.
+// Product-major, so that consecutive MMAs write different accumulators: an MMA's result is tens
+// of cycles away, and a chain of dependent ones would wait on each.
+template <int T>
+__device__ __forceinline__ void Mma3(float (*d)[4], const uint32_t (&ah)[4],
+                                     const uint32_t (&al)[4], const uint32_t (&b)[T][4]) {
+#pragma unroll
+  for (int i = 0; i < T; ++i) Mma16816(d[i], al, b[i][0], b[i][1]);
+#pragma unroll
+  for (int i = 0; i < T; ++i) Mma16816(d[i], ah, b[i][2], b[i][3]);
+#pragma unroll
+  for (int i = 0; i < T; ++i) Mma16816(d[i], ah, b[i][0], b[i][1]);
+}
+
+// Two B n8 tiles (k16) from hi/lo ldmatrix results r = {b0, b1 of tile 0, b0, b1 of tile 1}.
+__device__ __forceinline__ void TwoTiles(uint32_t (*b)[4], const uint32_t (&h)[4],
+                                         const uint32_t (&l)[4]) {
+  b[0][0] = h[0], b[0][1] = h[1], b[0][2] = l[0], b[0][3] = l[1];
+  b[1][0] = h[2], b[1][1] = h[3], b[1][2] = l[2], b[1][3] = l[3];
 }
 
 // ldmatrix row addresses (lane l) for the fragment layouts of mma.cuh:
@@ -81,16 +107,33 @@ __device__ __forceinline__ void Mma3(float (&d)[4], const uint32_t (&ah)[4],
 //  - two B n8 tiles (k16) from [n][k] storage: row n0 + l % 8 + 8 (l / 16), col k0 + 8 (l / 8 % 2),
 //    giving b0, b1 of tile n0 then of tile n0 + 8;
 //    with Trans from [k][n] storage: row k0 + l % 8 + 8 (l / 8 % 2), col n0 + 8 (l / 16).
-template <int N>
-__global__ void __launch_bounds__(kSsdThreads, 3) SsdChunkKernel(ScanArgs a, ChunkPlan plan) {
+//
+// kStatesOnly (pass 1 of the chunked scan): block = (chunk, head); the chunk's end state from a
+// zero state and its decay, into plan.states / plan.decay, without outputs. Otherwise (pass 3):
+// block = (work item, head), outputs from the item's initial state, and its final state when the
+// item has one.
+template <int N, bool kStatesOnly>
+__global__ void __launch_bounds__(kSsdThreads, 2) SsdChunkKernel(ScanArgs a, ChunkPlan plan) {
   AllowDependentGrids();
   WaitForPriorGrids();
   constexpr int NT = N / 8;  // n8 tiles of a state row
+  constexpr int N4 = N / 4, P4 = kSsdP / 4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  SsdTile<N>& sm = *reinterpret_cast<SsdTile<N>*>(smem_raw);
+  SsdSmem<N>& sm = *reinterpret_cast<SsdSmem<N>*>(smem_raw);
 
   const int h = static_cast<int>(blockIdx.x % a.H);
-  const ScanItem item = ItemOf(a, plan, blockIdx.x / a.H);
+  const int64_t hpn = static_cast<int64_t>(a.H) * kSsdP * N;
+  ScanItem item;
+  const int64_t unit = blockIdx.x / a.H;
+  if constexpr (kStatesOnly) {
+    const int64_t sq = SeqOfRow(plan.chunk_begin, plan.num_seqs, unit);
+    const int64_t row0 = a.offsets[sq] + (unit - plan.chunk_begin[sq]) * plan.L;
+    const int64_t end = a.offsets[sq + 1];
+    item = ScanItem{row0, end - row0 < plan.L ? end - row0 : plan.L, nullptr,
+                    plan.states + unit * hpn};
+  } else {
+    item = ItemOf(a, plan, unit);
+  }
   if (item.rows == 0) return;  // whole block: before any barrier
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
@@ -101,6 +144,27 @@ __global__ void __launch_bounds__(kSsdThreads, 3) SsdChunkKernel(ScanArgs a, Chu
   const int64_t st_off = x_col * N;
   const bool vec = a.ldxbc % 4 == 0 && reinterpret_cast<uintptr_t>(a.xbc) % 16 == 0;
 
+  auto prefetch = [&](int64_t t0) {
+    const int64_t rows = item.rows - t0;
+    const float* base = a.xbc + (item.row0 + t0) * a.ldxbc;
+    for (int i = tid; i < kQ * N4; i += kSsdThreads) {
+      const int t = i / N4, q = 4 * (i % N4);
+      const float* row = base + t * a.ldxbc;
+      if (!kStatesOnly) Copy4(&sm.raw_c[t][q], row + hc.c_off + q, t < rows, vec);
+      Copy4(&sm.raw_b[t][q], row + hc.b_off + q, t < rows, vec);
+    }
+    for (int i = tid; i < kQ * P4; i += kSsdThreads) {
+      const int t = i / P4, q = 4 * (i % P4);
+      Copy4(&sm.raw_x[t][q], base + t * a.ldxbc + x_col + q, t < rows, vec);
+    }
+    if (tid < kQ && tid < rows) {
+      __pipeline_memcpy_async(&sm.raw_dt[tid], a.dt_raw + (item.row0 + t0 + tid) * a.lddt + h,
+                              sizeof(float));
+    }
+    __pipeline_commit();
+  };
+  prefetch(0);
+
   // s[nt]: S[p][n] for p = p0 + g (+ 8 in [2..3]), n = 8 nt + 2c (+ 1).
   float s[NT][4];
 #pragma unroll
@@ -108,18 +172,18 @@ __global__ void __launch_bounds__(kSsdThreads, 3) SsdChunkKernel(ScanArgs a, Chu
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int p = p0 + g + (e >= 2 ? 8 : 0), n = 8 * nt + 2 * c + (e & 1);
-      s[nt][e] = item.init[st_off + static_cast<int64_t>(p) * N + n];
+      s[nt][e] = kStatesOnly ? 0.0f : item.init[st_off + static_cast<int64_t>(p) * N + n];
     }
   }
+  float dt_sum = 0.0f;  // kStatesOnly: the chunk's sum of dt
 
   for (int64_t t0 = 0; t0 < item.rows; t0 += kQ) {
     const int rows = static_cast<int>(item.rows - t0 < kQ ? item.rows - t0 : kQ);
     const int64_t r0 = item.row0 + t0;
+    __pipeline_wait_prior(0);
+    __syncthreads();  // the raw rows have landed; the previous sub-chunk is done with the tiles
     // Every warp holds row `lane`'s dt and cumulative dt; rows past the item have dt = 0.
-    float dt = 0.0f;
-    if (lane < rows) {
-      dt = DtOf(a.dt_raw[(r0 + lane) * a.lddt + h], hc.dt_bias, a.dt_min, a.dt_max);
-    }
+    const float dt = lane < rows ? DtOf(sm.raw_dt[lane], hc.dt_bias, a.dt_min, a.dt_max) : 0.0f;
     float cum = dt;
 #pragma unroll
     for (int o = 1; o < 32; o *= 2) {
@@ -127,123 +191,141 @@ __global__ void __launch_bounds__(kSsdThreads, 3) SsdChunkKernel(ScanArgs a, Chu
       if (lane >= o) cum += u;
     }
     const float total = __shfl_sync(kFull, cum, 31);
+    dt_sum += total;
     const float in_w = dt * expf(hc.A * (total - cum));  // row lane's input weight in S'
     const float out_decay = expf(hc.A * cum);            // S's decay at row lane
 
-    __syncthreads();  // the previous sub-chunk is done with the tile
-    constexpr int N4 = N / 4, P4 = kSsdP / 4;
     for (int i = tid; i < kQ * N4; i += kSsdThreads) {
       const int t = i / N4, q = 4 * (i % N4);
-      float4 cv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), bv = cv;
-      if (t < rows) {
-        const float* row = a.xbc + (r0 + t) * a.ldxbc;
-        cv = Load4(row + hc.c_off + q, vec);
-        bv = Load4(row + hc.b_off + q, vec);
+      if (!kStatesOnly) {
+        StoreSplit4(&sm.c[0][t][q], &sm.c[1][t][q], *reinterpret_cast<float4*>(&sm.raw_c[t][q]));
       }
-      StoreSplit4(&sm.c[0][t][q], &sm.c[1][t][q], cv);
-      StoreSplit4(&sm.b[0][t][q], &sm.b[1][t][q], bv);
+      StoreSplit4(&sm.b[0][t][q], &sm.b[1][t][q], *reinterpret_cast<float4*>(&sm.raw_b[t][q]));
     }
     static_assert(kQ * P4 % kSsdThreads == 0, "every lane takes part in the shuffles");
     for (int i = tid; i < kQ * P4; i += kSsdThreads) {
       const int t = i / P4, q = 4 * (i % P4);
       const float dt_t = __shfl_sync(kFull, dt, t);
       const float w_t = __shfl_sync(kFull, in_w, t);
-      float4 xv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (t < rows) xv = Load4(a.xbc + (r0 + t) * a.ldxbc + x_col + q, vec);
-      StoreSplit4(&sm.v[0][t][q], &sm.v[1][t][q], Scale4(xv, dt_t));
+      const float4 xv = *reinterpret_cast<float4*>(&sm.raw_x[t][q]);
       StoreSplit4(&sm.vw[0][t][q], &sm.vw[1][t][q], Scale4(xv, w_t));
+      if (!kStatesOnly) {
+        StoreSplit4(&sm.v[0][t][q], &sm.v[1][t][q], Scale4(xv, dt_t));
+        *reinterpret_cast<float4*>(&sm.xd[t][q]) = Scale4(xv, hc.D);
+      }
     }
-    __syncthreads();
+    __syncthreads();  // tiles written, raw rows free
+    if (t0 + kQ < item.rows) prefetch(t0 + kQ);
 
-    // G columns 8w..8w+7 (warp w), for the 16-row blocks that reach the diagonal.
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      if (16 * mt + 15 < 8 * warp) continue;  // above the diagonal: never read
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if constexpr (!kStatesOnly) {
+      // G columns 8w..8w+7 (warp w), for the 16-row blocks that reach the diagonal (warps 0 and
+      // 1: rows 0..15 and 16..31; warps 2 and 3: rows 16..31). Two k halves in separate
+      // accumulators so that every MMA has an independent neighbour.
+      const bool upper = 8 * warp <= 15;
+      float acc[2][2][4] = {};
 #pragma unroll
       for (int kk = 0; kk < N / 16; kk += 2) {
-        uint32_t bh[4], bl[4];  // two k16 steps of one n8 tile
+        uint32_t bh[4], bl[4];  // k16 steps kk and kk + 1 of the n8 tile
         Ldsm4<false>(bh, &sm.b[0][8 * warp + l8][16 * kk + 8 * (lane / 8)]);
         Ldsm4<false>(bl, &sm.b[1][8 * warp + l8][16 * kk + 8 * (lane / 8)]);
+        uint32_t ah[2][2][4], al[2][2][4];
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          uint32_t ah[4], al[4];
-          Ldsm4<false>(ah, &sm.c[0][16 * mt + l8 + 8 * l8b][16 * (kk + u) + 8 * l16]);
-          Ldsm4<false>(al, &sm.c[1][16 * mt + l8 + 8 * l8b][16 * (kk + u) + 8 * l16]);
-          Mma3(acc, ah, al, bh[2 * u], bh[2 * u + 1], bl[2 * u], bl[2 * u + 1]);
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            if (mt == 0 && !upper) continue;
+            Ldsm4<false>(ah[mt][u], &sm.c[0][16 * mt + l8 + 8 * l8b][16 * (kk + u) + 8 * l16]);
+            Ldsm4<false>(al[mt][u], &sm.c[1][16 * mt + l8 + 8 * l8b][16 * (kk + u) + 8 * l16]);
+          }
+        }
+#pragma unroll
+        for (int prod = 0; prod < 3; ++prod) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              if (mt == 0 && !upper) continue;
+              const uint32_t* bb = prod == 1 ? bl : bh;
+              Mma16816(acc[mt][u], prod == 0 ? al[mt][u] : ah[mt][u], bb[2 * u], bb[2 * u + 1]);
+            }
+          }
         }
       }
       const int s0 = 8 * warp + 2 * c;
       const float cs0 = __shfl_sync(kFull, cum, s0), cs1 = __shfl_sync(kFull, cum, s0 + 1);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int t = 16 * mt + g + 8 * half;
-        const float ct = __shfl_sync(kFull, cum, t);
-        const float g0 = s0 <= t ? acc[2 * half] * expf(hc.A * (ct - cs0)) : 0.0f;
-        const float g1 = s0 + 1 <= t ? acc[2 * half + 1] * expf(hc.A * (ct - cs1)) : 0.0f;
-        uint32_t hi, lo;
-        PackSplitBf16(g0, g1, &hi, &lo);
-        *reinterpret_cast<uint32_t*>(&sm.g[0][t][s0]) = hi;
-        *reinterpret_cast<uint32_t*>(&sm.g[1][t][s0]) = lo;
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int t = 16 * mt + g + 8 * half;
+          const float ct = __shfl_sync(kFull, cum, t);
+          if (mt == 0 && !upper) continue;
+          const float a0 = acc[mt][0][2 * half] + acc[mt][1][2 * half];
+          const float a1 = acc[mt][0][2 * half + 1] + acc[mt][1][2 * half + 1];
+          const float g0 = s0 <= t ? a0 * expf(hc.A * (ct - cs0)) : 0.0f;
+          const float g1 = s0 + 1 <= t ? a1 * expf(hc.A * (ct - cs1)) : 0.0f;
+          uint32_t hi, lo;
+          PackSplitBf16(g0, g1, &hi, &lo);
+          *reinterpret_cast<uint32_t*>(&sm.g[0][t][s0]) = hi;
+          *reinterpret_cast<uint32_t*>(&sm.g[1][t][s0]) = lo;
+        }
       }
-    }
-    __syncthreads();
+      __syncthreads();
 
-    // y^T [16 channels][32 rows] = S C^T scaled per row, + (dt x)^T G^T.
-    float y[4][4];
+      // y^T [16 channels][32 rows] = S C^T scaled per row, + (dt x)^T G^T, + D x.
+      float y[4][4] = {};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+      for (int kk = 0; kk < N / 16; ++kk) {
+        uint32_t sh[4], sl[4];
+        PackSplitBf16(s[2 * kk][0], s[2 * kk][1], &sh[0], &sl[0]);
+        PackSplitBf16(s[2 * kk][2], s[2 * kk][3], &sh[1], &sl[1]);
+        PackSplitBf16(s[2 * kk + 1][0], s[2 * kk + 1][1], &sh[2], &sl[2]);
+        PackSplitBf16(s[2 * kk + 1][2], s[2 * kk + 1][3], &sh[3], &sl[3]);
+        uint32_t b[4][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) y[j][e] = 0.0f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-      uint32_t sh[4], sl[4];
-      PackSplitBf16(s[2 * kk][0], s[2 * kk][1], &sh[0], &sl[0]);
-      PackSplitBf16(s[2 * kk][2], s[2 * kk][3], &sh[1], &sl[1]);
-      PackSplitBf16(s[2 * kk + 1][0], s[2 * kk + 1][1], &sh[2], &sl[2]);
-      PackSplitBf16(s[2 * kk + 1][2], s[2 * kk + 1][3], &sh[3], &sl[3]);
-#pragma unroll
-      for (int jj = 0; jj < 4; jj += 2) {
-        uint32_t ch[4], cl[4];
-        Ldsm4<false>(ch, &sm.c[0][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
-        Ldsm4<false>(cl, &sm.c[1][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
-        Mma3(y[jj], sh, sl, ch[0], ch[1], cl[0], cl[1]);
-        Mma3(y[jj + 1], sh, sl, ch[2], ch[3], cl[2], cl[3]);
+        for (int jj = 0; jj < 4; jj += 2) {
+          uint32_t ch[4], cl[4];
+          Ldsm4<false>(ch, &sm.c[0][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+          Ldsm4<false>(cl, &sm.c[1][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+          TwoTiles(b + jj, ch, cl);
+        }
+        Mma3<4>(y, sh, sl, b);
       }
-    }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float d0 = __shfl_sync(kFull, out_decay, 8 * j + 2 * c);
-      const float d1 = __shfl_sync(kFull, out_decay, 8 * j + 2 * c + 1);
-      y[j][0] *= d0;
-      y[j][1] *= d1;
-      y[j][2] *= d0;
-      y[j][3] *= d1;
-    }
-#pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
-      uint32_t vh[4], vl[4];
-      Ldsm4<true>(vh, &sm.v[0][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
-      Ldsm4<true>(vl, &sm.v[1][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
-#pragma unroll
-      for (int jj = 2 * kk; jj < 4; jj += 2) {  // row tiles reaching columns 16kk..16kk+15
-        uint32_t gh[4], gl[4];
-        Ldsm4<false>(gh, &sm.g[0][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
-        Ldsm4<false>(gl, &sm.g[1][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
-        Mma3(y[jj], vh, vl, gh[0], gh[1], gl[0], gl[1]);
-        Mma3(y[jj + 1], vh, vl, gh[2], gh[3], gl[2], gl[3]);
+      for (int j = 0; j < 4; ++j) {
+        const float d0 = __shfl_sync(kFull, out_decay, 8 * j + 2 * c);
+        const float d1 = __shfl_sync(kFull, out_decay, 8 * j + 2 * c + 1);
+        y[j][0] *= d0;
+        y[j][1] *= d1;
+        y[j][2] *= d0;
+        y[j][3] *= d1;
       }
-    }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t vh[4], vl[4];
+        Ldsm4<true>(vh, &sm.v[0][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
+        Ldsm4<true>(vl, &sm.v[1][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
+        uint32_t b[4][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t = 8 * j + 2 * c + (e & 1);
-        const int64_t p = x_col + p0 + g + (e >= 2 ? 8 : 0);
-        if (t < rows) {
-          const int64_t r = r0 + t;
-          a.y[r * hc.HP + p] = y[j][e] + hc.D * a.xbc[r * a.ldxbc + p];
+        for (int jj = 2 * kk; jj < 4; jj += 2) {  // row tiles reaching columns 16kk..16kk+15
+          uint32_t gh[4], gl[4];
+          Ldsm4<false>(gh, &sm.g[0][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+          Ldsm4<false>(gl, &sm.g[1][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
+          TwoTiles(b + jj - 2 * kk, gh, gl);
+        }
+        if (kk == 0) {
+          Mma3<4>(y, vh, vl, b);
+        } else {
+          Mma3<2>(y + 2, vh, vl, reinterpret_cast<uint32_t(&)[2][4]>(b));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = 8 * j + 2 * c + (e & 1);
+          const int p = p0 + g + (e >= 2 ? 8 : 0);
+          if (t < rows) a.y[(r0 + t) * hc.HP + x_col + p] = y[j][e] + sm.xd[t][p];
         }
       }
     }
@@ -261,16 +343,21 @@ __global__ void __launch_bounds__(kSsdThreads, 3) SsdChunkKernel(ScanArgs a, Chu
       Ldsm4<true>(wh, &sm.vw[0][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
       Ldsm4<true>(wl, &sm.vw[1][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
 #pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t bh[4], bl[4];
-        Ldsm4<true>(bh, &sm.b[0][16 * kk + l8 + 8 * l8b][8 * nt + 8 * l16]);
-        Ldsm4<true>(bl, &sm.b[1][16 * kk + l8 + 8 * l8b][8 * nt + 8 * l16]);
-        Mma3(s[nt], wh, wl, bh[0], bh[1], bl[0], bl[1]);
-        Mma3(s[nt + 1], wh, wl, bh[2], bh[3], bl[2], bl[3]);
+      for (int nt = 0; nt < NT; nt += 4) {
+        uint32_t b[4][4];
+#pragma unroll
+        for (int q = 0; q < 4; q += 2) {
+          uint32_t bh[4], bl[4];
+          Ldsm4<true>(bh, &sm.b[0][16 * kk + l8 + 8 * l8b][8 * (nt + q) + 8 * l16]);
+          Ldsm4<true>(bl, &sm.b[1][16 * kk + l8 + 8 * l8b][8 * (nt + q) + 8 * l16]);
+          TwoTiles(b + q, bh, bl);
+        }
+        Mma3<4>(s + nt, wh, wl, b);
       }
     }
   }
 
+  if (kStatesOnly && tid == 0) plan.decay[unit * a.H + h] = expf(hc.A * dt_sum);
   if (item.fin == nullptr) return;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -282,27 +369,34 @@ __global__ void __launch_bounds__(kSsdThreads, 3) SsdChunkKernel(ScanArgs a, Chu
   }
 }
 
-template <int N>
-absl::Status LaunchSsd(Context& ctx, const ScanArgs& a, const ChunkPlan& plan, int64_t blocks) {
-  constexpr size_t smem = sizeof(SsdTile<N>);
-  RETURN_IF_ERROR(PrepareSmem(ctx, SsdChunkKernel<N>, smem, "SsmScan"));
-  return Launch(ctx, SsdChunkKernel<N>, dim3(static_cast<unsigned>(blocks)), dim3(kSsdThreads),
-                smem, a, plan);
+template <int N, bool kStatesOnly>
+absl::Status LaunchSsd(Context& ctx, const ScanArgs& a, const ChunkPlan& plan, int64_t units) {
+  const int64_t blocks = units * a.H;
+  if (blocks > INT_MAX) return absl::InvalidArgumentError("SsmScan: grid too large");
+  constexpr size_t smem = sizeof(SsdSmem<N>);
+  auto* kernel = SsdChunkKernel<N, kStatesOnly>;
+  RETURN_IF_ERROR(PrepareSmem(ctx, kernel, smem, "SsmScan"));
+  return Launch(ctx, kernel, dim3(static_cast<unsigned>(blocks)), dim3(kSsdThreads), smem, a,
+                plan);
 }
 
 }  // namespace
 
 bool SsdSupports(const Context& ctx, const ScanArgs& a) {
   return a.P == kSsdP && (a.N == 64 || a.N == 128) &&
-         sizeof(SsdTile<128>) <= ctx.max_shared_per_block;
+         sizeof(SsdSmem<128>) <= ctx.max_shared_per_block;
+}
+
+absl::Status LaunchSsdStates(Context& ctx, const ScanArgs& a, const ChunkPlan& plan,
+                             int64_t chunks) {
+  if (a.N == 128) return LaunchSsd<128, true>(ctx, a, plan, chunks);
+  return LaunchSsd<64, true>(ctx, a, plan, chunks);
 }
 
 absl::Status LaunchSsdOutputs(Context& ctx, const ScanArgs& a, const ChunkPlan& plan,
                               int64_t items) {
-  const int64_t blocks = items * a.H;
-  if (blocks > INT_MAX) return absl::InvalidArgumentError("SsmScan: grid too large");
-  if (a.N == 128) return LaunchSsd<128>(ctx, a, plan, blocks);
-  return LaunchSsd<64>(ctx, a, plan, blocks);
+  if (a.N == 128) return LaunchSsd<128, false>(ctx, a, plan, items);
+  return LaunchSsd<64, false>(ctx, a, plan, items);
 }
 
 }  // namespace ramba::kernels::cuda::mamba
