@@ -102,6 +102,60 @@ __global__ void __launch_bounds__(kConvThreads)
   }
 }
 
+// The same outputs for a 4-tap kernel, a block per (run of kConvRun rows, 256 channels): a thread
+// walks its channel down the run with the last 3 inputs in registers, so every input is loaded
+// once (the per-row kernel above loads each 4 times) and the weights once per run. Same
+// arithmetic, in the same order, as ConvOutKernel.
+constexpr int kConvRun = 16;
+
+__global__ void __launch_bounds__(kConvThreads)
+    ConvOutRun4Kernel(const float* __restrict__ x, int64_t ldx, const int64_t* __restrict__ offsets,
+                      int64_t num_seqs, int64_t row_begin, int64_t row_end,
+                      float* const* __restrict__ states, const float* __restrict__ weight,
+                      const float* __restrict__ bias, int64_t channels, float* __restrict__ y) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  constexpr int K = 4, kHist = K - 1;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kConvThreads + threadIdx.x;
+  if (c >= channels) return;
+  float w[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) w[j] = weight[c * K + j];
+  const float b = bias != nullptr ? bias[c] : 0.0f;
+  const int64_t r0 = row_begin + static_cast<int64_t>(blockIdx.x) * kConvRun;
+  const int64_t r1 = min(r0 + kConvRun, row_end);
+  int64_t s = SeqOfRow(offsets, num_seqs, r0);
+  int64_t start = 0, next = 0;
+  float win[kHist];  // inputs t - 3, t - 2, t - 1 of the next row t
+  auto enter = [&](int64_t r) {  // r is the first row of the run in sequence s
+    start = offsets[s];
+    next = offsets[s + 1];
+    const int64_t t = r - start;
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) {
+      const int64_t src = t - kHist + j;
+      win[j] = src < 0 ? states[s][(kHist + src) * channels + c] : x[(start + src) * ldx + c];
+    }
+  };
+  enter(r0);
+#pragma unroll 4
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r >= next) {
+      while (offsets[s + 1] <= r) ++s;
+      enter(r);
+    }
+    const float in = x[r * ldx + c];
+    float acc = b;
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) acc += w[j] * win[j];
+    acc += w[kHist] * in;
+    y[r * channels + c] = SiluDev(acc);
+#pragma unroll
+    for (int j = 0; j + 1 < kHist; ++j) win[j] = win[j + 1];
+    win[kHist - 1] = in;
+  }
+}
+
 // New state of sequence blockIdx.x: the last hist rows of [old state; this call's rows]. One
 // thread owns one channel of every state row and writes rows in ascending order, reading row
 // i + T > i of the old state, so it never reads a row it already overwrote.
@@ -767,7 +821,13 @@ absl::Status CausalConv1dSilu(Context& ctx, const float* x, int64_t ldx, const i
     return mamba::LaunchConvDecode4(ctx, x, ldx, seq_offsets, num_seqs, conv_states, weight, bias,
                                     channels, y);
   }
-  if (rblocks > 0) {
+  if (kernel == 4 && rblocks > 0) {
+    const int64_t runs = (row_end - row_begin + kConvRun - 1) / kConvRun;
+    const dim3 grid(static_cast<unsigned>(runs), static_cast<unsigned>(cblocks));
+    RETURN_IF_ERROR(Launch(ctx, ConvOutRun4Kernel, grid, dim3(kConvThreads), 0, x, ldx,
+                           seq_offsets, num_seqs, row_begin, row_end, conv_states, weight, bias,
+                           channels, y));
+  } else if (rblocks > 0) {
     const dim3 grid(static_cast<unsigned>(rblocks), static_cast<unsigned>(cblocks));
     RETURN_IF_ERROR(Launch(ctx, ConvOutKernel, grid, dim3(kConvThreads), 0, x, ldx, seq_offsets,
                            num_seqs, row_begin, row_end, conv_states, weight, bias, channels,

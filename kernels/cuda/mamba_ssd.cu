@@ -41,20 +41,26 @@ constexpr unsigned kFull = 0xffffffffu;
 // Shared memory of a block. The bf16 tiles (hi and lo planes, rows as in xbc) hold the sub-chunk
 // being computed; each row is padded by 16 bytes so that the 8 row addresses of an ldmatrix fall
 // in distinct bank groups. The raw f32 rows of the next sub-chunk land meanwhile (cp.async), so
-// no global load is on the critical path.
-template <int N>
+// no global load is on the critical path. The states-only kernel uses B, x and dt alone (the
+// other arrays shrink to a row), which leaves room for more blocks per SM.
+template <int N, bool kStatesOnly>
 struct SsdSmem {
-  __nv_bfloat16 c[2][kQ][N + 8];       // C_t
-  __nv_bfloat16 b[2][kQ][N + 8];       // B_s
-  __nv_bfloat16 v[2][kQ][kSsdP + 8];   // dt_s x_s
-  __nv_bfloat16 vw[2][kQ][kSsdP + 8];  // exp(A (cum_Q - cum_s)) dt_s x_s
-  __nv_bfloat16 g[2][kQ][kQ + 8];      // G[t][s]; only the blocks on or below the diagonal
-  float xd[kQ][kSsdP + 4];             // D x_t
-  float raw_c[kQ][N];
+  static constexpr int kOut = kStatesOnly ? 1 : kQ;  // rows of what only outputs use
+  __nv_bfloat16 c[2][kOut][N + 8];       // C_t
+  __nv_bfloat16 b[2][kQ][N + 8];         // B_s
+  __nv_bfloat16 v[2][kOut][kSsdP + 8];   // dt_s x_s
+  __nv_bfloat16 vw[2][kQ][kSsdP + 8];    // exp(A (cum_Q - cum_s)) dt_s x_s
+  __nv_bfloat16 g[2][kOut][kQ + 8];      // G[t][s]; only the blocks on or below the diagonal
+  float xd[kOut][kSsdP + 4];             // D x_t
+  float raw_c[kOut][N];
   float raw_b[kQ][N];
   float raw_x[kQ][kSsdP];
   float raw_dt[kQ];
 };
+
+// Blocks per SM: the outputs kernel is limited by its shared memory (2 x 106 KiB at N = 128),
+// the states-only one by registers.
+constexpr int SsdMinBlocks(bool states_only) { return states_only ? 3 : 2; }
 
 __device__ __forceinline__ void StoreSplit4(__nv_bfloat16* hi, __nv_bfloat16* lo, float4 v) {
   uint32_t h0, l0, h1, l1;
@@ -113,13 +119,14 @@ __device__ __forceinline__ void TwoTiles(uint32_t (*b)[4], const uint32_t (&h)[4
 // block = (work item, head), outputs from the item's initial state, and its final state when the
 // item has one.
 template <int N, bool kStatesOnly>
-__global__ void __launch_bounds__(kSsdThreads, 2) SsdChunkKernel(ScanArgs a, ChunkPlan plan) {
+__global__ void __launch_bounds__(kSsdThreads, SsdMinBlocks(kStatesOnly))
+    SsdChunkKernel(ScanArgs a, ChunkPlan plan) {
   AllowDependentGrids();
   WaitForPriorGrids();
   constexpr int NT = N / 8;  // n8 tiles of a state row
   constexpr int N4 = N / 4, P4 = kSsdP / 4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  SsdSmem<N>& sm = *reinterpret_cast<SsdSmem<N>*>(smem_raw);
+  SsdSmem<N, kStatesOnly>& sm = *reinterpret_cast<SsdSmem<N, kStatesOnly>*>(smem_raw);
 
   const int h = static_cast<int>(blockIdx.x % a.H);
   const int64_t hpn = static_cast<int64_t>(a.H) * kSsdP * N;
@@ -150,7 +157,7 @@ __global__ void __launch_bounds__(kSsdThreads, 2) SsdChunkKernel(ScanArgs a, Chu
     for (int i = tid; i < kQ * N4; i += kSsdThreads) {
       const int t = i / N4, q = 4 * (i % N4);
       const float* row = base + t * a.ldxbc;
-      if (!kStatesOnly) Copy4(&sm.raw_c[t][q], row + hc.c_off + q, t < rows, vec);
+      if constexpr (!kStatesOnly) Copy4(&sm.raw_c[t][q], row + hc.c_off + q, t < rows, vec);
       Copy4(&sm.raw_b[t][q], row + hc.b_off + q, t < rows, vec);
     }
     for (int i = tid; i < kQ * P4; i += kSsdThreads) {
@@ -197,7 +204,7 @@ __global__ void __launch_bounds__(kSsdThreads, 2) SsdChunkKernel(ScanArgs a, Chu
 
     for (int i = tid; i < kQ * N4; i += kSsdThreads) {
       const int t = i / N4, q = 4 * (i % N4);
-      if (!kStatesOnly) {
+      if constexpr (!kStatesOnly) {
         StoreSplit4(&sm.c[0][t][q], &sm.c[1][t][q], *reinterpret_cast<float4*>(&sm.raw_c[t][q]));
       }
       StoreSplit4(&sm.b[0][t][q], &sm.b[1][t][q], *reinterpret_cast<float4*>(&sm.raw_b[t][q]));
@@ -209,7 +216,7 @@ __global__ void __launch_bounds__(kSsdThreads, 2) SsdChunkKernel(ScanArgs a, Chu
       const float w_t = __shfl_sync(kFull, in_w, t);
       const float4 xv = *reinterpret_cast<float4*>(&sm.raw_x[t][q]);
       StoreSplit4(&sm.vw[0][t][q], &sm.vw[1][t][q], Scale4(xv, w_t));
-      if (!kStatesOnly) {
+      if constexpr (!kStatesOnly) {
         StoreSplit4(&sm.v[0][t][q], &sm.v[1][t][q], Scale4(xv, dt_t));
         *reinterpret_cast<float4*>(&sm.xd[t][q]) = Scale4(xv, hc.D);
       }
@@ -373,7 +380,7 @@ template <int N, bool kStatesOnly>
 absl::Status LaunchSsd(Context& ctx, const ScanArgs& a, const ChunkPlan& plan, int64_t units) {
   const int64_t blocks = units * a.H;
   if (blocks > INT_MAX) return absl::InvalidArgumentError("SsmScan: grid too large");
-  constexpr size_t smem = sizeof(SsdSmem<N>);
+  constexpr size_t smem = sizeof(SsdSmem<N, kStatesOnly>);
   auto* kernel = SsdChunkKernel<N, kStatesOnly>;
   RETURN_IF_ERROR(PrepareSmem(ctx, kernel, smem, "SsmScan"));
   return Launch(ctx, kernel, dim3(static_cast<unsigned>(blocks)), dim3(kSsdThreads), smem, a,
@@ -384,7 +391,7 @@ absl::Status LaunchSsd(Context& ctx, const ScanArgs& a, const ChunkPlan& plan, i
 
 bool SsdSupports(const Context& ctx, const ScanArgs& a) {
   return a.P == kSsdP && (a.N == 64 || a.N == 128) &&
-         sizeof(SsdSmem<128>) <= ctx.max_shared_per_block;
+         sizeof(SsdSmem<128, false>) <= ctx.max_shared_per_block;
 }
 
 absl::Status LaunchSsdStates(Context& ctx, const ScanArgs& a, const ChunkPlan& plan,
