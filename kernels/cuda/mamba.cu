@@ -520,9 +520,9 @@ __global__ void __launch_bounds__(kStateThreads, 4)
   idx /= ptiles;
   const int h = static_cast<int>(idx % a.H);
   const int64_t g = idx / a.H;  // chunk
-  const int64_t s = SeqOfRow(plan.chunk_begin, plan.num_seqs, g);
-  const int64_t row0 = a.offsets[s] + (g - plan.chunk_begin[s]) * plan.L;
-  const int rows = static_cast<int>(min(plan.L, a.offsets[s + 1] - row0));
+  const ScanItem chunk = ChunkItemOf(a, plan, g);
+  const int64_t row0 = chunk.row0;
+  const int rows = static_cast<int>(chunk.rows);
 
   const int tid = threadIdx.x, lane = tid % 32;
   const int tx = tid % 16, ty = tid / 16;

@@ -112,6 +112,16 @@ struct ScanItem {
   float* fin;         // [H, P, N]: where the state after the last row goes, or null
 };
 
+// Chunk `chunk` of the plan as a work item from a zero state into its S_loc (pass 1).
+__device__ __forceinline__ ScanItem ChunkItemOf(const ScanArgs& a, const ChunkPlan& c,
+                                                int64_t chunk) {
+  const int64_t s = SeqOfRow(c.chunk_begin, c.num_seqs, chunk);
+  const int64_t row0 = a.offsets[s] + (chunk - c.chunk_begin[s]) * c.L;
+  const int64_t rest = a.offsets[s + 1] - row0;
+  const int64_t hpn = static_cast<int64_t>(a.H) * a.P * a.N;
+  return ScanItem{row0, rest < c.L ? rest : c.L, nullptr, c.states + chunk * hpn};
+}
+
 __device__ __forceinline__ ScanItem ItemOf(const ScanArgs& a, const ChunkPlan& c, int64_t item) {
   if (c.item_begin == nullptr) {
     const int64_t row0 = a.offsets[item];

@@ -129,18 +129,8 @@ __global__ void __launch_bounds__(kSsdThreads, SsdMinBlocks(kStatesOnly))
   SsdSmem<N, kStatesOnly>& sm = *reinterpret_cast<SsdSmem<N, kStatesOnly>*>(smem_raw);
 
   const int h = static_cast<int>(blockIdx.x % a.H);
-  const int64_t hpn = static_cast<int64_t>(a.H) * kSsdP * N;
-  ScanItem item;
   const int64_t unit = blockIdx.x / a.H;
-  if constexpr (kStatesOnly) {
-    const int64_t sq = SeqOfRow(plan.chunk_begin, plan.num_seqs, unit);
-    const int64_t row0 = a.offsets[sq] + (unit - plan.chunk_begin[sq]) * plan.L;
-    const int64_t end = a.offsets[sq + 1];
-    item = ScanItem{row0, end - row0 < plan.L ? end - row0 : plan.L, nullptr,
-                    plan.states + unit * hpn};
-  } else {
-    item = ItemOf(a, plan, unit);
-  }
+  const ScanItem item = kStatesOnly ? ChunkItemOf(a, plan, unit) : ItemOf(a, plan, unit);
   if (item.rows == 0) return;  // whole block: before any barrier
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
@@ -312,18 +302,25 @@ __global__ void __launch_bounds__(kSsdThreads, SsdMinBlocks(kStatesOnly))
         uint32_t vh[4], vl[4];
         Ldsm4<true>(vh, &sm.v[0][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
         Ldsm4<true>(vl, &sm.v[1][16 * kk + l8 + 8 * l16][p0 + 8 * l8b]);
+        // Row tiles 2kk..3 reach columns 16kk..16kk+15; G is zero above them.
         uint32_t b[4][4];
 #pragma unroll
-        for (int jj = 2 * kk; jj < 4; jj += 2) {  // row tiles reaching columns 16kk..16kk+15
+        for (int jj = 2 * kk; jj < 4; jj += 2) {
           uint32_t gh[4], gl[4];
           Ldsm4<false>(gh, &sm.g[0][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
           Ldsm4<false>(gl, &sm.g[1][8 * jj + l8 + 8 * l16][16 * kk + 8 * l8b]);
-          TwoTiles(b + jj - 2 * kk, gh, gl);
+          TwoTiles(b + jj, gh, gl);
         }
         if (kk == 0) {
           Mma3<4>(y, vh, vl, b);
         } else {
-          Mma3<2>(y + 2, vh, vl, reinterpret_cast<uint32_t(&)[2][4]>(b));
+          uint32_t b23[2][4];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) b23[i][e] = b[2 + i][e];
+          }
+          Mma3<2>(y + 2, vh, vl, b23);
         }
       }
 #pragma unroll

@@ -23,14 +23,8 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return u;
 }
 
-// x = hi + lo + O(2^-17 |x|): the two bf16 terms of a 3-product (hi*hi + hi*lo + lo*hi) f32-grade
-// tensor-core product.
-__device__ __forceinline__ void SplitBf16(float x, __nv_bfloat16* hi, __nv_bfloat16* lo) {
-  *hi = __float2bfloat16_rn(x);
-  *lo = __float2bfloat16_rn(x - __bfloat162float(*hi));
-}
-
-// The hi and lo packs of (x0, x1).
+// The hi and lo bf16 packs of (x0, x1): x = hi + lo + O(2^-17 |x|), the two terms of a 3-product
+// (hi*hi + hi*lo + lo*hi) f32-grade tensor-core product.
 __device__ __forceinline__ void PackSplitBf16(float x0, float x1, uint32_t* hi, uint32_t* lo) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
   const float2 hf = __bfloat1622float2(h);
