@@ -128,6 +128,15 @@ absl::Status Backend::RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
   return Matmul(xn, ldx, m, w, nullptr, y, ldy, false);
 }
 
+absl::Status Backend::GatedRmsNormMatmul(const float* y, int64_t ldy, const float* z,
+                                         int64_t ldz, const float* norm_weight,
+                                         int64_t group_size, float eps, int64_t m, float* g,
+                                         MatrixView w, float* out, int64_t ldo, bool accumulate) {
+  RETURN_IF_ERROR(
+      GatedRmsNorm(y, ldy, z, ldz, norm_weight, g, w.cols, m, w.cols, group_size, eps));
+  return Matmul(g, w.cols, m, w, nullptr, out, ldo, accumulate);
+}
+
 absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
   const SsmParams& p = a.ssm;
   const int64_t d_inner = p.nheads * p.headdim;
@@ -136,6 +145,12 @@ absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
     return absl::InvalidArgumentError("MambaMixer: host_seq_offsets is required");
   }
   const int64_t* offsets = a.host_seq_offsets != nullptr ? a.host_seq_offsets : a.seq_offsets;
+  if (a.out_proj.data != nullptr &&
+      (a.out_proj.cols != d_inner || a.out == nullptr || a.ld_out < a.out_proj.rows)) {
+    return absl::InvalidArgumentError(
+        "MambaMixer: out_proj must have nheads*headdim columns and an output with ld_out >= its "
+        "rows");
+  }
   if (a.num_seqs <= 0) return absl::OkStatus();
   const int64_t base = offsets[0], rows = offsets[a.num_seqs] - base;  // rows are absolute
   RETURN_IF_ERROR(CausalConv1dSilu(a.zxbcdt + d_inner, a.ld, a.seq_offsets, a.num_seqs,
@@ -143,6 +158,12 @@ absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
                                    a.conv_kernel, a.xbc, a.host_seq_offsets));
   RETURN_IF_ERROR(SsmScan(a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim, a.ld, a.seq_offsets,
                           a.num_seqs, a.ssm_states, p, a.y, a.host_seq_offsets));
+  if (a.out_proj.data != nullptr) {
+    return GatedRmsNormMatmul(a.y + base * d_inner, d_inner, a.zxbcdt + base * a.ld, a.ld,
+                              a.norm_weight, a.norm_group_size, a.eps, rows,
+                              a.g + base * d_inner, a.out_proj, a.out + base * a.ld_out,
+                              a.ld_out, /*accumulate=*/true);
+  }
   return GatedRmsNorm(a.y + base * d_inner, d_inner, a.zxbcdt + base * a.ld, a.ld, a.norm_weight,
                       a.g + base * d_inner, d_inner, rows, d_inner, a.norm_group_size, a.eps);
 }

@@ -104,9 +104,9 @@ struct ChunkMemoryBatch {
   int64_t num_seqs = -1;
 };
 
-// One layer's Mamba-2 mixer: everything between in_proj and out_proj (Backend::MambaMixer).
-// rows = host_seq_offsets[num_seqs] - host_seq_offsets[0]; d_inner = nheads * headdim;
-// conv_dim = d_inner + 2 * ngroups * d_state.
+// One layer's Mamba-2 mixer: everything after in_proj, optionally through out_proj
+// (Backend::MambaMixer). rows = host_seq_offsets[num_seqs] - host_seq_offsets[0];
+// d_inner = nheads * headdim; conv_dim = d_inner + 2 * ngroups * d_state.
 struct MambaMixerArgs {
   const float* zxbcdt = nullptr;  // [rows, ...]: z [d_inner] | xBC [conv_dim] | dt [nheads]
   int64_t ld = 0;                 // row stride of zxbcdt
@@ -125,6 +125,12 @@ struct MambaMixerArgs {
   float* xbc = nullptr;  // scratch [rows, conv_dim]: conv output
   float* y = nullptr;    // scratch [rows, d_inner]: SSM output
   float* g = nullptr;    // output [rows, d_inner]: the gated, normed values out_proj reads
+  // Optional out projection (out_proj.data non-null): the op ends with
+  // out[rows, out_proj.rows] += g * out_proj^T (row stride ld_out; the residual stream) through
+  // GatedRmsNormMatmul, and g is then scratch that a backend may leave unwritten.
+  MatrixView out_proj;
+  float* out = nullptr;
+  int64_t ld_out = 0;
 };
 
 // Sampling parameters of one row. temperature == 0 means greedy (argmax, lowest id on ties).
@@ -169,6 +175,14 @@ class Backend {
   virtual absl::Status RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
                                      const float* norm_weight, float eps, float* xn, MatrixView w,
                                      float* y, int64_t ldy);
+
+  // out[m, n] (+)= GatedRmsNorm(y, z; norm_weight, group_size, eps) * w^T, dim = w.cols: the
+  // Mamba gated norm feeding out_proj. g [m, dim] (row stride dim) is scratch, as xn is for
+  // RmsNormMatmul: the default runs GatedRmsNorm into it and then Matmul.
+  virtual absl::Status GatedRmsNormMatmul(const float* y, int64_t ldy, const float* z,
+                                          int64_t ldz, const float* norm_weight,
+                                          int64_t group_size, float eps, int64_t m, float* g,
+                                          MatrixView w, float* out, int64_t ldo, bool accumulate);
 
   // y = x * rsqrt(mean(x^2) + eps) * weight, per row of `dim` values. y may alias x.
   virtual absl::Status RmsNorm(const float* x, int64_t ldx, const float* weight, float* y,

@@ -216,8 +216,10 @@ absl::Status RambaModel::MambaBlock(const Batch& b, int64_t layer) {
   m.xbc = xbc;
   m.y = y;
   m.g = g;
-  RETURN_IF_ERROR(be->MambaMixer(m));
-  return be->Matmul(g, d_inner, rows, mw.out_proj.view, nullptr, h, d, true);
+  m.out_proj = mw.out_proj.view;  // h += out_proj(g): the residual add
+  m.out = h;
+  m.ld_out = d;
+  return be->MambaMixer(m);
 }
 
 // Encodes `new_chunks` blocks already gathered in X (block_len rows each, CLS row last when the

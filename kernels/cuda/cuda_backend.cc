@@ -263,6 +263,26 @@ absl::Status CudaBackend::RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
   return cuda::RmsNormMatmul(*this, x, ldx, m, norm_weight, eps, xn, w, y, ldy);
 }
 
+absl::Status CudaBackend::GatedRmsNormMatmul(const float* y, int64_t ldy, const float* z,
+                                             int64_t ldz, const float* norm_weight,
+                                             int64_t group_size, float eps, int64_t m, float* g,
+                                             MatrixView w, float* out, int64_t ldo,
+                                             bool accumulate) {
+  constexpr std::string_view kOp = "GatedRmsNormMatmul";
+  if (m == 0 || w.rows == 0) {
+    RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(CheckMatmulArgs(kOp, g, w.cols, m, w, out, ldo));
+  RAMBA_CHECK_ARG(kOp, w.cols > 0, "k must be positive");
+  RAMBA_CHECK_ARG(kOp, group_size > 0 && w.cols % group_size == 0,
+                  "group_size must divide the weight's columns");
+  RAMBA_CHECK_ARG(kOp, y != nullptr && z != nullptr && norm_weight != nullptr, "null pointer");
+  RAMBA_CHECK_ARG(kOp, ldy >= w.cols && ldz >= w.cols, "row stride below dim");
+  return cuda::GatedRmsNormMatmul(*this, y, ldy, z, ldz, norm_weight, group_size, eps, m, g, w,
+                                  out, ldo, accumulate);
+}
+
 absl::Status CudaBackend::RmsNorm(const float* x, int64_t ldx, const float* weight, float* y,
                                   int64_t ldy, int64_t rows, int64_t dim, float eps) {
   RAMBA_CHECK_ARG("RmsNorm", rows >= 0 && dim >= 0, "negative size");
@@ -345,6 +365,10 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
                       a.ssm_states != nullptr && a.conv_weight != nullptr &&
                       a.norm_weight != nullptr && a.g != nullptr && a.zxbcdt != nullptr,
                   "null pointer");
+  if (a.out_proj.data != nullptr) {
+    RAMBA_CHECK_ARG(kOp, a.out_proj.cols == d_inner && a.out != nullptr && a.ld_out >= a.out_proj.rows,
+                    "out_proj needs nheads*headdim columns and an output of ld_out >= its rows");
+  }
   // RAMBA_CUDA_FUSED_MIXER: 0 runs the three ops, 1 the fused decode kernel finished by each
   // sequence's last block, 2 the fused kernel plus a finishing kernel. Unset: measured choice
   // (docs/benchmarks.md, side by side): with PDL-launched ops the three were faster up to batch
@@ -358,7 +382,13 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
   if (mode != 0) {
     ASSIGN_OR_RETURN(bool fused, cuda::FusedMambaMixer(*this, a, a.num_seqs,
                                                        a.host_seq_offsets, mode == 2));
-    if (fused) return absl::OkStatus();
+    if (fused) {
+      if (a.out_proj.data == nullptr) return absl::OkStatus();
+      const int64_t base = a.host_seq_offsets[0];
+      const int64_t rows = a.host_seq_offsets[a.num_seqs] - base;
+      return Matmul(a.g + base * d_inner, d_inner, rows, a.out_proj, nullptr,
+                    a.out + base * a.ld_out, a.ld_out, /*accumulate=*/true);
+    }
   }
   RAMBA_CHECK_ARG(kOp, a.xbc != nullptr && a.y != nullptr, "null scratch pointer");
   return Backend::MambaMixer(a);

@@ -37,6 +37,10 @@ class CudaBackend : public Backend, public cuda::Context {
                       float* y, int64_t ldy, bool accumulate) override;
   absl::Status RmsNormMatmul(const float* x, int64_t ldx, int64_t m, const float* norm_weight,
                              float eps, float* xn, MatrixView w, float* y, int64_t ldy) override;
+  absl::Status GatedRmsNormMatmul(const float* y, int64_t ldy, const float* z, int64_t ldz,
+                                  const float* norm_weight, int64_t group_size, float eps,
+                                  int64_t m, float* g, MatrixView w, float* out, int64_t ldo,
+                                  bool accumulate) override;
   absl::Status RmsNorm(const float* x, int64_t ldx, const float* weight, float* y, int64_t ldy,
                        int64_t rows, int64_t dim, float eps) override;
   absl::Status GatedRmsNorm(const float* y, int64_t ldy, const float* z, int64_t ldz,

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm_input.cuh"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
@@ -225,6 +226,110 @@ __global__ void GatedRmsNormKernel(const float* y, int64_t ldy, const float* z, 
   }
 }
 
+// ---- The same norms writing a GemmInput (a norm feeding a projection, many rows) ----
+// Same sums and expressions as the kernels above; the second pass re-reads its inputs (L1 / L2
+// hits) instead of an f32 output, and rounds the values as matmul.cu's conversion does.
+
+template <bool kBf16, bool kVec>
+__global__ void RmsNormToGemmInputKernel(const float* x, int64_t ldx, const float* weight,
+                                         int64_t rows, int64_t dim, float eps, GemmInput in) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = GlobalWarp(); r < rows; r += GridWarps()) {
+    const float* xr = x + r * ldx;
+    uint16_t* out = GemmInputRow(in, r);
+    float ss = 0.0f;
+    if constexpr (kVec) {
+      const auto* x4 = reinterpret_cast<const float4*>(xr);
+      for (int64_t v = lane; v < dim / 4; v += 32) {
+        const float4 a = x4[v];
+        ss += a.x * a.x;
+        ss += a.y * a.y;
+        ss += a.z * a.z;
+        ss += a.w * a.w;
+      }
+    } else {
+      for (int64_t i = lane; i < dim; i += 32) ss += xr[i] * xr[i];
+    }
+    ss = WarpSum(ss);
+    const float scale = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+    if constexpr (kVec) {
+      const auto* x4 = reinterpret_cast<const float4*>(xr);
+      const auto* w4 = reinterpret_cast<const float4*>(weight);
+      for (int64_t v = lane; v < dim / 4; v += 32) {
+        const float4 a = x4[v];
+        const float4 w = w4[v];
+        StoreGemmInput4<kBf16>(in, out, 4 * v,
+                               make_float4(w.x * (a.x * scale), w.y * (a.y * scale),
+                                           w.z * (a.z * scale), w.w * (a.w * scale)));
+      }
+    } else {
+      for (int64_t i = lane; i < dim; i += 32) {
+        StoreGemmInput1<kBf16>(in, out, i, weight[i] * (xr[i] * scale));
+      }
+    }
+    ZeroGemmInputPad(in, out, dim, lane, 32);
+  }
+}
+
+template <bool kBf16, bool kVec>
+__global__ void GatedRmsNormToGemmInputKernel(const float* y, int64_t ldy, const float* z,
+                                              int64_t ldz, const float* weight, int64_t rows,
+                                              int64_t dim, int64_t group_size, float eps,
+                                              GemmInput in) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int lane = threadIdx.x % 32;
+  const int64_t groups = dim / group_size;
+  const int64_t items = rows * groups;
+  for (int64_t item = GlobalWarp(); item < items; item += GridWarps()) {
+    const int64_t r = item / groups;
+    const int64_t g0 = (item - r * groups) * group_size;
+    const float* yr = y + r * ldy + g0;
+    const float* zr = z + r * ldz + g0;
+    const float* wg = weight + g0;
+    uint16_t* out = GemmInputRow(in, r);
+    float ss = 0.0f;
+    if constexpr (kVec) {
+      for (int64_t v = lane; v < group_size / 4; v += 32) {
+        const float4 a = reinterpret_cast<const float4*>(yr)[v];
+        const float4 b = reinterpret_cast<const float4*>(zr)[v];
+        const float4 g = make_float4(a.x * Silu(b.x), a.y * Silu(b.y), a.z * Silu(b.z),
+                                     a.w * Silu(b.w));
+        ss += g.x * g.x;
+        ss += g.y * g.y;
+        ss += g.z * g.z;
+        ss += g.w * g.w;
+      }
+    } else {
+      for (int64_t i = lane; i < group_size; i += 32) {
+        const float g = yr[i] * Silu(zr[i]);
+        ss += g * g;
+      }
+    }
+    ss = WarpSum(ss);
+    const float scale = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
+    if constexpr (kVec) {
+      for (int64_t v = lane; v < group_size / 4; v += 32) {
+        const float4 a = reinterpret_cast<const float4*>(yr)[v];
+        const float4 b = reinterpret_cast<const float4*>(zr)[v];
+        const float4 w = reinterpret_cast<const float4*>(wg)[v];
+        const float4 g = make_float4(a.x * Silu(b.x), a.y * Silu(b.y), a.z * Silu(b.z),
+                                     a.w * Silu(b.w));
+        StoreGemmInput4<kBf16>(in, out, g0 + 4 * v,
+                               make_float4(w.x * (g.x * scale), w.y * (g.y * scale),
+                                           w.z * (g.z * scale), w.w * (g.w * scale)));
+      }
+    } else {
+      for (int64_t i = lane; i < group_size; i += 32) {
+        StoreGemmInput1<kBf16>(in, out, g0 + i, wg[i] * ((yr[i] * Silu(zr[i])) * scale));
+      }
+    }
+    if (g0 + group_size == dim) ZeroGemmInputPad(in, out, dim, lane, 32);
+  }
+}
+
 // ---- Block-per-row variants for few rows (decode): a warp alone walking a 2048-wide row waits
 // on one memory latency per 128 values; 1024 threads keep the whole row in flight. ----
 
@@ -283,10 +388,6 @@ __global__ void __launch_bounds__(kRowThreads) GatedRmsNormRowKernel(
   for (int64_t i = threadIdx.x; i < group_size; i += kRowThreads) o[i] = wg[i] * (o[i] * scale);
 }
 
-// Rows (or groups) below which the block-per-row kernels win.
-bool FewRows(const Context& ctx, int64_t items, int64_t width) {
-  return width >= 512 && items <= 2 * static_cast<int64_t>(ctx.num_sms) && items <= INT32_MAX;
-}
 
 // ---- Add / SwiGlu: flat arrays ----
 
@@ -407,9 +508,40 @@ absl::Status Embed(Context& ctx, const int32_t* tokens, int64_t n, MatrixView ta
   return absl::InvalidArgumentError("Embed: unsupported table dtype");
 }
 
+// Rows (or groups) below which the block-per-row kernels win.
+bool NormRowsUseBlocks(const Context& ctx, int64_t items, int64_t width) {
+  return width >= 512 && items <= 2 * static_cast<int64_t>(ctx.num_sms) && items <= INT32_MAX;
+}
+
+absl::Status RmsNormToGemmInput(Context& ctx, const float* x, int64_t ldx, const float* weight,
+                                int64_t rows, int64_t dim, float eps, const GemmInput& in) {
+  const bool vec = dim % 4 == 0 && ldx % 4 == 0 && Aligned16(x) && Aligned16(weight);
+  void (*kernel)(const float*, int64_t, const float*, int64_t, int64_t, float, GemmInput) =
+      in.bf16 ? (vec ? RmsNormToGemmInputKernel<true, true> : RmsNormToGemmInputKernel<true, false>)
+              : (vec ? RmsNormToGemmInputKernel<false, true>
+                     : RmsNormToGemmInputKernel<false, false>);
+  return Launch(ctx, kernel, GridFor(rows, kWarpsPerBlock, ctx), kThreads, 0, x, ldx, weight,
+                rows, dim, eps, in);
+}
+
+absl::Status GatedRmsNormToGemmInput(Context& ctx, const float* y, int64_t ldy, const float* z,
+                                     int64_t ldz, const float* weight, int64_t rows, int64_t dim,
+                                     int64_t group_size, float eps, const GemmInput& in) {
+  const bool vec = group_size % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && Aligned16(y) &&
+                   Aligned16(z) && Aligned16(weight);
+  void (*kernel)(const float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t,
+                 int64_t, float, GemmInput) =
+      in.bf16 ? (vec ? GatedRmsNormToGemmInputKernel<true, true>
+                     : GatedRmsNormToGemmInputKernel<true, false>)
+              : (vec ? GatedRmsNormToGemmInputKernel<false, true>
+                     : GatedRmsNormToGemmInputKernel<false, false>);
+  return Launch(ctx, kernel, GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx), kThreads, 0,
+                y, ldy, z, ldz, weight, rows, dim, group_size, eps, in);
+}
+
 absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
                      int64_t ldy, int64_t rows, int64_t dim, float eps) {
-  if (FewRows(ctx, rows, dim)) {
+  if (NormRowsUseBlocks(ctx, rows, dim)) {
     return Launch(ctx, RmsNormRowKernel, static_cast<unsigned>(rows), kRowThreads, 0, x, ldx,
                   weight, y, ldy, dim, eps);
   }
@@ -425,7 +557,7 @@ absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float
                           const float* weight, float* out, int64_t ldo, int64_t rows, int64_t dim,
                           int64_t group_size, float eps) {
   const int64_t groups = dim / group_size;
-  if (FewRows(ctx, rows * groups, group_size)) {
+  if (NormRowsUseBlocks(ctx, rows * groups, group_size)) {
     return Launch(ctx, GatedRmsNormRowKernel, static_cast<unsigned>(rows * groups), kRowThreads, 0,
                   y, ldy, z, ldz, weight, out, ldo, groups, group_size, eps);
   }

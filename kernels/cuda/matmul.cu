@@ -8,9 +8,12 @@
 //    4.06 vs 3.42 ms at batch 16: its serial tail outweighs a launch). Launched with PDL
 //    (launch.cuh), a block issues its first weight loads before waiting for the kernel that
 //    produces x.
-//  - Everything else: cuBLASLt, with x converted to the weights' 16-bit type in scratch (f32
-//    weights: plain FP32 GEMM, no TF32). If cuBLASLt offers no algorithm for a 16-bit shape, the
-//    small-m kernel runs on slabs of 16 rows instead.
+//  - Everything else: cuBLASLt, with x converted to the weights' 16-bit type in scratch as
+//    hi + lo (a GemmInput, ops.h; f32 weights: plain FP32 GEMM, no TF32). The two products run
+//    as one GEMM over [hi | lo] and the weights stacked twice when m is large (prefill), else as
+//    two, the second adding into y. If cuBLASLt offers no algorithm for a 16-bit shape, the
+//    small-m kernel runs on slabs of 16 rows instead. RmsNormMatmul / GatedRmsNormMatmul with
+//    many rows let the norm write the GemmInput (elementwise.cu).
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,6 +31,7 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm_input.cuh"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
@@ -427,16 +431,13 @@ absl::Status SmallMSlabs(Context& ctx, const float* x, int ldx, int m, const Mat
 
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 
-// x[m, k] (stride ldx) -> xb[m, ldxb] in bf16 / f16 (round to nearest even), columns k..ldxb
-// zero. ldxb % 8 == 0, so each thread writes one aligned 16-byte chunk of 8 values. With
-// `lo` non-null, also the rounding residue lo = round16(x - hi) at lo[m, ldxb]: hi + lo carries
-// about 16 mantissa bits, so W.hi + W.lo equals the f32-activation product to ~1e-5 relative.
+// x[m, k] (stride ldx) -> the GemmInput `in` (in.ldh % 8 == 0, so each thread writes one aligned
+// 16-byte chunk of 8 hi values, and one of lo).
 template <bool kBf16>
-__global__ void ConvertXKernel(const float* x, int ldx, int m, int k, bool vec_x, uint16_t* xb,
-                               int ldxb, uint16_t* lo) {
+__global__ void ConvertXKernel(const float* x, int ldx, int m, int k, bool vec_x, GemmInput in) {
   AllowDependentGrids();
   WaitForPriorGrids();
-  const int chunks = ldxb / kVec;
+  const int chunks = in.ldh / kVec;
   const int64_t total = static_cast<int64_t>(m) * chunks;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
        u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -455,25 +456,35 @@ __global__ void ConvertXKernel(const float* x, int ldx, int m, int k, bool vec_x
     }
     uint32_t h[kVec], l[kVec];
 #pragma unroll
-    for (int q = 0; q < kVec; ++q) {
-      if (kBf16) {
-        const __nv_bfloat16 hb = __float2bfloat16_rn(v[q]);
-        h[q] = __bfloat16_as_ushort(hb);
-        l[q] = __bfloat16_as_ushort(__float2bfloat16_rn(v[q] - __bfloat162float(hb)));
-      } else {
-        const __half hh = __float2half_rn(v[q]);
-        h[q] = __half_as_ushort(hh);
-        l[q] = __half_as_ushort(__float2half_rn(v[q] - __half2float(hh)));
-      }
-    }
-    *reinterpret_cast<uint4*>(xb + i * ldxb + c0) =
+    for (int q = 0; q < kVec; ++q) SplitTo16<kBf16>(v[q], &h[q], &l[q]);
+    uint16_t* row = GemmInputRow(in, i);
+    *reinterpret_cast<uint4*>(row + c0) =
         make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16),
                    h[6] | (h[7] << 16));
-    if (lo != nullptr) {
-      *reinterpret_cast<uint4*>(lo + i * ldxb + c0) =
+    if (in.split) {
+      *reinterpret_cast<uint4*>(row + in.ldh + c0) =
           make_uint4(l[0] | (l[1] << 16), l[2] | (l[3] << 16), l[4] | (l[5] << 16),
                      l[6] | (l[7] << 16));
     }
+  }
+}
+
+// Stacked weights for the one-GEMM hi + lo product: row j of ws = [w_j, 0.., w_j, 0..], each half
+// ldh wide (w [n, k] row-major), so that [hi | lo] . ws_j = hi . w_j + lo . w_j.
+__global__ void StackWeightsKernel(const uint16_t* w, int n, int k, bool vec_w, int ldh,
+                                   uint16_t* ws) {
+  AllowDependentGrids();
+  WaitForPriorGrids();  // the previous stacked GEMM may still read ws
+  const int chunks = ldh / kVec;
+  const int64_t total = static_cast<int64_t>(n) * chunks;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = u / chunks;
+    const int c0 = static_cast<int>(u - j * chunks) * kVec;
+    const uint4 v = LoadWeightChunk(w + j * k, c0, k, vec_w);
+    uint16_t* row = ws + j * 2 * static_cast<int64_t>(ldh);
+    *reinterpret_cast<uint4*>(row + c0) = v;
+    *reinterpret_cast<uint4*>(row + ldh + c0) = v;
   }
 }
 
@@ -613,6 +624,76 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
   return absl::OkStatus();
 }
 
+// The one-GEMM hi + lo product pays from m >= ldh: stacking the weights moves ~6 bytes per weight,
+// while the second product of the two-GEMM form re-reads and rewrites C, 8 bytes per output.
+// RAMBA_CUDA_STACKED_GEMM=0 / 1: never / always (for comparisons and tests; read per call).
+bool UseStackedProduct(int m, int ldh) {
+  const char* e = std::getenv("RAMBA_CUDA_STACKED_GEMM");
+  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  return m >= ldh;
+}
+
+// RAMBA_CUDA_FUSED_NORM=0: norms feeding a projection run as their own op, then Matmul.
+bool FusedNorms() {
+  static const bool fused = [] {
+    const char* e = std::getenv("RAMBA_CUDA_FUSED_NORM");
+    return e == nullptr || std::string_view(e) != "0";
+  }();
+  return fused;
+}
+
+absl::StatusOr<GemmInput> GemmInputScratch(Context& ctx, int m, int k, DType dtype) {
+  GemmInput in;
+  if (k > INT32_MAX / 2 - kVec) return absl::InvalidArgumentError("Matmul: k too large");
+  in.ldh = (k + kVec - 1) / kVec * kVec;
+  in.split = SplitActivations();
+  in.bf16 = dtype == DType::kBF16;
+  const size_t bytes = static_cast<size_t>(m) * in.ld() * sizeof(uint16_t);
+  ASSIGN_OR_RETURN(void* data, ctx.Scratch(ScratchSlot::kMatmulInput, bytes));
+  in.data = static_cast<uint16_t*>(data);
+  return in;
+}
+
+// y (+)= in * w^T (+ bias) on cuBLASLt: one GEMM over [hi | lo] and the stacked weights, or hi
+// and lo as two products. *found = false, with nothing written to y, when cuBLASLt offers no
+// algorithm for the shape.
+absl::Status GemmFromInput(Context& ctx, const GemmInput& in, int m, const MatrixView& w,
+                           const float* bias, float* y, int ldy, bool accumulate, bool* found) {
+  const cudaDataType_t type = in.bf16 ? CUDA_R_16BF : CUDA_R_16F;
+  const int n = static_cast<int>(w.rows), k = static_cast<int>(w.cols);
+  *found = false;
+  if (in.split && UseStackedProduct(m, in.ldh)) {
+    const int kk = 2 * in.ldh;
+    ASSIGN_OR_RETURN(void* scratch,
+                     ctx.Scratch(ScratchSlot::kMatmulWeights,
+                                 static_cast<size_t>(n) * kk * sizeof(uint16_t)));
+    auto* ws = static_cast<uint16_t*>(scratch);
+    constexpr int kStackThreads = 256;
+    RETURN_IF_ERROR(Launch(ctx, StackWeightsKernel,
+                           dim3(GridFor(static_cast<int64_t>(n) * (in.ldh / kVec), kStackThreads,
+                                        ctx)),
+                           dim3(kStackThreads), 0, static_cast<const uint16_t*>(w.data), n, k,
+                           Aligned(w.data, 16) && k % kVec == 0, in.ldh, ws));
+    RETURN_IF_ERROR(
+        LtMatmul(ctx, type, ws, kk, in.data, kk, m, n, kk, y, ldy, accumulate, found));
+    // Without an algorithm for k = 2 ldh, the two products below (the stacked copy goes unused).
+  }
+  if (!*found) {
+    RETURN_IF_ERROR(
+        LtMatmul(ctx, type, w.data, k, in.data, in.ld(), m, n, k, y, ldy, accumulate, found));
+    if (!*found) return absl::OkStatus();
+    if (in.split) {
+      bool lo_found = false;
+      RETURN_IF_ERROR(LtMatmul(ctx, type, w.data, k, in.data + in.ldh, in.ld(), m, n, k, y, ldy,
+                               /*accumulate=*/true, &lo_found));
+      if (!lo_found) {
+        return absl::InternalError("Matmul: cuBLASLt lost its algorithm for the residue");
+      }
+    }
+  }
+  return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldy, m, n, bias, false) : absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, MatrixView w,
@@ -639,36 +720,15 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
                 : SmallMMatmul<false>(ctx, x, ldxi, mi, w16, n, k, bias, y, ldyi, accumulate);
   }
 
-  // Packed 16-bit copy of x, rows padded to a multiple of 8 elements (16 bytes).
-  const int64_t ldxb = (static_cast<int64_t>(k) + kVec - 1) / kVec * kVec;
-  if (ldxb > INT32_MAX) return absl::InvalidArgumentError("Matmul: k too large");
-  const bool split = SplitActivations();
-  const size_t half_bytes = static_cast<size_t>(mi) * ldxb * sizeof(uint16_t);
-  absl::StatusOr<void*> scratch =
-      ctx.Scratch(ScratchSlot::kMatmulInput, split ? 2 * half_bytes : half_bytes);
-  if (!scratch.ok()) return scratch.status();
-  auto* xb = static_cast<uint16_t*>(*scratch);
-  uint16_t* xlo = split ? xb + static_cast<size_t>(mi) * ldxb : nullptr;
+  ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, k, w.dtype));
   constexpr int kConvertThreads = 256;
-  const int convert_grid = GridFor(static_cast<int64_t>(mi) * (ldxb / kVec), kConvertThreads, ctx);
+  const int convert_grid = GridFor(static_cast<int64_t>(mi) * (in.ldh / kVec), kConvertThreads, ctx);
   const bool vec_x = Aligned(x, 16) && ldx % 4 == 0;
-  const absl::Status converted =
-      Launch(ctx, bf16 ? ConvertXKernel<true> : ConvertXKernel<false>, dim3(convert_grid),
-             dim3(kConvertThreads), 0, x, ldxi, mi, k, vec_x, xb, static_cast<int>(ldxb), xlo);
-  if (!converted.ok()) return converted;
+  RETURN_IF_ERROR(Launch(ctx, bf16 ? ConvertXKernel<true> : ConvertXKernel<false>,
+                         dim3(convert_grid), dim3(kConvertThreads), 0, x, ldxi, mi, k, vec_x, in));
   bool found = false;
-  absl::Status s = LtMatmul(ctx, bf16 ? CUDA_R_16BF : CUDA_R_16F, w.data, k, xb, ldxb, mi, n, k,
-                            y, ldy, accumulate, &found);
-  if (!s.ok()) return s;
-  if (!found) return SmallMSlabs(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate);
-  if (split) {
-    const absl::Status lo = LtMatmul(ctx, bf16 ? CUDA_R_16BF : CUDA_R_16F, w.data, k, xlo, ldxb,
-                                     mi, n, k, y, ldy, /*accumulate=*/true, &found);
-    if (!lo.ok()) return lo;
-    if (!found) return absl::InternalError("Matmul: cuBLASLt lost its algorithm for the residue");
-  }
-  return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldyi, mi, n, bias, false)
-                         : absl::OkStatus();
+  RETURN_IF_ERROR(GemmFromInput(ctx, in, mi, w, bias, y, ldyi, accumulate, &found));
+  return found ? absl::OkStatus() : SmallMSlabs(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate);
 }
 
 constexpr int64_t kFusedNormMaxRows = kThreads / 32;
@@ -678,24 +738,49 @@ absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
                           int64_t ldy) {
   // CudaBackend checked as for Matmul, plus norm_weight and xn (ldx-strided, k columns).
   const int k = static_cast<int>(w.cols);
-  static const bool fused = [] {  // RAMBA_CUDA_FUSED_NORM=0: the two ops (for comparisons)
-    const char* e = std::getenv("RAMBA_CUDA_FUSED_NORM");
-    return e == nullptr || std::string_view(e) != "0";
-  }();
+  const int mi = static_cast<int>(m), n = static_cast<int>(w.rows);
+  const int ldxi = static_cast<int>(ldx), ldyi = static_cast<int>(ldy);
+  const bool fused = FusedNorms() && k > 0 && w.dtype != DType::kF32;
   // Every block of the GEMM recomputes the rows' norms before its first tile: a warp per row, so
   // up to 4 rows cost one row's latency. Measured at batch 16 (4 rows per warp) the fused step
   // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.199 vs 1.290 ms).
-  if (fused && m <= kFusedNormMaxRows && k > 0 && w.dtype != DType::kF32) {
+  if (fused && m <= kFusedNormMaxRows) {
     const NormPrologue norm{norm_weight, eps};
     const auto* w16 = static_cast<const uint16_t*>(w.data);
-    const int mi = static_cast<int>(m), n = static_cast<int>(w.rows);
-    const int ldxi = static_cast<int>(ldx), ldyi = static_cast<int>(ldy);
     return w.dtype == DType::kBF16
                ? SmallMMatmul<true>(ctx, x, ldxi, mi, w16, n, k, nullptr, y, ldyi, false, norm)
                : SmallMMatmul<false>(ctx, x, ldxi, mi, w16, n, k, nullptr, y, ldyi, false, norm);
   }
+  // Many rows (prefill): the norm writes the GEMM's 16-bit input itself, saving an f32 round trip.
+  if (fused && m > kSmallM && !NormRowsUseBlocks(ctx, m, k)) {
+    ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, k, w.dtype));
+    RETURN_IF_ERROR(RmsNormToGemmInput(ctx, x, ldx, norm_weight, m, k, eps, in));
+    bool found = false;
+    RETURN_IF_ERROR(GemmFromInput(ctx, in, mi, w, nullptr, y, ldyi, false, &found));
+    if (found) return absl::OkStatus();
+  }
   RETURN_IF_ERROR(RmsNorm(ctx, x, ldx, norm_weight, xn, ldx, m, w.cols, eps));
   return Matmul(ctx, xn, ldx, m, w, nullptr, y, ldy, false);
+}
+
+absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const float* z,
+                                int64_t ldz, const float* norm_weight, int64_t group_size,
+                                float eps, int64_t m, float* g, MatrixView w, float* out,
+                                int64_t ldo, bool accumulate) {
+  // CudaBackend checked as for Matmul (g as x, stride dim), plus the norm's arguments.
+  const int64_t dim = w.cols;
+  const int mi = static_cast<int>(m), ldoi = static_cast<int>(ldo);
+  if (FusedNorms() && w.dtype != DType::kF32 && m > kSmallM &&
+      !NormRowsUseBlocks(ctx, m * (dim / group_size), group_size)) {
+    ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, static_cast<int>(dim), w.dtype));
+    RETURN_IF_ERROR(GatedRmsNormToGemmInput(ctx, y, ldy, z, ldz, norm_weight, m, dim, group_size,
+                                            eps, in));
+    bool found = false;
+    RETURN_IF_ERROR(GemmFromInput(ctx, in, mi, w, nullptr, out, ldoi, accumulate, &found));
+    if (found) return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(GatedRmsNorm(ctx, y, ldy, z, ldz, norm_weight, g, dim, m, dim, group_size, eps));
+  return Matmul(ctx, g, dim, m, w, nullptr, out, ldo, accumulate);
 }
 
 }  // namespace ramba::kernels::cuda

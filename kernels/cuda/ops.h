@@ -21,7 +21,8 @@ namespace ramba::kernels::cuda {
 // Scratch slots: each op family owns its slots, so one op's scratch never aliases another's
 // while both are queued on the stream.
 enum class ScratchSlot : int {
-  kMatmulInput = 0,   // activations converted to bf16 for cuBLASLt
+  kMatmulInput = 0,   // activations converted to bf16 for cuBLASLt (GemmInput)
+  kMatmulWeights,     // weights stacked twice along k for the one-GEMM hi + lo product
   kCublasWorkspace,   // cuBLASLt workspace
   kSsm,               // chunked-scan intermediates
   kMixer,             // fused decode mixer: per-block partial sums of squares
@@ -67,16 +68,46 @@ class Context {
 // ---- matmul.cu ----
 absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, MatrixView w,
                     const float* bias, float* y, int64_t ldy, bool accumulate);
-
-// ---- elementwise.cu ----
-absl::Status Embed(Context& ctx, const int32_t* tokens, int64_t n, MatrixView table, float* out);
-// Backend::RmsNormMatmul: the small-m kernel normalises x as it stages it (xn untouched);
-// otherwise RmsNorm into xn, then Matmul.
+// Backend::RmsNormMatmul: the small-m kernel normalises x as it stages it and, with many rows,
+// the norm writes the GEMM input directly (xn untouched either way); otherwise RmsNorm into xn,
+// then Matmul.
 absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
                           const float* norm_weight, float eps, float* xn, MatrixView w, float* y,
                           int64_t ldy);
+// Backend::GatedRmsNormMatmul: with many rows the norm writes the GEMM input directly (g
+// untouched); otherwise GatedRmsNorm into g, then Matmul.
+absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const float* z,
+                                int64_t ldz, const float* norm_weight, int64_t group_size,
+                                float eps, int64_t m, float* g, MatrixView w, float* out,
+                                int64_t ldo, bool accumulate);
+
+// The input of the cuBLASLt path: activations rounded to the weights' 16-bit type, row i holding
+// hi[0, ldh) and then, when split, the rounding residue lo[0, ldh) (hi + lo carries ~16 mantissa
+// bits; columns k..ldh are zero). Keeping a row's hi and lo adjacent lets the two products run
+// as one GEMM over k = 2 ldh against the weights stacked twice. Produced by the GEMM's own
+// conversion (matmul.cu) or by a norm that feeds a projection (elementwise.cu).
+struct GemmInput {
+  uint16_t* data = nullptr;
+  int ldh = 0;        // k rounded up to a multiple of 8 (16-byte rows)
+  bool split = true;  // lo present (RAMBA_CUDA_BF16_ACTIVATIONS=1: hi only)
+  bool bf16 = true;   // bf16, else f16 (the weights' type)
+  int ld() const { return split ? 2 * ldh : ldh; }
+};
+
+// ---- elementwise.cu ----
+absl::Status Embed(Context& ctx, const int32_t* tokens, int64_t n, MatrixView table, float* out);
 absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
                      int64_t ldy, int64_t rows, int64_t dim, float eps);
+// True when the norms run a block per row (few rows, decode); otherwise a warp per row, which
+// the ...ToGemmInput variants below also use.
+bool NormRowsUseBlocks(const Context& ctx, int64_t items, int64_t width);
+// RmsNorm / GatedRmsNorm writing their output as a GemmInput (in.ldh >= dim) instead of f32:
+// same values, rounded as the GEMM's own conversion would.
+absl::Status RmsNormToGemmInput(Context& ctx, const float* x, int64_t ldx, const float* weight,
+                                int64_t rows, int64_t dim, float eps, const GemmInput& in);
+absl::Status GatedRmsNormToGemmInput(Context& ctx, const float* y, int64_t ldy, const float* z,
+                                     int64_t ldz, const float* weight, int64_t rows, int64_t dim,
+                                     int64_t group_size, float eps, const GemmInput& in);
 absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float* z, int64_t ldz,
                           const float* weight, float* out, int64_t ldo, int64_t rows, int64_t dim,
                           int64_t group_size, float eps);

@@ -1,4 +1,4 @@
-// Backend::MambaMixer (conv + SSM + gated norm) on the CUDA backend against the CPU backend's
+// Backend::MambaMixer (conv + SSM + gated norm, optionally out_proj) on the CUDA backend against the CPU backend's
 // three separate ops (label gpu; skipped without a GPU). With RAMBA_CUDA_FUSED_MIXER=1 (set by
 // the fixture) decode-shaped batches take the fused kernel (kernels/cuda/mamba_decode.cu): one-row and few-row sequences, empty ones, batches
 // that start past row 0, heads not a multiple of the block's channels, several B/C groups and
@@ -26,6 +26,7 @@ struct MixerCase {
   int64_t norm_groups = 2;
   bool conv_bias = true;
   uint32_t seed = 1;
+  int64_t out_n = 0;  // > 0: the op ends with out += g * out_proj^T (bf16 weights [out_n, d_inner])
 };
 
 // Host data of one case; every array the CPU backend reads directly.
@@ -35,6 +36,9 @@ struct MixerData {
   std::vector<int64_t> offs;
   std::vector<float> zx, conv_w, conv_b, A_log, D, dt_bias, norm_w;
   std::vector<std::vector<float>> conv_states, ssm_states;
+  std::vector<float> out_w;  // [out_n, d_inner], values rounded to bf16
+  std::vector<float> out0;   // [rows_end, ld_out], the residual the projection adds into
+  int64_t ld_out = 0;
 };
 
 MixerData MakeData(const MixerCase& c) {
@@ -58,11 +62,18 @@ MixerData MakeData(const MixerCase& c) {
     d.conv_states.push_back(RandomVec(3 * d.conv_dim, k, -2.0f, 2.0f));
     d.ssm_states.push_back(RandomVec(c.H * c.P * c.N, k + 1, -1.0f, 1.0f));
   }
+  if (c.out_n > 0) {
+    d.out_w = RandomVec(c.out_n * d.d_inner, c.seed + 7, -0.1f, 0.1f);
+    for (float& v : d.out_w) v = Bf16ToF32(F32ToBf16(v));
+    d.ld_out = c.out_n + 2;
+    d.out0 = RandomVec(d.rows_end * d.ld_out, c.seed + 8);
+  }
   return d;
 }
 
 struct MixerResult {
-  std::vector<float> g;  // rows [base, rows_end)
+  std::vector<float> g;    // rows [base, rows_end); not compared with an out projection
+  std::vector<float> out;  // rows [base, rows_end) of the projection's output, when out_n > 0
   std::vector<std::vector<float>> conv_states, ssm_states;
 };
 
@@ -118,8 +129,15 @@ class CudaMambaMixerTest : public CudaOpTest {
     a.xbc = xbc.data();
     a.y = y.data();
     a.g = g.data();
+    std::vector<float> out = d.out0;
+    if (d.c.out_n > 0) {
+      a.out_proj = MatrixView{d.out_w.data(), DType::kF32, d.c.out_n, d.d_inner};
+      a.out = out.data();
+      a.ld_out = d.ld_out;
+    }
     EXPECT_TRUE(cpu_->MambaMixer(a).ok());
     r.g.assign(g.begin() + d.c.base * d.d_inner, g.end());
+    r.out.assign(out.begin() + d.c.base * d.ld_out, out.end());
     return r;
   }
 
@@ -143,6 +161,15 @@ class CudaMambaMixerTest : public CudaOpTest {
     a.xbc = Poisoned<float>(d.rows_end * d.conv_dim);
     a.y = Poisoned<float>(d.rows_end * d.d_inner);
     a.g = g;
+    float* out = nullptr;
+    if (d.c.out_n > 0) {
+      std::vector<uint16_t> w16(d.out_w.size());
+      for (size_t i = 0; i < w16.size(); ++i) w16[i] = F32ToBf16(d.out_w[i]);
+      a.out_proj = MatrixView{ToGpu(w16), DType::kBF16, d.c.out_n, d.d_inner};
+      out = ToGpu(d.out0);
+      a.out = out;
+      a.ld_out = d.ld_out;
+    }
     for (const auto& zx : inputs) {
       a.zxbcdt = ToGpu(zx);
       const absl::Status st = gpu_->MambaMixer(a);
@@ -150,6 +177,9 @@ class CudaMambaMixerTest : public CudaOpTest {
     }
     MixerResult r;
     r.g = FromGpu(g + d.c.base * d.d_inner, (d.rows_end - d.c.base) * d.d_inner);
+    if (out != nullptr) {
+      r.out = FromGpu(out + d.c.base * d.ld_out, (d.rows_end - d.c.base) * d.ld_out);
+    }
     for (size_t s = 0; s < cp.size(); ++s) {
       r.conv_states.push_back(FromGpu(cp[s], d.conv_states[s].size()));
       r.ssm_states.push_back(FromGpu(sp[s], d.ssm_states[s].size()));
@@ -158,7 +188,12 @@ class CudaMambaMixerTest : public CudaOpTest {
   }
 
   void ExpectClose(const MixerResult& gpu, const MixerResult& cpu) {
-    EXPECT_LE(NormRelError(gpu.g, cpu.g), kTol);
+    if (gpu.out.empty()) {
+      EXPECT_LE(NormRelError(gpu.g, cpu.g), kTol);
+    } else {
+      // The projection of g (hi + lo bf16 products) adds its own ~1e-5.
+      EXPECT_LE(NormRelError(gpu.out, cpu.out), 2 * kTol);
+    }
     ASSERT_EQ(gpu.conv_states.size(), cpu.conv_states.size());
     for (size_t s = 0; s < cpu.conv_states.size(); ++s) {
       // The conv state is a copy of inputs: exact.
@@ -235,6 +270,21 @@ TEST_F(CudaMambaMixerTest, FinishKernelVariant) {
 TEST_F(CudaMambaMixerTest, LargeBatchWideBlocks) {
   Check({.lens = std::vector<int64_t>(300, 1), .H = 32, .P = 64, .N = 128, .G = 1,
          .norm_groups = 1, .seed = 53});
+}
+
+// With out_proj the op also adds g * out_proj^T into the residual: after the fused decode kernel
+// (a small-m GEMM), and on the unfused prefill path, where the gated norm writes the GEMM input
+// itself once there are many rows (two products, or one over stacked weights).
+TEST_F(CudaMambaMixerTest, OutProjection) {
+  Check({.lens = {1, 0, 3, 2}, .base = 2, .seed = 61, .out_n = 40});
+  setenv("RAMBA_CUDA_FUSED_MIXER", "0", 1);
+  Check({.lens = {1, 2, 1}, .seed = 67, .out_n = 33});
+  const MixerCase prefill{.lens = {300, 5, 0}, .base = 1, .H = 32, .P = 64, .N = 128, .G = 1,
+                          .norm_groups = 1, .seed = 71, .out_n = 100};
+  Check(prefill);
+  setenv("RAMBA_CUDA_STACKED_GEMM", "1", 1);
+  Check(prefill);
+  unsetenv("RAMBA_CUDA_STACKED_GEMM");
 }
 
 TEST_F(CudaMambaMixerTest, BitwiseDeterministic) {

@@ -268,5 +268,86 @@ TEST(SsmScanTest, BitwiseEqualAcrossThreadCounts) {
   }
 }
 
+// ---------------- MambaMixer ----------------
+
+// With out_proj set, the mixer ends with out += g * out_proj^T: equal to the mixer alone followed
+// by Matmul, for a ragged batch starting past row 0. A projection of the wrong width is an error.
+TEST(MambaMixerTest, OutProjectionEqualsMixerThenMatmul) {
+  auto be = testing::Cpu();
+  SsmSetup s(4, 8, 6, 2);
+  const int64_t d_inner = 32, conv_dim = s.width, ld = d_inner + conv_dim + 4 + 5;
+  const int64_t offs[] = {2, 5, 5, 11}, rows_end = 11, n = 9, ld_out = n + 1;
+  const auto zx = RandomVec(rows_end * ld, 20, -2, 2);
+  const auto conv_w = RandomVec(conv_dim * 4, 21);
+  const auto norm_w = RandomVec(d_inner, 22, 0.5f, 1.5f);
+  const auto out_w = RandomVec(n * d_inner, 23);
+  const auto out0 = RandomVec(rows_end * ld_out, 24);
+  struct Run {
+    std::vector<std::vector<float>> conv, ssm;
+    std::vector<float> g, out;
+  };
+  // project: pass out_proj (with `cols` columns) to the op; otherwise Matmul after it.
+  auto run = [&](bool project, int64_t cols, absl::Status* status) {
+    Run r;
+    std::vector<float*> cp, sp;
+    for (int i = 0; i < 3; ++i) {
+      r.conv.push_back(RandomVec(3 * conv_dim, 30 + i));
+      r.ssm.push_back(RandomVec(s.state_size(), 40 + i));
+    }
+    for (auto& v : r.conv) cp.push_back(v.data());
+    for (auto& v : r.ssm) sp.push_back(v.data());
+    std::vector<float> xbc(rows_end * conv_dim), y(rows_end * d_inner);
+    r.g.assign(rows_end * d_inner, 0.0f);
+    r.out = out0;
+    MambaMixerArgs a;
+    a.zxbcdt = zx.data();
+    a.ld = ld;
+    a.seq_offsets = offs;
+    a.host_seq_offsets = offs;
+    a.num_seqs = 3;
+    a.conv_states = cp.data();
+    a.conv_weight = conv_w.data();
+    a.conv_kernel = 4;
+    a.ssm_states = sp.data();
+    a.ssm = s.p;
+    a.norm_weight = norm_w.data();
+    a.norm_group_size = d_inner / 2;
+    a.eps = 1e-5f;
+    a.xbc = xbc.data();
+    a.y = y.data();
+    a.g = r.g.data();
+    const MatrixView w{out_w.data(), DType::kF32, n, d_inner};
+    if (project) {
+      a.out_proj = MatrixView{out_w.data(), DType::kF32, n, cols};
+      a.out = r.out.data();
+      a.ld_out = ld_out;
+    }
+    const absl::Status st = be->MambaMixer(a);
+    if (status != nullptr) {
+      *status = st;
+      return r;
+    }
+    EXPECT_TRUE(st.ok()) << st;
+    if (!project) {
+      EXPECT_TRUE(be->Matmul(r.g.data() + 2 * d_inner, d_inner, rows_end - 2, w, nullptr,
+                             r.out.data() + 2 * ld_out, ld_out, true)
+                      .ok());
+    }
+    return r;
+  };
+  const Run fused = run(true, d_inner, nullptr), separate = run(false, d_inner, nullptr);
+  EXPECT_EQ(fused.out, separate.out);
+  EXPECT_NE(fused.out, out0);
+  EXPECT_EQ(fused.ssm, separate.ssm);
+  EXPECT_EQ(fused.conv, separate.conv);
+
+  // A projection of the wrong width is rejected before anything is written.
+  absl::Status st;
+  const Run bad = run(true, d_inner - 1, &st);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_EQ(bad.out, out0);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(bad.ssm[i], RandomVec(s.state_size(), 40 + i));
+}
+
 }  // namespace
 }  // namespace ramba::kernels

@@ -1,4 +1,5 @@
-// RmsNorm, GatedRmsNorm and the element-wise ops against double loops.
+// RmsNorm, GatedRmsNorm (alone and feeding a projection) and the element-wise ops against double
+// loops.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -75,6 +76,48 @@ TEST(GatedRmsNormTest, GroupsMatchReference) {
       EXPECT_EQ(out[r * (dim + 1) + dim], 123.0f);  // stride padding untouched
     }
     EXPECT_LT(RelError(got, want), 1e-5) << groups;
+  }
+}
+
+// The gated norm feeding a projection (Mamba's out_proj): out (+)= GatedRmsNorm(y, z) * w^T.
+TEST(GatedRmsNormMatmulTest, MatchesReference) {
+  auto be = testing::Cpu();
+  for (bool accumulate : {false, true}) {
+    const int64_t rows = 7, dim = 48, gs = 16, n = 5, ld = 2 * dim + 3, ldo = n + 2;
+    const auto zy = RandomVec(rows * ld, 40 + accumulate, -3, 3);
+    const auto nw = RandomVec(dim, 41, 0.5f, 1.5f);
+    const auto w = RandomVec(n * dim, 42);
+    const auto out0 = RandomVec(rows * ldo, 43);
+    std::vector<float> out = out0, g(rows * dim);
+    ASSERT_TRUE(be->GatedRmsNormMatmul(zy.data() + dim, ld, zy.data(), ld, nw.data(), gs, 1e-5f,
+                                       rows, g.data(), MatrixView{w.data(), DType::kF32, n, dim},
+                                       out.data(), ldo, accumulate)
+                    .ok());
+    std::vector<float> got;
+    std::vector<double> want;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<double> gn(dim);
+      for (int64_t i = 0; i < dim; ++i) {
+        gn[i] = double(zy[r * ld + dim + i]) * testing::SiluD(zy[r * ld + i]);
+      }
+      for (int64_t g0 = 0; g0 < dim; g0 += gs) {
+        double ss = 0;
+        for (int64_t i = g0; i < g0 + gs; ++i) ss += gn[i] * gn[i];
+        const double sc = 1.0 / std::sqrt(ss / gs + 1e-5);
+        for (int64_t i = g0; i < g0 + gs; ++i) gn[i] *= sc * nw[i];
+      }
+      for (int64_t j = 0; j < ldo; ++j) {
+        if (j >= n) {
+          EXPECT_EQ(out[r * ldo + j], out0[r * ldo + j]);  // stride padding untouched
+          continue;
+        }
+        double acc = accumulate ? out0[r * ldo + j] : 0.0;
+        for (int64_t i = 0; i < dim; ++i) acc += gn[i] * w[j * dim + i];
+        want.push_back(acc);
+        got.push_back(out[r * ldo + j]);
+      }
+    }
+    EXPECT_LT(RelError(got, want), 1e-5) << accumulate;
   }
 }
 
