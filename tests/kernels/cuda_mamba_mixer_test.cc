@@ -273,18 +273,27 @@ TEST_F(CudaMambaMixerTest, LargeBatchWideBlocks) {
 }
 
 // With out_proj the op also adds g * out_proj^T into the residual: after the fused decode kernel
-// (a small-m GEMM), and on the unfused prefill path, where the gated norm writes the GEMM input
-// itself once there are many rows (two products, or one over stacked weights).
+// (a small-m GEMM), and on the unfused path, where with RAMBA_CUDA_FUSED_NORM=2 the gated norm is
+// folded into the small-m GEMM (one row) or writes the cuBLASLt input itself (many rows; two
+// products, or one over stacked weights).
 TEST_F(CudaMambaMixerTest, OutProjection) {
-  Check({.lens = {1, 0, 3, 2}, .base = 2, .seed = 61, .out_n = 40});
-  setenv("RAMBA_CUDA_FUSED_MIXER", "0", 1);
-  Check({.lens = {1, 2, 1}, .seed = 67, .out_n = 33});
   const MixerCase prefill{.lens = {300, 5, 0}, .base = 1, .H = 32, .P = 64, .N = 128, .G = 1,
                           .norm_groups = 1, .seed = 71, .out_n = 100};
-  Check(prefill);
-  setenv("RAMBA_CUDA_STACKED_GEMM", "1", 1);
-  Check(prefill);
-  unsetenv("RAMBA_CUDA_STACKED_GEMM");
+  for (const char* level : {"1", "2"}) {
+    SCOPED_TRACE(::testing::Message() << "RAMBA_CUDA_FUSED_NORM=" << level);
+    setenv("RAMBA_CUDA_FUSED_NORM", level, 1);
+    setenv("RAMBA_CUDA_FUSED_MIXER", "1", 1);
+    Check({.lens = {1, 0, 3, 2}, .base = 2, .seed = 61, .out_n = 40});
+    setenv("RAMBA_CUDA_FUSED_MIXER", "0", 1);
+    Check({.lens = {1, 2, 1}, .seed = 67, .out_n = 33});
+    Check({.lens = {1}, .H = 32, .P = 64, .N = 128, .G = 1, .norm_groups = 1, .seed = 69,
+           .out_n = 64});
+    Check(prefill);
+    setenv("RAMBA_CUDA_STACKED_GEMM", "1", 1);
+    Check(prefill);
+    unsetenv("RAMBA_CUDA_STACKED_GEMM");
+  }
+  unsetenv("RAMBA_CUDA_FUSED_NORM");
 }
 
 TEST_F(CudaMambaMixerTest, BitwiseDeterministic) {

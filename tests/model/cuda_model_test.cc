@@ -299,14 +299,42 @@ TEST(CudaModelTest, Config370MMatchesCpu) {
   EXPECT_LE(NormRelError(gl, cl), kBf16NormTolerance);
   std::printf("370M random bf16 weights, prefill logits GPU vs CPU: norm error %.2e, max row %.2e\n",
               NormRelError(gl, cl), MaxRowRelError(gl, cl, config.vocab_size));
-  // Decode a few steps on both from the same tokens.
+  // The fusions not yet on by default (norms writing the GEMM input, one stacked GEMM, the gated
+  // norm folded into small-m GEMMs), on a second GPU model so that its decode graphs are recorded
+  // with them; one 300-row segment takes the many-row paths.
+  auto with_fusions = [](bool on) {
+    if (on) {
+      setenv("RAMBA_CUDA_FUSED_NORM", "2", 1);
+      setenv("RAMBA_CUDA_STACKED_GEMM", "1", 1);
+    } else {
+      unsetenv("RAMBA_CUDA_FUSED_NORM");
+      unsetenv("RAMBA_CUDA_STACKED_GEMM");
+    }
+  };
+  auto fused_model = RambaModel::Create(config, tensors, gpu.get());
+  ASSERT_TRUE(fused_model.ok()) << fused_model.status();
+  auto fs = (*fused_model)->NewSession();
+  ASSERT_TRUE(fs.ok());
+  std::vector<float> fl;
+  with_fusions(true);
+  ASSERT_TRUE((*fused_model)->Prefill(fs->get(), prompt, &fl, 300).ok());
+  with_fusions(false);
+  EXPECT_LE(NormRelError(fl, cl), kBf16NormTolerance);
+  std::printf("  with RAMBA_CUDA_FUSED_NORM=2 RAMBA_CUDA_STACKED_GEMM=1, one segment: %.2e\n",
+              NormRelError(fl, cl));
+  // Decode a few steps on all three from the same tokens.
   for (int i = 0; i < 4; ++i) {
     const int32_t t[] = {prompt[i]};
     SessionState* c1[] = {cs->get()};
     SessionState* g1[] = {gs->get()};
+    SessionState* f1[] = {fs->get()};
     ASSERT_TRUE((*cpu_model)->Decode(c1, t, &cl).ok());
     ASSERT_TRUE((*gpu_model)->Decode(g1, t, &gl).ok());
+    with_fusions(true);
+    ASSERT_TRUE((*fused_model)->Decode(f1, t, &fl).ok());
+    with_fusions(false);
     EXPECT_LE(NormRelError(gl, cl), kBf16NormTolerance) << "decode step " << i;
+    EXPECT_LE(NormRelError(fl, cl), kBf16NormTolerance) << "fused decode step " << i;
   }
 }
 
