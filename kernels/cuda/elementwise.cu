@@ -130,55 +130,111 @@ absl::Status LaunchEmbed(Context& ctx, const int32_t* tokens, int64_t n, const M
 }
 
 // ---- RmsNorm / GatedRmsNorm: one warp per row (per group) ----
+// Each writes through an output policy: f32 rows (the ops themselves) or a GemmInput (a norm
+// feeding a projection with many rows: no f32 round trip before the GEMM's conversion). Both
+// run the same code, so the two give the same values.
 
-template <bool kVec>
-__global__ void RmsNormKernel(const float* x, int64_t ldx, const float* weight, float* y,
-                              int64_t ldy, int64_t rows, int64_t dim, float eps) {
+struct F32Out {
+  float* y;
+  int64_t ld;
+  __device__ void Store4(int64_t r, int64_t c, float4 v) const {
+    *reinterpret_cast<float4*>(y + r * ld + c) = v;
+  }
+  __device__ void Store1(int64_t r, int64_t c, float v) const { y[r * ld + c] = v; }
+  __device__ void FinishRow(int64_t, int64_t, int) const {}
+};
+
+template <bool kBf16>
+struct GemmInputOut {
+  GemmInput in;
+  __device__ void Store4(int64_t r, int64_t c, float4 v) const {
+    StoreGemmInput4<kBf16>(in, GemmInputRow(in, r), c, v);
+  }
+  __device__ void Store1(int64_t r, int64_t c, float v) const {
+    StoreGemmInput1<kBf16>(in, GemmInputRow(in, r), c, v);
+  }
+  // Zeroes the row's padding columns [dim, ldh).
+  __device__ void FinishRow(int64_t r, int64_t dim, int lane) const {
+    ZeroGemmInputPad(in, GemmInputRow(in, r), dim, lane, 32);
+  }
+};
+
+// Float4 slots of a row that a lane keeps in registers between the sum of squares and the
+// scaling pass (slots lane, lane + 32, ...): 16 cover a 2048-wide row, so the second pass reads
+// nothing again (with thousands of rows in flight a re-read would miss L2); wider rows re-read
+// the rest. The kernels are held to 128 registers (two 256-thread blocks per SM; ptxas: no
+// spills) so that enough rows are in flight.
+constexpr int kCachedSlots = 16;
+
+__device__ __forceinline__ float4 Gate4(float4 a, float4 b) {
+  return make_float4(a.x * Silu(b.x), a.y * Silu(b.y), a.z * Silu(b.z), a.w * Silu(b.w));
+}
+
+__device__ __forceinline__ void AddSquares(float4 a, float& ss) {
+  ss += a.x * a.x;
+  ss += a.y * a.y;
+  ss += a.z * a.z;
+  ss += a.w * a.w;
+}
+
+__device__ __forceinline__ float4 Scale4(float4 w, float4 a, float scale) {
+  return make_float4(w.x * (a.x * scale), w.y * (a.y * scale), w.z * (a.z * scale),
+                     w.w * (a.w * scale));
+}
+
+// y may alias x: every lane reads its elements before it writes them, and no lane touches
+// another lane's elements.
+template <bool kVec, class Out>
+__global__ void __launch_bounds__(kThreads, 2)
+    RmsNormKernel(const float* x, int64_t ldx, const float* weight, int64_t rows, int64_t dim,
+                  float eps, Out out) {
   AllowDependentGrids();
   WaitForPriorGrids();
   const int lane = threadIdx.x % 32;
   for (int64_t r = GlobalWarp(); r < rows; r += GridWarps()) {
-    // y may alias x: every lane reads an element (twice) before it writes that same element, and
-    // no lane touches another lane's elements.
     const float* xr = x + r * ldx;
-    float* yr = y + r * ldy;
     float ss = 0.0f;
     if constexpr (kVec) {
       const auto* x4 = reinterpret_cast<const float4*>(xr);
-      for (int64_t v = lane; v < dim / 4; v += 32) {
-        const float4 a = x4[v];
-        ss += a.x * a.x;
-        ss += a.y * a.y;
-        ss += a.z * a.z;
-        ss += a.w * a.w;
+      const auto* w4 = reinterpret_cast<const float4*>(weight);
+      const int64_t slots = dim / 4;
+      float4 cache[kCachedSlots];
+#pragma unroll
+      for (int j = 0; j < kCachedSlots; ++j) {
+        const int64_t v = lane + 32 * j;
+        if (v < slots) {
+          cache[j] = x4[v];
+          AddSquares(cache[j], ss);
+        }
+      }
+      for (int64_t v = lane + 32 * kCachedSlots; v < slots; v += 32) AddSquares(x4[v], ss);
+      ss = WarpSum(ss);
+      const float scale = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+#pragma unroll
+      for (int j = 0; j < kCachedSlots; ++j) {
+        const int64_t v = lane + 32 * j;
+        if (v < slots) out.Store4(r, 4 * v, Scale4(w4[v], cache[j], scale));
+      }
+      for (int64_t v = lane + 32 * kCachedSlots; v < slots; v += 32) {
+        out.Store4(r, 4 * v, Scale4(w4[v], x4[v], scale));
       }
     } else {
       for (int64_t i = lane; i < dim; i += 32) ss += xr[i] * xr[i];
+      ss = WarpSum(ss);
+      const float scale = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+      for (int64_t i = lane; i < dim; i += 32) out.Store1(r, i, weight[i] * (xr[i] * scale));
     }
-    ss = WarpSum(ss);
-    const float scale = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
-    if constexpr (kVec) {
-      const auto* x4 = reinterpret_cast<const float4*>(xr);
-      const auto* w4 = reinterpret_cast<const float4*>(weight);
-      auto* y4 = reinterpret_cast<float4*>(yr);
-      for (int64_t v = lane; v < dim / 4; v += 32) {
-        const float4 a = x4[v];
-        const float4 w = w4[v];
-        y4[v] = make_float4(w.x * (a.x * scale), w.y * (a.y * scale), w.z * (a.z * scale),
-                            w.w * (a.w * scale));
-      }
-    } else {
-      for (int64_t i = lane; i < dim; i += 32) yr[i] = weight[i] * (xr[i] * scale);
-    }
+    out.FinishRow(r, dim, lane);
   }
 }
 
-// Gate first into the output (as the CPU does), then normalise the group in place; each lane
-// re-reads only what it wrote.
-template <bool kVec>
-__global__ void GatedRmsNormKernel(const float* y, int64_t ldy, const float* z, int64_t ldz,
-                                   const float* weight, float* out, int64_t ldo, int64_t rows,
-                                   int64_t dim, int64_t group_size, float eps) {
+// Gate first (as the CPU does: g = y * silu(z)), then normalise the group. out may alias y or z
+// (each lane reads its elements before it writes them).
+template <bool kVec, class Out>
+__global__ void __launch_bounds__(kThreads, 2)
+    GatedRmsNormKernel(const float* y, int64_t ldy, const float* z, int64_t ldz,
+                       const float* weight, int64_t rows, int64_t dim, int64_t group_size,
+                       float eps, Out out) {
   AllowDependentGrids();
   WaitForPriorGrids();
   const int lane = threadIdx.x % 32;
@@ -190,143 +246,46 @@ __global__ void GatedRmsNormKernel(const float* y, int64_t ldy, const float* z, 
     const float* yr = y + r * ldy + g0;
     const float* zr = z + r * ldz + g0;
     const float* wg = weight + g0;
-    float* o = out + r * ldo + g0;
     float ss = 0.0f;
     if constexpr (kVec) {
-      for (int64_t v = lane; v < group_size / 4; v += 32) {
-        const float4 a = reinterpret_cast<const float4*>(yr)[v];
-        const float4 b = reinterpret_cast<const float4*>(zr)[v];
-        const float4 g = make_float4(a.x * Silu(b.x), a.y * Silu(b.y), a.z * Silu(b.z),
-                                     a.w * Silu(b.w));
-        reinterpret_cast<float4*>(o)[v] = g;
-        ss += g.x * g.x;
-        ss += g.y * g.y;
-        ss += g.z * g.z;
-        ss += g.w * g.w;
+      const auto* y4 = reinterpret_cast<const float4*>(yr);
+      const auto* z4 = reinterpret_cast<const float4*>(zr);
+      const auto* w4 = reinterpret_cast<const float4*>(wg);
+      const int64_t slots = group_size / 4;
+      float4 cache[kCachedSlots];  // gated values
+#pragma unroll
+      for (int j = 0; j < kCachedSlots; ++j) {
+        const int64_t v = lane + 32 * j;
+        if (v < slots) {
+          cache[j] = Gate4(y4[v], z4[v]);
+          AddSquares(cache[j], ss);
+        }
       }
-    } else {
-      for (int64_t i = lane; i < group_size; i += 32) {
-        const float g = yr[i] * Silu(zr[i]);
-        o[i] = g;
-        ss += g * g;
+      for (int64_t v = lane + 32 * kCachedSlots; v < slots; v += 32) {
+        AddSquares(Gate4(y4[v], z4[v]), ss);
       }
-    }
-    ss = WarpSum(ss);
-    const float scale = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
-    if constexpr (kVec) {
-      for (int64_t v = lane; v < group_size / 4; v += 32) {
-        const float4 g = reinterpret_cast<const float4*>(o)[v];
-        const float4 w = reinterpret_cast<const float4*>(wg)[v];
-        reinterpret_cast<float4*>(o)[v] = make_float4(w.x * (g.x * scale), w.y * (g.y * scale),
-                                                      w.z * (g.z * scale), w.w * (g.w * scale));
+      ss = WarpSum(ss);
+      const float scale = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
+#pragma unroll
+      for (int j = 0; j < kCachedSlots; ++j) {
+        const int64_t v = lane + 32 * j;
+        if (v < slots) out.Store4(r, g0 + 4 * v, Scale4(w4[v], cache[j], scale));
       }
-    } else {
-      for (int64_t i = lane; i < group_size; i += 32) o[i] = wg[i] * (o[i] * scale);
-    }
-  }
-}
-
-// ---- The same norms writing a GemmInput (a norm feeding a projection, many rows) ----
-// Same sums and expressions as the kernels above; the second pass re-reads its inputs (L1 / L2
-// hits) instead of an f32 output, and rounds the values as matmul.cu's conversion does.
-
-template <bool kBf16, bool kVec>
-__global__ void RmsNormToGemmInputKernel(const float* x, int64_t ldx, const float* weight,
-                                         int64_t rows, int64_t dim, float eps, GemmInput in) {
-  AllowDependentGrids();
-  WaitForPriorGrids();
-  const int lane = threadIdx.x % 32;
-  for (int64_t r = GlobalWarp(); r < rows; r += GridWarps()) {
-    const float* xr = x + r * ldx;
-    uint16_t* out = GemmInputRow(in, r);
-    float ss = 0.0f;
-    if constexpr (kVec) {
-      const auto* x4 = reinterpret_cast<const float4*>(xr);
-      for (int64_t v = lane; v < dim / 4; v += 32) {
-        const float4 a = x4[v];
-        ss += a.x * a.x;
-        ss += a.y * a.y;
-        ss += a.z * a.z;
-        ss += a.w * a.w;
-      }
-    } else {
-      for (int64_t i = lane; i < dim; i += 32) ss += xr[i] * xr[i];
-    }
-    ss = WarpSum(ss);
-    const float scale = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
-    if constexpr (kVec) {
-      const auto* x4 = reinterpret_cast<const float4*>(xr);
-      const auto* w4 = reinterpret_cast<const float4*>(weight);
-      for (int64_t v = lane; v < dim / 4; v += 32) {
-        const float4 a = x4[v];
-        const float4 w = w4[v];
-        StoreGemmInput4<kBf16>(in, out, 4 * v,
-                               make_float4(w.x * (a.x * scale), w.y * (a.y * scale),
-                                           w.z * (a.z * scale), w.w * (a.w * scale)));
-      }
-    } else {
-      for (int64_t i = lane; i < dim; i += 32) {
-        StoreGemmInput1<kBf16>(in, out, i, weight[i] * (xr[i] * scale));
-      }
-    }
-    ZeroGemmInputPad(in, out, dim, lane, 32);
-  }
-}
-
-template <bool kBf16, bool kVec>
-__global__ void GatedRmsNormToGemmInputKernel(const float* y, int64_t ldy, const float* z,
-                                              int64_t ldz, const float* weight, int64_t rows,
-                                              int64_t dim, int64_t group_size, float eps,
-                                              GemmInput in) {
-  AllowDependentGrids();
-  WaitForPriorGrids();
-  const int lane = threadIdx.x % 32;
-  const int64_t groups = dim / group_size;
-  const int64_t items = rows * groups;
-  for (int64_t item = GlobalWarp(); item < items; item += GridWarps()) {
-    const int64_t r = item / groups;
-    const int64_t g0 = (item - r * groups) * group_size;
-    const float* yr = y + r * ldy + g0;
-    const float* zr = z + r * ldz + g0;
-    const float* wg = weight + g0;
-    uint16_t* out = GemmInputRow(in, r);
-    float ss = 0.0f;
-    if constexpr (kVec) {
-      for (int64_t v = lane; v < group_size / 4; v += 32) {
-        const float4 a = reinterpret_cast<const float4*>(yr)[v];
-        const float4 b = reinterpret_cast<const float4*>(zr)[v];
-        const float4 g = make_float4(a.x * Silu(b.x), a.y * Silu(b.y), a.z * Silu(b.z),
-                                     a.w * Silu(b.w));
-        ss += g.x * g.x;
-        ss += g.y * g.y;
-        ss += g.z * g.z;
-        ss += g.w * g.w;
+      for (int64_t v = lane + 32 * kCachedSlots; v < slots; v += 32) {
+        out.Store4(r, g0 + 4 * v, Scale4(w4[v], Gate4(y4[v], z4[v]), scale));
       }
     } else {
       for (int64_t i = lane; i < group_size; i += 32) {
         const float g = yr[i] * Silu(zr[i]);
         ss += g * g;
       }
-    }
-    ss = WarpSum(ss);
-    const float scale = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
-    if constexpr (kVec) {
-      for (int64_t v = lane; v < group_size / 4; v += 32) {
-        const float4 a = reinterpret_cast<const float4*>(yr)[v];
-        const float4 b = reinterpret_cast<const float4*>(zr)[v];
-        const float4 w = reinterpret_cast<const float4*>(wg)[v];
-        const float4 g = make_float4(a.x * Silu(b.x), a.y * Silu(b.y), a.z * Silu(b.z),
-                                     a.w * Silu(b.w));
-        StoreGemmInput4<kBf16>(in, out, g0 + 4 * v,
-                               make_float4(w.x * (g.x * scale), w.y * (g.y * scale),
-                                           w.z * (g.z * scale), w.w * (g.w * scale)));
-      }
-    } else {
+      ss = WarpSum(ss);
+      const float scale = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
       for (int64_t i = lane; i < group_size; i += 32) {
-        StoreGemmInput1<kBf16>(in, out, g0 + i, wg[i] * ((yr[i] * Silu(zr[i])) * scale));
+        out.Store1(r, g0 + i, wg[i] * ((yr[i] * Silu(zr[i])) * scale));
       }
     }
-    if (g0 + group_size == dim) ZeroGemmInputPad(in, out, dim, lane, 32);
+    if (g0 + group_size == dim) out.FinishRow(r, dim, lane);
   }
 }
 
@@ -516,12 +475,19 @@ bool NormRowsUseBlocks(const Context& ctx, int64_t items, int64_t width) {
 absl::Status RmsNormToGemmInput(Context& ctx, const float* x, int64_t ldx, const float* weight,
                                 int64_t rows, int64_t dim, float eps, const GemmInput& in) {
   const bool vec = dim % 4 == 0 && ldx % 4 == 0 && Aligned16(x) && Aligned16(weight);
-  void (*kernel)(const float*, int64_t, const float*, int64_t, int64_t, float, GemmInput) =
-      in.bf16 ? (vec ? RmsNormToGemmInputKernel<true, true> : RmsNormToGemmInputKernel<true, false>)
-              : (vec ? RmsNormToGemmInputKernel<false, true>
-                     : RmsNormToGemmInputKernel<false, false>);
-  return Launch(ctx, kernel, GridFor(rows, kWarpsPerBlock, ctx), kThreads, 0, x, ldx, weight,
-                rows, dim, eps, in);
+  const int grid = GridFor(rows, kWarpsPerBlock, ctx);
+  if (in.bf16) {
+    const GemmInputOut<true> out{in};
+    return vec ? Launch(ctx, RmsNormKernel<true, GemmInputOut<true>>, grid, kThreads, 0, x, ldx,
+                        weight, rows, dim, eps, out)
+               : Launch(ctx, RmsNormKernel<false, GemmInputOut<true>>, grid, kThreads, 0, x, ldx,
+                        weight, rows, dim, eps, out);
+  }
+  const GemmInputOut<false> out{in};
+  return vec ? Launch(ctx, RmsNormKernel<true, GemmInputOut<false>>, grid, kThreads, 0, x, ldx,
+                      weight, rows, dim, eps, out)
+             : Launch(ctx, RmsNormKernel<false, GemmInputOut<false>>, grid, kThreads, 0, x, ldx,
+                      weight, rows, dim, eps, out);
 }
 
 absl::Status GatedRmsNormToGemmInput(Context& ctx, const float* y, int64_t ldy, const float* z,
@@ -529,14 +495,19 @@ absl::Status GatedRmsNormToGemmInput(Context& ctx, const float* y, int64_t ldy, 
                                      int64_t group_size, float eps, const GemmInput& in) {
   const bool vec = group_size % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && Aligned16(y) &&
                    Aligned16(z) && Aligned16(weight);
-  void (*kernel)(const float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t,
-                 int64_t, float, GemmInput) =
-      in.bf16 ? (vec ? GatedRmsNormToGemmInputKernel<true, true>
-                     : GatedRmsNormToGemmInputKernel<true, false>)
-              : (vec ? GatedRmsNormToGemmInputKernel<false, true>
-                     : GatedRmsNormToGemmInputKernel<false, false>);
-  return Launch(ctx, kernel, GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx), kThreads, 0,
-                y, ldy, z, ldz, weight, rows, dim, group_size, eps, in);
+  const int grid = GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx);
+  if (in.bf16) {
+    const GemmInputOut<true> out{in};
+    return vec ? Launch(ctx, GatedRmsNormKernel<true, GemmInputOut<true>>, grid, kThreads, 0, y,
+                        ldy, z, ldz, weight, rows, dim, group_size, eps, out)
+               : Launch(ctx, GatedRmsNormKernel<false, GemmInputOut<true>>, grid, kThreads, 0, y,
+                        ldy, z, ldz, weight, rows, dim, group_size, eps, out);
+  }
+  const GemmInputOut<false> out{in};
+  return vec ? Launch(ctx, GatedRmsNormKernel<true, GemmInputOut<false>>, grid, kThreads, 0, y,
+                      ldy, z, ldz, weight, rows, dim, group_size, eps, out)
+             : Launch(ctx, GatedRmsNormKernel<false, GemmInputOut<false>>, grid, kThreads, 0, y,
+                      ldy, z, ldz, weight, rows, dim, group_size, eps, out);
 }
 
 absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
@@ -548,9 +519,11 @@ absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* wei
   const bool vec = dim % 4 == 0 && ldx % 4 == 0 && ldy % 4 == 0 && Aligned16(x) &&
                    Aligned16(y) && Aligned16(weight);
   const int grid = GridFor(rows, kWarpsPerBlock, ctx);
-  void (*kernel)(const float*, int64_t, const float*, float*, int64_t, int64_t, int64_t, float) =
-      vec ? RmsNormKernel<true> : RmsNormKernel<false>;
-  return Launch(ctx, kernel, grid, kThreads, 0, x, ldx, weight, y, ldy, rows, dim, eps);
+  const F32Out out{y, ldy};
+  return vec ? Launch(ctx, RmsNormKernel<true, F32Out>, grid, kThreads, 0, x, ldx, weight, rows,
+                      dim, eps, out)
+             : Launch(ctx, RmsNormKernel<false, F32Out>, grid, kThreads, 0, x, ldx, weight, rows,
+                      dim, eps, out);
 }
 
 absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float* z, int64_t ldz,
@@ -563,12 +536,12 @@ absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float
   }
   const bool vec = group_size % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && ldo % 4 == 0 &&
                    Aligned16(y) && Aligned16(z) && Aligned16(out) && Aligned16(weight);
-  const int grid = GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx);
-  void (*kernel)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t,
-                 int64_t, int64_t, int64_t, float) =
-      vec ? GatedRmsNormKernel<true> : GatedRmsNormKernel<false>;
-  return Launch(ctx, kernel, grid, kThreads, 0, y, ldy, z, ldz, weight, out, ldo, rows, dim,
-                group_size, eps);
+  const int grid = GridFor(rows * groups, kWarpsPerBlock, ctx);
+  const F32Out o{out, ldo};
+  return vec ? Launch(ctx, GatedRmsNormKernel<true, F32Out>, grid, kThreads, 0, y, ldy, z, ldz,
+                      weight, rows, dim, group_size, eps, o)
+             : Launch(ctx, GatedRmsNormKernel<false, F32Out>, grid, kThreads, 0, y, ldy, z, ldz,
+                      weight, rows, dim, group_size, eps, o);
 }
 
 absl::Status Add(Context& ctx, float* y, const float* x, int64_t n) {

@@ -791,7 +791,8 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
 
   ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, k, w.dtype));
   constexpr int kConvertThreads = 256;
-  const int convert_grid = GridFor(static_cast<int64_t>(mi) * (in.ldh / kVec), kConvertThreads, ctx);
+  const int convert_grid =
+      GridFor(static_cast<int64_t>(mi) * (in.ldh / kVec), kConvertThreads, ctx);
   const bool vec_x = Aligned(x, 16) && ldx % 4 == 0;
   RETURN_IF_ERROR(Launch(ctx, bf16 ? ConvertXKernel<true> : ConvertXKernel<false>,
                          dim3(convert_grid), dim3(kConvertThreads), 0, x, ldxi, mi, k, vec_x, in));

@@ -281,19 +281,19 @@ TEST_F(CudaMambaMixerTest, OutProjection) {
                           .norm_groups = 1, .seed = 71, .out_n = 100};
   for (const char* level : {"1", "2"}) {
     SCOPED_TRACE(::testing::Message() << "RAMBA_CUDA_FUSED_NORM=" << level);
-    setenv("RAMBA_CUDA_FUSED_NORM", level, 1);
-    setenv("RAMBA_CUDA_FUSED_MIXER", "1", 1);
-    Check({.lens = {1, 0, 3, 2}, .base = 2, .seed = 61, .out_n = 40});
-    setenv("RAMBA_CUDA_FUSED_MIXER", "0", 1);
+    const ScopedEnv norm("RAMBA_CUDA_FUSED_NORM", level);
+    {
+      const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "1");
+      Check({.lens = {1, 0, 3, 2}, .base = 2, .seed = 61, .out_n = 40});
+    }
+    const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "0");
     Check({.lens = {1, 2, 1}, .seed = 67, .out_n = 33});
     Check({.lens = {1}, .H = 32, .P = 64, .N = 128, .G = 1, .norm_groups = 1, .seed = 69,
            .out_n = 64});
     Check(prefill);
-    setenv("RAMBA_CUDA_STACKED_GEMM", "1", 1);
+    const ScopedEnv stacked("RAMBA_CUDA_STACKED_GEMM", "1");
     Check(prefill);
-    unsetenv("RAMBA_CUDA_STACKED_GEMM");
   }
-  unsetenv("RAMBA_CUDA_FUSED_NORM");
 }
 
 TEST_F(CudaMambaMixerTest, BitwiseDeterministic) {
