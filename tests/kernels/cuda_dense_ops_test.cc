@@ -369,6 +369,7 @@ TEST_F(CudaDenseOpsTest, GatedRmsNormMatmulMatchesNormThenMatmul) {
                           Case{3, 256, 64, 40, 0, 0, DType::kF16, false},
                           Case{2, 77, 77, 33, 1, 1, DType::kBF16, true},
                           Case{4, 96, 8, 20, 0, 0, DType::kBF16, true},
+                          Case{300, 4096, 4096, 20, 0, 0, DType::kBF16, true},
                           Case{300, 77, 77, 33, 1, 1, DType::kBF16, false},
                           Case{40, 96, 8, 65, 4, 0, DType::kF16, true},
                           Case{270, 1024, 256, 100, 0, 1, DType::kBF16, true},
@@ -510,6 +511,8 @@ TEST_F(CudaDenseOpsTest, RmsNorm) {
       {16, 4096, 0, 0, false, 0, 1e-5f}, {9, 1024, 0, 0, false, 1, 1e-5f},
       {4800, 64, 0, 0, true, 1, 1e-6f},  {2, 8, 1, 1, true, 0, 1e-5f},
       {2, 1024, 0, 0, true, 0, 1e-5f},   {3, 2051, 1, 0, true, 1, 1e-5f},
+      // Warp per row, rows wider than the 2048 values a warp keeps in registers.
+      {300, 4100, 0, 4, false, 0, 1e-5f}, {270, 3000, 0, 0, true, 0, 1e-5f},
   };
   uint32_t seed = 200;
   for (const Case& c : cases) {
@@ -545,6 +548,8 @@ TEST_F(CudaDenseOpsTest, GatedRmsNorm) {
       {1, 2048, 2048, 0, 0, 0}, {5, 2048, 256, 4, 0, 0}, {3, 77, 77, 1, 3, 0},
       {64, 96, 8, 0, 2, 0},     {16, 1024, 1024, 0, 0, 1}, {300, 64, 16, 8, 4, 0},
       {2, 6, 3, 0, 0, 0},       {3, 2048, 1024, 4, 2, 1}, {2, 1031, 1031, 1, 0, 1},
+      // Warp per group, groups wider than the 2048 values a warp keeps in registers.
+      {300, 4096, 4096, 0, 0, 0}, {270, 6144, 3072, 4, 4, 0},
   };
   uint32_t seed = 300;
   for (const Case& c : cases) {
