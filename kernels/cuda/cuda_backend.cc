@@ -366,7 +366,9 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
                       a.norm_weight != nullptr && a.g != nullptr && a.zxbcdt != nullptr,
                   "null pointer");
   if (a.out_proj.data != nullptr) {
-    RAMBA_CHECK_ARG(kOp, a.out_proj.cols == d_inner && a.out != nullptr && a.ld_out >= a.out_proj.rows,
+    RAMBA_CHECK_ARG(kOp,
+                    a.out_proj.cols == d_inner && a.out != nullptr &&
+                        a.ld_out >= a.out_proj.rows,
                     "out_proj needs nheads*headdim columns and an output of ld_out >= its rows");
   }
   // RAMBA_CUDA_FUSED_MIXER: 0 runs the three ops, 1 the fused decode kernel finished by each

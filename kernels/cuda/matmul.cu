@@ -852,7 +852,8 @@ absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const
                                      norm);
   }
   if (level >= 2 && m > kSmallM && !NormRowsUseBlocks(ctx, m * (dim / group_size), group_size)) {
-    ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, static_cast<int>(dim), w.dtype));
+    ASSIGN_OR_RETURN(const GemmInput in,
+                     GemmInputScratch(ctx, mi, static_cast<int>(dim), w.dtype));
     RETURN_IF_ERROR(GatedRmsNormToGemmInput(ctx, y, ldy, z, ldz, norm_weight, m, dim, group_size,
                                             eps, in));
     bool found = false;
