@@ -22,6 +22,15 @@ absl::Status CheckAttentionHeads(std::string_view op, int64_t nh, int64_t nkv, i
   return absl::OkStatus();
 }
 
+absl::Status CheckMixerOutProj(std::string_view op, const MambaMixerArgs& a) {
+  if (a.out_proj.data == nullptr) return absl::OkStatus();
+  RAMBA_CHECK_ARG(op,
+                  a.out_proj.cols == a.ssm.nheads * a.ssm.headdim && a.out != nullptr &&
+                      a.ld_out >= a.out_proj.rows,
+                  "out_proj needs nheads*headdim columns and an output with ld_out >= its rows");
+  return absl::OkStatus();
+}
+
 absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* params, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r) {
     const SamplingParams& p = params[r];

@@ -20,6 +20,9 @@ inline absl::Status InvalidOpArgument(std::string_view op, std::string_view what
 absl::Status CheckSsmParams(std::string_view op, const SsmParams& p);
 // Attention head layout: nh, nkv, hd positive and nkv | nh.
 absl::Status CheckAttentionHeads(std::string_view op, int64_t nh, int64_t nkv, int64_t hd);
+// MambaMixer's optional out projection (a.out_proj.data set): nheads * headdim columns and an
+// output whose row stride holds its rows.
+absl::Status CheckMixerOutProj(std::string_view op, const MambaMixerArgs& a);
 // Per-row sampling parameters (host array of `rows`): finite temperature >= 0, top_k >= 0,
 // top_p not NaN.
 absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* params, int64_t rows);

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/arg_checks.h"
 
 namespace ramba::kernels {
 
@@ -145,12 +146,7 @@ absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
     return absl::InvalidArgumentError("MambaMixer: host_seq_offsets is required");
   }
   const int64_t* offsets = a.host_seq_offsets != nullptr ? a.host_seq_offsets : a.seq_offsets;
-  if (a.out_proj.data != nullptr &&
-      (a.out_proj.cols != d_inner || a.out == nullptr || a.ld_out < a.out_proj.rows)) {
-    return absl::InvalidArgumentError(
-        "MambaMixer: out_proj must have nheads*headdim columns and an output with ld_out >= its "
-        "rows");
-  }
+  RETURN_IF_ERROR(CheckMixerOutProj("MambaMixer", a));
   if (a.num_seqs <= 0) return absl::OkStatus();
   const int64_t base = offsets[0], rows = offsets[a.num_seqs] - base;  // rows are absolute
   RETURN_IF_ERROR(CausalConv1dSilu(a.zxbcdt + d_inner, a.ld, a.seq_offsets, a.num_seqs,

@@ -365,12 +365,7 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
                       a.ssm_states != nullptr && a.conv_weight != nullptr &&
                       a.norm_weight != nullptr && a.g != nullptr && a.zxbcdt != nullptr,
                   "null pointer");
-  if (a.out_proj.data != nullptr) {
-    RAMBA_CHECK_ARG(kOp,
-                    a.out_proj.cols == d_inner && a.out != nullptr &&
-                        a.ld_out >= a.out_proj.rows,
-                    "out_proj needs nheads*headdim columns and an output of ld_out >= its rows");
-  }
+  RETURN_IF_ERROR(CheckMixerOutProj(kOp, a));
   // RAMBA_CUDA_FUSED_MIXER: 0 runs the three ops, 1 the fused decode kernel finished by each
   // sequence's last block, 2 the fused kernel plus a finishing kernel. Unset: measured choice
   // (docs/benchmarks.md, side by side): with PDL-launched ops the three were faster up to batch

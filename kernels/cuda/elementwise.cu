@@ -472,22 +472,29 @@ bool NormRowsUseBlocks(const Context& ctx, int64_t items, int64_t width) {
   return width >= 512 && items <= 2 * static_cast<int64_t>(ctx.num_sms) && items <= INT32_MAX;
 }
 
+// The warp-per-row norm kernels for output policy Out, vector or scalar loads.
+template <class Out>
+absl::Status LaunchRmsNorm(Context& ctx, bool vec, const float* x, int64_t ldx,
+                           const float* weight, int64_t rows, int64_t dim, float eps, Out out) {
+  const int grid = GridFor(rows, kWarpsPerBlock, ctx);
+  return Launch(ctx, vec ? RmsNormKernel<true, Out> : RmsNormKernel<false, Out>, grid, kThreads,
+                0, x, ldx, weight, rows, dim, eps, out);
+}
+
+template <class Out>
+absl::Status LaunchGatedRmsNorm(Context& ctx, bool vec, const float* y, int64_t ldy,
+                                const float* z, int64_t ldz, const float* weight, int64_t rows,
+                                int64_t dim, int64_t group_size, float eps, Out out) {
+  const int grid = GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx);
+  return Launch(ctx, vec ? GatedRmsNormKernel<true, Out> : GatedRmsNormKernel<false, Out>, grid,
+                kThreads, 0, y, ldy, z, ldz, weight, rows, dim, group_size, eps, out);
+}
+
 absl::Status RmsNormToGemmInput(Context& ctx, const float* x, int64_t ldx, const float* weight,
                                 int64_t rows, int64_t dim, float eps, const GemmInput& in) {
   const bool vec = dim % 4 == 0 && ldx % 4 == 0 && Aligned16(x) && Aligned16(weight);
-  const int grid = GridFor(rows, kWarpsPerBlock, ctx);
-  if (in.bf16) {
-    const GemmInputOut<true> out{in};
-    return vec ? Launch(ctx, RmsNormKernel<true, GemmInputOut<true>>, grid, kThreads, 0, x, ldx,
-                        weight, rows, dim, eps, out)
-               : Launch(ctx, RmsNormKernel<false, GemmInputOut<true>>, grid, kThreads, 0, x, ldx,
-                        weight, rows, dim, eps, out);
-  }
-  const GemmInputOut<false> out{in};
-  return vec ? Launch(ctx, RmsNormKernel<true, GemmInputOut<false>>, grid, kThreads, 0, x, ldx,
-                      weight, rows, dim, eps, out)
-             : Launch(ctx, RmsNormKernel<false, GemmInputOut<false>>, grid, kThreads, 0, x, ldx,
-                      weight, rows, dim, eps, out);
+  return in.bf16 ? LaunchRmsNorm(ctx, vec, x, ldx, weight, rows, dim, eps, GemmInputOut<true>{in})
+                 : LaunchRmsNorm(ctx, vec, x, ldx, weight, rows, dim, eps, GemmInputOut<false>{in});
 }
 
 absl::Status GatedRmsNormToGemmInput(Context& ctx, const float* y, int64_t ldy, const float* z,
@@ -495,19 +502,10 @@ absl::Status GatedRmsNormToGemmInput(Context& ctx, const float* y, int64_t ldy, 
                                      int64_t group_size, float eps, const GemmInput& in) {
   const bool vec = group_size % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && Aligned16(y) &&
                    Aligned16(z) && Aligned16(weight);
-  const int grid = GridFor(rows * (dim / group_size), kWarpsPerBlock, ctx);
-  if (in.bf16) {
-    const GemmInputOut<true> out{in};
-    return vec ? Launch(ctx, GatedRmsNormKernel<true, GemmInputOut<true>>, grid, kThreads, 0, y,
-                        ldy, z, ldz, weight, rows, dim, group_size, eps, out)
-               : Launch(ctx, GatedRmsNormKernel<false, GemmInputOut<true>>, grid, kThreads, 0, y,
-                        ldy, z, ldz, weight, rows, dim, group_size, eps, out);
-  }
-  const GemmInputOut<false> out{in};
-  return vec ? Launch(ctx, GatedRmsNormKernel<true, GemmInputOut<false>>, grid, kThreads, 0, y,
-                      ldy, z, ldz, weight, rows, dim, group_size, eps, out)
-             : Launch(ctx, GatedRmsNormKernel<false, GemmInputOut<false>>, grid, kThreads, 0, y,
-                      ldy, z, ldz, weight, rows, dim, group_size, eps, out);
+  return in.bf16 ? LaunchGatedRmsNorm(ctx, vec, y, ldy, z, ldz, weight, rows, dim, group_size, eps,
+                                      GemmInputOut<true>{in})
+                 : LaunchGatedRmsNorm(ctx, vec, y, ldy, z, ldz, weight, rows, dim, group_size, eps,
+                                      GemmInputOut<false>{in});
 }
 
 absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* weight, float* y,
@@ -518,12 +516,7 @@ absl::Status RmsNorm(Context& ctx, const float* x, int64_t ldx, const float* wei
   }
   const bool vec = dim % 4 == 0 && ldx % 4 == 0 && ldy % 4 == 0 && Aligned16(x) &&
                    Aligned16(y) && Aligned16(weight);
-  const int grid = GridFor(rows, kWarpsPerBlock, ctx);
-  const F32Out out{y, ldy};
-  return vec ? Launch(ctx, RmsNormKernel<true, F32Out>, grid, kThreads, 0, x, ldx, weight, rows,
-                      dim, eps, out)
-             : Launch(ctx, RmsNormKernel<false, F32Out>, grid, kThreads, 0, x, ldx, weight, rows,
-                      dim, eps, out);
+  return LaunchRmsNorm(ctx, vec, x, ldx, weight, rows, dim, eps, F32Out{y, ldy});
 }
 
 absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float* z, int64_t ldz,
@@ -536,12 +529,8 @@ absl::Status GatedRmsNorm(Context& ctx, const float* y, int64_t ldy, const float
   }
   const bool vec = group_size % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && ldo % 4 == 0 &&
                    Aligned16(y) && Aligned16(z) && Aligned16(out) && Aligned16(weight);
-  const int grid = GridFor(rows * groups, kWarpsPerBlock, ctx);
-  const F32Out o{out, ldo};
-  return vec ? Launch(ctx, GatedRmsNormKernel<true, F32Out>, grid, kThreads, 0, y, ldy, z, ldz,
-                      weight, rows, dim, group_size, eps, o)
-             : Launch(ctx, GatedRmsNormKernel<false, F32Out>, grid, kThreads, 0, y, ldy, z, ldz,
-                      weight, rows, dim, group_size, eps, o);
+  return LaunchGatedRmsNorm(ctx, vec, y, ldy, z, ldz, weight, rows, dim, group_size, eps,
+                            F32Out{out, ldo});
 }
 
 absl::Status Add(Context& ctx, float* y, const float* x, int64_t n) {

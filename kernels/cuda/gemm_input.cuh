@@ -30,7 +30,7 @@ __device__ __forceinline__ void SplitTo16(float v, uint32_t* hi, uint32_t* lo) {
 }
 
 __device__ __forceinline__ uint16_t* GemmInputRow(const GemmInput& in, int64_t row) {
-  return in.data + row * static_cast<int64_t>(in.split ? 2 * in.ldh : in.ldh);
+  return in.data + row * static_cast<int64_t>(in.ld());
 }
 
 // Columns [c, c + 4) of a row (c % 4 == 0): one 8-byte store for hi, one for lo.

@@ -128,6 +128,21 @@ __device__ __forceinline__ int PermutedSlot(int cl) {  // cl: tile column, multi
   return (cl / kStep) * (kStep / 4) + ((r % kVec) / 4) * kGroupLanes + r / kVec;
 }
 
+// Columns kg .. kg + 3 of a row at p (pointing at column kg); those at or past t1 read as 0.
+// vec: p is 16-byte aligned.
+__device__ __forceinline__ float4 Load4(const float* p, int kg, int t1, bool vec) {
+  float4 v;
+  if (vec && kg + 4 <= t1) {
+    v = *reinterpret_cast<const float4*>(p);
+  } else {
+    v.x = kg < t1 ? p[0] : 0.0f;
+    v.y = kg + 1 < t1 ? p[1] : 0.0f;
+    v.z = kg + 2 < t1 ? p[2] : 0.0f;
+    v.w = kg + 3 < t1 ? p[3] : 0.0f;
+  }
+  return v;
+}
+
 // kGated: the gated-norm prologue (a.gate_z, groups); a template parameter so that the plain
 // instantiations keep their register counts (the occupancy LaunchSmallM assumes).
 template <bool kBf16, int M, bool kGated>
@@ -218,28 +233,9 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
       const int i = u / kSlots;
       const int cl = (u % kSlots) * 4;
       const int kg = t0 + cl;
-      const float* src = a.x + static_cast<int64_t>(i) * a.ldx + kg;
-      float4 v;
-      if (a.vec_x && kg + 4 <= t1) {
-        v = *reinterpret_cast<const float4*>(src);
-      } else {
-        v.x = kg < t1 ? src[0] : 0.0f;
-        v.y = kg + 1 < t1 ? src[1] : 0.0f;
-        v.z = kg + 2 < t1 ? src[2] : 0.0f;
-        v.w = kg + 3 < t1 ? src[3] : 0.0f;
-      }
+      float4 v = Load4(a.x + static_cast<int64_t>(i) * a.ldx + kg, kg, t1, a.vec_x);
       if constexpr (kGated) {
-        const float* zs = a.gate_z + static_cast<int64_t>(i) * a.ldz + kg;
-        float4 z;
-        if (a.vec_norm && kg + 4 <= t1) {
-          z = *reinterpret_cast<const float4*>(zs);
-        } else {
-          z.x = kg < t1 ? zs[0] : 0.0f;
-          z.y = kg + 1 < t1 ? zs[1] : 0.0f;
-          z.z = kg + 2 < t1 ? zs[2] : 0.0f;
-          z.w = kg + 3 < t1 ? zs[3] : 0.0f;
-        }
-        v = Gate(v, z);
+        v = Gate(v, Load4(a.gate_z + static_cast<int64_t>(i) * a.ldz + kg, kg, t1, a.vec_norm));
         const float* sc = norm_scale[i];
         const float* nw = a.norm_w + kg;
         const int g = a.norm_group;
@@ -473,20 +469,24 @@ absl::Status SmallMMatmul(Context& ctx, const float* x, int ldx, int m, const ui
   }
 }
 
+// The small-m kernel for 16-bit weights w (bf16 or f16), m <= kSmallM.
+absl::Status SmallM(Context& ctx, const float* x, int ldx, int m, const MatrixView& w,
+                    const float* bias, float* y, int ldy, bool accumulate,
+                    NormPrologue norm = {}) {
+  const auto* w16 = static_cast<const uint16_t*>(w.data);
+  const int n = static_cast<int>(w.rows), k = static_cast<int>(w.cols);
+  return w.dtype == DType::kBF16
+             ? SmallMMatmul<true>(ctx, x, ldx, m, w16, n, k, bias, y, ldy, accumulate, norm)
+             : SmallMMatmul<false>(ctx, x, ldx, m, w16, n, k, bias, y, ldy, accumulate, norm);
+}
+
 // Any m, 16 rows at a time (the fallback when cuBLASLt has no algorithm).
 absl::Status SmallMSlabs(Context& ctx, const float* x, int ldx, int m, const MatrixView& w,
                          const float* bias, float* y, int ldy, bool accumulate) {
-  const auto* w16 = static_cast<const uint16_t*>(w.data);
-  const int n = static_cast<int>(w.rows), k = static_cast<int>(w.cols);
   for (int r0 = 0; r0 < m; r0 += kSmallM) {
-    const int rows = std::min(kSmallM, m - r0);
-    const float* xs = x + static_cast<int64_t>(r0) * ldx;
-    float* ys = y + static_cast<int64_t>(r0) * ldy;
-    const absl::Status s =
-        w.dtype == DType::kBF16
-            ? SmallMMatmul<true>(ctx, xs, ldx, rows, w16, n, k, bias, ys, ldy, accumulate)
-            : SmallMMatmul<false>(ctx, xs, ldx, rows, w16, n, k, bias, ys, ldy, accumulate);
-    if (!s.ok()) return s;
+    RETURN_IF_ERROR(SmallM(ctx, x + static_cast<int64_t>(r0) * ldx, ldx,
+                           std::min(kSmallM, m - r0), w, bias,
+                           y + static_cast<int64_t>(r0) * ldy, ldy, accumulate));
   }
   return absl::OkStatus();
 }
@@ -783,11 +783,7 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
   }
 
   const bool bf16 = w.dtype == DType::kBF16;
-  const auto* w16 = static_cast<const uint16_t*>(w.data);
-  if (mi <= kSmallM) {
-    return bf16 ? SmallMMatmul<true>(ctx, x, ldxi, mi, w16, n, k, bias, y, ldyi, accumulate)
-                : SmallMMatmul<false>(ctx, x, ldxi, mi, w16, n, k, bias, y, ldyi, accumulate);
-  }
+  if (mi <= kSmallM) return SmallM(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate);
 
   ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, k, w.dtype));
   constexpr int kConvertThreads = 256;
@@ -806,18 +802,14 @@ absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
                           int64_t ldy) {
   // CudaBackend checked as for Matmul, plus norm_weight and xn (ldx-strided, k columns).
   const int k = static_cast<int>(w.cols);
-  const int mi = static_cast<int>(m), n = static_cast<int>(w.rows);
+  const int mi = static_cast<int>(m);
   const int ldxi = static_cast<int>(ldx), ldyi = static_cast<int>(ldy);
   const int level = w.dtype != DType::kF32 && k > 0 ? FusedNormLevel() : 0;
   // Every block of the GEMM recomputes the rows' norms before its first tile: a warp per row, so
   // up to 4 rows cost one row's latency. Measured at batch 16 (4 rows per warp) the fused step
   // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.199 vs 1.290 ms).
   if (level >= 1 && m <= kFusedNormMaxRows) {
-    const NormPrologue norm{norm_weight, eps};
-    const auto* w16 = static_cast<const uint16_t*>(w.data);
-    return w.dtype == DType::kBF16
-               ? SmallMMatmul<true>(ctx, x, ldxi, mi, w16, n, k, nullptr, y, ldyi, false, norm)
-               : SmallMMatmul<false>(ctx, x, ldxi, mi, w16, n, k, nullptr, y, ldyi, false, norm);
+    return SmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, false, NormPrologue{norm_weight, eps});
   }
   // Many rows (prefill): the norm writes the GEMM's 16-bit input itself, saving an f32 round trip.
   if (level >= 2 && m > kSmallM && !NormRowsUseBlocks(ctx, m, k)) {
@@ -842,14 +834,7 @@ absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const
   if (level >= 2 && m <= kFusedNormMaxRows && dim / group_size <= kMaxNormGroups) {
     const NormPrologue norm{norm_weight, eps, z, static_cast<int>(ldz),
                             static_cast<int>(group_size)};
-    const auto* w16 = static_cast<const uint16_t*>(w.data);
-    const int n = static_cast<int>(w.rows), k = static_cast<int>(dim);
-    const int ldyi = static_cast<int>(ldy);
-    return w.dtype == DType::kBF16
-               ? SmallMMatmul<true>(ctx, y, ldyi, mi, w16, n, k, nullptr, out, ldoi, accumulate,
-                                    norm)
-               : SmallMMatmul<false>(ctx, y, ldyi, mi, w16, n, k, nullptr, out, ldoi, accumulate,
-                                     norm);
+    return SmallM(ctx, y, static_cast<int>(ldy), mi, w, nullptr, out, ldoi, accumulate, norm);
   }
   if (level >= 2 && m > kSmallM && !NormRowsUseBlocks(ctx, m * (dim / group_size), group_size)) {
     ASSIGN_OR_RETURN(const GemmInput in,

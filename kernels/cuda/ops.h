@@ -91,6 +91,9 @@ struct GemmInput {
   int ldh = 0;        // k rounded up to a multiple of 8 (16-byte rows)
   bool split = true;  // lo present (RAMBA_CUDA_BF16_ACTIVATIONS=1: hi only)
   bool bf16 = true;   // bf16, else f16 (the weights' type)
+#ifdef __CUDACC__
+  __host__ __device__
+#endif
   int ld() const { return split ? 2 * ldh : ldh; }
 };
 
