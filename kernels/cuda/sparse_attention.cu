@@ -17,6 +17,9 @@
 //    product, so results are unaffected. Inputs are rounded to bf16 (Q, K, V, P) with f32
 //    accumulation, which is the precision of the reference kernel; RAMBA_CUDA_SPARSE_ATTENTION=f32
 //    forces the f32 path.
+//  - bf16 tensor cores, block-shared (RAMBA_CUDA_SPARSE_ATTENTION=shared; not yet the default):
+//    a block per query block of 8 or 16 rows reads each distinct chunk its rows picked once, into
+//    shared memory, instead of once per (row, chunk); see its section below.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -28,6 +31,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -158,8 +162,19 @@ __device__ __forceinline__ const __nv_bfloat16* StagedChunk(const __nv_bfloat16*
   return staging + ((seq * max_chunks + chunk) * nkv + g) * kStagedElems;
 }
 
+// Element offset of (row, col) in a staged [64][64] bf16 tile. Swizzled (the block-shared path,
+// which copies tiles to shared memory as they are and reads them with ldmatrix): the row's eight
+// 16-byte units are permuted by XOR with row % 8, so the 8 row addresses of an ldmatrix at one
+// logical column fall in distinct bank groups.
+template <bool kSwizzled>
+__device__ __forceinline__ int StagedOffset(int row, int col) {
+  if constexpr (kSwizzled) return row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+  return row * 64 + col;
+}
+
 // One block per (sequence, chunk, kv head): K row-major as stored, V transposed through shared
 // memory. Chunks past a sequence's count or without K/V are left unwritten (never read).
+template <bool kSwizzled>
 __global__ void __launch_bounds__(kStageThreads)
     StageChunksBf16Kernel(ChunkMemoryBatch mem, int nkv, int64_t max_chunks,
                           __nv_bfloat16* __restrict__ staging) {
@@ -179,7 +194,7 @@ __global__ void __launch_bounds__(kStageThreads)
   for (int i = threadIdx.x; i < kMmaKeys * kMmaHd / 2; i += kStageThreads) {
     const int key = i / (kMmaHd / 2), d = 2 * (i % (kMmaHd / 2));
     const float* src = kc + key * stride + g * kMmaHd + d;
-    kdst[i] = PackBf16(__ldg(src), __ldg(src + 1));
+    kdst[StagedOffset<kSwizzled>(key, d) / 2] = PackBf16(__ldg(src), __ldg(src + 1));
     vs[key][d] = __ldg(vc + key * stride + g * kMmaHd + d);
     vs[key][d + 1] = __ldg(vc + key * stride + g * kMmaHd + d + 1);
   }
@@ -187,7 +202,7 @@ __global__ void __launch_bounds__(kStageThreads)
   uint32_t* vdst = reinterpret_cast<uint32_t*>(dst + kMmaKeys * kMmaHd);
   for (int i = threadIdx.x; i < kMmaHd * kMmaKeys / 2; i += kStageThreads) {
     const int d = i / (kMmaKeys / 2), key = 2 * (i % (kMmaKeys / 2));
-    vdst[i] = PackBf16(vs[key][d], vs[key + 1][d]);
+    vdst[StagedOffset<kSwizzled>(d, key) / 2] = PackBf16(vs[key][d], vs[key + 1][d]);
   }
 }
 
@@ -334,6 +349,267 @@ __global__ void __launch_bounds__(kMmaWarps * kWarp)
   }
 }
 
+// ---- bf16 tensor cores, block-shared chunk reads (the paper's Algorithm 1, per query block) ----
+//
+// Neighbouring tokens of a trained model pick many of the same chunks (ramba-tiny at 64K, by
+// tools/selection-reuse: 8 consecutive rows' 64 picks name 20-31 distinct chunks, 16 rows' 128
+// name 25-43), while
+// the per-warp kernel above reads a chunk from L2 once per (row, chunk) pair, and is bound by
+// that traffic. Here a block owns kRows consecutive rows (one kv head): it forms the union of
+// their selections, most recent chunk first, and each distinct chunk streams
+// once through a ring of shared-memory slots with the bulk copy engine; warp r owns row r (its Q
+// fragments and O accumulators stay in registers) and computes only the chunks its row picked, in
+// union order. Every warp passes every chunk (waits for its copy, computes if its row uses it,
+// then counts itself out of the slot); the last one out issues the copy of the chunk kSlots
+// further on into that slot, so warps run up to kSlots chunks apart and no warp is set aside to
+// produce (kRows warps per block keep 128 registers each: 16 warps per SM). Rows that share
+// nothing cost what the per-warp kernel does.
+//
+// Fragments come from the swizzled staging (StagedOffset<true>) by ldmatrix in the standard
+// mma.cuh layouts. A row's chunks are added in union order, which is its slot order when the
+// selection is sorted by chunk, most recent first (as retrieval returns it).
+constexpr int kSharedMaxTopK = 16;
+constexpr int kStagedBytes = kStagedElems * static_cast<int>(sizeof(__nv_bfloat16));
+
+template <int kRows>
+struct SharedAttentionSmem {
+  static constexpr int kSlots = kRows / 2;
+  static constexpr int kEntries = kRows * kSharedMaxTopK;
+  __nv_bfloat16 ring[kSlots][kStagedElems];    // first member: 128-byte aligned
+  __nv_bfloat16 q[kRows][kMmaGroup * kMmaHd];  // each row's Q [head][dim], swizzled like K
+  uint64_t full[kSlots];                       // phase done: the slot's chunk has landed
+  int32_t passed[kSlots];                      // warps done with the slot's current chunk
+  int32_t key[kEntries];     // (row, slot) -> staged chunk index, or -1 when unused
+  int32_t pos[kEntries];     // (row, slot) -> position in the union
+  int32_t chunks[kEntries];  // union position -> staged chunk index, most recent first
+  uint8_t first[kEntries];   // the entry is its chunk's first occurrence
+};
+
+template <int kRows>
+size_t SharedAttentionSmemBytes() {
+  return sizeof(SharedAttentionSmem<kRows>);
+}
+
+// The first row of this block's rows; volatile so that the compiler recomputes it where used.
+template <int kRows>
+__device__ __forceinline__ int64_t RowBlockStart(int nkv) {
+  uint32_t block;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+  return static_cast<int64_t>(block / nkv) * kRows;
+}
+
+// Issues the bulk copy of union chunk p into its slot (one thread).
+template <int kRows>
+__device__ __forceinline__ void CopyChunkToSlot(SharedAttentionSmem<kRows>& sm, int p,
+                                                const __nv_bfloat16* staging) {
+  const int slot = p % SharedAttentionSmem<kRows>::kSlots;
+  MbarrierArriveExpectTx(&sm.full[slot], kStagedBytes);
+  BulkCopyToShared(sm.ring[slot], staging + static_cast<int64_t>(sm.chunks[p]) * kStagedElems,
+                   kStagedBytes, &sm.full[slot]);
+}
+
+template <int kRows>
+__global__ void __launch_bounds__(kRows * kWarp, 16 / kRows)
+    SparseChunkAttentionSharedKernel(const float* __restrict__ q, ChunkMemoryBatch mem,
+                                     const int32_t* __restrict__ indices,
+                                     const float* __restrict__ weights, int rheads, int k, int nkv,
+                                     int64_t rows, int64_t max_chunks,
+                                     const __nv_bfloat16* __restrict__ staging, float scale_log2,
+                                     float* __restrict__ out) {
+  using Smem = SharedAttentionSmem<kRows>;
+  constexpr int kSlots = Smem::kSlots;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  AllowDependentGrids();
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int g = static_cast<int>(blockIdx.x % nkv);
+  const int64_t row0 = RowBlockStart<kRows>(nkv);
+  const int e = g * rheads / nkv;
+  const int entries = kRows * k;
+
+  if (tid < kSlots) {
+    MbarrierInit(&sm.full[tid], 1);  // the issuer's arrival, then the copy's bytes
+    sm.passed[tid] = 0;
+  }
+  WaitForPriorGrids();  // indices, weights, q and the staging come from earlier kernels
+  for (int i = tid; i < entries; i += blockDim.x) {
+    const int64_t row = row0 + i / k;
+    const int j = i % k;
+    int32_t key = -1;
+    if (row < rows) {
+      const int32_t c = indices[(row * rheads + e) * k + j];
+      const float w = weights[(row * rheads + e) * k + j];
+      const int32_t seq = mem.row_seq[row];
+      // Same skips as the other paths (the CPU rejects what is out of range).
+      if (c >= 0 && c < mem.num_chunks[seq] && w != 0.0f && mem.chunk_kv[seq][c] != nullptr) {
+        key = static_cast<int32_t>((seq * max_chunks + c) * nkv + g);
+      }
+    }
+    sm.key[i] = key;
+  }
+  __syncthreads();
+  for (int i = tid; i < entries; i += blockDim.x) {
+    const int32_t key = sm.key[i];
+    bool first = key >= 0;
+    for (int j = 0; j < i && first; ++j) first = sm.key[j] != key;
+    sm.first[i] = first;
+  }
+  __syncthreads();
+  // A chunk's union position is the number of distinct chunks more recent (larger index) than it.
+  int found = 0;
+  for (int i = tid; i < entries; i += blockDim.x) {
+    const int32_t key = sm.key[i];
+    int32_t p = -1;
+    if (key >= 0) {
+      p = 0;
+      for (int j = 0; j < entries; ++j) p += sm.first[j] && sm.key[j] > key;
+      if (sm.first[i]) {
+        sm.chunks[p] = key;
+        ++found;
+      }
+    }
+    sm.pos[i] = p;
+  }
+  const int num_chunks = __syncthreads_count(found);
+  FenceMbarrierInit();
+  __syncthreads();
+
+  if (tid == 0) {
+    for (int p = 0; p < min(num_chunks, kSlots); ++p) CopyChunkToSlot(sm, p, staging);
+  }
+
+  // Warp r owns row row0 + r; lane = 4 * g8 + t in the MMA fragment layouts.
+  const int64_t row = row0 + warp;
+  const int g8 = lane / 4, t = lane % 4;
+  const int nh = nkv * kMmaGroup;
+  const bool live = row < rows;
+  // The row's Q in bf16, read back by ldmatrix per chunk: 16 registers fewer than holding its
+  // fragments, which keeps the warp within 128 registers without spills.
+  __nv_bfloat16* qs = sm.q[warp];
+  if (live) {
+    const float* qg = q + (row * nh + g * kMmaGroup) * kMmaHd;
+    for (int i = lane; i < kMmaGroup * kMmaHd / 2; i += kWarp) {
+      const int head = i / (kMmaHd / 2), d = 2 * (i % (kMmaHd / 2));
+      const float2 x = *reinterpret_cast<const float2*>(qg + head * kMmaHd + d);
+      *reinterpret_cast<uint32_t*>(qs + StagedOffset<true>(head, d)) = PackBf16(x.x, x.y);
+    }
+  }
+  __syncwarp();
+  float o[8][4];  // [dims 8n..8n + 7][C register]
+#pragma unroll
+  for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  // Lane j < k holds the row's slot j: its union position and weight.
+  const int my_pos = lane < k ? sm.pos[warp * k + lane] : -1;
+  const float my_w = lane < k && live ? weights[(row * rheads + e) * k + lane] : 0.0f;
+  // ldmatrix rows: lane l addresses row l % 8 of matrix l / 8; the swizzle is by row % 8 = l % 8.
+  const int l8 = lane % 8, unit_lo = lane / 8;
+
+  for (int p = 0; p < num_chunks; ++p) {
+    const int slot = p % kSlots;
+    MbarrierWait(&sm.full[slot], (p / kSlots) & 1);
+    unsigned uses = __ballot_sync(0xffffffffu, my_pos == p);
+    const unsigned char* kbase = reinterpret_cast<const unsigned char*>(sm.ring[slot]);
+    const unsigned char* qbase = reinterpret_cast<const unsigned char*>(qs);
+    const unsigned char* vbase = kbase + kStagedBytes / 2;
+    while (uses != 0) {
+      const int j = __ffs(uses) - 1;
+      uses &= uses - 1;
+      const float w = __shfl_sync(0xffffffffu, my_w, j);
+      float s[8][4];
+#pragma unroll
+      for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {  // dims 16ks..16ks + 15
+        // A: matrices (heads 0-7 | 8-15) x (dims 16ks.. | 16ks + 8..): lane l addresses head
+        // l % 8 + 8 (l / 8 % 2), unit 2ks + l / 16.
+        uint32_t qa[4];
+        const int head = l8 + 8 * (unit_lo % 2);
+        Ldsm4<false>(qa, qbase + head * 128 + (((2 * ks + unit_lo / 2) ^ l8) * 16));
+#pragma unroll
+        for (int n = 0; n < 8; n += 2) {  // keys 8n..8n + 15: one ldmatrix, two B tiles
+          // B: matrices (keys 8n.. | 8n + 8..) x (dims 16ks.. | 16ks + 8..): lane l addresses
+          // key 8n + l % 8 + 8 (l / 16), unit 2ks + l / 8 % 2.
+          uint32_t r[4];
+          const int key = 8 * n + l8 + 8 * (unit_lo / 2);
+          Ldsm4<false>(r, kbase + key * 128 + (((2 * ks + unit_lo % 2) ^ l8) * 16));
+          Mma16816(s[n], qa, r[0], r[1]);
+          Mma16816(s[n + 1], qa, r[2], r[3]);
+        }
+      }
+      // Softmax over the chunk's 64 keys for heads g8 (s[.][0..1]) and g8 + 8 (s[.][2..3]); a
+      // head's row is spread over the 4 lanes of a quad.
+      float m0 = -INFINITY, m1 = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        m0 = fmaxf(m0, fmaxf(s[n][0], s[n][1]));
+        m1 = fmaxf(m1, fmaxf(s[n][2], s[n][3]));
+      }
+#pragma unroll
+      for (int m = 1; m <= 2; m <<= 1) {
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, m));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, m));
+      }
+      float l0 = 0.0f, l1 = 0.0f;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        s[n][0] = exp2f((s[n][0] - m0) * scale_log2);
+        s[n][1] = exp2f((s[n][1] - m0) * scale_log2);
+        s[n][2] = exp2f((s[n][2] - m1) * scale_log2);
+        s[n][3] = exp2f((s[n][3] - m1) * scale_log2);
+        l0 += s[n][0] + s[n][1];
+        l1 += s[n][2] + s[n][3];
+      }
+#pragma unroll
+      for (int m = 1; m <= 2; m <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, m);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, m);
+      }
+      const float f0 = w / l0, f1 = w / l1;  // the chunk's weight folded into P
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // keys 32h..32h + 31: k-steps 2h and 2h + 1
+        uint32_t pa[2][4];           // the k-step over keys 16j..16j + 15 is S tiles 2j and 2j + 1
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int j = 2 * h + u;
+          pa[u][0] = PackBf16(s[2 * j][0] * f0, s[2 * j][1] * f0);
+          pa[u][1] = PackBf16(s[2 * j][2] * f1, s[2 * j][3] * f1);
+          pa[u][2] = PackBf16(s[2 * j + 1][0] * f0, s[2 * j + 1][1] * f0);
+          pa[u][3] = PackBf16(s[2 * j + 1][2] * f1, s[2 * j + 1][3] * f1);
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {  // dims 8n..8n + 7
+          // B: V^T rows (dims) 8n + l % 8, units (keys / 8) 4h + l / 8.
+          uint32_t r[4];
+          Ldsm4<false>(r, vbase + (8 * n + l8) * 128 + (((4 * h + unit_lo) ^ l8) * 16));
+          Mma16816(o[n], pa[0], r[0], r[1]);
+          Mma16816(o[n], pa[1], r[2], r[3]);
+        }
+      }
+    }
+    __syncwarp();  // every lane's reads of the slot are done
+    if (lane == 0) {
+      __threadfence_block();
+      if (atomicAdd(&sm.passed[slot], 1) == kRows - 1) {  // the last warp out refills the slot
+        sm.passed[slot] = 0;
+        if (p + kSlots < num_chunks) {
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // reads before the copy
+          CopyChunkToSlot(sm, p + kSlots, staging);
+        }
+      }
+    }
+  }
+
+  if (!live) return;
+  // The row again from the block index rather than kept in registers across the loop.
+  float* og = out + ((RowBlockStart<kRows>(nkv) + warp) * nh + g * kMmaGroup) * kMmaHd;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    *reinterpret_cast<float2*>(og + g8 * kMmaHd + 8 * n + 2 * t) = make_float2(o[n][0], o[n][1]);
+    *reinterpret_cast<float2*>(og + (g8 + 8) * kMmaHd + 8 * n + 2 * t) =
+        make_float2(o[n][2], o[n][3]);
+  }
+}
+
 // Prefill-shaped: enough rows that staging every chunk of the batch once costs less than the
 // attention reads it saves (each staged chunk is read at least once on average). Decode batches
 // (a row per sequence) never qualify.
@@ -341,15 +617,41 @@ constexpr int64_t kMmaMinRows = 257;
 // Largest staging buffer the path may hold (1M tokens of one sequence need 256 MiB).
 constexpr int64_t kMaxStagingBytes = int64_t{1} << 30;
 
-// "f32" forces the CUDA-core path, "bf16" the tensor-core path where its shapes allow;
-// read per call so tests and benchmarks can switch it.
-enum class SparsePath { kAuto, kF32, kBf16 };
+// "f32" forces the CUDA-core path, "bf16" the per-warp tensor-core path and "shared" the
+// block-shared one, where their shapes allow; read per call so tests and benchmarks can switch.
+// The block-shared path is not the default until measured on the GPU.
+enum class SparsePath { kAuto, kF32, kBf16, kShared };
 SparsePath RequestedSparsePath() {
   const char* v = std::getenv("RAMBA_CUDA_SPARSE_ATTENTION");
   if (v == nullptr) return SparsePath::kAuto;
   if (std::strcmp(v, "f32") == 0) return SparsePath::kF32;
   if (std::strcmp(v, "bf16") == 0) return SparsePath::kBf16;
+  if (std::strcmp(v, "shared") == 0) return SparsePath::kShared;
   return SparsePath::kAuto;
+}
+
+// Rows per block of the block-shared path: RAMBA_CUDA_SPARSE_ROWS = 8 (two blocks per SM) or 16
+// (the default: one block, more rows to share chunks between).
+int SharedPathRows() {
+  const char* v = std::getenv("RAMBA_CUDA_SPARSE_ROWS");
+  return v != nullptr && std::strcmp(v, "8") == 0 ? 8 : 16;
+}
+
+template <int kRows>
+absl::Status LaunchShared(Context& ctx, int64_t rows, int64_t nkv, const float* q,
+                          const ChunkMemoryBatch& mem, const int32_t* indices, const float* weights,
+                          int64_t rheads, int64_t top_k, const __nv_bfloat16* staging,
+                          float scale_log2, float* out) {
+  static_assert(kRows * kSharedMaxTopK <= kRows * kWarp, "an entry per thread");
+  const size_t smem = SharedAttentionSmemBytes<kRows>();
+  RETURN_IF_ERROR(
+      PrepareSmem(ctx, SparseChunkAttentionSharedKernel<kRows>, smem, "SparseChunkAttention"));
+  const int64_t blocks = (rows + kRows - 1) / kRows * nkv;
+  if (blocks > INT32_MAX) return absl::UnimplementedError("SparseChunkAttention: too many rows");
+  return Launch(ctx, SparseChunkAttentionSharedKernel<kRows>, static_cast<unsigned>(blocks),
+                kRows * kWarp, smem, q, mem, indices, weights, static_cast<int>(rheads),
+                static_cast<int>(top_k), static_cast<int>(nkv), rows, mem.max_num_chunks, staging,
+                scale_log2, out);
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -375,11 +677,23 @@ absl::StatusOr<bool> SparseAttentionMma(Context& ctx, const float* q, int64_t ro
   }
   ASSIGN_OR_RETURN(void* scratch, ctx.Scratch(ScratchSlot::kSparseKv, static_cast<size_t>(bytes)));
   auto* staging = static_cast<__nv_bfloat16*>(scratch);
-  RETURN_IF_ERROR(Launch(ctx, StageChunksBf16Kernel, static_cast<unsigned>(staged), kStageThreads,
-                         0, mem, static_cast<int>(nkv), mem.max_num_chunks, staging));
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));
+  if (path == SparsePath::kShared && top_k <= kSharedMaxTopK) {
+    RETURN_IF_ERROR(Launch(ctx, StageChunksBf16Kernel<true>, static_cast<unsigned>(staged),
+                           kStageThreads, 0, mem, static_cast<int>(nkv), mem.max_num_chunks,
+                           staging));
+    RETURN_IF_ERROR(SharedPathRows() == 8
+                        ? LaunchShared<8>(ctx, rows, nkv, q, mem, indices, weights, rheads, top_k,
+                                          staging, scale_log2, out)
+                        : LaunchShared<16>(ctx, rows, nkv, q, mem, indices, weights, rheads, top_k,
+                                           staging, scale_log2, out));
+    return true;
+  }
+  RETURN_IF_ERROR(Launch(ctx, StageChunksBf16Kernel<false>, static_cast<unsigned>(staged),
+                         kStageThreads, 0, mem, static_cast<int>(nkv), mem.max_num_chunks,
+                         staging));
   const int64_t items = rows * nkv;
   const int64_t blocks = std::min<int64_t>((items + kMmaWarps - 1) / kMmaWarps, INT32_MAX);
-  const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));
   RETURN_IF_ERROR(Launch(ctx, SparseChunkAttentionMmaKernel, static_cast<unsigned>(blocks),
                          kMmaWarps * kWarp, 0, q, mem, indices, weights, static_cast<int>(rheads),
                          static_cast<int>(top_k), static_cast<int>(nkv), items,

@@ -8,6 +8,8 @@ the launch below mirrors the reference's `_attention.forward` without its host-s
 Selections, as in bench-ops --selection:
   token: every token its own 8 chunks, random among those wholly before it (the model's case:
          one retrieval per token, so Q_X = 1 in the reference);
+  neighbours: token, then each slot keeps the previous token's chunk with probability 0.8
+         (neighbouring tokens of a trained model share picks; Q_X = 1);
   block: the 64 tokens of a query block share one selection (Q_X = 64).
 Usage: RAMBA_REFERENCE_OPS=DIR python3 hsa_reference.py 16384,65536,1048576"""
 import os
@@ -51,6 +53,18 @@ def selection(L, q_x, topk, chunk, device):
     return idx.view(1, blocks, 1, topk).contiguous(), w.view(1, blocks, 1, topk).contiguous()
 
 
+def share_with_neighbours(idx, keep=0.8):
+    """Each slot of each token keeps the previous token's chunk with probability `keep`: a slot's
+    chunk is the one its run of kept slots started with (always eligible later on)."""
+    rows, topk = idx.shape[1], idx.shape[3]
+    flat = idx.view(rows, topk)
+    kept = torch.rand(rows, topk, device=idx.device) < keep
+    kept[0] = False
+    ar = torch.arange(rows, device=idx.device).unsqueeze(1).expand(rows, topk)
+    start = torch.where(kept, torch.zeros_like(ar), ar).cummax(dim=0).values
+    return flat.gather(0, start).view(1, rows, 1, topk).contiguous()
+
+
 def main():
     ref = import_reference()
     lengths = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "16384,65536").split(",")]
@@ -60,8 +74,10 @@ def main():
         q = torch.randn(1, L, HQ, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
-        for name, q_x in (("token", 1), ("block", 64)):
+        for name, q_x in (("token", 1), ("neighbours", 1), ("block", 64)):
             idx, w = selection(L, q_x, K, S, "cuda")
+            if name == "neighbours":
+                idx = share_with_neighbours(idx)
             block_m = min(q_x, 16)
             m = torch.empty((1, K, L, HQ), device="cuda", dtype=torch.float32)
             o = torch.empty_like(q)

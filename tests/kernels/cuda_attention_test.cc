@@ -299,6 +299,20 @@ class CudaAttentionOpsTest : public CudaOpTest {
     EXPECT_LE(NormRelError(tc, want16), 4e-3);
     EXPECT_LE(NormRelError(tc, want), 1e-2);
     EXPECT_GT(CheckEmptyRowsAreZero(tc, sel, rows, rheads, top_k, nh * hd), 0);
+    // The block-shared kernel, with 16 and 8 rows per block: the same bf16 products, each row's
+    // chunks added in union order (most recent first) instead of slot order, so it stays within
+    // rounding of the per-warp kernel as well as of the CPU.
+    for (const char* block_rows : {"16", "8"}) {
+      SCOPED_TRACE(::testing::Message() << "block-shared, " << block_rows << " rows per block");
+      ScopedEnv env("RAMBA_CUDA_SPARSE_ROWS", block_rows);
+      const std::vector<float> sh = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "shared");
+      EXPECT_LE(NormRelError(sh, tc), 1e-3);
+      EXPECT_LE(NormRelError(sh, want16), 4e-3);
+      EXPECT_LE(NormRelError(sh, want), 1e-2);
+      EXPECT_GT(CheckEmptyRowsAreZero(sh, sel, rows, rheads, top_k, nh * hd), 0);
+      // Deterministic: each row's sum has one order whatever the warps' timing.
+      EXPECT_TRUE(sh == GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "shared"));
+    }
     // The default picks one of the two paths.
     const std::vector<float> dflt = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "");
     if (dflt == tc) return Path::kBf16;
@@ -593,6 +607,43 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionRowsSharingChunks) {
   sel.idx.insert(sel.idx.end(), 8, -1);
   sel.w.insert(sel.w.end(), 8, 0.0f);
   EXPECT_EQ(CheckSparse(m, sel, 1, 8, 16, 1, 64, kChunk, 403), Path::kBf16);
+}
+
+TEST_F(CudaAttentionOpsTest, SparseAttentionUnsortedRepeatedAndWideSelections) {
+  // Selections retrieval never makes, which the block-shared kernel's union must still handle:
+  // unsorted slots, a chunk in two slots of one row, unused slots between used ones, rows of two
+  // sequences (and a fork sharing chunk pointers) in one block, neighbours copying each other's
+  // slots; top-K up to the shared kernel's 16 and past it (20: the per-warp kernel instead).
+  Memory m;
+  m.dim = 64;
+  m.kv_floats = 2 * kChunk * 64;
+  const int s0 = m.AddSequence(300, 500);
+  const int s1 = m.AddFork(s0, 250, 40, 501);
+  for (int64_t i = 0; i < 700; ++i) m.AddRow(i < 500 || i % 2 == 0 ? s0 : s1, 0);
+  m.AddRow(s1, 0);  // selects nothing
+  Upload(&m);
+  std::mt19937 rng(502);
+  for (int64_t top_k : {8, 16, 20}) {
+    Selection sel;
+    for (int64_t r = 0; r < m.rows(); ++r) {
+      const int64_t n = m.num_chunks[m.row_seq[r]];
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t prev = static_cast<int64_t>(sel.idx.size()) - top_k;  // row r - 1, slot j
+        const uint32_t roll = rng() % 10;
+        int32_t c = static_cast<int32_t>(rng() % n);
+        if (roll == 0 || r + 1 == m.rows()) {
+          c = -1;
+        } else if (roll == 1 && j > 0) {
+          c = sel.idx.back();  // the previous slot's chunk again
+        } else if (roll < 6 && r > 0 && m.row_seq[r - 1] == m.row_seq[r]) {
+          c = sel.idx[prev];
+        }
+        sel.idx.push_back(c);
+        sel.w.push_back(c < 0 ? 0.0f : (rng() % 7 == 0 ? 0.0f : (rng() % 1000) / 1000.0f));
+      }
+    }
+    EXPECT_EQ(CheckSparse(m, sel, 1, top_k, 16, 1, 64, kChunk, 503 + top_k), Path::kBf16);
+  }
 }
 
 // ---------------- BlockAttention ----------------

@@ -1,0 +1,71 @@
+// Hopper (sm_90) asynchronous copies into shared memory: transaction mbarriers and the bulk copy
+// engine (cp.async.bulk, the one-dimensional form of TMA: one thread moves a contiguous block,
+// no tensor map). A producer arms a barrier with the bytes it expects and issues the copy; the
+// copy's completion (complete_tx) finishes the barrier's phase, which consumers wait on by
+// parity. PTX ISA: "mbarrier", "cp.async.bulk".
+#ifndef RAMBA_KERNELS_CUDA_ASYNC_COPY_CUH_
+#define RAMBA_KERNELS_CUDA_ASYNC_COPY_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ramba::kernels::cuda {
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// `count` arrivals complete each phase.
+__device__ __forceinline__ void MbarrierInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SharedAddress(bar)), "r"(count)
+               : "memory");
+}
+
+// Makes initialised barriers visible to the copy engine; then a block-wide barrier.
+__device__ __forceinline__ void FenceMbarrierInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SharedAddress(bar)) : "memory");
+}
+
+// One arrival that also expects `bytes` of copies to complete before the phase does.
+__device__ __forceinline__ void MbarrierArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddress(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+// Waits until the phase with this parity (0 for phases 0, 2, ...) has completed.
+__device__ __forceinline__ void MbarrierWait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = SharedAddress(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared memory
+// and completes that many bytes of `bar`'s transaction count when done.
+__device__ __forceinline__ void BulkCopyToShared(void* dst, const void* src, uint32_t bytes,
+                                                 uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(SharedAddress(dst)),
+      "l"(src), "r"(bytes), "r"(SharedAddress(bar))
+      : "memory");
+}
+
+}  // namespace ramba::kernels::cuda
+
+#endif  // RAMBA_KERNELS_CUDA_ASYNC_COPY_CUH_
