@@ -44,11 +44,10 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 // Four 8x8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
-// l / 8 (16-byte aligned) and receives r[i] = (row g, cols 2c..2c+1) of matrix i, or with Trans
-// (rows 2c..2c+1, col g).
+// l / 8 (16-byte aligned; a shared-state-space address, 32 bits) and receives r[i] = (row g,
+// cols 2c..2c+1) of matrix i, or with Trans (rows 2c..2c+1, col g).
 template <bool Trans>
-__device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], const void* row_addr) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
+__device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], uint32_t a) {
   if constexpr (Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -58,6 +57,12 @@ __device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], const void* row_addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
   }
+}
+
+// The same from a generic pointer into shared memory.
+template <bool Trans>
+__device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], const void* row_addr) {
+  Ldsm4<Trans>(r, static_cast<uint32_t>(__cvta_generic_to_shared(row_addr)));
 }
 
 }  // namespace ramba::kernels::cuda

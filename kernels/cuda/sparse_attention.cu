@@ -377,12 +377,14 @@ struct SharedAttentionSmem {
   static constexpr int kEntries = kRows * kSharedMaxTopK;
   __nv_bfloat16 ring[kSlots][kStagedElems];    // first member: 128-byte aligned
   __nv_bfloat16 q[kRows][kMmaGroup * kMmaHd];  // each row's Q [head][dim], swizzled like K
+  static constexpr int kTable = 2 * kEntries;  // hash set of the picked chunks (-1: free)
   uint64_t full[kSlots];                       // phase done: the slot's chunk has landed
   int32_t passed[kSlots];                      // warps done with the slot's current chunk
-  int32_t key[kEntries];     // (row, slot) -> staged chunk index, or -1 when unused
-  int32_t pos[kEntries];     // (row, slot) -> position in the union
-  int32_t chunks[kEntries];  // union position -> staged chunk index, most recent first
-  uint8_t first[kEntries];   // the entry is its chunk's first occurrence
+  int32_t table[kTable];
+  int32_t distinct[kEntries];  // the distinct chunks (staged indices), in no particular order
+  int32_t chunks[kEntries];    // union position -> staged chunk index, most recent first
+  int32_t pos[kEntries];       // (row, slot) -> position in the union, or -1 when unused
+  int num_distinct;
 };
 
 template <int kRows>
@@ -431,54 +433,12 @@ __global__ void __launch_bounds__(kRows * kWarp, 16 / kRows)
     MbarrierInit(&sm.full[tid], 1);  // the issuer's arrival, then the copy's bytes
     sm.passed[tid] = 0;
   }
+  if (tid == 0) sm.num_distinct = 0;
+  for (int i = tid; i < Smem::kTable; i += blockDim.x) sm.table[i] = -1;
   WaitForPriorGrids();  // indices, weights, q and the staging come from earlier kernels
-  for (int i = tid; i < entries; i += blockDim.x) {
-    const int64_t row = row0 + i / k;
-    const int j = i % k;
-    int32_t key = -1;
-    if (row < rows) {
-      const int32_t c = indices[(row * rheads + e) * k + j];
-      const float w = weights[(row * rheads + e) * k + j];
-      const int32_t seq = mem.row_seq[row];
-      // Same skips as the other paths (the CPU rejects what is out of range).
-      if (c >= 0 && c < mem.num_chunks[seq] && w != 0.0f && mem.chunk_kv[seq][c] != nullptr) {
-        key = static_cast<int32_t>((seq * max_chunks + c) * nkv + g);
-      }
-    }
-    sm.key[i] = key;
-  }
-  __syncthreads();
-  for (int i = tid; i < entries; i += blockDim.x) {
-    const int32_t key = sm.key[i];
-    bool first = key >= 0;
-    for (int j = 0; j < i && first; ++j) first = sm.key[j] != key;
-    sm.first[i] = first;
-  }
-  __syncthreads();
-  // A chunk's union position is the number of distinct chunks more recent (larger index) than it.
-  int found = 0;
-  for (int i = tid; i < entries; i += blockDim.x) {
-    const int32_t key = sm.key[i];
-    int32_t p = -1;
-    if (key >= 0) {
-      p = 0;
-      for (int j = 0; j < entries; ++j) p += sm.first[j] && sm.key[j] > key;
-      if (sm.first[i]) {
-        sm.chunks[p] = key;
-        ++found;
-      }
-    }
-    sm.pos[i] = p;
-  }
-  const int num_chunks = __syncthreads_count(found);
-  FenceMbarrierInit();
-  __syncthreads();
 
-  if (tid == 0) {
-    for (int p = 0; p < min(num_chunks, kSlots); ++p) CopyChunkToSlot(sm, p, staging);
-  }
-
-  // Warp r owns row row0 + r; lane = 4 * g8 + t in the MMA fragment layouts.
+  // Warp r owns row row0 + r; lane = 4 * g8 + t in the MMA fragment layouts. Its Q goes to
+  // shared memory first, so the loads overlap the union's construction below.
   const int64_t row = row0 + warp;
   const int g8 = lane / 4, t = lane % 4;
   const int nh = nkv * kMmaGroup;
@@ -494,7 +454,52 @@ __global__ void __launch_bounds__(kRows * kWarp, 16 / kRows)
       *reinterpret_cast<uint32_t*>(qs + StagedOffset<true>(head, d)) = PackBf16(x.x, x.y);
     }
   }
-  __syncwarp();
+
+  // The union: each used (row, slot) entry puts its staged chunk index into a shared hash set;
+  // the thread that inserts a value lists it once. Every thread owns at most one entry.
+  int32_t key = -1;
+  if (tid < entries && row0 + tid / k < rows) {
+    const int64_t erow = row0 + tid / k;
+    const int32_t c = indices[(erow * rheads + e) * k + tid % k];
+    const float w = weights[(erow * rheads + e) * k + tid % k];
+    const int32_t seq = mem.row_seq[erow];
+    // Same skips as the other paths (the CPU rejects what is out of range).
+    if (c >= 0 && c < mem.num_chunks[seq] && w != 0.0f && mem.chunk_kv[seq][c] != nullptr) {
+      key = static_cast<int32_t>((seq * max_chunks + c) * nkv + g);
+    }
+  }
+  __syncthreads();  // the table is cleared
+  bool lists_it = false;
+  if (key >= 0) {
+    for (uint32_t h = (static_cast<uint32_t>(key) * 2654435761u) >> 16;; ++h) {
+      const int32_t old = atomicCAS(&sm.table[h % Smem::kTable], -1, key);
+      if (old == key) break;
+      if (old == -1) {
+        lists_it = true;
+        sm.distinct[atomicAdd(&sm.num_distinct, 1)] = key;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  // A chunk's union position is the number of distinct chunks more recent (larger index) than it,
+  // so the order does not depend on which thread listed what first.
+  const int num_chunks = sm.num_distinct;
+  if (tid < entries) {
+    int32_t at = -1;
+    if (key >= 0) {
+      at = 0;
+      for (int j = 0; j < num_chunks; ++j) at += sm.distinct[j] > key;
+      if (lists_it) sm.chunks[at] = key;
+    }
+    sm.pos[tid] = at;
+  }
+  FenceMbarrierInit();
+  __syncthreads();
+
+  if (tid == 0) {
+    for (int u = 0; u < min(num_chunks, kSlots); ++u) CopyChunkToSlot(sm, u, staging);
+  }
   float o[8][4];  // [dims 8n..8n + 7][C register]
 #pragma unroll
   for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -503,14 +508,13 @@ __global__ void __launch_bounds__(kRows * kWarp, 16 / kRows)
   const float my_w = lane < k && live ? weights[(row * rheads + e) * k + lane] : 0.0f;
   // ldmatrix rows: lane l addresses row l % 8 of matrix l / 8; the swizzle is by row % 8 = l % 8.
   const int l8 = lane % 8, unit_lo = lane / 8;
+  const uint32_t ring0 = SharedAddress(sm.ring[0]), qbase = SharedAddress(qs);
 
   for (int p = 0; p < num_chunks; ++p) {
     const int slot = p % kSlots;
     MbarrierWait(&sm.full[slot], (p / kSlots) & 1);
     unsigned uses = __ballot_sync(0xffffffffu, my_pos == p);
-    const unsigned char* kbase = reinterpret_cast<const unsigned char*>(sm.ring[slot]);
-    const unsigned char* qbase = reinterpret_cast<const unsigned char*>(qs);
-    const unsigned char* vbase = kbase + kStagedBytes / 2;
+    const uint32_t kbase = ring0 + slot * kStagedBytes, vbase = kbase + kStagedBytes / 2;
     while (uses != 0) {
       const int j = __ffs(uses) - 1;
       uses &= uses - 1;
