@@ -31,6 +31,28 @@ double MedianSeconds(kernels::Backend* be, int reps, F&& run) {
   return t[t.size() / 2];
 }
 
+// Device time per run of run() as the model's decode graphs run ops: `steps` runs back to back
+// in one graph (no host launch or synchronisation between them), median over `reps` launches of
+// the graph, divided by `steps`. Successive runs may find some of their inputs still in L2.
+// NaN when the backend has no graphs or a run or the capture fails.
+template <class F>
+double InGraphSeconds(kernels::Backend* be, int reps, int steps, F&& run) {
+  if (!be->SupportsGraphs()) return NAN;
+  if (!run().ok() || !be->Synchronize().ok()) return NAN;  // scratch is sized before capture
+  const uint64_t generation = be->scratch_generation();
+  if (!be->BeginGraph().ok()) return NAN;
+  bool ok = true;
+  for (int i = 0; i < steps && ok; ++i) ok = run().ok();
+  auto graph = be->EndGraph();
+  if (!graph.ok()) return NAN;
+  double t = NAN;
+  if (ok && be->scratch_generation() == generation) {
+    t = MedianSeconds(be, reps, [&] { return be->LaunchGraph(*graph); }) / steps;
+  }
+  be->DestroyGraph(*graph);
+  return t;
+}
+
 // Read + write bandwidth of a large backend copy (1 GiB on a device, 256 MiB on the CPU), GB/s:
 // the memory floor the benchmarks state their figures against. 0 when allocation fails.
 inline double MeasureCopyBandwidth(kernels::Backend* be) {
