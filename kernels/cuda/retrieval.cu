@@ -14,6 +14,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
@@ -93,6 +95,89 @@ __device__ void WarpMergeSorted(Cand* dst, const Cand* src, int k, int lane) {
     // src is best first: once a group of 32 has nothing that qualifies, nothing later does.
     if (!WarpInsert(dst, k, j < k ? src[j] : NoCand(), lane)) break;
   }
+}
+
+// ---- Merging many sorted lists: a tournament of list heads ----
+// Each round takes the best head among the lists and advances that list; k rounds give the k
+// best, best first, whatever the number of lists, with no serial insertion. Heads are compared by
+// the total order, then by list (only empty slots can be equal), so every lane of a butterfly
+// ends with the same winner and the result does not depend on timing.
+
+__device__ __forceinline__ void TakeBetter(Cand& best, int& src, Cand other, int other_src) {
+  if (Better(other, best) || (!Better(best, other) && other_src < src)) {
+    best = other;
+    src = other_src;
+  }
+}
+
+__device__ __forceinline__ void WarpBest(Cand& best, int& src) {
+#pragma unroll
+  for (int m = kWarp / 2; m > 0; m >>= 1) {
+    Cand other;
+    other.score = __shfl_xor_sync(kFullMask, best.score, m);
+    other.chunk = __shfl_xor_sync(kFullMask, best.chunk, m);
+    TakeBetter(best, src, other, __shfl_xor_sync(kFullMask, src, m));
+  }
+}
+
+// Shared memory of BlockTournament besides the list heads: a round's per-warp and overall winners.
+struct TournamentSmem {
+  Cand warp_best[kWarp];
+  int warp_src[kWarp];
+  Cand winner;
+  int winner_src;
+};
+
+// The k best of n sorted lists (list l at lists + l * k), best first, into out (not aliasing the
+// lists), by the whole block; heads holds n ints. Thread t holds the best head of lists t,
+// t + blockDim.x, ...; only the owner of the winning list recomputes its best.
+__device__ __forceinline__ void BlockTournament(const Cand* lists, int n, int k, Cand* out,
+                                                int* heads, TournamentSmem& ts) {
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int warps = blockDim.x / kWarp;
+  for (int i = tid; i < n; i += blockDim.x) heads[i] = 0;
+  __syncthreads();
+  auto own_best = [&](Cand& best, int& src) {
+    best = NoCand();
+    src = n + tid;  // no list: after every real list
+    for (int i = tid; i < n; i += blockDim.x) {
+      TakeBetter(best, src, heads[i] < k ? lists[i * k + heads[i]] : NoCand(), i);
+    }
+  };
+  Cand mine;
+  int mine_src;
+  own_best(mine, mine_src);
+  for (int j = 0; j < k; ++j) {
+    Cand best = mine;
+    int src = mine_src;
+    WarpBest(best, src);
+    if (lane == 0) {
+      ts.warp_best[warp] = best;
+      ts.warp_src[warp] = src;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      best = lane < warps ? ts.warp_best[lane] : NoCand();
+      src = lane < warps ? ts.warp_src[lane] : INT_MAX;
+      WarpBest(best, src);
+      if (lane == 0) {
+        out[j] = best;
+        ts.winner = best;
+        ts.winner_src = src;
+      }
+    }
+    __syncthreads();
+    const int win = ts.winner_src;
+    if (ts.winner.chunk == kNoChunk) {  // every list is exhausted (block-uniform)
+      for (int jj = j + 1 + tid; jj < k; jj += blockDim.x) out[jj] = NoCand();
+      break;
+    }
+    if (win < n && win % static_cast<int>(blockDim.x) == tid) {
+      ++heads[win];
+      own_best(mine, mine_src);
+    }
+  }
+  __syncthreads();
 }
 
 __device__ __forceinline__ int64_t EligibleChunks(const ChunkMemoryBatch& mem, int64_t row,
@@ -331,31 +416,46 @@ __global__ void __launch_bounds__(kTileThreads)
 constexpr int kMergeWarps = 8;
 constexpr int kMergeThreads = kMergeWarps * kWarp;
 
+// Staged partial lists [parts][k], per-warp lists [warps][k] (the first is the merged list), the
+// sorted [k] list, a head per part, and the tournament's per-round state.
 size_t MergeSmemBytes(int64_t parts, int k) {
-  return static_cast<size_t>(parts + kMergeWarps + 1) * k * sizeof(Cand);
+  return static_cast<size_t>(parts + kMergeWarps + 1) * k * sizeof(Cand) +
+         static_cast<size_t>(parts) * sizeof(int) + sizeof(TournamentSmem) + 16;
 }
 
+// The merge of a (row, head)'s partial lists: by list-head tournament (kTournament; written in a
+// session without a GPU, so behind RAMBA_CUDA_RETRIEVAL_MERGE=tournament until measured), or by
+// warps inserting lists one after another (the default).
+template <bool kTournament>
 __global__ void __launch_bounds__(kMergeThreads)
     MergeKernel(const Cand* __restrict__ partials, int parts, int k, int32_t* __restrict__ indices,
                 float* __restrict__ weights) {
   AllowDependentGrids();
   WaitForPriorGrids();
   extern __shared__ float4 smem4[];
-  Cand* cands = reinterpret_cast<Cand*>(smem4);  // [parts][k]
-  Cand* lists = cands + parts * k;               // [warps][k]
-  Cand* sorted = lists + kMergeWarps * k;        // [k]
+  TournamentSmem& ts = *reinterpret_cast<TournamentSmem*>(smem4);
+  Cand* cands = reinterpret_cast<Cand*>(smem4 + (sizeof(TournamentSmem) + 15) / 16);  // [parts][k]
+  Cand* lists = cands + parts * k;                                                    // [warps][k]
+  Cand* sorted = lists + kMergeWarps * k;                                             // [k]
+  int* heads = reinterpret_cast<int*>(sorted + k);                                    // [parts]
   const int64_t rh = blockIdx.x;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const Cand* src = partials + rh * parts * k;
   for (int i = threadIdx.x; i < parts * k; i += kMergeThreads) cands[i] = src[i];
-  for (int i = threadIdx.x; i < kMergeWarps * k; i += kMergeThreads) lists[i] = NoCand();
-  __syncthreads();
-  for (int p = warp; p < parts; p += kMergeWarps) {
-    WarpMergeSorted(lists + warp * k, cands + p * k, k, lane);
+  if constexpr (kTournament) {
+    __syncthreads();
+    BlockTournament(cands, parts, k, lists, heads, ts);
+    if (warp != 0) return;
+  } else {
+    for (int i = threadIdx.x; i < kMergeWarps * k; i += kMergeThreads) lists[i] = NoCand();
+    __syncthreads();
+    for (int p = warp; p < parts; p += kMergeWarps) {
+      WarpMergeSorted(lists + warp * k, cands + p * k, k, lane);
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    for (int w = 1; w < kMergeWarps; ++w) WarpMergeSorted(lists, lists + w * k, k, lane);
   }
-  __syncthreads();
-  if (warp != 0) return;
-  for (int w = 1; w < kMergeWarps; ++w) WarpMergeSorted(lists, lists + w * k, k, lane);
 
   // lists[0, n) are the kept chunks, best first; order them most recent first. Chunk indices are
   // distinct, so ranks are too.
@@ -416,7 +516,8 @@ absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const Ch
     return absl::UnimplementedError(absl::StrCat("RetrieveChunks: top_k ", k, " is too large"));
   }
   const int64_t merge_cap = std::max<int64_t>(
-      1, static_cast<int64_t>(kMergeSmemTarget / (k * sizeof(Cand))) - kMergeWarps - 1);
+      1, (static_cast<int64_t>(kMergeSmemTarget) - static_cast<int64_t>(MergeSmemBytes(0, k))) /
+             static_cast<int64_t>(k * sizeof(Cand) + sizeof(int)));
 
   const size_t tile_smem = TileSmemBytes(k);
   const bool tiled = rows >= kTiledMinRows && tile_smem <= ctx.max_shared_per_block;
@@ -462,8 +563,12 @@ absl::Status RetrieveChunks(Context& ctx, const float* r, int64_t rows, const Ch
   }
 
   const size_t merge_smem = MergeSmemBytes(parts, k);
-  RETURN_IF_ERROR(PrepareSmem(ctx, MergeKernel, merge_smem, "RetrieveChunks"));
-  return Launch(ctx, MergeKernel, static_cast<unsigned>(rows * nheads), kMergeThreads, merge_smem,
+  const char* merge_env = std::getenv("RAMBA_CUDA_RETRIEVAL_MERGE");
+  const auto merge = merge_env != nullptr && std::strcmp(merge_env, "tournament") == 0
+                         ? MergeKernel<true>
+                         : MergeKernel<false>;
+  RETURN_IF_ERROR(PrepareSmem(ctx, merge, merge_smem, "RetrieveChunks"));
+  return Launch(ctx, merge, static_cast<unsigned>(rows * nheads), kMergeThreads, merge_smem,
                 partials, static_cast<int>(parts), k, indices, weights);
 }
 

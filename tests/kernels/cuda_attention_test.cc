@@ -200,27 +200,32 @@ class CudaAttentionOpsTest : public CudaOpTest {
     const absl::Status cst = cpu_->RetrieveChunks(r.data(), rows, m.cpu, m.dim, heads, top_k, cs,
                                                   want.idx.data(), want.w.data());
     EXPECT_TRUE(cst.ok()) << cst;
-    int32_t* gi = Poisoned<int32_t>(n);
-    float* gw = Poisoned<float>(n);
-    const absl::Status st =
-        gpu_->RetrieveChunks(ToGpu(r), rows, m.gpu, m.dim, heads, top_k, cs, gi, gw);
-    EXPECT_TRUE(st.ok()) << st;
-    const std::vector<int32_t> idx = FromGpu(gi, n);
-    const std::vector<float> w = FromGpu(gw, n);
-    int64_t mismatches = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      if (idx[i] == want.idx[i]) {
-        if (idx[i] < 0) EXPECT_EQ(w[i], 0.0f) << "unused slot " << i;
-        continue;
+    // Both merges of the partial lists: the default and the list-head tournament.
+    for (const char* merge : {"", "tournament"}) {
+      SCOPED_TRACE(::testing::Message() << "merge '" << merge << "'");
+      ScopedEnv env("RAMBA_CUDA_RETRIEVAL_MERGE", merge);
+      int32_t* gi = Poisoned<int32_t>(n);
+      float* gw = Poisoned<float>(n);
+      const absl::Status st =
+          gpu_->RetrieveChunks(ToGpu(r), rows, m.gpu, m.dim, heads, top_k, cs, gi, gw);
+      EXPECT_TRUE(st.ok()) << st;
+      const std::vector<int32_t> idx = FromGpu(gi, n);
+      const std::vector<float> w = FromGpu(gw, n);
+      int64_t mismatches = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (idx[i] == want.idx[i]) {
+          if (idx[i] < 0) EXPECT_EQ(w[i], 0.0f) << "unused slot " << i;
+          continue;
+        }
+        if (mismatches++ < 8) {
+          ADD_FAILURE() << "row " << i / (heads * top_k) << " head " << (i / top_k) % heads
+                        << " slot " << i % top_k << ": gpu chunk " << idx[i] << ", cpu chunk "
+                        << want.idx[i];
+        }
       }
-      if (mismatches++ < 8) {
-        ADD_FAILURE() << "row " << i / (heads * top_k) << " head " << (i / top_k) % heads
-                      << " slot " << i % top_k << ": gpu chunk " << idx[i] << ", cpu chunk "
-                      << want.idx[i];
-      }
+      EXPECT_EQ(mismatches, 0);
+      EXPECT_LE(NormRelError(w, want.w), 1e-5);
     }
-    EXPECT_EQ(mismatches, 0);
-    EXPECT_LE(NormRelError(w, want.w), 1e-5);
     return want;
   }
 
