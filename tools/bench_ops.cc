@@ -36,6 +36,7 @@
 #include "base/status_macros.h"
 #include "kernels/backend.h"
 #include "tools/bench_util.h"
+#include "tools/selection_stats.h"
 
 ABSL_FLAG(std::string, device, "cuda", "cpu, cuda or auto");
 ABSL_FLAG(std::string, lengths, "16384,65536,1048576", "Comma-separated sequence lengths");
@@ -83,19 +84,10 @@ void ShareWithNeighbours(int64_t rows, double keep, std::vector<int32_t>* idx) {
 
 // Picks per distinct chunk within aligned blocks of `block_rows` rows (1: nothing shared).
 double Reuse(const std::vector<int32_t>& idx, int64_t block_rows) {
-  const int64_t rows = static_cast<int64_t>(idx.size()) / kTopK;
-  int64_t picks = 0, distinct = 0;
-  std::vector<int32_t> b;
-  for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
-    b.clear();
-    for (int64_t i = r0 * kTopK; i < std::min(rows, r0 + block_rows) * kTopK; ++i) {
-      if (idx[i] >= 0) b.push_back(idx[i]);
-    }
-    picks += static_cast<int64_t>(b.size());
-    std::sort(b.begin(), b.end());
-    distinct += std::unique(b.begin(), b.end()) - b.begin();
-  }
-  return distinct > 0 ? static_cast<double>(picks) / distinct : 1.0;
+  ramba::tools::ReuseCount count;
+  ramba::tools::CountReuse(idx.data(), static_cast<int64_t>(idx.size()) / kTopK, kTopK, block_rows,
+                           &count);
+  return count.Ratio();
 }
 
 int Fail(const absl::Status& s) {

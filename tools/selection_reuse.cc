@@ -6,7 +6,6 @@
 //
 //   selection-reuse --model models/ramba-tiny --passkey_length 65536
 //   selection-reuse --model models/ramba-tiny --text FILE --length 65536
-#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -21,6 +20,7 @@
 #include "model/ramba_model.h"
 #include "model/tokenizer.h"
 #include "tools/passkey.h"
+#include "tools/selection_stats.h"
 
 ABSL_FLAG(std::string, model, "models/ramba-tiny", "Model directory.");
 ABSL_FLAG(std::string, text, "", "Text file to run (its first --length tokens).");
@@ -62,23 +62,13 @@ class RecordingBackend : public ramba::kernels::CpuBackend {
   }
 
   // Picks per distinct chunk over aligned blocks of `block_rows` rows of each selection.
-  double Reuse(int64_t block_rows, int64_t* picks_out) const {
-    int64_t picks = 0, distinct = 0;
-    std::vector<int32_t> b;
+  ramba::tools::ReuseCount Reuse(int64_t block_rows) const {
+    ramba::tools::ReuseCount count;
     for (const std::vector<int32_t>& sel : selections_) {
-      const int64_t rows = static_cast<int64_t>(sel.size()) / per_row_;
-      for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
-        b.clear();
-        for (int64_t i = r0 * per_row_; i < std::min(rows, r0 + block_rows) * per_row_; ++i) {
-          if (sel[i] >= 0) b.push_back(sel[i]);
-        }
-        picks += static_cast<int64_t>(b.size());
-        std::sort(b.begin(), b.end());
-        distinct += std::unique(b.begin(), b.end()) - b.begin();
-      }
+      ramba::tools::CountReuse(sel.data(), static_cast<int64_t>(sel.size()) / per_row_, per_row_,
+                               block_rows, &count);
     }
-    *picks_out = picks;
-    return distinct > 0 ? static_cast<double>(picks) / distinct : 1.0;
+    return count;
   }
 
  private:
@@ -136,10 +126,9 @@ int main(int argc, char** argv) {
   }
   std::printf("%s, %zu tokens (%s)\n", dir.c_str(), tokens.size(), source.c_str());
   for (int64_t r : block_rows) {
-    int64_t picks = 0;
-    const double reuse = backend.Reuse(r, &picks);
+    const ramba::tools::ReuseCount count = backend.Reuse(r);
     std::printf("  %3lld rows per block: %.2f picks per distinct chunk (%lld picks)\n",
-                static_cast<long long>(r), reuse, static_cast<long long>(picks));
+                static_cast<long long>(r), count.Ratio(), static_cast<long long>(count.picks));
   }
   return 0;
 }

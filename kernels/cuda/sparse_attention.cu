@@ -172,6 +172,14 @@ __device__ __forceinline__ int StagedOffset(int row, int col) {
   return row * 64 + col;
 }
 
+// The 32-bit word of a staged tile holding (row, col) and (row, col + 1), col even; `i` is that
+// word's index in the unswizzled tile.
+template <bool kSwizzled>
+__device__ __forceinline__ int StagedWord(int row, int col, int i) {
+  if constexpr (kSwizzled) return StagedOffset<true>(row, col) / 2;
+  return i;
+}
+
 // One block per (sequence, chunk, kv head): K row-major as stored, V transposed through shared
 // memory. Chunks past a sequence's count or without K/V are left unwritten (never read).
 template <bool kSwizzled>
@@ -194,7 +202,7 @@ __global__ void __launch_bounds__(kStageThreads)
   for (int i = threadIdx.x; i < kMmaKeys * kMmaHd / 2; i += kStageThreads) {
     const int key = i / (kMmaHd / 2), d = 2 * (i % (kMmaHd / 2));
     const float* src = kc + key * stride + g * kMmaHd + d;
-    kdst[StagedOffset<kSwizzled>(key, d) / 2] = PackBf16(__ldg(src), __ldg(src + 1));
+    kdst[StagedWord<kSwizzled>(key, d, i)] = PackBf16(__ldg(src), __ldg(src + 1));
     vs[key][d] = __ldg(vc + key * stride + g * kMmaHd + d);
     vs[key][d + 1] = __ldg(vc + key * stride + g * kMmaHd + d + 1);
   }
@@ -202,7 +210,7 @@ __global__ void __launch_bounds__(kStageThreads)
   uint32_t* vdst = reinterpret_cast<uint32_t*>(dst + kMmaKeys * kMmaHd);
   for (int i = threadIdx.x; i < kMmaHd * kMmaKeys / 2; i += kStageThreads) {
     const int d = i / (kMmaKeys / 2), key = 2 * (i % (kMmaKeys / 2));
-    vdst[StagedOffset<kSwizzled>(d, key) / 2] = PackBf16(vs[key][d], vs[key + 1][d]);
+    vdst[StagedWord<kSwizzled>(d, key, i)] = PackBf16(vs[key][d], vs[key + 1][d]);
   }
 }
 
@@ -211,6 +219,48 @@ __device__ __forceinline__ void LoadRow8(const float* p, float (&x)[8]) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p));
   const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
   x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+
+// Softmax within a chunk of an S tile [16 heads][64 keys] in the m16n8 accumulator layout
+// (s[n][0..1]: head g8 = lane / 4, s[n][2..3]: head g8 + 8, keys of tile n; a head's row is
+// spread over the 4 lanes of a quad): s becomes exp2((s - row max) * scale_log2), and the
+// returned factors w / (row sum) for heads g8 and g8 + 8 fold the chunk's weight into P.
+__device__ __forceinline__ float2 ChunkSoftmax(float (&s)[8][4], float scale_log2, float w) {
+  float m0 = -INFINITY, m1 = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    m0 = fmaxf(m0, fmaxf(s[i][0], s[i][1]));
+    m1 = fmaxf(m1, fmaxf(s[i][2], s[i][3]));
+  }
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, m));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, m));
+  }
+  float l0 = 0.0f, l1 = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    s[i][0] = exp2f((s[i][0] - m0) * scale_log2);
+    s[i][1] = exp2f((s[i][1] - m0) * scale_log2);
+    s[i][2] = exp2f((s[i][2] - m1) * scale_log2);
+    s[i][3] = exp2f((s[i][3] - m1) * scale_log2);
+    l0 += s[i][0] + s[i][1];
+    l1 += s[i][2] + s[i][3];
+  }
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, m);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, m);
+  }
+  return make_float2(w / l0, w / l1);
+}
+
+// P's A fragment for the k-step over keys 16j..16j + 15 (S tiles 2j and 2j + 1), scaled by f.
+__device__ __forceinline__ void PackP(const float (&s)[8][4], int j, float2 f, uint32_t (&pa)[4]) {
+  pa[0] = PackBf16(s[2 * j][0] * f.x, s[2 * j][1] * f.x);
+  pa[1] = PackBf16(s[2 * j][2] * f.y, s[2 * j][3] * f.y);
+  pa[2] = PackBf16(s[2 * j + 1][0] * f.x, s[2 * j + 1][1] * f.x);
+  pa[3] = PackBf16(s[2 * j + 1][2] * f.y, s[2 * j + 1][3] * f.y);
 }
 
 // A warp per (row, kv head) item; lane = 4 * g8 + t in the MMA fragment layouts.
@@ -299,41 +349,11 @@ __global__ void __launch_bounds__(kMmaWarps * kWarp)
         Mma16816(s[i], qa[1][0], kf[i][1].x, kf[i][1].y);
         Mma16816(s[i], qa[1][1], kf[i][1].z, kf[i][1].w);
       }
-      // Softmax over the chunk's 64 keys for heads g8 (s[.][0..1]) and g8 + 8 (s[.][2..3]); a
-      // head's row is spread over the 4 lanes of a quad.
-      float m0 = -INFINITY, m1 = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        m0 = fmaxf(m0, fmaxf(s[i][0], s[i][1]));
-        m1 = fmaxf(m1, fmaxf(s[i][2], s[i][3]));
-      }
-#pragma unroll
-      for (int m = 1; m <= 2; m <<= 1) {
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, m));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, m));
-      }
-      float l0 = 0.0f, l1 = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        s[i][0] = exp2f((s[i][0] - m0) * scale_log2);
-        s[i][1] = exp2f((s[i][1] - m0) * scale_log2);
-        s[i][2] = exp2f((s[i][2] - m1) * scale_log2);
-        s[i][3] = exp2f((s[i][3] - m1) * scale_log2);
-        l0 += s[i][0] + s[i][1];
-        l1 += s[i][2] + s[i][3];
-      }
-#pragma unroll
-      for (int m = 1; m <= 2; m <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, m);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, m);
-      }
-      const float f0 = w / l0, f1 = w / l1;  // the chunk's weight folded into P
+      const float2 f = ChunkSoftmax(s, scale_log2, w);
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
-        const uint32_t pa[4] = {PackBf16(s[2 * jj][0] * f0, s[2 * jj][1] * f0),
-                                PackBf16(s[2 * jj][2] * f1, s[2 * jj][3] * f1),
-                                PackBf16(s[2 * jj + 1][0] * f0, s[2 * jj + 1][1] * f0),
-                                PackBf16(s[2 * jj + 1][2] * f1, s[2 * jj + 1][3] * f1)};
+        uint32_t pa[4];
+        PackP(s, jj, f, pa);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) Mma16816(o[nt], pa, vf[jj][nt].x, vf[jj][nt].y);
       }
@@ -540,46 +560,12 @@ __global__ void __launch_bounds__(kRows * kWarp, 16 / kRows)
           Mma16816(s[n + 1], qa, r[2], r[3]);
         }
       }
-      // Softmax over the chunk's 64 keys for heads g8 (s[.][0..1]) and g8 + 8 (s[.][2..3]); a
-      // head's row is spread over the 4 lanes of a quad.
-      float m0 = -INFINITY, m1 = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        m0 = fmaxf(m0, fmaxf(s[n][0], s[n][1]));
-        m1 = fmaxf(m1, fmaxf(s[n][2], s[n][3]));
-      }
-#pragma unroll
-      for (int m = 1; m <= 2; m <<= 1) {
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, m));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, m));
-      }
-      float l0 = 0.0f, l1 = 0.0f;
-#pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        s[n][0] = exp2f((s[n][0] - m0) * scale_log2);
-        s[n][1] = exp2f((s[n][1] - m0) * scale_log2);
-        s[n][2] = exp2f((s[n][2] - m1) * scale_log2);
-        s[n][3] = exp2f((s[n][3] - m1) * scale_log2);
-        l0 += s[n][0] + s[n][1];
-        l1 += s[n][2] + s[n][3];
-      }
-#pragma unroll
-      for (int m = 1; m <= 2; m <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, m);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, m);
-      }
-      const float f0 = w / l0, f1 = w / l1;  // the chunk's weight folded into P
+      const float2 f = ChunkSoftmax(s, scale_log2, w);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // keys 32h..32h + 31: k-steps 2h and 2h + 1
-        uint32_t pa[2][4];           // the k-step over keys 16j..16j + 15 is S tiles 2j and 2j + 1
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int j = 2 * h + u;
-          pa[u][0] = PackBf16(s[2 * j][0] * f0, s[2 * j][1] * f0);
-          pa[u][1] = PackBf16(s[2 * j][2] * f1, s[2 * j][3] * f1);
-          pa[u][2] = PackBf16(s[2 * j + 1][0] * f0, s[2 * j + 1][1] * f0);
-          pa[u][3] = PackBf16(s[2 * j + 1][2] * f1, s[2 * j + 1][3] * f1);
-        }
+        uint32_t pa[2][4];
+        PackP(s, 2 * h, f, pa[0]);
+        PackP(s, 2 * h + 1, f, pa[1]);
 #pragma unroll
         for (int n = 0; n < 8; ++n) {  // dims 8n..8n + 7
           // B: V^T rows (dims) 8n + l % 8, units (keys / 8) 4h + l / 8.
