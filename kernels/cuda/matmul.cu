@@ -423,15 +423,14 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
     a.partials = static_cast<float*>(*scratch);
   }
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
-  absl::Status st;
   if (norm.gate_z == nullptr) {
-    st = Launch(ctx, SmallMMatmulKernel<kBf16, M, false>, grid, dim3(kThreads), 0, a);
+    RETURN_IF_ERROR(Launch(ctx, SmallMMatmulKernel<kBf16, M, false>, grid, dim3(kThreads), 0, a));
   } else if constexpr (M <= kFusedNormMaxRows) {
-    st = Launch(ctx, SmallMMatmulKernel<kBf16, M, true>, grid, dim3(kThreads), 0, a);
+    RETURN_IF_ERROR(Launch(ctx, SmallMMatmulKernel<kBf16, M, true>, grid, dim3(kThreads), 0, a));
   } else {
     return absl::InternalError("SmallMMatmul: no gated-norm prologue for this many rows");
   }
-  if (!st.ok() || a.partials == nullptr) return st;
+  if (a.partials == nullptr) return absl::OkStatus();
   constexpr int kReduceThreads = 256;
   return Launch(ctx, SplitKReduceKernel,
                 dim3(GridFor(static_cast<int64_t>(M) * n, kReduceThreads, ctx)),
