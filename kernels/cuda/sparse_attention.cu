@@ -554,8 +554,8 @@ __global__ void __launch_bounds__(kRows * kWarp, 16 / kRows)
           // B: matrices (keys 8n.. | 8n + 8..) x (dims 16ks.. | 16ks + 8..): lane l addresses
           // key 8n + l % 8 + 8 (l / 16), unit 2ks + l / 8 % 2.
           uint32_t r[4];
-          const int key = 8 * n + l8 + 8 * (unit_lo / 2);
-          Ldsm4<false>(r, kbase + key * 128 + (((2 * ks + unit_lo % 2) ^ l8) * 16));
+          const int key_row = 8 * n + l8 + 8 * (unit_lo / 2);
+          Ldsm4<false>(r, kbase + key_row * 128 + (((2 * ks + unit_lo % 2) ^ l8) * 16));
           Mma16816(s[n], qa, r[0], r[1]);
           Mma16816(s[n + 1], qa, r[2], r[3]);
         }
