@@ -11,7 +11,9 @@
 //    neighbours: each slot keeps the previous row's chunk with probability 0.8, as a trained
 //    model's neighbouring tokens often do (at 64K, picks per distinct chunk in 8 / 16 consecutive
 //    rows: ramba-tiny 2.1 / 3.0 on a passkey haystack, 3.2 / 5.1 on source text (selection-reuse);
-//    this mode 3.5 / 4.4; token 1.1 / 1.2). The reuse of the selections measured is printed;
+//    this mode 3.5 / 4.4; token 1.1 / 1.2); file: a model's own selections, as selection-reuse
+//    --dump wrote them (--selection_file; one row per token from position 0, top-8, checked
+//    against the causal bound). The reuse of the selections measured is printed;
 //    RAMBA_CUDA_SPARSE_ATTENTION picks the kernel (f32, bf16 per warp, shared per query block);
 //  - decode retrieval + sparse attention for --decode_batch rows at position L: bytes floor =
 //    every landmark read once (L / 64 x retrieval_dim x 4 B per row's sequence) + the selected
@@ -32,6 +34,7 @@
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "base/status_macros.h"
 #include "kernels/backend.h"
@@ -49,8 +52,10 @@ ABSL_FLAG(double, tflops, 989, "Compute peak for the prefill floor (H100 SXM: 98
           "cores, 67 f32 CUDA cores)");
 ABSL_FLAG(std::string, selection, "token",
           "Prefill selections: token (each row its own), block "
-          "(each 64-row block shares its first row's) or neighbours (each slot keeps the previous "
-          "row's chunk with probability 0.8)");
+          "(each 64-row block shares its first row's), neighbours (each slot keeps the previous "
+          "row's chunk with probability 0.8) or file (--selection_file)");
+ABSL_FLAG(std::string, selection_file, "",
+          "With --selection file: selections written by selection-reuse --dump");
 
 namespace {
 
@@ -126,9 +131,20 @@ int main(int argc, char** argv) {
   const double bw = ramba::bench::MeasureCopyBandwidth(be);
   const double tflops = absl::GetFlag(FLAGS_tflops);
   const std::string selection = absl::GetFlag(FLAGS_selection);
-  if (tflops <= 0 || (selection != "token" && selection != "block" && selection != "neighbours")) {
+  if (tflops <= 0 || (selection != "token" && selection != "block" && selection != "neighbours" &&
+                      selection != "file")) {
     return Fail(absl::InvalidArgumentError(
-        "--tflops must be positive, --selection token|block|neighbours"));
+        "--tflops must be positive, --selection token|block|neighbours|file"));
+  }
+  ramba::tools::Selections from_file;
+  if (selection == "file") {
+    auto read = ramba::tools::ReadSelections(absl::GetFlag(FLAGS_selection_file));
+    if (!read.ok()) return Fail(read.status());
+    if (read->per_row != kTopK) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--selection_file has ", read->per_row,
+                                                          " picks per row; ", kTopK, " needed")));
+    }
+    from_file = *std::move(read);
   }
   std::printf("device=%s copy bandwidth %.0f GB/s; prefill floor at %.0f TFLOP/s\n",
               std::string(be->name()).c_str(), bw, tflops);
@@ -205,6 +221,9 @@ int main(int argc, char** argv) {
             std::copy_n(hi.begin() + first * kTopK, kTopK, hi.begin() + row * kTopK);
             std::copy_n(hw.begin() + first * kTopK, kTopK, hw.begin() + row * kTopK);
           }
+        } else if (selection == "file") {
+          RETURN_IF_ERROR(ramba::tools::CheckSelections(from_file, rows, chunks, kChunk));
+          std::copy_n(from_file.indices.begin(), rows * kTopK, hi.begin());
         } else {
           ShareWithNeighbours(rows, 0.8, &hi);
         }

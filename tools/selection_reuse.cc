@@ -5,7 +5,8 @@
 // consecutive rows (1.0: no chunk picked twice; 8 rows x top-8 all alike: 8.0).
 //
 //   selection-reuse --model models/ramba-tiny --passkey_length 65536
-//   selection-reuse --model models/ramba-tiny --text FILE --length 65536
+//   selection-reuse --model models/ramba-tiny --text FILE --length 65536 --dump sel.bin
+// --dump writes the selections, one row per token, for bench-ops --selection file.
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -29,6 +30,7 @@ ABSL_FLAG(int64_t, passkey_length, 0, "Run a passkey haystack of this many token
 ABSL_FLAG(std::string, block_rows, "1,2,4,8,16,64", "Comma-separated block sizes in rows.");
 ABSL_FLAG(int64_t, segment, 4096, "Prefill segment length.");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all cores).");
+ABSL_FLAG(std::string, dump, "", "Write the selections here (tools/selection_stats.h format).");
 
 namespace {
 
@@ -69,6 +71,16 @@ class RecordingBackend : public ramba::kernels::CpuBackend {
                                block_rows, &count);
     }
     return count;
+  }
+
+  // Every recorded selection in order: one row per token of the run.
+  ramba::tools::Selections All() const {
+    ramba::tools::Selections all;
+    all.per_row = per_row_;
+    for (const std::vector<int32_t>& sel : selections_) {
+      all.indices.insert(all.indices.end(), sel.begin(), sel.end());
+    }
+    return all;
   }
 
  private:
@@ -125,6 +137,12 @@ int main(int argc, char** argv) {
     return Fail(s);
   }
   std::printf("%s, %zu tokens (%s)\n", dir.c_str(), tokens.size(), source.c_str());
+  if (const std::string dump = absl::GetFlag(FLAGS_dump); !dump.empty()) {
+    const ramba::tools::Selections all = backend.All();
+    if (auto s = ramba::tools::WriteSelections(dump, all); !s.ok()) return Fail(s);
+    std::printf("  wrote %lld rows x %lld picks to %s\n", static_cast<long long>(all.rows()),
+                static_cast<long long>(all.per_row), dump.c_str());
+  }
   for (int64_t r : block_rows) {
     const ramba::tools::ReuseCount count = backend.Reuse(r);
     std::printf("  %3lld rows per block: %.2f picks per distinct chunk (%lld picks)\n",

@@ -10,9 +10,13 @@ Selections, as in bench-ops --selection:
          one retrieval per token, so Q_X = 1 in the reference);
   neighbours: token, then each slot keeps the previous token's chunk with probability 0.8
          (neighbouring tokens of a trained model share picks; Q_X = 1);
-  block: the 64 tokens of a query block share one selection (Q_X = 64).
+  block: the 64 tokens of a query block share one selection (Q_X = 64);
+  file:NAME: a model's own selections, one row per token, from the files listed in
+         RAMBA_SELECTION_FILES (comma-separated; written by selection-reuse --dump), on the
+         lengths they cover (Q_X = 1).
 Usage: RAMBA_REFERENCE_OPS=DIR python3 hsa_reference.py 16384,65536,1048576"""
 import os
+import struct
 import sys
 import types
 
@@ -65,6 +69,23 @@ def share_with_neighbours(idx, keep=0.8):
     return flat.gather(0, start).view(1, rows, 1, topk).contiguous()
 
 
+def selections_from_file(path, L, topk, device):
+    """The first L rows of a selections file (tools/selection_stats.h: "RSEL", uint32 version,
+    int64 rows, int64 per_row, int32 indices); unused slots (-1) point at chunk 0 with weight 0."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, version, rows, per_row = struct.unpack_from("<4sIqq", data, 0)
+    if magic != b"RSEL" or version != 1 or per_row != topk or rows < L:
+        return None
+    flat = torch.frombuffer(bytearray(data[24:24 + 4 * L * per_row]), dtype=torch.int32)
+    idx = flat.view(L, topk).to(device=device, dtype=torch.int64)
+    valid = idx >= 0
+    scores = torch.rand(L, topk, device=device).masked_fill(~valid, float("-inf"))
+    w = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    idx = idx.clamp(min=0)
+    return idx.view(1, L, 1, topk).contiguous(), w.view(1, L, 1, topk).contiguous()
+
+
 def main():
     ref = import_reference()
     lengths = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "16384,65536").split(",")]
@@ -74,8 +95,19 @@ def main():
         q = torch.randn(1, L, HQ, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
-        for name, q_x in (("token", 1), ("neighbours", 1), ("block", 64)):
-            idx, w = selection(L, q_x, K, S, "cuda")
+        modes = [("token", 1), ("neighbours", 1), ("block", 64)]
+        files = [f for f in os.environ.get("RAMBA_SELECTION_FILES", "").split(",") if f]
+        modes += [("file:" + os.path.basename(f), 1, f) for f in files]
+        for mode in modes:
+            name, q_x = mode[0], mode[1]
+            if len(mode) == 3:
+                picked = selections_from_file(mode[2], L, K, "cuda")
+                if picked is None:
+                    print(f"hsa_reference: {mode[2]} does not cover L={L} with top-{K}")
+                    continue
+                idx, w = picked
+            else:
+                idx, w = selection(L, q_x, K, S, "cuda")
             if name == "neighbours":
                 idx = share_with_neighbours(idx)
             block_m = min(q_x, 16)
