@@ -210,38 +210,37 @@ int main(int argc, char** argv) {
                                         1, kTopK, nh, 1, kHeadDim, kChunk, out.as<float>());
       };
       const double t_ret = MedianSeconds(be, reps, retrieve);
-      if (!decode && selection != "token") {
-        std::vector<int32_t> hi(rows * kTopK);
-        std::vector<float> hw(rows * kTopK);
-        RETURN_IF_ERROR(be->Download(hi.data(), idx.data(), hi.size() * sizeof(int32_t)));
-        RETURN_IF_ERROR(be->Download(hw.data(), w.data(), hw.size() * sizeof(float)));
-        if (selection == "block") {
-          for (int64_t row = 0; row < rows; ++row) {
-            const int64_t first = row / kChunk * kChunk;  // same eligible chunks as `row`
-            std::copy_n(hi.begin() + first * kTopK, kTopK, hi.begin() + row * kTopK);
-            std::copy_n(hw.begin() + first * kTopK, kTopK, hw.begin() + row * kTopK);
-          }
-        } else if (selection == "file") {
-          RETURN_IF_ERROR(ramba::tools::CheckSelections(from_file, rows, chunks, kChunk));
-          std::copy_n(from_file.indices.begin(), rows * kTopK, hi.begin());
-        } else {
-          ShareWithNeighbours(rows, 0.8, &hi);
-        }
-        RETURN_IF_ERROR(be->Upload(idx.data(), hi.data(), hi.size() * sizeof(int32_t)));
-        RETURN_IF_ERROR(be->Upload(w.data(), hw.data(), hw.size() * sizeof(float)));
-      }
-      const double t_att = MedianSeconds(be, reps, attend);
-      // Prefill: every selected (row, chunk) pair reads the chunk's K/V (16 KiB in bf16) unless
-      // rows share it.
+      // Prefill: the selections timed (retrieval's, or replaced per --selection), kept on the host
+      // to count what they read. Every selected (row, chunk) pair reads the chunk's K/V (16 KiB
+      // in bf16) unless rows share it.
       int64_t pairs = 0;
       double reuse8 = 1, reuse16 = 1;
       if (!decode) {
         std::vector<int32_t> hi(rows * kTopK);
         RETURN_IF_ERROR(be->Download(hi.data(), idx.data(), hi.size() * sizeof(int32_t)));
+        if (selection == "block") {
+          std::vector<float> hw(rows * kTopK);
+          RETURN_IF_ERROR(be->Download(hw.data(), w.data(), hw.size() * sizeof(float)));
+          for (int64_t row = 0; row < rows; ++row) {
+            const int64_t first = row / kChunk * kChunk;  // same eligible chunks as `row`
+            std::copy_n(hi.begin() + first * kTopK, kTopK, hi.begin() + row * kTopK);
+            std::copy_n(hw.begin() + first * kTopK, kTopK, hw.begin() + row * kTopK);
+          }
+          RETURN_IF_ERROR(be->Upload(w.data(), hw.data(), hw.size() * sizeof(float)));
+        } else if (selection == "file") {
+          RETURN_IF_ERROR(ramba::tools::CheckSelections(from_file, rows, chunks, kChunk));
+          std::copy_n(from_file.indices.begin(), rows * kTopK, hi.begin());
+        } else if (selection == "neighbours") {
+          ShareWithNeighbours(rows, 0.8, &hi);
+        }
+        if (selection != "token") {
+          RETURN_IF_ERROR(be->Upload(idx.data(), hi.data(), hi.size() * sizeof(int32_t)));
+        }
         pairs = std::count_if(hi.begin(), hi.end(), [](int32_t c) { return c >= 0; });
         reuse8 = Reuse(hi, 8);
         reuse16 = Reuse(hi, 16);
       }
+      const double t_att = MedianSeconds(be, reps, attend);
       if (decode) {
         const double bytes = rows * (chunks * rdim * 4.0 + kTopK * kv_floats * 4.0);
         const double floor = bytes / (bw * 1e9);

@@ -214,10 +214,13 @@ absl::StatusOr<void*> CudaBackend::UploadScratch(cuda::ScratchSlot slot, const v
 
 namespace {
 
-// The checks every projection shares (m > 0 and w.rows > 0 here).
+// The checks every projection shares. *empty: m or w.rows is zero, nothing to compute (and the
+// pointers are not checked).
 absl::Status CheckMatmulArgs(std::string_view op, const float* x, int64_t ldx, int64_t m,
-                             MatrixView w, const float* y, int64_t ldy) {
+                             MatrixView w, const float* y, int64_t ldy, bool* empty) {
   RAMBA_CHECK_ARG(op, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
+  *empty = m == 0 || w.rows == 0;
+  if (*empty) return absl::OkStatus();
   RAMBA_CHECK_ARG(op, x != nullptr && y != nullptr && w.data != nullptr, "null pointer");
   RAMBA_CHECK_ARG(op, ldx >= w.cols, "ldx below k");
   RAMBA_CHECK_ARG(op, ldy >= w.rows, "ldy below n");
@@ -241,11 +244,9 @@ absl::Status CudaBackend::Embed(const int32_t* tokens, int64_t n, MatrixView tab
 
 absl::Status CudaBackend::Matmul(const float* x, int64_t ldx, int64_t m, MatrixView w,
                                  const float* bias, float* y, int64_t ldy, bool accumulate) {
-  if (m == 0 || w.rows == 0) {
-    RAMBA_CHECK_ARG("Matmul", m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
-    return absl::OkStatus();
-  }
-  RETURN_IF_ERROR(CheckMatmulArgs("Matmul", x, ldx, m, w, y, ldy));
+  bool empty = false;
+  RETURN_IF_ERROR(CheckMatmulArgs("Matmul", x, ldx, m, w, y, ldy, &empty));
+  if (empty) return absl::OkStatus();
   return cuda::Matmul(*this, x, ldx, m, w, bias, y, ldy, accumulate);
 }
 
@@ -253,11 +254,9 @@ absl::Status CudaBackend::RmsNormMatmul(const float* x, int64_t ldx, int64_t m,
                                         const float* norm_weight, float eps, float* xn,
                                         MatrixView w, float* y, int64_t ldy) {
   constexpr std::string_view kOp = "RmsNormMatmul";
-  if (m == 0 || w.rows == 0) {
-    RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
-    return absl::OkStatus();
-  }
-  RETURN_IF_ERROR(CheckMatmulArgs(kOp, x, ldx, m, w, y, ldy));
+  bool empty = false;
+  RETURN_IF_ERROR(CheckMatmulArgs(kOp, x, ldx, m, w, y, ldy, &empty));
+  if (empty) return absl::OkStatus();
   RAMBA_CHECK_ARG(kOp, xn != nullptr && norm_weight != nullptr, "null pointer");
   RAMBA_CHECK_ARG(kOp, w.cols > 0, "k must be positive");
   return cuda::RmsNormMatmul(*this, x, ldx, m, norm_weight, eps, xn, w, y, ldy);
@@ -269,11 +268,9 @@ absl::Status CudaBackend::GatedRmsNormMatmul(const float* y, int64_t ldy, const 
                                              MatrixView w, float* out, int64_t ldo,
                                              bool accumulate) {
   constexpr std::string_view kOp = "GatedRmsNormMatmul";
-  if (m == 0 || w.rows == 0) {
-    RAMBA_CHECK_ARG(kOp, m >= 0 && w.rows >= 0 && w.cols >= 0, "negative size");
-    return absl::OkStatus();
-  }
-  RETURN_IF_ERROR(CheckMatmulArgs(kOp, g, w.cols, m, w, out, ldo));
+  bool empty = false;
+  RETURN_IF_ERROR(CheckMatmulArgs(kOp, g, w.cols, m, w, out, ldo, &empty));
+  if (empty) return absl::OkStatus();
   RAMBA_CHECK_ARG(kOp, w.cols > 0, "k must be positive");
   RAMBA_CHECK_ARG(kOp, group_size > 0 && w.cols % group_size == 0,
                   "group_size must divide the weight's columns");

@@ -762,6 +762,19 @@ absl::Status GemmFromInput(Context& ctx, const GemmInput& in, int m, const Matri
   return bias != nullptr ? LaunchBiasEpilogue(ctx, y, ldy, m, n, bias, false) : absl::OkStatus();
 }
 
+// Many rows with a norm in front: `write_input` (the norm) fills the GEMM input itself instead of
+// an f32 output that the GEMM's conversion would read back. False, with nothing written to y,
+// when cuBLASLt offers no algorithm.
+template <class WriteInput>
+absl::StatusOr<bool> NormedGemm(Context& ctx, int m, const MatrixView& w, float* y, int ldy,
+                                bool accumulate, WriteInput write_input) {
+  ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, m, static_cast<int>(w.cols), w.dtype));
+  RETURN_IF_ERROR(write_input(in));
+  bool found = false;
+  RETURN_IF_ERROR(GemmFromInput(ctx, in, m, w, nullptr, y, ldy, accumulate, &found));
+  return found;
+}
+
 }  // namespace
 
 absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, MatrixView w,
@@ -810,13 +823,12 @@ absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
   if (level >= 1 && m <= kFusedNormMaxRows) {
     return SmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, false, NormPrologue{norm_weight, eps});
   }
-  // Many rows (prefill): the norm writes the GEMM's 16-bit input itself, saving an f32 round trip.
   if (level >= 2 && m > kSmallM && !NormRowsUseBlocks(ctx, m, k)) {
-    ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, k, w.dtype));
-    RETURN_IF_ERROR(RmsNormToGemmInput(ctx, x, ldx, norm_weight, m, k, eps, in));
-    bool found = false;
-    RETURN_IF_ERROR(GemmFromInput(ctx, in, mi, w, nullptr, y, ldyi, false, &found));
-    if (found) return absl::OkStatus();
+    ASSIGN_OR_RETURN(const bool done,
+                     NormedGemm(ctx, mi, w, y, ldyi, false, [&](const GemmInput& in) {
+                       return RmsNormToGemmInput(ctx, x, ldx, norm_weight, m, k, eps, in);
+                     }));
+    if (done) return absl::OkStatus();
   }
   RETURN_IF_ERROR(RmsNorm(ctx, x, ldx, norm_weight, xn, ldx, m, w.cols, eps));
   return Matmul(ctx, xn, ldx, m, w, nullptr, y, ldy, false);
@@ -836,13 +848,12 @@ absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const
     return SmallM(ctx, y, static_cast<int>(ldy), mi, w, nullptr, out, ldoi, accumulate, norm);
   }
   if (level >= 2 && m > kSmallM && !NormRowsUseBlocks(ctx, m * (dim / group_size), group_size)) {
-    ASSIGN_OR_RETURN(const GemmInput in,
-                     GemmInputScratch(ctx, mi, static_cast<int>(dim), w.dtype));
-    RETURN_IF_ERROR(GatedRmsNormToGemmInput(ctx, y, ldy, z, ldz, norm_weight, m, dim, group_size,
-                                            eps, in));
-    bool found = false;
-    RETURN_IF_ERROR(GemmFromInput(ctx, in, mi, w, nullptr, out, ldoi, accumulate, &found));
-    if (found) return absl::OkStatus();
+    ASSIGN_OR_RETURN(const bool done,
+                     NormedGemm(ctx, mi, w, out, ldoi, accumulate, [&](const GemmInput& in) {
+                       return GatedRmsNormToGemmInput(ctx, y, ldy, z, ldz, norm_weight, m, dim,
+                                                      group_size, eps, in);
+                     }));
+    if (done) return absl::OkStatus();
   }
   RETURN_IF_ERROR(GatedRmsNorm(ctx, y, ldy, z, ldz, norm_weight, g, dim, m, dim, group_size, eps));
   return Matmul(ctx, g, dim, m, w, nullptr, out, ldo, accumulate);
