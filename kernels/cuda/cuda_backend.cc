@@ -364,27 +364,21 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
                   "null pointer");
   RETURN_IF_ERROR(CheckMixerOutProj(kOp, a));
   // RAMBA_CUDA_FUSED_MIXER: 0 runs the three ops, 1 the fused decode kernel finished by each
-  // sequence's last block, 2 the fused kernel plus a finishing kernel, 3 the fused kernel without
-  // the norm (conv + SSM update; the gated norm then runs with out_proj, folded into the small-m
-  // GEMM at RAMBA_CUDA_FUSED_NORM=2: two kernels where mode 0 runs three; written in a session
-  // without a GPU, so only on request until measured). Unset: measured choice
+  // sequence's last block, 2 the fused kernel plus a finishing kernel. Unset: measured choice
   // (docs/benchmarks.md, side by side): with PDL-launched ops the three were faster up to batch
   // 64 (1.37 vs 1.43 ms at batch 1, 4.70 vs 4.95 ms at 64) and the fused pair at 256 (13.7 vs
-  // 14.4 ms), where separate kernels pass each row through L2 twice more.
+  // 14.4 ms), where separate kernels pass each row through L2 twice more. A fourth mode, conv +
+  // SSM update fused with the gated norm left to out_proj, was measured slower at every batch
+  // (1.46 vs 1.40 ms at batch 1, 6.1 vs 4.6 ms at 64, the norm then folded into out_proj's
+  // GEMM) and removed.
   constexpr int64_t kFusedMixerMinBatch = 256;
   const char* env = std::getenv("RAMBA_CUDA_FUSED_MIXER");  // read per call: tests switch it
-  const int mode = env != nullptr && env[0] >= '0' && env[0] <= '3'
+  const int mode = env != nullptr && env[0] >= '0' && env[0] <= '2'
                        ? env[0] - '0'
                        : (a.num_seqs >= kFusedMixerMinBatch ? 2 : 0);
-  if (mode == 3) {
-    RAMBA_CHECK_ARG(kOp, a.y != nullptr, "null scratch pointer");
-    ASSIGN_OR_RETURN(bool fused, cuda::FusedMambaMixer(*this, a, a.num_seqs, a.host_seq_offsets,
-                                                       /*finish_kernel=*/false, /*norm=*/false));
-    if (fused) return MambaMixerNorm(a, a.host_seq_offsets);
-  } else if (mode != 0) {
+  if (mode != 0) {
     ASSIGN_OR_RETURN(bool fused,
-                     cuda::FusedMambaMixer(*this, a, a.num_seqs, a.host_seq_offsets, mode == 2,
-                                           /*norm=*/true));
+                     cuda::FusedMambaMixer(*this, a, a.num_seqs, a.host_seq_offsets, mode == 2));
     if (fused) {
       if (a.out_proj.data == nullptr) return absl::OkStatus();
       const int64_t base = a.host_seq_offsets[0];

@@ -146,13 +146,12 @@ struct MixArgs {
   const float* norm_w;
   int group_size;
   float eps;
-  float* g;            // kNorm: the gated, normed rows
+  float* g;
   float* partials;     // [rows, bps]: each block's sum of g^2 per row
   unsigned* counters;  // [num_seqs], zero on entry and on exit; null: MixerFinishKernel finishes
   // Blocks tile each sequence's d_inner channels: domains of `dom` channels (inside one B/C
   // group and one norm group), each cut into bpd blocks of up to cpb channels; bps per sequence.
   int dom, cpb, bpd, bps;
-  float* y;  // !kNorm: the SSM output rows (ungated; the norm runs with out_proj)
 };
 
 // conv(silu) of channel j of the xBC columns for the sequence's rows [row0, row0 + T), written to
@@ -192,9 +191,8 @@ __device__ __forceinline__ void WriteConvState(const MixArgs& a, float* st, int6
 }
 
 // What needs every block of sequence s done: the B/C conv state update (every block has read
-// the old one) and, with kNorm, the gated norm (each norm group's block partials added in a fixed
-// order, then the sequence's gated rows scaled in place). Run by one whole block.
-template <bool kNorm>
+// the old one) and the gated norm (each norm group's block partials added in a fixed order, then
+// the sequence's gated rows scaled in place). Run by one whole block.
 __device__ void FinishSequence(const MixArgs& a, int64_t s, int64_t row0, int T,
                                float (*s_scale)[kMixMaxNormGroups]) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -203,7 +201,6 @@ __device__ void FinishSequence(const MixArgs& a, int64_t s, int64_t row0, int T,
   for (int i = tid; i < 2 * a.G * a.N; i += kMixThreads) {
     WriteConvState(a, a.conv_states[s], conv_dim, d_inner + i, row0, T);
   }
-  if constexpr (!kNorm) return;
   const int groups = static_cast<int>(d_inner / a.group_size);
   const int gblocks = a.bps / groups;  // norm groups are whole domains, so whole blocks
   for (int item = warp; item < T * groups; item += kMixWarps) {
@@ -223,11 +220,8 @@ __device__ void FinishSequence(const MixArgs& a, int64_t s, int64_t row0, int T,
   }
 }
 
-// kNorm: conv + SSM update + gated norm into a.g. Otherwise conv + SSM update into a.y (the
-// separate conv and SSM kernels' arithmetic), for a gated norm that runs with the out
-// projection (GatedRmsNormMatmul).
-template <int NPL, bool kNorm>
-__global__ void __launch_bounds__(kMixThreads, kNorm ? 0 : 3) MambaMixerDecodeKernel(MixArgs a) {
+template <int NPL>
+__global__ void __launch_bounds__(kMixThreads) MambaMixerDecodeKernel(MixArgs a) {
   constexpr int R = static_cast<int>(kDecodeMaxRows);
   __shared__ float s_b[R][NPL * 32];
   __shared__ float s_c[R][NPL * 32];
@@ -282,9 +276,7 @@ __global__ void __launch_bounds__(kMixThreads, kNorm ? 0 : 3) MambaMixerDecodeKe
     const int64_t j = c0 + i;
     ConvChannel(a, conv_st, conv_dim, j, row0, T, &s_x[0][i], kMixMaxChannels);
     WriteConvState(a, a.conv_states[s], conv_dim, j, row0, T);
-    if constexpr (kNorm) {
-      for (int t = 0; t < T; ++t) s_z[t][i] = a.zx[(row0 + t) * a.ld + j];
-    }
+    for (int t = 0; t < T; ++t) s_z[t][i] = a.zx[(row0 + t) * a.ld + j];
   }
   for (int i = tid; i < T * nheads; i += kMixThreads) {
     const int t = i / nheads, hl = i % nheads;
@@ -326,14 +318,10 @@ __global__ void __launch_bounds__(kMixThreads, kNorm ? 0 : 3) MambaMixerDecodeKe
         }
       }
       acc = WarpSum(acc);
-      if constexpr (kNorm) {
-        const float gv = (acc + Dh * xv) * SiluDev(s_z[t][ch]);
-        if (lane == 0) {
-          a.g[(row0 + t) * d_inner + c] = gv;
-          s_part[warp][t] += gv * gv;
-        }
-      } else if (lane == 0) {
-        a.y[(row0 + t) * d_inner + c] = acc + Dh * xv;
+      const float gv = (acc + Dh * xv) * SiluDev(s_z[t][ch]);
+      if (lane == 0) {
+        a.g[(row0 + t) * d_inner + c] = gv;
+        s_part[warp][t] += gv * gv;
       }
     }
 #pragma unroll
@@ -344,7 +332,7 @@ __global__ void __launch_bounds__(kMixThreads, kNorm ? 0 : 3) MambaMixerDecodeKe
   }
   __syncthreads();
 
-  if (kNorm && tid < T) {
+  if (tid < T) {
     float sum = 0.0f;
     for (int w = 0; w < kMixWarps; ++w) sum += s_part[w][tid];
     a.partials[(row0 + tid) * a.bps + blk] = sum;
@@ -357,12 +345,11 @@ __global__ void __launch_bounds__(kMixThreads, kNorm ? 0 : 3) MambaMixerDecodeKe
   __syncthreads();
   if (!s_last) return;
   __threadfence();  // see every other block's writes
-  FinishSequence<kNorm>(a, s, row0, T, s_scale);
+  FinishSequence(a, s, row0, T, s_scale);
   if (tid == 0) a.counters[s] = 0u;
 }
 
 // The finishing work as its own kernel, one block per sequence (RAMBA_CUDA_FUSED_MIXER=2).
-template <bool kNorm>
 __global__ void __launch_bounds__(kMixThreads) MixerFinishKernel(MixArgs a) {
   constexpr int R = static_cast<int>(kDecodeMaxRows);
   __shared__ float s_scale[R][kMixMaxNormGroups];
@@ -371,7 +358,7 @@ __global__ void __launch_bounds__(kMixThreads) MixerFinishKernel(MixArgs a) {
   const int64_t s = blockIdx.x;
   const int64_t row0 = a.offsets[s];
   const int T = static_cast<int>(a.offsets[s + 1] - row0);
-  if (T > 0) FinishSequence<kNorm>(a, s, row0, T, s_scale);
+  if (T > 0) FinishSequence(a, s, row0, T, s_scale);
 }
 
 }  // namespace
@@ -404,30 +391,26 @@ absl::StatusOr<bool> LaunchSsmDecode(Context& ctx, const ScanArgs& a, int64_t nu
 namespace ramba::kernels::cuda {
 
 absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& m, int64_t num_seqs,
-                                     const int64_t* host_seq_offsets, bool finish_kernel,
-                                     bool norm) {
+                                     const int64_t* host_seq_offsets, bool finish_kernel) {
   using namespace mamba;  // NOLINT: this file's own namespace
   const SsmParams& p = m.ssm;
   if (num_seqs <= 0) return true;
   const int64_t d_inner = p.nheads * p.headdim;
-  const bool norm_fits = m.norm_group_size > 0 && d_inner % m.norm_group_size == 0 &&
-                         m.norm_group_size % p.headdim == 0 &&
-                         d_inner / m.norm_group_size <= kMixMaxNormGroups;
   if (m.conv_kernel != kConvK || p.d_state > kMixMaxState || p.nheads % p.ngroups != 0 ||
-      (norm && !norm_fits) || (!norm && m.y == nullptr) || d_inner > INT_MAX ||
-      num_seqs > Context::kCountersPerSlot ||
+      m.norm_group_size <= 0 || d_inner % m.norm_group_size != 0 ||
+      m.norm_group_size % p.headdim != 0 || d_inner / m.norm_group_size > kMixMaxNormGroups ||
+      d_inner > INT_MAX || num_seqs > Context::kCountersPerSlot ||
       reinterpret_cast<uintptr_t>(m.conv_weight) % 16 != 0 ||
       MaxRows(host_seq_offsets, num_seqs) > kDecodeMaxRows) {
     return false;
   }
-  // Domains: the largest channel ranges inside one B/C group and (with the norm) one norm group
-  // (both whole heads). Channels per block: the most that still leave two blocks per SM, since
-  // fewer blocks recompute the group's B/C conv fewer times (at batch 256, 256 blocks per sequence
-  // read 8 KiB each of L2 per layer); a block touches at most kMixMaxHeads heads.
+  // Domains: the largest channel ranges inside one B/C group and one norm group (both whole
+  // heads). Channels per block: the most that still leave two blocks per SM, since fewer blocks
+  // recompute the group's B/C conv fewer times (at batch 256, 256 blocks per sequence read
+  // 8 KiB each of L2 per layer); a block touches at most kMixMaxHeads heads.
   const int P = static_cast<int>(p.headdim);
-  const int group_channels = static_cast<int>(p.nheads / p.ngroups) * P;
   const int dom =
-      norm ? std::gcd(group_channels, static_cast<int>(m.norm_group_size)) : group_channels;
+      std::gcd(static_cast<int>(p.nheads / p.ngroups) * P, static_cast<int>(m.norm_group_size));
   const int64_t target = 2 * static_cast<int64_t>(std::max(ctx.num_sms, 1));
   auto blocks_for = [&](int cpb) {
     return num_seqs * (d_inner / dom) * ((dom + cpb - 1) / cpb);
@@ -441,13 +424,9 @@ absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& m, int6
   const int bpd = (dom + cpb - 1) / cpb;
   const int64_t bps = (d_inner / dom) * bpd;
   const int64_t end_row = host_seq_offsets[num_seqs];
-  float* partials = nullptr;
-  if (norm) {
-    absl::StatusOr<void*> scratch =
-        ctx.Scratch(ScratchSlot::kMixer, static_cast<size_t>(end_row) * bps * sizeof(float));
-    if (!scratch.ok()) return scratch.status();
-    partials = static_cast<float*>(*scratch);
-  }
+  absl::StatusOr<void*> partials =
+      ctx.Scratch(ScratchSlot::kMixer, static_cast<size_t>(end_row) * bps * sizeof(float));
+  if (!partials.ok()) return partials.status();
 
   MixArgs a;
   a.zx = m.zxbcdt;
@@ -470,27 +449,22 @@ absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& m, int6
   a.group_size = static_cast<int>(m.norm_group_size);
   a.eps = m.eps;
   a.g = m.g;
-  a.y = m.y;
-  a.partials = partials;
+  a.partials = static_cast<float*>(*partials);
   a.counters = finish_kernel ? nullptr : ctx.Counters(Context::CounterSlot::kMamba);
   a.dom = dom;
   a.cpb = cpb;
   a.bpd = bpd;
   a.bps = static_cast<int>(bps);
-  void (*kernel)(MixArgs) = norm ? (a.N <= 32    ? MambaMixerDecodeKernel<1, true>
-                                    : a.N <= 64  ? MambaMixerDecodeKernel<2, true>
-                                    : a.N <= 128 ? MambaMixerDecodeKernel<4, true>
-                                                 : MambaMixerDecodeKernel<8, true>)
-                                 : (a.N <= 32    ? MambaMixerDecodeKernel<1, false>
-                                    : a.N <= 64  ? MambaMixerDecodeKernel<2, false>
-                                    : a.N <= 128 ? MambaMixerDecodeKernel<4, false>
-                                                 : MambaMixerDecodeKernel<8, false>);
+  void (*kernel)(MixArgs) = a.N <= 32    ? MambaMixerDecodeKernel<1>
+                            : a.N <= 64  ? MambaMixerDecodeKernel<2>
+                            : a.N <= 128 ? MambaMixerDecodeKernel<4>
+                                         : MambaMixerDecodeKernel<8>;
   absl::Status st = Launch(ctx, kernel, dim3(static_cast<unsigned>(num_seqs * bps)),
                            dim3(kMixThreads), 0, a);
   if (!st.ok()) return st;
   if (finish_kernel) {
-    absl::Status fin = Launch(ctx, norm ? MixerFinishKernel<true> : MixerFinishKernel<false>,
-                              dim3(static_cast<unsigned>(num_seqs)), dim3(kMixThreads), 0, a);
+    absl::Status fin = Launch(ctx, MixerFinishKernel, dim3(static_cast<unsigned>(num_seqs)),
+                              dim3(kMixThreads), 0, a);
     if (!fin.ok()) return fin;
   }
   return true;

@@ -74,25 +74,13 @@ struct SmallMArgs {
   float* partials;  // [splits, M, n] when gridDim.y > 1, else null (write y directly)
   // RMSNorm prologue (RmsNormMatmul): x's rows are normalised as they are staged,
   // x[i, kk] -> norm_w[kk] * (x[i, kk] * rsqrt(mean_k(x[i, :]^2) + eps)); null: plain x.
-  // With gate_z (GatedRmsNormMatmul) x is first gated, x * silu(z), and the mean is taken per
-  // group of norm_group consecutive columns.
   const float* norm_w;
   float norm_eps;
   bool vec_norm;  // the row sums of squares in RmsNormKernel's float4 order
-  const float* gate_z;
-  int ldz;
-  int norm_group;  // divides k; k / norm_group <= kMaxNormGroups
 };
 
-constexpr int kMaxNormGroups = 8;
-// Rows up to which the norm prologues run (a warp per row recomputes them in every block).
+// Rows up to which the norm prologue runs (a warp per row recomputes it in every block).
 constexpr int kFusedNormMaxRows = kThreads / 32;
-
-// Same expression as the CPU's SiluF: x / (1 + exp(-x)).
-__device__ __forceinline__ float Silu(float v) { return v / (1.0f + expf(-v)); }
-__device__ __forceinline__ float4 Gate(float4 x, float4 z) {
-  return make_float4(x.x * Silu(z.x), x.y * Silu(z.y), x.z * Silu(z.z), x.w * Silu(z.w));
-}
 
 // The 8 weights w[row][kk .. kk + 8), clipped to kk + i < end (zeros beyond).
 __device__ __forceinline__ uint4 LoadWeightChunk(const uint16_t* row, int kk, int end, bool vec) {
@@ -143,16 +131,14 @@ __device__ __forceinline__ float4 Load4(const float* p, int kg, int t1, bool vec
   return v;
 }
 
-// kGated: the gated-norm prologue (a.gate_z, groups); a template parameter so that the plain
-// instantiations keep their register counts (the occupancy LaunchSmallM assumes).
-template <bool kBf16, int M, bool kGated>
+template <bool kBf16, int M>
 __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
   constexpr int C = SmallMShape<M>::kCols;
   constexpr int S = SmallMShape<M>::kSteps;
   constexpr int KT = SmallMShape<M>::kTile;
   constexpr int kSlots = KT / 4;  // float4 slots per staged x row
   __shared__ float4 xs[M][kSlots];
-  __shared__ float norm_scale[M][kGated ? kMaxNormGroups : 1];
+  __shared__ float norm_scale[M];
 
   const int tid = threadIdx.x;
   const int lane = tid % kGroupLanes;
@@ -189,37 +175,27 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
   AllowDependentGrids();
   WaitForPriorGrids();
   if (a.norm_w != nullptr) {
-    // Every block needs whole rows (groups) for the scales: a warp per (row, group), summed as
-    // RmsNormKernel does (decode-sized RmsNorm calls take its block-per-row kernel, so values may
-    // differ from RmsNorm's in the last bit).
+    // Every block needs whole rows for the scales: a warp per row, summed as RmsNormKernel does
+    // (decode-sized RmsNorm calls take its block-per-row kernel, so values may differ from
+    // RmsNorm's in the last bit).
     const int warp = tid / 32, wl = tid % 32;
-    const int group = kGated ? a.norm_group : a.k;
-    const int groups = kGated ? a.k / group : 1;
-    for (int item = warp; item < M * groups; item += kThreads / 32) {
-      const int i = item / groups, g0 = (item % groups) * group;
-      const float* xr = a.x + static_cast<int64_t>(i) * a.ldx + g0;
-      const float* zr = kGated ? a.gate_z + static_cast<int64_t>(i) * a.ldz + g0 : nullptr;
+    for (int i = warp; i < M; i += kThreads / 32) {
+      const float* xr = a.x + static_cast<int64_t>(i) * a.ldx;
       float ss = 0.0f;
       if (a.vec_norm) {
-        for (int v = wl; v < group / 4; v += 32) {
-          float4 q = reinterpret_cast<const float4*>(xr)[v];
-          if constexpr (kGated) q = Gate(q, reinterpret_cast<const float4*>(zr)[v]);
+        for (int v = wl; v < a.k / 4; v += 32) {
+          const float4 q = reinterpret_cast<const float4*>(xr)[v];
           ss = fmaf(q.x, q.x, ss);
           ss = fmaf(q.y, q.y, ss);
           ss = fmaf(q.z, q.z, ss);
           ss = fmaf(q.w, q.w, ss);
         }
       } else {
-        for (int kk = wl; kk < group; kk += 32) {
-          const float q = kGated ? xr[kk] * Silu(zr[kk]) : xr[kk];
-          ss = fmaf(q, q, ss);
-        }
+        for (int kk = wl; kk < a.k; kk += 32) ss = fmaf(xr[kk], xr[kk], ss);
       }
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      if (wl == 0) {
-        norm_scale[i][item % groups] = 1.0f / sqrtf(ss / static_cast<float>(group) + a.norm_eps);
-      }
+      if (wl == 0) norm_scale[i] = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.norm_eps);
     }
     // Read after the staging loop's first barrier.
   }
@@ -234,17 +210,8 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
       const int cl = (u % kSlots) * 4;
       const int kg = t0 + cl;
       float4 v = Load4(a.x + static_cast<int64_t>(i) * a.ldx + kg, kg, t1, a.vec_x);
-      if constexpr (kGated) {
-        v = Gate(v, Load4(a.gate_z + static_cast<int64_t>(i) * a.ldz + kg, kg, t1, a.vec_norm));
-        const float* sc = norm_scale[i];
-        const float* nw = a.norm_w + kg;
-        const int g = a.norm_group;
-        v.x = kg < t1 ? nw[0] * (v.x * sc[kg / g]) : 0.0f;
-        v.y = kg + 1 < t1 ? nw[1] * (v.y * sc[(kg + 1) / g]) : 0.0f;
-        v.z = kg + 2 < t1 ? nw[2] * (v.z * sc[(kg + 2) / g]) : 0.0f;
-        v.w = kg + 3 < t1 ? nw[3] * (v.w * sc[(kg + 3) / g]) : 0.0f;
-      } else if (a.norm_w != nullptr) {
-        const float sc = norm_scale[i][0];
+      if (a.norm_w != nullptr) {
+        const float sc = norm_scale[i];
         const float* nw = a.norm_w + kg;
         v.x = kg < t1 ? nw[0] * (v.x * sc) : 0.0f;
         v.y = kg + 1 < t1 ? nw[1] * (v.y * sc) : 0.0f;
@@ -362,14 +329,10 @@ absl::Status LaunchBiasEpilogue(Context& ctx, float* y, int ldy, int m, int n, c
                 dim3(kEpilogueThreads), 0, y, ldy, m, n, bias, zero_first);
 }
 
-// RMSNorm prologue of the small-m kernel (null weight: none); with gate_z the gated norm, the
-// mean taken over groups of `group` columns (0: all k).
+// RMSNorm prologue of the small-m kernel (null weight: none).
 struct NormPrologue {
   const float* weight = nullptr;
   float eps = 0.0f;
-  const float* gate_z = nullptr;
-  int ldz = 0;
-  int group = 0;
 };
 
 template <bool kBf16, int M>
@@ -382,12 +345,9 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
   const int64_t tiles = (static_cast<int64_t>(k) + Shape::kTile - 1) / Shape::kTile;
   // Split k until one full wave of blocks is resident (small n), at least one tile per split.
   // Resident blocks per SM from the register counts ptxas reports (64-66 registers for m <= 2,
-  // 91-128 up to m = 8, about 168 above; the gated-norm prologue 72 / 80 at m = 1 / 2); a
-  // constant rather than an occupancy query, which keeps the launch free of extra runtime calls
-  // (it may be recorded into a CUDA graph).
-  constexpr int plain_blocks_per_sm = M <= 2 ? 8 : M <= 8 ? 4 : 3;
-  const int blocks_per_sm =
-      norm.gate_z == nullptr ? plain_blocks_per_sm : M == 1 ? 7 : M == 2 ? 6 : 4;
+  // 91-128 up to m = 8, about 168 above); a constant rather than an occupancy query, which keeps
+  // the launch free of extra runtime calls (it may be recorded into a CUDA graph).
+  constexpr int blocks_per_sm = M <= 2 ? 8 : M <= 8 ? 4 : 3;
   const int64_t target = static_cast<int64_t>(blocks_per_sm) * std::max(ctx.num_sms, 1);
   int64_t splits = std::min<int64_t>({(target + col_blocks - 1) / col_blocks, tiles, 65535});
   splits = std::max<int64_t>(splits, 1);
@@ -410,12 +370,7 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
   a.partials = nullptr;
   a.norm_w = norm.weight;
   a.norm_eps = norm.eps;
-  a.gate_z = norm.gate_z;
-  a.ldz = norm.ldz;
-  a.norm_group = norm.group > 0 ? norm.group : k;
-  a.vec_norm = a.norm_group % 4 == 0 && ldx % 4 == 0 && Aligned(x, 16) &&
-               Aligned(norm.weight, 16) &&
-               (norm.gate_z == nullptr || (norm.ldz % 4 == 0 && Aligned(norm.gate_z, 16)));
+  a.vec_norm = k % 4 == 0 && ldx % 4 == 0 && Aligned(x, 16) && Aligned(norm.weight, 16);
   if (splits > 1) {
     const size_t bytes = static_cast<size_t>(splits) * M * static_cast<size_t>(n) * sizeof(float);
     absl::StatusOr<void*> scratch = ctx.Scratch(ScratchSlot::kMatmulInput, bytes);
@@ -423,13 +378,7 @@ absl::Status LaunchSmallM(Context& ctx, const float* x, int ldx, const uint16_t*
     a.partials = static_cast<float*>(*scratch);
   }
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
-  if (norm.gate_z == nullptr) {
-    RETURN_IF_ERROR(Launch(ctx, SmallMMatmulKernel<kBf16, M, false>, grid, dim3(kThreads), 0, a));
-  } else if constexpr (M <= kFusedNormMaxRows) {
-    RETURN_IF_ERROR(Launch(ctx, SmallMMatmulKernel<kBf16, M, true>, grid, dim3(kThreads), 0, a));
-  } else {
-    return absl::InternalError("SmallMMatmul: no gated-norm prologue for this many rows");
-  }
+  RETURN_IF_ERROR(Launch(ctx, SmallMMatmulKernel<kBf16, M>, grid, dim3(kThreads), 0, a));
   if (a.partials == nullptr) return absl::OkStatus();
   constexpr int kReduceThreads = 256;
   return Launch(ctx, SplitKReduceKernel,
@@ -688,26 +637,28 @@ absl::Status LtMatmul(Context& ctx, cudaDataType_t ab_type, const void* A, int64
   return absl::OkStatus();
 }
 
-// Switches for the fusions written in a session without a GPU at hand (2026-11-23, sixth
-// session): on only when asked until they are measured on the H100 (docs/benchmarks.md). Read
-// per call, so tests can force each path.
+// Switches read per call, so that tests force each path and the fusions step (scripts/gpu-steps)
+// times them side by side.
 //
 // The one-GEMM hi + lo product pays from m >= ldh: stacking the weights moves ~6 bytes per
 // weight, while the second product of the two-GEMM form re-reads and rewrites C, 8 bytes per
-// output. RAMBA_CUDA_STACKED_GEMM: 0 never, 1 always, 2 from m >= ldh; unset: 0 for now.
+// output. Measured (370M prefill at 64K, docs/benchmarks.md): 157K vs 139K tok/s.
+// RAMBA_CUDA_STACKED_GEMM: 0 never, 1 always, 2 (default) from m >= ldh.
 bool UseStackedProduct(int m, int ldh) {
   const char* e = std::getenv("RAMBA_CUDA_STACKED_GEMM");
-  const char mode = e != nullptr && e[0] >= '0' && e[0] <= '2' ? e[0] : '0';
+  const char mode = e != nullptr && e[0] >= '0' && e[0] <= '2' ? e[0] : '2';
   return mode == '1' || (mode == '2' && m >= ldh);
 }
 
 // Norms feeding a projection (RmsNormMatmul, GatedRmsNormMatmul). RAMBA_CUDA_FUSED_NORM: 0 runs
-// the norm as its own op, then Matmul; 1 (default) folds RMSNorm into the small-m GEMM's
-// staging; 2 also folds the gated norm there and, with many rows, lets either norm write the
-// cuBLASLt input (GemmInput) itself.
-int FusedNormLevel() {
+// the norm as its own op, then Matmul; 1 (default) folds RMSNorm into the small-m GEMM's staging
+// and, with many rows, lets either norm write the cuBLASLt input (GemmInput) itself (370M
+// prefill at 64K: 147K vs 139K tok/s alone, 167K vs 157K with the stacked product). Folding the
+// gated norm into the small-m GEMM too was measured slower (batch-1 decode 1.40 vs 1.17 ms:
+// every block recomputes the 2048-wide gated row) and removed.
+bool FuseNorms() {
   const char* e = std::getenv("RAMBA_CUDA_FUSED_NORM");
-  return e != nullptr && e[0] >= '0' && e[0] <= '2' ? e[0] - '0' : 1;
+  return e == nullptr || e[0] != '0';
 }
 
 absl::StatusOr<GemmInput> GemmInputScratch(Context& ctx, int m, int k, DType dtype) {
@@ -816,14 +767,14 @@ absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
   const int k = static_cast<int>(w.cols);
   const int mi = static_cast<int>(m);
   const int ldxi = static_cast<int>(ldx), ldyi = static_cast<int>(ldy);
-  const int level = w.dtype != DType::kF32 && k > 0 ? FusedNormLevel() : 0;
+  const bool fuse = w.dtype != DType::kF32 && k > 0 && FuseNorms();
   // Every block of the GEMM recomputes the rows' norms before its first tile: a warp per row, so
   // up to 4 rows cost one row's latency. Measured at batch 16 (4 rows per warp) the fused step
   // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.199 vs 1.290 ms).
-  if (level >= 1 && m <= kFusedNormMaxRows) {
+  if (fuse && m <= kFusedNormMaxRows) {
     return SmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, false, NormPrologue{norm_weight, eps});
   }
-  if (level >= 2 && m > kSmallM && !NormRowsUseBlocks(ctx, m, k)) {
+  if (fuse && m > kSmallM && !NormRowsUseBlocks(ctx, m, k)) {
     ASSIGN_OR_RETURN(const bool done,
                      NormedGemm(ctx, mi, w, y, ldyi, false, [&](const GemmInput& in) {
                        return RmsNormToGemmInput(ctx, x, ldx, norm_weight, m, k, eps, in);
@@ -841,13 +792,8 @@ absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const
   // CudaBackend checked as for Matmul (g as x, stride dim), plus the norm's arguments.
   const int64_t dim = w.cols;
   const int mi = static_cast<int>(m), ldoi = static_cast<int>(ldo);
-  const int level = w.dtype != DType::kF32 ? FusedNormLevel() : 0;
-  if (level >= 2 && m <= kFusedNormMaxRows && dim / group_size <= kMaxNormGroups) {
-    const NormPrologue norm{norm_weight, eps, z, static_cast<int>(ldz),
-                            static_cast<int>(group_size)};
-    return SmallM(ctx, y, static_cast<int>(ldy), mi, w, nullptr, out, ldoi, accumulate, norm);
-  }
-  if (level >= 2 && m > kSmallM && !NormRowsUseBlocks(ctx, m * (dim / group_size), group_size)) {
+  const bool fuse = w.dtype != DType::kF32 && FuseNorms();
+  if (fuse && m > kSmallM && !NormRowsUseBlocks(ctx, m * (dim / group_size), group_size)) {
     ASSIGN_OR_RETURN(const bool done,
                      NormedGemm(ctx, mi, w, out, ldoi, accumulate, [&](const GemmInput& in) {
                        return GatedRmsNormToGemmInput(ctx, y, ldy, z, ldz, norm_weight, m, dim,

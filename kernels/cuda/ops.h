@@ -135,13 +135,10 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
 // ---- mamba_decode.cu ----
 // The fused decode mixer (Backend::MambaMixer) for batches of <= kDecodeMaxRows rows per
 // sequence; returns false, launching nothing, for shapes it does not cover (the caller then
-// runs the three ops). With `norm`, conv + SSM update + gated norm into a.g; without, conv + SSM
-// update into a.y (the gated norm left to GatedRmsNormMatmul). What needs every block of a
-// sequence (the norm, the B/C conv state) is finished by its last block, or with finish_kernel
-// by a second small kernel.
+// runs the three ops). The norm and the B/C conv state are finished by each sequence's last
+// block, or with finish_kernel by a second small kernel.
 absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int64_t num_seqs,
-                                     const int64_t* host_seq_offsets, bool finish_kernel,
-                                     bool norm);
+                                     const int64_t* host_seq_offsets, bool finish_kernel);
 
 // ---- attention.cu ----
 absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const float* v,

@@ -200,8 +200,8 @@ class CudaAttentionOpsTest : public CudaOpTest {
     const absl::Status cst = cpu_->RetrieveChunks(r.data(), rows, m.cpu, m.dim, heads, top_k, cs,
                                                   want.idx.data(), want.w.data());
     EXPECT_TRUE(cst.ok()) << cst;
-    // Both merges of the partial lists: the default and the list-head tournament.
-    for (const char* merge : {"", "tournament"}) {
+    // Both merges of the partial lists: the default (list-head tournament) and insertion.
+    for (const char* merge : {"", "insert"}) {
       SCOPED_TRACE(::testing::Message() << "merge '" << merge << "'");
       ScopedEnv env("RAMBA_CUDA_RETRIEVAL_MERGE", merge);
       int32_t* gi = Poisoned<int32_t>(n);
@@ -262,7 +262,7 @@ class CudaAttentionOpsTest : public CudaOpTest {
   // head), that path too: against the CPU on bf16-rounded Q, K and V (only P's rounding and the
   // summation order differ) and against the exact CPU result at bf16 precision.
   // Returns the path the default chose.
-  enum class Path { kF32, kBf16, kFailed };
+  enum class Path { kF32, kBf16, kShared, kFailed };
   Path CheckSparse(const Memory& m, const Selection& sel, int64_t rheads, int64_t top_k, int64_t nh,
                    int64_t nkv, int64_t hd, int64_t cs, uint32_t seed) {
     SCOPED_TRACE(::testing::Message()
@@ -307,10 +307,12 @@ class CudaAttentionOpsTest : public CudaOpTest {
     // The block-shared kernel, with 16 and 8 rows per block: the same bf16 products, each row's
     // chunks added in union order (most recent first) instead of slot order, so it stays within
     // rounding of the per-warp kernel as well as of the CPU.
+    std::vector<float> shared8;  // the default block size's result
     for (const char* block_rows : {"16", "8"}) {
       SCOPED_TRACE(::testing::Message() << "block-shared, " << block_rows << " rows per block");
       ScopedEnv env("RAMBA_CUDA_SPARSE_ROWS", block_rows);
       const std::vector<float> sh = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "shared");
+      if (block_rows[0] == '8') shared8 = sh;
       EXPECT_LE(NormRelError(sh, tc), 1e-3);
       EXPECT_LE(NormRelError(sh, want16), 4e-3);
       EXPECT_LE(NormRelError(sh, want), 1e-2);
@@ -318,10 +320,12 @@ class CudaAttentionOpsTest : public CudaOpTest {
       // Deterministic: each row's sum has one order whatever the warps' timing.
       EXPECT_TRUE(sh == GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "shared"));
     }
-    // The default picks one of the two paths.
+    // The default picks one of the three paths: the shared one with 8 rows per block, or past its
+    // top-K of 16 the per-warp kernel (which "shared" then runs too).
     const std::vector<float> dflt = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "");
+    if (top_k <= 16 && dflt == shared8) return Path::kShared;
     if (dflt == tc) return Path::kBf16;
-    EXPECT_TRUE(dflt == got) << "the default matches neither path";
+    EXPECT_TRUE(dflt == got) << "the default matches no path";
     return Path::kF32;
   }
 
@@ -583,8 +587,8 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionDecodeAndPrefillShapes) {
       const Selection sel = CheckRetrieve(m, rheads, 8, 302);
       const int64_t nh = 16 * nkv;
       const Path chosen = CheckSparse(m, sel, rheads, 8, nh, nkv, 64, kChunk, 303);
-      // Both are prefill-shaped (over 256 rows of two sequences): the tensor cores.
-      EXPECT_EQ(chosen, Path::kBf16);
+      // Both are prefill-shaped (over 256 rows of two sequences): the block-shared kernel.
+      EXPECT_EQ(chosen, Path::kShared);
     }
   }
 }
@@ -611,7 +615,7 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionRowsSharingChunks) {
   Upload(&m);
   sel.idx.insert(sel.idx.end(), 8, -1);
   sel.w.insert(sel.w.end(), 8, 0.0f);
-  EXPECT_EQ(CheckSparse(m, sel, 1, 8, 16, 1, 64, kChunk, 403), Path::kBf16);
+  EXPECT_EQ(CheckSparse(m, sel, 1, 8, 16, 1, 64, kChunk, 403), Path::kShared);
 }
 
 TEST_F(CudaAttentionOpsTest, SparseAttentionUnsortedRepeatedAndWideSelections) {
@@ -647,7 +651,8 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionUnsortedRepeatedAndWideSelections) {
         sel.w.push_back(c < 0 ? 0.0f : (rng() % 7 == 0 ? 0.0f : (rng() % 1000) / 1000.0f));
       }
     }
-    EXPECT_EQ(CheckSparse(m, sel, 1, top_k, 16, 1, 64, kChunk, 503 + top_k), Path::kBf16);
+    EXPECT_EQ(CheckSparse(m, sel, 1, top_k, 16, 1, 64, kChunk, 503 + top_k),
+              top_k <= 16 ? Path::kShared : Path::kBf16);
   }
 }
 

@@ -257,14 +257,14 @@ TEST_F(CudaDenseOpsTest, MatmulDeterministic) {
 // RmsNormMatmul: the small-m kernel's RMSNorm prologue (m <= 4, 16-bit weights) must match
 // RmsNorm followed by Matmul on the GPU (to 1e-6: the row's sum of squares is reduced in another
 // order) and the CPU; larger m and f32 weights run the two ops (bit for bit), and so must the
-// norm writing the GEMM input with many rows (RAMBA_CUDA_FUSED_NORM=2). Odd k (scalar sums),
-// split k, strided and misaligned x.
+// norm writing the GEMM input with many rows. Both with the fusions (default) and without
+// (RAMBA_CUDA_FUSED_NORM=0). Odd k (scalar sums), split k, strided and misaligned x.
 TEST_F(CudaDenseOpsTest, RmsNormMatmulMatchesNormThenMatmul) {
   struct Case {
     int64_t m, n, k, ldx_pad, x_off;
     DType dtype;
   };
-  for (const char* level : {"1", "2"}) {
+  for (const char* level : {"0", "1"}) {
     SCOPED_TRACE(::testing::Message() << "RAMBA_CUDA_FUSED_NORM=" << level);
     const ScopedEnv env("RAMBA_CUDA_FUSED_NORM", level);
     uint32_t seed = 8000;
@@ -339,17 +339,17 @@ TEST_F(CudaDenseOpsTest, MatmulStackedProductMatchesTwoProducts) {
         ASSERT_TRUE(gpu_->Matmul(x, c.k, c.m, w.gpu, nullptr, y, c.n, false).ok());
         got[stacked] = FromGpu(y, c.m * c.n);
       }
-      EXPECT_LE(NormRelError(got[1], got[0]), 1e-6);
+      // fp32 sums of up to 2k products in another order: ~sqrt(2k) * 2^-24 relative.
+      EXPECT_LE(NormRelError(got[1], got[0]), 1e-5);
     }
   }
 }
 
-// GatedRmsNormMatmul (the Mamba gated norm feeding out_proj). With RAMBA_CUDA_FUSED_NORM=2 and
-// many rows the norm writes the GEMM input itself, which must equal GatedRmsNorm then Matmul on
-// the GPU bit for bit; with m <= 4 the small-m GEMM gates and normalises as it stages (1e-6);
-// everything else runs the two ops. All against the CPU to the split GEMM's precision. One or
-// several norm groups, odd dims (scalar paths), misaligned and strided y / z, accumulate into a
-// residual.
+// GatedRmsNormMatmul (the Mamba gated norm feeding out_proj). With many rows the norm writes the
+// GEMM input itself (unless RAMBA_CUDA_FUSED_NORM=0), which must equal GatedRmsNorm then Matmul
+// on the GPU bit for bit; everything else runs the two ops. All against the CPU to the split GEMM's
+// precision. One or several norm groups, odd dims (scalar paths), misaligned and strided y / z,
+// accumulate into a residual.
 TEST_F(CudaDenseOpsTest, GatedRmsNormMatmulMatchesNormThenMatmul) {
   struct Case {
     int64_t m, dim, group_size, n, ld_pad, offset;
@@ -358,13 +358,13 @@ TEST_F(CudaDenseOpsTest, GatedRmsNormMatmulMatchesNormThenMatmul) {
   };
   const char* bf16_act = std::getenv("RAMBA_CUDA_BF16_ACTIVATIONS");
   const bool split = bf16_act == nullptr || bf16_act[0] != '1';
-  for (const char* level : {"1", "2"}) {
+  for (const char* level : {"0", "1"}) {
     SCOPED_TRACE(::testing::Message() << "RAMBA_CUDA_FUSED_NORM=" << level);
     const ScopedEnv env("RAMBA_CUDA_FUSED_NORM", level);
     uint32_t seed = 8700;
     for (const Case& c : {Case{300, 2048, 2048, 1024, 0, 0, DType::kBF16, true},
-                          // m <= 4: the gated norm in the small-m GEMM's staging (level 2), vector
-                          // and scalar loads, one and several groups, split k; 12 groups: unfused.
+                          // Few rows: the two ops, the small-m GEMM (vector and scalar loads,
+                          // one and several groups, split k).
                           Case{1, 2048, 2048, 1024, 0, 0, DType::kBF16, true},
                           Case{3, 256, 64, 40, 0, 0, DType::kF16, false},
                           Case{2, 77, 77, 33, 1, 1, DType::kBF16, true},
@@ -400,11 +400,7 @@ TEST_F(CudaDenseOpsTest, GatedRmsNormMatmulMatchesNormThenMatmul) {
                       .ok());
       ASSERT_TRUE(gpu_->Matmul(gg, c.dim, c.m, w.gpu, nullptr, gout2, c.n, c.accumulate).ok());
       const std::vector<float> unfused = FromGpu(gout2, c.m * c.n);
-      if (c.m <= 4 && c.dtype != DType::kF32 && c.dim / c.group_size <= 8 && level[0] == '2') {
-        EXPECT_LE(NormRelError(fused, unfused), 1e-6);  // the sums of squares in another order
-      } else {
-        ExpectBitwiseEqual(fused, unfused);
-      }
+      ExpectBitwiseEqual(fused, unfused);
 
       std::vector<float> g(c.m * c.dim), want = out0;
       ASSERT_TRUE(cpu_->GatedRmsNormMatmul(zy.data() + c.dim, ld, zy.data(), ld, nw.data(),

@@ -273,13 +273,12 @@ TEST_F(CudaMambaMixerTest, LargeBatchWideBlocks) {
 }
 
 // With out_proj the op also adds g * out_proj^T into the residual: after the fused decode kernel
-// (a small-m GEMM), and on the unfused path, where with RAMBA_CUDA_FUSED_NORM=2 the gated norm is
-// folded into the small-m GEMM (one row) or writes the cuBLASLt input itself (many rows; two
-// products, or one over stacked weights).
+// (a small-m GEMM), and on the unfused path, where the gated norm writes the cuBLASLt input itself
+// for many rows (two products, or one over stacked weights) unless RAMBA_CUDA_FUSED_NORM=0.
 TEST_F(CudaMambaMixerTest, OutProjection) {
   const MixerCase prefill{.lens = {300, 5, 0}, .base = 1, .H = 32, .P = 64, .N = 128, .G = 1,
                           .norm_groups = 1, .seed = 71, .out_n = 100};
-  for (const char* level : {"1", "2"}) {
+  for (const char* level : {"0", "1"}) {
     SCOPED_TRACE(::testing::Message() << "RAMBA_CUDA_FUSED_NORM=" << level);
     const ScopedEnv norm("RAMBA_CUDA_FUSED_NORM", level);
     {
@@ -293,48 +292,6 @@ TEST_F(CudaMambaMixerTest, OutProjection) {
     Check(prefill);
     const ScopedEnv stacked("RAMBA_CUDA_STACKED_GEMM", "1");
     Check(prefill);
-  }
-}
-
-// RAMBA_CUDA_FUSED_MIXER=3: conv + SSM update in the fused kernel, the gated norm after it (with
-// out_proj through GatedRmsNormMatmul, folded into the small-m GEMM at RAMBA_CUDA_FUSED_NORM=2).
-// The fused kernel repeats the separate kernels' arithmetic, so it stays within float rounding of
-// mode 0 as well as matching the CPU.
-TEST_F(CudaMambaMixerTest, FusedWithoutNormMatchesSeparateOps) {
-  const std::vector<MixerCase> cases = {
-      {.lens = {1, 0, 3, 8, 2, 0}, .base = 3, .seed = 81},
-      {.lens = {1, 1, 1}, .H = 32, .P = 64, .N = 128, .G = 1, .norm_groups = 1, .seed = 83},
-      {.lens = {1, 0, 3, 2}, .base = 2, .seed = 85, .out_n = 40},
-      {.lens = {1}, .H = 32, .P = 64, .N = 128, .G = 1, .norm_groups = 1, .seed = 87,
-       .out_n = 64},
-      {.lens = std::vector<int64_t>(300, 1), .H = 32, .P = 64, .N = 128, .G = 1,
-       .norm_groups = 1, .seed = 89, .out_n = 32},
-  };
-  for (const char* level : {"1", "2"}) {
-    const ScopedEnv norm("RAMBA_CUDA_FUSED_NORM", level);
-    for (const MixerCase& c : cases) {
-      SCOPED_TRACE(::testing::Message() << "RAMBA_CUDA_FUSED_NORM=" << level << " seed " << c.seed);
-      const MixerData d = MakeData(c);
-      MixerResult fused, separate;
-      {
-        const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "3");
-        fused = RunGpu(d, {d.zx});
-      }
-      {
-        const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "0");
-        separate = RunGpu(d, {d.zx});
-      }
-      ExpectClose(fused, RunCpu(d));
-      if (c.out_n > 0) {
-        EXPECT_LE(NormRelError(fused.out, separate.out), 1e-6);
-      } else {
-        EXPECT_LE(NormRelError(fused.g, separate.g), 1e-6);
-      }
-      EXPECT_EQ(fused.conv_states, separate.conv_states);
-      for (size_t s = 0; s < fused.ssm_states.size(); ++s) {
-        EXPECT_LE(NormRelError(fused.ssm_states[s], separate.ssm_states[s]), 1e-6) << s;
-      }
-    }
   }
 }
 
