@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
@@ -88,20 +89,42 @@ absl::Status RambaModel::Forward(absl::Span<SessionState* const> states,
 absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states,
                                           absl::Span<const absl::Span<const int32_t>> tokens,
                                           absl::Span<const SamplingOptions> options,
-                                          std::vector<int32_t>* sampled) {
+                                          std::vector<int32_t>* sampled,
+                                          absl::Span<const bool> logprob_rows,
+                                          std::vector<float>* logprobs) {
   if (sampled == nullptr) return absl::InvalidArgumentError("ForwardAndSample: null output");
   if (options.size() != states.size()) {
     return absl::InvalidArgumentError(absl::StrCat("ForwardAndSample got ", states.size(),
                                                    " states and ", options.size(),
                                                    " sampling options"));
   }
+  if (logprobs != nullptr && logprob_rows.size() != states.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("ForwardAndSample got ", states.size(),
+                                                   " states and ", logprob_rows.size(),
+                                                   " logprob flags"));
+  }
   for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
   absl::MutexLock lock(&mu_);
   Output output;
   output.options = options;
   output.sampled = sampled;
+  output.logprob_rows = logprob_rows;
+  output.logprobs = logprobs;
   return ForwardLocked(states, tokens, LogitsMode::kLast, output);
 }
+
+namespace {
+
+// log softmax(row)[token], summed in double: exp(x - max) over the row, then the log.
+float TokenLogprob(absl::Span<const float> row, int32_t token) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (float x : row) max = std::max(max, x);
+  double sum = 0.0;
+  for (float x : row) sum += std::exp(static_cast<double>(x) - max);
+  return static_cast<float>(static_cast<double>(row[token]) - max - std::log(sum));
+}
+
+}  // namespace
 
 absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const float* out,
                                  int64_t rows, const Output& output) {
@@ -118,6 +141,16 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
     output.sampled->resize(rows);
     RETURN_IF_ERROR(be->Download(output.sampled->data(), dev, rows * sizeof(int32_t)));
+    if (output.logprobs != nullptr) {
+      output.logprobs->assign(rows, std::numeric_limits<float>::quiet_NaN());
+      std::vector<float> row(vocab);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t token = (*output.sampled)[r];
+        if (!output.logprob_rows[r] || token < 0 || token >= vocab) continue;
+        RETURN_IF_ERROR(be->Download(row.data(), out + r * vocab, vocab * sizeof(float)));
+        (*output.logprobs)[r] = TokenLogprob(row, token);
+      }
+    }
   }
   if (output.logits != nullptr) {
     output.logits->resize(rows * vocab);

@@ -61,10 +61,17 @@ class RambaModel {
   // last-token logits with options[s] (sampler.h: the uniform is keyed by the position the token
   // will take), so logits never leave the device: only the tokens are downloaded. Options are
   // validated before any state changes.
+  //
+  // With `logprobs`, (*logprobs)[s] is the natural log of sampled[s]'s probability under the raw
+  // distribution (softmax of the logits, before temperature, top-k and top-p) for the sequences
+  // with logprob_rows[s] set (one span entry per sequence), NaN for the others; only those rows'
+  // logits are downloaded.
   absl::Status ForwardAndSample(absl::Span<SessionState* const> states,
                                 absl::Span<const absl::Span<const int32_t>> tokens,
                                 absl::Span<const SamplingOptions> options,
-                                std::vector<int32_t>* sampled);
+                                std::vector<int32_t>* sampled,
+                                absl::Span<const bool> logprob_rows = {},
+                                std::vector<float>* logprobs = nullptr);
 
   // Feeds `tokens` to one session in segments of at most `segment_tokens` (bounded scratch
   // memory; the result equals a single pass). Writes the last token's logits when `last_logits`
@@ -90,6 +97,8 @@ class RambaModel {
     std::vector<float>* logits = nullptr;
     absl::Span<const SamplingOptions> options;  // sample when sampled != null
     std::vector<int32_t>* sampled = nullptr;
+    absl::Span<const bool> logprob_rows;  // with logprobs: rows whose sampled token's logprob
+    std::vector<float>* logprobs = nullptr;
   };
   absl::Status ForwardLocked(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,

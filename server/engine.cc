@@ -1,6 +1,8 @@
 #include "server/engine.h"
 
 #include <algorithm>
+#include <limits>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 
@@ -165,9 +167,23 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
   // Every sequence gets a token drawn on the backend (only the tokens are downloaded); those
   // still consuming input ignore theirs.
   std::vector<SamplingOptions> options;
-  for (Running* r : batch) options.push_back(r->req->sampling);
+  // Logprobs only for requests that asked and are at their last input token (the rows whose
+  // token is kept): each costs a download of the row's logits.
+  std::unique_ptr<bool[]> want_logprob(new bool[batch.size()]);
+  bool any_logprob = false;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Running* r = batch[i];
+    options.push_back(r->req->sampling);
+    want_logprob[i] = r->req->include_logprobs && r->generating() && r->take == r->remaining();
+    any_logprob = any_logprob || want_logprob[i];
+  }
   std::vector<int32_t> sampled;
-  const absl::Status st = model_->ForwardAndSample(states, spans, options, &sampled);
+  std::vector<float> logprobs;
+  const absl::Status st =
+      any_logprob ? model_->ForwardAndSample(states, spans, options, &sampled,
+                                             absl::MakeConstSpan(want_logprob.get(), batch.size()),
+                                             &logprobs)
+                  : model_->ForwardAndSample(states, spans, options, &sampled);
   std::vector<Running*> done;
   if (!st.ok()) {
     for (Running* r : batch) {
@@ -185,8 +201,10 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
         continue;
       }
       const int32_t token = sampled[i];
+      const float logprob = any_logprob ? logprobs[i] : std::numeric_limits<float>::quiet_NaN();
       ++r->generated;
-      const TokenAction action = r->req->on_token ? r->req->on_token(token) : TokenAction::kContinue;
+      const TokenAction action =
+          r->req->on_token ? r->req->on_token(token, logprob) : TokenAction::kContinue;
       if (action == TokenAction::kStop) {
         r->req->on_done(absl::OkStatus(), FinishReason::kStop);
         done.push_back(r);

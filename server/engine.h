@@ -40,9 +40,11 @@ struct EngineRequest {
   std::vector<int32_t> input;
   int32_t max_new_tokens = 0;    // 0: append only
   SamplingOptions sampling;
+  // Whether on_token gets the token's logprob (RambaModel::ForwardAndSample); NaN otherwise.
+  bool include_logprobs = false;
   // Called on the engine thread for each generated token; kStop ends generation after it (stop
   // sequences and stop ids are decided by the caller, which knows the text).
-  std::function<TokenAction(int32_t token)> on_token;
+  std::function<TokenAction(int32_t token, float logprob)> on_token;
   // Called exactly once, on the engine thread, when the request leaves the engine.
   std::function<void(const absl::Status& status, FinishReason reason)> on_done;
   // Set by any thread (client cancelled, deadline passed); checked before every iteration, so a

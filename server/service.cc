@@ -218,6 +218,7 @@ struct GenerateSpec {
   bool ignore_eos = false;
   bool include_stop_sequence = false;
   bool include_text = true;
+  bool include_logprobs = false;
   bool commit_input = true;
   bool commit_generated = true;
   bool has_expected = false;
@@ -268,9 +269,7 @@ absl::StatusOr<GenerateSpec> ParseGenerate(const RambaService::Deps& d, const v1
   g.ignore_eos = stopping.ignore_eos();
   g.include_stop_sequence = stopping.include_stop_sequence();
   g.include_text = !output.has_include_token_text() || output.include_token_text();
-  if (output.include_logprobs()) {
-    return absl::UnimplementedError("output.include_logprobs is not supported yet");
-  }
+  g.include_logprobs = output.include_logprobs();
   return g;
 }
 
@@ -391,7 +390,8 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     req->input = std::move(feed);
     req->max_new_tokens = spec_.max_tokens;
     req->sampling = sampling_;
-    req->on_token = [this](int32_t t) { return OnToken(t); };
+    req->include_logprobs = spec_.include_logprobs;
+    req->on_token = [this](int32_t t, float logprob) { return OnToken(t, logprob); };
     req->on_done = [this](const absl::Status& s, FinishReason r) { OnEngineDone(s, r); };
     {
       absl::MutexLock lock(&mu_);
@@ -404,7 +404,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   }
 
   // Engine thread.
-  TokenAction OnToken(int32_t token) {
+  TokenAction OnToken(int32_t token, float logprob) {
     const auto now = Clock::now();
     if (!first_token_) {
       first_token_ = now;
@@ -417,6 +417,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     const ModelConfig& c = deps_.model->config();
     v1::Token t;
     t.set_id(token);
+    if (spec_.include_logprobs) t.set_logprob(logprob);
     TokenAction action = TokenAction::kContinue;
     if (!spec_.ignore_eos && token == c.eos_token_id) {
       reason_ = v1::FINISH_REASON_EOS;

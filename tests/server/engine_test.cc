@@ -2,6 +2,7 @@
 // request, and leaves states consistent.
 #include "server/engine.h"
 
+#include <cmath>
 #include <future>
 
 #include "gtest/gtest.h"
@@ -14,6 +15,7 @@ namespace {
 
 struct Outcome {
   std::vector<int32_t> tokens;
+  std::vector<float> logprobs;  // one per token; NaN unless the request asked
   absl::Status status;
   FinishReason reason = FinishReason::kNone;
 };
@@ -30,7 +32,8 @@ class EngineTest : public ::testing::Test {
   std::future<Outcome> Run(Engine& engine, SessionState* state, std::vector<int32_t> input,
                            int max_new, SamplingOptions sampling = {},
                            std::function<TokenAction(int32_t)> stop = nullptr,
-                           std::shared_ptr<EngineRequest>* handle = nullptr) {
+                           std::shared_ptr<EngineRequest>* handle = nullptr,
+                           bool include_logprobs = false) {
     auto req = std::make_shared<EngineRequest>();
     auto outcome = std::make_shared<Outcome>();
     auto promise = std::make_shared<std::promise<Outcome>>();
@@ -38,8 +41,10 @@ class EngineTest : public ::testing::Test {
     req->input = std::move(input);
     req->max_new_tokens = max_new;
     req->sampling = sampling;
-    req->on_token = [outcome, stop](int32_t t) {
+    req->include_logprobs = include_logprobs;
+    req->on_token = [outcome, stop](int32_t t, float logprob) {
       outcome->tokens.push_back(t);
+      outcome->logprobs.push_back(logprob);
       return stop ? stop(t) : TokenAction::kContinue;
     };
     req->on_done = [outcome, promise](const absl::Status& s, FinishReason r) {
@@ -70,6 +75,26 @@ class EngineTest : public ::testing::Test {
     return out;
   }
 
+  // log softmax of the logits that preceded each of `tokens` (fed one by one after `prompt`), in
+  // double: the raw distribution's logprobs, whatever the sampling options.
+  std::vector<double> ReferenceLogprobs(const std::vector<int32_t>& prompt,
+                                        const std::vector<int32_t>& tokens) {
+    auto s = std::move(*model_->NewSession());
+    std::vector<float> logits;
+    EXPECT_TRUE(model_->Prefill(s.get(), prompt, &logits).ok());
+    std::vector<double> out;
+    SessionState* st[] = {s.get()};
+    for (int32_t t : tokens) {
+      double max = -INFINITY, sum = 0.0;
+      for (float x : logits) max = std::max<double>(max, x);
+      for (float x : logits) sum += std::exp(x - max);
+      out.push_back(logits[t] - max - std::log(sum));
+      const int32_t in[] = {t};
+      EXPECT_TRUE(model_->Decode(st, in, &logits).ok());
+    }
+    return out;
+  }
+
   std::unique_ptr<kernels::Backend> backend_;
   ModelConfig config_;
   std::unique_ptr<RambaModel> model_;
@@ -95,6 +120,40 @@ TEST_F(EngineTest, ConcurrentRequestsMatchRunningAlone) {
     // The last generated token is not fed: it is the caller's pending token.
     EXPECT_EQ(states[i]->position(), static_cast<int64_t>(prompts[i].size()) + 11);
   }
+}
+
+// Logprobs come with the tokens of requests that ask for them, batched with requests that do not
+// (NaN there): the raw distribution's, so temperature does not change them.
+TEST_F(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
+  EngineOptions opts;
+  opts.max_batch_tokens = 64;  // the long prompt is fed over several steps, beside decodes
+  Engine engine(model_.get(), opts);
+  const std::vector<int32_t> p0 = testing::RandomTokens(150, config_.vocab_size, 31);
+  const std::vector<int32_t> p1 = testing::RandomTokens(9, config_.vocab_size, 32);
+  const std::vector<int32_t> p2 = testing::RandomTokens(40, config_.vocab_size, 33);
+  auto s0 = std::move(*model_->NewSession());
+  auto s1 = std::move(*model_->NewSession());
+  auto s2 = std::move(*model_->NewSession());
+  SamplingOptions hot;
+  hot.temperature = 1.5f;
+  hot.seed = 3;
+  auto f0 = Run(engine, s0.get(), p0, 6, {}, nullptr, nullptr, /*include_logprobs=*/true);
+  auto f1 = Run(engine, s1.get(), p1, 6, {}, nullptr, nullptr, /*include_logprobs=*/false);
+  auto f2 = Run(engine, s2.get(), p2, 6, hot, nullptr, nullptr, /*include_logprobs=*/true);
+  const Outcome o0 = f0.get(), o1 = f1.get(), o2 = f2.get();
+  ASSERT_TRUE(o0.status.ok() && o1.status.ok() && o2.status.ok());
+  ASSERT_EQ(o0.logprobs.size(), 6u);
+  ASSERT_EQ(o2.logprobs.size(), 6u);
+  const std::vector<double> want0 = ReferenceLogprobs(p0, o0.tokens);
+  const std::vector<double> want2 = ReferenceLogprobs(p2, o2.tokens);
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_NEAR(o0.logprobs[i], want0[i], 1e-4) << i;
+    EXPECT_NEAR(o2.logprobs[i], want2[i], 1e-4) << i;
+    EXPECT_LE(o0.logprobs[i], 0.0f);
+    EXPECT_TRUE(std::isnan(o1.logprobs[i])) << i;
+  }
+  // Greedy picks the most likely token: no other has a larger logprob.
+  EXPECT_GE(o0.logprobs[0], -std::log(static_cast<double>(config_.vocab_size)));
 }
 
 TEST_F(EngineTest, AppendOnlyConsumesInput) {

@@ -2,6 +2,7 @@
 // the byte-level fixture model: the session life cycle, streaming generation and error codes.
 #include "server/service.h"
 
+#include <cmath>
 #include <filesystem>
 
 #include "grpcpp/grpcpp.h"
@@ -73,6 +74,7 @@ class ServiceTest : public ::testing::Test {
   struct Streamed {
     grpc::Status status;
     std::vector<int32_t> ids;
+    std::vector<float> logprobs;  // NaN where the token came without one
     std::string text;
     v1::Final final;
     bool has_final = false;
@@ -86,6 +88,7 @@ class ServiceTest : public ::testing::Test {
       if (msg.has_tokens()) {
         for (const auto& t : msg.tokens().tokens()) {
           out.ids.push_back(t.id());
+          out.logprobs.push_back(t.has_logprob() ? t.logprob() : NAN);
           out.text += t.text();
         }
       } else if (msg.has_final()) {
@@ -136,6 +139,7 @@ TEST_F(ServiceTest, CreateAppendGenerate) {
   EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_MAX_TOKENS);
   EXPECT_EQ(out.final.position(), 57);
   EXPECT_EQ(out.final.usage().generated_tokens(), 20);
+  for (float lp : out.logprobs) EXPECT_TRUE(std::isnan(lp)) << "logprob sent unasked";
 
   // Greedy generation is what the model gives for the same history, token for token.
   auto state = std::move(*model_->NewSession());
@@ -156,6 +160,35 @@ TEST_F(ServiceTest, CreateAppendGenerate) {
   gr.set_session_id("chat");
   ASSERT_TRUE(stub_->GetSession(&ctx, gr, &gresp).ok());
   EXPECT_EQ(gresp.session().position(), 57);
+}
+
+// include_logprobs: every token carries the log of its probability under the model's raw
+// distribution (before temperature), as the model gives it for the same history.
+TEST_F(ServiceTest, LogprobsOfSampledTokens) {
+  Create("lp", "Once upon a time");
+  v1::GenerateRequest g;
+  g.set_session_id("lp");
+  g.mutable_stopping()->set_max_tokens(8);
+  g.mutable_stopping()->set_ignore_eos(true);
+  g.mutable_sampling()->set_temperature(0.7f);
+  g.mutable_sampling()->set_seed(5);
+  g.mutable_output()->set_include_logprobs(true);
+  Streamed out = Generate(g);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  ASSERT_EQ(out.ids.size(), 8u);
+
+  auto state = std::move(*model_->NewSession());
+  std::vector<float> logits;
+  ASSERT_TRUE(model_->Prefill(state.get(), tokenizer_->Encode("Once upon a time"), &logits).ok());
+  SessionState* st[] = {state.get()};
+  for (int i = 0; i < 8; ++i) {
+    double max = -INFINITY, sum = 0.0;
+    for (float x : logits) max = std::max<double>(max, x);
+    for (float x : logits) sum += std::exp(x - max);
+    EXPECT_NEAR(out.logprobs[i], logits[out.ids[i]] - max - std::log(sum), 1e-4) << i;
+    const int32_t in[] = {out.ids[i]};
+    ASSERT_TRUE(model_->Decode(st, in, &logits).ok());
+  }
 }
 
 TEST_F(ServiceTest, CommitGeneratedFalseLeavesSessionAsItWas) {
