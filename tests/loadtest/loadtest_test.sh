@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# ramba-loadtest against a real ramba-server process (byte-level fixture model, CPU, port 0):
+# every request completes, the counts match what was asked, the latency figures are ordered, and
+# the sessions are deleted afterwards.
+# Usage: loadtest_test.sh RAMBA_SERVER RAMBA_LOADTEST RAMBA_CLIENT MODEL_DIR
+set -euo pipefail
+server_bin=$1 loadtest_bin=$2 client_bin=$3 model=$4
+dir=$(mktemp -d)
+"$server_bin" --model "$model" --data_dir "$dir/data" --port 0 --metrics_port -1 --device cpu \
+  --threads 1 > "$dir/server.out" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
+port=
+for _ in $(seq 100); do
+  port=$(sed -n 's/^ramba-server listening on port \([0-9]*\),.*/\1/p' "$dir/server.out")
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+[ -n "$port" ] || { cat "$dir/server.out"; exit 1; }
+"$loadtest_bin" --server "127.0.0.1:$port" --sessions 3 --requests_per_session 2 \
+  --prompt_tokens 100 --turn_tokens 5 --max_tokens 7 --temperature 0.8 --json "$dir/r.json"
+python3 - "$dir/r.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["requests_ok"] == 6 and r["requests_failed"] == 0, r
+assert r["output_tokens"] == 6 * 7 and r["input_tokens"] == 6 * 5, r
+for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
+    s = r[k]
+    assert s["count"] == 6, (k, s)
+    assert 0 < s["p50"] <= s["p90"] <= s["p99"] <= s["max"], (k, s)
+assert r["ttft_ms"]["max"] <= r["e2e_ms"]["max"], r
+assert r["itl_ms"]["count"] >= 1, r
+print("loadtest report ok")
+PY
+# The sessions were deleted: the server lists none.
+listed=$("$client_bin" --server "127.0.0.1:$port" list)
+if echo "$listed" | grep -q loadtest; then
+  echo "sessions left behind: $listed"
+  exit 1
+fi
