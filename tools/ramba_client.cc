@@ -45,6 +45,7 @@ ABSL_FLAG(std::optional<float>, top_p, std::nullopt, "generate/create: nucleus f
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "generate/create: sampling seed.");
 ABSL_FLAG(bool, ignore_eos, false, "generate: do not stop at the end-of-sequence token.");
 ABSL_FLAG(bool, no_commit, false, "generate: leave the session unchanged (read-only query).");
+ABSL_FLAG(bool, logprobs, false, "generate: report the generated tokens' total and mean logprob.");
 ABSL_FLAG(std::optional<int64_t>, expected_position, std::nullopt,
           "append/generate/delete/fork: fail with FAILED_PRECONDITION unless the session is at this position.");
 ABSL_FLAG(int32_t, page_size, 0, "list: sessions per page (0: the server's default).");
@@ -69,7 +70,7 @@ commands:
       Appends text ('-': standard input). Inputs larger than one piece (~1 MiB, or the server's
       message limit) are streamed with AppendStream. Prints the new position.
   generate ID [--prompt T] [--max_tokens N] [--temperature T --top_k K --top_p P --seed S]
-              [--stop S]... [--ignore_eos] [--no_commit] [--expected_position N]
+              [--stop S]... [--ignore_eos] [--no_commit] [--expected_position N] [--logprobs]
       Streams generated text to stdout as it arrives; the finish reason and usage go to stderr.
       --no_commit leaves the session unchanged (the prompt and the output are not kept).
   get ID                    Prints the session (JSON).
@@ -394,9 +395,12 @@ int Generate(Client& c, const std::vector<std::string>& args) {
   req.mutable_stopping()->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
   if (absl::GetFlag(FLAGS_no_commit)) req.set_commit_input(false);
   if (auto e = absl::GetFlag(FLAGS_expected_position)) req.set_expected_position(*e);
+  if (absl::GetFlag(FLAGS_logprobs)) req.mutable_output()->set_include_logprobs(true);
 
   auto ctx = c.Context();
   auto reader = c.stub()->Generate(ctx.get(), req);
+  double logprob_sum = 0.0;
+  int64_t logprob_count = 0;
   v1::GenerateResponse msg;
   std::optional<v1::Final> final;
   bool newline = true;
@@ -407,6 +411,7 @@ int Generate(Client& c, const std::vector<std::string>& args) {
         std::fwrite(t.text().data(), 1, t.text().size(), stdout);
         if (!t.text().empty()) newline = t.text().back() == '\n';
         ++streamed;
+        if (t.has_logprob()) logprob_sum += t.logprob(), ++logprob_count;
       }
       std::fflush(stdout);
     } else if (msg.has_final()) {
@@ -441,6 +446,10 @@ int Generate(Client& c, const std::vector<std::string>& args) {
   }
   absl::StrAppend(&line, "; total ", absl::StrFormat("%.1f", u.total_time_ms()), " ms");
   if (final->has_seed()) absl::StrAppend(&line, "; seed ", final->seed());
+  if (logprob_count > 0) {
+    absl::StrAppend(&line, absl::StrFormat("; logprob %.3f, mean %.4f per token", logprob_sum,
+                                           logprob_sum / static_cast<double>(logprob_count)));
+  }
   std::fprintf(stderr, "%s]\n", line.c_str());
   return 0;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ramba-loadtest against a real ramba-server process (byte-level fixture model, CPU, port 0):
 # every request completes, the counts match what was asked, the latency figures are ordered, and
-# the sessions are deleted afterwards.
+# the sessions are deleted afterwards; and the client CLI's --logprobs on the same server.
 # Usage: loadtest_test.sh RAMBA_SERVER RAMBA_LOADTEST RAMBA_CLIENT MODEL_DIR
 set -euo pipefail
 server_bin=$1 loadtest_bin=$2 client_bin=$3 model=$4
@@ -32,6 +32,13 @@ assert r["ttft_ms"]["max"] <= r["e2e_ms"]["max"], r
 assert r["itl_ms"]["count"] >= 1, r
 print("loadtest report ok")
 PY
+# The client CLI's --logprobs against the same server: a sum and a mean, both negative.
+"$client_bin" --server "127.0.0.1:$port" create --id lp --text "Once upon a time" > /dev/null
+"$client_bin" --server "127.0.0.1:$port" generate lp --max_tokens 5 --ignore_eos --logprobs \
+  > /dev/null 2> "$dir/gen.err"
+grep -E "logprob -[0-9.]+, mean -[0-9.]+ per token" "$dir/gen.err" ||
+  { cat "$dir/gen.err"; exit 1; }
+"$client_bin" --server "127.0.0.1:$port" delete lp > /dev/null
 # The sessions were deleted: the server lists none.
 listed=$("$client_bin" --server "127.0.0.1:$port" list)
 if echo "$listed" | grep -q loadtest; then
