@@ -42,6 +42,9 @@ ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may ca
 ABSL_FLAG(int32_t, max_generate_tokens, 1 << 16, "Largest max_tokens a Generate may ask for.");
 ABSL_FLAG(int64_t, max_message_bytes, 16 << 20, "Largest gRPC message accepted.");
 ABSL_FLAG(bool, sync_commits, true, "fsync every commit (acknowledged = durable).");
+ABSL_FLAG(int32_t, commit_threads, 0,
+          "Threads writing store commits off the engine thread, for disks whose fsync is slow "
+          "(concurrent syncs share one); 0: the engine thread writes them.");
 ABSL_FLAG(int32_t, drain_seconds, 30, "Grace period for running calls on SIGTERM.");
 
 namespace {
@@ -98,8 +101,13 @@ int main(int argc, char** argv) {
   service_options.limits.max_session_tokens = absl::GetFlag(FLAGS_max_session_tokens);
   service_options.limits.max_generate_tokens = absl::GetFlag(FLAGS_max_generate_tokens);
   service_options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  // Declared before the service and the gRPC server, so that it outlives the calls whose
+  // commits it writes.
+  const int32_t commit_threads = absl::GetFlag(FLAGS_commit_threads);
+  std::unique_ptr<server::Committer> committer =
+      commit_threads > 0 ? std::make_unique<server::Committer>(commit_threads) : nullptr;
   server::RambaService service(model->get(), tokenizer->get(), &engine, &sessions, metrics->get(),
-                               service_options);
+                               service_options, committer.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -165,12 +165,22 @@ grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Sta
 
 const absl::Status kDraining = absl::UnavailableError("the server is draining for shutdown");
 
+// Runs `write` (a store commit and what follows it) on the committer when there is one and
+// `async`, else here.
+void RunCommit(Committer* committer, bool async, std::function<void()> write) {
+  if (async && committer != nullptr) {
+    committer->Run(std::move(write));
+  } else {
+    write();
+  }
+}
+
 // Appends `tokens` to a leased session (the last token stays pending) and commits; `done` runs
-// on the engine thread after the commit (or failure). Uncommitted changes are dropped with the
-// lease on failure.
+// after the commit (or failure): on the engine thread, or with `async` on the committer's, so it
+// must not touch the model then. Uncommitted changes are dropped with the lease on failure.
 void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLease> lease,
                      std::vector<int32_t> tokens, std::function<void(absl::Status)> done,
-                     grpc::CallbackServerContext* ctx = nullptr) {
+                     grpc::CallbackServerContext* ctx = nullptr, bool async = true) {
   if (tokens.empty()) {
     done(absl::OkStatus());
     return;
@@ -182,8 +192,9 @@ void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLeas
   const int32_t last = tokens.back();
   Metrics* metrics = deps.metrics;
   const size_t n = tokens.size();
-  req->on_done = [lease, last, done, metrics, n, ctx](const absl::Status& s,
-                                                      FinishReason) mutable {
+  Committer* committer = deps.committer;
+  req->on_done = [lease, last, done, metrics, n, ctx, committer, async](const absl::Status& s,
+                                                                        FinishReason) mutable {
     // Take the lease out of the callback so it is released before `done` answers the client
     // (the callback object itself lives until the engine drops the request).
     std::shared_ptr<SessionLease> held = std::move(lease);
@@ -192,17 +203,34 @@ void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLeas
     if (result.ok() && ctx != nullptr && ctx->IsCancelled()) {
       result = absl::CancelledError("the call was cancelled before its append committed");
     }
-    if (result.ok()) {
-      held->meta().pending_token = last;
-      const auto t0 = Clock::now();
-      result = held->Commit();
-      if (metrics) {
-        metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
-        if (result.ok()) metrics->prompt_tokens->Increment(static_cast<double>(n));
-      }
+    if (!result.ok()) {
+      held.reset();
+      done(result);
+      return;
     }
-    held.reset();
-    done(result);
+    held->meta().pending_token = last;
+    // The model's memory is read here, on the engine thread; only the write moves. `done` moves
+    // along: its captures may hold the lease, which must be released when the client hears back
+    // (no copy of it may stay behind in the engine's request).
+    absl::StatusOr<store::CommitRequest> prepared = held->PrepareCommit();
+    if (!prepared.ok()) {
+      held.reset();
+      done(prepared.status());
+      return;
+    }
+    RunCommit(committer, async,
+              [held = std::move(held), prepared = std::move(*prepared), done = std::move(done),
+               metrics, n]() mutable {
+                const auto t0 = Clock::now();
+                absl::Status result = held->ApplyCommit(std::move(prepared));
+                if (metrics) {
+                  metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
+                  if (result.ok()) metrics->prompt_tokens->Increment(static_cast<double>(n));
+                }
+                held.reset();
+                auto finish = std::move(done);  // released with this frame, not with the task
+                finish(result);
+              });
   };
   deps.engine->Submit(std::move(req));
 }
@@ -358,15 +386,19 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     // input joins the session first.
     if (spec_.commit_input && !spec_.input.empty()) {
       auto self = this;
-      AppendAndCommit(deps_, lease_, spec_.input, [self](absl::Status s) {
-        if (!s.ok()) {
-          self->Fail(s);
-          return;
-        }
-        self->input_committed_ = true;
-        absl::Status st = self->GenerateOnFork({*self->lease_->meta().pending_token});
-        if (!st.ok()) self->Fail(st);
-      });
+      // Synchronous: the continuation forks the state, which stays on the engine thread.
+      AppendAndCommit(
+          deps_, lease_, spec_.input,
+          [self](absl::Status s) {
+            if (!s.ok()) {
+              self->Fail(s);
+              return;
+            }
+            self->input_committed_ = true;
+            absl::Status st = self->GenerateOnFork({*self->lease_->meta().pending_token});
+            if (!st.ok()) self->Fail(st);
+          },
+          nullptr, /*async=*/false);
       (void)engine;
       return absl::OkStatus();
     }
@@ -468,24 +500,40 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     if (r == FinishReason::kMaxTokens && reason_ == v1::FINISH_REASON_UNSPECIFIED) {
       reason_ = session_limited_ ? v1::FINISH_REASON_SESSION_LIMIT : v1::FINISH_REASON_MAX_TOKENS;
     }
+    if (stateless_ || fork_only_) {
+      Complete();
+      return;
+    }
+    // Generated tokens join the session: all but the last were fed; the last is pending. The
+    // state is serialised here (engine thread); the write runs on the committer, and the client
+    // hears back once it is durable.
+    lease_->meta().pending_token = generated_.empty() ? lease_->meta().pending_token
+                                                      : std::optional<int32_t>(generated_.back());
+    absl::StatusOr<store::CommitRequest> prepared = lease_->PrepareCommit();
+    if (!prepared.ok()) {
+      Fail(prepared.status());
+      return;
+    }
+    RunCommit(deps_.committer, /*async=*/true, [this, prepared = std::move(*prepared)]() mutable {
+      const auto t0 = Clock::now();
+      absl::Status c = lease_->ApplyCommit(std::move(prepared));
+      if (deps_.metrics) deps_.metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
+      if (!c.ok()) {
+        Fail(c);
+        return;
+      }
+      Complete();
+    });
+  }
+
+  // After the commit (if any): the Final message, the session released first.
+  void Complete() {
     v1::Final final;
     final.set_finish_reason(reason_);
     if (reason_ == v1::FINISH_REASON_STOP_SEQUENCE) final.set_stop_sequence(streamer_.matched());
     if (reason_ == v1::FINISH_REASON_STOP_TOKEN) final.set_stop_token_id(stop_token_);
     if (sampling_.temperature > 0) final.set_seed(sampling_.seed);
     if (!stateless_) {
-      if (!fork_only_) {
-        // Generated tokens join the session: all but the last were fed; the last is pending.
-        lease_->meta().pending_token = generated_.empty() ? lease_->meta().pending_token
-                                                          : std::optional<int32_t>(generated_.back());
-        const auto t0 = Clock::now();
-        absl::Status c = lease_->Commit();
-        if (deps_.metrics) deps_.metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
-        if (!c.ok()) {
-          Fail(c);
-          return;
-        }
-      }
       final.set_position(lease_->position());
       lease_.reset();  // releases the session before the client hears back
     }
@@ -673,8 +721,9 @@ class AppendStreamCall : public grpc::ServerReadReactor<v1::AppendStreamRequest>
 }  // namespace
 
 RambaService::RambaService(RambaModel* model, const Tokenizer* tokenizer, Engine* engine,
-                           SessionManager* sessions, Metrics* metrics, ServiceOptions options)
-    : deps_{model, tokenizer, engine, sessions, metrics, std::move(options)} {}
+                           SessionManager* sessions, Metrics* metrics, ServiceOptions options,
+                           Committer* committer)
+    : deps_{model, tokenizer, engine, sessions, metrics, std::move(options), committer} {}
 
 grpc::ServerUnaryReactor* RambaService::CreateSession(grpc::CallbackServerContext* ctx,
                                                       const v1::CreateSessionRequest* req,

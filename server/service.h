@@ -12,6 +12,7 @@
 #include "model/ramba_model.h"
 #include "model/tokenizer.h"
 #include "ramba/v1/ramba.grpc.pb.h"
+#include "server/committer.h"
 #include "server/engine.h"
 #include "server/metrics.h"
 #include "server/session_manager.h"
@@ -44,8 +45,11 @@ struct ServiceOptions {
 
 class RambaService final : public ramba::v1::RambaService::CallbackService {
  public:
+  // `committer` (optional): where store commits are written, off the engine thread; without
+  // one the engine thread writes them.
   RambaService(RambaModel* model, const Tokenizer* tokenizer, Engine* engine,
-               SessionManager* sessions, Metrics* metrics, ServiceOptions options);
+               SessionManager* sessions, Metrics* metrics, ServiceOptions options,
+               Committer* committer = nullptr);
 
   // From now on calls fail with UNAVAILABLE; running calls go on.
   void StartDraining() { draining_ = true; }
@@ -92,6 +96,7 @@ class RambaService final : public ramba::v1::RambaService::CallbackService {
     SessionManager* sessions;
     Metrics* metrics;
     ServiceOptions options;
+    Committer* committer;
   };
 
  private:

@@ -79,6 +79,11 @@ int64_t SessionLease::position() const {
 }
 
 absl::Status SessionLease::Commit() {
+  ASSIGN_OR_RETURN(store::CommitRequest req, PrepareCommit());
+  return ApplyCommit(std::move(req));
+}
+
+absl::StatusOr<store::CommitRequest> SessionLease::PrepareCommit() {
   Entry& e = *entry_;
   store::CommitRequest req;
   req.session_id = e.id;
@@ -94,10 +99,16 @@ absl::Status SessionLease::Commit() {
   if (to > from) {
     ASSIGN_OR_RETURN(req.new_landmarks, e.state->SerializeLandmarks(from, to));
   }
+  return req;
+}
+
+absl::Status SessionLease::ApplyCommit(store::CommitRequest req) {
+  Entry& e = *entry_;
+  const int64_t to = req.new_chunks.empty() ? e.record.num_chunks : req.new_chunks.back().first + 1;
   RETURN_IF_ERROR(manager_->store_->Commit(req));
   e.record.position = req.new_position;
   e.record.num_chunks = to;
-  e.record.metadata = req.metadata;
+  e.record.metadata = std::move(req.metadata);
   committed_ = true;
   return absl::OkStatus();
 }

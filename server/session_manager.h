@@ -79,6 +79,11 @@ class SessionLease {
   // Writes the state, the chunks completed since the last commit, their landmarks and the
   // metadata in one atomic store commit. After it returns OK the changes survive a crash.
   absl::Status Commit();
+  // Commit in two steps, so that the write (and its fsync) can run off the engine thread:
+  // PrepareCommit serialises the state where the model runs; ApplyCommit writes it (any thread,
+  // the lease still held and the state unchanged in between).
+  absl::StatusOr<store::CommitRequest> PrepareCommit();
+  absl::Status ApplyCommit(store::CommitRequest request);
 
  private:
   friend class SessionManager;

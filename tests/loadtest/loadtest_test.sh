@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # ramba-loadtest against a real ramba-server process (byte-level fixture model, CPU, port 0):
 # every request completes, the counts match what was asked, the latency figures are ordered, and
-# the sessions are deleted afterwards; and the client CLI's --logprobs on the same server.
+# the sessions are deleted afterwards; and the client CLI's --logprobs on the same server. The
+# server writes its commits on committer threads (--commit_threads), which the other server
+# process tests leave off.
 # Usage: loadtest_test.sh RAMBA_SERVER RAMBA_LOADTEST RAMBA_CLIENT MODEL_DIR
 set -euo pipefail
 server_bin=$1 loadtest_bin=$2 client_bin=$3 model=$4
 dir=$(mktemp -d)
+: > "$dir/server.out"  # the background job opens it only once it runs
 "$server_bin" --model "$model" --data_dir "$dir/data" --port 0 --metrics_port -1 --device cpu \
-  --threads 1 > "$dir/server.out" 2>&1 &
+  --threads 1 --commit_threads 2 > "$dir/server.out" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
 port=

@@ -38,8 +38,10 @@ class ServiceTest : public ::testing::Test {
     opts.device = "cpu";
     opts.limits.max_request_input_tokens = 5000;
     opts.limits.max_session_tokens = 100;
-    service_ = std::make_unique<RambaService>(model_.get(), tokenizer_.get(), engine_.get(),
-                                              sessions_.get(), metrics_.get(), opts);
+    committer_ = std::make_unique<Committer>(2);
+    service_ =
+        std::make_unique<RambaService>(model_.get(), tokenizer_.get(), engine_.get(),
+                                       sessions_.get(), metrics_.get(), opts, committer_.get());
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -54,6 +56,7 @@ class ServiceTest : public ::testing::Test {
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
     engine_->Stop();
     server_.reset();
+    committer_.reset();
     engine_.reset();
     sessions_.reset();
     store_.reset();
@@ -108,6 +111,7 @@ class ServiceTest : public ::testing::Test {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<SessionManager> sessions_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Committer> committer_;
   std::unique_ptr<RambaService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<v1::RambaService::Stub> stub_;
