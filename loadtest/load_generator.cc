@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/notification.h"
+#include "base/status_macros.h"
 #include "grpcpp/grpcpp.h"
 #include "nlohmann/json.hpp"
 #include "ramba/v1/ramba.grpc.pb.h"
@@ -56,23 +57,40 @@ struct Sample {
   std::vector<double> gaps_ms;  // between consecutive token messages
 };
 
+// `id` empty: a stateless GenerateOnce with `input` as its prompt.
 Sample TimedGenerate(v1::RambaService::Stub& stub, const LoadOptions& o, const std::string& id,
                      v1::Input input, uint64_t seed) {
   Sample out;
-  v1::GenerateRequest req;
-  req.set_session_id(id);
+  v1::SamplingParams sampling;
+  sampling.set_temperature(o.temperature);
+  sampling.set_seed(seed);
+  v1::StoppingCriteria stopping;
+  stopping.set_max_tokens(o.max_tokens);
+  stopping.set_ignore_eos(true);
+  v1::OutputOptions output;
+  output.set_include_token_text(false);
   out.input_tokens = input.tokens().ids_size();
-  *req.mutable_input() = std::move(input);
-  req.mutable_sampling()->set_temperature(o.temperature);
-  req.mutable_sampling()->set_seed(seed);
-  req.mutable_stopping()->set_max_tokens(o.max_tokens);
-  req.mutable_stopping()->set_ignore_eos(true);
-  req.mutable_output()->set_include_token_text(false);
   grpc::ClientContext ctx;
   SetDeadline(&ctx, o.timeout_seconds);
   const Clock::time_point start = Clock::now();
   Clock::time_point last = start;
-  auto reader = stub.Generate(&ctx, req);
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
+  if (id.empty()) {
+    v1::GenerateOnceRequest req;
+    *req.mutable_input() = std::move(input);
+    *req.mutable_sampling() = sampling;
+    *req.mutable_stopping() = stopping;
+    *req.mutable_output() = output;
+    reader = stub.GenerateOnce(&ctx, req);
+  } else {
+    v1::GenerateRequest req;
+    req.set_session_id(id);
+    *req.mutable_input() = std::move(input);
+    *req.mutable_sampling() = sampling;
+    *req.mutable_stopping() = stopping;
+    *req.mutable_output() = output;
+    reader = stub.Generate(&ctx, req);
+  }
   v1::GenerateResponse msg;
   while (reader->Read(&msg)) {
     if (!msg.has_tokens() || msg.tokens().tokens_size() == 0) continue;
@@ -88,61 +106,14 @@ Sample TimedGenerate(v1::RambaService::Stub& stub, const LoadOptions& o, const s
   const grpc::Status s = reader->Finish();
   out.e2e_ms = Ms(start, Clock::now());
   out.ok = s.ok();
-  if (!s.ok()) out.error = FromGrpc(s, "Generate").ToString();
+  if (!s.ok()) out.error = FromGrpc(s, id.empty() ? "GenerateOnce" : "Generate").ToString();
   return out;
 }
 
-}  // namespace
-
-LatencyStats Summarize(std::vector<double> v) {
-  LatencyStats s;
-  if (v.empty()) return s;
-  std::sort(v.begin(), v.end());
-  s.count = static_cast<int64_t>(v.size());
-  double sum = 0;
-  for (double x : v) sum += x;
-  s.mean = sum / static_cast<double>(v.size());
-  // Nearest rank: the smallest value with at least q of the sample at or below it.
-  auto rank = [&](double q) {
-    const auto i = static_cast<size_t>(std::ceil(q * static_cast<double>(v.size())));
-    return v[std::clamp<size_t>(i, 1, v.size()) - 1];
-  };
-  s.p50 = rank(0.50);
-  s.p90 = rank(0.90);
-  s.p99 = rank(0.99);
-  s.max = v.back();
-  return s;
-}
-
-absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
-  if (o.sessions < 1 || o.requests_per_session < 1 || o.prompt_tokens < 0 || o.turn_tokens < 0 ||
-      o.max_tokens < 1 || !(o.timeout_seconds > 0)) {
-    return absl::InvalidArgumentError(
-        "sessions, requests_per_session and max_tokens must be positive, token counts not "
-        "negative, timeout positive");
-  }
-  if (o.prompt_tokens + o.turn_tokens == 0) {
-    return absl::InvalidArgumentError("prompt_tokens + turn_tokens must be positive");
-  }
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);
-  auto channel = grpc::CreateCustomChannel(o.server, grpc::InsecureChannelCredentials(), args);
-  auto stub = v1::RambaService::NewStub(channel);
-
-  LoadReport report;
-  report.options = o;
-  v1::GetModelInfoResponse info;
-  {
-    grpc::ClientContext ctx;
-    SetDeadline(&ctx, std::min(o.timeout_seconds, 30.0));
-    const grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
-    if (!s.ok()) return FromGrpc(s, absl::StrCat("GetModelInfo on ", o.server));
-  }
-  report.model = info.model().name();
-  report.device = info.model().device();
-  const int32_t vocab = info.model().vocab_size();
-  if (vocab < 1) return absl::FailedPreconditionError("the server reports an empty vocabulary");
-
+// Closed loop: each user's session (created with its prompt, not timed), then its requests one
+// after another, all users at once.
+absl::Status RunSessions(v1::RambaService::Stub* stub, const LoadOptions& o, int32_t vocab,
+                         LoadReport& report, std::vector<std::vector<Sample>>& samples) {
   // Setup (not timed): every user's session with its prompt, created concurrently.
   const Clock::time_point setup = Clock::now();
   std::vector<std::string> ids(o.sessions);
@@ -187,7 +158,6 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   report.setup_seconds = Ms(setup, Clock::now()) / 1e3;
 
   // Timed: all users start together and send their requests one after another.
-  std::vector<std::vector<Sample>> samples(o.sessions);
   absl::Notification go;
   std::vector<std::thread> threads;
   for (int32_t u = 0; u < o.sessions; ++u) {
@@ -207,9 +177,36 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   report.wall_seconds = Ms(start, Clock::now()) / 1e3;
   cleanup();
 
+  return absl::OkStatus();
+}
+
+// Open loop: stateless requests, each on its own thread, started at its arrival time.
+void RunOpenLoop(v1::RambaService::Stub* stub, const LoadOptions& o, int32_t vocab,
+                 LoadReport& report, std::vector<Sample>& samples) {
+  const int64_t total = static_cast<int64_t>(o.sessions) * o.requests_per_session;
+  samples.resize(total);
+  std::vector<std::thread> threads;
+  std::mt19937_64 rng(o.seed);
+  std::exponential_distribution<double> gap(o.request_rate);
+  const Clock::time_point start = Clock::now();
+  double at = 0;
+  for (int64_t i = 0; i < total; ++i) {
+    std::this_thread::sleep_until(
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(at)));
+    v1::Input prompt = RandomTokens(rng, o.prompt_tokens + o.turn_tokens, vocab);
+    threads.emplace_back([&samples, stub, &o, i, prompt = std::move(prompt)]() mutable {
+      samples[i] = TimedGenerate(*stub, o, "", std::move(prompt), o.seed + i);
+    });
+    at += gap(rng);
+  }
+  for (auto& t : threads) t.join();
+  report.wall_seconds = Ms(start, Clock::now()) / 1e3;
+}
+
+void Aggregate(const std::vector<std::vector<Sample>>& samples, LoadReport& report) {
   std::vector<double> ttft, tpot, itl, e2e;
-  for (int32_t u = 0; u < o.sessions; ++u) {
-    for (const Sample& s : samples[u]) {
+  for (const std::vector<Sample>& user : samples) {
+    for (const Sample& s : user) {
       if (!s.ok) {
         ++report.requests_failed;
         if (report.errors.size() < 5) report.errors.push_back(s.error);
@@ -230,16 +227,86 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   report.tpot_ms = Summarize(std::move(tpot));
   report.itl_ms = Summarize(std::move(itl));
   report.e2e_ms = Summarize(std::move(e2e));
+}
+
+}  // namespace
+
+LatencyStats Summarize(std::vector<double> v) {
+  LatencyStats s;
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  s.count = static_cast<int64_t>(v.size());
+  double sum = 0;
+  for (double x : v) sum += x;
+  s.mean = sum / static_cast<double>(v.size());
+  // Nearest rank: the smallest value with at least q of the sample at or below it.
+  auto rank = [&](double q) {
+    const auto i = static_cast<size_t>(std::ceil(q * static_cast<double>(v.size())));
+    return v[std::clamp<size_t>(i, 1, v.size()) - 1];
+  };
+  s.p50 = rank(0.50);
+  s.p90 = rank(0.90);
+  s.p99 = rank(0.99);
+  s.max = v.back();
+  return s;
+}
+
+absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
+  if (o.sessions < 1 || o.requests_per_session < 1 || o.prompt_tokens < 0 || o.turn_tokens < 0 ||
+      o.max_tokens < 1 || !(o.timeout_seconds > 0)) {
+    return absl::InvalidArgumentError(
+        "sessions, requests_per_session and max_tokens must be positive, token counts not "
+        "negative, timeout positive");
+  }
+  if (o.prompt_tokens + o.turn_tokens == 0) {
+    return absl::InvalidArgumentError("prompt_tokens + turn_tokens must be positive");
+  }
+  if (!(o.request_rate >= 0) || std::isinf(o.request_rate)) {
+    return absl::InvalidArgumentError("request_rate must be finite and not negative");
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  auto channel = grpc::CreateCustomChannel(o.server, grpc::InsecureChannelCredentials(), args);
+  auto stub = v1::RambaService::NewStub(channel);
+
+  LoadReport report;
+  report.options = o;
+  v1::GetModelInfoResponse info;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx, std::min(o.timeout_seconds, 30.0));
+    const grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
+    if (!s.ok()) return FromGrpc(s, absl::StrCat("GetModelInfo on ", o.server));
+  }
+  report.model = info.model().name();
+  report.device = info.model().device();
+  const int32_t vocab = info.model().vocab_size();
+  if (vocab < 1) return absl::FailedPreconditionError("the server reports an empty vocabulary");
+
+  std::vector<std::vector<Sample>> samples(o.sessions);
+  if (o.request_rate > 0) {
+    RunOpenLoop(stub.get(), o, vocab, report, samples[0]);
+  } else {
+    RETURN_IF_ERROR(RunSessions(stub.get(), o, vocab, report, samples));
+  }
+  Aggregate(samples, report);
   return report;
 }
 
 std::string FormatReport(const LoadReport& r) {
   const LoadOptions& o = r.options;
-  std::string out = absl::StrFormat(
-      "ramba-loadtest: %s (%s on %s), %d sessions x %d requests; %d prompt + %d turn tokens in, "
-      "%d out per request, temperature %g\n",
-      o.server, r.model, r.device, o.sessions, o.requests_per_session, o.prompt_tokens,
-      o.turn_tokens, o.max_tokens, o.temperature);
+  std::string out =
+      o.request_rate > 0
+          ? absl::StrFormat(
+                "ramba-loadtest: %s (%s on %s), open loop: %d stateless requests arriving at %g "
+                "per second; %d prompt tokens in, %d out per request, temperature %g\n",
+                o.server, r.model, r.device, o.sessions * o.requests_per_session, o.request_rate,
+                o.prompt_tokens + o.turn_tokens, o.max_tokens, o.temperature)
+          : absl::StrFormat(
+                "ramba-loadtest: %s (%s on %s), %d sessions x %d requests; %d prompt + %d turn "
+                "tokens in, %d out per request, temperature %g\n",
+                o.server, r.model, r.device, o.sessions, o.requests_per_session, o.prompt_tokens,
+                o.turn_tokens, o.max_tokens, o.temperature);
   const double wall = std::max(r.wall_seconds, 1e-9);
   absl::StrAppendFormat(&out,
                         "requests: %d ok, %d failed in %.3f s = %.2f req/s; output %d tokens = "
@@ -278,6 +345,7 @@ std::string ReportJson(const LoadReport& r) {
       {"turn_tokens", o.turn_tokens},
       {"max_tokens", o.max_tokens},
       {"temperature", o.temperature},
+      {"request_rate", o.request_rate},
       {"requests_ok", r.requests_ok},
       {"requests_failed", r.requests_failed},
       {"errors", r.errors},

@@ -6,6 +6,11 @@
 // (TPOT), the gaps between token messages as they arrive (ITL; the server coalesces tokens into
 // fewer messages for slow readers), end-to-end latency, and throughput. Talks to the server over
 // the network only (ramba.v1 API); it loads no model.
+//
+// With request_rate > 0 the load is open-loop instead: sessions x requests_per_session stateless
+// GenerateOnce calls (a prompt of prompt_tokens + turn_tokens ids each) arrive at exponential
+// intervals of mean 1 / request_rate seconds whether or not earlier ones have finished, so
+// queueing shows in TTFT as the rate nears what the server sustains.
 #ifndef RAMBA_LOADTEST_LOAD_GENERATOR_H_
 #define RAMBA_LOADTEST_LOAD_GENERATOR_H_
 
@@ -28,6 +33,7 @@ struct LoadOptions {
   uint64_t seed = 1;             // token ids and sampling seeds
   double timeout_seconds = 600;  // deadline of each call
   bool keep_sessions = false;    // leave the sessions on the server (default: delete them)
+  double request_rate = 0;       // > 0: open-loop stateless requests per second (above)
   std::string session_prefix = "loadtest";
 };
 

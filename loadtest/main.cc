@@ -24,6 +24,9 @@ ABSL_FLAG(double, timeout, 600, "Deadline of each call in seconds.");
 ABSL_FLAG(bool, keep_sessions, false, "Leave the sessions on the server (default: delete them).");
 ABSL_FLAG(std::string, session_prefix, "loadtest", "Session ids are PREFIX-PID-USER.");
 ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this file.");
+ABSL_FLAG(double, request_rate, 0,
+          "> 0: open loop instead: sessions x requests_per_session stateless requests (prompt "
+          "+ turn tokens each) arriving at this many per second (Poisson).");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -42,6 +45,7 @@ int main(int argc, char** argv) {
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.keep_sessions = absl::GetFlag(FLAGS_keep_sessions);
   o.session_prefix = absl::GetFlag(FLAGS_session_prefix);
+  o.request_rate = absl::GetFlag(FLAGS_request_rate);
   absl::StatusOr<ramba::loadtest::LoadReport> report = ramba::loadtest::RunLoad(o);
   if (!report.ok()) {
     std::fprintf(stderr, "ramba-loadtest: %s\n", report.status().ToString().c_str());

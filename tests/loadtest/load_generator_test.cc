@@ -36,6 +36,9 @@ TEST(RunLoadTest, RejectsBadOptionsAndUnreachableServers) {
   o.sessions = 0;
   EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);
   o = LoadOptions();
+  o.request_rate = -1;
+  EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = LoadOptions();
   o.server = "127.0.0.1:1";
   o.timeout_seconds = 5;
   const absl::Status s = RunLoad(o).status();

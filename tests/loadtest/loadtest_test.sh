@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ramba-loadtest against a real ramba-server process (byte-level fixture model, CPU, port 0):
 # every request completes, the counts match what was asked, the latency figures are ordered, and
-# the sessions are deleted afterwards; and the client CLI's --logprobs on the same server. The
+# the sessions are deleted afterwards (closed loop over sessions, then open loop, stateless); and the client CLI's --logprobs on the same server. The
 # server writes its commits on committer threads (--commit_threads), which the other server
 # process tests leave off.
 # Usage: loadtest_test.sh RAMBA_SERVER RAMBA_LOADTEST RAMBA_CLIENT MODEL_DIR
@@ -34,6 +34,19 @@ for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
 assert r["ttft_ms"]["max"] <= r["e2e_ms"]["max"], r
 assert r["itl_ms"]["count"] >= 1, r
 print("loadtest report ok")
+PY
+# Open loop: stateless requests arriving at 50 per second.
+"$loadtest_bin" --server "127.0.0.1:$port" --sessions 2 --requests_per_session 3 \
+  --prompt_tokens 100 --turn_tokens 5 --max_tokens 7 --request_rate 50 --json "$dir/open.json"
+python3 - "$dir/open.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["request_rate"] == 50 and r["requests_ok"] == 6 and r["requests_failed"] == 0, r
+assert r["output_tokens"] == 6 * 7 and r["input_tokens"] == 6 * 105, r
+assert r["ttft_ms"]["count"] == 6 and 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["max"], r
+# Six arrivals at 50/s take ~0.1 s of Poisson gaps: the run cannot be instantaneous.
+assert r["wall_seconds"] > 0.01, r
+print("open-loop report ok")
 PY
 # The client CLI's --logprobs against the same server: a sum and a mean, both negative.
 "$client_bin" --server "127.0.0.1:$port" create --id lp --text "Once upon a time" > /dev/null
