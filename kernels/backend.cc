@@ -148,17 +148,12 @@ absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
   const int64_t* offsets = a.host_seq_offsets != nullptr ? a.host_seq_offsets : a.seq_offsets;
   RETURN_IF_ERROR(CheckMixerOutProj("MambaMixer", a));
   if (a.num_seqs <= 0) return absl::OkStatus();
+  const int64_t base = offsets[0], rows = offsets[a.num_seqs] - base;  // rows are absolute
   RETURN_IF_ERROR(CausalConv1dSilu(a.zxbcdt + d_inner, a.ld, a.seq_offsets, a.num_seqs,
                                    a.conv_states, a.conv_weight, a.conv_bias, conv_dim,
                                    a.conv_kernel, a.xbc, a.host_seq_offsets));
   RETURN_IF_ERROR(SsmScan(a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim, a.ld, a.seq_offsets,
                           a.num_seqs, a.ssm_states, p, a.y, a.host_seq_offsets));
-  return MambaMixerNorm(a, offsets);
-}
-
-absl::Status Backend::MambaMixerNorm(const MambaMixerArgs& a, const int64_t* offsets) {
-  const int64_t d_inner = a.ssm.nheads * a.ssm.headdim;
-  const int64_t base = offsets[0], rows = offsets[a.num_seqs] - base;  // rows are absolute
   if (a.out_proj.data != nullptr) {
     return GatedRmsNormMatmul(a.y + base * d_inner, d_inner, a.zxbcdt + base * a.ld, a.ld,
                               a.norm_weight, a.norm_group_size, a.eps, rows,

@@ -294,10 +294,6 @@ class Backend {
  protected:
   friend class Buffer;
   virtual void Free(void* data, size_t bytes) = 0;
-
-  // MambaMixer's last step, from the SSM output in a.y: the gated norm into a.g, or with
-  // a.out_proj through GatedRmsNormMatmul into a.out. `offsets` are host offsets.
-  absl::Status MambaMixerNorm(const MambaMixerArgs& a, const int64_t* offsets);
 };
 
 // CPU backend; threads <= 0 uses every core (OpenMP + OpenBLAS).

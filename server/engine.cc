@@ -179,11 +179,9 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
   }
   std::vector<int32_t> sampled;
   std::vector<float> logprobs;
-  const absl::Status st =
-      any_logprob ? model_->ForwardAndSample(states, spans, options, &sampled,
-                                             absl::MakeConstSpan(want_logprob.get(), batch.size()),
-                                             &logprobs)
-                  : model_->ForwardAndSample(states, spans, options, &sampled);
+  const absl::Status st = model_->ForwardAndSample(
+      states, spans, options, &sampled, absl::MakeConstSpan(want_logprob.get(), batch.size()),
+      any_logprob ? &logprobs : nullptr);
   std::vector<Running*> done;
   if (!st.ok()) {
     for (Running* r : batch) {

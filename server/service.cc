@@ -165,9 +165,17 @@ grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Sta
 
 const absl::Status kDraining = absl::UnavailableError("the server is draining for shutdown");
 
-// Runs `write` (a store commit and what follows it) on the committer when there is one and
-// `async`, else here.
-void RunCommit(Committer* committer, bool async, std::function<void()> write) {
+// Writes a prepared commit of `lease` (timed into the commit latency metric), then runs `then`
+// with the result: on the committer when there is one and `async`, else here.
+void ApplyCommit(Committer* committer, bool async, Metrics* metrics, SessionLease* lease,
+                 store::CommitRequest prepared, std::function<void(absl::Status)> then) {
+  auto write = [lease, metrics, prepared = std::move(prepared), then = std::move(then)]() mutable {
+    const auto t0 = Clock::now();
+    absl::Status result = lease->ApplyCommit(std::move(prepared));
+    if (metrics) metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
+    auto finish = std::move(then);  // released with this frame, not with the task
+    finish(result);
+  };
   if (async && committer != nullptr) {
     committer->Run(std::move(write));
   } else {
@@ -218,19 +226,16 @@ void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLeas
       done(prepared.status());
       return;
     }
-    RunCommit(committer, async,
-              [held = std::move(held), prepared = std::move(*prepared), done = std::move(done),
-               metrics, n]() mutable {
-                const auto t0 = Clock::now();
-                absl::Status result = held->ApplyCommit(std::move(prepared));
-                if (metrics) {
-                  metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
-                  if (result.ok()) metrics->prompt_tokens->Increment(static_cast<double>(n));
-                }
-                held.reset();
-                auto finish = std::move(done);  // released with this frame, not with the task
-                finish(result);
-              });
+    SessionLease* lease_ptr = held.get();
+    ApplyCommit(
+        committer, async, metrics, lease_ptr, std::move(*prepared),
+        [held = std::move(held), done = std::move(done), metrics, n](absl::Status result) mutable {
+          if (metrics && result.ok()) {
+            metrics->prompt_tokens->Increment(static_cast<double>(n));
+          }
+          held.reset();
+          done(result);
+        });
   };
   deps.engine->Submit(std::move(req));
 }
@@ -514,16 +519,14 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       Fail(prepared.status());
       return;
     }
-    RunCommit(deps_.committer, /*async=*/true, [this, prepared = std::move(*prepared)]() mutable {
-      const auto t0 = Clock::now();
-      absl::Status c = lease_->ApplyCommit(std::move(prepared));
-      if (deps_.metrics) deps_.metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
-      if (!c.ok()) {
-        Fail(c);
-        return;
-      }
-      Complete();
-    });
+    ApplyCommit(deps_.committer, /*async=*/true, deps_.metrics, lease_.get(), std::move(*prepared),
+                [this](absl::Status c) {
+                  if (!c.ok()) {
+                    Fail(c);
+                    return;
+                  }
+                  Complete();
+                });
   }
 
   // After the commit (if any): the Final message, the session released first.
