@@ -46,10 +46,11 @@ class Context {
   size_t max_shared_per_block = 0;  // opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)
   bool pdl = false;                 // launch with programmatic dependent launch (launch.cuh)
 
-  // Zeroed device counters for "last block finishes the work" kernels (the fused decode mixer):
-  // a kernel counts arriving blocks in its slot's counters and the last block resets them to 0,
-  // so they are zero between kernels. kCountersPerSlot per slot.
-  enum class CounterSlot : int { kMamba = 0, kNumSlots };
+  // Zeroed device counters for "last block finishes the work" kernels (the fused decode mixer,
+  // the decode retrieval and sparse attention): a kernel counts arriving blocks in its slot's
+  // counters and the last block resets them to 0, so they are zero between kernels.
+  // kCountersPerSlot per slot.
+  enum class CounterSlot : int { kMamba = 0, kRetrieval, kAttention, kNumSlots };
   static constexpr int64_t kCountersPerSlot = int64_t{1} << 16;
   unsigned* counters = nullptr;
   unsigned* Counters(CounterSlot slot) const {
