@@ -169,7 +169,7 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
   std::vector<SamplingOptions> options;
   // Logprobs only for requests that asked and are at their last input token (the rows whose
   // token is kept): each costs a download of the row's logits.
-  std::unique_ptr<bool[]> want_logprob(new bool[batch.size()]);
+  auto want_logprob = std::make_unique<bool[]>(batch.size());  // a span of bool (not vector<bool>)
   bool any_logprob = false;
   for (size_t i = 0; i < batch.size(); ++i) {
     Running* r = batch[i];
