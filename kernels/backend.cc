@@ -164,6 +164,27 @@ absl::Status Backend::MambaMixer(const MambaMixerArgs& a) {
                       a.g + base * d_inner, d_inner, rows, d_inner, a.norm_group_size, a.eps);
 }
 
+absl::Status Backend::MambaBlocks(const MambaBlockArgs* blocks, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const MambaBlockArgs& b = blocks[i];
+    const MambaMixerArgs& m = b.mixer;
+    if (m.host_seq_offsets == nullptr && !host_accessible()) {
+      return absl::InvalidArgumentError("MambaBlocks: host_seq_offsets is required");
+    }
+    if (m.out_proj.data == nullptr || m.out == nullptr) {
+      return absl::InvalidArgumentError("MambaBlocks: every block needs out_proj and out");
+    }
+    if (m.num_seqs <= 0) continue;
+    const int64_t* offsets = m.host_seq_offsets != nullptr ? m.host_seq_offsets : m.seq_offsets;
+    const int64_t base = offsets[0], rows = offsets[m.num_seqs] - base;
+    RETURN_IF_ERROR(RmsNormMatmul(m.out + base * m.ld_out, m.ld_out, rows, b.norm_weight, b.eps,
+                                  b.xn + base * m.ld_out, b.in_proj,
+                                  const_cast<float*>(m.zxbcdt) + base * m.ld, m.ld));
+    RETURN_IF_ERROR(MambaMixer(m));
+  }
+  return absl::OkStatus();
+}
+
 #ifdef RAMBA_HAVE_CUDA
 bool CudaAvailable() {
   int count = 0;

@@ -133,6 +133,17 @@ struct MambaMixerArgs {
   int64_t ld_out = 0;
 };
 
+// One Mamba decoder block on the residual stream h = mixer.out (row stride mixer.ld_out, the
+// mixer's rows): h += out_proj(mixer(in_proj(RmsNorm(h)))). mixer.out_proj must be set;
+// mixer.zxbcdt is in_proj's output (scratch here, written by the op).
+struct MambaBlockArgs {
+  const float* norm_weight = nullptr;  // [in_proj.cols], the block's RMSNorm weight
+  float eps = 0.0f;
+  MatrixView in_proj;    // [in_proj width, d]
+  float* xn = nullptr;   // scratch [rows, ld_out]: the normed rows, for backends that need them
+  MambaMixerArgs mixer;  // zxbcdt non-const through the op: see above
+};
+
 // Sampling parameters of one row. temperature == 0 means greedy (argmax, lowest id on ties).
 struct SamplingParams {
   float temperature = 1.0f;
@@ -231,6 +242,11 @@ class Backend {
   // device backends can fuse the three for decode steps. The default runs the three ops (and
   // uses the xbc and y scratch); results equal theirs up to summation order in the norm.
   virtual absl::Status MambaMixer(const MambaMixerArgs& a);
+
+  // Consecutive Mamba decoder blocks, in order (each reads the residual stream the one before it
+  // wrote), as one op so that device backends can run a decode step's stack as one kernel. The
+  // default runs RmsNormMatmul into each block's zxbcdt, then MambaMixer.
+  virtual absl::Status MambaBlocks(const MambaBlockArgs* blocks, int64_t count);
 
   // Rotary embedding, rotate-half convention, in place on x [rows, heads * head_dim]; the position
   // of row r is r % period (positions restart at 0 in every chunk). inv_freq_i = theta^(-2i/head_dim).

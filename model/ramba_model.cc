@@ -203,14 +203,14 @@ absl::Status RambaModel::LowerLayers(const Batch& b) {
   using W = Workspace;
   ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, b.rows * config_.hidden_size));
   RETURN_IF_ERROR(backend_->Embed(b.tokens, b.rows, weights_.embeddings.view, h));
-  for (int64_t l = 0; l < config_.num_lower_layers; ++l) RETURN_IF_ERROR(MambaBlock(b, l));
-  return absl::OkStatus();
+  return MambaBlocks(b, 0, config_.num_lower_layers);
 }
 
-absl::Status RambaModel::MambaBlock(const Batch& b, int64_t layer) {
+// Mamba layers [first, first + count) on h, through one Backend::MambaBlocks call (a device
+// backend may run a decode step's whole run of blocks as one kernel).
+absl::Status RambaModel::MambaBlocks(const Batch& b, int64_t first, int64_t count) {
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
-  Backend* be = backend_;
   using W = Workspace;
   const int64_t rows = b.rows, d = c.hidden_size, P = c.in_proj_dim();
   const int64_t d_inner = c.d_inner(), conv_dim = c.conv_dim();
@@ -220,39 +220,46 @@ absl::Status RambaModel::MambaBlock(const Batch& b, int64_t layer) {
   ASSIGN_OR_RETURN(float* xbc, ws.Get<float>(W::kXbc, rows * conv_dim));
   ASSIGN_OR_RETURN(float* y, ws.Get<float>(W::kY, rows * d_inner));
   ASSIGN_OR_RETURN(float* g, ws.Get<float>(W::kG, rows * d_inner));
-  const MambaWeights& mw = weights_.mamba[layer];
-  RETURN_IF_ERROR(be->RmsNormMatmul(h, d, rows, mw.norm.data(), c.layer_norm_epsilon, xn,
-                                    mw.in_proj.view, zxbcdt, P));
-  kernels::MambaMixerArgs m;
-  m.zxbcdt = zxbcdt;
-  m.ld = P;
-  m.seq_offsets = b.offsets;
-  m.host_seq_offsets = b.host_offsets;
-  m.num_seqs = b.num_seqs;
-  m.conv_states = b.conv_ptrs + layer * b.num_seqs;
-  m.conv_weight = mw.conv_weight.data();
-  m.conv_bias = c.use_conv_bias ? mw.conv_bias.data() : nullptr;
-  m.conv_kernel = c.conv_kernel;
-  m.ssm_states = b.ssm_ptrs + layer * b.num_seqs;
-  m.ssm.nheads = c.num_heads;
-  m.ssm.headdim = c.head_dim;
-  m.ssm.d_state = c.state_size;
-  m.ssm.ngroups = c.n_groups;
-  m.ssm.dt_min = c.time_step_min_limit;
-  m.ssm.dt_max = c.time_step_max_limit;
-  m.ssm.A_log = mw.A_log.data();
-  m.ssm.D = mw.D.data();
-  m.ssm.dt_bias = mw.dt_bias.data();
-  m.norm_weight = mw.gated_norm.data();
-  m.norm_group_size = d_inner / c.n_groups;
-  m.eps = c.layer_norm_epsilon;
-  m.xbc = xbc;
-  m.y = y;
-  m.g = g;
-  m.out_proj = mw.out_proj.view;  // h += out_proj(g): the residual add
-  m.out = h;
-  m.ld_out = d;
-  return be->MambaMixer(m);
+  std::vector<kernels::MambaBlockArgs> blocks(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t layer = first + i;
+    const MambaWeights& mw = weights_.mamba[layer];
+    kernels::MambaBlockArgs& blk = blocks[static_cast<size_t>(i)];
+    blk.norm_weight = mw.norm.data();
+    blk.eps = c.layer_norm_epsilon;
+    blk.in_proj = mw.in_proj.view;
+    blk.xn = xn;
+    kernels::MambaMixerArgs& m = blk.mixer;
+    m.zxbcdt = zxbcdt;
+    m.ld = P;
+    m.seq_offsets = b.offsets;
+    m.host_seq_offsets = b.host_offsets;
+    m.num_seqs = b.num_seqs;
+    m.conv_states = b.conv_ptrs + layer * b.num_seqs;
+    m.conv_weight = mw.conv_weight.data();
+    m.conv_bias = c.use_conv_bias ? mw.conv_bias.data() : nullptr;
+    m.conv_kernel = c.conv_kernel;
+    m.ssm_states = b.ssm_ptrs + layer * b.num_seqs;
+    m.ssm.nheads = c.num_heads;
+    m.ssm.headdim = c.head_dim;
+    m.ssm.d_state = c.state_size;
+    m.ssm.ngroups = c.n_groups;
+    m.ssm.dt_min = c.time_step_min_limit;
+    m.ssm.dt_max = c.time_step_max_limit;
+    m.ssm.A_log = mw.A_log.data();
+    m.ssm.D = mw.D.data();
+    m.ssm.dt_bias = mw.dt_bias.data();
+    m.norm_weight = mw.gated_norm.data();
+    m.norm_group_size = d_inner / c.n_groups;
+    m.eps = c.layer_norm_epsilon;
+    m.xbc = xbc;
+    m.y = y;
+    m.g = g;
+    m.out_proj = mw.out_proj.view;  // h += out_proj(g): the residual add
+    m.out = h;
+    m.ld_out = d;
+  }
+  return backend_->MambaBlocks(blocks.data(), count);
 }
 
 // Encodes `new_chunks` blocks already gathered in X (block_len rows each, CLS row last when the
@@ -356,7 +363,8 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
                                              c.num_attention_heads, c.num_kv_heads,
                                              c.attn_head_dim(), S, ho));
     RETURN_IF_ERROR(be->Matmul(ho, d, rows, hw.o_proj.view, nullptr, h, d, true));
-    for (int64_t j = 0; j < c.num_mamba_per_gca; ++j) RETURN_IF_ERROR(MambaBlock(b, mamba_layer++));
+    RETURN_IF_ERROR(MambaBlocks(b, mamba_layer, c.num_mamba_per_gca));
+    mamba_layer += c.num_mamba_per_gca;
   }
   return absl::OkStatus();
 }

@@ -114,7 +114,7 @@ class RambaModel {
                             const std::vector<int32_t>& tokens,
                             const std::vector<int64_t>& offsets, Batch* b);
   absl::Status LowerLayers(const Batch& b);
-  absl::Status MambaBlock(const Batch& b, int64_t layer);
+  absl::Status MambaBlocks(const Batch& b, int64_t first, int64_t count);
   absl::Status EncodeChunks(float* X, int64_t new_chunks, absl::Span<SessionState* const> owners);
   absl::Status UpperLayers(const Batch& b);
   absl::StatusOr<float*> Head(const float* src, int64_t rows);

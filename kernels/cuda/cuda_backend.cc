@@ -391,6 +391,31 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
   return Backend::MambaMixer(a);
 }
 
+absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t count) {
+  // RAMBA_CUDA_PERSISTENT_MAMBA=1: decode batches of 1-4 rows through the persistent kernel
+  // (mamba_blocks.cu). Off by default: measured no faster than block by block at batch 1 (21.4 vs
+  // 20.8 us per 370M layer) and slower at 2-4, its grid barriers costing 2-4 us each
+  // (docs/benchmarks.md). Read per call: tests and bench-mamba-blocks switch it.
+  const char* env = std::getenv("RAMBA_CUDA_PERSISTENT_MAMBA");
+  if (env != nullptr && std::string_view(env) == "1" && count > 0) {
+    for (int64_t i = 0; i < count; ++i) {
+      const MambaMixerArgs& m = blocks[i].mixer;
+      RETURN_IF_ERROR(CheckSsmParams("MambaBlocks", m.ssm));
+      RETURN_IF_ERROR(CheckHostOffsets("MambaBlocks", m.host_seq_offsets, m.num_seqs));
+      RAMBA_CHECK_ARG("MambaBlocks",
+                      m.conv_states != nullptr && m.ssm_states != nullptr &&
+                          m.conv_weight != nullptr && m.norm_weight != nullptr && m.g != nullptr &&
+                          m.zxbcdt != nullptr && m.xbc != nullptr && m.out != nullptr &&
+                          m.out_proj.data != nullptr && blocks[i].norm_weight != nullptr &&
+                          blocks[i].in_proj.data != nullptr,
+                      "null pointer");
+    }
+    ASSIGN_OR_RETURN(bool done, cuda::PersistentMambaBlocks(*this, blocks, count));
+    if (done) return absl::OkStatus();
+  }
+  return Backend::MambaBlocks(blocks, count);
+}
+
 absl::Status CudaBackend::SsmScan(const float* xbc, int64_t ldxbc, const float* dt_raw,
                                   int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
                                   float* const* ssm_states, const SsmParams& p, float* y,

@@ -50,7 +50,8 @@ class Context {
   // the decode retrieval and sparse attention): a kernel counts arriving blocks in its slot's
   // counters and the last block resets them to 0, so they are zero between kernels.
   // kCountersPerSlot per slot.
-  enum class CounterSlot : int { kMamba = 0, kRetrieval, kAttention, kNumSlots };
+  // kGridBarrier: the persistent Mamba kernel's grid barrier (arrivals, exits).
+  enum class CounterSlot : int { kMamba = 0, kRetrieval, kAttention, kGridBarrier, kNumSlots };
   static constexpr int64_t kCountersPerSlot = int64_t{1} << 16;
   unsigned* counters = nullptr;
   unsigned* Counters(CounterSlot slot) const {
@@ -140,6 +141,18 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
 // block, or with finish_kernel by a second small kernel.
 absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int64_t num_seqs,
                                      const int64_t* host_seq_offsets, bool finish_kernel);
+
+// ---- mamba_blocks.cu ----
+// Backend::MambaBlocks as one persistent kernel per run of up to 24 blocks, for decode batches of
+// 1-4 one-token sequences and the shapes it covers (bf16 weights, conv width 4, headdim a
+// multiple of 16, d_state <= 128); returns false, launching nothing, otherwise. Opt-in
+// (RAMBA_CUDA_PERSISTENT_MAMBA=1; mamba_blocks.cu says why).
+// With `trace` (device memory, count <= 24), thread 0 of each block records clock64() at
+// kMambaBlocksTracePoints phase boundaries per layer: trace[(layer * points + point) * grid +
+// block], grid = ctx.num_sms (bench-mamba-blocks --trace prints where the time goes).
+constexpr int kMambaBlocksTracePoints = 16;
+absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* blocks,
+                                           int64_t count, long long* trace = nullptr);
 
 // ---- attention.cu ----
 absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const float* v,
