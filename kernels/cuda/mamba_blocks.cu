@@ -17,7 +17,7 @@
 // Status: opt-in (RAMBA_CUDA_PERSISTENT_MAMBA=1), correct (tests/kernels/cuda_mamba_blocks_test.cc)
 // but measured no faster than block by block: 21.4 vs 20.8 us per 370M layer at batch 1, slower
 // at 2-4 (bench-mamba-blocks --trace, docs/benchmarks.md). The weight tiles arrive before they
-// are needed; the time goes to the three grid barriers (2-4 us each, ~1.5 us even without skew)
+// are needed; the time goes to the three grid barriers (2-4 us each, ~2.5 us even without skew)
 // and to the first dependent L2 round trip after each (1.2-2 us while the copies stream). Next:
 // cheaper barriers (cluster-level first, fewer global arrivals) and fewer per layer.
 //
@@ -50,8 +50,8 @@ constexpr int kMaxState = 128;  // d_state: four values per lane
 constexpr int kMaxNormGroups = 8;
 constexpr int kMaxTasks = 2 * kWarps;  // phase C (column, k slice) pairs per block
 constexpr int kMaxItems = 8;           // phase-B items per block
-// The thread that issues the bulk copies: not in warp 0, whose thread 0 arrives at the grid
-// barriers, because the release there waited for that warp's copies in flight (~2-4 us each).
+// The thread that issues the bulk copies: outside warp 0, whose thread 0 arrives at the grid
+// barriers, so that no barrier release can wait on copies in flight (measured: no difference).
 constexpr int kCopyThread = 32;
 constexpr int kColsPerWarp = 4;                   // GEMV columns one warp computes at once
 constexpr int kMaxACols = kColsPerWarp * kWarps;  // in_proj columns per block
