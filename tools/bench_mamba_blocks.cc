@@ -52,10 +52,11 @@ int Fail(const absl::Status& s) {
 class Arena {
  public:
   explicit Arena(Backend* be) : be_(be) {}
+  // A device copy of v that lives as long as the arena (null, and ok() false, on failure).
   template <class T>
   T* Put(const std::vector<T>& v) {
-    auto b = be_->Allocate(std::max<size_t>(1, v.size()) * sizeof(T));
-    if (!b.ok() || !be_->Upload(b->data(), v.data(), v.size() * sizeof(T)).ok()) {
+    auto b = ramba::bench::Put(be_, v);
+    if (!b.ok()) {
       ok_ = false;
       return nullptr;
     }

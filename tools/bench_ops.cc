@@ -100,14 +100,6 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
-template <class T>
-absl::StatusOr<Buffer> Put(Backend* be, const std::vector<T>& v) {
-  auto b = be->Allocate(v.size() * sizeof(T));
-  if (!b.ok()) return b.status();
-  if (auto s = be->Upload(b->data(), v.data(), v.size() * sizeof(T)); !s.ok()) return s;
-  return b;
-}
-
 std::vector<float> Random(int64_t n, uint32_t seed) {
   std::mt19937 g(seed);
   std::normal_distribution<float> d(0.0f, 1.0f);
@@ -118,6 +110,7 @@ std::vector<float> Random(int64_t n, uint32_t seed) {
 
 using ramba::bench::InGraphSeconds;
 using ramba::bench::MedianSeconds;
+using ramba::bench::Put;
 
 }  // namespace
 

@@ -1,4 +1,5 @@
-// Timing helpers shared by the benchmark tools (bench-model, bench-ops).
+// Helpers shared by the benchmark tools (bench-model, bench-ops, bench-mamba-blocks): timing,
+// the copy bandwidth, uploads.
 #ifndef RAMBA_TOOLS_BENCH_UTIL_H_
 #define RAMBA_TOOLS_BENCH_UTIL_H_
 
@@ -8,9 +9,19 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "kernels/backend.h"
 
 namespace ramba::bench {
+
+// A backend buffer holding a copy of v.
+template <class T>
+absl::StatusOr<kernels::Buffer> Put(kernels::Backend* be, const std::vector<T>& v) {
+  auto b = be->Allocate(v.size() * sizeof(T));
+  if (!b.ok()) return b.status();
+  if (auto s = be->Upload(b->data(), v.data(), v.size() * sizeof(T)); !s.ok()) return s;
+  return b;
+}
 
 inline double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();

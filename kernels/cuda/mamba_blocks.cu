@@ -83,7 +83,7 @@ struct BlocksArgs {
   float* partials;    // [rows, d_inner / kSlice]: per-item sums of g^2
   unsigned* barrier;  // GridBarrier's counters; zero between launches
   long long* trace;   // null, or [layers][kMambaBlocksTracePoints][grid]: clock64 per phase
-  int d, H, P, N, G, d_inner, conv_dim, in_dim;
+  int d, H, P, N, ngroups, d_inner, conv_dim, in_dim;  // N: d_state
   int group_size;
   float eps, geps, dt_min, dt_max;
   int c_ksplit;  // k slices per out_proj column in phase C
@@ -386,8 +386,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int i = idx / (2 * a.N), n = idx % (2 * a.N);
         const int it = blockIdx.x + i * G;
         const int r = it / per_row, hd = (it % per_row) / slices;
-        const int grp = hd / (a.H / a.G);
-        const int off = n < a.N ? d_inner + grp * a.N + n : d_inner + (a.G + grp) * a.N + n - a.N;
+        const int grp = hd / (a.H / a.ngroups);
+        const int off =
+            n < a.N ? d_inner + grp * a.N + n : d_inner + (a.ngroups + grp) * a.N + n - a.N;
         s_bc[i][n] = __ldcg(a.xbc + static_cast<int64_t>(r) * conv_dim + off);
       }
       for (int idx = tid; idx < items * kSlice; idx += kThreads) {
@@ -576,7 +577,7 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   a.H = static_cast<int>(H);
   a.P = static_cast<int>(P);
   a.N = static_cast<int>(N);
-  a.G = static_cast<int>(Gr);
+  a.ngroups = static_cast<int>(Gr);
   a.d_inner = static_cast<int>(d_inner);
   a.conv_dim = static_cast<int>(conv_dim);
   a.in_dim = static_cast<int>(in_dim);

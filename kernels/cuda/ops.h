@@ -50,7 +50,7 @@ class Context {
   // the decode retrieval and sparse attention): a kernel counts arriving blocks in its slot's
   // counters and the last block resets them to 0, so they are zero between kernels.
   // kCountersPerSlot per slot.
-  // kGridBarrier: the persistent Mamba kernel's grid barrier (arrivals, exits).
+  // kGridBarrier: the persistent Mamba kernel's grid barrier (mamba_blocks.cu GridBarrier).
   enum class CounterSlot : int { kMamba = 0, kRetrieval, kAttention, kGridBarrier, kNumSlots };
   static constexpr int64_t kCountersPerSlot = int64_t{1} << 16;
   unsigned* counters = nullptr;
