@@ -218,22 +218,19 @@ int main(int argc, char** argv) {
       }
       int khz = 0;
       cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, ctx->device);
-      static const char* kNames[P] = {"A  load h, conv inputs",
-                                      "A  wait in_proj tile",
-                                      "A  norm scale",
-                                      "A  GEMV, conv (warp 0)",
-                                      "A  sync, prefetch",
-                                      "   barrier after A",
-                                      "B  loads",
-                                      "B  wait state tiles",
-                                      "B  SSM update",
-                                      "   barrier after B",
-                                      "C  load g, sums",
-                                      "C  wait out_proj tile",
-                                      "C  norm scale",
-                                      "C  GEMV, sync, h",
-                                      "C  prefetch",
-                                      "   barrier after C"};
+      static const char* kNames[P] = {"A  conv inputs, constants",
+                                      "A  poll h",
+                                      "A  squares, wait in_proj tile",
+                                      "A  GEMV",
+                                      "A  reduce, conv, hand over",
+                                      "B  poll inputs",
+                                      "B  dt, wait state tiles",
+                                      "B  SSM update, hand over",
+                                      "C  poll g, sums",
+                                      "C  norm scales, wait tile",
+                                      "C  GEMV",
+                                      "C  reduce, hand over h",
+                                      "   (next layer)"};
       std::printf(
           "  phase (cycles per layer; layers 1..%lld; clock %d MHz)   mean    slowest block\n",
           static_cast<long long>(layers - 1), khz / 1000);
@@ -247,7 +244,7 @@ int main(int argc, char** argv) {
           for (int64_t b = 0; b < G; ++b) {
             const long long t0 = t[(l * P + k) * G + b];
             const long long t1 = k + 1 < P ? t[(l * P + k + 1) * G + b] : t[((l + 1) * P) * G + b];
-            if (t0 == 0 || t1 == 0) continue;  // a block without phase-B items skips 5 and 6
+            if (t0 == 0 || t1 == 0) continue;  // a block without phase-B items skips 6 and 7
             sum += static_cast<double>(t1 - t0);
             ++count;
             worst = std::max(worst, static_cast<double>(t1 - t0));

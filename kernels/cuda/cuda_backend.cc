@@ -392,12 +392,16 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
 }
 
 absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t count) {
-  // RAMBA_CUDA_PERSISTENT_MAMBA=1: decode batches of 1-4 rows through the persistent kernel
-  // (mamba_blocks.cu). Off by default: measured no faster than block by block at batch 1 (21.4 vs
-  // 20.8 us per 370M layer) and slower at 2-4, its grid barriers costing 2-4 us each
-  // (docs/benchmarks.md). Read per call: tests and bench-mamba-blocks switch it.
+  // Decode batches of 1-2 one-token rows go through the persistent kernel (mamba_blocks.cu) and
+  // larger ones block by block: measured side by side, 13.1 vs 20.8 us per 370M layer at batch 1,
+  // 18.0 vs 22.4 at 2, 28.0 vs 23.3 at 4 (bench-mamba-blocks, docs/benchmarks.md).
+  // RAMBA_CUDA_PERSISTENT_MAMBA=0 turns it off, =1 uses it up to its 4 rows. Read per call: tests
+  // and bench-mamba-blocks switch it.
+  constexpr int64_t kPersistentMaxRows = 2;
   const char* env = std::getenv("RAMBA_CUDA_PERSISTENT_MAMBA");
-  if (env != nullptr && std::string_view(env) == "1" && count > 0) {
+  const std::string_view mode = env != nullptr ? env : "";
+  const int64_t rows = count > 0 ? blocks[0].mixer.num_seqs : 0;
+  if (count > 0 && mode != "0" && (mode == "1" || rows <= kPersistentMaxRows)) {
     for (int64_t i = 0; i < count; ++i) {
       const MambaMixerArgs& m = blocks[i].mixer;
       RETURN_IF_ERROR(CheckSsmParams("MambaBlocks", m.ssm));

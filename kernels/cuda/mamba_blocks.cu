@@ -1,31 +1,34 @@
 // A decode step's run of Mamba blocks as one persistent kernel (Backend::MambaBlocks, a few
 // one-token sequences). Launched layer by layer, a block is 7 kernels (in_proj with its norm,
 // its split-K reduce, conv, SSM update, gated norm, out_proj, its reduce) and each boundary costs
-// a grid's drain and the next one's first dependent round trip (~2-3 us), ~22 us per layer for
-// ~4.4 us of weight bytes on an H100. Here one block per SM stays resident for every layer and
-// the phases meet at grid-wide barriers (an arrival counter in L2):
-//   A: RMSNorm of h (every block, from L2), in_proj for the block's own columns, and for those
-//      columns the conv update (an xBC column has one owner, so its conv state too) -> barrier;
-//   B: SSM update of (row, head, 16 state rows) items, gate, per-item sums of squares -> barrier;
+// a grid's drain and the next one's first dependent round trip (~2-3 us), ~21 us per layer for
+// ~4.4 us of weight bytes on an H100. Here one block per SM stays resident for every layer, in
+// three phases per layer:
+//   A: RMSNorm of h, in_proj for the block's own columns, and for those columns the conv update
+//      (an xBC column has one owner, so its conv state too);
+//   B: SSM update of (row, head, 16 state rows) items, gate, per-item sums of squares;
 //   C: gated norm scale from the sums (the same fixed order in every block: deterministic) and
-//      out_proj for the block's own columns of h (h += ..., no atomics) -> barrier.
-// Weights never change, so each block streams its next tiles (its in_proj and out_proj columns,
-// one contiguous range each) into shared memory with the bulk copy engine a phase or more before
-// it needs them, across barriers and into the next layer; the SSM states it will update are
-// prefetched the same way. No split-K: a block's columns are whole weight rows.
+//      out_proj for the block's own columns of h (h += ..., no atomics).
+// A phase's outputs reach the next as tagged words (value | layer tag, see Tag): a consumer
+// polls exactly the words it needs, so no grid-wide barrier; the first version met at three
+// grid barriers and was no faster than block by block (2-4 us per barrier plus the loads after
+// it). Weights never change, so each block streams its next tiles (its in_proj and out_proj
+// columns, one contiguous range each) into shared memory with the bulk copy engine a phase or
+// more before it needs them; the SSM states it will update are prefetched the same way. No
+// split-K over blocks: a block's columns are whole weight rows; its warps split k and their
+// partial sums are added in a fixed order.
 //
-// Status: opt-in (RAMBA_CUDA_PERSISTENT_MAMBA=1), correct (tests/kernels/cuda_mamba_blocks_test.cc)
-// but measured no faster than block by block: 21.4 vs 20.8 us per 370M layer at batch 1, slower
-// at 2-4 (bench-mamba-blocks --trace, docs/benchmarks.md). The weight tiles arrive before they
-// are needed; the time goes to the three grid barriers (2-4 us each, ~2.5 us even without skew)
-// and to the first dependent L2 round trip after each (1.2-2 us while the copies stream). Next:
-// cheaper barriers (cluster-level first, fewer global arrivals) and fewer per layer.
+// Measured (bench-mamba-blocks, docs/benchmarks.md): 13.1 vs 20.8 us per 370M layer at batch 1,
+// 18.0 vs 22.4 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1-2 rows. Where a layer's
+// time goes (--trace): the three polls ~1.5 us each (producer skew plus one L2 round trip), the
+// two GEMV phases 1.8-3.1 us for ~100 KB of shared-memory tiles (latency-bound, not understood
+// yet: a tensor-core version was no faster), the conv inputs' global loads 1.6 us.
 //
 // Co-residency: the grid is one block per SM and the block needs most of an SM's shared memory,
-// so every block of the grid fits at once; a block waits at a barrier only for blocks of its own
-// grid, and the kernels around it on the stream never wait for it (programmatic dependent launch
-// lets its successor start only once every block of this grid has started), so all blocks become
-// resident and the barriers complete.
+// so every block of the grid fits at once; a block waits only for blocks of its own grid, and
+// the kernels around it on the stream never wait for it (programmatic dependent launch lets its
+// successor start only once every block of this grid has started), so all blocks become
+// resident and every poll completes.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -48,13 +51,13 @@ constexpr int kMaxRows = 4;     // rows (one-token sequences) per launch
 constexpr int kMaxLayers = 24;  // layers per launch; longer runs take several launches
 constexpr int kMaxState = 128;  // d_state: four values per lane
 constexpr int kMaxNormGroups = 8;
-constexpr int kMaxTasks = 2 * kWarps;  // phase C (column, k slice) pairs per block
-constexpr int kMaxItems = 8;           // phase-B items per block
+constexpr int kMaxItems = 4;        // phase-B items per block
+constexpr int kMaxPartials = 1024;  // rows x items per row (rows x d_inner / kSlice)
 // The thread that issues the bulk copies: outside warp 0, whose thread 0 arrives at the grid
 // barriers, so that no barrier release can wait on copies in flight (measured: no difference).
 constexpr int kCopyThread = 32;
-constexpr int kColsPerWarp = 4;                   // GEMV columns one warp computes at once
-constexpr int kMaxACols = kColsPerWarp * kWarps;  // in_proj columns per block
+constexpr int kMaxACols = 64;  // in_proj (and out_proj) columns per block
+constexpr int kItemVals = 2 * kMaxState + 2 * kSlice + 1;  // a phase-B item's inputs
 
 struct LayerParams {
   const __nv_bfloat16* in_w;   // [in_dim, d]
@@ -74,19 +77,18 @@ struct BlocksArgs {
   LayerParams layer[kMaxLayers];
   int num_layers;
   int rows;
-  float* h;  // [rows, ldh]: the residual stream
+  float* h;  // [rows, ldh]: the residual stream (read by the first layer, written by the last)
   int64_t ldh;
-  float* zx;  // [rows, ldzx]: in_proj's z and dt columns (xBC columns unused)
-  int64_t ldzx;
-  float* xbc;         // [rows, conv_dim]: conv outputs
-  float* g;           // [rows, d_inner]: gated values before the norm
-  float* partials;    // [rows, d_inner / kSlice]: per-item sums of g^2
-  unsigned* barrier;  // GridBarrier's counters; zero between launches
+  // Tagged exchange buffers (value | tag << 32, see Tag): what one phase hands the next.
+  uint64_t* x_in;      // [rows, in_dim]: in_proj outputs, the xBC ones after the conv
+  uint64_t* x_g;       // [rows, d_inner]: gated values before the norm
+  uint64_t* x_part;    // [rows, d_inner / kSlice]: per-item sums of g^2
+  uint64_t* x_h;       // [rows, d]: the residual between layers of a launch
+  unsigned* counters;  // kEpoch, kExits; zero-initialised
   long long* trace;   // null, or [layers][kMambaBlocksTracePoints][grid]: clock64 per phase
   int d, H, P, N, ngroups, d_inner, conv_dim, in_dim;  // N: d_state
   int group_size;
   float eps, geps, dt_min, dt_max;
-  int c_ksplit;  // k slices per out_proj column in phase C
   // Shared memory plan (byte offsets), fixed by the host for the grid size.
   int off_a, off_a_norm, off_c, off_c_norm, off_st, off_act;
 };
@@ -95,85 +97,140 @@ __device__ __forceinline__ int RangeBegin(int n, int parts, int i) {
   return static_cast<int>(static_cast<int64_t>(n) * i / parts);
 }
 
-// Grid barrier counters: arrivals, exits, and (a cache line away, so that polling does not
-// slow the arrivals down) the number of the last completed barrier.
-constexpr int kArrivals = 0, kExits = 1, kDone = 32;
+// Counters: the launch epoch (tags differ between launches) and the blocks that have exited.
+constexpr int kEpoch = 0, kExits = 32;
 
-// Every block arrives (an acq_rel add, ordered after the block's writes by bar.sync); the last
-// to arrive publishes the barrier's number with a release store, which the others poll for with
-// acquire loads. Cumulativity carries every block's writes to every block past the barrier. No
-// sequentially consistent fences (__threadfence).
-__device__ __forceinline__ void GridBarrier(unsigned* bar, unsigned round, unsigned blocks) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned old;
-    asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;"
-                 : "=r"(old)
-                 : "l"(bar + kArrivals)
-                 : "memory");
-    if (old == round * blocks - 1) {
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(bar + kDone), "r"(round) : "memory");
-    } else {
-      unsigned seen;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-                     : "=r"(seen)
-                     : "l"(bar + kDone)
-                     : "memory");
-      } while (seen < round);
+// Phases hand values over as 64-bit words {float bits, tag}: a consumer polls the words it
+// needs until each carries the tag of the layer it wants, so one L2 round trip after the
+// producer's store delivers both the value and the news that it is ready (a flag or a barrier
+// costs three or four: release, atomic, flag, poll, then the load). Every word of a buffer is
+// written once per layer, and no producer can rewrite a word before its consumers have read it
+// (each rewrite is causally after every consumer's use: see the phase comments), so a tag only
+// has to differ from the word's previous one. Odd, so never the buffers' initial zero.
+__device__ __forceinline__ uint32_t Tag(uint32_t epoch, int layer) {
+  return ((epoch * kMaxLayers + static_cast<uint32_t>(layer)) << 1) | 1u;
+}
+__device__ __forceinline__ uint64_t LoadTagged(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void StoreTagged(uint64_t* p, float v, uint32_t tag) {
+  const uint64_t w = (static_cast<uint64_t>(tag) << 32) | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w));
+}
+__device__ __forceinline__ bool Ready(uint64_t v, uint32_t tag) {
+  return static_cast<uint32_t>(v >> 32) == tag;
+}
+
+// The block waits for n tagged values, element i read from at(i) and handed to put(i, value).
+// A thread takes i = tid, tid + kThreads, ... in batches with all loads in flight, and re-polls
+// whatever was not ready all at once: one round trip per retry, not per element.
+template <typename At, typename Put>
+__device__ __forceinline__ void PollGather(int n, uint32_t tag, At at, Put put) {
+  constexpr int kBatch = 4;
+  for (int base = static_cast<int>(threadIdx.x); base < n; base += kBatch * kThreads) {
+    uint64_t v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      v[j] = i < n ? LoadTagged(at(i)) : static_cast<uint64_t>(tag) << 32;
+    }
+    for (;;) {
+      bool ready = true;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) ready &= Ready(v[j], tag);
+      if (ready) break;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = base + j * kThreads;
+        if (i < n && !Ready(v[j], tag)) v[j] = LoadTagged(at(i));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      if (i < n) put(i, __uint_as_float(static_cast<uint32_t>(v[j])));
     }
   }
-  __syncthreads();
 }
 
 __device__ __forceinline__ float Bf16Lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float Bf16Hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
-// A warp's share of a GEMV tile in shared memory: for its columns c_j = col0 + j * stride
-// (j < ncols <= kColsPerWarp) and each of `rows` rows, sum_k w[c_j][k] x[r][k] over
-// k = k0 + lane * 8 + 256 i < k1, reduced over the warp (every lane gets the sums). The columns
-// share each x load, and run as independent chains.
-__device__ __forceinline__ void DotCols(const __nv_bfloat16* w, int ldw, int col0, int stride,
-                                        int ncols, const float* x, int ldx, int k0, int k1,
-                                        int rows, int lane, float (&acc)[kColsPerWarp][kMaxRows]) {
+// One warp's share of a GEMV tile in shared memory: for columns [0, ncols) of w ([ncols][ldw]
+// bf16) and the R rows of x ([R][ldx] f32, each element times xscale[k] (a norm weight) and
+// rscale[r][k / group] (a row's norm scale; null: 1)), the sums over k in [k0, k1), written to
+// dot[col * R + r] (this warp's own slots; the first chunk assigns them). Groups of L lanes take
+// columns q, q + 32 / L, ...; a lane holds 8 consecutive k of x in registers per chunk of 8L, so
+// each x value is read from shared memory once per group rather than once per column. Fixed
+// order: deterministic. (A tensor-core version, m16n8k16 with x split into bf16 hi + lo and the
+// tiles copied row by row into padded rows for conflict-free ldmatrix, measured slower: 15.2 vs
+// 13.1 us per 370M layer at batch 1, its 34 row copies per tile costing more to issue.)
+template <int R>
+__device__ __forceinline__ void WarpSliceGemv(const __nv_bfloat16* w, int ldw, int ncols,
+                                              const float* x, int ldx, const float* xscale,
+                                              const float (*rscale)[kMaxNormGroups], int group,
+                                              int k0, int k1, int L, int lane, float* dot) {
+  const int q = lane / L, groups = 32 / L, sub = lane % L;
+  for (int kc = k0; kc < k1; kc += 8 * L) {
+    const int k = kc + sub * 8;
+    const bool live = k < k1;  // k1 - k0 is a multiple of 8
+    float xv[R][8];
+    if (live) {
+      const float4 s0 = *reinterpret_cast<const float4*>(xscale + k);
+      const float4 s1 = *reinterpret_cast<const float4*>(xscale + k + 4);
 #pragma unroll
-  for (int j = 0; j < kColsPerWarp; ++j) {
-#pragma unroll
-    for (int r = 0; r < kMaxRows; ++r) acc[j][r] = 0.0f;
-  }
-  for (int k = k0 + lane * 8; k < k1; k += 256) {
-    float4 x0[kMaxRows], x1[kMaxRows];
-#pragma unroll
-    for (int r = 0; r < kMaxRows; ++r) {
-      if (r < rows) {
-        x0[r] = *reinterpret_cast<const float4*>(x + r * ldx + k);
-        x1[r] = *reinterpret_cast<const float4*>(x + r * ldx + k + 4);
+      for (int r = 0; r < R; ++r) {
+        const float rs = rscale != nullptr ? rscale[r][k / group] : 1.0f;
+        const float4 a0 = *reinterpret_cast<const float4*>(x + r * ldx + k);
+        const float4 a1 = *reinterpret_cast<const float4*>(x + r * ldx + k + 4);
+        xv[r][0] = s0.x * (a0.x * rs);
+        xv[r][1] = s0.y * (a0.y * rs);
+        xv[r][2] = s0.z * (a0.z * rs);
+        xv[r][3] = s0.w * (a0.w * rs);
+        xv[r][4] = s1.x * (a1.x * rs);
+        xv[r][5] = s1.y * (a1.y * rs);
+        xv[r][6] = s1.z * (a1.z * rs);
+        xv[r][7] = s1.w * (a1.w * rs);
       }
     }
-#pragma unroll
-    for (int j = 0; j < kColsPerWarp; ++j) {
-      if (j < ncols) {
-        const uint4 wv =
-            *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(col0 + j * stride) * ldw + k);
+    for (int cb = 0; cb < ncols; cb += groups) {  // the same trip count in every lane: shuffles
+      const int c = cb + q;
+      float acc[R];
+      if (live && c < ncols) {
+        const uint4 wv = *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c) * ldw + k);
         const float wf[8] = {Bf16Lo(wv.x), Bf16Hi(wv.x), Bf16Lo(wv.y), Bf16Hi(wv.y),
                              Bf16Lo(wv.z), Bf16Hi(wv.z), Bf16Lo(wv.w), Bf16Hi(wv.w)};
 #pragma unroll
-        for (int r = 0; r < kMaxRows; ++r) {
-          if (r < rows) {
-            acc[j][r] += wf[0] * x0[r].x + wf[1] * x0[r].y + wf[2] * x0[r].z + wf[3] * x0[r].w +
-                         wf[4] * x1[r].x + wf[5] * x1[r].y + wf[6] * x1[r].z + wf[7] * x1[r].w;
-          }
+        for (int r = 0; r < R; ++r) {
+          float t = 0.0f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) t += wf[e] * xv[r][e];
+          acc[r] = t;
         }
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        for (int o = L / 2; o > 0; o /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+      }
+      if (sub == 0 && c < ncols) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) dot[c * R + r] = kc == k0 ? acc[r] : dot[c * R + r] + acc[r];
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < kColsPerWarp; ++j) {
-#pragma unroll
-    for (int r = 0; r < kMaxRows; ++r) {
-      if (j < ncols && r < rows) acc[j][r] = WarpSum(acc[j][r]);
-    }
-  }
+}
+
+// Lanes per column for a warp's k slice of klen: the largest power of two up to 32 with
+// 8 lanes' k each inside the slice (at least 1).
+__device__ __forceinline__ int LanesFor(int klen) {
+  int L = 1;
+  while (L < 32 && 16 * L <= klen) L *= 2;
+  return L;
 }
 
 struct Plan {
@@ -181,7 +238,7 @@ struct Plan {
   int c0, c1;  // out_proj columns (h columns) [c0, c1)
 };
 
-// Copies of layer l's constant tiles (no kernel writes weights), issued by thread 0: in_proj's
+// Copies of layer l's constant tiles (no kernel writes weights), issued by one thread: in_proj's
 // rows [a0, a1) with the RMSNorm weight after them, and out_proj's rows [c0, c1) with the gated
 // norm's weight.
 __device__ __forceinline__ void PrefetchInProj(const BlocksArgs& a, int l, const Plan& p,
@@ -203,59 +260,78 @@ __device__ __forceinline__ void PrefetchOutProj(const BlocksArgs& a, int l, cons
   }
   BulkCopyToShared(smem + a.off_c_norm, a.layer[l].gnorm_w, norm, bar);
 }
-// The state rows of this block's phase-B items of layer l (written by earlier steps only).
-__device__ __forceinline__ void PrefetchStates(const BlocksArgs& a, int l, int items, char* smem,
-                                               uint64_t* bar) {
-  if (items == 0) return;
-  const int per_row = a.H * (a.P / kSlice);
-  const uint32_t bytes = static_cast<uint32_t>(kSlice) * a.N * 4;
-  MbarrierArriveExpectTx(bar, bytes * items);
-  for (int i = 0; i < items; ++i) {
-    const int it = blockIdx.x + i * gridDim.x;
-    const int r = it / per_row, hs = it % per_row;  // hs = h * slices + s = first channel / 16
-    const float* src = a.layer[l].ssm_states[r] + static_cast<int64_t>(hs) * kSlice * a.N;
-    BulkCopyToShared(smem + a.off_st + i * bytes, src, bytes, bar);
-  }
-}
 
+// R: the rows (a.rows) and kTrace (a.trace is set) are fixed at compile time: every per-row loop
+// unrolls exactly and no trace code sits among the hot instructions. The layer loop's code has to
+// stay small: at 142 KB (runtime rows, unrolled column loops, index arithmetic inlined per
+// element) its phases ran measurably slower than their work.
+template <int R, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     MambaBlocksKernel(const __grid_constant__ BlocksArgs a) {
   extern __shared__ __align__(128) char smem[];
   __shared__ uint64_t bars[3];  // in_proj tile, out_proj tile, states
-  __shared__ float s_red[kWarps][kMaxRows];
-  __shared__ float s_scale[kMaxRows][kMaxNormGroups];
-  __shared__ float s_hown[kMaxRows][kMaxTasks];  // h at this block's out_proj columns
-  __shared__ float s_dot[kMaxTasks][kMaxRows];   // phase C (column, k slice) sums
-  // Phase B, per item: B | C of its group, its x and z channels, dt, exp(dt A), D, g^2 sums.
-  __shared__ float s_bc[kMaxItems][2 * kMaxState];
-  __shared__ float s_x[kMaxItems][kSlice], s_z[kMaxItems][kSlice];
+  __shared__ float s_red[kWarps][R];
+  __shared__ float s_scale[R][kMaxNormGroups];    // phase C: per (row, norm group) scales
+  __shared__ float s_ascale[R][kMaxNormGroups];   // phase A: per row RMSNorm scale (group 0)
+  __shared__ float s_hown[R][kMaxACols];          // h at this block's out_proj columns
+  __shared__ float s_dot[kWarps][kMaxACols * R];  // per-warp GEMV partial sums
+  // Phase B, per item: [B | C of its group | its 16 x channels | 16 z channels | raw dt].
+  __shared__ float s_in[kMaxItems][kItemVals];
   __shared__ float s_dt[kMaxItems], s_da[kMaxItems], s_d[kMaxItems];
   __shared__ float s_dtb[kMaxItems], s_a[kMaxItems];  // dt bias, A = -exp(A_log)
   __shared__ float s_part[kMaxItems][kWarps];
+  // Per item (fixed for the launch): x_in offsets of its four kinds of inputs, its row, its
+  // first channel, its state rows' offset in the row's SSM state.
+  __shared__ int s_item_src[kMaxItems][4];
+  __shared__ int s_item_r[kMaxItems], s_item_ch[kMaxItems];
+  __shared__ int64_t s_item_st[kMaxItems];
+  __shared__ float s_ps[kMaxPartials];  // phase C: every item's g^2 sum, [row][item of the row]
+  __shared__ uint32_t s_epoch;
   // Every layer's state pointers of each row, read once (each use would be a dependent load).
-  __shared__ float* s_cptr[kMaxLayers][kMaxRows];
-  __shared__ float* s_sptr[kMaxLayers][kMaxRows];
+  __shared__ float* s_cptr[kMaxLayers][R];
+  __shared__ float* s_sptr[kMaxLayers][R];
   // Phase A: the conv inputs of this block's xBC columns (weights, bias, each row's old state).
   __shared__ float4 s_cw[kMaxACols];
   __shared__ float s_cb[kMaxACols];
-  __shared__ float s_cst[kMaxRows][3][kMaxACols];
+  __shared__ float s_cst[R][3][kMaxACols];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = gridDim.x;
-  const int rows = a.rows, d = a.d, d_inner = a.d_inner, conv_dim = a.conv_dim;
+  const int d = a.d, d_inner = a.d_inner, conv_dim = a.conv_dim, N = a.N;
   const Plan p{RangeBegin(a.in_dim, G, blockIdx.x), RangeBegin(a.in_dim, G, blockIdx.x + 1),
                RangeBegin(d, G, blockIdx.x), RangeBegin(d, G, blockIdx.x + 1)};
-  const int slices = a.P / kSlice, per_row = a.H * slices, items_total = rows * per_row;
+  const int slices = a.P / kSlice, per_row = a.H * slices, items_total = R * per_row;
   const int items = (items_total - static_cast<int>(blockIdx.x) + G - 1) / G;  // may be 0
   const int groups = d_inner / a.group_size, per_group = a.group_size / kSlice;
+  const int per_item = 2 * N + 2 * kSlice + 1;
   // This block's xBC columns: in_proj columns [x0, x1), conv channels [x0, x1) - d_inner.
   const int x0 = max(p.a0, d_inner), x1 = min(p.a1, d_inner + conv_dim);
+  const int a_cols = p.a1 - p.a0, c_cols = p.c1 - p.c0;
   const __nv_bfloat16* a_w = reinterpret_cast<const __nv_bfloat16*>(smem + a.off_a);
   const __nv_bfloat16* c_w = reinterpret_cast<const __nv_bfloat16*>(smem + a.off_c);
   const float* norm_s = reinterpret_cast<const float*>(smem + a.off_a_norm);
   const float* gnorm_s = reinterpret_cast<const float*>(smem + a.off_c_norm);
   const float* st_s = reinterpret_cast<const float*>(smem + a.off_st);
   float* act = reinterpret_cast<float*>(smem + a.off_act);
+  // GEMV k slices: warp w takes [w * klen, (w + 1) * klen) of k.
+  const int a_klen = (d / kWarps + 7) / 8 * 8, c_klen = (d_inner / kWarps + 7) / 8 * 8;
+  const int a_L = LanesFor(a_klen), c_L = LanesFor(c_klen);
+  const int a_nw = min(kWarps, (d + a_klen - 1) / a_klen);  // warps with a slice
+  const int c_nw = min(kWarps, (d_inner + c_klen - 1) / c_klen);
+  // Phase B: this thread's element of every item's inputs (tid < per_item): its kind and offset.
+  int b_kind = 0, b_off = 0;
+  if (tid < 2 * N) {
+    b_kind = 0;
+    b_off = tid < N ? tid : a.ngroups * N + tid - N;  // B of the group, then C of the group
+  } else if (tid < 2 * N + kSlice) {
+    b_kind = 1;
+    b_off = tid - 2 * N;
+  } else if (tid < 2 * N + 2 * kSlice) {
+    b_kind = 2;
+    b_off = tid - 2 * N - kSlice;
+  } else {
+    b_kind = 3;
+  }
 
   if (tid == 0) {
     for (uint64_t& b : bars) MbarrierInit(&b, 1);
@@ -268,34 +344,61 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   AllowDependentGrids();
   WaitForPriorGrids();
-  if (tid == kCopyThread) PrefetchStates(a, 0, items, smem, &bars[2]);
-  for (int i = tid; i < a.num_layers * rows; i += kThreads) {
-    const int l = i / rows, r = i % rows;
+  if (tid == 0) s_epoch = __ldcg(a.counters + kEpoch);
+  for (int i = tid; i < a.num_layers * R; i += kThreads) {
+    const int l = i / R, r = i % R;
     s_cptr[l][r] = a.layer[l].conv_states[r];
     s_sptr[l][r] = a.layer[l].ssm_states[r];
   }
+  if (tid < items) {
+    const int it = blockIdx.x + tid * G;
+    const int r = it / per_row, hs = it % per_row, hd = hs / slices;
+    const int grp = hd / (a.H / a.ngroups), row = r * a.in_dim;
+    s_item_src[tid][0] = row + 2 * d_inner + grp * N;
+    s_item_src[tid][1] = row + d_inner + hs * kSlice;
+    s_item_src[tid][2] = row + hs * kSlice;
+    s_item_src[tid][3] = row + d_inner + conv_dim + hd;
+    s_item_r[tid] = r;
+    s_item_ch[tid] = hs * kSlice;
+    s_item_st[tid] = static_cast<int64_t>(hs) * kSlice * N;
+  }
   __syncthreads();
+  const uint32_t epoch = s_epoch;
+  const uint32_t st_bytes = static_cast<uint32_t>(kSlice) * N * 4;
+  // The state rows of this block's phase-B items of layer l (written by earlier steps only).
+  auto prefetch_states = [&](int l) {
+    if (items == 0) return;
+    MbarrierArriveExpectTx(&bars[2], st_bytes * items);
+    for (int i = 0; i < items; ++i) {
+      BulkCopyToShared(smem + a.off_st + i * st_bytes, s_sptr[l][s_item_r[i]] + s_item_st[i],
+                       st_bytes, &bars[2]);
+    }
+  };
+  if (tid == kCopyThread) prefetch_states(0);
 
-  unsigned round = 0;
   for (int l = 0; l < a.num_layers; ++l) {
     const LayerParams& L = a.layer[l];
     const uint32_t parity = static_cast<uint32_t>(l & 1);
+    const uint32_t tag = Tag(epoch, l);
     // Thread 0's clock at phase boundaries (bench-mamba-blocks --trace): where a layer's time goes.
     auto trace = [&](int point) {
-      if (a.trace != nullptr && tid == 0) {
-        a.trace[(static_cast<int64_t>(l) * kMambaBlocksTracePoints + point) * G + blockIdx.x] =
-            clock64();
+      if constexpr (kTrace) {
+        if (tid == 0) {
+          a.trace[(static_cast<int64_t>(l) * kMambaBlocksTracePoints + point) * G + blockIdx.x] =
+              clock64();
+        }
       }
     };
     trace(0);
 
-    // ---- A: RMSNorm(h) into act, in_proj columns [a0, a1), conv of the xBC ones ----
+    // ---- A: RMSNorm(h), in_proj columns [a0, a1), conv of the xBC ones ----
     {
       for (int i = tid; i < x1 - x0; i += kThreads) {
         const int j = x0 + i - d_inner;
         s_cw[i] = __ldg(reinterpret_cast<const float4*>(L.conv_w) + j);
         s_cb[i] = L.conv_b != nullptr ? L.conv_b[j] : 0.0f;
-        for (int r = 0; r < rows; ++r) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
           const float* st = s_cptr[l][r];
           s_cst[r][0][i] = st[j];
           s_cst[r][1][i] = st[conv_dim + j];
@@ -303,217 +406,205 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if (tid < items) {  // phase B's per-head constants, off its critical path
-        const int hd = ((blockIdx.x + tid * G) % per_row) / slices;
+        const int hd = s_item_ch[tid] / a.P;
         s_dtb[tid] = L.dt_bias[hd];
         s_a[tid] = -expf(L.A_log[hd]);
         s_d[tid] = L.D[hd];
       }
-      float ss[kMaxRows] = {};
+      trace(1);
+      // h: from the kernel before (layer 0) or from every block's phase C of the layer before.
+      if (l == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          for (int k = tid; k < d; k += kThreads) act[r * d + k] = __ldcg(a.h + r * a.ldh + k);
+        }
+      } else {
+        PollGather(
+            R * d, Tag(epoch, l - 1), [&](int i) { return a.x_h + i; },
+            [&](int i, float v) { act[i] = v; });
+      }
+      __syncthreads();
+      if (tid == kCopyThread && l > 0) PrefetchOutProj(a, l, p, smem, &bars[1]);
+      trace(2);
+      float ss[R] = {};
       for (int k = tid; k < d; k += kThreads) {
 #pragma unroll
-        for (int r = 0; r < kMaxRows; ++r) {
-          if (r < rows) {
-            const float v = __ldcg(a.h + r * a.ldh + k);
-            act[r * d + k] = v;
-            ss[r] += v * v;
-            if (k >= p.c0 && k < p.c1) s_hown[r][k - p.c0] = v;
-          }
+        for (int r = 0; r < R; ++r) {
+          const float v = act[r * d + k];
+          ss[r] += v * v;
+          if (k >= p.c0 && k < p.c1) s_hown[r][k - p.c0] = v;
         }
       }
 #pragma unroll
-      for (int r = 0; r < kMaxRows; ++r) ss[r] = WarpSum(ss[r]);
+      for (int r = 0; r < R; ++r) ss[r] = WarpSum(ss[r]);
       if (lane == 0) {
-        for (int r = 0; r < kMaxRows; ++r) s_red[warp][r] = ss[r];
+#pragma unroll
+        for (int r = 0; r < R; ++r) s_red[warp][r] = ss[r];
       }
-      __syncthreads();
-      trace(1);
       MbarrierWait(&bars[0], parity);  // the tile and the norm weight
-      trace(2);
-      for (int r = 0; r < rows; ++r) {
-        float t = 0.0f;
-        for (int w = 0; w < kWarps; ++w) t += s_red[w][r];
-        const float scale = 1.0f / sqrtf(t / static_cast<float>(d) + a.eps);
-        for (int k = tid; k < d; k += kThreads)
-          act[r * d + k] = norm_s[k] * (act[r * d + k] * scale);
-      }
       __syncthreads();
       trace(3);
-      {
-        const int ncols = p.a1 - p.a0;
-        const int mine = (ncols - warp + kWarps - 1) / kWarps;  // columns warp, warp + 16, ...
-        float acc[kColsPerWarp][kMaxRows];
-        DotCols(a_w, d, warp, kWarps, mine, act, d, 0, d, rows, lane, acc);
+      // in_proj of norm_w * h (the row's norm scale is applied to the sums below).
+      if (warp < a_nw) {
+        WarpSliceGemv<R>(a_w, d, a_cols, act, d, norm_s, nullptr, 1, warp * a_klen,
+                         min(d, (warp + 1) * a_klen), a_L, lane, s_dot[warp]);
+      }
+      if (warp == 0 && lane < R) {
+        float t = 0.0f;
+        for (int w = 0; w < kWarps; ++w) t += s_red[w][lane];
+        s_ascale[lane][0] = 1.0f / sqrtf(t / static_cast<float>(d) + a.eps);
+      }
+      __syncthreads();  // the in_proj tile is read
+      trace(4);
+      for (int t = tid; t < a_cols * R; t += kThreads) {
+        const int col = t / R, r = t % R, c = p.a0 + col;
+        float v = 0.0f;
+        for (int w = 0; w < a_nw; ++w) v += s_dot[w][t];
+        v *= s_ascale[r][0];
+        if (c >= x0 && c < x1) {
+          // Conv update of xBC channel j: bias, then taps oldest first (ConvDecodeKernel).
+          const int i = c - x0, j = c - d_inner;
+          const float4 w = s_cw[i];
+          const float w0 = s_cst[r][0][i], w1 = s_cst[r][1][i], w2 = s_cst[r][2][i];
+          float out = s_cb[i];
+          out += w.x * w0;
+          out += w.y * w1;
+          out += w.z * w2;
+          out += w.w * v;
+          StoreTagged(a.x_in + static_cast<int64_t>(r) * a.in_dim + c, SiluDev(out), tag);
+          float* st = s_cptr[l][r];
+          st[j] = w1;
+          st[conv_dim + j] = w2;
+          st[2 * conv_dim + j] = v;
+        } else {
+          StoreTagged(a.x_in + static_cast<int64_t>(r) * a.in_dim + c, v, tag);  // z or dt
+        }
+      }
+      trace(5);
+    }
+
+    // ---- B: SSM update of items (row, head, kSlice state rows), gate, sums of squares ----
+    // Its inputs come from the few blocks that own the item's in_proj columns.
+    if (items > 0) {
+      if (tid < per_item) {  // thread e polls element e of every item at once
+        uint64_t v[kMaxItems];
 #pragma unroll
-        for (int jc = 0; jc < kColsPerWarp; ++jc) {
-          float v = acc[jc][0];
+        for (int i = 0; i < kMaxItems; ++i) {
+          v[i] = i < items ? LoadTagged(a.x_in + s_item_src[i][b_kind] + b_off)
+                           : static_cast<uint64_t>(tag) << 32;
+        }
+        for (;;) {
+          bool ready = true;
 #pragma unroll
-          for (int r = 1; r < kMaxRows; ++r) v = lane == r ? acc[jc][r] : v;
-          if (jc < mine && lane < rows) {
-            const int r = lane, c = p.a0 + warp + jc * kWarps;
-            if (c >= x0 && c < x1) {
-              // Conv update of xBC channel j: bias, then taps oldest first (ConvDecodeKernel).
-              const int i = c - x0, j = c - d_inner;
-              const float4 w = s_cw[i];
-              const float w0 = s_cst[r][0][i], w1 = s_cst[r][1][i], w2 = s_cst[r][2][i];
-              float out = s_cb[i];
-              out += w.x * w0;
-              out += w.y * w1;
-              out += w.z * w2;
-              out += w.w * v;
-              a.xbc[static_cast<int64_t>(r) * conv_dim + j] = SiluDev(out);
-              float* st = s_cptr[l][r];
-              st[j] = w1;
-              st[conv_dim + j] = w2;
-              st[2 * conv_dim + j] = v;
-            } else {
-              a.zx[r * a.ldzx + c] = v;  // z or dt
+          for (int i = 0; i < kMaxItems; ++i) ready &= Ready(v[i], tag);
+          if (ready) break;
+#pragma unroll
+          for (int i = 0; i < kMaxItems; ++i) {
+            if (i < items && !Ready(v[i], tag)) {
+              v[i] = LoadTagged(a.x_in + s_item_src[i][b_kind] + b_off);
             }
           }
         }
+#pragma unroll
+        for (int i = 0; i < kMaxItems; ++i) {
+          if (i < items) s_in[i][tid] = __uint_as_float(static_cast<uint32_t>(v[i]));
+        }
       }
-      trace(4);
-      __syncthreads();  // the in_proj tile is read: refill it for the next layer
-      if (tid == kCopyThread && l + 1 < a.num_layers) PrefetchInProj(a, l + 1, p, smem, &bars[0]);
-      trace(5);
-    }
-    GridBarrier(a.barrier, ++round, G);
-    trace(6);
-
-    // ---- B: SSM update of items (row, head, kSlice state rows), gate, sums of squares ----
-    if (items > 0) {
-      // Everything the items read from global memory, in one round trip.
-      for (int idx = tid; idx < items * 2 * a.N; idx += kThreads) {
-        const int i = idx / (2 * a.N), n = idx % (2 * a.N);
-        const int it = blockIdx.x + i * G;
-        const int r = it / per_row, hd = (it % per_row) / slices;
-        const int grp = hd / (a.H / a.ngroups);
-        const int off =
-            n < a.N ? d_inner + grp * a.N + n : d_inner + (a.ngroups + grp) * a.N + n - a.N;
-        s_bc[i][n] = __ldcg(a.xbc + static_cast<int64_t>(r) * conv_dim + off);
-      }
-      for (int idx = tid; idx < items * kSlice; idx += kThreads) {
-        const int i = idx / kSlice, w = idx % kSlice;
-        const int it = blockIdx.x + i * G;
-        const int r = it / per_row, ch = (it % per_row) * kSlice + w;
-        s_x[i][w] = __ldcg(a.xbc + static_cast<int64_t>(r) * conv_dim + ch);
-        s_z[i][w] = __ldcg(a.zx + r * a.ldzx + ch);
-      }
+      __syncthreads();
+      trace(6);
       if (tid < items) {
-        const int it = blockIdx.x + tid * G;
-        const int r = it / per_row, hd = (it % per_row) / slices;
-        const float dt = DtOf(__ldcg(a.zx + r * a.ldzx + d_inner + conv_dim + hd), s_dtb[tid],
-                              a.dt_min, a.dt_max);
+        const float dt = DtOf(s_in[tid][2 * N + 2 * kSlice], s_dtb[tid], a.dt_min, a.dt_max);
         s_dt[tid] = dt;
         s_da[tid] = expf(dt * s_a[tid]);
       }
+      MbarrierWait(&bars[2], parity);
       __syncthreads();
       trace(7);
-      MbarrierWait(&bars[2], parity);
-      trace(8);
       for (int i = 0; i < items; ++i) {
-        const int it = blockIdx.x + i * G;
-        const int r = it / per_row, ch = (it % per_row) * kSlice + warp;
-        const float dt = s_dt[i], dA = s_da[i], xv = s_x[i][warp];
-        const float* S = st_s + (static_cast<int64_t>(i) * kSlice + warp) * a.N;
-        float* S_out = s_sptr[l][r] + static_cast<int64_t>(ch) * a.N;
+        const int r = s_item_r[i], ch = s_item_ch[i] + warp;
+        const float dt = s_dt[i], dA = s_da[i], xv = s_in[i][2 * N + warp];
+        const float* S = st_s + (static_cast<int64_t>(i) * kSlice + warp) * N;
+        float* S_out = s_sptr[l][r] + s_item_st[i] + static_cast<int64_t>(warp) * N;
         float acc = 0.0f;
 #pragma unroll
         for (int j = 0; j < kMaxState / 32; ++j) {
           const int n = lane + 32 * j;
-          if (n < a.N) {
-            const float sv = S[n] * dA + (dt * s_bc[i][n]) * xv;
-            acc += sv * s_bc[i][a.N + n];
+          if (n < N) {
+            const float sv = S[n] * dA + (dt * s_in[i][n]) * xv;
+            acc += sv * s_in[i][N + n];
             S_out[n] = sv;
           }
         }
         acc = WarpSum(acc);
-        const float gv = (acc + s_d[i] * xv) * SiluDev(s_z[i][warp]);
+        const float gv = (acc + s_d[i] * xv) * SiluDev(s_in[i][2 * N + kSlice + warp]);
         if (lane == 0) {
-          a.g[static_cast<int64_t>(r) * d_inner + ch] = gv;
+          StoreTagged(a.x_g + static_cast<int64_t>(r) * d_inner + ch, gv, tag);
           s_part[i][warp] = gv * gv;
         }
       }
       __syncthreads();  // the state tiles are read: refill them for the next layer
       if (tid < items) {
-        const int it = blockIdx.x + tid * G;
         float t = 0.0f;
         for (int w = 0; w < kWarps; ++w) t += s_part[tid][w];
-        a.partials[static_cast<int64_t>(it / per_row) * per_row + it % per_row] = t;
+        StoreTagged(a.x_part + s_item_r[tid] * per_row + s_item_ch[tid] / kSlice, t, tag);
       }
-      if (tid == kCopyThread && l + 1 < a.num_layers)
-        PrefetchStates(a, l + 1, items, smem, &bars[2]);
+      if (tid == kCopyThread && l + 1 < a.num_layers) prefetch_states(l + 1);
     }
-    trace(9);
-    GridBarrier(a.barrier, ++round, G);
-    trace(10);
+    trace(8);
 
     // ---- C: gated norm, h[:, c0:c1] += g_normed * out_proj^T ----
     {
-      for (int r = 0; r < rows; ++r) {
-        const float* gr = a.g + static_cast<int64_t>(r) * d_inner;
-        for (int k = tid; k < d_inner; k += kThreads) act[r * d_inner + k] = __ldcg(gr + k);
-      }
+      // g and the items' sums of squares from every block's phase B.
+      const int ng = R * d_inner;
+      PollGather(
+          ng + R * per_row, tag, [&](int i) { return i < ng ? a.x_g + i : a.x_part + (i - ng); },
+          [&](int i, float v) {
+            if (i < ng) {
+              act[i] = v;
+            } else {
+              s_ps[i - ng] = v;
+            }
+          });
+      __syncthreads();
+      if (tid == kCopyThread && l + 1 < a.num_layers) PrefetchInProj(a, l + 1, p, smem, &bars[0]);
+      trace(9);
       // A warp per (row, norm group) adds the group's item sums (the same order in every block).
-      for (int pair = warp; pair < rows * groups; pair += kWarps) {
+      for (int pair = warp; pair < R * groups; pair += kWarps) {
         const int r = pair / groups, gi = pair % groups;
-        const float* pp = a.partials + static_cast<int64_t>(r) * per_row + gi * per_group;
+        const float* pp = s_ps + r * per_row + gi * per_group;
         float t = 0.0f;
-        for (int i = lane; i < per_group; i += 32) t += __ldcg(pp + i);
+        for (int i = lane; i < per_group; i += 32) t += pp[i];
         t = WarpSum(t);
         if (lane == 0) s_scale[r][gi] = 1.0f / sqrtf(t / static_cast<float>(a.group_size) + a.geps);
       }
-      __syncthreads();
-      trace(11);
       MbarrierWait(&bars[1], parity);  // the tile and the gated norm's weight
-      trace(12);
-      for (int r = 0; r < rows; ++r) {
-        for (int k = tid; k < d_inner; k += kThreads) {
-          act[r * d_inner + k] = gnorm_s[k] * (act[r * d_inner + k] * s_scale[r][k / a.group_size]);
-        }
-      }
       __syncthreads();
-      trace(13);
-      // Warp w: k slice w % ks of columns w / ks, w / ks + 16 / ks, ...
-      const int ncols = p.c1 - p.c0, ks = a.c_ksplit, per_slice = kWarps / ks;
-      const int klen = (d_inner / ks + 7) / 8 * 8;
-      const int sl = warp % ks, col0 = warp / ks;
-      if (warp < ks * per_slice) {
-        const int mine = (ncols - col0 + per_slice - 1) / per_slice;
-        float acc[kColsPerWarp][kMaxRows];
-        DotCols(c_w, d_inner, col0, per_slice, mine, act, d_inner, sl * klen,
-                min(d_inner, (sl + 1) * klen), rows, lane, acc);
-        if (lane == 0) {
-#pragma unroll
-          for (int jc = 0; jc < kColsPerWarp; ++jc) {
-            if (jc < mine) {
-              for (int r = 0; r < kMaxRows; ++r)
-                s_dot[(col0 + jc * per_slice) * ks + sl][r] = acc[jc][r];
-            }
-          }
+      trace(10);
+      if (warp < c_nw) {
+        WarpSliceGemv<R>(c_w, d_inner, c_cols, act, d_inner, gnorm_s, s_scale, a.group_size,
+                         warp * c_klen, min(d_inner, (warp + 1) * c_klen), c_L, lane, s_dot[warp]);
+      }
+      __syncthreads();  // the out_proj tile is read
+      trace(11);
+      for (int t = tid; t < c_cols * R; t += kThreads) {
+        const int col = t / R, r = t % R;
+        float v = 0.0f;
+        for (int w = 0; w < c_nw; ++w) v += s_dot[w][t];
+        const float hv = s_hown[r][col] + v;
+        if (l + 1 == a.num_layers) {
+          a.h[r * a.ldh + p.c0 + col] = hv;
+        } else {
+          StoreTagged(a.x_h + r * d + p.c0 + col, hv, tag);
         }
       }
-      __syncthreads();  // the out_proj tile is read: refill it for the next layer
-      if (tid < ncols * rows) {
-        const int col = tid / rows, r = tid % rows;
-        float t = 0.0f;
-        for (int sl = 0; sl < ks; ++sl) t += s_dot[col * ks + sl][r];
-        a.h[r * a.ldh + p.c0 + col] = s_hown[r][col] + t;
-      }
-      trace(14);
-      if (tid == kCopyThread && l + 1 < a.num_layers) PrefetchOutProj(a, l + 1, p, smem, &bars[1]);
-      trace(15);
+      trace(12);
     }
-    if (l + 1 < a.num_layers) GridBarrier(a.barrier, ++round, G);
   }
 
-  // Reset the counters for the next launch once every block is past its last barrier.
-  if (tid == 0) {
-    __threadfence();
-    if (atomicAdd(&a.barrier[kExits], 1u) == static_cast<unsigned>(G - 1)) {
-      a.barrier[kArrivals] = 0u;
-      a.barrier[kExits] = 0u;
-      a.barrier[kDone] = 0u;
-    }
+  // The last block out (every block has read the epoch by then) starts the next launch's.
+  if (tid == 0 && atomicAdd(a.counters + kExits, 1u) == static_cast<unsigned>(G - 1)) {
+    a.counters[kExits] = 0u;
+    a.counters[kEpoch] = epoch + 1u;
   }
 }
 
@@ -569,10 +660,6 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   a.rows = static_cast<int>(rows);
   a.h = m0.out;
   a.ldh = m0.ld_out;
-  a.zx = const_cast<float*>(m0.zxbcdt);
-  a.ldzx = m0.ld;
-  a.xbc = m0.xbc;
-  a.g = m0.g;
   a.d = static_cast<int>(d);
   a.H = static_cast<int>(H);
   a.P = static_cast<int>(P);
@@ -589,15 +676,8 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   // Most columns / items any block gets (RangeBegin splits evenly).
   const int64_t a_cols = (in_dim + G - 1) / G, c_cols = (d + G - 1) / G;
   const int64_t items = (rows * d_inner / kSlice + G - 1) / G;
-  if (a_cols > kMaxACols || items > kMaxItems) return false;
-  // Phase C: ks k slices (a power of two dividing kWarps) so that each warp gets about one or
-  // two columns of one slice; every (column, slice) pair must fit the kMaxTasks sums.
-  int ks = kWarps;
-  while (ks > 1 && (c_cols * ks > kMaxTasks || (kWarps / ks) < (c_cols + 1) / 2)) ks /= 2;
-  if ((c_cols + kWarps / ks - 1) / (kWarps / ks) > kColsPerWarp || c_cols * ks > kMaxTasks) {
-    return false;
-  }
-  a.c_ksplit = ks;
+  if (a_cols > kMaxACols || c_cols > kMaxACols || items > kMaxItems) return false;
+  if (2 * N + 2 * kSlice + 1 > kThreads) return false;  // phase B: a thread per input
   auto align = [](int64_t x) { return (x + 127) / 128 * 128; };
   int64_t off = 0;
   a.off_a = static_cast<int>(off);
@@ -613,12 +693,29 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   a.off_act = static_cast<int>(off);
   off = align(off + rows * std::max(d, d_inner) * 4);
   const size_t smem = static_cast<size_t>(off);
-  if (smem + 20 * 1024 > ctx.max_shared_per_block) return false;  // + static shared memory
-  RETURN_IF_ERROR(PrepareSmem(ctx, MambaBlocksKernel, smem, "MambaBlocks"));
-  ASSIGN_OR_RETURN(void* partials,
-                   ctx.Scratch(ScratchSlot::kMixer, rows * (d_inner / kSlice) * sizeof(float)));
-  a.partials = static_cast<float*>(partials);
-  a.barrier = ctx.Counters(Context::CounterSlot::kGridBarrier);
+  using Kernel = void (*)(BlocksArgs);
+  static constexpr Kernel kKernels[2][kMaxRows] = {
+      {MambaBlocksKernel<1, false>, MambaBlocksKernel<2, false>, MambaBlocksKernel<3, false>,
+       MambaBlocksKernel<4, false>},
+      {MambaBlocksKernel<1, true>, MambaBlocksKernel<2, true>, MambaBlocksKernel<3, true>,
+       MambaBlocksKernel<4, true>}};
+  const Kernel kernel = kKernels[trace != nullptr][rows - 1];
+  cudaFuncAttributes attr;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, kernel));
+  if (smem + attr.sharedSizeBytes > ctx.max_shared_per_block) return false;
+  RETURN_IF_ERROR(PrepareSmem(ctx, kernel, smem, "MambaBlocks"));
+  const int64_t per_row = d_inner / kSlice;
+  if (rows * per_row > kMaxPartials) return false;
+  if (rows * (in_dim + d_inner + per_row + d) * 8 >
+      Context::kCountersPerSlot * static_cast<int64_t>(sizeof(unsigned))) {
+    return false;  // the exchange buffers do not fit their counter slot
+  }
+  auto* x = reinterpret_cast<uint64_t*>(ctx.Counters(Context::CounterSlot::kMambaExchange));
+  a.x_in = x;
+  a.x_g = a.x_in + rows * in_dim;
+  a.x_part = a.x_g + rows * d_inner;
+  a.x_h = a.x_part + rows * per_row;
+  a.counters = ctx.Counters(Context::CounterSlot::kMambaBlocks);
   a.trace = trace;
   if (trace != nullptr && count > kMaxLayers) return false;  // one launch's layers only
 
@@ -640,7 +737,7 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
       L.dt_bias = m.ssm.dt_bias;
       L.gnorm_w = m.norm_weight;
     }
-    RETURN_IF_ERROR(Launch(ctx, MambaBlocksKernel, dim3(G), dim3(kThreads), smem, a));
+    RETURN_IF_ERROR(Launch(ctx, kernel, dim3(G), dim3(kThreads), smem, a));
   }
   return true;
 }

@@ -50,8 +50,16 @@ class Context {
   // the decode retrieval and sparse attention): a kernel counts arriving blocks in its slot's
   // counters and the last block resets them to 0, so they are zero between kernels.
   // kCountersPerSlot per slot.
-  // kGridBarrier: the persistent Mamba kernel's grid barrier (mamba_blocks.cu GridBarrier).
-  enum class CounterSlot : int { kMamba = 0, kRetrieval, kAttention, kGridBarrier, kNumSlots };
+  // kMambaBlocks: the persistent Mamba kernel's launch epoch and exit count; kMambaExchange: its
+  // tagged exchange buffers (mamba_blocks.cu), which must start zeroed (tag 0 is never valid).
+  enum class CounterSlot : int {
+    kMamba = 0,
+    kRetrieval,
+    kAttention,
+    kMambaBlocks,
+    kMambaExchange,
+    kNumSlots
+  };
   static constexpr int64_t kCountersPerSlot = int64_t{1} << 16;
   unsigned* counters = nullptr;
   unsigned* Counters(CounterSlot slot) const {
@@ -150,7 +158,7 @@ absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int6
 // With `trace` (device memory, count <= 24), thread 0 of each block records clock64() at
 // kMambaBlocksTracePoints phase boundaries per layer: trace[(layer * points + point) * grid +
 // block], grid = ctx.num_sms (bench-mamba-blocks --trace prints where the time goes).
-constexpr int kMambaBlocksTracePoints = 16;
+constexpr int kMambaBlocksTracePoints = 13;
 absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* blocks,
                                            int64_t count, long long* trace = nullptr);
 

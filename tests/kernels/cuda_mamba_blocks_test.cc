@@ -245,8 +245,14 @@ TEST_F(CudaMambaBlocksTest, ConvWidthThreeFallsBack) {
         GpuPath::kBackend);
 }
 
-TEST_F(CudaMambaBlocksTest, DefaultBlockByBlockMatchesToo) {
+TEST_F(CudaMambaBlocksTest, BlockByBlockWhenSwitchedOffMatchesToo) {
+  ScopedEnv off("RAMBA_CUDA_PERSISTENT_MAMBA", "0");
   Check({.rows = 1, .layers = 2, .seed = 13}, GpuPath::kBackend);
+}
+
+TEST_F(CudaMambaBlocksTest, DefaultPathMatchesAtOneTwoAndThreeRows) {
+  // Unset: persistent for 1-2 rows, block by block above (cuda_backend.cc).
+  for (int rows : {1, 2, 3}) Check({.rows = rows, .layers = 2, .seed = 17}, GpuPath::kBackend);
 }
 
 #ifdef RAMBA_HAVE_CUDA
