@@ -218,11 +218,11 @@ int main(int argc, char** argv) {
       }
       int khz = 0;
       cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, ctx->device);
-      static const char* kNames[P] = {"A  conv inputs, constants",
+      static const char* kNames[P] = {"   (layer start)",
                                       "A  poll h",
                                       "A  squares, wait in_proj tile",
                                       "A  GEMV",
-                                      "A  reduce, conv, hand over",
+                                      "A  reduce, conv, hand over, load next conv inputs",
                                       "B  poll inputs",
                                       "B  dt, wait state tiles",
                                       "B  SSM update, hand over",

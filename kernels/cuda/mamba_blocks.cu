@@ -58,6 +58,9 @@ constexpr int kMaxPartials = 1024;  // rows x items per row (rows x d_inner / kS
 constexpr int kCopyThread = 32;
 constexpr int kMaxACols = 64;  // in_proj (and out_proj) columns per block
 constexpr int kItemVals = 2 * kMaxState + 2 * kSlice + 1;  // a phase-B item's inputs
+// Threads from kLoadFirst load the next layer's conv inputs (a column each), the kMaxItems below
+// them its head constants; phase B's pollers (a thread per item input) stay below both.
+constexpr int kLoadFirst = kThreads - kMaxACols;
 
 struct LayerParams {
   const __nv_bfloat16* in_w;   // [in_dim, d]
@@ -277,8 +280,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float s_dot[kWarps][kMaxACols * R];  // per-warp GEMV partial sums
   // Phase B, per item: [B | C of its group | its 16 x channels | 16 z channels | raw dt].
   __shared__ float s_in[kMaxItems][kItemVals];
-  __shared__ float s_dt[kMaxItems], s_da[kMaxItems], s_d[kMaxItems];
-  __shared__ float s_dtb[kMaxItems], s_a[kMaxItems];  // dt bias, A = -exp(A_log)
+  __shared__ float s_dt[kMaxItems], s_da[kMaxItems];
+  // Per layer parity (loaded a layer ahead): D, dt bias, A = -exp(A_log) of each item's head.
+  __shared__ float s_d[2][kMaxItems], s_dtb[2][kMaxItems], s_a[2][kMaxItems];
   __shared__ float s_part[kMaxItems][kWarps];
   // Per item (fixed for the launch): x_in offsets of its four kinds of inputs, its row, its
   // first channel, its state rows' offset in the row's SSM state.
@@ -290,10 +294,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Every layer's state pointers of each row, read once (each use would be a dependent load).
   __shared__ float* s_cptr[kMaxLayers][R];
   __shared__ float* s_sptr[kMaxLayers][R];
-  // Phase A: the conv inputs of this block's xBC columns (weights, bias, each row's old state).
-  __shared__ float4 s_cw[kMaxACols];
-  __shared__ float s_cb[kMaxACols];
-  __shared__ float s_cst[R][3][kMaxACols];
+  // Phase A, per layer parity (loaded a layer ahead): the conv inputs of this block's xBC
+  // columns (weights, bias, each row's old state).
+  __shared__ float4 s_cw[2][kMaxACols];
+  __shared__ float s_cb[2][kMaxACols];
+  __shared__ float s_cst[2][R][3][kMaxACols];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = gridDim.x;
@@ -375,11 +380,39 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   if (tid == kCopyThread) prefetch_states(0);
+  // Layer l's conv inputs and head constants, loaded by threads that do not poll in phase B
+  // (kLoadFirst and up: conv columns; the kMaxItems below: items) while the pollers wait, into
+  // the buffers of l's parity; read after the next block barrier.
+  auto load_layer_inputs = [&](int l) {
+    const LayerParams& L = a.layer[l];
+    const int b = l & 1, i = tid - kLoadFirst;
+    if (i >= 0 && i < x1 - x0) {
+      const int j = x0 + i - d_inner;
+      s_cw[b][i] = __ldg(reinterpret_cast<const float4*>(L.conv_w) + j);
+      s_cb[b][i] = L.conv_b != nullptr ? L.conv_b[j] : 0.0f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float* st = s_cptr[l][r];
+        s_cst[b][r][0][i] = st[j];
+        s_cst[b][r][1][i] = st[conv_dim + j];
+        s_cst[b][r][2][i] = st[2 * conv_dim + j];
+      }
+    }
+    const int it = tid - (kLoadFirst - kMaxItems);
+    if (it >= 0 && it < items) {
+      const int hd = s_item_ch[it] / a.P;
+      s_dtb[b][it] = L.dt_bias[hd];
+      s_a[b][it] = -expf(L.A_log[hd]);
+      s_d[b][it] = L.D[hd];
+    }
+  };
+  load_layer_inputs(0);
 
   for (int l = 0; l < a.num_layers; ++l) {
     const LayerParams& L = a.layer[l];
     const uint32_t parity = static_cast<uint32_t>(l & 1);
     const uint32_t tag = Tag(epoch, l);
+    const int b = l & 1;  // the parity buffers of this layer's conv inputs and head constants
     // Thread 0's clock at phase boundaries (bench-mamba-blocks --trace): where a layer's time goes.
     auto trace = [&](int point) {
       if constexpr (kTrace) {
@@ -393,24 +426,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- A: RMSNorm(h), in_proj columns [a0, a1), conv of the xBC ones ----
     {
-      for (int i = tid; i < x1 - x0; i += kThreads) {
-        const int j = x0 + i - d_inner;
-        s_cw[i] = __ldg(reinterpret_cast<const float4*>(L.conv_w) + j);
-        s_cb[i] = L.conv_b != nullptr ? L.conv_b[j] : 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float* st = s_cptr[l][r];
-          s_cst[r][0][i] = st[j];
-          s_cst[r][1][i] = st[conv_dim + j];
-          s_cst[r][2][i] = st[2 * conv_dim + j];
-        }
-      }
-      if (tid < items) {  // phase B's per-head constants, off its critical path
-        const int hd = s_item_ch[tid] / a.P;
-        s_dtb[tid] = L.dt_bias[hd];
-        s_a[tid] = -expf(L.A_log[hd]);
-        s_d[tid] = L.D[hd];
-      }
       trace(1);
       // h: from the kernel before (layer 0) or from every block's phase C of the layer before.
       if (l == 0) {
@@ -464,9 +479,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (c >= x0 && c < x1) {
           // Conv update of xBC channel j: bias, then taps oldest first (ConvDecodeKernel).
           const int i = c - x0, j = c - d_inner;
-          const float4 w = s_cw[i];
-          const float w0 = s_cst[r][0][i], w1 = s_cst[r][1][i], w2 = s_cst[r][2][i];
-          float out = s_cb[i];
+          const float4 w = s_cw[b][i];
+          const float w0 = s_cst[b][r][0][i], w1 = s_cst[b][r][1][i], w2 = s_cst[b][r][2][i];
+          float out = s_cb[b][i];
           out += w.x * w0;
           out += w.y * w1;
           out += w.z * w2;
@@ -480,6 +495,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           StoreTagged(a.x_in + static_cast<int64_t>(r) * a.in_dim + c, v, tag);  // z or dt
         }
       }
+      if (l + 1 < a.num_layers) load_layer_inputs(l + 1);
       trace(5);
     }
 
@@ -513,9 +529,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
       trace(6);
       if (tid < items) {
-        const float dt = DtOf(s_in[tid][2 * N + 2 * kSlice], s_dtb[tid], a.dt_min, a.dt_max);
+        const float dt = DtOf(s_in[tid][2 * N + 2 * kSlice], s_dtb[b][tid], a.dt_min, a.dt_max);
         s_dt[tid] = dt;
-        s_da[tid] = expf(dt * s_a[tid]);
+        s_da[tid] = expf(dt * s_a[b][tid]);
       }
       MbarrierWait(&bars[2], parity);
       __syncthreads();
@@ -536,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         acc = WarpSum(acc);
-        const float gv = (acc + s_d[i] * xv) * SiluDev(s_in[i][2 * N + kSlice + warp]);
+        const float gv = (acc + s_d[b][i] * xv) * SiluDev(s_in[i][2 * N + kSlice + warp]);
         if (lane == 0) {
           StoreTagged(a.x_g + static_cast<int64_t>(r) * d_inner + ch, gv, tag);
           s_part[i][warp] = gv * gv;
@@ -677,7 +693,7 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   const int64_t a_cols = (in_dim + G - 1) / G, c_cols = (d + G - 1) / G;
   const int64_t items = (rows * d_inner / kSlice + G - 1) / G;
   if (a_cols > kMaxACols || c_cols > kMaxACols || items > kMaxItems) return false;
-  if (2 * N + 2 * kSlice + 1 > kThreads) return false;  // phase B: a thread per input
+  if (2 * N + 2 * kSlice + 1 > kLoadFirst - kMaxItems) return false;  // phase B: a thread per input
   auto align = [](int64_t x) { return (x + 127) / 128 * 128; };
   int64_t off = 0;
   a.off_a = static_cast<int>(off);
