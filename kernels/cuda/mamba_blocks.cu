@@ -18,11 +18,11 @@
 // split-K over blocks: a block's columns are whole weight rows; its warps split k and their
 // partial sums are added in a fixed order.
 //
-// Measured (bench-mamba-blocks, docs/benchmarks.md): 13.1 vs 20.8 us per 370M layer at batch 1,
-// 18.0 vs 22.4 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1-2 rows. Where a layer's
-// time goes (--trace): the three polls ~1.5 us each (producer skew plus one L2 round trip), the
-// two GEMV phases 1.8-3.1 us for ~100 KB of shared-memory tiles (latency-bound, not understood
-// yet: a tensor-core version was no faster), the conv inputs' global loads 1.6 us.
+// Measured (bench-mamba-blocks, docs/benchmarks.md): 12.1 vs 20.8 us per 370M layer at batch 1,
+// 17.0 vs 22.4 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1-2 rows. Where a layer's
+// time goes (--trace): the three polls 0.9-2.1 us each (producer skew plus one L2 round trip),
+// the two GEMV phases 1.8-3.1 us for ~100 KB of shared-memory tiles (latency-bound on shuffle
+// reductions; a tensor-core version was slower, see WarpSliceGemv).
 //
 // Co-residency: the grid is one block per SM and the block needs most of an SM's shared memory,
 // so every block of the grid fits at once; a block waits only for blocks of its own grid, and
