@@ -53,8 +53,7 @@ constexpr int kMaxState = 128;  // d_state: four values per lane
 constexpr int kMaxNormGroups = 8;
 constexpr int kMaxItems = 4;        // phase-B items per block
 constexpr int kMaxPartials = 1024;  // rows x items per row (rows x d_inner / kSlice)
-// The thread that issues the bulk copies: outside warp 0, whose thread 0 arrives at the grid
-// barriers, so that no barrier release can wait on copies in flight (measured: no difference).
+// The thread that issues the bulk copies (outside warp 0, whose thread 0 writes the trace).
 constexpr int kCopyThread = 32;
 constexpr int kMaxACols = 64;  // in_proj (and out_proj) columns per block
 constexpr int kItemVals = 2 * kMaxState + 2 * kSlice + 1;  // a phase-B item's inputs
@@ -79,7 +78,6 @@ struct LayerParams {
 struct BlocksArgs {
   LayerParams layer[kMaxLayers];
   int num_layers;
-  int rows;
   float* h;  // [rows, ldh]: the residual stream (read by the first layer, written by the last)
   int64_t ldh;
   // Tagged exchange buffers (value | tag << 32, see Tag): what one phase hands the next.
@@ -264,7 +262,7 @@ __device__ __forceinline__ void PrefetchOutProj(const BlocksArgs& a, int l, cons
   BulkCopyToShared(smem + a.off_c_norm, a.layer[l].gnorm_w, norm, bar);
 }
 
-// R: the rows (a.rows) and kTrace (a.trace is set) are fixed at compile time: every per-row loop
+// R: the rows and kTrace (a.trace is set) are fixed at compile time: every per-row loop
 // unrolls exactly and no trace code sits among the hot instructions. The layer loop's code has to
 // stay small: at 142 KB (runtime rows, unrolled column loops, index arithmetic inlined per
 // element) its phases ran measurably slower than their work.
@@ -673,7 +671,6 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
 
   const int G = ctx.num_sms;
   BlocksArgs a = {};
-  a.rows = static_cast<int>(rows);
   a.h = m0.out;
   a.ldh = m0.ld_out;
   a.d = static_cast<int>(d);
