@@ -124,34 +124,48 @@ __device__ __forceinline__ bool Ready(uint64_t v, uint32_t tag) {
   return static_cast<uint32_t>(v >> 32) == tag;
 }
 
-// The block waits for n tagged values, element i read from at(i) and handed to put(i, value).
-// A thread takes i = tid, tid + kThreads, ... in batches with all loads in flight, and re-polls
-// whatever was not ready all at once: one round trip per retry, not per element.
+// The values of up to kN tagged words, word j at at(j) (null: no word j), once each carries
+// `tag`: all loads in flight at once, and each retry re-polls every word not yet ready together,
+// so waiting costs one round trip per retry, not one per word.
+template <int kN, typename At>
+__device__ __forceinline__ void PollWords(uint32_t tag, At at, float (&out)[kN]) {
+  uint64_t v[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    const uint64_t* p = at(j);
+    v[j] = p != nullptr ? LoadTagged(p) : static_cast<uint64_t>(tag) << 32;
+  }
+  for (;;) {
+    bool ready = true;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) ready &= Ready(v[j], tag);
+    if (ready) break;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      if (!Ready(v[j], tag)) v[j] = LoadTagged(at(j));  // only real words can be unready
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) out[j] = __uint_as_float(static_cast<uint32_t>(v[j]));
+}
+
+// The block waits for n tagged values, element i read from at(i) and handed to put(i, value);
+// a thread takes i = tid, tid + kThreads, ... in batches of PollWords.
 template <typename At, typename Put>
 __device__ __forceinline__ void PollGather(int n, uint32_t tag, At at, Put put) {
   constexpr int kBatch = 4;
   for (int base = static_cast<int>(threadIdx.x); base < n; base += kBatch * kThreads) {
-    uint64_t v[kBatch];
+    float v[kBatch];
+    PollWords(
+        tag,
+        [&](int j) -> const uint64_t* {
+          const int i = base + j * kThreads;
+          return i < n ? at(i) : nullptr;
+        },
+        v);
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
-      const int i = base + j * kThreads;
-      v[j] = i < n ? LoadTagged(at(i)) : static_cast<uint64_t>(tag) << 32;
-    }
-    for (;;) {
-      bool ready = true;
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) ready &= Ready(v[j], tag);
-      if (ready) break;
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int i = base + j * kThreads;
-        if (i < n && !Ready(v[j], tag)) v[j] = LoadTagged(at(i));
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = base + j * kThreads;
-      if (i < n) put(i, __uint_as_float(static_cast<uint32_t>(v[j])));
+      if (base + j * kThreads < n) put(base + j * kThreads, v[j]);
     }
   }
 }
@@ -501,27 +515,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Its inputs come from the few blocks that own the item's in_proj columns.
     if (items > 0) {
       if (tid < per_item) {  // thread e polls element e of every item at once
-        uint64_t v[kMaxItems];
+        float v[kMaxItems];
+        PollWords(
+            tag,
+            [&](int i) -> const uint64_t* {
+              return i < items ? a.x_in + s_item_src[i][b_kind] + b_off : nullptr;
+            },
+            v);
 #pragma unroll
         for (int i = 0; i < kMaxItems; ++i) {
-          v[i] = i < items ? LoadTagged(a.x_in + s_item_src[i][b_kind] + b_off)
-                           : static_cast<uint64_t>(tag) << 32;
-        }
-        for (;;) {
-          bool ready = true;
-#pragma unroll
-          for (int i = 0; i < kMaxItems; ++i) ready &= Ready(v[i], tag);
-          if (ready) break;
-#pragma unroll
-          for (int i = 0; i < kMaxItems; ++i) {
-            if (i < items && !Ready(v[i], tag)) {
-              v[i] = LoadTagged(a.x_in + s_item_src[i][b_kind] + b_off);
-            }
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kMaxItems; ++i) {
-          if (i < items) s_in[i][tid] = __uint_as_float(static_cast<uint32_t>(v[i]));
+          if (i < items) s_in[i][tid] = v[i];
         }
       }
       __syncthreads();
