@@ -18,11 +18,13 @@
 // split-K over blocks: a block's columns are whole weight rows; its warps split k and their
 // partial sums are added in a fixed order.
 //
-// Measured (bench-mamba-blocks, docs/benchmarks.md): 12.1 vs 20.8 us per 370M layer at batch 1,
-// 17.0 vs 22.4 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1-2 rows. Where a layer's
-// time goes (--trace): the three polls 0.9-2.1 us each (producer skew plus one L2 round trip),
-// the two GEMV phases 1.8-3.1 us for ~100 KB of shared-memory tiles (latency-bound on shuffle
-// reductions; a tensor-core version was slower, see WarpSliceGemv).
+// Measured (bench-mamba-blocks, docs/benchmarks.md): 11.9 vs 20.7 us per 370M layer at batch 1,
+// 16.2 vs 22.2 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1-2 rows. Where a layer's
+// time goes (--trace): ~5 us of local phases (GEMVs 1.7 and 0.5 us) and ~6 us in the three
+// polls, which is handoff latency, not the weight bytes: with the weight and state copies
+// switched off (an experiment) a layer took 10.0 us, and moving or splitting the copies moved
+// the delay to whichever handoff they overlapped (bulk traffic in flight slows the tagged
+// stores and polls). Shorter GEMVs only lengthened the polls after them.
 //
 // Co-residency: the grid is one block per SM and the block needs most of an SM's shared memory,
 // so every block of the grid fits at once; a block waits only for blocks of its own grid, and
@@ -173,79 +175,115 @@ __device__ __forceinline__ void PollGather(int n, uint32_t tag, At at, Put put) 
 __device__ __forceinline__ float Bf16Lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float Bf16Hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
-// One warp's share of a GEMV tile in shared memory: for columns [0, ncols) of w ([ncols][ldw]
-// bf16) and the R rows of x ([R][ldx] f32, each element times xscale[k] (a norm weight) and
-// rscale[r][k / group] (a row's norm scale; null: 1)), the sums over k in [k0, k1), written to
-// dot[col * R + r] (this warp's own slots; the first chunk assigns them). Groups of L lanes take
-// columns q, q + 32 / L, ...; a lane holds 8 consecutive k of x in registers per chunk of 8L, so
-// each x value is read from shared memory once per group rather than once per column. Fixed
-// order: deterministic. (A tensor-core version, m16n8k16 with x split into bf16 hi + lo and the
-// tiles copied row by row into padded rows for conflict-free ldmatrix, measured slower: 15.2 vs
-// 13.1 us per 370M layer at batch 1, its 34 row copies per tile costing more to issue.)
-template <int R>
-__device__ __forceinline__ void WarpSliceGemv(const __nv_bfloat16* w, int ldw, int ncols,
-                                              const float* x, int ldx, const float* xscale,
-                                              const float (*rscale)[kMaxNormGroups], int group,
-                                              int k0, int k1, int L, int lane, float* dot) {
-  const int q = lane / L, groups = 32 / L, sub = lane % L;
-  for (int kc = k0; kc < k1; kc += 8 * L) {
-    const int k = kc + sub * 8;
-    const bool live = k < k1;  // k1 - k0 is a multiple of 8
-    float xv[R][8];
-    if (live) {
-      const float4 s0 = *reinterpret_cast<const float4*>(xscale + k);
-      const float4 s1 = *reinterpret_cast<const float4*>(xscale + k + 4);
+// GEMV k parts: a lane holds GemvJ(R) groups of 8 consecutive k of each of the R rows' x in
+// registers (at most 32 floats), so a part is up to GemvPartK(R) of k and a phase splits its k
+// into ceil(k / that) parts, each taken by kWarps / parts warps.
+__host__ __device__ constexpr int GemvJ(int rows) { return rows == 1 ? 4 : (rows == 2 ? 2 : 1); }
+__host__ __device__ constexpr int GemvPartK(int rows) { return 256 * GemvJ(rows); }
+
+// GEMV inputs in shared memory are f32 rows, already scaled by the norms, padded to a multiple
+// of 256 and permuted within each 256 so that the 8 consecutive k a lane multiplies with one
+// 16-byte weight load sit in two float4s that the warp reads as 512 contiguous bytes:
+// k = 256 b + 8 l + e (lane l, e < 8) is stored at 256 b + 128 (e / 4) + 4 l + e % 4.
+__device__ __forceinline__ int XPos(int k) {
+  const int w = k & 255, e = w & 7;
+  return (k & ~255) | ((e >> 2) << 7) | ((w >> 3) << 2) | (e & 3);
+}
+__host__ __device__ constexpr int PaddedK(int k) { return (k + 255) / 256 * 256; }
+
+// One warp's columns of a GEMV tile in shared memory: for columns c = c_first, c_first + c_step,
+// ... < ncols of w ([ncols][ldw] bf16) and the R rows of x ([R][ldx], laid out as XPos says),
+// the sums over k in [k0, k1) (k0 a multiple of 256), written to dot[c * R + r]. Lane l holds
+// x at k0 + 256 j + 8 l (+0..7) in registers and reads the same k of each column's weight row,
+// so every shared-memory load of the warp is 512 contiguous bytes (no bank conflicts), and a
+// column costs one 5-step shuffle reduction, kCols columns' interleaved (kCols: the most columns
+// a warp gets for 370M shapes, so that no warp makes a second pass). Each column's sum is one
+// warp's, in a fixed order: deterministic. (Before: k split over all 16 warps with a shuffle
+// reduction per column and k chunk, and every warp re-reading the norm weights with x: 2.6-3.1
+// us for in_proj's 34 columns, bound by shared-memory wavefronts. A tensor-core version,
+// m16n8k16 with x split into bf16 hi + lo and the tiles copied row by row into padded rows for
+// conflict-free ldmatrix, was slower: 15.2 vs 13.1 us per layer.)
+template <int R, int kCols>
+__device__ __forceinline__ void WarpColumnsGemv(const __nv_bfloat16* w, int ldw, int ncols,
+                                                int c_first, int c_step, const float* x, int ldx,
+                                                int k0, int k1, int lane, float* dot) {
+  constexpr int J = GemvJ(R);
+  float xv[R][J][8];
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int base = k0 + 256 * j;
+    if (base + 8 * lane < k1) {  // k1 - k0 is a multiple of 8
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float rs = rscale != nullptr ? rscale[r][k / group] : 1.0f;
-        const float4 a0 = *reinterpret_cast<const float4*>(x + r * ldx + k);
-        const float4 a1 = *reinterpret_cast<const float4*>(x + r * ldx + k + 4);
-        xv[r][0] = s0.x * (a0.x * rs);
-        xv[r][1] = s0.y * (a0.y * rs);
-        xv[r][2] = s0.z * (a0.z * rs);
-        xv[r][3] = s0.w * (a0.w * rs);
-        xv[r][4] = s1.x * (a1.x * rs);
-        xv[r][5] = s1.y * (a1.y * rs);
-        xv[r][6] = s1.z * (a1.z * rs);
-        xv[r][7] = s1.w * (a1.w * rs);
+        const float4 a0 = *reinterpret_cast<const float4*>(x + r * ldx + base + 4 * lane);
+        const float4 a1 = *reinterpret_cast<const float4*>(x + r * ldx + base + 128 + 4 * lane);
+        xv[r][j][0] = a0.x;
+        xv[r][j][1] = a0.y;
+        xv[r][j][2] = a0.z;
+        xv[r][j][3] = a0.w;
+        xv[r][j][4] = a1.x;
+        xv[r][j][5] = a1.y;
+        xv[r][j][6] = a1.z;
+        xv[r][j][7] = a1.w;
       }
     }
-    for (int cb = 0; cb < ncols; cb += groups) {  // the same trip count in every lane: shuffles
-      const int c = cb + q;
-      float acc[R];
-      if (live && c < ncols) {
-        const uint4 wv = *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c) * ldw + k);
-        const float wf[8] = {Bf16Lo(wv.x), Bf16Hi(wv.x), Bf16Lo(wv.y), Bf16Hi(wv.y),
-                             Bf16Lo(wv.z), Bf16Hi(wv.z), Bf16Lo(wv.w), Bf16Hi(wv.w)};
+  }
+  for (int cb = c_first; cb < ncols; cb += kCols * c_step) {  // the same trip count in every lane
+    float acc[kCols][R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float t = 0.0f;
+    for (int i = 0; i < kCols; ++i) {
+      const int c = cb + i * c_step;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) t += wf[e] * xv[r][e];
-          acc[r] = t;
+      for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int k = k0 + 256 * j + 8 * lane;
+        if (c < ncols && k < k1) {
+          const uint4 wv = *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c) * ldw + k);
+          const float wf[8] = {Bf16Lo(wv.x), Bf16Hi(wv.x), Bf16Lo(wv.y), Bf16Hi(wv.y),
+                               Bf16Lo(wv.z), Bf16Hi(wv.z), Bf16Lo(wv.w), Bf16Hi(wv.w)};
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float t = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) t += wf[e] * xv[r][j][e];
+            acc[i][r] += t;
+          }
         }
-      } else {
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
       }
+    }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        for (int o = L / 2; o > 0; o /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    for (int o = 16; o > 0; o /= 2) {
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
       }
-      if (sub == 0 && c < ncols) {
+    }
+    if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) dot[c * R + r] = kc == k0 ? acc[r] : dot[c * R + r] + acc[r];
+      for (int i = 0; i < kCols; ++i) {
+        const int c = cb + i * c_step;
+        if (c < ncols) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) dot[c * R + r] = acc[i][r];
+        }
       }
     }
   }
 }
 
-// Lanes per column for a warp's k slice of klen: the largest power of two up to 32 with
-// 8 lanes' k each inside the slice (at least 1).
-__device__ __forceinline__ int LanesFor(int klen) {
-  int L = 1;
-  while (L < 32 && 16 * L <= klen) L *= 2;
-  return L;
+// How a GEMV phase of k = K splits over the warps: `parts` k parts of `len` (a multiple of 256),
+// part p taken by warps [p * per, (p + 1) * per).
+struct GemvSplit {
+  int parts, len, per;
+};
+template <int R>
+__device__ __forceinline__ GemvSplit SplitK(int K) {
+  int parts = (K + GemvPartK(R) - 1) / GemvPartK(R);
+  const int len = PaddedK((K + parts - 1) / parts);
+  parts = (K + len - 1) / len;
+  return {parts, len, kWarps / parts};
 }
 
 struct Plan {
@@ -330,11 +368,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* gnorm_s = reinterpret_cast<const float*>(smem + a.off_c_norm);
   const float* st_s = reinterpret_cast<const float*>(smem + a.off_st);
   float* act = reinterpret_cast<float*>(smem + a.off_act);
-  // GEMV k slices: warp w takes [w * klen, (w + 1) * klen) of k.
-  const int a_klen = (d / kWarps + 7) / 8 * 8, c_klen = (d_inner / kWarps + 7) / 8 * 8;
-  const int a_L = LanesFor(a_klen), c_L = LanesFor(c_klen);
-  const int a_nw = min(kWarps, (d + a_klen - 1) / a_klen);  // warps with a slice
-  const int c_nw = min(kWarps, (d_inner + c_klen - 1) / c_klen);
+  // GEMV k parts (the host checks that there are at most kWarps), and act's row strides.
+  const GemvSplit a_split = SplitK<R>(d), c_split = SplitK<R>(d_inner);
+  const int lda = PaddedK(d), ldg = PaddedK(d_inner);
   // Phase B: this thread's element of every item's inputs (tid < per_item): its kind and offset.
   int b_kind = 0, b_off = 0;
   if (tid < 2 * N) {
@@ -421,7 +457,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   load_layer_inputs(0);
 
   for (int l = 0; l < a.num_layers; ++l) {
-    const LayerParams& L = a.layer[l];
     const uint32_t parity = static_cast<uint32_t>(l & 1);
     const uint32_t tag = Tag(epoch, l);
     const int b = l & 1;  // the parity buffers of this layer's conv inputs and head constants
@@ -439,27 +474,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- A: RMSNorm(h), in_proj columns [a0, a1), conv of the xBC ones ----
     {
       trace(1);
-      // h: from the kernel before (layer 0) or from every block's phase C of the layer before.
+      // h: from the kernel before (layer 0) or from every block's phase C of the layer before,
+      // into act in the GEMV's layout (XPos).
       if (l == 0) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          for (int k = tid; k < d; k += kThreads) act[r * d + k] = __ldcg(a.h + r * a.ldh + k);
+          for (int k = tid; k < d; k += kThreads) {
+            act[r * lda + XPos(k)] = __ldcg(a.h + r * a.ldh + k);
+          }
         }
       } else {
         PollGather(
             R * d, Tag(epoch, l - 1), [&](int i) { return a.x_h + i; },
-            [&](int i, float v) { act[i] = v; });
+            [&](int i, float v) { act[(i / d) * lda + XPos(i % d)] = v; });
       }
       __syncthreads();
       if (tid == kCopyThread && l > 0) PrefetchOutProj(a, l, p, smem, &bars[1]);
       trace(2);
+      MbarrierWait(&bars[0], parity);  // the tile and the norm weight
+      // Each row's sum of squares, and its h scaled by the norm weight in place (the row's norm
+      // scale is applied to the GEMV's sums).
       float ss[R] = {};
       for (int k = tid; k < d; k += kThreads) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const float v = act[r * d + k];
+          float* x = act + r * lda + XPos(k);
+          const float v = *x;
           ss[r] += v * v;
           if (k >= p.c0 && k < p.c1) s_hown[r][k - p.c0] = v;
+          *x = norm_s[k] * v;
         }
       }
 #pragma unroll
@@ -468,13 +511,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int r = 0; r < R; ++r) s_red[warp][r] = ss[r];
       }
-      MbarrierWait(&bars[0], parity);  // the tile and the norm weight
       __syncthreads();
       trace(3);
-      // in_proj of norm_w * h (the row's norm scale is applied to the sums below).
-      if (warp < a_nw) {
-        WarpSliceGemv<R>(a_w, d, a_cols, act, d, norm_s, nullptr, 1, warp * a_klen,
-                         min(d, (warp + 1) * a_klen), a_L, lane, s_dot[warp]);
+      if (warp < a_split.parts * a_split.per) {
+        const int part = warp / a_split.per;
+        WarpColumnsGemv<R, R == 1 ? 3 : (R == 2 ? 5 : 3)>(
+            a_w, d, a_cols, warp % a_split.per, a_split.per, act, lda, part * a_split.len,
+            min(d, (part + 1) * a_split.len), lane, s_dot[part]);
       }
       if (warp == 0 && lane < R) {
         float t = 0.0f;
@@ -486,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int t = tid; t < a_cols * R; t += kThreads) {
         const int col = t / R, r = t % R, c = p.a0 + col;
         float v = 0.0f;
-        for (int w = 0; w < a_nw; ++w) v += s_dot[w][t];
+        for (int part = 0; part < a_split.parts; ++part) v += s_dot[part][t];
         v *= s_ascale[r][0];
         if (c >= x0 && c < x1) {
           // Conv update of xBC channel j: bias, then taps oldest first (ConvDecodeKernel).
@@ -571,13 +614,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- C: gated norm, h[:, c0:c1] += g_normed * out_proj^T ----
     {
-      // g and the items' sums of squares from every block's phase B.
+      // g times the gated norm's weight (into act in the GEMV's layout) and the items' sums of
+      // squares from every block's B. The norm's scale is a row's (one group: applied to the
+      // GEMV's sums, like phase A's) or a group's (applied to act before the GEMV).
+      MbarrierWait(&bars[1], parity);  // the out_proj tile and the gated norm's weight
       const int ng = R * d_inner;
       PollGather(
           ng + R * per_row, tag, [&](int i) { return i < ng ? a.x_g + i : a.x_part + (i - ng); },
           [&](int i, float v) {
             if (i < ng) {
-              act[i] = v;
+              const int r = i / d_inner, k = i - r * d_inner;
+              act[r * ldg + XPos(k)] = gnorm_s[k] * v;
             } else {
               s_ps[i - ng] = v;
             }
@@ -594,19 +641,29 @@ __global__ void __launch_bounds__(kThreads, 1)
         t = WarpSum(t);
         if (lane == 0) s_scale[r][gi] = 1.0f / sqrtf(t / static_cast<float>(a.group_size) + a.geps);
       }
-      MbarrierWait(&bars[1], parity);  // the tile and the gated norm's weight
-      __syncthreads();
+      if (groups > 1) {
+        __syncthreads();
+        for (int k = tid; k < d_inner; k += kThreads) {
+          const int gi = k / a.group_size;
+#pragma unroll
+          for (int r = 0; r < R; ++r) act[r * ldg + XPos(k)] *= s_scale[r][gi];
+        }
+        __syncthreads();
+      }
       trace(10);
-      if (warp < c_nw) {
-        WarpSliceGemv<R>(c_w, d_inner, c_cols, act, d_inner, gnorm_s, s_scale, a.group_size,
-                         warp * c_klen, min(d_inner, (warp + 1) * c_klen), c_L, lane, s_dot[warp]);
+      if (warp < c_split.parts * c_split.per) {
+        const int part = warp / c_split.per;
+        WarpColumnsGemv<R, R == 1 ? 1 : 2>(
+            c_w, d_inner, c_cols, warp % c_split.per, c_split.per, act, ldg, part * c_split.len,
+            min(d_inner, (part + 1) * c_split.len), lane, s_dot[part]);
       }
       __syncthreads();  // the out_proj tile is read
       trace(11);
       for (int t = tid; t < c_cols * R; t += kThreads) {
         const int col = t / R, r = t % R;
         float v = 0.0f;
-        for (int w = 0; w < c_nw; ++w) v += s_dot[w][t];
+        for (int part = 0; part < c_split.parts; ++part) v += s_dot[part][t];
+        if (groups == 1) v *= s_scale[r][0];
         const float hv = s_hown[r][col] + v;
         if (l + 1 == a.num_layers) {
           a.h[r * a.ldh + p.c0 + col] = hv;
@@ -693,6 +750,8 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   const int64_t a_cols = (in_dim + G - 1) / G, c_cols = (d + G - 1) / G;
   const int64_t items = (rows * d_inner / kSlice + G - 1) / G;
   if (a_cols > kMaxACols || c_cols > kMaxACols || items > kMaxItems) return false;
+  const int64_t part_k = GemvPartK(static_cast<int>(rows));
+  if (std::max(d, d_inner) > kWarps * part_k) return false;  // a warp per GEMV k part at least
   if (2 * N + 2 * kSlice + 1 > kLoadFirst - kMaxItems) return false;  // phase B: a thread per input
   auto align = [](int64_t x) { return (x + 127) / 128 * 128; };
   int64_t off = 0;
@@ -707,7 +766,7 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   a.off_st = static_cast<int>(off);
   off = align(off + items * kSlice * N * 4);
   a.off_act = static_cast<int>(off);
-  off = align(off + rows * std::max(d, d_inner) * 4);
+  off = align(off + rows * PaddedK(static_cast<int>(std::max(d, d_inner))) * 4);
   const size_t smem = static_cast<size_t>(off);
   using Kernel = void (*)(BlocksArgs);
   static constexpr Kernel kKernels[2][kMaxRows] = {
