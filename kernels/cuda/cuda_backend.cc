@@ -393,8 +393,8 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
 
 absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t count) {
   // Decode batches of 1-2 one-token rows go through the persistent kernel (mamba_blocks.cu) and
-  // larger ones block by block: measured side by side, 12.1 vs 20.8 us per 370M layer at batch 1,
-  // 17.0 vs 22.4 at 2, 28.0 vs 23.3 at 4 (bench-mamba-blocks, docs/benchmarks.md).
+  // larger ones block by block: measured side by side, 11.9 vs 20.7 us per 370M layer at batch 1,
+  // 16.2-16.6 vs 22.3 at 2, 28.0 vs 23.3 at 4 (bench-mamba-blocks, docs/benchmarks.md).
   // RAMBA_CUDA_PERSISTENT_MAMBA=0 turns it off, =1 uses it up to its 4 rows. Read per call: tests
   // and bench-mamba-blocks switch it.
   constexpr int64_t kPersistentMaxRows = 2;
