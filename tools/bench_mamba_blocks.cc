@@ -1,8 +1,7 @@
 // bench-mamba-blocks: a decode step's run of Mamba blocks (Backend::MambaBlocks, 370M shapes,
 // random weights) at a few batch sizes, side by side: the persistent kernel
-// (kernels/cuda/mamba_blocks.cu, RAMBA_CUDA_PERSISTENT_MAMBA=1) and block by block (the
-// default), each in a
-// CUDA graph, against the bytes floor (weights + states read and written). With --trace, where
+// (kernels/cuda/mamba_blocks.cu, RAMBA_CUDA_PERSISTENT_MAMBA=1) and block by block (=0), each in
+// a CUDA graph, against the bytes floor (weights + states read and written). With --trace, where
 // the persistent kernel's time goes: each phase's clock cycles per layer, averaged over blocks
 // and layers, and the slowest block's.
 #include <algorithm>

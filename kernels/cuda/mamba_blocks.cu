@@ -15,8 +15,7 @@
 // it). Weights never change, so each block streams its next tiles (its in_proj and out_proj
 // columns, one contiguous range each) into shared memory with the bulk copy engine a phase or
 // more before it needs them; the SSM states it will update are prefetched the same way. No
-// split-K over blocks: a block's columns are whole weight rows; its warps split k and their
-// partial sums are added in a fixed order.
+// split-K over blocks: a block's columns are whole weight rows, each a warp's (WarpColumnsGemv).
 //
 // Measured (bench-mamba-blocks, docs/benchmarks.md): 11.9 vs 20.7 us per 370M layer at batch 1,
 // 16.2 vs 22.2 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1-2 rows. Where a layer's
@@ -325,9 +324,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ uint64_t bars[3];  // in_proj tile, out_proj tile, states
   __shared__ float s_red[kWarps][R];
   __shared__ float s_scale[R][kMaxNormGroups];    // phase C: per (row, norm group) scales
-  __shared__ float s_ascale[R][kMaxNormGroups];   // phase A: per row RMSNorm scale (group 0)
+  __shared__ float s_ascale[R];                   // phase A: per row RMSNorm scale
   __shared__ float s_hown[R][kMaxACols];          // h at this block's out_proj columns
-  __shared__ float s_dot[kWarps][kMaxACols * R];  // per-warp GEMV partial sums
+  __shared__ float s_dot[kWarps][kMaxACols * R];  // GEMV sums per k part (at most kWarps)
   // Phase B, per item: [B | C of its group | its 16 x channels | 16 z channels | raw dt].
   __shared__ float s_in[kMaxItems][kItemVals];
   __shared__ float s_dt[kMaxItems], s_da[kMaxItems];
@@ -457,9 +456,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   load_layer_inputs(0);
 
   for (int l = 0; l < a.num_layers; ++l) {
-    const uint32_t parity = static_cast<uint32_t>(l & 1);
     const uint32_t tag = Tag(epoch, l);
-    const int b = l & 1;  // the parity buffers of this layer's conv inputs and head constants
+    // The phase of the layer's tile barriers, and the parity buffers of its conv inputs and head
+    // constants.
+    const int b = l & 1;
     // Thread 0's clock at phase boundaries (bench-mamba-blocks --trace): where a layer's time goes.
     auto trace = [&](int point) {
       if constexpr (kTrace) {
@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
       if (tid == kCopyThread && l > 0) PrefetchOutProj(a, l, p, smem, &bars[1]);
       trace(2);
-      MbarrierWait(&bars[0], parity);  // the tile and the norm weight
+      MbarrierWait(&bars[0], b);  // the tile and the norm weight
       // Each row's sum of squares, and its h scaled by the norm weight in place (the row's norm
       // scale is applied to the GEMV's sums).
       float ss[R] = {};
@@ -522,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (warp == 0 && lane < R) {
         float t = 0.0f;
         for (int w = 0; w < kWarps; ++w) t += s_red[w][lane];
-        s_ascale[lane][0] = 1.0f / sqrtf(t / static_cast<float>(d) + a.eps);
+        s_ascale[lane] = 1.0f / sqrtf(t / static_cast<float>(d) + a.eps);
       }
       __syncthreads();  // the in_proj tile is read
       trace(4);
@@ -530,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int col = t / R, r = t % R, c = p.a0 + col;
         float v = 0.0f;
         for (int part = 0; part < a_split.parts; ++part) v += s_dot[part][t];
-        v *= s_ascale[r][0];
+        v *= s_ascale[r];
         if (c >= x0 && c < x1) {
           // Conv update of xBC channel j: bias, then taps oldest first (ConvDecodeKernel).
           const int i = c - x0, j = c - d_inner;
@@ -577,7 +577,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_dt[tid] = dt;
         s_da[tid] = expf(dt * s_a[b][tid]);
       }
-      MbarrierWait(&bars[2], parity);
+      MbarrierWait(&bars[2], b);
       __syncthreads();
       trace(7);
       for (int i = 0; i < items; ++i) {
@@ -617,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // g times the gated norm's weight (into act in the GEMV's layout) and the items' sums of
       // squares from every block's B. The norm's scale is a row's (one group: applied to the
       // GEMV's sums, like phase A's) or a group's (applied to act before the GEMV).
-      MbarrierWait(&bars[1], parity);  // the out_proj tile and the gated norm's weight
+      MbarrierWait(&bars[1], b);  // the out_proj tile and the gated norm's weight
       const int ng = R * d_inner;
       PollGather(
           ng + R * per_row, tag, [&](int i) { return i < ng ? a.x_g + i : a.x_part + (i - ng); },

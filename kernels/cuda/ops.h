@@ -153,8 +153,8 @@ absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int6
 // ---- mamba_blocks.cu ----
 // Backend::MambaBlocks as one persistent kernel per run of up to 24 blocks, for decode batches of
 // 1-4 one-token sequences and the shapes it covers (bf16 weights, conv width 4, headdim a
-// multiple of 16, d_state <= 128); returns false, launching nothing, otherwise. Opt-in
-// (RAMBA_CUDA_PERSISTENT_MAMBA=1; mamba_blocks.cu says why).
+// multiple of 16, d_state <= 128); returns false, launching nothing, otherwise. CudaBackend
+// uses it for 1-2 rows by default (RAMBA_CUDA_PERSISTENT_MAMBA=0|1 changes that).
 // With `trace` (device memory, count <= 24), thread 0 of each block records clock64() at
 // kMambaBlocksTracePoints phase boundaries per layer: trace[(layer * points + point) * grid +
 // block], grid = ctx.num_sms (bench-mamba-blocks --trace prints where the time goes).
