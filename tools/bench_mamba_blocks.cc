@@ -1,9 +1,9 @@
 // bench-mamba-blocks: a decode step's run of Mamba blocks (Backend::MambaBlocks, 370M shapes,
 // random weights) at a few batch sizes, side by side: the persistent kernel
-// (kernels/cuda/mamba_blocks.cu, RAMBA_CUDA_PERSISTENT_MAMBA=1) and block by block (=0), each in
-// a CUDA graph, against the bytes floor (weights + states read and written). With --trace, where
-// the persistent kernel's time goes: each phase's clock cycles per layer, averaged over blocks
-// and layers, and the slowest block's.
+// (kernels/cuda/mamba_blocks.cu, RAMBA_CUDA_PERSISTENT_MAMBA=1), its cluster variant (=2) and
+// block by block (=0), each in a CUDA graph, against the bytes floor (weights + states read and
+// written). With --trace, where both persistent kernels' time goes: each phase's clock cycles
+// per layer, averaged over blocks and layers, and the slowest block's.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -182,6 +182,8 @@ int main(int argc, char** argv) {
       const double t = ramba::bench::InGraphSeconds(be, reps, kGraphSteps, run);
       return std::isnan(t) ? ramba::bench::MedianSeconds(be, reps, run) : t;
     };
+    setenv("RAMBA_CUDA_PERSISTENT_MAMBA", "2", 1);
+    const double t_cluster = time();
     setenv("RAMBA_CUDA_PERSISTENT_MAMBA", "1", 1);
     const double t_persistent = time();
     setenv("RAMBA_CUDA_PERSISTENT_MAMBA", "0", 1);
@@ -196,6 +198,8 @@ int main(int argc, char** argv) {
         static_cast<long long>(rows), 1e6 * t_persistent, 1e6 * t_persistent / layers,
         t_persistent / floor, 1e6 * t_blocks, 1e6 * t_blocks / layers, t_blocks / floor,
         1e6 * floor, (weight_bytes + state_bytes) / 1e6, t_blocks / t_persistent);
+    std::printf("           cluster %7.1f us (%.2f us/layer, %.2fx floor)\n", 1e6 * t_cluster,
+                1e6 * t_cluster / layers, t_cluster / floor);
 
 #ifdef RAMBA_HAVE_CUDA
     if (absl::GetFlag(FLAGS_trace) && be->name() == "cuda" && layers <= 24) {
@@ -205,61 +209,82 @@ int main(int argc, char** argv) {
       auto buf = be->Allocate(n * sizeof(long long));
       if (!buf.ok()) return Fail(buf.status());
       std::vector<long long> t(n);
-      for (int rep = 0; rep < 3; ++rep) {  // the last of three launches
-        if (auto s = be->Zero(buf->data(), n * sizeof(long long)); !s.ok()) return Fail(s);
-        auto done = ramba::kernels::cuda::PersistentMambaBlocks(*ctx, blocks.data(), layers,
-                                                                buf->as<long long>());
-        if (!done.ok()) return Fail(done.status());
-        if (!*done) return Fail(absl::InternalError("the persistent kernel declined"));
-        if (auto s = be->Download(t.data(), buf->data(), n * sizeof(long long)); !s.ok()) {
-          return Fail(s);
-        }
-      }
-      int khz = 0;
-      cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, ctx->device);
-      static const char* kNames[P] = {"   (layer start)",
-                                      "A  poll h",
-                                      "A  squares, wait in_proj tile",
-                                      "A  GEMV",
-                                      "A  reduce, conv, hand over, load next conv inputs",
-                                      "B  poll inputs",
-                                      "B  dt, wait state tiles",
-                                      "B  SSM update, hand over",
-                                      "C  poll g, sums",
-                                      "C  norm scales, wait tile",
-                                      "C  GEMV",
-                                      "C  reduce, hand over h",
-                                      "   (next layer)"};
-      std::printf(
-          "  phase (cycles per layer; layers 1..%lld; clock %d MHz)   mean    slowest block\n",
-          static_cast<long long>(layers - 1), khz / 1000);
-      double total = 0;
-      for (int k = 0; k < P; ++k) {
-        double sum = 0, worst_sum = 0;
-        int64_t count = 0, worst_count = 0;
-        for (int64_t l = 1; l + (k == P - 1 ? 1 : 0) < layers; ++l) {
-          double worst = 0;
-          bool any = false;
-          for (int64_t b = 0; b < G; ++b) {
-            const long long t0 = t[(l * P + k) * G + b];
-            const long long t1 = k + 1 < P ? t[(l * P + k + 1) * G + b] : t[((l + 1) * P) * G + b];
-            if (t0 == 0 || t1 == 0) continue;  // a block without phase-B items skips 6 and 7
-            sum += static_cast<double>(t1 - t0);
-            ++count;
-            worst = std::max(worst, static_cast<double>(t1 - t0));
-            any = true;
-          }
-          if (any) {
-            worst_sum += worst;
-            ++worst_count;
+      for (int variant = 0; variant < 2; ++variant) {
+        for (int rep = 0; rep < 3; ++rep) {  // the last of three launches
+          if (auto s = be->Zero(buf->data(), n * sizeof(long long)); !s.ok()) return Fail(s);
+          auto done = variant == 0 ? ramba::kernels::cuda::PersistentMambaBlocks(
+                                         *ctx, blocks.data(), layers, buf->as<long long>())
+                                   : ramba::kernels::cuda::ClusterMambaBlocks(
+                                         *ctx, blocks.data(), layers, buf->as<long long>());
+          if (!done.ok()) return Fail(done.status());
+          if (!*done) return Fail(absl::InternalError("the persistent kernel declined"));
+          if (auto s = be->Download(t.data(), buf->data(), n * sizeof(long long)); !s.ok()) {
+            return Fail(s);
           }
         }
-        const double mean = count > 0 ? sum / count : 0;
-        total += mean;
-        std::printf("  %-26s %8.0f (%5.2f us) %8.0f\n", kNames[k], mean, mean / (khz / 1e3),
-                    worst_count > 0 ? worst_sum / worst_count : 0);
+        int khz = 0;
+        cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, ctx->device);
+        static const char* kNames[P] = {"   (layer start)",
+                                        "A  poll h",
+                                        "A  squares, wait in_proj tile",
+                                        "A  GEMV",
+                                        "A  reduce, conv, hand over, load next conv inputs",
+                                        "B  poll inputs",
+                                        "B  dt, wait state tiles",
+                                        "B  SSM update, hand over",
+                                        "C  poll g, sums",
+                                        "C  norm scales, wait tile",
+                                        "C  GEMV",
+                                        "C  reduce, hand over h",
+                                        "   (next layer)"};
+        static const char* kClusterNames[P] = {"A  wait in_proj tile",
+                                               "A  squares, GEMV",
+                                               "A  reduce, conv, push, next inputs",
+                                               "A  cluster barrier",
+                                               "B  dt, wait states",
+                                               "B  SSM update, push g",
+                                               "B  cluster barrier",
+                                               "C  wait tile, group scales",
+                                               "C  GEMV, post partials",
+                                               "C  poll partials, push h",
+                                               "C  cluster barrier",
+                                               "C  B/C conv states",
+                                               "   (next layer)"};
+        std::printf("  %s kernel\n", variant == 0 ? "persistent" : "cluster");
+        std::printf(
+            "  phase (cycles per layer; layers 1..%lld; clock %d MHz)   mean    slowest block\n",
+            static_cast<long long>(layers - 1), khz / 1000);
+        double total = 0;
+        for (int k = 0; k < P; ++k) {
+          double sum = 0, worst_sum = 0;
+          int64_t count = 0, worst_count = 0;
+          for (int64_t l = 1; l + (k == P - 1 ? 1 : 0) < layers; ++l) {
+            double worst = 0;
+            bool any = false;
+            for (int64_t b = 0; b < G; ++b) {
+              const long long t0 = t[(l * P + k) * G + b];
+              const long long t1 =
+                  k + 1 < P ? t[(l * P + k + 1) * G + b] : t[((l + 1) * P) * G + b];
+              if (t0 == 0 || t1 == 0) continue;  // a block without phase-B items skips 6 and 7
+              sum += static_cast<double>(t1 - t0);
+              ++count;
+              worst = std::max(worst, static_cast<double>(t1 - t0));
+              any = true;
+            }
+            if (any) {
+              worst_sum += worst;
+              ++worst_count;
+            }
+          }
+          const double mean = count > 0 ? sum / count : 0;
+          total += mean;
+          std::printf("  %-34s %8.0f (%5.2f us) %8.0f\n",
+                      variant == 0 ? kNames[k] : kClusterNames[k], mean, mean / (khz / 1e3),
+                      worst_count > 0 ? worst_sum / worst_count : 0);
+        }
+        std::printf("  sum of means: %.0f cycles = %.2f us per layer\n", total,
+                    total / (khz / 1e3));
       }
-      std::printf("  sum of means: %.0f cycles = %.2f us per layer\n", total, total / (khz / 1e3));
     }
 #endif
   }

@@ -62,6 +62,55 @@ __device__ __forceinline__ void BulkCopyToShared(void* dst, const void* src, uin
       : "memory");
 }
 
+// Distributed shared memory (thread-block clusters): the address of the same shared variable in
+// cluster block `rank`.
+__device__ __forceinline__ uint32_t MapToRank(uint32_t shared_addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(shared_addr), "r"(rank));
+  return r;
+}
+
+// Stores v at a cluster block's shared address and completes 4 bytes of that block's barrier
+// `bar` (an address from MapToRank): the receiver waits on its own barrier, armed with the bytes
+// it expects, instead of a cluster-wide barrier.
+__device__ __forceinline__ void StoreToRank(uint32_t addr, float v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(addr),
+      "r"(__float_as_uint(v)), "r"(bar)
+      : "memory");
+}
+
+// MbarrierWait for phases completed by other cluster blocks' StoreToRank.
+__device__ __forceinline__ void MbarrierWaitCluster(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = SharedAddress(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Asynchronous 4- and 16-byte copies from global to shared memory (cp.async, sm_80): the thread
+// goes on; CpAsyncWaitAll() before its barrier to the readers.
+__device__ __forceinline__ void CpAsync4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(SharedAddress(dst)), "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(SharedAddress(dst)), "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncWaitAll() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
 }  // namespace ramba::kernels::cuda
 
 #endif  // RAMBA_KERNELS_CUDA_ASYNC_COPY_CUH_

@@ -392,16 +392,19 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
 }
 
 absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t count) {
-  // Decode batches of 1-2 one-token rows go through the persistent kernel (mamba_blocks.cu) and
-  // larger ones block by block: measured side by side, 11.9 vs 20.7 us per 370M layer at batch 1,
-  // 16.2-16.6 vs 22.3 at 2, 28.0 vs 23.3 at 4 (bench-mamba-blocks, docs/benchmarks.md).
-  // RAMBA_CUDA_PERSISTENT_MAMBA=0 turns it off, =1 uses it up to its 4 rows. Read per call: tests
-  // and bench-mamba-blocks switch it.
+  // Decode batches of 1-2 one-token rows go through a persistent kernel (mamba_blocks.cu) and
+  // larger ones block by block. Measured side by side (bench-mamba-blocks and bench-model,
+  // docs/benchmarks.md): the grid-wide kernel 12.3 vs 20.8 us per 370M layer at batch 1 and
+  // 0.78 ms per decode step; the cluster kernel 11.3 us per layer at batch 1 but 0.81 ms per
+  // step, and at batch 2 14.3 vs 16.3 us per layer, 0.95-0.96 vs 0.98-1.00 ms per step. So
+  // 2 rows take the cluster kernel, 1 row the grid-wide one. RAMBA_CUDA_PERSISTENT_MAMBA=0
+  // turns both off, =1 takes the grid-wide kernel (up to its 4 rows), =2 the cluster kernel
+  // first. Read per call: tests and bench-mamba-blocks switch it.
   constexpr int64_t kPersistentMaxRows = 2;
   const char* env = std::getenv("RAMBA_CUDA_PERSISTENT_MAMBA");
   const std::string_view mode = env != nullptr ? env : "";
   const int64_t rows = count > 0 ? blocks[0].mixer.num_seqs : 0;
-  if (count > 0 && mode != "0" && (mode == "1" || rows <= kPersistentMaxRows)) {
+  if (count > 0 && mode != "0" && (mode == "1" || mode == "2" || rows <= kPersistentMaxRows)) {
     for (int64_t i = 0; i < count; ++i) {
       const MambaMixerArgs& m = blocks[i].mixer;
       RETURN_IF_ERROR(CheckSsmParams("MambaBlocks", m.ssm));
@@ -414,7 +417,13 @@ absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t coun
                           blocks[i].in_proj.data != nullptr,
                       "null pointer");
     }
-    ASSIGN_OR_RETURN(bool done, cuda::PersistentMambaBlocks(*this, blocks, count));
+    bool done = false;
+    if (mode == "2" || (mode != "1" && rows == 2)) {
+      ASSIGN_OR_RETURN(done, cuda::ClusterMambaBlocks(*this, blocks, count));
+    }
+    if (!done) {
+      ASSIGN_OR_RETURN(done, cuda::PersistentMambaBlocks(*this, blocks, count));
+    }
     if (done) return absl::OkStatus();
   }
   return Backend::MambaBlocks(blocks, count);

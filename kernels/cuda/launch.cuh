@@ -53,6 +53,28 @@ absl::Status Launch(Context& ctx, void (*kernel)(KernelArgs...), dim3 grid, dim3
   return absl::OkStatus();
 }
 
+// Launch() with thread-block clusters of `cluster` blocks along x (grid.x a multiple of it).
+template <class... KernelArgs, class... Args>
+absl::Status LaunchClusters(Context& ctx, int cluster, void (*kernel)(KernelArgs...), dim3 grid,
+                            dim3 block, size_t smem, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = ctx.stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = ctx.pdl ? 2 : 1;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  return absl::OkStatus();
+}
+
 // Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB;
 // Unimplemented (naming `op`) when the device cannot give that much.
 template <class Kernel>

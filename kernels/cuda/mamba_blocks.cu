@@ -18,18 +18,22 @@
 // split-K over blocks: a block's columns are whole weight rows, each a warp's (WarpColumnsGemv).
 //
 // Measured (bench-mamba-blocks, docs/benchmarks.md): 11.9 vs 20.7 us per 370M layer at batch 1,
-// 16.2 vs 22.2 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1-2 rows. Where a layer's
-// time goes (--trace): ~5 us of local phases (GEMVs 1.7 and 0.5 us) and ~6 us in the three
-// polls, which is handoff latency, not the weight bytes: with the weight and state copies
-// switched off (an experiment) a layer took 10.0 us, and moving or splitting the copies moved
-// the delay to whichever handoff they overlapped (bulk traffic in flight slows the tagged
-// stores and polls). Shorter GEMVs only lengthened the polls after them.
+// 16.2 vs 22.2 at 2, 28.0 vs 23.3 at 4, so the backend uses it for 1 row (2 rows: the cluster
+// variant below). Where a layer's time goes (--trace): ~5 us of local phases (GEMVs 1.7 and
+// 0.5 us) and ~6 us in the three polls, which is handoff latency, not the weight bytes: with the
+// weight and state copies switched off (an experiment) a layer took 10.0 us, and moving or
+// splitting the copies moved the delay to whichever handoff they overlapped (bulk traffic in flight
+// slows the tagged stores and polls). Shorter GEMVs only lengthened the polls after them.
+//
+// ClusterMambaBlocks (below) is the same work with thread-block clusters: one grid-wide exchange
+// per layer instead of three; CudaBackend uses it for 2 rows.
 //
 // Co-residency: the grid is one block per SM and the block needs most of an SM's shared memory,
 // so every block of the grid fits at once; a block waits only for blocks of its own grid, and
 // the kernels around it on the stream never wait for it (programmatic dependent launch lets its
 // successor start only once every block of this grid has started), so all blocks become
 // resident and every poll completes.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -95,7 +99,7 @@ struct BlocksArgs {
   int off_a, off_a_norm, off_c, off_c_norm, off_st, off_act;
 };
 
-__device__ __forceinline__ int RangeBegin(int n, int parts, int i) {
+__host__ __device__ __forceinline__ int RangeBegin(int n, int parts, int i) {
   return static_cast<int>(static_cast<int64_t>(n) * i / parts);
 }
 
@@ -682,15 +686,513 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-}  // namespace
-}  // namespace ramba::kernels::cuda::mamba
+// ---- The cluster variant: one grid-wide exchange per layer ----
+// Clusters of cs blocks (16, or 8: an H100's GPCs hold 7 clusters of 16, 112 SMs); cluster c owns
+// a range of d_inner channels (whole 16-channel slices, or whole norm groups when there are
+// several) and computes everything those channels need inside the cluster: in_proj's z and x
+// columns of its channels, dt of their heads and all B / C columns (every cluster computes B and
+// C: the price of not exchanging them grid-wide; cluster 0 keeps their conv state, written once
+// every cluster has read the old one), the conv, the SSM update, and out_proj over its own
+// channels (a partial of every h column). Within a cluster, values reach every block by
+// st.async into its shared memory, completing bytes of a transaction barrier the receiver waits
+// on (a one-way message; cluster-wide barriers in their place cost 0.8-3.8 us each); only the
+// partial h sums cross clusters, as tagged words, once per layer. Block q of every cluster sums
+// h columns [c0, c1) over the clusters in the same order, so every cluster gets the same bits.
+// Measured against the kernel above (bench-mamba-blocks, same run): 11.3 vs 12.3 us per 370M
+// layer at batch 1, 14.3 vs 16.3 at 2; but in a whole decode step at batch 1 it was slower
+// (0.81 vs 0.78 ms, not yet explained), so CudaBackend takes it for 2 rows only.
+// Why each push is safe to land early: a block pushes layer l's in_proj outputs only after
+// receiving h of layer l from every block (each of which had finished layer l - 1's phase B),
+// g of layer l only after every block's in_proj outputs of l (each past its phase-C reads of
+// l - 1), and h of layer l + 1 only after every block's g of l (each past reading act for l).
+constexpr int kMaxClusters = 16;
+constexpr int kMaxCCols = 128;   // out_proj (h) columns per block
+constexpr int kMaxSlices = 64;   // phase-B slices (kSlice channels) per row in a cluster
+constexpr int kDotMax = 1024;    // GEMV sums per block: k parts x columns x rows
+constexpr int kMaxCinCols = 72;  // in_proj columns per block
 
-namespace ramba::kernels::cuda {
+struct ClusterArgs {
+  LayerParams layer[kMaxLayers];
+  int num_layers;
+  float* h;
+  int64_t ldh;
+  uint64_t* x_part;  // [2][nc][R][d]: per layer parity, each cluster's partial h sums
+  uint64_t* x_ss;    // [2][nc][R]: and its sums of g^2 (one norm group)
+  unsigned* counters;
+  long long* trace;  // as BlocksArgs' (bench-mamba-blocks), rows of trace_stride blocks
+  int trace_stride;
+  int d, H, P, N, ngroups, d_inner, conv_dim, in_dim, group_size;
+  float eps, geps, dt_min, dt_max;
+  int nc, unit, units;  // clusters; d_inner in units of `unit` channels, split over the clusters
+  int off_a, off_a_norm, off_c, off_c_norm, off_st, off_act, off_g, off_cin;
+};
 
-absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* blocks,
-                                           int64_t count, long long* trace) {
-  using namespace mamba;  // NOLINT: this file's own namespace
-  if (count <= 0) return true;
+// Cluster c's channels [ch0, ch0 + nch) (whole kSlice slices, or whole norm groups when there
+// are several) and the heads [hd0, hd0 + nh) they belong to.
+struct ClusterRange {
+  int ch0, nch, hd0, nh;
+};
+__host__ __device__ __forceinline__ ClusterRange RangeOf(int units, int unit, int nc, int c,
+                                                         int P) {
+  const int ch0 = RangeBegin(units, nc, c) * unit, ch1 = RangeBegin(units, nc, c + 1) * unit;
+  const int hd0 = ch0 / P, hd1 = ch1 > ch0 ? (ch1 - 1) / P + 1 : hd0;
+  return {ch0, ch1 - ch0, hd0, hd1 - hd0};
+}
+
+// The in_proj column of a cluster's virtual column v: its channels' z, its channels' x, all B
+// and C, its heads' dt, in that order.
+__device__ __forceinline__ int VirtualColumn(const ClusterArgs& a, const ClusterRange& cr, int v) {
+  const int bc = 2 * a.ngroups * a.N;
+  if (v < cr.nch) return cr.ch0 + v;
+  v -= cr.nch;
+  if (v < cr.nch) return a.d_inner + cr.ch0 + v;
+  v -= cr.nch;
+  if (v < bc) return 2 * a.d_inner + v;
+  return 2 * a.d_inner + bc + cr.hd0 + (v - bc);
+}
+
+template <int R, bool kTrace>
+__global__ void __launch_bounds__(kThreads, 1)
+    ClusterMambaBlocksKernel(const __grid_constant__ ClusterArgs a) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ __align__(128) char smem[];
+  // Tiles: in_proj, out_proj, states (the copy engine); pushes from the cluster: in_proj outputs,
+  // g with its sums of squares, h.
+  __shared__ uint64_t bars[6];
+  __shared__ float s_red[kWarps][R];
+  __shared__ float s_ascale[R];
+  __shared__ float s_gscale[R][kMaxNormGroups];
+  __shared__ float s_hown[R][kMaxCCols];
+  __shared__ float s_dot[kDotMax];
+  __shared__ float s_stage[kMaxCCols * R > kMaxCinCols * R ? kMaxCCols * R : kMaxCinCols * R];
+  __shared__ float s_dt[kMaxItems], s_da[kMaxItems];
+  // Per layer parity, copied a layer ahead: D, dt bias, A_log of each item's head.
+  __shared__ float s_d[2][kMaxItems], s_dtb[2][kMaxItems], s_alog[2][kMaxItems];
+  __shared__ float s_part[kMaxItems][kWarps];
+  __shared__ int s_item_r[kMaxItems], s_item_s[kMaxItems];
+  __shared__ uint32_t s_epoch;
+  __shared__ float* s_cptr[kMaxLayers][R];
+  __shared__ float* s_sptr[kMaxLayers][R];
+  __shared__ float4 s_cw[2][kMaxCinCols];
+  __shared__ float s_cb[2][kMaxCinCols];
+  __shared__ float s_cst[2][R][3][kMaxCinCols];
+  __shared__ float s_bcst[R][3][kMaxCinCols];  // cluster 0: B/C conv states, written late
+  __shared__ float s_ps[R][kMaxSlices];        // pushed: the cluster's per-slice sums of g^2
+  __shared__ float s_xss[kMaxClusters * R];    // every cluster's sums of g^2 per row
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int cs = static_cast<int>(cluster.num_blocks());
+  const int q = static_cast<int>(cluster.block_rank()), ci = blockIdx.x / cs;
+  const int d = a.d, d_inner = a.d_inner, conv_dim = a.conv_dim, N = a.N, P = a.P;
+  const ClusterRange cr = RangeOf(a.units, a.unit, a.nc, ci, P);
+  const int ck = cr.nch, bc = 2 * a.ngroups * N, vn = 2 * ck + bc + cr.nh;
+  const int v0 = RangeBegin(vn, cs, q), v1 = RangeBegin(vn, cs, q + 1), a_cols = v1 - v0;
+  const int c0 = RangeBegin(d, cs, q), c1 = RangeBegin(d, cs, q + 1), c_cols = c1 - c0;
+  // Conv columns (x, B, C): virtual [ck, 2 ck + bc); of them B and C are [2 ck, 2 ck + bc).
+  const int slices = ck / kSlice, items_total = R * slices;
+  const int items = (items_total - q + cs - 1) / cs;
+  const int groups = d_inner / a.group_size, lgroups = groups == 1 ? 1 : ck / a.group_size;
+  const int per_group = a.group_size / kSlice;
+  const __nv_bfloat16* a_w = reinterpret_cast<const __nv_bfloat16*>(smem + a.off_a);
+  const __nv_bfloat16* c_w = reinterpret_cast<const __nv_bfloat16*>(smem + a.off_c);
+  const float* norm_s = reinterpret_cast<const float*>(smem + a.off_a_norm);
+  const float* gnorm_s = reinterpret_cast<const float*>(smem + a.off_c_norm);
+  const float* st_s = reinterpret_cast<const float*>(smem + a.off_st);
+  float* act = reinterpret_cast<float*>(smem + a.off_act);
+  float* act_g = reinterpret_cast<float*>(smem + a.off_g);
+  const float* cin = reinterpret_cast<const float*>(smem + a.off_cin);
+  const GemvSplit a_split = SplitK<R>(d), c_split = SplitK<R>(ck);
+  const int lda = PaddedK(d), ldg = PaddedK(ck);
+  const int nc = a.nc;
+  // Bytes each push barrier's phase receives: every in_proj output of the cluster; every g and
+  // slice sum; h.
+  const uint32_t cin_bytes = R * vn * 4, g_bytes = R * (ck + slices) * 4, h_bytes = R * d * 4;
+  // The thread that issues the bulk copies: not one of the exchange's pollers (tid < c_cols R)
+  // nor of the layer-input loaders (kLoadFirst - kMaxItems and up).
+  constexpr int kCopier = kLoadFirst - kMaxItems - 32;
+
+  auto prefetch_in = [&](int l) {
+    const uint32_t row = static_cast<uint32_t>(d) * 2;
+    MbarrierArriveExpectTx(&bars[0], a_cols * row + d * 4);
+    const int ends[4] = {ck, 2 * ck, 2 * ck + bc, vn};
+    for (int v = v0; v < v1;) {
+      int e = v1;
+      for (int i = 0; i < 4; ++i) {
+        if (v < ends[i]) {
+          e = min(e, ends[i]);
+          break;
+        }
+      }
+      BulkCopyToShared(smem + a.off_a + (v - v0) * row,
+                       a.layer[l].in_w + static_cast<int64_t>(VirtualColumn(a, cr, v)) * d,
+                       (e - v) * row, &bars[0]);
+      v = e;
+    }
+    BulkCopyToShared(smem + a.off_a_norm, a.layer[l].norm_w, d * 4, &bars[0]);
+  };
+  auto prefetch_out = [&](int l) {
+    const uint32_t row = static_cast<uint32_t>(ck) * 2;
+    MbarrierArriveExpectTx(&bars[1], c_cols * row + ck * 4);
+    for (int c = c0; c < c1; ++c) {
+      BulkCopyToShared(smem + a.off_c + (c - c0) * row,
+                       a.layer[l].out_w + static_cast<int64_t>(c) * d_inner + cr.ch0, row,
+                       &bars[1]);
+    }
+    BulkCopyToShared(smem + a.off_c_norm, a.layer[l].gnorm_w + cr.ch0, ck * 4, &bars[1]);
+  };
+
+  if (tid == 0) {
+    for (uint64_t& b : bars) MbarrierInit(&b, 1);
+    FenceMbarrierInit();
+  }
+  __syncthreads();
+  if (tid == kCopier) {
+    prefetch_in(0);
+    prefetch_out(0);
+  }
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  if (tid == 0) s_epoch = __ldcg(a.counters + kEpoch);
+  for (int i = tid; i < a.num_layers * R; i += kThreads) {
+    const int l = i / R, r = i % R;
+    s_cptr[l][r] = a.layer[l].conv_states[r];
+    s_sptr[l][r] = a.layer[l].ssm_states[r];
+  }
+  if (tid < items) {
+    const int it = q + tid * cs;
+    s_item_r[tid] = it / slices;
+    s_item_s[tid] = it % slices;
+  }
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  const uint32_t st_bytes = static_cast<uint32_t>(kSlice) * N * 4;
+  auto prefetch_states = [&](int l) {
+    if (items == 0) return;
+    MbarrierArriveExpectTx(&bars[2], st_bytes * items);
+    for (int i = 0; i < items; ++i) {
+      BulkCopyToShared(
+          smem + a.off_st + i * st_bytes,
+          s_sptr[l][s_item_r[i]] + static_cast<int64_t>(cr.ch0 + s_item_s[i] * kSlice) * N,
+          st_bytes, &bars[2]);
+    }
+  };
+  if (tid == kCopier) prefetch_states(0);
+  // Layer l's conv inputs of this block's conv columns and its items' head constants, copied
+  // asynchronously into l's parity buffers; the loaders wait for them before the barrier ahead
+  // of their first use.
+  const int cv0 = max(v0, ck), cv1 = min(v1, 2 * ck + bc);
+  auto load_layer_inputs = [&](int l) {
+    const LayerParams& L = a.layer[l];
+    const int b = l & 1;
+    const int i = tid - kLoadFirst;
+    if (i >= 0 && i < cv1 - cv0) {
+      const int col = cv0 + i - v0, j = VirtualColumn(a, cr, cv0 + i) - d_inner;
+      CpAsync16(&s_cw[b][col], reinterpret_cast<const float4*>(L.conv_w) + j);
+      if (L.conv_b != nullptr) {
+        CpAsync4(&s_cb[b][col], L.conv_b + j);
+      } else {
+        s_cb[b][col] = 0.0f;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float* st = s_cptr[l][r];
+        CpAsync4(&s_cst[b][r][0][col], st + j);
+        CpAsync4(&s_cst[b][r][1][col], st + conv_dim + j);
+        CpAsync4(&s_cst[b][r][2][col], st + 2 * conv_dim + j);
+      }
+    }
+    const int it = tid - (kLoadFirst - kMaxItems);
+    if (it >= 0 && it < items) {
+      const int hd = (cr.ch0 + s_item_s[it] * kSlice) / P;
+      CpAsync4(&s_dtb[b][it], L.dt_bias + hd);
+      CpAsync4(&s_alog[b][it], L.A_log + hd);
+      CpAsync4(&s_d[b][it], L.D + hd);
+    }
+  };
+  load_layer_inputs(0);
+  // Pushes n staged values (s_stage[t], t < n) to every block of the cluster: value t to the
+  // shared address dst(t) there, completing barrier bar's bytes. All threads take part.
+  auto push_staged = [&](int n, uint64_t* bar, auto dst) {
+    const uint32_t bar_local = SharedAddress(bar);
+    for (int i = tid; i < n * cs; i += kThreads) {
+      const int rank = i / n, t = i - rank * n;
+      StoreToRank(MapToRank(dst(t), rank), s_stage[t], MapToRank(bar_local, rank));
+    }
+  };
+  const uint32_t cin_addr = SharedAddress(cin), act_addr = SharedAddress(act);
+  cluster.sync();  // every block's barriers are initialised before the first push
+
+  for (int l = 0; l < a.num_layers; ++l) {
+    const uint32_t tag = Tag(epoch, l);
+    const int b = l & 1;
+    const bool last = l + 1 == a.num_layers;
+    auto trace = [&](int point) {
+      if constexpr (kTrace) {
+        if (tid == 0) {
+          a.trace[(static_cast<int64_t>(l) * kMambaBlocksTracePoints + point) * a.trace_stride +
+                  blockIdx.x] = clock64();
+        }
+      }
+    };
+    trace(0);
+    if (tid == 0) {  // arm this layer's push barriers (pushes may arrive before: tx goes negative)
+      MbarrierArriveExpectTx(&bars[3], cin_bytes);
+      MbarrierArriveExpectTx(&bars[4], g_bytes);
+    }
+
+    // ---- A: RMSNorm(h), this block's in_proj columns, their conv; pushed to the cluster ----
+    if (l == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        for (int k = tid; k < d; k += kThreads)
+          act[r * lda + XPos(k)] = __ldcg(a.h + r * a.ldh + k);
+      }
+      __syncthreads();
+    } else {
+      MbarrierWaitCluster(&bars[5], (l - 1) & 1);  // h from the cluster
+    }
+    MbarrierWait(&bars[0], b);
+    trace(1);
+    {
+      float ss[R] = {};
+      for (int k = tid; k < d; k += kThreads) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float* x = act + r * lda + XPos(k);
+          const float v = *x;
+          ss[r] += v * v;
+          if (k >= c0 && k < c1) s_hown[r][k - c0] = v;
+          *x = norm_s[k] * v;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) ss[r] = WarpSum(ss[r]);
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) s_red[warp][r] = ss[r];
+      }
+    }
+    CpAsyncWaitAll();  // this layer's conv inputs and head constants
+    __syncthreads();
+    if (warp < a_split.parts * a_split.per) {
+      const int part = warp / a_split.per;
+      WarpColumnsGemv<R, R == 1 ? 4 : (R == 2 ? 6 : 3)>(
+          a_w, d, a_cols, warp % a_split.per, a_split.per, act, lda, part * a_split.len,
+          min(d, (part + 1) * a_split.len), lane, s_dot + part * a_cols * R);
+    }
+    if (warp == 0 && lane < R) {
+      float t = 0.0f;
+      for (int w = 0; w < kWarps; ++w) t += s_red[w][lane];
+      s_ascale[lane] = 1.0f / sqrtf(t / static_cast<float>(d) + a.eps);
+    }
+    __syncthreads();  // the in_proj tile is read
+    if (tid == kCopier && !last) prefetch_in(l + 1);
+    if (tid == 0 && !last) MbarrierArriveExpectTx(&bars[5], h_bytes);  // for the next layer
+    trace(2);
+    for (int t = tid; t < a_cols * R; t += kThreads) {
+      const int col = t / R, r = t % R, v = v0 + col;
+      float val = 0.0f;
+      for (int part = 0; part < a_split.parts; ++part) val += s_dot[part * a_cols * R + t];
+      val *= s_ascale[r];
+      if (v >= ck && v < 2 * ck + bc) {
+        const int j = VirtualColumn(a, cr, v) - d_inner;
+        const float4 w = s_cw[b][col];
+        const float w0 = s_cst[b][r][0][col], w1 = s_cst[b][r][1][col], w2 = s_cst[b][r][2][col];
+        float out = s_cb[b][col];
+        out += w.x * w0;
+        out += w.y * w1;
+        out += w.z * w2;
+        out += w.w * val;
+        if (v < 2 * ck) {  // x: this cluster's channels, their state is its own
+          float* st = s_cptr[l][r];
+          st[j] = w1;
+          st[conv_dim + j] = w2;
+          st[2 * conv_dim + j] = val;
+        } else if (ci == 0) {  // B / C: every cluster computes them, cluster 0 keeps the state
+          s_bcst[r][0][col] = w1;
+          s_bcst[r][1][col] = w2;
+          s_bcst[r][2][col] = val;
+        }
+        val = SiluDev(out);
+      }
+      s_stage[t] = val;
+    }
+    __syncthreads();
+    push_staged(a_cols * R, &bars[3], [&](int t) {
+      return cin_addr + static_cast<uint32_t>((t % R) * vn + v0 + t / R) * 4;
+    });
+    if (!last) load_layer_inputs(l + 1);
+    trace(3);
+    MbarrierWaitCluster(&bars[3], b);  // the cluster's in_proj outputs
+    trace(4);
+
+    // ---- B: SSM update of this block's items; g and its squares pushed to the cluster ----
+    if (items > 0) {
+      if (tid < items) {
+        const int r = s_item_r[tid], lh = (cr.ch0 + s_item_s[tid] * kSlice) / P - cr.hd0;
+        const float dt = DtOf(cin[r * vn + 2 * ck + bc + lh], s_dtb[b][tid], a.dt_min, a.dt_max);
+        s_dt[tid] = dt;
+        s_da[tid] = expf(dt * -expf(s_alog[b][tid]));
+      }
+      MbarrierWait(&bars[2], b);
+      MbarrierWait(&bars[1], b);  // the gated norm's weight
+      __syncthreads();
+      trace(5);
+      const uint32_t g_bar = SharedAddress(&bars[4]);
+      for (int i = 0; i < items; ++i) {
+        const int r = s_item_r[i], lc = s_item_s[i] * kSlice + warp;
+        const int grp = (cr.ch0 + lc) / P / (a.H / a.ngroups);
+        const float* in = cin + r * vn;
+        const float* Bv = in + 2 * ck + grp * N;
+        const float* Cv = in + 2 * ck + a.ngroups * N + grp * N;
+        const float dt = s_dt[i], dA = s_da[i], xv = in[ck + lc];
+        const float* S = st_s + (static_cast<int64_t>(i) * kSlice + warp) * N;
+        float* S_out = s_sptr[l][r] + static_cast<int64_t>(cr.ch0 + lc) * N;
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kMaxState / 32; ++j) {
+          const int n = lane + 32 * j;
+          if (n < N) {
+            const float sv = S[n] * dA + (dt * Bv[n]) * xv;
+            acc += sv * Cv[n];
+            S_out[n] = sv;
+          }
+        }
+        acc = WarpSum(acc);
+        const float gv = (acc + s_d[b][i] * xv) * SiluDev(in[lc]);
+        if (lane == 0) s_part[i][warp] = gv * gv;
+        if (lane < cs) {
+          StoreToRank(MapToRank(SharedAddress(act_g + r * ldg + XPos(lc)), lane), gnorm_s[lc] * gv,
+                      MapToRank(g_bar, lane));
+        }
+      }
+      __syncthreads();  // the state tiles are read
+      if (tid < items) {
+        float t = 0.0f;
+        for (int w = 0; w < kWarps; ++w) t += s_part[tid][w];
+        const uint32_t dst = SharedAddress(&s_ps[s_item_r[tid]][s_item_s[tid]]);
+        for (int j = 0; j < cs; ++j) StoreToRank(MapToRank(dst, j), t, MapToRank(g_bar, j));
+      }
+      if (tid == kCopier && !last) prefetch_states(l + 1);
+    }
+    trace(6);
+    MbarrierWaitCluster(&bars[4], b);  // g of the cluster's channels and the slice sums
+    trace(7);
+
+    // ---- C: out_proj over the cluster's channels for h columns [c0, c1); the exchange ----
+    MbarrierWait(&bars[1], b);
+    if (groups > 1) {  // whole norm groups in each cluster: their scales are the cluster's
+      for (int pair = warp; pair < R * lgroups; pair += kWarps) {
+        const int r = pair / lgroups, gi = pair % lgroups;
+        float t = 0.0f;
+        for (int i = lane; i < per_group; i += 32) t += s_ps[r][gi * per_group + i];
+        t = WarpSum(t);
+        if (lane == 0)
+          s_gscale[r][gi] = 1.0f / sqrtf(t / static_cast<float>(a.group_size) + a.geps);
+      }
+      __syncthreads();
+      for (int k = tid; k < ck; k += kThreads) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) act_g[r * ldg + XPos(k)] *= s_gscale[r][k / a.group_size];
+      }
+      __syncthreads();
+    }
+    trace(8);
+    if (warp < c_split.parts * c_split.per) {
+      const int part = warp / c_split.per;
+      WarpColumnsGemv<R, 4>(c_w, ck, c_cols, warp % c_split.per, c_split.per, act_g, ldg,
+                            part * c_split.len, min(ck, (part + 1) * c_split.len), lane,
+                            s_dot + part * c_cols * R);
+    }
+    __syncthreads();  // the out_proj tile is read
+    if (tid == kCopier && !last) prefetch_out(l + 1);
+    uint64_t* xp = a.x_part + static_cast<int64_t>(b) * nc * R * d;
+    uint64_t* xs = a.x_ss + b * nc * R;
+    for (int t = tid; t < c_cols * R; t += kThreads) {
+      const int col = t / R, r = t % R;
+      float v = 0.0f;
+      for (int part = 0; part < c_split.parts; ++part) v += s_dot[part * c_cols * R + t];
+      StoreTagged(xp + (static_cast<int64_t>(ci) * R + r) * d + c0 + col, v, tag);
+    }
+    if (groups == 1 && q == 0 && tid < R) {
+      float t = 0.0f;
+      for (int s = 0; s < slices; ++s) t += s_ps[tid][s];
+      StoreTagged(xs + ci * R + tid, t, tag);
+    }
+    trace(9);
+    // h[r, c0 + col] from every cluster's partial, in cluster order; the last warp polls the
+    // clusters' sums of g^2.
+    float sum = 0.0f;
+    if (tid < c_cols * R) {
+      const int col = tid / R, r = tid % R;
+      float v[kMaxClusters];
+      PollWords(
+          tag,
+          [&](int j) -> const uint64_t* {
+            return j < nc ? xp + (static_cast<int64_t>(j) * R + r) * d + c0 + col : nullptr;
+          },
+          v);
+      for (int j = 0; j < nc; ++j) sum += v[j];
+    } else if (groups == 1 && warp == kWarps - 1) {
+      float v[1];
+      for (int j = lane; j < nc * R; j += 32) {
+        PollWords(
+            tag, [&](int) -> const uint64_t* { return xs + j; }, v);
+        s_xss[j] = v[0];
+      }
+    }
+    __syncthreads();
+    if (tid < c_cols * R) {
+      const int col = tid / R, r = tid % R;
+      float scale = 1.0f;
+      if (groups == 1) {
+        float ss = 0.0f;
+        for (int j = 0; j < nc; ++j) ss += s_xss[j * R + r];
+        scale = 1.0f / sqrtf(ss / static_cast<float>(a.group_size) + a.geps);
+      }
+      const float hv = s_hown[r][col] + scale * sum;
+      if (last) {
+        if (ci == 0) a.h[r * a.ldh + c0 + col] = hv;
+      } else {
+        s_stage[tid] = hv;
+      }
+    }
+    trace(10);
+    // Every cluster has read this layer's conv states (before its partials): cluster 0 writes
+    // the B / C ones now.
+    if (ci == 0) {
+      for (int t = tid; t < a_cols * R; t += kThreads) {
+        const int col = t / R, r = t % R, v = v0 + col;
+        if (v >= 2 * ck && v < 2 * ck + bc) {
+          const int j = VirtualColumn(a, cr, v) - d_inner;
+          float* st = s_cptr[l][r];
+          st[j] = s_bcst[r][0][col];
+          st[conv_dim + j] = s_bcst[r][1][col];
+          st[2 * conv_dim + j] = s_bcst[r][2][col];
+        }
+      }
+    }
+    if (!last) {
+      __syncthreads();
+      push_staged(c_cols * R, &bars[5], [&](int t) {
+        return act_addr + static_cast<uint32_t>((t % R) * lda + XPos(c0 + t / R)) * 4;
+      });
+    }
+    trace(11);
+    trace(12);
+  }
+
+  cluster.sync();  // no block leaves while another may still store into it
+  if (tid == 0 && atomicAdd(a.counters + kExits, 1u) == gridDim.x - 1) {
+    a.counters[kExits] = 0u;
+    a.counters[kEpoch] = epoch + 1u;
+  }
+}
+
+// The shapes and layouts both kernels take: 1-4 one-token rows, bf16 weights, conv width 4,
+// headdim a multiple of kSlice, d_state <= 128, and every block alike.
+bool Covered(const MambaBlockArgs* blocks, int64_t count) {
   const MambaMixerArgs& m0 = blocks[0].mixer;
   const SsmParams& s0 = m0.ssm;
   const int64_t rows = m0.num_seqs;
@@ -699,7 +1201,7 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
     if (m0.host_seq_offsets[r] != r) return false;  // one token per sequence, from row 0
   }
   const int64_t d = blocks[0].in_proj.cols, H = s0.nheads, P = s0.headdim, N = s0.d_state;
-  const int64_t Gr = s0.ngroups, d_inner = H * P, conv_dim = d_inner + 2 * Gr * N;
+  const int64_t Gr = s0.ngroups, d_inner = H * P;
   const int64_t in_dim = 2 * d_inner + 2 * Gr * N + H;
   const int64_t gs = m0.norm_group_size;
   if (P % kSlice != 0 || N > kMaxState || N % 4 != 0 || Gr < 1 || H % Gr != 0 || d % 8 != 0 ||
@@ -726,6 +1228,44 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
                          reinterpret_cast<uintptr_t>(m.norm_weight) % 16 == 0;
     if (!same || !aligned) return false;
   }
+  return true;
+}
+
+void FillLayers(const MambaBlockArgs* blocks, int n, LayerParams* layer) {
+  for (int i = 0; i < n; ++i) {
+    const MambaBlockArgs& b = blocks[i];
+    const MambaMixerArgs& m = b.mixer;
+    LayerParams& L = layer[i];
+    L.in_w = static_cast<const __nv_bfloat16*>(b.in_proj.data);
+    L.out_w = static_cast<const __nv_bfloat16*>(m.out_proj.data);
+    L.norm_w = b.norm_weight;
+    L.conv_w = m.conv_weight;
+    L.conv_b = m.conv_bias;
+    L.conv_states = m.conv_states;
+    L.ssm_states = m.ssm_states;
+    L.A_log = m.ssm.A_log;
+    L.D = m.ssm.D;
+    L.dt_bias = m.ssm.dt_bias;
+    L.gnorm_w = m.norm_weight;
+  }
+}
+}  // namespace
+}  // namespace ramba::kernels::cuda::mamba
+
+namespace ramba::kernels::cuda {
+
+absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* blocks,
+                                           int64_t count, long long* trace) {
+  using namespace mamba;  // NOLINT: this file's own namespace
+  if (count <= 0) return true;
+  const MambaMixerArgs& m0 = blocks[0].mixer;
+  const SsmParams& s0 = m0.ssm;
+  const int64_t rows = m0.num_seqs;
+  if (!Covered(blocks, count)) return false;
+  const int64_t d = blocks[0].in_proj.cols, H = s0.nheads, P = s0.headdim, N = s0.d_state;
+  const int64_t Gr = s0.ngroups, d_inner = H * P, conv_dim = d_inner + 2 * Gr * N;
+  const int64_t in_dim = 2 * d_inner + 2 * Gr * N + H;
+  const int64_t gs = m0.norm_group_size;
   // The SSM state tiles are copied whole: every session's state must be 16-byte aligned, which
   // only the device knows; Backend allocations are, and so are states at multiples of 64N bytes.
 
@@ -796,23 +1336,162 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
 
   for (int64_t first = 0; first < count; first += kMaxLayers) {
     a.num_layers = static_cast<int>(std::min<int64_t>(kMaxLayers, count - first));
-    for (int i = 0; i < a.num_layers; ++i) {
-      const MambaBlockArgs& b = blocks[first + i];
-      const MambaMixerArgs& m = b.mixer;
-      LayerParams& L = a.layer[i];
-      L.in_w = static_cast<const __nv_bfloat16*>(b.in_proj.data);
-      L.out_w = static_cast<const __nv_bfloat16*>(m.out_proj.data);
-      L.norm_w = b.norm_weight;
-      L.conv_w = m.conv_weight;
-      L.conv_b = m.conv_bias;
-      L.conv_states = m.conv_states;
-      L.ssm_states = m.ssm_states;
-      L.A_log = m.ssm.A_log;
-      L.D = m.ssm.D;
-      L.dt_bias = m.ssm.dt_bias;
-      L.gnorm_w = m.norm_weight;
-    }
+    FillLayers(blocks + first, a.num_layers, a.layer);
     RETURN_IF_ERROR(Launch(ctx, kernel, dim3(G), dim3(kThreads), smem, a));
+  }
+  return true;
+}
+
+absl::StatusOr<bool> ClusterMambaBlocks(Context& ctx, const MambaBlockArgs* blocks, int64_t count,
+                                        long long* trace) {
+  using namespace mamba;  // NOLINT: this file's own namespace
+  if (count <= 0) return true;
+  const MambaMixerArgs& m0 = blocks[0].mixer;
+  const SsmParams& s0 = m0.ssm;
+  const int64_t rows = m0.num_seqs;
+  if (!Covered(blocks, count)) return false;
+  const int64_t d = blocks[0].in_proj.cols, H = s0.nheads, P = s0.headdim, N = s0.d_state;
+  const int64_t Gr = s0.ngroups, d_inner = H * P, conv_dim = d_inner + 2 * Gr * N;
+  const int64_t in_dim = 2 * d_inner + 2 * Gr * N + H;
+  const int64_t gs = m0.norm_group_size, groups = d_inner / gs;
+
+  ClusterArgs a = {};
+  a.h = m0.out;
+  a.ldh = m0.ld_out;
+  a.d = static_cast<int>(d);
+  a.H = static_cast<int>(H);
+  a.P = static_cast<int>(P);
+  a.N = static_cast<int>(N);
+  a.ngroups = static_cast<int>(Gr);
+  a.d_inner = static_cast<int>(d_inner);
+  a.conv_dim = static_cast<int>(conv_dim);
+  a.in_dim = static_cast<int>(in_dim);
+  a.group_size = static_cast<int>(gs);
+  a.eps = blocks[0].eps;
+  a.geps = m0.eps;
+  a.dt_min = s0.dt_min;
+  a.dt_max = s0.dt_max;
+  using Kernel = void (*)(ClusterArgs);
+  static constexpr Kernel kKernels[2][kMaxRows] = {
+      {ClusterMambaBlocksKernel<1, false>, ClusterMambaBlocksKernel<2, false>,
+       ClusterMambaBlocksKernel<3, false>, ClusterMambaBlocksKernel<4, false>},
+      {ClusterMambaBlocksKernel<1, true>, ClusterMambaBlocksKernel<2, true>,
+       ClusterMambaBlocksKernel<3, true>, ClusterMambaBlocksKernel<4, true>}};
+  const Kernel kernel = kKernels[trace != nullptr][rows - 1];
+  cudaFuncAttributes attr;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, kernel));
+  const int64_t slot_words = Context::kCountersPerSlot * static_cast<int64_t>(sizeof(unsigned)) / 8;
+
+  // Channels are dealt to clusters in slices, or in norm groups when there are several (a
+  // group's scale then stays inside its cluster).
+  a.unit = static_cast<int>(groups == 1 ? kSlice : gs);
+  a.units = static_cast<int>(d_inner / a.unit);
+  // The shared memory plan for nc clusters of cs blocks (the largest any block needs), and the
+  // most in_proj columns a block gets; {0, 0} if it does not fit.
+  struct Plan {
+    size_t smem;
+    int64_t a_cols;
+  };
+  auto plan = [&](int64_t cs, int64_t nc) -> Plan {
+    int64_t ck = 0, vn = 0, items = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const ClusterRange cr =
+          RangeOf(a.units, a.unit, static_cast<int>(nc), static_cast<int>(c), static_cast<int>(P));
+      ck = std::max<int64_t>(ck, cr.nch);
+      vn = std::max<int64_t>(vn, 2 * cr.nch + 2 * Gr * N + cr.nh);
+      items = std::max<int64_t>(items, (rows * cr.nch / kSlice + cs - 1) / cs);
+    }
+    const int64_t a_cols = (vn + cs - 1) / cs, c_cols = (d + cs - 1) / cs;
+    if (a_cols > kMaxCinCols || c_cols > kMaxCCols || items > kMaxItems ||
+        ck / kSlice > kMaxSlices || (groups > 1 && ck / gs > kMaxNormGroups)) {
+      return {0, 0};
+    }
+    const int64_t part_k = GemvPartK(static_cast<int>(rows));
+    const int64_t a_parts = (d + part_k - 1) / part_k, c_parts = (ck + part_k - 1) / part_k;
+    if (a_parts > kWarps || c_parts > kWarps || a_parts * a_cols * rows > kDotMax ||
+        c_parts * c_cols * rows > kDotMax) {
+      return {0, 0};
+    }
+    auto align = [](int64_t x) { return (x + 127) / 128 * 128; };
+    int64_t off = 0;
+    a.off_a = static_cast<int>(off);
+    off = align(off + a_cols * d * 2);
+    a.off_a_norm = static_cast<int>(off);
+    off = align(off + d * 4);
+    a.off_c = static_cast<int>(off);
+    off = align(off + c_cols * ck * 2);
+    a.off_c_norm = static_cast<int>(off);
+    off = align(off + ck * 4);
+    a.off_st = static_cast<int>(off);
+    off = align(off + items * kSlice * N * 4);
+    a.off_act = static_cast<int>(off);
+    off = align(off + rows * PaddedK(static_cast<int>(d)) * 4);
+    a.off_g = static_cast<int>(off);
+    off = align(off + rows * PaddedK(static_cast<int>(ck)) * 4);
+    a.off_cin = static_cast<int>(off);
+    off = align(off + rows * vn * 4);
+    if (static_cast<size_t>(off) + attr.sharedSizeBytes > ctx.max_shared_per_block) return {0, 0};
+    return {static_cast<size_t>(off), a_cols};
+  };
+  // Clusters of 16 (non-portable) or 8 blocks, as many as can be resident at once (an H100's
+  // GPCs take 7 of 16 or 15 of 8): the one whose blocks get the fewest in_proj columns (the
+  // longest local phase), then the one with more blocks.
+  int best_cs = 0, best_nc = 0;
+  int64_t best_cols = 0;
+  for (int cs : {16, 8}) {
+    int nc = static_cast<int>(std::min<int64_t>({ctx.num_sms / cs, kMaxClusters, a.units}));
+    Plan pl = plan(cs, nc);
+    if (pl.smem == 0) continue;
+    if (cs > 8) {
+      RAMBA_CUDA_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
+    RETURN_IF_ERROR(PrepareSmem(ctx, kernel, pl.smem, "ClusterMambaBlocks"));
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(cs * nc);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = pl.smem;
+    cudaLaunchAttribute cl[1];
+    cl[0].id = cudaLaunchAttributeClusterDimension;
+    cl[0].val.clusterDim = {static_cast<unsigned>(cs), 1, 1};
+    cfg.attrs = cl;
+    cfg.numAttrs = 1;
+    int max_clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();
+      continue;
+    }
+    if (max_clusters < nc) {  // fewer clusters need at least as much shared memory each
+      nc = max_clusters;
+      if (nc < 1 || (pl = plan(cs, nc)).smem == 0) continue;
+      RETURN_IF_ERROR(PrepareSmem(ctx, kernel, pl.smem, "ClusterMambaBlocks"));
+    }
+    if (best_nc == 0 || pl.a_cols < best_cols ||
+        (pl.a_cols == best_cols && nc * cs > best_nc * best_cs)) {
+      best_cs = cs;
+      best_nc = nc;
+      best_cols = pl.a_cols;
+    }
+  }
+  if (best_nc == 0) return false;
+  a.nc = best_nc;
+  const size_t smem = plan(best_cs, best_nc).smem;
+  if (smem == 0) return false;
+  RETURN_IF_ERROR(PrepareSmem(ctx, kernel, smem, "ClusterMambaBlocks"));
+  if (2 * best_nc * rows * (d + 1) > slot_words) return false;  // the exchange buffers
+  auto* x = reinterpret_cast<uint64_t*>(ctx.Counters(Context::CounterSlot::kMambaExchange));
+  a.x_part = x;
+  a.x_ss = a.x_part + 2 * best_nc * rows * d;
+  a.trace_stride = ctx.num_sms;
+  a.counters = ctx.Counters(Context::CounterSlot::kMambaBlocks);
+  a.trace = trace;
+  if (trace != nullptr && count > kMaxLayers) return false;
+
+  for (int64_t first = 0; first < count; first += kMaxLayers) {
+    a.num_layers = static_cast<int>(std::min<int64_t>(kMaxLayers, count - first));
+    FillLayers(blocks + first, a.num_layers, a.layer);
+    RETURN_IF_ERROR(
+        LaunchClusters(ctx, best_cs, kernel, dim3(best_cs * best_nc), dim3(kThreads), smem, a));
   }
   return true;
 }

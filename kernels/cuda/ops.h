@@ -60,7 +60,7 @@ class Context {
     kMambaExchange,
     kNumSlots
   };
-  static constexpr int64_t kCountersPerSlot = int64_t{1} << 16;
+  static constexpr int64_t kCountersPerSlot = int64_t{1} << 18;
   unsigned* counters = nullptr;
   unsigned* Counters(CounterSlot slot) const {
     return counters + static_cast<int64_t>(slot) * kCountersPerSlot;
@@ -154,13 +154,18 @@ absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int6
 // Backend::MambaBlocks as one persistent kernel per run of up to 24 blocks, for decode batches of
 // 1-4 one-token sequences and the shapes it covers (bf16 weights, conv width 4, headdim a
 // multiple of 16, d_state <= 128); returns false, launching nothing, otherwise. CudaBackend
-// uses it for 1-2 rows by default (RAMBA_CUDA_PERSISTENT_MAMBA=0|1 changes that).
+// uses it for 1 row by default (RAMBA_CUDA_PERSISTENT_MAMBA=0|1|2 changes that).
 // With `trace` (device memory, count <= 24), thread 0 of each block records clock64() at
 // kMambaBlocksTracePoints phase boundaries per layer: trace[(layer * points + point) * grid +
 // block], grid = ctx.num_sms (bench-mamba-blocks --trace prints where the time goes).
 constexpr int kMambaBlocksTracePoints = 13;
 absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* blocks,
                                            int64_t count, long long* trace = nullptr);
+// The same with thread-block clusters: one grid-wide exchange per layer, the other handoffs
+// inside clusters (1-2 rows at the 370M shape; returns false for what it does not cover).
+// CudaBackend uses it for 2 rows. `trace` as above, with its own phases.
+absl::StatusOr<bool> ClusterMambaBlocks(Context& ctx, const MambaBlockArgs* blocks, int64_t count,
+                                        long long* trace = nullptr);
 
 // ---- attention.cu ----
 absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const float* v,

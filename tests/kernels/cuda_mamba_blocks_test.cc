@@ -1,8 +1,8 @@
 // Backend::MambaBlocks on the CUDA backend against the CPU backend (label gpu; skipped without a
 // GPU): runs of Mamba decoder blocks over a few one-token sequences, several steps in a row on
 // the states each step leaves. Decode shapes take the persistent kernel
-// (kernels/cuda/mamba_blocks.cu; opt-in, RAMBA_CUDA_PERSISTENT_MAMBA=1), mostly called directly
-// so that a silent fallback cannot pass for it:
+// (kernels/cuda/mamba_blocks.cu) and its thread-block-cluster variant, mostly called directly
+// so that a silent fallback cannot pass for them:
 // the 370M shape (also past 24 layers, two launches), odd shapes with two B/C groups and two
 // norm groups, no conv bias, bitwise determinism, and the grid barrier's counters back at zero
 // between launches (every step is a launch). Shapes it does not take (5 rows, a conv width of 3)
@@ -158,7 +158,7 @@ class CudaMambaBlocksTest : public CudaOpTest {
     return s;
   }
 
-  enum class GpuPath { kPersistent, kBackend };
+  enum class GpuPath { kPersistent, kCluster, kBackend };
 
   // Runs c.steps steps on both sides, comparing h after every step and the states at the end.
   void Check(const BlocksCase& c, GpuPath path, double tol = 2e-4) {
@@ -169,11 +169,13 @@ class CudaMambaBlocksTest : public CudaOpTest {
       std::copy(in.begin(), in.end(), cpu.h);
       ASSERT_TRUE(gpu_->Upload(gpu.h, in.data(), in.size() * sizeof(float)).ok());
       ASSERT_TRUE(cpu_->MambaBlocks(cpu.blocks.data(), c.layers).ok());
-      if (path == GpuPath::kPersistent) {
+      if (path != GpuPath::kBackend) {
 #ifdef RAMBA_HAVE_CUDA
         auto* ctx = dynamic_cast<cuda::Context*>(gpu_.get());
         ASSERT_NE(ctx, nullptr);
-        auto done = cuda::PersistentMambaBlocks(*ctx, gpu.blocks.data(), c.layers);
+        auto done = path == GpuPath::kCluster
+                        ? cuda::ClusterMambaBlocks(*ctx, gpu.blocks.data(), c.layers)
+                        : cuda::PersistentMambaBlocks(*ctx, gpu.blocks.data(), c.layers);
         ASSERT_TRUE(done.ok()) << done.status();
         ASSERT_TRUE(*done) << "the persistent kernel declined a shape it should take";
 #endif
@@ -229,6 +231,33 @@ TEST_F(CudaMambaBlocksTest, TinyShape) {
         GpuPath::kPersistent);
 }
 
+TEST_F(CudaMambaBlocksTest, ClusterKernel370MShapeOneAndTwoRows) {
+  Check({.rows = 1, .layers = 3}, GpuPath::kCluster);
+  Check({.rows = 2, .layers = 3, .seed = 21}, GpuPath::kCluster);
+}
+
+TEST_F(CudaMambaBlocksTest, ClusterKernelPastOneLaunch) {
+  Check({.rows = 2, .layers = 26, .steps = 2}, GpuPath::kCluster);
+}
+
+TEST_F(CudaMambaBlocksTest, ClusterKernelOddShapesGroupsNoBias) {
+  Check({.rows = 3,
+         .layers = 5,
+         .d = 200,
+         .H = 6,
+         .P = 48,
+         .N = 40,
+         .G = 2,
+         .norm_groups = 2,
+         .conv_bias = false,
+         .seed = 7},
+        GpuPath::kCluster);
+}
+
+TEST_F(CudaMambaBlocksTest, ClusterKernelTinyShape) {
+  Check({.rows = 2, .layers = 4, .d = 256, .H = 8, .P = 64, .N = 64, .seed = 3}, GpuPath::kCluster);
+}
+
 TEST_F(CudaMambaBlocksTest, BackendTakesThePersistentKernelWhenSwitchedOn) {
   ScopedEnv on("RAMBA_CUDA_PERSISTENT_MAMBA", "1");
   Check({.rows = 2, .layers = 2, .seed = 5}, GpuPath::kBackend);
@@ -251,7 +280,8 @@ TEST_F(CudaMambaBlocksTest, BlockByBlockWhenSwitchedOffMatchesToo) {
 }
 
 TEST_F(CudaMambaBlocksTest, DefaultPathMatchesAtOneTwoAndThreeRows) {
-  // Unset: persistent for 1-2 rows, block by block above (cuda_backend.cc).
+  // Unset: the persistent kernel at 1 row, the cluster kernel at 2, block by block above
+  // (cuda_backend.cc).
   for (int rows : {1, 2, 3}) Check({.rows = rows, .layers = 2, .seed = 17}, GpuPath::kBackend);
 }
 
@@ -259,18 +289,20 @@ TEST_F(CudaMambaBlocksTest, DefaultPathMatchesAtOneTwoAndThreeRows) {
 TEST_F(CudaMambaBlocksTest, BitwiseDeterministic) {
   // Two runs from the same states and input give the same bits.
   std::vector<std::vector<float>> outs;
-  for (int run = 0; run < 2; ++run) {
-    Build({.rows = 3, .layers = 4, .seed = 17});
+  for (int run = 0; run < 4; ++run) {  // persistent twice, then the cluster kernel twice
+    Build({.rows = run < 2 ? 3 : 2, .layers = 4, .seed = 17});
     Side gpu = MakeSide(true);
     const std::vector<float> in = Input(0);
     ASSERT_TRUE(gpu_->Upload(gpu.h, in.data(), in.size() * sizeof(float)).ok());
     auto* ctx = dynamic_cast<cuda::Context*>(gpu_.get());
     ASSERT_NE(ctx, nullptr);
-    auto done = cuda::PersistentMambaBlocks(*ctx, gpu.blocks.data(), 4);
+    auto done = run < 2 ? cuda::PersistentMambaBlocks(*ctx, gpu.blocks.data(), 4)
+                        : cuda::ClusterMambaBlocks(*ctx, gpu.blocks.data(), 4);
     ASSERT_TRUE(done.ok() && *done);
-    outs.push_back(FromGpu(gpu.h, 3 * c_.d));
+    outs.push_back(FromGpu(gpu.h, c_.rows * c_.d));
   }
   EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(outs[2], outs[3]);
 }
 #endif
 
