@@ -35,25 +35,8 @@ __device__ __forceinline__ void AllowDependentGrids() {
 #endif
 }
 
-// kernel<<<grid, block, smem, ctx.stream>>>(args...), with PDL when ctx.pdl is set.
-template <class... KernelArgs, class... Args>
-absl::Status Launch(Context& ctx, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                    size_t smem, Args&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = ctx.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = ctx.pdl ? 1 : 0;
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-  return absl::OkStatus();
-}
-
-// Launch() with thread-block clusters of `cluster` blocks along x (grid.x a multiple of it).
+// kernel<<<grid, block, smem, ctx.stream>>>(args...), with PDL when ctx.pdl is set, in
+// thread-block clusters of `cluster` blocks along x when cluster > 1 (grid.x a multiple of it).
 template <class... KernelArgs, class... Args>
 absl::Status LaunchClusters(Context& ctx, int cluster, void (*kernel)(KernelArgs...), dim3 grid,
                             dim3 block, size_t smem, Args&&... args) {
@@ -63,16 +46,25 @@ absl::Status LaunchClusters(Context& ctx, int cluster, void (*kernel)(KernelArgs
   cfg.dynamicSmemBytes = smem;
   cfg.stream = ctx.stream;
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  int n = 0;
+  if (ctx.pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n++].val.clusterDim = {static_cast<unsigned>(cluster), 1, 1};
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = ctx.pdl ? 2 : 1;
+  cfg.numAttrs = n;
   RAMBA_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
   return absl::OkStatus();
+}
+
+template <class... KernelArgs, class... Args>
+absl::Status Launch(Context& ctx, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                    size_t smem, Args&&... args) {
+  return LaunchClusters(ctx, 1, kernel, grid, block, smem, std::forward<Args>(args)...);
 }
 
 // Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB;
