@@ -34,20 +34,30 @@ __device__ __forceinline__ void MbarrierArriveExpectTx(uint64_t* bar, uint32_t b
                : "memory");
 }
 
-// Waits until the phase with this parity (0 for phases 0, 2, ...) has completed.
+// Waits until the phase with this parity (0 for phases 0, 2, ...) has completed. kCluster:
+// acquire at cluster scope, for phases completed by other cluster blocks' StoreToRank.
+template <bool kCluster = false>
 __device__ __forceinline__ void MbarrierWait(uint64_t* bar, uint32_t parity) {
   const uint32_t addr = SharedAddress(bar);
   uint32_t done = 0;
   do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
+    if constexpr (kCluster) {
+      asm volatile(
+          "{\n.reg .pred p;\n"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity)
+          : "memory");
+    } else {
+      asm volatile(
+          "{\n.reg .pred p;\n"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity)
+          : "memory");
+    }
   } while (!done);
 }
 
@@ -78,23 +88,6 @@ __device__ __forceinline__ void StoreToRank(uint32_t addr, float v, uint32_t bar
       "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(addr),
       "r"(__float_as_uint(v)), "r"(bar)
       : "memory");
-}
-
-// MbarrierWait for phases completed by other cluster blocks' StoreToRank.
-__device__ __forceinline__ void MbarrierWaitCluster(uint64_t* bar, uint32_t parity) {
-  const uint32_t addr = SharedAddress(bar);
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 
 // Asynchronous 4- and 16-byte copies from global to shared memory (cp.async, sm_80): the thread

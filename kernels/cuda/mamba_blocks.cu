@@ -950,7 +950,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
     } else {
-      MbarrierWaitCluster(&bars[5], (l - 1) & 1);  // h from the cluster
+      MbarrierWait<true>(&bars[5], (l - 1) & 1);  // h from the cluster
     }
     MbarrierWait(&bars[0], b);
     trace(1);
@@ -1024,7 +1024,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     });
     if (!last) load_layer_inputs(l + 1);
     trace(3);
-    MbarrierWaitCluster(&bars[3], b);  // the cluster's in_proj outputs
+    MbarrierWait<true>(&bars[3], b);  // the cluster's in_proj outputs
     trace(4);
 
     // ---- B: SSM update of this block's items; g and its squares pushed to the cluster ----
@@ -1077,7 +1077,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid == kCopier && !last) prefetch_states(l + 1);
     }
     trace(6);
-    MbarrierWaitCluster(&bars[4], b);  // g of the cluster's channels and the slice sums
+    MbarrierWait<true>(&bars[4], b);  // g of the cluster's channels and the slice sums
     trace(7);
 
     // ---- C: out_proj over the cluster's channels for h columns [c0, c1); the exchange ----
@@ -1231,6 +1231,28 @@ bool Covered(const MambaBlockArgs* blocks, int64_t count) {
   return true;
 }
 
+// The residual stream and the shapes, as both kernels' arguments name them.
+template <class Args>
+void FillShape(const MambaBlockArgs* blocks, Args* a) {
+  const MambaMixerArgs& m = blocks[0].mixer;
+  const SsmParams& s = m.ssm;
+  a->h = m.out;
+  a->ldh = m.ld_out;
+  a->d = static_cast<int>(blocks[0].in_proj.cols);
+  a->H = static_cast<int>(s.nheads);
+  a->P = static_cast<int>(s.headdim);
+  a->N = static_cast<int>(s.d_state);
+  a->ngroups = static_cast<int>(s.ngroups);
+  a->d_inner = a->H * a->P;
+  a->conv_dim = a->d_inner + 2 * a->ngroups * a->N;
+  a->in_dim = 2 * a->d_inner + 2 * a->ngroups * a->N + a->H;
+  a->group_size = static_cast<int>(m.norm_group_size);
+  a->eps = blocks[0].eps;
+  a->geps = m.eps;
+  a->dt_min = s.dt_min;
+  a->dt_max = s.dt_max;
+}
+
 void FillLayers(const MambaBlockArgs* blocks, int n, LayerParams* layer) {
   for (int i = 0; i < n; ++i) {
     const MambaBlockArgs& b = blocks[i];
@@ -1263,29 +1285,14 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   const int64_t rows = m0.num_seqs;
   if (!Covered(blocks, count)) return false;
   const int64_t d = blocks[0].in_proj.cols, H = s0.nheads, P = s0.headdim, N = s0.d_state;
-  const int64_t Gr = s0.ngroups, d_inner = H * P, conv_dim = d_inner + 2 * Gr * N;
+  const int64_t Gr = s0.ngroups, d_inner = H * P;
   const int64_t in_dim = 2 * d_inner + 2 * Gr * N + H;
-  const int64_t gs = m0.norm_group_size;
   // The SSM state tiles are copied whole: every session's state must be 16-byte aligned, which
   // only the device knows; Backend allocations are, and so are states at multiples of 64N bytes.
 
   const int G = ctx.num_sms;
   BlocksArgs a = {};
-  a.h = m0.out;
-  a.ldh = m0.ld_out;
-  a.d = static_cast<int>(d);
-  a.H = static_cast<int>(H);
-  a.P = static_cast<int>(P);
-  a.N = static_cast<int>(N);
-  a.ngroups = static_cast<int>(Gr);
-  a.d_inner = static_cast<int>(d_inner);
-  a.conv_dim = static_cast<int>(conv_dim);
-  a.in_dim = static_cast<int>(in_dim);
-  a.group_size = static_cast<int>(gs);
-  a.eps = blocks[0].eps;
-  a.geps = m0.eps;
-  a.dt_min = s0.dt_min;
-  a.dt_max = s0.dt_max;
+  FillShape(blocks, &a);
   // Most columns / items any block gets (RangeBegin splits evenly).
   const int64_t a_cols = (in_dim + G - 1) / G, c_cols = (d + G - 1) / G;
   const int64_t items = (rows * d_inner / kSlice + G - 1) / G;
@@ -1351,26 +1358,11 @@ absl::StatusOr<bool> ClusterMambaBlocks(Context& ctx, const MambaBlockArgs* bloc
   const int64_t rows = m0.num_seqs;
   if (!Covered(blocks, count)) return false;
   const int64_t d = blocks[0].in_proj.cols, H = s0.nheads, P = s0.headdim, N = s0.d_state;
-  const int64_t Gr = s0.ngroups, d_inner = H * P, conv_dim = d_inner + 2 * Gr * N;
-  const int64_t in_dim = 2 * d_inner + 2 * Gr * N + H;
+  const int64_t Gr = s0.ngroups, d_inner = H * P;
   const int64_t gs = m0.norm_group_size, groups = d_inner / gs;
 
   ClusterArgs a = {};
-  a.h = m0.out;
-  a.ldh = m0.ld_out;
-  a.d = static_cast<int>(d);
-  a.H = static_cast<int>(H);
-  a.P = static_cast<int>(P);
-  a.N = static_cast<int>(N);
-  a.ngroups = static_cast<int>(Gr);
-  a.d_inner = static_cast<int>(d_inner);
-  a.conv_dim = static_cast<int>(conv_dim);
-  a.in_dim = static_cast<int>(in_dim);
-  a.group_size = static_cast<int>(gs);
-  a.eps = blocks[0].eps;
-  a.geps = m0.eps;
-  a.dt_min = s0.dt_min;
-  a.dt_max = s0.dt_max;
+  FillShape(blocks, &a);
   using Kernel = void (*)(ClusterArgs);
   static constexpr Kernel kKernels[2][kMaxRows] = {
       {ClusterMambaBlocksKernel<1, false>, ClusterMambaBlocksKernel<2, false>,

@@ -31,6 +31,20 @@ struct BlocksCase {
   uint32_t seed = 1;
 };
 
+// Two B/C groups, two norm groups, no conv bias, sizes that are no power of two.
+BlocksCase OddShapes() {
+  return {.rows = 3,
+          .layers = 5,
+          .d = 200,
+          .H = 6,
+          .P = 48,
+          .N = 40,
+          .G = 2,
+          .norm_groups = 2,
+          .conv_bias = false,
+          .seed = 7};
+}
+
 // Everything one side (CPU or GPU) needs to run the blocks: its own copies of the states.
 struct Side {
   std::vector<MambaBlockArgs> blocks;
@@ -212,19 +226,7 @@ TEST_F(CudaMambaBlocksTest, Reference370MShapeFourRowsPastOneLaunch) {
   Check({.rows = 4, .layers = 26, .steps = 2}, GpuPath::kPersistent);
 }
 
-TEST_F(CudaMambaBlocksTest, OddShapesGroupsNoBias) {
-  Check({.rows = 3,
-         .layers = 5,
-         .d = 200,
-         .H = 6,
-         .P = 48,
-         .N = 40,
-         .G = 2,
-         .norm_groups = 2,
-         .conv_bias = false,
-         .seed = 7},
-        GpuPath::kPersistent);
-}
+TEST_F(CudaMambaBlocksTest, OddShapesGroupsNoBias) { Check(OddShapes(), GpuPath::kPersistent); }
 
 TEST_F(CudaMambaBlocksTest, TinyShape) {
   Check({.rows = 2, .layers = 4, .d = 256, .H = 8, .P = 64, .N = 64, .seed = 3},
@@ -241,17 +243,7 @@ TEST_F(CudaMambaBlocksTest, ClusterKernelPastOneLaunch) {
 }
 
 TEST_F(CudaMambaBlocksTest, ClusterKernelOddShapesGroupsNoBias) {
-  Check({.rows = 3,
-         .layers = 5,
-         .d = 200,
-         .H = 6,
-         .P = 48,
-         .N = 40,
-         .G = 2,
-         .norm_groups = 2,
-         .conv_bias = false,
-         .seed = 7},
-        GpuPath::kCluster);
+  Check(OddShapes(), GpuPath::kCluster);
 }
 
 TEST_F(CudaMambaBlocksTest, ClusterKernelTinyShape) {
