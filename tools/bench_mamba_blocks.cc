@@ -237,50 +237,52 @@ int main(int argc, char** argv) {
                                         "C  GEMV",
                                         "C  reduce, hand over h",
                                         "   (next layer)"};
-        static const char* kClusterNames[P] = {"A  wait in_proj tile",
-                                               "A  squares, GEMV",
-                                               "A  reduce, conv, push, next inputs",
-                                               "A  cluster barrier",
-                                               "B  dt, wait states",
-                                               "B  SSM update, push g",
-                                               "B  cluster barrier",
-                                               "C  wait tile, group scales",
-                                               "C  GEMV, post partials",
-                                               "C  poll partials, push h",
-                                               "C  cluster barrier",
-                                               "C  B/C conv states",
-                                               "   (next layer)"};
+        static const char* kClusterNames[P] = {
+            "A  wait in_proj tile",       "A  squares",
+            "A  wait conv inputs, sync",  "A  GEMV (warp 0)",
+            "A  GEMV sync, prefetch",     "A  reduce, conv, push, next inputs",
+            "A  cluster barrier",         "B  dt, wait states",
+            "B  SSM update, push g",      "B  cluster barrier",
+            "C  wait tile, group scales", "C  GEMV, post partials",
+            "C  poll partials, push h",   "C  cluster barrier",
+            "C  B/C conv states",         "   (next layer)"};
         std::printf("  %s kernel\n", variant == 0 ? "persistent" : "cluster");
         std::printf(
-            "  phase (cycles per layer; layers 1..%lld; clock %d MHz)   mean    slowest block\n",
+            "  phase (cycles per layer; layers 1..%lld; clock %d MHz)   mean    slowest  fastest"
+            " block\n",
             static_cast<long long>(layers - 1), khz / 1000);
+        // The grid-wide kernel records 13 points, the cluster kernel all P.
+        const int points = variant == 0 ? 13 : P;
         double total = 0;
-        for (int k = 0; k < P; ++k) {
-          double sum = 0, worst_sum = 0;
+        for (int k = 0; k < points; ++k) {
+          double sum = 0, worst_sum = 0, best_sum = 0;
           int64_t count = 0, worst_count = 0;
-          for (int64_t l = 1; l + (k == P - 1 ? 1 : 0) < layers; ++l) {
-            double worst = 0;
+          for (int64_t l = 1; l + (k == points - 1 ? 1 : 0) < layers; ++l) {
+            double worst = 0, best = 1e30;
             bool any = false;
             for (int64_t b = 0; b < G; ++b) {
               const long long t0 = t[(l * P + k) * G + b];
               const long long t1 =
-                  k + 1 < P ? t[(l * P + k + 1) * G + b] : t[((l + 1) * P) * G + b];
-              if (t0 == 0 || t1 == 0) continue;  // a block without phase-B items skips 6 and 7
+                  k + 1 < points ? t[(l * P + k + 1) * G + b] : t[((l + 1) * P) * G + b];
+              if (t0 == 0 || t1 == 0) continue;  // a block without phase-B items skips some
               sum += static_cast<double>(t1 - t0);
               ++count;
               worst = std::max(worst, static_cast<double>(t1 - t0));
+              best = std::min(best, static_cast<double>(t1 - t0));
               any = true;
             }
             if (any) {
               worst_sum += worst;
+              best_sum += best;
               ++worst_count;
             }
           }
           const double mean = count > 0 ? sum / count : 0;
           total += mean;
-          std::printf("  %-34s %8.0f (%5.2f us) %8.0f\n",
+          std::printf("  %-34s %8.0f (%5.2f us) %8.0f %8.0f\n",
                       variant == 0 ? kNames[k] : kClusterNames[k], mean, mean / (khz / 1e3),
-                      worst_count > 0 ? worst_sum / worst_count : 0);
+                      worst_count > 0 ? worst_sum / worst_count : 0,
+                      worst_count > 0 ? best_sum / worst_count : 0);
         }
         std::printf("  sum of means: %.0f cycles = %.2f us per layer\n", total,
                     total / (khz / 1e3));

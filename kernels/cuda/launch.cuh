@@ -7,7 +7,8 @@
 // The rule every kernel launched through Launch() must follow: call WaitForPriorGrids() before
 // reading any memory an earlier kernel may write and before writing any memory an earlier kernel
 // may read. Kernels call AllowDependentGrids() early so that their successor is scheduled as soon
-// as every block of theirs is running; the successor's own wait keeps it correct.
+// as every block of theirs is running; the successor's own wait keeps it correct. (Not the
+// persistent Mamba kernels: mamba_blocks.cu says why.)
 // Without sm_90 (or with RAMBA_CUDA_PDL=0) both instructions are no-ops / plain launches.
 #ifndef RAMBA_KERNELS_CUDA_LAUNCH_CUH_
 #define RAMBA_KERNELS_CUDA_LAUNCH_CUH_

@@ -30,9 +30,11 @@
 //
 // Co-residency: the grid is one block per SM and the block needs most of an SM's shared memory,
 // so every block of the grid fits at once; a block waits only for blocks of its own grid, and
-// the kernels around it on the stream never wait for it (programmatic dependent launch lets its
-// successor start only once every block of this grid has started), so all blocks become
-// resident and every poll completes.
+// the kernels around it on the stream never wait for it, so all blocks become resident and
+// every poll completes. Both kernels leave out AllowDependentGrids(), so their successor is
+// launched only when they end: launched early it sat on the SMs a cluster grid leaves free and
+// streamed its weights during the layers, slowing the handoffs (decode step with the cluster
+// kernel, docs/benchmarks.md: 0.794 -> 0.760 ms at batch 1, 0.934 -> 0.89-0.90 at batch 2).
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -398,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     PrefetchInProj(a, 0, p, smem, &bars[0]);
     PrefetchOutProj(a, 0, p, smem, &bars[1]);
   }
-  AllowDependentGrids();
+  // No AllowDependentGrids(): the successor starts when this grid ends (see the top comment).
   WaitForPriorGrids();
   if (tid == 0) s_epoch = __ldcg(a.counters + kEpoch);
   for (int i = tid; i < a.num_layers * R; i += kThreads) {
@@ -851,7 +853,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     prefetch_in(0);
     prefetch_out(0);
   }
-  AllowDependentGrids();
+  // No AllowDependentGrids(): the successor starts when this grid ends (see the top comment).
   WaitForPriorGrids();
   if (tid == 0) s_epoch = __ldcg(a.counters + kEpoch);
   for (int i = tid; i < a.num_layers * R; i += kThreads) {
@@ -973,14 +975,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int r = 0; r < R; ++r) s_red[warp][r] = ss[r];
       }
     }
+    trace(2);
     CpAsyncWaitAll();  // this layer's conv inputs and head constants
     __syncthreads();
+    trace(3);
     if (warp < a_split.parts * a_split.per) {
       const int part = warp / a_split.per;
       WarpColumnsGemv<R, R == 1 ? 4 : (R == 2 ? 6 : 3)>(
           a_w, d, a_cols, warp % a_split.per, a_split.per, act, lda, part * a_split.len,
           min(d, (part + 1) * a_split.len), lane, s_dot + part * a_cols * R);
     }
+    trace(4);
     if (warp == 0 && lane < R) {
       float t = 0.0f;
       for (int w = 0; w < kWarps; ++w) t += s_red[w][lane];
@@ -989,7 +994,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // the in_proj tile is read
     if (tid == kCopier && !last) prefetch_in(l + 1);
     if (tid == 0 && !last) MbarrierArriveExpectTx(&bars[5], h_bytes);  // for the next layer
-    trace(2);
+    trace(5);
     for (int t = tid; t < a_cols * R; t += kThreads) {
       const int col = t / R, r = t % R, v = v0 + col;
       float val = 0.0f;
@@ -1023,9 +1028,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       return cin_addr + static_cast<uint32_t>((t % R) * vn + v0 + t / R) * 4;
     });
     if (!last) load_layer_inputs(l + 1);
-    trace(3);
+    trace(6);
     MbarrierWait<true>(&bars[3], b);  // the cluster's in_proj outputs
-    trace(4);
+    trace(7);
 
     // ---- B: SSM update of this block's items; g and its squares pushed to the cluster ----
     if (items > 0) {
@@ -1038,7 +1043,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       MbarrierWait(&bars[2], b);
       MbarrierWait(&bars[1], b);  // the gated norm's weight
       __syncthreads();
-      trace(5);
+      trace(8);
       const uint32_t g_bar = SharedAddress(&bars[4]);
       for (int i = 0; i < items; ++i) {
         const int r = s_item_r[i], lc = s_item_s[i] * kSlice + warp;
@@ -1076,9 +1081,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (tid == kCopier && !last) prefetch_states(l + 1);
     }
-    trace(6);
+    trace(9);
     MbarrierWait<true>(&bars[4], b);  // g of the cluster's channels and the slice sums
-    trace(7);
+    trace(10);
 
     // ---- C: out_proj over the cluster's channels for h columns [c0, c1); the exchange ----
     MbarrierWait(&bars[1], b);
@@ -1098,7 +1103,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
     }
-    trace(8);
+    trace(11);
     if (warp < c_split.parts * c_split.per) {
       const int part = warp / c_split.per;
       WarpColumnsGemv<R, 4>(c_w, ck, c_cols, warp % c_split.per, c_split.per, act_g, ldg,
@@ -1120,7 +1125,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int s = 0; s < slices; ++s) t += s_ps[tid][s];
       StoreTagged(xs + ci * R + tid, t, tag);
     }
-    trace(9);
+    trace(12);
     // h[r, c0 + col] from every cluster's partial, in cluster order; the last warp polls the
     // clusters' sums of g^2.
     float sum = 0.0f;
@@ -1158,7 +1163,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_stage[tid] = hv;
       }
     }
-    trace(10);
+    trace(13);
     // Every cluster has read this layer's conv states (before its partials): cluster 0 writes
     // the B / C ones now.
     if (ci == 0) {
@@ -1179,8 +1184,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         return act_addr + static_cast<uint32_t>((t % R) * lda + XPos(c0 + t / R)) * 4;
       });
     }
-    trace(11);
-    trace(12);
+    trace(14);
+    trace(15);
   }
 
   cluster.sync();  // no block leaves while another may still store into it

@@ -156,9 +156,10 @@ absl::StatusOr<bool> FusedMambaMixer(Context& ctx, const MambaMixerArgs& a, int6
 // multiple of 16, d_state <= 128); returns false, launching nothing, otherwise. CudaBackend
 // uses it for 1 row by default (RAMBA_CUDA_PERSISTENT_MAMBA=0|1|2 changes that).
 // With `trace` (device memory, count <= 24), thread 0 of each block records clock64() at
-// kMambaBlocksTracePoints phase boundaries per layer: trace[(layer * points + point) * grid +
-// block], grid = ctx.num_sms (bench-mamba-blocks --trace prints where the time goes).
-constexpr int kMambaBlocksTracePoints = 13;
+// kMambaBlocksTracePoints phase boundaries per layer (the grid-wide kernel uses the first 13):
+// trace[(layer * points + point) * grid + block], grid = ctx.num_sms (bench-mamba-blocks
+// --trace prints where the time goes).
+constexpr int kMambaBlocksTracePoints = 16;
 absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* blocks,
                                            int64_t count, long long* trace = nullptr);
 // The same with thread-block clusters: one grid-wide exchange per layer, the other handoffs
