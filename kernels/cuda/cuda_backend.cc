@@ -393,13 +393,13 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
 
 absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t count) {
   // Decode batches of 1-2 one-token rows go through a persistent kernel (mamba_blocks.cu) and
-  // larger ones block by block: the cluster kernel first, the grid-wide one where it declines.
-  // Measured side by side (bench-mamba-blocks and bench-model, docs/benchmarks.md): per 370M
-  // layer 11.4 (cluster) vs 12.2 (grid-wide) vs 20.8 us (block by block) at batch 1, 14.1 vs
-  // 16.3 vs 22.4 at batch 2; per decode step at 4K 0.757-0.764 vs 0.759-0.776 ms at batch 1,
-  // 0.911-0.921 vs 0.977-0.982 at batch 2. RAMBA_CUDA_PERSISTENT_MAMBA=0 turns both off, =1
-  // takes the grid-wide kernel (up to its 4 rows), =2 the cluster kernel first at any row
-  // count. Read per call: tests and bench-mamba-blocks switch it.
+  // larger ones block by block. Measured side by side (bench-mamba-blocks and bench-model,
+  // docs/benchmarks.md): per 370M layer 11.4 (cluster kernel) vs 12.2 (grid-wide) vs 20.8 us
+  // (block by block) at batch 1, 14.1 vs 16.3 vs 22.4 at batch 2; per decode step at 4K a tie at
+  // batch 1 (cluster 0.757-0.769 ms and once 0.848, grid-wide 0.755-0.776) and 0.908-0.921 vs
+  // 0.963-0.982 ms at batch 2. So 2 rows take the cluster kernel, 1 row the grid-wide one.
+  // RAMBA_CUDA_PERSISTENT_MAMBA=0 turns both off, =1 takes the grid-wide kernel (up to its 4
+  // rows), =2 the cluster kernel first. Read per call: tests and bench-mamba-blocks switch it.
   constexpr int64_t kPersistentMaxRows = 2;
   const char* env = std::getenv("RAMBA_CUDA_PERSISTENT_MAMBA");
   const std::string_view mode = env != nullptr ? env : "";
@@ -418,7 +418,7 @@ absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t coun
                       "null pointer");
     }
     bool done = false;
-    if (mode != "1") {
+    if (mode == "2" || (mode != "1" && rows == 2)) {
       ASSIGN_OR_RETURN(done, cuda::ClusterMambaBlocks(*this, blocks, count));
     }
     if (!done) {
