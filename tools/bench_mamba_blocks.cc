@@ -30,6 +30,8 @@ ABSL_FLAG(int32_t, layers, 24, "Mamba blocks in the run (370M: 24 lower, then ru
 ABSL_FLAG(std::string, batches, "1,2,4", "Comma-separated batch sizes (one token per sequence)");
 ABSL_FLAG(int32_t, reps, 20, "Timed repetitions");
 ABSL_FLAG(bool, trace, false, "Print the persistent kernel's phase breakdown (CUDA)");
+ABSL_FLAG(std::string, gemv_probe, "",
+          "COLSxK,... : time one GEMV phase alone per shape (CUDA; e.g. 55x1024,64x288) and exit");
 
 namespace {
 
@@ -105,6 +107,29 @@ int main(int argc, char** argv) {
   std::printf("device=%s copy bandwidth %.0f GB/s; %lld Mamba blocks of the 370M shape\n",
               std::string(be->name()).c_str(), bw, static_cast<long long>(layers));
 
+#ifdef RAMBA_HAVE_CUDA
+  if (!absl::GetFlag(FLAGS_gemv_probe).empty() && be->name() == "cuda") {
+    auto* ctx = dynamic_cast<ramba::kernels::cuda::Context*>(be);
+    int khz = 0;
+    cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, ctx->device);
+    for (absl::string_view shape : absl::StrSplit(absl::GetFlag(FLAGS_gemv_probe), ',')) {
+      std::vector<absl::string_view> ck = absl::StrSplit(shape, 'x');
+      int cols = 0, k = 0;
+      if (ck.size() != 2 || !absl::SimpleAtoi(ck[0], &cols) || !absl::SimpleAtoi(ck[1], &k)) {
+        return Fail(absl::InvalidArgumentError("--gemv_probe: COLSxK,..."));
+      }
+      auto c = ramba::kernels::cuda::ProbeMambaGemv(*ctx, cols, k);
+      if (!c.ok()) return Fail(c.status());
+      static const char* kVariants[5] = {"kernels' GEMV", "two FMA chains", "loads only",
+                                         "k in 2 parts", "k in 4 parts"};
+      for (int v = 0; v < 5; ++v) {
+        std::printf("gemv %3d x %4d  %-15s warp 0 %6.0f cycles, block %6.0f (%.2f us)\n", cols, k,
+                    kVariants[v], (*c)[2 * v], (*c)[2 * v + 1], (*c)[2 * v + 1] / (khz / 1e3));
+      }
+    }
+    return 0;
+  }
+#endif
   Arena arena(be);
   struct Layer {
     MatrixView in_proj, out_proj;

@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "base/status_macros.h"
 #include "kernels/cuda/async_copy.cuh"
@@ -289,6 +290,117 @@ __device__ __forceinline__ GemvSplit SplitK(int K) {
   const int len = PaddedK((K + parts - 1) / parts);
   parts = (K + len - 1) / len;
   return {parts, len, kWarps / parts};
+}
+
+// ---- GEMV probe (bench-mamba-blocks --gemv_probe): one GEMV phase alone, in cycles ----
+// Variant 0: WarpColumnsGemv as the kernels run it. 1: the same with each 8-k product summed
+// in two chains (less dependent-FMA latency). 2: the loads alone (the tile and x read as the
+// GEMV reads them, summed bitwise), a floor for shared-memory traffic. 3, 4: the kernels' GEMV
+// with k split into 2 / 4 parts over the warps (less x read per warp, more columns each).
+template <int kCols>
+__device__ __forceinline__ void ProbeGemvIlp(const __nv_bfloat16* w, int ldw, int ncols,
+                                             int c_first, int c_step, const float* x, int k1,
+                                             int lane, float* dot) {
+  constexpr int J = 4;
+  float xv[J][8];
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int base = 256 * j;
+    if (base + 8 * lane < k1) {
+      const float4 a0 = *reinterpret_cast<const float4*>(x + base + 4 * lane);
+      const float4 a1 = *reinterpret_cast<const float4*>(x + base + 128 + 4 * lane);
+      xv[j][0] = a0.x, xv[j][1] = a0.y, xv[j][2] = a0.z, xv[j][3] = a0.w;
+      xv[j][4] = a1.x, xv[j][5] = a1.y, xv[j][6] = a1.z, xv[j][7] = a1.w;
+    }
+  }
+  for (int cb = c_first; cb < ncols; cb += kCols * c_step) {
+    float acc[kCols];
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+      const int c = cb + i * c_step;
+      float t0 = 0.0f, t1 = 0.0f;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int k = 256 * j + 8 * lane;
+        if (c < ncols && k < k1) {
+          const uint4 wv = *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c) * ldw + k);
+          t0 += Bf16Lo(wv.x) * xv[j][0];
+          t1 += Bf16Hi(wv.x) * xv[j][1];
+          t0 += Bf16Lo(wv.y) * xv[j][2];
+          t1 += Bf16Hi(wv.y) * xv[j][3];
+          t0 += Bf16Lo(wv.z) * xv[j][4];
+          t1 += Bf16Hi(wv.z) * xv[j][5];
+          t0 += Bf16Lo(wv.w) * xv[j][6];
+          t1 += Bf16Hi(wv.w) * xv[j][7];
+        }
+      }
+      acc[i] = t0 + t1;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+        if (cb + i * c_step < ncols) dot[cb + i * c_step] = acc[i];
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void ProbeLoadsOnly(const __nv_bfloat16* w, int ldw, int ncols,
+                                               int c_first, int c_step, const float* x, int k1,
+                                               int lane, float* dot) {
+  uint32_t s = 0;
+  for (int j = 0; 256 * j < k1; ++j) {
+    const uint4 a0 = *reinterpret_cast<const uint4*>(x + 256 * j + 4 * lane);
+    const uint4 a1 = *reinterpret_cast<const uint4*>(x + 256 * j + 128 + 4 * lane);
+    s ^= a0.x ^ a0.y ^ a0.z ^ a0.w ^ a1.x ^ a1.y ^ a1.z ^ a1.w;
+  }
+  for (int c = c_first; c < ncols; c += c_step) {
+    for (int k = 8 * lane; k < k1; k += 256) {
+      const uint4 wv = *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c) * ldw + k);
+      s ^= wv.x ^ wv.y ^ wv.z ^ wv.w;
+    }
+  }
+  if (s == 0x12345678u) dot[lane] = 1.0f;  // keeps the loads
+}
+
+template <int kVariant>
+__global__ void __launch_bounds__(kThreads, 1)
+    GemvProbeKernel(int ncols, int k, int reps, long long* cycles) {
+  extern __shared__ __align__(128) char smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  auto* w = reinterpret_cast<__nv_bfloat16*>(smem);
+  float* x =
+      reinterpret_cast<float*>(smem + (static_cast<size_t>(ncols) * k * 2 + 127) / 128 * 128);
+  float* dot = x + PaddedK(k);  // [4][ncols]
+  for (int i = tid; i < ncols * k; i += kThreads) w[i] = __float2bfloat16((i % 17 - 8) * 0.01f);
+  for (int i = tid; i < PaddedK(k); i += kThreads) x[i] = (i % 13 - 6) * 0.1f;
+  long long own = 0, all = 0;
+  for (int rep = 0; rep < reps; ++rep) {
+    __syncthreads();
+    const long long t0 = clock64();
+    if constexpr (kVariant == 0) {
+      WarpColumnsGemv<1, 4>(w, k, ncols, warp, kWarps, x, 0, 0, k, lane, dot);
+    } else if constexpr (kVariant == 1) {
+      ProbeGemvIlp<4>(w, k, ncols, warp, kWarps, x, k, lane, dot);
+    } else if constexpr (kVariant == 3 || kVariant == 4) {  // k split into 2 or 4 parts
+      constexpr int parts = kVariant == 3 ? 2 : 4, per = kWarps / parts;
+      const int len = PaddedK((k + parts - 1) / parts), part = warp / per;
+      WarpColumnsGemv<1, 4>(w, k, ncols, warp % per, per, x, 0, part * len,
+                            min(k, (part + 1) * len), lane, dot + part * ncols);
+    } else {
+      ProbeLoadsOnly(w, k, ncols, warp, kWarps, x, k, lane, dot);
+    }
+    const long long t1 = clock64();
+    __syncthreads();
+    const long long t2 = clock64();
+    if (rep > 0) own += t1 - t0, all += t2 - t0;
+  }
+  if (tid == 0) cycles[2 * blockIdx.x] = own, cycles[2 * blockIdx.x + 1] = all;
 }
 
 struct Plan {
@@ -1491,6 +1603,42 @@ absl::StatusOr<bool> ClusterMambaBlocks(Context& ctx, const MambaBlockArgs* bloc
         LaunchClusters(ctx, best_cs, kernel, dim3(best_cs * best_nc), dim3(kThreads), smem, a));
   }
   return true;
+}
+
+absl::StatusOr<std::vector<double>> ProbeMambaGemv(Context& ctx, int ncols, int k) {
+  using namespace mamba;  // NOLINT: this file's own namespace
+  if (ncols <= 0 || ncols > 128 || k <= 0 || k % 8 != 0 || k > GemvPartK(1)) {
+    return absl::InvalidArgumentError(
+        "ProbeMambaGemv: 1-128 columns, k a positive multiple of 8 up to 1024");
+  }
+  constexpr int kReps = 50;
+  const size_t smem = (static_cast<size_t>(ncols) * k * 2 + 127) / 128 * 128 +
+                      (PaddedK(k) + 4 * static_cast<size_t>(ncols)) * 4;
+  const int G = ctx.num_sms;
+  long long* cycles = nullptr;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMalloc(&cycles, 2 * G * sizeof(long long)));
+  std::vector<long long> host(2 * G);
+  std::vector<double> out;
+  auto run = [&](auto kernel) -> absl::Status {
+    RETURN_IF_ERROR(PrepareSmem(ctx, kernel, smem, "ProbeMambaGemv"));
+    RETURN_IF_ERROR(Launch(ctx, kernel, dim3(G), dim3(kThreads), smem, ncols, k, kReps, cycles));
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx.stream));
+    RAMBA_CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(host.data(), cycles, host.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+    double own = 0, all = 0;
+    for (int b = 0; b < G; ++b) own += host[2 * b], all += host[2 * b + 1];
+    out.push_back(own / G / (kReps - 1));
+    out.push_back(all / G / (kReps - 1));
+    return absl::OkStatus();
+  };
+  absl::Status st = run(GemvProbeKernel<0>);
+  if (st.ok()) st.Update(run(GemvProbeKernel<1>));
+  if (st.ok()) st.Update(run(GemvProbeKernel<2>));
+  if (st.ok()) st.Update(run(GemvProbeKernel<3>));
+  if (st.ok()) st.Update(run(GemvProbeKernel<4>));
+  cudaFree(cycles);
+  RETURN_IF_ERROR(st);
+  return out;
 }
 
 }  // namespace ramba::kernels::cuda

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -167,6 +168,11 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
 // CudaBackend uses it for 2 rows. `trace` as above, with its own phases.
 absl::StatusOr<bool> ClusterMambaBlocks(Context& ctx, const MambaBlockArgs* blocks, int64_t count,
                                         long long* trace = nullptr);
+// One persistent-kernel GEMV phase (one row, ncols x k bf16 tile in shared memory, all 16 warps)
+// alone on every SM, in clock64 cycles: {warp 0's own time, to the block barrier} for the
+// kernels' GEMV, a two-chain variant, the loads alone, and k split into 2 / 4 parts over the
+// warps (bench-mamba-blocks --gemv_probe).
+absl::StatusOr<std::vector<double>> ProbeMambaGemv(Context& ctx, int ncols, int k);
 
 // ---- attention.cu ----
 absl::Status BlockAttention(Context& ctx, const float* q, const float* k, const float* v,
