@@ -196,6 +196,7 @@ __device__ __forceinline__ int XPos(int k) {
   return (k & ~255) | ((e >> 2) << 7) | ((w >> 3) << 2) | (e & 3);
 }
 __host__ __device__ constexpr int PaddedK(int k) { return (k + 255) / 256 * 256; }
+__host__ __device__ constexpr int64_t Align128(int64_t x) { return (x + 127) / 128 * 128; }
 
 // One warp's columns of a GEMV tile in shared memory: for columns c = c_first, c_first + c_step,
 // ... < ncols of w ([ncols][ldw] bf16) and the R rows of x ([R][ldx], laid out as XPos says),
@@ -374,8 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   auto* w = reinterpret_cast<__nv_bfloat16*>(smem);
-  float* x =
-      reinterpret_cast<float*>(smem + (static_cast<size_t>(ncols) * k * 2 + 127) / 128 * 128);
+  float* x = reinterpret_cast<float*>(smem + Align128(static_cast<int64_t>(ncols) * k * 2));
   float* dot = x + PaddedK(k);  // [4][ncols]
   for (int i = tid; i < ncols * k; i += kThreads) w[i] = __float2bfloat16((i % 17 - 8) * 0.01f);
   for (int i = tid; i < PaddedK(k); i += kThreads) x[i] = (i % 13 - 6) * 0.1f;
@@ -1370,6 +1370,27 @@ void FillShape(const MambaBlockArgs* blocks, Args* a) {
   a->dt_max = s.dt_max;
 }
 
+// A block's shared memory, as both kernels lay it out from offset 0: the in_proj tile (a_cols
+// rows of d) and the norm weight, the out_proj tile (c_cols rows of c_k) and the gated norm's
+// weight, the state tiles, and act (rows x act_k f32); each part 128-byte aligned. Returns the
+// end, where a kernel's own parts follow.
+template <class Args>
+int64_t LayOutTiles(int64_t a_cols, int64_t d, int64_t c_cols, int64_t c_k, int64_t items,
+                    int64_t N, int64_t rows, int64_t act_k, Args* a) {
+  int64_t off = 0;
+  auto take = [&](int* field, int64_t bytes) {
+    *field = static_cast<int>(off);
+    off = Align128(off + bytes);
+  };
+  take(&a->off_a, a_cols * d * 2);
+  take(&a->off_a_norm, d * 4);
+  take(&a->off_c, c_cols * c_k * 2);
+  take(&a->off_c_norm, c_k * 4);
+  take(&a->off_st, items * kSlice * N * 4);
+  take(&a->off_act, rows * PaddedK(static_cast<int>(act_k)) * 4);
+  return off;
+}
+
 void FillLayers(const MambaBlockArgs* blocks, int n, LayerParams* layer) {
   for (int i = 0; i < n; ++i) {
     const MambaBlockArgs& b = blocks[i];
@@ -1417,21 +1438,8 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   const int64_t part_k = GemvPartK(static_cast<int>(rows));
   if (std::max(d, d_inner) > kWarps * part_k) return false;  // a warp per GEMV k part at least
   if (2 * N + 2 * kSlice + 1 > kLoadFirst - kMaxItems) return false;  // phase B: a thread per input
-  auto align = [](int64_t x) { return (x + 127) / 128 * 128; };
-  int64_t off = 0;
-  a.off_a = static_cast<int>(off);
-  off = align(off + a_cols * d * 2);
-  a.off_a_norm = static_cast<int>(off);
-  off = align(off + d * 4);
-  a.off_c = static_cast<int>(off);
-  off = align(off + c_cols * d_inner * 2);
-  a.off_c_norm = static_cast<int>(off);
-  off = align(off + d_inner * 4);
-  a.off_st = static_cast<int>(off);
-  off = align(off + items * kSlice * N * 4);
-  a.off_act = static_cast<int>(off);
-  off = align(off + rows * PaddedK(static_cast<int>(std::max(d, d_inner))) * 4);
-  const size_t smem = static_cast<size_t>(off);
+  const size_t smem = static_cast<size_t>(
+      LayOutTiles(a_cols, d, c_cols, d_inner, items, N, rows, std::max(d, d_inner), &a));
   using Kernel = void (*)(BlocksArgs);
   static constexpr Kernel kKernels[2][kMaxRows] = {
       {MambaBlocksKernel<1, false>, MambaBlocksKernel<2, false>, MambaBlocksKernel<3, false>,
@@ -1521,24 +1529,11 @@ absl::StatusOr<bool> ClusterMambaBlocks(Context& ctx, const MambaBlockArgs* bloc
         c_parts * c_cols * rows > kDotMax) {
       return {0, 0};
     }
-    auto align = [](int64_t x) { return (x + 127) / 128 * 128; };
-    int64_t off = 0;
-    a.off_a = static_cast<int>(off);
-    off = align(off + a_cols * d * 2);
-    a.off_a_norm = static_cast<int>(off);
-    off = align(off + d * 4);
-    a.off_c = static_cast<int>(off);
-    off = align(off + c_cols * ck * 2);
-    a.off_c_norm = static_cast<int>(off);
-    off = align(off + ck * 4);
-    a.off_st = static_cast<int>(off);
-    off = align(off + items * kSlice * N * 4);
-    a.off_act = static_cast<int>(off);
-    off = align(off + rows * PaddedK(static_cast<int>(d)) * 4);
+    int64_t off = LayOutTiles(a_cols, d, c_cols, ck, items, N, rows, d, &a);
     a.off_g = static_cast<int>(off);
-    off = align(off + rows * PaddedK(static_cast<int>(ck)) * 4);
+    off = Align128(off + rows * PaddedK(static_cast<int>(ck)) * 4);
     a.off_cin = static_cast<int>(off);
-    off = align(off + rows * vn * 4);
+    off = Align128(off + rows * vn * 4);
     if (static_cast<size_t>(off) + attr.sharedSizeBytes > ctx.max_shared_per_block) return {0, 0};
     return {static_cast<size_t>(off), a_cols};
   };
@@ -1612,7 +1607,7 @@ absl::StatusOr<std::vector<double>> ProbeMambaGemv(Context& ctx, int ncols, int 
         "ProbeMambaGemv: 1-128 columns, k a positive multiple of 8 up to 1024");
   }
   constexpr int kReps = 50;
-  const size_t smem = (static_cast<size_t>(ncols) * k * 2 + 127) / 128 * 128 +
+  const size_t smem = Align128(static_cast<int64_t>(ncols) * k * 2) +
                       (PaddedK(k) + 4 * static_cast<size_t>(ncols)) * 4;
   const int G = ctx.num_sms;
   long long* cycles = nullptr;
