@@ -185,6 +185,15 @@ absl::Status Backend::MambaBlocks(const MambaBlockArgs* blocks, int64_t count) {
   return absl::OkStatus();
 }
 
+absl::Status Backend::HsaBlock(const HsaBlockArgs& a) {
+  const int64_t width = a.nh * a.hd;
+  RETURN_IF_ERROR(
+      RmsNormMatmul(a.h, a.ldh, a.rows, a.norm_weight, a.eps, a.xn, a.q_proj, a.q, width));
+  RETURN_IF_ERROR(SparseChunkAttention(a.q, a.rows, a.mem, a.indices, a.weights, a.retrieval_heads,
+                                       a.top_k, a.nh, a.nkv, a.hd, a.chunk_size, a.attn));
+  return Matmul(a.attn, width, a.rows, a.o_proj, nullptr, a.h, a.ldh, /*accumulate=*/true);
+}
+
 #ifdef RAMBA_HAVE_CUDA
 bool CudaAvailable() {
   int count = 0;

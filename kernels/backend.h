@@ -144,6 +144,33 @@ struct MambaBlockArgs {
   MambaMixerArgs mixer;  // zxbcdt non-const through the op: see above
 };
 
+// One HSA decoder block on the residual stream h (row stride ldh, `rows` rows):
+// h += o_proj(SparseChunkAttention(q_proj(RmsNorm(h)))), reading the chunks and weights that
+// retrieval picked for each row (the SparseChunkAttention arguments below).
+struct HsaBlockArgs {
+  float* h = nullptr;
+  int64_t ldh = 0;
+  int64_t rows = 0;
+  const float* norm_weight = nullptr;  // [q_proj.cols], the block's pre-attention RMSNorm
+  float eps = 0.0f;
+  MatrixView q_proj;  // [nh * hd, d]
+  MatrixView o_proj;  // [d, nh * hd]
+  ChunkMemoryBatch mem;
+  const int32_t* indices = nullptr;  // [rows, retrieval_heads, top_k]
+  const float* weights = nullptr;    // [rows, retrieval_heads, top_k]
+  int64_t retrieval_heads = 0;
+  int64_t top_k = 0;
+  int64_t nh = 0;
+  int64_t nkv = 0;
+  int64_t hd = 0;
+  int64_t chunk_size = 0;
+  // Scratch [rows, ldh], [rows, nh * hd], [rows, nh * hd] for backends that run the three ops;
+  // a backend fusing them may leave them unwritten.
+  float* xn = nullptr;
+  float* q = nullptr;
+  float* attn = nullptr;
+};
+
 // Sampling parameters of one row. temperature == 0 means greedy (argmax, lowest id on ties).
 struct SamplingParams {
   float temperature = 1.0f;
@@ -247,6 +274,11 @@ class Backend {
   // wrote), as one op so that device backends can run a decode step's stack as one kernel. The
   // default runs RmsNormMatmul into each block's zxbcdt, then MambaMixer.
   virtual absl::Status MambaBlocks(const MambaBlockArgs* blocks, int64_t count);
+
+  // One HSA decoder block (HsaBlockArgs), as one op so that device backends can fuse a decode
+  // step's q_proj, sparse attention and o_proj. The default runs RmsNormMatmul into q,
+  // SparseChunkAttention into attn, then Matmul accumulating into h.
+  virtual absl::Status HsaBlock(const HsaBlockArgs& a);
 
   // Rotary embedding, rotate-half convention, in place on x [rows, heads * head_dim]; the position
   // of row r is r % period (positions restart at 0 in every chunk). inv_freq_i = theta^(-2i/head_dim).

@@ -356,13 +356,28 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   ASSIGN_OR_RETURN(float* hq, ws.Get<float>(W::kHsaQ, rows * d));
   ASSIGN_OR_RETURN(float* ho, ws.Get<float>(W::kHsaO, rows * d));
   int64_t mamba_layer = c.num_lower_layers;
+  kernels::HsaBlockArgs hsa;
+  hsa.h = h;
+  hsa.ldh = d;
+  hsa.rows = rows;
+  hsa.eps = c.hsa_norm_eps;
+  hsa.mem = b.mem;
+  hsa.indices = idx;
+  hsa.weights = wts;
+  hsa.retrieval_heads = heads;
+  hsa.top_k = K;
+  hsa.nh = c.num_attention_heads;
+  hsa.nkv = c.num_kv_heads;
+  hsa.hd = c.attn_head_dim();
+  hsa.chunk_size = S;
+  hsa.xn = xn;
+  hsa.q = hq;
+  hsa.attn = ho;
   for (const HsaWeights& hw : weights_.hsa) {
-    RETURN_IF_ERROR(be->RmsNormMatmul(h, d, rows, hw.pre_norm.data(), c.hsa_norm_eps, xn,
-                                      hw.q_proj.view, hq, d));
-    RETURN_IF_ERROR(be->SparseChunkAttention(hq, rows, b.mem, idx, wts, heads, K,
-                                             c.num_attention_heads, c.num_kv_heads,
-                                             c.attn_head_dim(), S, ho));
-    RETURN_IF_ERROR(be->Matmul(ho, d, rows, hw.o_proj.view, nullptr, h, d, true));
+    hsa.norm_weight = hw.pre_norm.data();
+    hsa.q_proj = hw.q_proj.view;
+    hsa.o_proj = hw.o_proj.view;
+    RETURN_IF_ERROR(be->HsaBlock(hsa));
     RETURN_IF_ERROR(MambaBlocks(b, mamba_layer, c.num_mamba_per_gca));
     mamba_layer += c.num_mamba_per_gca;
   }

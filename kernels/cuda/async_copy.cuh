@@ -103,6 +103,15 @@ __device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
 __device__ __forceinline__ void CpAsyncWaitAll() {
   asm volatile("cp.async.wait_all;" ::: "memory");
 }
+// Groups: CpAsyncCommit() closes the thread's copies issued since the last commit into a group;
+// CpAsyncWaitGroup<n>() returns once at most n of its committed groups are still in flight.
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int n>
+__device__ __forceinline__ void CpAsyncWaitGroup() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(n) : "memory");
+}
 
 }  // namespace ramba::kernels::cuda
 

@@ -510,6 +510,29 @@ absl::Status CudaBackend::SparseChunkAttention(const float* q, int64_t rows,
                                     nh, nkv, hd, chunk_size, out);
 }
 
+absl::Status CudaBackend::HsaBlock(const HsaBlockArgs& a) {
+  constexpr std::string_view kOp = "HsaBlock";
+  RAMBA_CHECK_ARG(kOp, a.rows >= 0, "negative size");
+  if (a.rows == 0) return absl::OkStatus();
+  RETURN_IF_ERROR(CheckAttentionHeads(kOp, a.nh, a.nkv, a.hd));
+  RAMBA_CHECK_ARG(kOp, a.retrieval_heads > 0 && a.nkv % a.retrieval_heads == 0,
+                  "retrieval_heads must be positive and divide nkv");
+  RAMBA_CHECK_ARG(kOp, a.top_k > 0 && a.chunk_size > 0, "top_k and chunk_size must be positive");
+  RAMBA_CHECK_ARG(kOp,
+                  a.h != nullptr && a.norm_weight != nullptr && a.indices != nullptr &&
+                      a.weights != nullptr && a.mem.row_seq != nullptr &&
+                      a.mem.chunk_kv != nullptr && a.q_proj.data != nullptr &&
+                      a.o_proj.data != nullptr,
+                  "null pointer");
+  RAMBA_CHECK_ARG(kOp,
+                  a.q_proj.rows == a.nh * a.hd && a.o_proj.cols == a.nh * a.hd &&
+                      a.o_proj.rows == a.q_proj.cols && a.ldh >= a.q_proj.cols,
+                  "q_proj must be [nh * hd, d] and o_proj [d, nh * hd], with ldh >= d");
+  ASSIGN_OR_RETURN(const bool done, cuda::FusedHsaBlock(*this, a));
+  if (done) return absl::OkStatus();
+  return Backend::HsaBlock(a);
+}
+
 absl::Status CudaBackend::Sample(const float* logits, int64_t rows, int64_t vocab,
                                  const SamplingParams* params, const float* uniforms,
                                  int32_t* out) {

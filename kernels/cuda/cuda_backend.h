@@ -60,6 +60,7 @@ class CudaBackend : public Backend, public cuda::Context {
                        const int64_t* host_seq_offsets = nullptr) override;
   absl::Status MambaMixer(const MambaMixerArgs& a) override;
   absl::Status MambaBlocks(const MambaBlockArgs* blocks, int64_t count) override;
+  absl::Status HsaBlock(const HsaBlockArgs& a) override;
   absl::Status RopeInChunk(float* x, int64_t rows, int64_t heads, int64_t head_dim,
                            int64_t period, float theta) override;
   absl::Status BlockAttention(const float* q, const float* k, const float* v, float* out,

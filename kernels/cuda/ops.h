@@ -2,7 +2,8 @@
 // CudaBackend checks host-side arguments and forwards here; each function enqueues its work on
 // ctx.stream and returns without synchronising. Pointers are device memory unless a comment says
 // otherwise. One .cu file per op family: matmul.cu, elementwise.cu, mamba.cu (+ mamba_decode.cu),
-// retrieval.cu, attention.cu, sampling.cu, copy.cu. Kernels launch through launch.cuh.
+// retrieval.cu, attention.cu, sparse_attention.cu, hsa_block.cu, sampling.cu, copy.cu. Kernels
+// launch through launch.cuh.
 #ifndef RAMBA_KERNELS_CUDA_OPS_H_
 #define RAMBA_KERNELS_CUDA_OPS_H_
 
@@ -51,6 +52,7 @@ class Context {
   // the decode retrieval and sparse attention): a kernel counts arriving blocks in its slot's
   // counters and the last block resets them to 0, so they are zero between kernels.
   // kCountersPerSlot per slot.
+  // kHsa: the fused HSA block's heads done per range of h (hsa_block.cu).
   // kMambaBlocks: the persistent Mamba kernel's launch epoch and exit count; kMambaExchange: its
   // tagged exchange buffers (mamba_blocks.cu), which must start zeroed (tag 0 is never valid).
   enum class CounterSlot : int {
@@ -59,6 +61,7 @@ class Context {
     kAttention,
     kMambaBlocks,
     kMambaExchange,
+    kHsa,
     kNumSlots
   };
   static constexpr int64_t kCountersPerSlot = int64_t{1} << 18;
@@ -191,6 +194,12 @@ absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
                                   const float* weights, int64_t retrieval_heads, int64_t top_k,
                                   int64_t nh, int64_t nkv, int64_t hd, int64_t chunk_size,
                                   float* out);
+
+// ---- hsa_block.cu ----
+// Backend::HsaBlock as one kernel for decode-shaped calls (up to 4 rows, head dim 64, 64-key
+// chunks, top-K <= 16, bf16 or f32 weights, d a multiple of 256 up to 2048); false (nothing
+// launched) when the call does not fit, or with RAMBA_CUDA_FUSED_HSA=0.
+absl::StatusOr<bool> FusedHsaBlock(Context& ctx, const HsaBlockArgs& a);
 
 // ---- copy.cu ----
 absl::Status ScatterRows(Context& ctx, const float* src, int64_t ld, float* const* dst,

@@ -1,6 +1,7 @@
 // The CUDA attention-side ops against the CPU backend on fresh random inputs: RetrieveChunks (the
 // decode-shaped and the tiled prefill-shaped scan, ragged batches, ties, NaN, forks, misaligned
-// arrays), SparseChunkAttention and BlockAttention. Label gpu; skipped without a GPU.
+// arrays), SparseChunkAttention, HsaBlock (fused at decode shapes) and BlockAttention. Label gpu;
+// skipped without a GPU.
 //
 // Retrieval inputs are random multiples of 1/16, so every dot product is exact in float whatever
 // the summation order: CPU and GPU scores are bitwise equal, indices must match exactly (ties
@@ -675,6 +676,134 @@ TEST_F(CudaAttentionOpsTest, SparseAttentionUnsortedRepeatedAndWideSelections) {
     EXPECT_EQ(CheckSparse(m, sel, 1, top_k, 16, 1, 64, kChunk, 503 + top_k),
               top_k <= 16 ? Path::kShared : Path::kBf16);
   }
+}
+
+// ---------------- HsaBlock ----------------
+
+class CudaHsaBlockTest : public CudaAttentionOpsTest {
+ protected:
+  // Backend::HsaBlock over `rows` rows of sequences of 0, 5 and 300 chunks, with random
+  // selections (unused slots and zero weights included); h has row stride d + pad. The GPU (the
+  // fused kernel when `fused`, else the three ops) against the CPU's three ops on the same
+  // weights, compared on what the block adds to h.
+  void Check(int64_t rows, int64_t nh, int64_t nkv, int64_t rheads, int64_t d, int64_t top_k,
+             bool bf16, bool fused, uint32_t seed, int64_t pad = 0) {
+    SCOPED_TRACE(::testing::Message()
+                 << "rows=" << rows << " nh=" << nh << " nkv=" << nkv << " rheads=" << rheads
+                 << " d=" << d << " top_k=" << top_k << (bf16 ? " bf16" : " f32"));
+    constexpr int64_t hd = 64;
+    const int64_t width = nh * hd, ldh = d + pad;
+    Memory m;
+    m.dim = 32;
+    m.kv_floats = 2 * kChunk * nkv * hd;
+    m.AddSequence(300, seed);
+    m.AddSequence(5, seed + 1);
+    m.AddSequence(0, seed + 2);
+    std::mt19937 rng(seed);
+    for (int64_t r = 0; r < rows; ++r) m.AddRow(static_cast<int>(r % 3), 0);
+    Upload(&m);
+    // Slots: a random chunk of the row's sequence, or unused (-1, weight 0), or a zero weight;
+    // the third sequence has no chunks, so its rows select nothing.
+    Selection sel;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = m.num_chunks[m.row_seq[r]];
+      for (int64_t j = 0; j < rheads * top_k; ++j) {
+        const uint32_t roll = rng() % 8;
+        const int32_t c = n == 0 || roll == 0 ? -1 : static_cast<int32_t>(rng() % n);
+        sel.idx.push_back(c);
+        sel.w.push_back(c < 0 || roll == 1 ? 0.0f : 0.05f + (rng() % 1000) / 1000.0f);
+      }
+    }
+    const Weights wq = RandomWeights(width, d, seed + 3, 0.05f);
+    const Weights wo = RandomWeights(d, width, seed + 4, 0.05f);
+    MatrixView gq = wq.gpu, go = wo.gpu;
+    if (!bf16) {
+      gq = MatrixView{ToGpu(wq.rounded), DType::kF32, width, d};
+      go = MatrixView{ToGpu(wo.rounded), DType::kF32, d, width};
+    }
+    const std::vector<float> norm = RandomVec(d, seed + 5, 0.5f, 1.5f);
+    const std::vector<float> h0 = RandomVec(rows * ldh, seed + 6, -2.0f, 2.0f);
+
+    HsaBlockArgs a;
+    a.rows = rows;
+    a.ldh = ldh;
+    a.eps = 1e-6f;
+    a.retrieval_heads = rheads;
+    a.top_k = top_k;
+    a.nh = nh;
+    a.nkv = nkv;
+    a.hd = hd;
+    a.chunk_size = kChunk;
+    HsaBlockArgs c = a;
+    std::vector<float> want = h0, xn(rows * ldh), q(rows * width), attn(rows * width);
+    c.h = want.data();
+    c.norm_weight = norm.data();
+    c.q_proj = wq.cpu;
+    c.o_proj = wo.cpu;
+    c.mem = m.cpu;
+    c.indices = sel.idx.data();
+    c.weights = sel.w.data();
+    c.xn = xn.data();
+    c.q = q.data();
+    c.attn = attn.data();
+    ASSERT_TRUE(cpu_->HsaBlock(c).ok());
+
+    a.norm_weight = ToGpu(norm);
+    a.q_proj = gq;
+    a.o_proj = go;
+    a.mem = m.gpu;
+    a.indices = ToGpu(sel.idx);
+    a.weights = ToGpu(sel.w);
+    a.xn = Poisoned<float>(rows * ldh);
+    a.q = Poisoned<float>(rows * width);
+    a.attn = Poisoned<float>(rows * width);
+    auto run = [&](const char* fused_env) {
+      ScopedEnv env("RAMBA_CUDA_FUSED_HSA", fused_env);
+      a.h = ToGpu(h0);
+      const absl::Status st = gpu_->HsaBlock(a);
+      EXPECT_TRUE(st.ok()) << st;
+      return FromGpu(a.h, rows * ldh);
+    };
+    const std::vector<float> got = run("1"), again = run("1"), ops = run("0");
+    auto delta = [&](const std::vector<float>& h) {
+      std::vector<float> out;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t k = 0; k < d; ++k) out.push_back(h[r * ldh + k] - h0[r * ldh + k]);
+      }
+      return out;
+    };
+    EXPECT_LE(NormRelError(delta(got), delta(want)), 1e-4);
+    EXPECT_LE(NormRelError(delta(ops), delta(want)), 1e-4);
+    EXPECT_TRUE(got == again) << "not deterministic (or the counters were left dirty)";
+    // The fused kernel sums in another order than the three ops: its bits differ.
+    EXPECT_EQ(got != ops, fused) << "path taken";
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = d; k < ldh; ++k) EXPECT_EQ(got[r * ldh + k], h0[r * ldh + k]) << "padding";
+      if (m.row_seq[r] == 2) {  // selects nothing: h unchanged
+        for (int64_t k = 0; k < d; ++k) EXPECT_EQ(got[r * ldh + k], h0[r * ldh + k]) << r;
+      }
+    }
+  }
+};
+
+TEST_F(CudaHsaBlockTest, FusedDecodeShapesMatchCpu) {
+  Check(1, 16, 1, 1, 1024, 8, true, true, 10);   // the 370M config, batch 1
+  Check(4, 16, 1, 1, 1024, 8, true, true, 20);   // batch 4, a row of each sequence
+  Check(2, 16, 1, 1, 1024, 8, false, true, 30);  // f32 weights
+  Check(3, 4, 1, 1, 256, 8, true, true, 40);     // ramba-tiny's shapes
+}
+
+TEST_F(CudaHsaBlockTest, FusedOddShapesMatchCpu) {
+  Check(3, 8, 2, 2, 512, 12, true, true, 50);      // GQA, two retrieval heads, 12 slots
+  Check(2, 16, 2, 1, 1024, 3, true, true, 60);     // fewer slots than blocks per head
+  Check(2, 8, 1, 1, 1024, 16, true, true, 70, 4);  // q narrower than h, padded rows of h
+  Check(1, 32, 1, 1, 2048, 8, false, true, 80);    // the largest tiles (f32, d 2048)
+}
+
+TEST_F(CudaHsaBlockTest, OtherShapesRunTheThreeOps) {
+  Check(5, 16, 1, 1, 1024, 8, true, false, 90);  // more rows than the fused kernel takes
+  Check(2, 4, 1, 1, 320, 8, true, false, 100);   // d not a multiple of 256
+  Check(2, 4, 1, 1, 256, 20, true, false, 110);  // top-K past 16
 }
 
 // ---------------- BlockAttention ----------------
