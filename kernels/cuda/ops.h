@@ -52,7 +52,8 @@ class Context {
   // the decode retrieval and sparse attention): a kernel counts arriving blocks in its slot's
   // counters and the last block resets them to 0, so they are zero between kernels.
   // kCountersPerSlot per slot.
-  // kHsa: the fused HSA block's heads done per range of h (hsa_block.cu).
+  // kHsa: the fused HSA block's heads done per range of h (hsa_block.cu). kSampling: the greedy
+  // kernel's pieces done per row, then its per-row 64-bit maxima (sampling.cu).
   // kMambaBlocks: the persistent Mamba kernel's launch epoch and exit count; kMambaExchange: its
   // tagged exchange buffers (mamba_blocks.cu), which must start zeroed (tag 0 is never valid).
   enum class CounterSlot : int {
@@ -62,6 +63,7 @@ class Context {
     kMambaBlocks,
     kMambaExchange,
     kHsa,
+    kSampling,
     kNumSlots
   };
   static constexpr int64_t kCountersPerSlot = int64_t{1} << 18;

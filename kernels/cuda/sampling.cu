@@ -1,4 +1,5 @@
-// Token sampling, one thread block per row, matching kernels/cpu/sampling.cc token for token.
+// Token sampling, one thread block per row (greedy-only batches: several, GreedyKernel), matching
+// kernels/cpu/sampling.cc token for token.
 //
 // Tokens are ranked by (logit descending, id ascending) as on the CPU, but nothing is sorted.
 // Every question the sampler asks is "which token of the ranking is the first at which a
@@ -22,6 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -555,6 +558,59 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   if (tid == 0) out[row] = static_cast<int32_t>(token);
 }
 
+// Greedy-only batches: a row's logits split over kGreedyBlocks-sized pieces, a block each, so the
+// row is read with all loads in flight at once rather than by one block in ~8 dependent rounds
+// (the one-block kernel took ~15 us per batch-1 decode step on an H100, Nsight Compute). Each
+// block folds its piece's best (key, -id) into the row's 64-bit slot with atomicMax (the maximum
+// does not depend on the order), then counts itself in; the row's last block writes the token
+// and clears the slot and the count for the next call.
+constexpr int kGreedyThreads = 256;
+constexpr int kGreedyPerThread = 16;
+constexpr int kGreedyPiece = kGreedyThreads * kGreedyPerThread;
+
+__global__ void __launch_bounds__(kGreedyThreads)
+    GreedyKernel(const float* __restrict__ logits, int vocab, int pieces, Mass* best_slots,
+                 unsigned* counters, int32_t* __restrict__ out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  __shared__ Mass s_best[kGreedyThreads / 32];
+  const int row = blockIdx.x / pieces, piece = blockIdx.x % pieces;
+  const float* lrow = logits + static_cast<int64_t>(row) * vocab;
+  const int first = piece * kGreedyPiece + threadIdx.x;
+  float v[kGreedyPerThread];
+#pragma unroll
+  for (int u = 0; u < kGreedyPerThread; ++u) {
+    const int i = first + u * kGreedyThreads;
+    v[u] = i < vocab ? __ldg(lrow + i) : 0.0f;
+  }
+  Mass best = 0;
+#pragma unroll
+  for (int u = 0; u < kGreedyPerThread; ++u) {
+    const int i = first + u * kGreedyThreads;
+    if (i < vocab) {
+      best = max(best, (static_cast<Mass>(OrderedKey(v[u])) << 32) |
+                           (0xffffffffu - static_cast<uint32_t>(i)));
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) best = max(best, __shfl_xor_sync(kFullMask, best, o));
+  if (threadIdx.x % 32 == 0) s_best[threadIdx.x / 32] = best;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < kGreedyThreads / 32; ++w) best = max(best, s_best[w]);
+  atomicMax(best_slots + row, best);
+  // acq_rel: releases this block's maximum, acquires those of the blocks counted before.
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+               : "=r"(old)
+               : "l"(counters + row)
+               : "memory");
+  if (old != static_cast<unsigned>(pieces - 1)) return;
+  const Mass all = atomicExch(best_slots + row, Mass{0});  // read and clear in one step
+  out[row] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(all));
+  counters[row] = 0u;
+}
+
 int CeilLog2(int64_t v) {
   int s = 0;
   while ((int64_t{1} << s) < v) ++s;
@@ -577,11 +633,20 @@ absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t voc
     host[r] = RowArgs{params[r].temperature, params[r].top_k, params[r].top_p, uniforms[r]};
     any_sampled = any_sampled || params[r].temperature > 0.0f;
   }
+  const char* greedy_env = std::getenv("RAMBA_CUDA_GREEDY_KERNEL");  // "0": measure without it
+  if (!any_sampled && rows <= Context::kCountersPerSlot / 4 &&
+      !(greedy_env != nullptr && std::string_view(greedy_env) == "0")) {
+    const int pieces = static_cast<int>((vocab + kGreedyPiece - 1) / kGreedyPiece);
+    unsigned* counters = ctx.Counters(Context::CounterSlot::kSampling);
+    // Slots after the counters, 8-byte aligned (both zero between calls).
+    Mass* slots = reinterpret_cast<Mass*>(counters + Context::kCountersPerSlot / 2);
+    return Launch(ctx, GreedyKernel, static_cast<unsigned>(rows * pieces), kGreedyThreads, 0,
+                  logits, static_cast<int>(vocab), pieces, slots, counters, out);
+  }
   ASSIGN_OR_RETURN(void* dev_args, ctx.UploadScratch(ScratchSlot::kSampling, host.data(),
                                                      host.size() * sizeof(RowArgs)));
 
-  // Shared memory: histograms, the candidate list and, when it fits, the row's keys. Greedy-only
-  // batches use none.
+  // Shared memory: histograms, the candidate list and, when it fits, the row's keys.
   cudaFuncAttributes attr;
   RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, SampleKernel));
   const size_t limit = std::max<size_t>(ctx.max_shared_per_block, 48 * 1024);
