@@ -109,7 +109,7 @@ template <typename W>
 __global__ void __launch_bounds__(kThreads) HsaBlockKernel(const __grid_constant__ HsaArgs a) {
   const cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_q[kHd];               // the head's q
+  __shared__ __align__(16) float s_q[kHd];  // the head's q (read as float4)
   __shared__ float s_slot[kMaxTopK][kHd];  // each slot's weighted output
   __shared__ float s_o[kHd];               // the head's attention output
   __shared__ float s_p[kKeys];             // a slot's softmax numerators
