@@ -31,6 +31,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/warp_attend.cuh"
 
 namespace ramba::kernels::cuda {
 namespace {
@@ -82,16 +83,8 @@ __device__ __forceinline__ void Widen8(const float* p, float (&f)[8]) {
   f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float WarpMax(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+using warp_attend::WarpMax;
+using warp_attend::WarpSum;
 
 // Shared memory beyond the static arrays: the block's q_proj rows [kWarps][d], its o_proj tile
 // [d / kCluster][kHd] (both of type W), then the normed row of h [d] (f32).

@@ -1,5 +1,6 @@
 // The warp-level attention of one query over a few dozen staged keys, shared by the chunk encoder's
-// block attention (attention.cu) and HSA's sparse chunk attention (retrieval.cu).
+// block attention (attention.cu) and HSA's sparse chunk attention (sparse_attention.cu); its warp
+// reductions also serve the fused HSA block (hsa_block.cu).
 #ifndef RAMBA_KERNELS_CUDA_WARP_ATTEND_CUH_
 #define RAMBA_KERNELS_CUDA_WARP_ATTEND_CUH_
 
