@@ -806,6 +806,50 @@ TEST_F(CudaHsaBlockTest, OtherShapesRunTheThreeOps) {
   Check(2, 4, 1, 1, 256, 20, true, false, 110);  // top-K past 16
 }
 
+TEST_F(CudaHsaBlockTest, BadArgumentsAreErrors) {
+  const Weights wq = RandomWeights(1024, 1024, 1), wo = RandomWeights(1024, 1024, 2);
+  HsaBlockArgs a;
+  a.h = Poisoned<float>(1024);
+  a.ldh = 1024;
+  a.rows = 1;
+  a.norm_weight = ToGpu(RandomVec(1024, 3, 0.5f, 1.5f));
+  a.q_proj = wq.gpu;
+  a.o_proj = wo.gpu;
+  a.indices = ToGpu(std::vector<int32_t>(8, -1));
+  a.weights = ToGpu(std::vector<float>(8, 0.0f));
+  a.mem.row_seq = ToGpu(std::vector<int32_t>{0});
+  a.mem.num_chunks = ToGpu(std::vector<int64_t>{0});
+  a.mem.chunk_kv = ToGpu(std::vector<const float* const*>{nullptr});
+  a.retrieval_heads = 1;
+  a.top_k = 8;
+  a.nh = 16;
+  a.nkv = 1;
+  a.hd = 64;
+  a.chunk_size = kChunk;
+  auto code = [&](HsaBlockArgs b) { return gpu_->HsaBlock(b).code(); };
+  EXPECT_EQ(code(a), absl::StatusCode::kOk);  // selects nothing: h unchanged
+  HsaBlockArgs b = a;
+  b.nh = 8;  // q_proj has 16 heads' rows
+  EXPECT_EQ(code(b), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.nkv = 3;  // does not divide nh
+  EXPECT_EQ(code(b), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.top_k = 0;
+  EXPECT_EQ(code(b), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.ldh = 512;  // narrower than d
+  EXPECT_EQ(code(b), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.indices = nullptr;
+  EXPECT_EQ(code(b), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.rows = 0;  // nothing to do, whatever else is set
+  b.h = nullptr;
+  EXPECT_EQ(code(b), absl::StatusCode::kOk);
+  EXPECT_TRUE(gpu_->Synchronize().ok());
+}
+
 // ---------------- BlockAttention ----------------
 
 TEST_F(CudaAttentionOpsTest, BlockAttentionMatchesCpu) {
