@@ -200,7 +200,8 @@ absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
 // ---- hsa_block.cu ----
 // Backend::HsaBlock as one kernel for decode-shaped calls (up to 4 rows, head dim 64, 64-key
 // chunks, top-K <= 16, bf16 or f32 weights, d a multiple of 256 up to 2048); false (nothing
-// launched) when the call does not fit, or with RAMBA_CUDA_FUSED_HSA=0.
+// launched) when the call does not fit, or with RAMBA_CUDA_FUSED_HSA=0. Arguments as checked by
+// CudaBackend::HsaBlock (rows >= 1, heads, shapes, pointers).
 absl::StatusOr<bool> FusedHsaBlock(Context& ctx, const HsaBlockArgs& a);
 
 // ---- copy.cu ----
