@@ -33,6 +33,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm_input.cuh"
 #include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace ramba::kernels::cuda {
@@ -273,6 +274,182 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Small-m kernel on tensor cores (bf16 weights, up to 64 rows). At 16 rows the CUDA-core kernel
+// above does 16 FMAs per weight and reads x from shared memory for each: compute-bound at ~3x the
+// weight bytes' time (370M decode at batch 16). Here a warp multiplies 16-row tiles of x (f32
+// split into bf16 hi + lo, two products: f32-grade like the cuBLASLt path) by n8 tiles of weight
+// rows with mma.sync m16n8k16, the weights going straight from global memory into B fragments:
+// a lane's 16-byte load (8 consecutive k of one row) serves two k16 steps, with k permuted the
+// same way in x's A fragments (the reduction's order does not matter). Each block owns NT n8
+// tiles and the whole k, split over kTensorWarps warps and summed in warp order (deterministic,
+// no split-K kernel).
+struct TensorSmallMArgs {
+  const float* x;
+  int ldx;
+  int m;
+  const uint16_t* w;
+  int n;
+  int k;  // a multiple of kTensorWarps * 32
+  const float* bias;
+  float* y;
+  int ldy;
+  bool accumulate;
+  bool split;  // x as hi + lo (two products); false: hi only (RAMBA_CUDA_BF16_ACTIVATIONS=1)
+};
+
+constexpr int kTensorWarps = 8;
+// Up to 32 rows: at 64 (four m tiles, ~250 registers) it lost to cuBLASLt (370M decode at batch
+// 64: 5.17-5.37 vs 4.59-4.61 ms per step).
+constexpr int kTensorMaxM = 32;
+
+template <int MT, int NT>
+__global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSmallMArgs a) {
+  // k blocks (32 wide: one 16-byte load per lane and n8 tile) per load batch, two batches in
+  // flight. Measured at 16 rows (docs/benchmarks.md): a second k block at NT = 4 took the kernel
+  // to 182 registers and one block per SM, and the 4384 x 1024 product from 5.1 to 7.6 us.
+  constexpr int U = MT == 1 && NT == 1 ? 3 : (MT == 1 && NT == 2 ? 2 : 1);
+  __shared__ float red[kTensorWarps - 1][MT][NT][4][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * 8 * NT;
+  const int kq = a.k / kTensorWarps;
+  const int kb = warp * kq + t * 8;  // this lane's first k
+  const int nblk = kq / 32;
+  const uint16_t* wrow[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    wrow[j] = a.w + static_cast<int64_t>(min(n0 + 8 * j + g, a.n - 1)) * a.k + kb;
+  }
+  uint4 wa[U][NT], wb[U][NT];
+  float4 xa[U][MT][4], xb[U][MT][4];  // rows g, g + 8 of each m tile: k [0, 4), [4, 8)
+  auto load_w = [&](uint4(&buf)[U][NT], int b0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        buf[u][j] = b0 + u < nblk ? __ldg(reinterpret_cast<const uint4*>(wrow[j] + (b0 + u) * 32))
+                                  : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  };
+  const float* xr[MT][2];
+  bool xok[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = mt * 16 + g + 8 * h;
+      xok[mt][h] = row < a.m;
+      xr[mt][h] = a.x + static_cast<int64_t>(xok[mt][h] ? row : 0) * a.ldx + kb;
+    }
+  }
+  auto load_x = [&](float4(&buf)[U][MT][4], int b0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool ok = xok[mt][h] && b0 + u < nblk;
+          const float4* p = reinterpret_cast<const float4*>(xr[mt][h] + (b0 + u) * 32);
+          buf[u][mt][2 * h] = ok ? p[0] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          buf[u][mt][2 * h + 1] = ok ? p[1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+      }
+    }
+  };
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
+    }
+  }
+  // A fragment regs of k16 step s: (g, 2c..) (g + 8, 2c..) (g, 2c + 8..) (g + 8, 2c + 8..) hold
+  // x at k 8c + 4s + {0, 1}, the same for g + 8, then 8c + 4s + {2, 3}: the k order of the
+  // weight load's words 2s and 2s + 1.
+  auto compute = [&](const uint4(&wv)[U][NT], const float4(&xv)[U][MT][4], int b0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (b0 + u >= nblk) break;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        uint32_t hi[MT][4], lo[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const float4 r0 = xv[u][mt][s], r1 = xv[u][mt][2 + s];
+          PackSplitBf16(r0.x, r0.y, &hi[mt][0], &lo[mt][0]);
+          PackSplitBf16(r1.x, r1.y, &hi[mt][1], &lo[mt][1]);
+          PackSplitBf16(r0.z, r0.w, &hi[mt][2], &lo[mt][2]);
+          PackSplitBf16(r1.z, r1.w, &hi[mt][3], &lo[mt][3]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t b0w = s == 0 ? wv[u][j].x : wv[u][j].z;
+          const uint32_t b1w = s == 0 ? wv[u][j].y : wv[u][j].w;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            Mma16816(acc[mt][j], hi[mt], b0w, b1w);
+            if (a.split) Mma16816(acc[mt][j], lo[mt], b0w, b1w);
+          }
+        }
+      }
+    }
+  };
+  // Weights are never written by earlier kernels: the first batch goes out before waiting.
+  load_w(wa, 0);
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  load_x(xa, 0);
+  for (int b0 = 0; b0 < nblk; b0 += 2 * U) {
+    if (b0 + U < nblk) {
+      load_w(wb, b0 + U);
+      load_x(xb, b0 + U);
+    }
+    compute(wa, xa, b0);
+    if (b0 + U < nblk) {
+      if (b0 + 2 * U < nblk) {
+        load_w(wa, b0 + 2 * U);
+        load_x(xa, b0 + 2 * U);
+      }
+      compute(wb, xb, b0 + U);
+    }
+  }
+  if (warp > 0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp - 1][mt][j][i][lane] = acc[mt][j][i];
+      }
+    }
+  }
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float v = acc[mt][j][i];
+#pragma unroll
+        for (int w = 0; w < kTensorWarps - 1; ++w) v += red[w][mt][j][i][lane];
+        const int row = mt * 16 + g + (i >= 2 ? 8 : 0), col = n0 + 8 * j + 2 * t + (i & 1);
+        if (row >= a.m || col >= a.n) continue;
+        float* out = a.y + static_cast<int64_t>(row) * a.ldy + col;
+        // Same order as the CPU: (y + x.w) + bias.
+        float r = a.accumulate ? *out + v : v;
+        if (a.bias != nullptr) r += a.bias[col];
+        *out = r;
+      }
+    }
+  }
+}
+
 // y[i, j] (+)= sum over splits of partials[s, i, j] (+ bias[j]), summed in split order.
 __global__ void SplitKReduceKernel(const float* partials, int splits, int m, int n,
                                    const float* bias, float* y, int ldy, bool accumulate) {
@@ -415,6 +592,60 @@ absl::Status SmallMMatmul(Context& ctx, const float* x, int ldx, int m, const ui
     default:
       return absl::InternalError("SmallMMatmul: m out of range");
   }
+}
+
+bool SplitActivations();
+
+// Rows from which bf16 products take the tensor-core small-m kernel (up to kTensorMaxM; beyond,
+// cuBLASLt). RAMBA_CUDA_TENSOR_SMALL_M: 0 never, N from N rows (default kTensorMinRowsDefault).
+// From 5 rows: at 4 the CUDA-core kernel still reads the LM head faster (45 vs 51 us) and the
+// decode step gained nothing clear; at 8 the tensor-core one is faster on every 370M shape.
+constexpr int kTensorMinRowsDefault = 5;
+int TensorMinRows() {
+  const char* e = std::getenv("RAMBA_CUDA_TENSOR_SMALL_M");
+  if (e == nullptr || e[0] == '\0') return kTensorMinRowsDefault;
+  const int v = std::atoi(e);
+  return v <= 0 ? kTensorMaxM + 1 : v;
+}
+
+template <int MT, int NT>
+absl::Status LaunchTensorSmallM(Context& ctx, const TensorSmallMArgs& a) {
+  const int blocks = (a.n + 8 * NT - 1) / (8 * NT);
+  return Launch(ctx, SmallMTensorKernel<MT, NT>, dim3(blocks), dim3(kTensorWarps * 32), 0, a);
+}
+
+// The tensor-core small-m kernel when it takes the product (bf16 weights, k a multiple of
+// kTensorWarps * 32, aligned vector loads); *taken = false otherwise.
+absl::Status TensorSmallM(Context& ctx, const float* x, int ldx, int m, const MatrixView& w,
+                          const float* bias, float* y, int ldy, bool accumulate, bool* taken) {
+  const int n = static_cast<int>(w.rows), k = static_cast<int>(w.cols);
+  *taken = w.dtype == DType::kBF16 && m >= TensorMinRows() && m <= kTensorMaxM &&
+           k % (kTensorWarps * 32) == 0 && Aligned(w.data, 16) && Aligned(x, 16) && ldx % 4 == 0;
+  if (!*taken) return absl::OkStatus();
+  TensorSmallMArgs a;
+  a.x = x;
+  a.ldx = ldx;
+  a.m = m;
+  a.w = static_cast<const uint16_t*>(w.data);
+  a.n = n;
+  a.k = k;
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  a.accumulate = accumulate;
+  a.split = SplitActivations();
+  // The most n8 tiles per block that still give every SM a block (more tiles per block reuse
+  // each x fragment more; fewer blocks than SMs leave bandwidth unused).
+  const int tiles = (n + 7) / 8, sms = std::max(ctx.num_sms, 1);
+  const int nt = tiles >= 4 * sms ? 4 : tiles >= 2 * sms ? 2 : 1;
+  if (m <= 16) {
+    return nt == 4   ? LaunchTensorSmallM<1, 4>(ctx, a)
+           : nt == 2 ? LaunchTensorSmallM<1, 2>(ctx, a)
+                     : LaunchTensorSmallM<1, 1>(ctx, a);
+  }
+  return nt == 4   ? LaunchTensorSmallM<2, 4>(ctx, a)
+         : nt == 2 ? LaunchTensorSmallM<2, 2>(ctx, a)
+                   : LaunchTensorSmallM<2, 1>(ctx, a);
 }
 
 // The small-m kernel for 16-bit weights w (bf16 or f16), m <= kSmallM.
@@ -746,6 +977,9 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
   }
 
   const bool bf16 = w.dtype == DType::kBF16;
+  bool tensor = false;
+  RETURN_IF_ERROR(TensorSmallM(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate, &tensor));
+  if (tensor) return absl::OkStatus();
   if (mi <= kSmallM) return SmallM(ctx, x, ldxi, mi, w, bias, y, ldyi, accumulate);
 
   ASSIGN_OR_RETURN(const GemmInput in, GemmInputScratch(ctx, mi, k, w.dtype));

@@ -118,7 +118,10 @@ class CudaDenseOpsTest : public CudaOpTest {
     return w;
   }
 
-  void CheckMatmul(DType dtype, const MatmulCase& c, uint32_t seed, Offsets off = {}) {
+  // Products of up to tight_m rows must match the CPU to 1e-5 (f32-grade: x in f32 or split
+  // into hi + lo); larger ones may take cuBLASLt with x rounded once.
+  void CheckMatmul(DType dtype, const MatmulCase& c, uint32_t seed, Offsets off = {},
+                   int64_t tight_m = 16) {
     SCOPED_TRACE(::testing::Message()
                  << DTypeName(dtype) << " m=" << c.m << " n=" << c.n << " k=" << c.k << " ldx+"
                  << c.ldx_pad << " ldy+" << c.ldy_pad << " bias=" << c.bias
@@ -145,7 +148,7 @@ class CudaDenseOpsTest : public CudaOpTest {
     ExpectPaddingUntouched(got, y0, c.m, c.n, ldy);
     const std::vector<float> got_r = Region(got, c.m, c.n, ldy);
     const double err = NormRelError(got_r, Region(want, c.m, c.n, ldy));
-    if (dtype == DType::kF32 || c.m <= 16) {
+    if (dtype == DType::kF32 || c.m <= tight_m) {
       EXPECT_LE(err, 1e-5);
       return;
     }
@@ -197,6 +200,32 @@ TEST_F(CudaDenseOpsTest, MatmulEverySmallRowCount) {
       CheckMatmul(dtype, {m, 70, 136, 0, 0, m % 2 == 0, m % 3 == 0}, seed += 10);
       CheckMatmul(dtype, {m, 37, 135, 3, 2, m % 2 == 1, m % 3 != 0}, seed += 10);
     }
+  }
+}
+
+// The tensor-core small-m kernel (bf16, k a multiple of 256, aligned x) from 1 to 32 rows, forced
+// on (RAMBA_CUDA_TENSOR_SMALL_M=1), and 33 / 64 rows handed on to cuBLASLt: both m-tile counts,
+// 1, 2 and 4 n8 tiles per block (n past 4, 2 and 1 tiles per SM), n not a multiple of 8, padded
+// strides, bias and accumulate; f32-grade against the CPU, and bitwise repeatable.
+TEST_F(CudaDenseOpsTest, MatmulTensorSmallM) {
+  const ScopedEnv env("RAMBA_CUDA_TENSOR_SMALL_M", "1");
+  uint32_t seed = 4500;
+  for (int64_t m : {1, 2, 3, 5, 8, 15, 16, 17, 31, 32, 33, 64}) {
+    CheckMatmul(DType::kBF16, {m, 1001, 256, 4, 3, m % 2 == 0, m % 3 == 0}, seed += 10, {}, 32);
+    CheckMatmul(DType::kBF16, {m, 4384, 1024, 0, 0, m % 2 == 1, false}, seed += 10, {}, 32);
+    CheckMatmul(DType::kBF16, {m, 37, 2048, 8, 1, false, true}, seed += 10, {}, 32);
+    if (HasFatalFailure()) return;
+  }
+  CheckMatmul(DType::kBF16, {16, 9000, 768, 0, 5, true, true}, seed += 10, {}, 32);
+  CheckMatmul(DType::kBF16, {32, 2100, 512, 0, 0, true, false}, seed += 10, {}, 32);
+  const Mat w = MakeMatrix(1003, 1024, DType::kBF16, 11);
+  for (int64_t m : {4, 16, 40}) {
+    const float* x = ToGpu(RandomVec(m * 1024, 12));
+    float* y1 = Poisoned<float>(m * 1003);
+    float* y2 = Poisoned<float>(m * 1003);
+    ASSERT_TRUE(gpu_->Matmul(x, 1024, m, w.gpu, nullptr, y1, 1003, false).ok());
+    ASSERT_TRUE(gpu_->Matmul(x, 1024, m, w.gpu, nullptr, y2, 1003, false).ok());
+    ExpectBitwiseEqual(FromGpu(y1, m * 1003), FromGpu(y2, m * 1003));
   }
 }
 
@@ -444,7 +473,7 @@ TEST_F(CudaDenseOpsTest, Matmul370MDecodeShapes) {
   }
   for (const Shape& s : shapes) {
     const Mat w = MakeMatrix(s.n, s.k, DType::kBF16, 9);
-    for (int64_t m : {1, 16}) {
+    for (int64_t m : {1, 4, 8, 16, 32}) {
       const float* x = ToGpu(RandomVec(m * s.k, 10));
       float* y = Poisoned<float>(m * s.n);
       constexpr int kIters = 50;
