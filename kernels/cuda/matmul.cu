@@ -1,4 +1,6 @@
-// Matmul y[m, n] (+)= x[m, k] W[n, k]^T (+ bias) on the GPU, two paths:
+// Matmul y[m, n] (+)= x[m, k] W[n, k]^T (+ bias) on the GPU, three paths:
+//  - bf16 weights and 5 <= m <= 32 (batched decode): our tensor-core kernel (SmallMTensorKernel,
+//    below), when k is a multiple of 256 and the operands are aligned.
 //  - 16-bit weights and m <= 16 (batched decode, memory-bound): our own kernel. Each block owns a
 //    tile of output columns and a range of k; groups of 8 lanes stream 128-byte pieces of weight
 //    rows with 16-byte loads and multiply them with every input row of x, kept in float32 and
@@ -296,6 +298,10 @@ struct TensorSmallMArgs {
   int ldy;
   bool accumulate;
   bool split;  // x as hi + lo (two products); false: hi only (RAMBA_CUDA_BF16_ACTIVATIONS=1)
+  // RMSNorm folded in (RmsNormMatmul), or null: x[i, kk] -> norm_w[kk] x[i, kk] in the products,
+  // each row's rsqrt(mean(x^2) + eps) applied to its sums (the block reads every x once anyway).
+  const float* norm_w;
+  float norm_eps;
 };
 
 constexpr int kTensorWarps = 8;
@@ -303,13 +309,14 @@ constexpr int kTensorWarps = 8;
 // 64: 5.17-5.37 vs 4.59-4.61 ms per step).
 constexpr int kTensorMaxM = 32;
 
-template <int MT, int NT>
+template <int MT, int NT, bool kNorm>
 __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSmallMArgs a) {
   // k blocks (32 wide: one 16-byte load per lane and n8 tile) per load batch, two batches in
   // flight. Measured at 16 rows (docs/benchmarks.md): a second k block at NT = 4 took the kernel
   // to 182 registers and one block per SM, and the 4384 x 1024 product from 5.1 to 7.6 us.
   constexpr int U = MT == 1 && NT == 1 ? 3 : (MT == 1 && NT == 2 ? 2 : 1);
   __shared__ float red[kTensorWarps - 1][MT][NT][4][32];
+  __shared__ float red_ss[kTensorWarps][MT][16];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * 8 * NT;
   const int kq = a.k / kTensorWarps;
@@ -358,6 +365,9 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
       }
     }
   };
+  constexpr bool norm = kNorm;  // a.norm_w != nullptr
+  const float* nwp = norm ? a.norm_w + kb : nullptr;
+  float ss[MT][2] = {};  // sums of squares of this lane's x, rows g and g + 8 of each m tile
   float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -377,9 +387,17 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         uint32_t hi[MT][4], lo[MT][4];
+        float4 nw = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+        if constexpr (norm) nw = __ldg(reinterpret_cast<const float4*>(nwp + (b0 + u) * 32) + s);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const float4 r0 = xv[u][mt][s], r1 = xv[u][mt][2 + s];
+          float4 r0 = xv[u][mt][s], r1 = xv[u][mt][2 + s];
+          if constexpr (norm) {
+            ss[mt][0] += r0.x * r0.x + r0.y * r0.y + r0.z * r0.z + r0.w * r0.w;
+            ss[mt][1] += r1.x * r1.x + r1.y * r1.y + r1.z * r1.z + r1.w * r1.w;
+            r0 = make_float4(nw.x * r0.x, nw.y * r0.y, nw.z * r0.z, nw.w * r0.w);
+            r1 = make_float4(nw.x * r1.x, nw.y * r1.y, nw.z * r1.z, nw.w * r1.w);
+          }
           PackSplitBf16(r0.x, r0.y, &hi[mt][0], &lo[mt][0]);
           PackSplitBf16(r1.x, r1.y, &hi[mt][1], &lo[mt][1]);
           PackSplitBf16(r0.z, r0.w, &hi[mt][2], &lo[mt][2]);
@@ -427,6 +445,18 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
       }
     }
   }
+  if constexpr (norm) {  // a row's squares: the quad's lanes, then the warps (in warp order)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float v = ss[mt][h];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (t == 0) red_ss[warp][mt][g + 8 * h] = v;
+      }
+    }
+  }
   __syncthreads();
   if (warp != 0) return;
 #pragma unroll
@@ -438,8 +468,15 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
         float v = acc[mt][j][i];
 #pragma unroll
         for (int w = 0; w < kTensorWarps - 1; ++w) v += red[w][mt][j][i][lane];
-        const int row = mt * 16 + g + (i >= 2 ? 8 : 0), col = n0 + 8 * j + 2 * t + (i & 1);
+        const int rr = g + (i >= 2 ? 8 : 0), row = mt * 16 + rr;
+        const int col = n0 + 8 * j + 2 * t + (i & 1);
         if (row >= a.m || col >= a.n) continue;
+        if constexpr (norm) {
+          float t2 = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kTensorWarps; ++w) t2 += red_ss[w][mt][rr];
+          v *= 1.0f / sqrtf(t2 / static_cast<float>(a.k) + a.norm_eps);
+        }
         float* out = a.y + static_cast<int64_t>(row) * a.ldy + col;
         // Same order as the CPU: (y + x.w) + bias.
         float r = a.accumulate ? *out + v : v;
@@ -611,16 +648,27 @@ int TensorMinRows() {
 template <int MT, int NT>
 absl::Status LaunchTensorSmallM(Context& ctx, const TensorSmallMArgs& a) {
   const int blocks = (a.n + 8 * NT - 1) / (8 * NT);
-  return Launch(ctx, SmallMTensorKernel<MT, NT>, dim3(blocks), dim3(kTensorWarps * 32), 0, a);
+  if constexpr (MT == 1) {  // the folded norm: up to 16 rows (TensorSmallM)
+    if (a.norm_w != nullptr) {
+      return Launch(ctx, SmallMTensorKernel<MT, NT, true>, dim3(blocks), dim3(kTensorWarps * 32), 0,
+                    a);
+    }
+  }
+  return Launch(ctx, SmallMTensorKernel<MT, NT, false>, dim3(blocks), dim3(kTensorWarps * 32), 0,
+                a);
 }
 
 // The tensor-core small-m kernel when it takes the product (bf16 weights, k a multiple of
-// kTensorWarps * 32, aligned vector loads); *taken = false otherwise.
+// kTensorWarps * 32, aligned vector loads; a folded RMSNorm up to 16 rows only: at 17-32 it made
+// the 370M decode step at batch 32 slower, 3.88-3.90 vs 3.19-3.20 ms, against 1.95-1.97 vs
+// 1.98-2.02 at 16); *taken = false otherwise.
 absl::Status TensorSmallM(Context& ctx, const float* x, int ldx, int m, const MatrixView& w,
-                          const float* bias, float* y, int ldy, bool accumulate, bool* taken) {
+                          const float* bias, float* y, int ldy, bool accumulate, bool* taken,
+                          NormPrologue norm = {}) {
   const int n = static_cast<int>(w.rows), k = static_cast<int>(w.cols);
   *taken = w.dtype == DType::kBF16 && m >= TensorMinRows() && m <= kTensorMaxM &&
-           k % (kTensorWarps * 32) == 0 && Aligned(w.data, 16) && Aligned(x, 16) && ldx % 4 == 0;
+           k % (kTensorWarps * 32) == 0 && Aligned(w.data, 16) && Aligned(x, 16) && ldx % 4 == 0 &&
+           (norm.weight == nullptr || (m <= 16 && Aligned(norm.weight, 16)));
   if (!*taken) return absl::OkStatus();
   TensorSmallMArgs a;
   a.x = x;
@@ -634,6 +682,8 @@ absl::Status TensorSmallM(Context& ctx, const float* x, int ldx, int m, const Ma
   a.ldy = ldy;
   a.accumulate = accumulate;
   a.split = SplitActivations();
+  a.norm_w = norm.weight;
+  a.norm_eps = norm.eps;
   // The most n8 tiles per block that still give every SM a block (more tiles per block reuse
   // each x fragment more; fewer blocks than SMs leave bandwidth unused).
   const int tiles = (n + 7) / 8, sms = std::max(ctx.num_sms, 1);
@@ -1005,6 +1055,12 @@ absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
   // Every block of the GEMM recomputes the rows' norms before its first tile: a warp per row, so
   // up to 4 rows cost one row's latency. Measured at batch 16 (4 rows per warp) the fused step
   // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.199 vs 1.290 ms).
+  if (fuse) {
+    bool tensor = false;
+    RETURN_IF_ERROR(TensorSmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, false, &tensor,
+                                 NormPrologue{norm_weight, eps}));
+    if (tensor) return absl::OkStatus();
+  }
   if (fuse && m <= kFusedNormMaxRows) {
     return SmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, false, NormPrologue{norm_weight, eps});
   }
