@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) SmallMMatmulKernel(SmallMArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small-m kernel on tensor cores (bf16 weights, up to 64 rows). At 16 rows the CUDA-core kernel
+// Small-m kernel on tensor cores (bf16 weights, up to 32 rows). At 16 rows the CUDA-core kernel
 // above does 16 FMAs per weight and reads x from shared memory for each: compute-bound at ~3x the
 // weight bytes' time (370M decode at batch 16). Here a warp multiplies 16-row tiles of x (f32
 // split into bf16 hi + lo, two products: f32-grade like the cuBLASLt path) by n8 tiles of weight
