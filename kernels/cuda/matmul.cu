@@ -365,8 +365,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
       }
     }
   };
-  constexpr bool norm = kNorm;  // a.norm_w != nullptr
-  const float* nwp = norm ? a.norm_w + kb : nullptr;
+  const float* nwp = kNorm ? a.norm_w + kb : nullptr;
   float ss[MT][2] = {};  // sums of squares of this lane's x, rows g and g + 8 of each m tile
   float acc[MT][NT][4];
 #pragma unroll
@@ -388,11 +387,11 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
       for (int s = 0; s < 2; ++s) {
         uint32_t hi[MT][4], lo[MT][4];
         float4 nw = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-        if constexpr (norm) nw = __ldg(reinterpret_cast<const float4*>(nwp + (b0 + u) * 32) + s);
+        if constexpr (kNorm) nw = __ldg(reinterpret_cast<const float4*>(nwp + (b0 + u) * 32) + s);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           float4 r0 = xv[u][mt][s], r1 = xv[u][mt][2 + s];
-          if constexpr (norm) {
+          if constexpr (kNorm) {
             ss[mt][0] += r0.x * r0.x + r0.y * r0.y + r0.z * r0.z + r0.w * r0.w;
             ss[mt][1] += r1.x * r1.x + r1.y * r1.y + r1.z * r1.z + r1.w * r1.w;
             r0 = make_float4(nw.x * r0.x, nw.y * r0.y, nw.z * r0.z, nw.w * r0.w);
@@ -445,7 +444,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
       }
     }
   }
-  if constexpr (norm) {  // a row's squares: the quad's lanes, then the warps (in warp order)
+  if constexpr (kNorm) {  // a row's squares: the quad's lanes, then the warps (in warp order)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -459,6 +458,20 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
   }
   __syncthreads();
   if (warp != 0) return;
+  float scale[MT][2];  // each of this lane's rows' norm scale (1 without the norm)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      scale[mt][h] = 1.0f;
+      if constexpr (kNorm) {
+        float t2 = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kTensorWarps; ++w) t2 += red_ss[w][mt][g + 8 * h];
+        scale[mt][h] = 1.0f / sqrtf(t2 / static_cast<float>(a.k) + a.norm_eps);
+      }
+    }
+  }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -468,15 +481,10 @@ __global__ void __launch_bounds__(kTensorWarps * 32) SmallMTensorKernel(TensorSm
         float v = acc[mt][j][i];
 #pragma unroll
         for (int w = 0; w < kTensorWarps - 1; ++w) v += red[w][mt][j][i][lane];
-        const int rr = g + (i >= 2 ? 8 : 0), row = mt * 16 + rr;
+        const int row = mt * 16 + g + (i >= 2 ? 8 : 0);
         const int col = n0 + 8 * j + 2 * t + (i & 1);
         if (row >= a.m || col >= a.n) continue;
-        if constexpr (norm) {
-          float t2 = 0.0f;
-#pragma unroll
-          for (int w = 0; w < kTensorWarps; ++w) t2 += red_ss[w][mt][rr];
-          v *= 1.0f / sqrtf(t2 / static_cast<float>(a.k) + a.norm_eps);
-        }
+        if constexpr (kNorm) v *= scale[mt][i >= 2];
         float* out = a.y + static_cast<int64_t>(row) * a.ldy + col;
         // Same order as the CPU: (y + x.w) + bias.
         float r = a.accumulate ? *out + v : v;
