@@ -9,12 +9,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/arg_checks.h"
 #include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
-#include "kernels/arg_checks.h"
 
 namespace ramba::kernels {
 namespace {
@@ -388,6 +389,35 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
     }
   }
   RAMBA_CHECK_ARG(kOp, a.xbc != nullptr && a.y != nullptr, "null scratch pointer");
+  // Decode batches of up to 16 rows whose gated norm is one group per row: the SSM kernel applies
+  // the gate and out_proj folds the RMSNorm that is left (as in_proj folds its norm), so the
+  // gated-norm kernel (~4 us per layer at batch 16) goes. RAMBA_CUDA_GATED_FOLD=0 turns it off.
+  constexpr int64_t kGatedFoldMaxRows = 16;
+  const int64_t base = a.host_seq_offsets[0], rows = a.host_seq_offsets[a.num_seqs] - base;
+  const char* fold_env = std::getenv("RAMBA_CUDA_GATED_FOLD");
+  if (a.out_proj.data != nullptr && a.out_proj.dtype != DType::kF32 &&
+      a.norm_group_size == d_inner && rows <= kGatedFoldMaxRows &&
+      (fold_env == nullptr || std::string_view(fold_env) != "0")) {
+    const SsmParams& p = a.ssm;
+    const int64_t conv_dim = d_inner + 2 * p.ngroups * p.d_state;
+    RETURN_IF_ERROR(CausalConv1dSilu(a.zxbcdt + d_inner, a.ld, a.seq_offsets, a.num_seqs,
+                                     a.conv_states, a.conv_weight, a.conv_bias, conv_dim,
+                                     a.conv_kernel, a.xbc, a.host_seq_offsets));
+    ASSIGN_OR_RETURN(const bool gated,
+                     cuda::SsmDecodeGated(*this, a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim,
+                                          a.ld, a.seq_offsets, a.num_seqs, a.ssm_states, p,
+                                          a.zxbcdt, a.ld, a.y, a.host_seq_offsets));
+    if (gated) {
+      return cuda::RmsNormMatmul(*this, a.y + base * d_inner, d_inner, rows, a.norm_weight, a.eps,
+                                 a.g + base * d_inner, a.out_proj, a.out + base * a.ld_out,
+                                 a.ld_out, /*accumulate=*/true);
+    }
+    RETURN_IF_ERROR(SsmScan(a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim, a.ld, a.seq_offsets,
+                            a.num_seqs, a.ssm_states, p, a.y, a.host_seq_offsets));
+    return GatedRmsNormMatmul(a.y + base * d_inner, d_inner, a.zxbcdt + base * a.ld, a.ld,
+                              a.norm_weight, a.norm_group_size, a.eps, rows, a.g + base * d_inner,
+                              a.out_proj, a.out + base * a.ld_out, a.ld_out, /*accumulate=*/true);
+  }
   return Backend::MambaMixer(a);
 }
 

@@ -841,17 +841,11 @@ absl::Status CausalConv1dSilu(Context& ctx, const float* x, int64_t ldx, const i
   return absl::OkStatus();
 }
 
-absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float* dt_raw,
-                     int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
-                     float* const* ssm_states, const SsmParams& p, float* y,
-                     const int64_t* host_seq_offsets) {
-  if (num_seqs <= 0 || host_seq_offsets[num_seqs] == host_seq_offsets[0]) {
-    return absl::OkStatus();  // no rows: every state is unchanged
-  }
-  if (p.nheads > INT_MAX / p.headdim || p.d_state > INT_MAX / 4 || p.ngroups > INT_MAX / 2) {
-    return absl::InvalidArgumentError("SsmScan: sizes too large");
-  }
-  ScanArgs a;
+namespace {
+mamba::ScanArgs ScanArgsOf(const float* xbc, int64_t ldxbc, const float* dt_raw, int64_t lddt,
+                           const int64_t* seq_offsets, float* const* ssm_states, const SsmParams& p,
+                           float* y) {
+  mamba::ScanArgs a;
   a.xbc = xbc;
   a.ldxbc = ldxbc;
   a.dt_raw = dt_raw;
@@ -868,6 +862,38 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
   a.dt_min = p.dt_min;
   a.dt_max = p.dt_max;
   a.y = y;
+  return a;
+}
+
+bool SizesFit(const SsmParams& p) {
+  return p.nheads <= INT_MAX / p.headdim && p.d_state <= INT_MAX / 4 && p.ngroups <= INT_MAX / 2;
+}
+}  // namespace
+
+absl::StatusOr<bool> SsmDecodeGated(Context& ctx, const float* xbc, int64_t ldxbc,
+                                    const float* dt_raw, int64_t lddt, const int64_t* seq_offsets,
+                                    int64_t num_seqs, float* const* ssm_states, const SsmParams& p,
+                                    const float* z, int64_t ldz, float* g,
+                                    const int64_t* host_seq_offsets) {
+  if (num_seqs <= 0 || !SizesFit(p) || ScanKernelFromEnv() == ScanKernel::kSimple ||
+      MaxRows(host_seq_offsets, num_seqs) > kDecodeMaxRows || num_seqs * p.nheads > INT_MAX) {
+    return false;
+  }
+  mamba::ScanArgs a = ScanArgsOf(xbc, ldxbc, dt_raw, lddt, seq_offsets, ssm_states, p, g);
+  a.z = z;
+  a.ldz = ldz;
+  return mamba::LaunchSsmDecode(ctx, a, num_seqs);
+}
+
+absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float* dt_raw,
+                     int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
+                     float* const* ssm_states, const SsmParams& p, float* y,
+                     const int64_t* host_seq_offsets) {
+  if (num_seqs <= 0 || host_seq_offsets[num_seqs] == host_seq_offsets[0]) {
+    return absl::OkStatus();  // no rows: every state is unchanged
+  }
+  if (!SizesFit(p)) return absl::InvalidArgumentError("SsmScan: sizes too large");
+  mamba::ScanArgs a = ScanArgsOf(xbc, ldxbc, dt_raw, lddt, seq_offsets, ssm_states, p, y);
 
   const ScanKernel choice = ScanKernelFromEnv();
   if (choice != ScanKernel::kSimple && MaxRows(host_seq_offsets, num_seqs) <= kDecodeMaxRows &&

@@ -59,6 +59,10 @@ struct ScanArgs {
   int H, P, N, G;
   float dt_min, dt_max;
   float* y;
+  // SsmDecodeKernel only: y *= silu(z) when z is set (the gated norm's gate, so that a folded
+  // RMSNorm is all that is left before out_proj; see cuda::SsmDecodeGated).
+  const float* z = nullptr;
+  int64_t ldz = 0;
 };
 
 // What every scan kernel derives for head h: the x | B | C column offsets in an xbc row (B and C

@@ -1,7 +1,8 @@
 // Mamba-2 mixer kernels for decode steps: every sequence of the batch brings a few rows (one, in
 // batched decode). The general kernels in mamba.cu then spend their time on launch structure, so
 // these do everything in one pass per sequence, looping over its rows:
-//  - ConvDecodeKernel / SsmDecodeKernel: the CausalConv1dSilu and SsmScan ops alone;
+//  - ConvDecodeKernel / SsmDecodeKernel: the CausalConv1dSilu and SsmScan ops alone (the SSM
+//    kernel optionally gated by silu(z): SsmDecodeGated);
 //  - MambaMixerDecodeKernel: conv + SSM update + gated norm in one kernel (Backend::MambaMixer),
 //    plus MixerFinishKernel for the norm. CudaBackend::MambaMixer uses them for batches of 256
 //    and more: with programmatic dependent launch hiding launches, the three separate kernels
@@ -111,7 +112,11 @@ __global__ void __launch_bounds__(kSsmDecodeWarps * 32) SsmDecodeKernel(ScanArgs
       }
     }
     acc = WarpSum(acc);
-    if (lane == 0) a.y[r * HP + static_cast<int64_t>(h) * a.P + p] = acc + Dh * xv;
+    if (lane == 0) {
+      const int64_t c = static_cast<int64_t>(h) * a.P + p;
+      const float yv = acc + Dh * xv;
+      a.y[r * HP + c] = a.z != nullptr ? yv * SiluDev(a.z[r * a.ldz + c]) : yv;
+    }
   }
 #pragma unroll
   for (int i = 0; i < NPL; ++i) {

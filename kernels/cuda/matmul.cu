@@ -1053,8 +1053,8 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
 }
 
 absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
-                          const float* norm_weight, float eps, float* xn, MatrixView w, float* y,
-                          int64_t ldy) {
+                           const float* norm_weight, float eps, float* xn, MatrixView w, float* y,
+                           int64_t ldy, bool accumulate) {
   // CudaBackend checked as for Matmul, plus norm_weight and xn (ldx-strided, k columns).
   const int k = static_cast<int>(w.cols);
   const int mi = static_cast<int>(m);
@@ -1065,22 +1065,23 @@ absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
   // was slower (2.52 vs 2.44 ms), at batch 1 faster (1.199 vs 1.290 ms).
   if (fuse) {
     bool tensor = false;
-    RETURN_IF_ERROR(TensorSmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, false, &tensor,
+    RETURN_IF_ERROR(TensorSmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, accumulate, &tensor,
                                  NormPrologue{norm_weight, eps}));
     if (tensor) return absl::OkStatus();
   }
   if (fuse && m <= kFusedNormMaxRows) {
-    return SmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, false, NormPrologue{norm_weight, eps});
+    return SmallM(ctx, x, ldxi, mi, w, nullptr, y, ldyi, accumulate,
+                  NormPrologue{norm_weight, eps});
   }
   if (fuse && m > kSmallM && !NormRowsUseBlocks(ctx, m, k)) {
     ASSIGN_OR_RETURN(const bool done,
-                     NormedGemm(ctx, mi, w, y, ldyi, false, [&](const GemmInput& in) {
+                     NormedGemm(ctx, mi, w, y, ldyi, accumulate, [&](const GemmInput& in) {
                        return RmsNormToGemmInput(ctx, x, ldx, norm_weight, m, k, eps, in);
                      }));
     if (done) return absl::OkStatus();
   }
   RETURN_IF_ERROR(RmsNorm(ctx, x, ldx, norm_weight, xn, ldx, m, w.cols, eps));
-  return Matmul(ctx, xn, ldx, m, w, nullptr, y, ldy, false);
+  return Matmul(ctx, xn, ldx, m, w, nullptr, y, ldy, accumulate);
 }
 
 absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const float* z,

@@ -88,8 +88,8 @@ absl::Status Matmul(Context& ctx, const float* x, int64_t ldx, int64_t m, Matrix
 // the norm writes the GEMM input directly (xn untouched either way); otherwise RmsNorm into xn,
 // then Matmul.
 absl::Status RmsNormMatmul(Context& ctx, const float* x, int64_t ldx, int64_t m,
-                          const float* norm_weight, float eps, float* xn, MatrixView w, float* y,
-                          int64_t ldy);
+                           const float* norm_weight, float eps, float* xn, MatrixView w, float* y,
+                           int64_t ldy, bool accumulate = false);
 // Backend::GatedRmsNormMatmul: with many rows the norm writes the GEMM input directly (g
 // untouched); otherwise GatedRmsNorm into g, then Matmul.
 absl::Status GatedRmsNormMatmul(Context& ctx, const float* y, int64_t ldy, const float* z,
@@ -147,6 +147,14 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
                      int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
                      float* const* ssm_states, const SsmParams& p, float* y,
                      const int64_t* host_seq_offsets);
+// SsmScan's decode kernel writing g = y * silu(z) (z: [rows, ldz], the gate of the mixer's gated
+// norm) instead of y, for batches it takes (at most kDecodeMaxRows rows per sequence); false,
+// with nothing launched, otherwise.
+absl::StatusOr<bool> SsmDecodeGated(Context& ctx, const float* xbc, int64_t ldxbc,
+                                    const float* dt_raw, int64_t lddt, const int64_t* seq_offsets,
+                                    int64_t num_seqs, float* const* ssm_states, const SsmParams& p,
+                                    const float* z, int64_t ldz, float* g,
+                                    const int64_t* host_seq_offsets);
 
 // ---- mamba_decode.cu ----
 // The fused decode mixer (Backend::MambaMixer) for batches of <= kDecodeMaxRows rows per

@@ -295,6 +295,58 @@ TEST_F(CudaMambaMixerTest, OutProjection) {
   }
 }
 
+// Decode batches of up to 16 rows with one norm group and bf16 out_proj: the SSM kernel applies
+// the gate and out_proj folds the RMSNorm (CudaBackend::MambaMixer). Each case with the fold on
+// and off (RAMBA_CUDA_GATED_FOLD=0) against the CPU: 1-3 rows (CUDA-core small-m kernel), 8 and
+// 16 (tensor-core kernel), 12 rows at an odd width (norm, then the product), 2-row sequences
+// and an offset base; 17 rows and two norm groups take the unfused ops either way.
+TEST_F(CudaMambaMixerTest, GatedNormFoldedIntoOutProj) {
+  const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "0");
+  const MixerCase big{
+      .H = 32, .P = 64, .N = 128, .G = 1, .norm_groups = 1, .seed = 81, .out_n = 96};
+  std::vector<MixerCase> cases;
+  for (int64_t n : {1, 3, 8, 16, 17}) {
+    MixerCase c = big;
+    c.lens.assign(n, 1);
+    c.seed += static_cast<uint32_t>(n);
+    cases.push_back(c);
+  }
+  cases.push_back({.lens = {2, 1, 0, 3},
+                   .base = 2,
+                   .H = 8,
+                   .P = 32,
+                   .N = 64,
+                   .G = 1,
+                   .norm_groups = 1,
+                   .seed = 83,
+                   .out_n = 40});
+  cases.push_back({.lens = std::vector<int64_t>(12, 1),
+                   .H = 5,
+                   .P = 9,
+                   .N = 33,
+                   .G = 1,
+                   .norm_groups = 1,
+                   .conv_bias = false,
+                   .seed = 85,
+                   .out_n = 24});
+  cases.push_back({.lens = {1, 1, 1},
+                   .H = 8,
+                   .P = 32,
+                   .N = 64,
+                   .G = 1,
+                   .norm_groups = 2,
+                   .seed = 87,
+                   .out_n = 40});
+  for (const char* fold : {"1", "0"}) {
+    const ScopedEnv env("RAMBA_CUDA_GATED_FOLD", fold);
+    for (const MixerCase& c : cases) {
+      SCOPED_TRACE(::testing::Message() << "fold " << fold << " seqs " << c.lens.size() << " H "
+                                        << c.H << " norm groups " << c.norm_groups);
+      Check(c);
+    }
+  }
+}
+
 TEST_F(CudaMambaMixerTest, BitwiseDeterministic) {
   const MixerData d = MakeData({.lens = {1, 1, 1, 1}, .H = 32, .P = 64, .N = 128, .G = 1,
                                 .norm_groups = 1, .seed = 37});
