@@ -396,7 +396,7 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
   const int64_t base = a.host_seq_offsets[0], rows = a.host_seq_offsets[a.num_seqs] - base;
   const char* fold_env = std::getenv("RAMBA_CUDA_GATED_FOLD");
   if (a.out_proj.data != nullptr && a.out_proj.dtype != DType::kF32 &&
-      a.norm_group_size == d_inner && rows <= kGatedFoldMaxRows &&
+      a.norm_group_size == d_inner && rows > 0 && rows <= kGatedFoldMaxRows &&
       (fold_env == nullptr || std::string_view(fold_env) != "0")) {
     const SsmParams& p = a.ssm;
     const int64_t conv_dim = d_inner + 2 * p.ngroups * p.d_state;

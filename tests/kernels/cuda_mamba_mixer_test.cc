@@ -299,7 +299,8 @@ TEST_F(CudaMambaMixerTest, OutProjection) {
 // the gate and out_proj folds the RMSNorm (CudaBackend::MambaMixer). Each case with the fold on
 // and off (RAMBA_CUDA_GATED_FOLD=0) against the CPU: 1-3 rows (CUDA-core small-m kernel), 8 and
 // 16 (tensor-core kernel), 12 rows at an odd width (norm, then the product), 2-row sequences
-// and an offset base; 17 rows and two norm groups take the unfused ops either way.
+// and an offset base; 17 rows, two norm groups and a batch of empty sequences take the unfused
+// ops either way.
 TEST_F(CudaMambaMixerTest, GatedNormFoldedIntoOutProj) {
   const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "0");
   const MixerCase big{
@@ -336,6 +337,15 @@ TEST_F(CudaMambaMixerTest, GatedNormFoldedIntoOutProj) {
                    .G = 1,
                    .norm_groups = 2,
                    .seed = 87,
+                   .out_n = 40});
+  cases.push_back({.lens = {0, 0},
+                   .base = 2,
+                   .H = 8,
+                   .P = 32,
+                   .N = 64,
+                   .G = 1,
+                   .norm_groups = 1,
+                   .seed = 89,
                    .out_n = 40});
   for (const char* fold : {"1", "0"}) {
     const ScopedEnv env("RAMBA_CUDA_GATED_FOLD", fold);
