@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <utility>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -303,50 +304,24 @@ TEST_F(CudaMambaMixerTest, OutProjection) {
 // ops either way.
 TEST_F(CudaMambaMixerTest, GatedNormFoldedIntoOutProj) {
   const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "0");
-  const MixerCase big{
-      .H = 32, .P = 64, .N = 128, .G = 1, .norm_groups = 1, .seed = 81, .out_n = 96};
+  // One B/C group, conv bias, an out_proj of 40 rows; a new seed per case.
+  uint32_t seed = 81;
+  auto make = [&seed](std::vector<int64_t> lens, int64_t base, int64_t H, int64_t P, int64_t N,
+                      int64_t norm_groups) {
+    MixerCase c{.lens = std::move(lens), .base = base, .H = H, .P = P, .N = N, .G = 1};
+    c.norm_groups = norm_groups;
+    c.seed = seed++;
+    c.out_n = 40;
+    return c;
+  };
   std::vector<MixerCase> cases;
   for (int64_t n : {1, 3, 8, 16, 17}) {
-    MixerCase c = big;
-    c.lens.assign(n, 1);
-    c.seed += static_cast<uint32_t>(n);
-    cases.push_back(c);
+    cases.push_back(make(std::vector<int64_t>(n, 1), 0, 32, 64, 128, 1));
   }
-  cases.push_back({.lens = {2, 1, 0, 3},
-                   .base = 2,
-                   .H = 8,
-                   .P = 32,
-                   .N = 64,
-                   .G = 1,
-                   .norm_groups = 1,
-                   .seed = 83,
-                   .out_n = 40});
-  cases.push_back({.lens = std::vector<int64_t>(12, 1),
-                   .H = 5,
-                   .P = 9,
-                   .N = 33,
-                   .G = 1,
-                   .norm_groups = 1,
-                   .conv_bias = false,
-                   .seed = 85,
-                   .out_n = 24});
-  cases.push_back({.lens = {1, 1, 1},
-                   .H = 8,
-                   .P = 32,
-                   .N = 64,
-                   .G = 1,
-                   .norm_groups = 2,
-                   .seed = 87,
-                   .out_n = 40});
-  cases.push_back({.lens = {0, 0},
-                   .base = 2,
-                   .H = 8,
-                   .P = 32,
-                   .N = 64,
-                   .G = 1,
-                   .norm_groups = 1,
-                   .seed = 89,
-                   .out_n = 40});
+  cases.push_back(make({2, 1, 0, 3}, 2, 8, 32, 64, 1));
+  cases.push_back(make(std::vector<int64_t>(12, 1), 0, 5, 9, 33, 1));
+  cases.push_back(make({1, 1, 1}, 0, 8, 32, 64, 2));
+  cases.push_back(make({0, 0}, 2, 8, 32, 64, 1));
   for (const char* fold : {"1", "0"}) {
     const ScopedEnv env("RAMBA_CUDA_GATED_FOLD", fold);
     for (const MixerCase& c : cases) {
