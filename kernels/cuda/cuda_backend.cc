@@ -397,26 +397,18 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
   const char* fold_env = std::getenv("RAMBA_CUDA_GATED_FOLD");
   if (a.out_proj.data != nullptr && a.out_proj.dtype != DType::kF32 &&
       a.norm_group_size == d_inner && rows > 0 && rows <= kGatedFoldMaxRows &&
-      (fold_env == nullptr || std::string_view(fold_env) != "0")) {
-    const SsmParams& p = a.ssm;
-    const int64_t conv_dim = d_inner + 2 * p.ngroups * p.d_state;
+      (fold_env == nullptr || std::string_view(fold_env) != "0") &&
+      cuda::SsmDecodeTakes(a.ssm, a.num_seqs, a.host_seq_offsets)) {
+    const int64_t conv_dim = d_inner + 2 * a.ssm.ngroups * a.ssm.d_state;
     RETURN_IF_ERROR(CausalConv1dSilu(a.zxbcdt + d_inner, a.ld, a.seq_offsets, a.num_seqs,
                                      a.conv_states, a.conv_weight, a.conv_bias, conv_dim,
                                      a.conv_kernel, a.xbc, a.host_seq_offsets));
-    ASSIGN_OR_RETURN(const bool gated,
-                     cuda::SsmDecodeGated(*this, a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim,
-                                          a.ld, a.seq_offsets, a.num_seqs, a.ssm_states, p,
-                                          a.zxbcdt, a.ld, a.y, a.host_seq_offsets));
-    if (gated) {
-      return cuda::RmsNormMatmul(*this, a.y + base * d_inner, d_inner, rows, a.norm_weight, a.eps,
-                                 a.g + base * d_inner, a.out_proj, a.out + base * a.ld_out,
-                                 a.ld_out, /*accumulate=*/true);
-    }
-    RETURN_IF_ERROR(SsmScan(a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim, a.ld, a.seq_offsets,
-                            a.num_seqs, a.ssm_states, p, a.y, a.host_seq_offsets));
-    return GatedRmsNormMatmul(a.y + base * d_inner, d_inner, a.zxbcdt + base * a.ld, a.ld,
-                              a.norm_weight, a.norm_group_size, a.eps, rows, a.g + base * d_inner,
-                              a.out_proj, a.out + base * a.ld_out, a.ld_out, /*accumulate=*/true);
+    RETURN_IF_ERROR(cuda::SsmDecodeGated(*this, a.xbc, conv_dim, a.zxbcdt + d_inner + conv_dim,
+                                         a.ld, a.seq_offsets, a.num_seqs, a.ssm_states, a.ssm,
+                                         a.zxbcdt, a.ld, a.y));
+    return cuda::RmsNormMatmul(*this, a.y + base * d_inner, d_inner, rows, a.norm_weight, a.eps,
+                               a.g + base * d_inner, a.out_proj, a.out + base * a.ld_out, a.ld_out,
+                               /*accumulate=*/true);
   }
   return Backend::MambaMixer(a);
 }

@@ -870,19 +870,22 @@ bool SizesFit(const SsmParams& p) {
 }
 }  // namespace
 
-absl::StatusOr<bool> SsmDecodeGated(Context& ctx, const float* xbc, int64_t ldxbc,
-                                    const float* dt_raw, int64_t lddt, const int64_t* seq_offsets,
-                                    int64_t num_seqs, float* const* ssm_states, const SsmParams& p,
-                                    const float* z, int64_t ldz, float* g,
-                                    const int64_t* host_seq_offsets) {
-  if (num_seqs <= 0 || !SizesFit(p) || ScanKernelFromEnv() == ScanKernel::kSimple ||
-      MaxRows(host_seq_offsets, num_seqs) > kDecodeMaxRows || num_seqs * p.nheads > INT_MAX) {
-    return false;
-  }
+bool SsmDecodeTakes(const SsmParams& p, int64_t num_seqs, const int64_t* host_seq_offsets) {
+  return num_seqs > 0 && SizesFit(p) && p.d_state <= 256 &&
+         ScanKernelFromEnv() != ScanKernel::kSimple &&
+         MaxRows(host_seq_offsets, num_seqs) <= kDecodeMaxRows && num_seqs * p.nheads <= INT_MAX;
+}
+
+absl::Status SsmDecodeGated(Context& ctx, const float* xbc, int64_t ldxbc, const float* dt_raw,
+                            int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
+                            float* const* ssm_states, const SsmParams& p, const float* z,
+                            int64_t ldz, float* g) {
   mamba::ScanArgs a = ScanArgsOf(xbc, ldxbc, dt_raw, lddt, seq_offsets, ssm_states, p, g);
   a.z = z;
   a.ldz = ldz;
-  return mamba::LaunchSsmDecode(ctx, a, num_seqs);
+  ASSIGN_OR_RETURN(const bool done, mamba::LaunchSsmDecode(ctx, a, num_seqs));
+  return done ? absl::OkStatus()
+              : absl::InvalidArgumentError("SsmDecodeGated: a batch SsmDecodeTakes refuses");
 }
 
 absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float* dt_raw,
@@ -895,13 +898,11 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
   if (!SizesFit(p)) return absl::InvalidArgumentError("SsmScan: sizes too large");
   mamba::ScanArgs a = ScanArgsOf(xbc, ldxbc, dt_raw, lddt, seq_offsets, ssm_states, p, y);
 
-  const ScanKernel choice = ScanKernelFromEnv();
-  if (choice != ScanKernel::kSimple && MaxRows(host_seq_offsets, num_seqs) <= kDecodeMaxRows &&
-      num_seqs * p.nheads <= INT_MAX) {
-    absl::StatusOr<bool> done = mamba::LaunchSsmDecode(ctx, a, num_seqs);
-    if (!done.ok()) return done.status();
-    if (*done) return absl::OkStatus();
+  if (SsmDecodeTakes(p, num_seqs, host_seq_offsets)) {
+    ASSIGN_OR_RETURN(const bool done, mamba::LaunchSsmDecode(ctx, a, num_seqs));
+    if (done) return absl::OkStatus();
   }
+  const ScanKernel choice = ScanKernelFromEnv();
   if (choice != ScanKernel::kSimple && a.N <= 256) {
     if (choice == ScanKernel::kAuto || choice == ScanKernel::kChunkedF32) {
       const bool ssd = choice == ScanKernel::kAuto && mamba::SsdSupports(ctx, a);

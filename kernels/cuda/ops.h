@@ -147,14 +147,15 @@ absl::Status SsmScan(Context& ctx, const float* xbc, int64_t ldxbc, const float*
                      int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
                      float* const* ssm_states, const SsmParams& p, float* y,
                      const int64_t* host_seq_offsets);
-// SsmScan's decode kernel writing g = y * silu(z) (z: [rows, ldz], the gate of the mixer's gated
-// norm) instead of y, for batches it takes (at most kDecodeMaxRows rows per sequence); false,
-// with nothing launched, otherwise.
-absl::StatusOr<bool> SsmDecodeGated(Context& ctx, const float* xbc, int64_t ldxbc,
-                                    const float* dt_raw, int64_t lddt, const int64_t* seq_offsets,
-                                    int64_t num_seqs, float* const* ssm_states, const SsmParams& p,
-                                    const float* z, int64_t ldz, float* g,
-                                    const int64_t* host_seq_offsets);
+// Whether SsmScan takes this batch with its decode kernel (at most kDecodeMaxRows rows per
+// sequence, d_state <= 256, not forced onto the simple scan).
+bool SsmDecodeTakes(const SsmParams& p, int64_t num_seqs, const int64_t* host_seq_offsets);
+// That decode kernel writing g = y * silu(z) (z: [rows, ldz], the gate of the mixer's gated
+// norm) instead of y; only for batches SsmDecodeTakes.
+absl::Status SsmDecodeGated(Context& ctx, const float* xbc, int64_t ldxbc, const float* dt_raw,
+                            int64_t lddt, const int64_t* seq_offsets, int64_t num_seqs,
+                            float* const* ssm_states, const SsmParams& p, const float* z,
+                            int64_t ldz, float* g);
 
 // ---- mamba_decode.cu ----
 // The fused decode mixer (Backend::MambaMixer) for batches of <= kDecodeMaxRows rows per
