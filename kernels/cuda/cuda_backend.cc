@@ -419,7 +419,9 @@ absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t coun
   // docs/benchmarks.md): per 370M layer 11.4 (cluster kernel) vs 12.2 (grid-wide) vs 20.8 us
   // (block by block) at batch 1, 14.1 vs 16.3 vs 22.4 at batch 2; per decode step at 4K a tie at
   // batch 1 (cluster 0.757-0.769 ms and once 0.848, grid-wide 0.755-0.776) and 0.908-0.921 vs
-  // 0.963-0.982 ms at batch 2. So 2 rows take the cluster kernel, 1 row the grid-wide one.
+  // 0.963-0.982 ms at batch 2. So 2 rows take the cluster kernel, 1 row the grid-wide one, whose
+  // one-row variant with two phases per layer (eighteenth session) takes 10.9-11.2 us per layer,
+  // 0.674-0.686 ms per step.
   // RAMBA_CUDA_PERSISTENT_MAMBA=0 turns both off, =1 takes the grid-wide kernel (up to its 4
   // rows), =2 the cluster kernel first. Read per call: tests and bench-mamba-blocks switch it.
   constexpr int64_t kPersistentMaxRows = 2;

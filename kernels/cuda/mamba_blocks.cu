@@ -25,6 +25,19 @@
 // splitting the copies moved the delay to whichever handoff they overlapped (bulk traffic in flight
 // slows the tagged stores and polls). Shorter GEMVs only lengthened the polls after them.
 //
+// One row with one gated-norm group (370M, ramba-tiny at batch 1) takes a two-phase variant
+// (kRed): phase B's block also multiplies its item's 16 gated values by their 16 out_proj
+// columns, a partial of every h column, and adds it into per-layer-parity sums as 2^-40 fixed
+// point integers (exact in any order, so every block reads the same bits), then counts the item
+// done; phase A of the next layer waits for the count, reads the sums and applies the row's
+// gated-norm scale (from the items' sums of squares) itself. Handoffs: A -> B (tagged words)
+// and B -> A (the count), not three. Sums go back to zero without a barrier: each item adds the
+// difference to what it added two layers before, and at the launch's end each block zeroes the
+// last layer's sums for its own h columns (only it reads them) while the items take their
+// partials out of the layer before's (every block read those before the last layer's items
+// could finish). Measured: 10.9-11.2 vs 11.9-12.2 us per layer, decode step 0.674-0.686 vs
+// 0.718-0.721 ms (docs/benchmarks.md); RAMBA_CUDA_MAMBA_REDUCE=0 keeps three phases.
+//
 // ClusterMambaBlocks (below) is the same work with thread-block clusters: one grid-wide exchange
 // per layer instead of three; CudaBackend uses it for 2 rows.
 //
@@ -41,6 +54,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 #include "base/status_macros.h"
@@ -93,21 +108,42 @@ struct BlocksArgs {
   uint64_t* x_g;       // [rows, d_inner]: gated values before the norm
   uint64_t* x_part;    // [rows, d_inner / kSlice]: per-item sums of g^2
   uint64_t* x_h;       // [rows, d]: the residual between layers of a launch
-  unsigned* counters;  // kEpoch, kExits; zero-initialised
+  // One-row reduce variant (kRed): out_proj partial sums, 2^kFixedShift fixed point, per layer
+  // parity; zero between launches.
+  unsigned long long* x_acc;  // [2][d]
+  unsigned* counters;         // kEpoch, kExits, kDone; zero-initialised
   long long* trace;   // null, or [layers][kMambaBlocksTracePoints][grid]: clock64 per phase
   int d, H, P, N, ngroups, d_inner, conv_dim, in_dim;  // N: d_state
   int group_size;
   float eps, geps, dt_min, dt_max;
   // Shared memory plan (byte offsets), fixed by the host for the grid size.
-  int off_a, off_a_norm, off_c, off_c_norm, off_st, off_act;
+  int off_a, off_a_norm, off_c, off_c_norm, off_st, off_act, off_h;
 };
 
 __host__ __device__ __forceinline__ int RangeBegin(int n, int parts, int i) {
   return static_cast<int>(static_cast<int64_t>(n) * i / parts);
 }
 
-// Counters: the launch epoch (tags differ between launches) and the blocks that have exited.
-constexpr int kEpoch = 0, kExits = 32;
+// Counters: the launch epoch (tags differ between launches), the blocks that have exited, and
+// (kRed) the phase-B items done in this launch.
+constexpr int kEpoch = 0, kExits = 32, kDone = 64;
+// kRed: out_proj partials are added as integers (exact in any order, so deterministic) of
+// 2^-40: resolution 9e-13, range +-8e6.
+constexpr float kFixedScale = static_cast<float>(1ull << 40);
+constexpr int kRedMaxItems = 2;
+__device__ __forceinline__ long long ToFixed(float v) {
+  long long q;  // cvt saturates out-of-range values, NaN gives 0
+  asm("cvt.rni.s64.f32 %0, %1;" : "=l"(q) : "f"(v * kFixedScale));
+  return q;
+}
+__device__ __forceinline__ float FromFixed(unsigned long long q) {
+  return static_cast<float>(static_cast<long long>(q)) * (1.0f / kFixedScale);
+}
+__device__ __forceinline__ unsigned LoadAcquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 
 // Phases hand values over as 64-bit words {float bits, tag}: a consumer polls the words it
 // needs until each carries the tag of the layer it wants, so one L2 round trip after the
@@ -435,10 +471,14 @@ __device__ __forceinline__ void PrefetchOutProj(const BlocksArgs& a, int l, cons
 // unrolls exactly and no trace code sits among the hot instructions. The layer loop's code has to
 // stay small: at 142 KB (runtime rows, unrolled column loops, index arithmetic inlined per
 // element) its phases ran measurably slower than their work.
-template <int R, bool kTrace>
+template <int R, bool kTrace, bool kRed>
 __global__ void __launch_bounds__(kThreads, 1)
     MambaBlocksKernel(const __grid_constant__ BlocksArgs a) {
+  static_assert(!kRed || R == 1, "the reduce variant is for one row");
   extern __shared__ __align__(128) char smem[];
+  // kRed: per layer parity, each item's gated-norm weights; its g times them.
+  __shared__ float s_gw[2][kRedMaxItems][kSlice];
+  __shared__ float s_gq[kRedMaxItems][kSlice];
   __shared__ uint64_t bars[3];  // in_proj tile, out_proj tile, states
   __shared__ float s_red[kWarps][R];
   __shared__ float s_scale[R][kMaxNormGroups];    // phase C: per (row, norm group) scales
@@ -485,6 +525,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* gnorm_s = reinterpret_cast<const float*>(smem + a.off_c_norm);
   const float* st_s = reinterpret_cast<const float*>(smem + a.off_st);
   float* act = reinterpret_cast<float*>(smem + a.off_act);
+  float* h_s = reinterpret_cast<float*>(smem + a.off_h);  // kRed: the residual stream, [d]
   // GEMV k parts (the host checks that there are at most kWarps), and act's row strides.
   const GemvSplit a_split = SplitK<R>(d), c_split = SplitK<R>(d_inner);
   const int lda = PaddedK(d), ldg = PaddedK(d_inner);
@@ -510,7 +551,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (tid == kCopyThread) {
     PrefetchInProj(a, 0, p, smem, &bars[0]);
-    PrefetchOutProj(a, 0, p, smem, &bars[1]);
+    if (!kRed) PrefetchOutProj(a, 0, p, smem, &bars[1]);
   }
   // No AllowDependentGrids(): the successor starts when this grid ends (see the top comment).
   WaitForPriorGrids();
@@ -569,8 +610,48 @@ __global__ void __launch_bounds__(kThreads, 1)
       s_dtb[b][it] = L.dt_bias[hd];
       s_a[b][it] = -expf(L.A_log[hd]);
       s_d[b][it] = L.D[hd];
+      if (kRed) {
+        for (int c = 0; c < kSlice; ++c) s_gw[b][it][c] = L.gnorm_w[s_item_ch[it] + c];
+      }
     }
   };
+  // kRed: h after layer lp for k in [k0, k1) (at most 2 kThreads), to put(k, value), once every
+  // item of lp has added its out_proj partial: h before it + the row's gated-norm scale times the
+  // partials' sum. Every block computes the same bits.
+  auto red_h = [&](int lp, int k0, int k1, auto put) {
+    if (tid == 0) {
+      const unsigned want = static_cast<unsigned>(items_total) * static_cast<unsigned>(lp + 1);
+      while (LoadAcquire(a.counters + kDone) < want) {
+      }
+    }
+    __syncthreads();
+    const unsigned long long* acc = a.x_acc + (lp & 1) * d;
+    unsigned long long q[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int k = k0 + tid + j * kThreads;
+      q[j] = k < k1 ? __ldcg(acc + k) : 0ull;
+    }
+    PollGather(
+        per_row, Tag(epoch, lp), [&](int i) { return a.x_part + i; },
+        [&](int i, float v) { s_ps[i] = v; });
+    __syncthreads();
+    if (warp == 0) {
+      float t = 0.0f;
+      for (int i = lane; i < per_row; i += 32) t += s_ps[i];
+      t = WarpSum(t);
+      if (lane == 0) s_scale[0][0] = 1.0f / sqrtf(t / static_cast<float>(a.group_size) + a.geps);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int k = k0 + tid + j * kThreads;
+      if (k < k1) put(k, h_s[k] + s_scale[0][0] * FromFixed(q[j]));
+    }
+  };
+  // kRed: this thread's last partials (fixed point) per layer parity, item and output o = tid +
+  // j kThreads; a layer adds the difference, so each parity's sums return to the new layer's.
+  long long prev[2][kRedMaxItems][2] = {};
   load_layer_inputs(0);
 
   for (int l = 0; l < a.num_layers; ++l) {
@@ -598,16 +679,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           for (int k = tid; k < d; k += kThreads) {
-            act[r * lda + XPos(k)] = __ldcg(a.h + r * a.ldh + k);
+            const float v = __ldcg(a.h + r * a.ldh + k);
+            act[r * lda + XPos(k)] = v;
+            if (kRed) h_s[k] = v;
           }
         }
+      } else if constexpr (kRed) {
+        red_h(l - 1, 0, d, [&](int k, float v) {
+          h_s[k] = v;
+          act[XPos(k)] = v;
+        });
       } else {
         PollGather(
             R * d, Tag(epoch, l - 1), [&](int i) { return a.x_h + i; },
             [&](int i, float v) { act[(i / d) * lda + XPos(i % d)] = v; });
       }
       __syncthreads();
-      if (tid == kCopyThread && l > 0) PrefetchOutProj(a, l, p, smem, &bars[1]);
+      if constexpr (kRed) {
+        // This layer's out_proj columns of each item's channels ([items][d][kSlice]), for B.
+        for (int q = tid; q < items * d * 2; q += kThreads) {
+          const int i = q / (2 * d), o = (q - i * 2 * d) >> 1, half = q & 1;
+          CpAsync16(smem + a.off_c + ((static_cast<int64_t>(i) * d + o) * kSlice + half * 8) * 2,
+                    a.layer[l].out_w + static_cast<int64_t>(o) * d_inner + s_item_ch[i] + half * 8);
+        }
+      } else if (tid == kCopyThread && l > 0) {
+        PrefetchOutProj(a, l, p, smem, &bars[1]);
+      }
       trace(2);
       MbarrierWait(&bars[0], b);  // the tile and the norm weight
       // Each row's sum of squares, and its h scaled by the norm weight in place (the row's norm
@@ -716,7 +813,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         acc = WarpSum(acc);
         const float gv = (acc + s_d[b][i] * xv) * SiluDev(s_in[i][2 * N + kSlice + warp]);
         if (lane == 0) {
-          StoreTagged(a.x_g + static_cast<int64_t>(r) * d_inner + ch, gv, tag);
+          if (kRed) {
+            s_gq[i][warp] = gv * s_gw[b][i][warp];
+          } else {
+            StoreTagged(a.x_g + static_cast<int64_t>(r) * d_inner + ch, gv, tag);
+          }
           s_part[i][warp] = gv * gv;
         }
       }
@@ -727,11 +828,64 @@ __global__ void __launch_bounds__(kThreads, 1)
         StoreTagged(a.x_part + s_item_r[tid] * per_row + s_item_ch[tid] / kSlice, t, tag);
       }
       if (tid == kCopyThread && l + 1 < a.num_layers) prefetch_states(l + 1);
+      if constexpr (kRed) {
+        // out_proj over the item's channels: a partial of every h column, added in fixed point;
+        // the gated norm's row scale is applied by the readers (red_h).
+        CpAsyncWaitAll();
+        __syncthreads();  // every thread's slice copies have landed
+        unsigned long long* acc = a.x_acc + b * d;
+#pragma unroll
+        for (int i = 0; i < kRedMaxItems; ++i) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int o = tid + j * kThreads;
+            if (i < items && o < d) {
+              const uint4* wp =
+                  reinterpret_cast<const uint4*>(c_w + (static_cast<int64_t>(i) * d + o) * kSlice);
+              const uint4 w0 = wp[0], w1 = wp[1];
+              const float* gq = s_gq[i];
+              float t = Bf16Lo(w0.x) * gq[0];
+              t += Bf16Hi(w0.x) * gq[1];
+              t += Bf16Lo(w0.y) * gq[2];
+              t += Bf16Hi(w0.y) * gq[3];
+              t += Bf16Lo(w0.z) * gq[4];
+              t += Bf16Hi(w0.z) * gq[5];
+              t += Bf16Lo(w0.w) * gq[6];
+              t += Bf16Hi(w0.w) * gq[7];
+              t += Bf16Lo(w1.x) * gq[8];
+              t += Bf16Hi(w1.x) * gq[9];
+              t += Bf16Lo(w1.y) * gq[10];
+              t += Bf16Hi(w1.y) * gq[11];
+              t += Bf16Lo(w1.z) * gq[12];
+              t += Bf16Hi(w1.z) * gq[13];
+              t += Bf16Lo(w1.w) * gq[14];
+              t += Bf16Hi(w1.w) * gq[15];
+              const long long v = ToFixed(t);
+              const long long old = b ? prev[1][i][j] : prev[0][i][j];
+              if (b) {
+                prev[1][i][j] = v;
+              } else {
+                prev[0][i][j] = v;
+              }
+              atomicAdd(acc + o, static_cast<unsigned long long>(v - old));
+            }
+          }
+        }
+        // Every thread fences its own adds (and the x_part sums) before the count: one
+        // red.release by thread 0 after the block barrier instead took 5.0-5.4 us, not 3.1.
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) atomicAdd(a.counters + kDone, static_cast<unsigned>(items));
+      }
+    }
+    // kRed has no phase C: the next in_proj tile is copied from here (the tile was read in A).
+    if (kRed && tid == kCopyThread && l + 1 < a.num_layers) {
+      PrefetchInProj(a, l + 1, p, smem, &bars[0]);
     }
     trace(8);
 
     // ---- C: gated norm, h[:, c0:c1] += g_normed * out_proj^T ----
-    {
+    if constexpr (!kRed) {
       // g times the gated norm's weight (into act in the GEMV's layout) and the items' sums of
       // squares from every block's B. The norm's scale is a row's (one group: applied to the
       // GEMV's sums, like phase A's) or a group's (applied to act before the GEMV).
@@ -793,9 +947,36 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
+  if constexpr (kRed) {
+    // The last layer's h for this block's columns, whose partial sums only this block reads:
+    // it zeroes them. The sums of the layer before, read by every block before any item of the
+    // last layer could finish, go back to zero by each item taking its partials out.
+    const int nl = a.num_layers;
+    unsigned long long* last = a.x_acc + ((nl - 1) & 1) * d;
+    red_h(nl - 1, p.c0, p.c1, [&](int k, float v) {
+      a.h[k] = v;
+      last[k] = 0ull;
+    });
+    if (nl >= 2) {
+      const int pb = (nl - 2) & 1;
+#pragma unroll
+      for (int i = 0; i < kRedMaxItems; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int o = tid + j * kThreads;
+          if (i < items && o < d) {
+            const long long old = pb ? prev[1][i][j] : prev[0][i][j];
+            atomicAdd(a.x_acc + (pb * d + o), static_cast<unsigned long long>(-old));
+          }
+        }
+      }
+    }
+  }
+
   // The last block out (every block has read the epoch by then) starts the next launch's.
   if (tid == 0 && atomicAdd(a.counters + kExits, 1u) == static_cast<unsigned>(G - 1)) {
     a.counters[kExits] = 0u;
+    a.counters[kDone] = 0u;
     a.counters[kEpoch] = epoch + 1u;
   }
 }
@@ -1438,15 +1619,26 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   const int64_t part_k = GemvPartK(static_cast<int>(rows));
   if (std::max(d, d_inner) > kWarps * part_k) return false;  // a warp per GEMV k part at least
   if (2 * N + 2 * kSlice + 1 > kLoadFirst - kMaxItems) return false;  // phase B: a thread per input
-  const size_t smem = static_cast<size_t>(
-      LayOutTiles(a_cols, d, c_cols, d_inner, items, N, rows, std::max(d, d_inner), &a));
+  // One row, one norm group: out_proj as per-item partials summed in fixed point (kRed), two
+  // handoffs per layer instead of three. RAMBA_CUDA_MAMBA_REDUCE=0 keeps the three.
+  const char* red_env = std::getenv("RAMBA_CUDA_MAMBA_REDUCE");
+  const bool red = rows == 1 && m0.norm_group_size == d_inner && d <= 2 * kThreads &&
+                   items <= kRedMaxItems && in_dim >= G &&
+                   !(red_env != nullptr && std::string_view(red_env) == "0");
+  int64_t smem_end = LayOutTiles(a_cols, d, red ? items * kSlice : c_cols, red ? d : d_inner, items,
+                                 N, rows, std::max(d, d_inner), &a);
+  a.off_h = static_cast<int>(smem_end);
+  if (red) smem_end = Align128(smem_end + d * 4);
+  const size_t smem = static_cast<size_t>(smem_end);
   using Kernel = void (*)(BlocksArgs);
   static constexpr Kernel kKernels[2][kMaxRows] = {
-      {MambaBlocksKernel<1, false>, MambaBlocksKernel<2, false>, MambaBlocksKernel<3, false>,
-       MambaBlocksKernel<4, false>},
-      {MambaBlocksKernel<1, true>, MambaBlocksKernel<2, true>, MambaBlocksKernel<3, true>,
-       MambaBlocksKernel<4, true>}};
-  const Kernel kernel = kKernels[trace != nullptr][rows - 1];
+      {MambaBlocksKernel<1, false, false>, MambaBlocksKernel<2, false, false>,
+       MambaBlocksKernel<3, false, false>, MambaBlocksKernel<4, false, false>},
+      {MambaBlocksKernel<1, true, false>, MambaBlocksKernel<2, true, false>,
+       MambaBlocksKernel<3, true, false>, MambaBlocksKernel<4, true, false>}};
+  static constexpr Kernel kRedKernels[2] = {MambaBlocksKernel<1, false, true>,
+                                            MambaBlocksKernel<1, true, true>};
+  const Kernel kernel = red ? kRedKernels[trace != nullptr] : kKernels[trace != nullptr][rows - 1];
   cudaFuncAttributes attr;
   RAMBA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, kernel));
   if (smem + attr.sharedSizeBytes > ctx.max_shared_per_block) return false;
@@ -1463,6 +1655,7 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   a.x_part = a.x_g + rows * d_inner;
   a.x_h = a.x_part + rows * per_row;
   a.counters = ctx.Counters(Context::CounterSlot::kMambaBlocks);
+  a.x_acc = reinterpret_cast<unsigned long long*>(ctx.Counters(Context::CounterSlot::kMambaReduce));
   a.trace = trace;
   if (trace != nullptr && count > kMaxLayers) return false;  // one launch's layers only
 

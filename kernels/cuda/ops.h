@@ -55,13 +55,15 @@ class Context {
   // kHsa: the fused HSA block's heads done per range of h (hsa_block.cu). kSampling: the greedy
   // kernel's pieces done per row, then its per-row 64-bit maxima (sampling.cu).
   // kMambaBlocks: the persistent Mamba kernel's launch epoch and exit count; kMambaExchange: its
-  // tagged exchange buffers (mamba_blocks.cu), which must start zeroed (tag 0 is never valid).
+  // tagged exchange buffers (mamba_blocks.cu), which must start zeroed (tag 0 is never valid);
+  // kMambaReduce: its one-row variant's fixed-point out_proj sums, zero between launches.
   enum class CounterSlot : int {
     kMamba = 0,
     kRetrieval,
     kAttention,
     kMambaBlocks,
     kMambaExchange,
+    kMambaReduce,
     kHsa,
     kSampling,
     kNumSlots

@@ -226,6 +226,20 @@ TEST_F(CudaMambaBlocksTest, Reference370MShapeFourRowsPastOneLaunch) {
   Check({.rows = 4, .layers = 26, .steps = 2}, GpuPath::kPersistent);
 }
 
+TEST_F(CudaMambaBlocksTest, OneRowReducePastOneLaunch) {
+  // One row and one norm group take the two-phase variant (out_proj partials summed in fixed
+  // point). 25 layers: a launch of 24 and one of a single layer, each of which must leave its
+  // sums at zero for the next launch and the next step.
+  Check({.rows = 1, .layers = 25, .steps = 2, .seed = 23}, GpuPath::kPersistent);
+  Check({.rows = 1, .layers = 4, .d = 256, .H = 8, .P = 64, .N = 64, .seed = 25},
+        GpuPath::kPersistent);
+}
+
+TEST_F(CudaMambaBlocksTest, OneRowThreePhasesWhenReduceSwitchedOff) {
+  ScopedEnv off("RAMBA_CUDA_MAMBA_REDUCE", "0");
+  Check({.rows = 1, .layers = 25, .steps = 2, .seed = 23}, GpuPath::kPersistent);
+}
+
 TEST_F(CudaMambaBlocksTest, OddShapesGroupsNoBias) { Check(OddShapes(), GpuPath::kPersistent); }
 
 TEST_F(CudaMambaBlocksTest, TinyShape) {
@@ -281,20 +295,23 @@ TEST_F(CudaMambaBlocksTest, DefaultPathMatchesAtOneTwoAndThreeRows) {
 TEST_F(CudaMambaBlocksTest, BitwiseDeterministic) {
   // Two runs from the same states and input give the same bits.
   std::vector<std::vector<float>> outs;
-  for (int run = 0; run < 4; ++run) {  // persistent twice, then the cluster kernel twice
-    Build({.rows = run < 2 ? 3 : 2, .layers = 4, .seed = 17});
+  // The persistent kernel at 3 rows and at 1 (its fixed-point variant), then the cluster kernel,
+  // twice each.
+  for (int run = 0; run < 6; ++run) {
+    Build({.rows = run < 2 ? 3 : (run < 4 ? 1 : 2), .layers = 4, .seed = 17});
     Side gpu = MakeSide(true);
     const std::vector<float> in = Input(0);
     ASSERT_TRUE(gpu_->Upload(gpu.h, in.data(), in.size() * sizeof(float)).ok());
     auto* ctx = dynamic_cast<cuda::Context*>(gpu_.get());
     ASSERT_NE(ctx, nullptr);
-    auto done = run < 2 ? cuda::PersistentMambaBlocks(*ctx, gpu.blocks.data(), 4)
+    auto done = run < 4 ? cuda::PersistentMambaBlocks(*ctx, gpu.blocks.data(), 4)
                         : cuda::ClusterMambaBlocks(*ctx, gpu.blocks.data(), 4);
     ASSERT_TRUE(done.ok() && *done);
     outs.push_back(FromGpu(gpu.h, c_.rows * c_.d));
   }
   EXPECT_EQ(outs[0], outs[1]);
   EXPECT_EQ(outs[2], outs[3]);
+  EXPECT_EQ(outs[4], outs[5]);
 }
 #endif
 
