@@ -108,7 +108,7 @@ struct BlocksArgs {
   uint64_t* x_g;       // [rows, d_inner]: gated values before the norm
   uint64_t* x_part;    // [rows, d_inner / kSlice]: per-item sums of g^2
   uint64_t* x_h;       // [rows, d]: the residual between layers of a launch
-  // One-row reduce variant (kRed): out_proj partial sums, 2^kFixedShift fixed point, per layer
+  // One-row variant (kRed): out_proj partial sums in fixed point (kFixedScale), per layer
   // parity; zero between launches.
   unsigned long long* x_acc;  // [2][d]
   unsigned* counters;         // kEpoch, kExits, kDone; zero-initialised
@@ -843,23 +843,14 @@ __global__ void __launch_bounds__(kThreads, 1)
               const uint4* wp =
                   reinterpret_cast<const uint4*>(c_w + (static_cast<int64_t>(i) * d + o) * kSlice);
               const uint4 w0 = wp[0], w1 = wp[1];
+              const uint32_t wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
               const float* gq = s_gq[i];
-              float t = Bf16Lo(w0.x) * gq[0];
-              t += Bf16Hi(w0.x) * gq[1];
-              t += Bf16Lo(w0.y) * gq[2];
-              t += Bf16Hi(w0.y) * gq[3];
-              t += Bf16Lo(w0.z) * gq[4];
-              t += Bf16Hi(w0.z) * gq[5];
-              t += Bf16Lo(w0.w) * gq[6];
-              t += Bf16Hi(w0.w) * gq[7];
-              t += Bf16Lo(w1.x) * gq[8];
-              t += Bf16Hi(w1.x) * gq[9];
-              t += Bf16Lo(w1.y) * gq[10];
-              t += Bf16Hi(w1.y) * gq[11];
-              t += Bf16Lo(w1.z) * gq[12];
-              t += Bf16Hi(w1.z) * gq[13];
-              t += Bf16Lo(w1.w) * gq[14];
-              t += Bf16Hi(w1.w) * gq[15];
+              float t = 0.0f;
+#pragma unroll
+              for (int e = 0; e < 8; ++e) {
+                t += Bf16Lo(wv[e]) * gq[2 * e];
+                t += Bf16Hi(wv[e]) * gq[2 * e + 1];
+              }
               const long long v = ToFixed(t);
               const long long old = b ? prev[1][i][j] : prev[0][i][j];
               if (b) {
