@@ -652,6 +652,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   // kRed: this thread's last partials (fixed point) per layer parity, item and output o = tid +
   // j kThreads; a layer adds the difference, so each parity's sums return to the new layer's.
   long long prev[2][kRedMaxItems][2] = {};
+  auto each_partial = [&](auto f) {  // f(i, j, o) for each of this thread's partials
+#pragma unroll
+    for (int i = 0; i < kRedMaxItems; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int o = tid + j * kThreads;
+        if (i < items && o < d) f(i, j, o);
+      }
+    }
+  };
   load_layer_inputs(0);
 
   for (int l = 0; l < a.num_layers; ++l) {
@@ -834,34 +844,27 @@ __global__ void __launch_bounds__(kThreads, 1)
         CpAsyncWaitAll();
         __syncthreads();  // every thread's slice copies have landed
         unsigned long long* acc = a.x_acc + b * d;
+        each_partial([&](int i, int j, int o) {
+          const uint4* wp =
+              reinterpret_cast<const uint4*>(c_w + (static_cast<int64_t>(i) * d + o) * kSlice);
+          const uint4 w0 = wp[0], w1 = wp[1];
+          const uint32_t wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+          const float* gq = s_gq[i];
+          float t = 0.0f;
 #pragma unroll
-        for (int i = 0; i < kRedMaxItems; ++i) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int o = tid + j * kThreads;
-            if (i < items && o < d) {
-              const uint4* wp =
-                  reinterpret_cast<const uint4*>(c_w + (static_cast<int64_t>(i) * d + o) * kSlice);
-              const uint4 w0 = wp[0], w1 = wp[1];
-              const uint32_t wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-              const float* gq = s_gq[i];
-              float t = 0.0f;
-#pragma unroll
-              for (int e = 0; e < 8; ++e) {
-                t += Bf16Lo(wv[e]) * gq[2 * e];
-                t += Bf16Hi(wv[e]) * gq[2 * e + 1];
-              }
-              const long long v = ToFixed(t);
-              const long long old = b ? prev[1][i][j] : prev[0][i][j];
-              if (b) {
-                prev[1][i][j] = v;
-              } else {
-                prev[0][i][j] = v;
-              }
-              atomicAdd(acc + o, static_cast<unsigned long long>(v - old));
-            }
+          for (int e = 0; e < 8; ++e) {
+            t += Bf16Lo(wv[e]) * gq[2 * e];
+            t += Bf16Hi(wv[e]) * gq[2 * e + 1];
           }
-        }
+          const long long v = ToFixed(t);
+          const long long old = b ? prev[1][i][j] : prev[0][i][j];
+          if (b) {
+            prev[1][i][j] = v;
+          } else {
+            prev[0][i][j] = v;
+          }
+          atomicAdd(acc + o, static_cast<unsigned long long>(v - old));
+        });
         // Every thread fences its own adds (and the x_part sums) before the count: one
         // red.release by thread 0 after the block barrier instead took 5.0-5.4 us, not 3.1.
         __threadfence();
@@ -950,17 +953,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     });
     if (nl >= 2) {
       const int pb = (nl - 2) & 1;
-#pragma unroll
-      for (int i = 0; i < kRedMaxItems; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int o = tid + j * kThreads;
-          if (i < items && o < d) {
-            const long long old = pb ? prev[1][i][j] : prev[0][i][j];
-            atomicAdd(a.x_acc + (pb * d + o), static_cast<unsigned long long>(-old));
-          }
-        }
-      }
+      each_partial([&](int i, int j, int o) {
+        const long long old = pb ? prev[1][i][j] : prev[0][i][j];
+        atomicAdd(a.x_acc + (pb * d + o), static_cast<unsigned long long>(-old));
+      });
     }
   }
 
