@@ -27,16 +27,18 @@
 //
 // One row with one gated-norm group (370M, ramba-tiny at batch 1) takes a two-phase variant
 // (kRed): phase B's block also multiplies its item's 16 gated values by their 16 out_proj
-// columns, a partial of every h column, and adds it into per-layer-parity sums as 2^-40 fixed
-// point integers (exact in any order, so every block reads the same bits), then counts the item
-// done; phase A of the next layer waits for the count, reads the sums and applies the row's
-// gated-norm scale (from the items' sums of squares) itself. Handoffs: A -> B (tagged words)
-// and B -> A (the count), not three. Sums go back to zero without a barrier: each item adds the
-// difference to what it added two layers before, and at the launch's end each block zeroes the
-// last layer's sums for its own h columns (only it reads them) while the items take their
-// partials out of the layer before's (every block read those before the last layer's items
-// could finish). Measured: 10.9-11.2 vs 11.9-12.2 us per layer, decode step 0.674-0.686 vs
-// 0.718-0.721 ms (docs/benchmarks.md); RAMBA_CUDA_MAMBA_REDUCE=0 keeps three phases.
+// columns, a partial of every h column, and adds it into per-layer-parity sums as 2^-32 fixed
+// point integers (exact in any order, so every block reads the same bits) whose top 8 bits
+// count the adds; phase A of the next layer polls the sums until their counts say every item
+// has added, and applies the row's gated-norm scale (from the items' sums of squares) itself.
+// Handoffs: A -> B (tagged words) and B -> A (the counted sums), not three. Sums go back to
+// zero without a barrier: each item adds the difference to what it added two layers before, and
+// at the launch's end each block zeroes the last layer's sums for its own h columns (only it
+// reads them) while the items take their partials and counts out of the layer before's (every
+// block read those before the last layer's items could finish). Measured: 10.9-11.2 vs
+// 11.9-12.2 us per layer with three phases; counting in the sums instead of a fence and a
+// counter per item, 10.4-10.8 vs 10.8-11.1 (docs/benchmarks.md, eighteenth and nineteenth
+// sessions); RAMBA_CUDA_MAMBA_REDUCE=0 keeps three phases.
 //
 // ClusterMambaBlocks (below) is the same work with thread-block clusters: one grid-wide exchange
 // per layer instead of three; CudaBackend uses it for 2 rows.
@@ -108,10 +110,10 @@ struct BlocksArgs {
   uint64_t* x_g;       // [rows, d_inner]: gated values before the norm
   uint64_t* x_part;    // [rows, d_inner / kSlice]: per-item sums of g^2
   uint64_t* x_h;       // [rows, d]: the residual between layers of a launch
-  // One-row variant (kRed): out_proj partial sums in fixed point (kFixedScale), per layer
-  // parity; zero between launches.
+  // One-row variant (kRed): out_proj partial sums in fixed point (kFixedScale) with a count of
+  // adds on top (kCountShift), per layer parity; zero between launches.
   unsigned long long* x_acc;  // [2][d]
-  unsigned* counters;         // kEpoch, kExits, kDone; zero-initialised
+  unsigned* counters;         // kEpoch, kExits; zero-initialised
   long long* trace;   // null, or [layers][kMambaBlocksTracePoints][grid]: clock64 per phase
   int d, H, P, N, ngroups, d_inner, conv_dim, in_dim;  // N: d_state
   int group_size;
@@ -124,27 +126,32 @@ __host__ __device__ __forceinline__ int RangeBegin(int n, int parts, int i) {
   return static_cast<int>(static_cast<int64_t>(n) * i / parts);
 }
 
-// Counters: the launch epoch (tags differ between launches), the blocks that have exited, and
-// (kRed) the phase-B items done in this launch.
-constexpr int kEpoch = 0, kExits = 32, kDone = 64;
-// kRed: out_proj partials are added as integers (exact in any order, so deterministic) of
-// 2^-40: resolution 9e-13, range +-8e6.
-constexpr float kFixedScale = static_cast<float>(1ull << 40);
+// Counters: the launch epoch (tags differ between launches) and the blocks that have exited.
+constexpr int kEpoch = 0, kExits = 32;
+// kRed: out_proj partials are added as integers of 2^-32 (exact in any order, so deterministic),
+// each add also counting one in the top 8 bits, so a sum tells its reader when every item has
+// added to it: with at most 255 items and partials within +-2^15 (out-of-range ones saturate)
+// any sum of some items' partials stays within +-2^23, while each missing add shifts the count
+// field by at least 2^24.
 constexpr int kRedMaxItems = 2;
+constexpr int kRedMaxItemsTotal = 255;
+constexpr int kCountShift = 56;
+constexpr float kFixedScale = static_cast<float>(1ull << 32);
+constexpr float kPartialMax = static_cast<float>(1ull << 47);  // in units of 2^-32
 __device__ __forceinline__ long long ToFixed(float v) {
-  long long q;  // cvt saturates out-of-range values, NaN gives 0
-  asm("cvt.rni.s64.f32 %0, %1;" : "=l"(q) : "f"(v * kFixedScale));
+  long long q;  // NaN gives -2^47 (fmaxf takes the number)
+  asm("cvt.rni.s64.f32 %0, %1;"
+      : "=l"(q)
+      : "f"(fminf(fmaxf(v * kFixedScale, -kPartialMax), kPartialMax)));
   return q;
+}
+// A sum minus its expected count: complete when within +-2^55 (then its value, else garbage).
+__device__ __forceinline__ bool SumComplete(unsigned long long q) {
+  return q + (1ull << (kCountShift - 1)) < (1ull << kCountShift);
 }
 __device__ __forceinline__ float FromFixed(unsigned long long q) {
   return static_cast<float>(static_cast<long long>(q)) * (1.0f / kFixedScale);
 }
-__device__ __forceinline__ unsigned LoadAcquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // Phases hand values over as 64-bit words {float bits, tag}: a consumer polls the words it
 // needs until each carries the tag of the layer it wants, so one L2 round trip after the
 // producer's store delivers both the value and the news that it is ready (a flag or a barrier
@@ -617,20 +624,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // kRed: h after layer lp for k in [k0, k1) (at most 2 kThreads), to put(k, value), once every
   // item of lp has added its out_proj partial: h before it + the row's gated-norm scale times the
-  // partials' sum. Every block computes the same bits.
+  // partials' sum. Every block computes the same bits. Each thread polls its sums until their
+  // count says complete: every item of this parity's layers so far (lp / 2 + 1) added once.
   auto red_h = [&](int lp, int k0, int k1, auto put) {
-    if (tid == 0) {
-      const unsigned want = static_cast<unsigned>(items_total) * static_cast<unsigned>(lp + 1);
-      while (LoadAcquire(a.counters + kDone) < want) {
-      }
-    }
-    __syncthreads();
-    const unsigned long long* acc = a.x_acc + (lp & 1) * d;
+    const uint64_t* acc = reinterpret_cast<const uint64_t*>(a.x_acc) + (lp & 1) * d;
+    const unsigned long long want = static_cast<unsigned long long>(items_total * (lp / 2 + 1))
+                                    << kCountShift;
     unsigned long long q[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int k = k0 + tid + j * kThreads;
-      q[j] = k < k1 ? __ldcg(acc + k) : 0ull;
+      q[j] = k < k1 ? LoadTagged(acc + k) - want : 0ull;
+    }
+    while (!SumComplete(q[0]) || !SumComplete(q[1])) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        if (!SumComplete(q[j])) q[j] = LoadTagged(acc + k0 + tid + j * kThreads) - want;
+      }
     }
     PollGather(
         per_row, Tag(epoch, lp), [&](int i) { return a.x_part + i; },
@@ -863,13 +873,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           } else {
             prev[0][i][j] = v;
           }
-          atomicAdd(acc + o, static_cast<unsigned long long>(v - old));
+          atomicAdd(acc + o, static_cast<unsigned long long>(v - old) + (1ull << kCountShift));
         });
-        // Every thread fences its own adds (and the x_part sums) before the count: one
-        // red.release by thread 0 after the block barrier instead took 5.0-5.4 us, not 3.1.
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) atomicAdd(a.counters + kDone, static_cast<unsigned>(items));
       }
     }
     // kRed has no phase C: the next in_proj tile is copied from here (the tile was read in A).
@@ -942,9 +947,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   if constexpr (kRed) {
-    // The last layer's h for this block's columns, whose partial sums only this block reads:
-    // it zeroes them. The sums of the layer before, read by every block before any item of the
-    // last layer could finish, go back to zero by each item taking its partials out.
+    // The last layer's h for this block's columns (every block has some: d >= G), whose partial
+    // sums only this block reads: it zeroes them. Once they are complete every item has finished
+    // the last layer, so every block has read the layer before's sums (each block's phase A feeds
+    // some item): those go back to zero by each item taking its partials and counts out.
     const int nl = a.num_layers;
     unsigned long long* last = a.x_acc + ((nl - 1) & 1) * d;
     red_h(nl - 1, p.c0, p.c1, [&](int k, float v) {
@@ -953,9 +959,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     });
     if (nl >= 2) {
       const int pb = (nl - 2) & 1;
+      const unsigned long long adds = pb ? nl / 2 : (nl + 1) / 2;  // this item's, with counts
       each_partial([&](int i, int j, int o) {
         const long long old = pb ? prev[1][i][j] : prev[0][i][j];
-        atomicAdd(a.x_acc + (pb * d + o), static_cast<unsigned long long>(-old));
+        atomicAdd(a.x_acc + (pb * d + o),
+                  0ull - (static_cast<unsigned long long>(old) + (adds << kCountShift)));
       });
     }
   }
@@ -963,7 +971,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The last block out (every block has read the epoch by then) starts the next launch's.
   if (tid == 0 && atomicAdd(a.counters + kExits, 1u) == static_cast<unsigned>(G - 1)) {
     a.counters[kExits] = 0u;
-    a.counters[kDone] = 0u;
     a.counters[kEpoch] = epoch + 1u;
   }
 }
@@ -1610,8 +1617,8 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   // handoffs per layer instead of three. RAMBA_CUDA_MAMBA_REDUCE=0 keeps the three.
   const char* red_env = std::getenv("RAMBA_CUDA_MAMBA_REDUCE");
   const bool red = rows == 1 && m0.norm_group_size == d_inner && d <= 2 * kThreads &&
-                   items <= kRedMaxItems && in_dim >= G &&
-                   !(red_env != nullptr && std::string_view(red_env) == "0");
+                   items <= kRedMaxItems && d_inner / kSlice <= kRedMaxItemsTotal && d >= G &&
+                   in_dim >= G && !(red_env != nullptr && std::string_view(red_env) == "0");
   int64_t smem_end = LayOutTiles(a_cols, d, red ? items * kSlice : c_cols, red ? d : d_inner, items,
                                  N, rows, std::max(d, d_inner), &a);
   a.off_h = static_cast<int>(smem_end);
