@@ -62,6 +62,7 @@
 
 #include "base/status_macros.h"
 #include "kernels/cuda/async_copy.cuh"
+#include "kernels/cuda/counted_sum.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/mamba_common.cuh"
@@ -110,8 +111,8 @@ struct BlocksArgs {
   uint64_t* x_g;       // [rows, d_inner]: gated values before the norm
   uint64_t* x_part;    // [rows, d_inner / kSlice]: per-item sums of g^2
   uint64_t* x_h;       // [rows, d]: the residual between layers of a launch
-  // One-row variant (kRed): out_proj partial sums in fixed point (kFixedScale) with a count of
-  // adds on top (kCountShift), per layer parity; zero between launches.
+  // One-row variant (kRed): out_proj partial sums (counted_sum.h), per layer parity; zero
+  // between launches.
   unsigned long long* x_acc;  // [2][d]
   unsigned* counters;         // kEpoch, kExits; zero-initialised
   long long* trace;   // null, or [layers][kMambaBlocksTracePoints][grid]: clock64 per phase
@@ -128,29 +129,17 @@ __host__ __device__ __forceinline__ int RangeBegin(int n, int parts, int i) {
 
 // Counters: the launch epoch (tags differ between launches) and the blocks that have exited.
 constexpr int kEpoch = 0, kExits = 32;
-// kRed: out_proj partials are added as integers of 2^-32 (exact in any order, so deterministic),
-// each add also counting one in the top 8 bits, so a sum tells its reader when every item has
-// added to it: with at most 255 items and partials within +-2^15 (out-of-range ones saturate)
-// any sum of some items' partials stays within +-2^23, while each missing add shifts the count
-// field by at least 2^24.
+// kRed: out_proj partials are added as counted fixed-point sums (counted_sum.h): exact in any
+// order, so deterministic, and each sum tells its reader when every item has added to it.
 constexpr int kRedMaxItems = 2;
-constexpr int kRedMaxItemsTotal = 255;
-constexpr int kCountShift = 56;
-constexpr float kFixedScale = static_cast<float>(1ull << 32);
-constexpr float kPartialMax = static_cast<float>(1ull << 47);  // in units of 2^-32
+// A partial in counted_sum units, saturated (NaN gives -2^47: fmaxf takes the number).
 __device__ __forceinline__ long long ToFixed(float v) {
-  long long q;  // NaN gives -2^47 (fmaxf takes the number)
+  long long q;
   asm("cvt.rni.s64.f32 %0, %1;"
       : "=l"(q)
-      : "f"(fminf(fmaxf(v * kFixedScale, -kPartialMax), kPartialMax)));
+      : "f"(fminf(fmaxf(v * counted_sum::kScale, -counted_sum::kPartialMax),
+                  counted_sum::kPartialMax)));
   return q;
-}
-// A sum minus its expected count: complete when within +-2^55 (then its value, else garbage).
-__device__ __forceinline__ bool SumComplete(unsigned long long q) {
-  return q + (1ull << (kCountShift - 1)) < (1ull << kCountShift);
-}
-__device__ __forceinline__ float FromFixed(unsigned long long q) {
-  return static_cast<float>(static_cast<long long>(q)) * (1.0f / kFixedScale);
 }
 // Phases hand values over as 64-bit words {float bits, tag}: a consumer polls the words it
 // needs until each carries the tag of the layer it wants, so one L2 round trip after the
@@ -628,18 +617,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   // count says complete: every item of this parity's layers so far (lp / 2 + 1) added once.
   auto red_h = [&](int lp, int k0, int k1, auto put) {
     const uint64_t* acc = reinterpret_cast<const uint64_t*>(a.x_acc) + (lp & 1) * d;
-    const unsigned long long want = static_cast<unsigned long long>(items_total * (lp / 2 + 1))
-                                    << kCountShift;
+    const unsigned long long want =
+        counted_sum::Expected(static_cast<unsigned>(items_total * (lp / 2 + 1)));
     unsigned long long q[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int k = k0 + tid + j * kThreads;
       q[j] = k < k1 ? LoadTagged(acc + k) - want : 0ull;
     }
-    while (!SumComplete(q[0]) || !SumComplete(q[1])) {
+    while (!counted_sum::Complete(q[0]) || !counted_sum::Complete(q[1])) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        if (!SumComplete(q[j])) q[j] = LoadTagged(acc + k0 + tid + j * kThreads) - want;
+        if (!counted_sum::Complete(q[j])) q[j] = LoadTagged(acc + k0 + tid + j * kThreads) - want;
       }
     }
     PollGather(
@@ -656,7 +645,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int k = k0 + tid + j * kThreads;
-      if (k < k1) put(k, h_s[k] + s_scale[0][0] * FromFixed(q[j]));
+      if (k < k1) put(k, h_s[k] + s_scale[0][0] * counted_sum::Value(q[j]));
     }
   };
   // kRed: this thread's last partials (fixed point) per layer parity, item and output o = tid +
@@ -873,7 +862,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           } else {
             prev[0][i][j] = v;
           }
-          atomicAdd(acc + o, static_cast<unsigned long long>(v - old) + (1ull << kCountShift));
+          atomicAdd(acc + o, counted_sum::Add(v - old, 1));
         });
       }
     }
@@ -962,8 +951,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const unsigned long long adds = pb ? nl / 2 : (nl + 1) / 2;  // this item's, with counts
       each_partial([&](int i, int j, int o) {
         const long long old = pb ? prev[1][i][j] : prev[0][i][j];
-        atomicAdd(a.x_acc + (pb * d + o),
-                  0ull - (static_cast<unsigned long long>(old) + (adds << kCountShift)));
+        atomicAdd(a.x_acc + (pb * d + o), 0ull - counted_sum::Add(old, adds));
       });
     }
   }
@@ -1617,7 +1605,7 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   // handoffs per layer instead of three. RAMBA_CUDA_MAMBA_REDUCE=0 keeps the three.
   const char* red_env = std::getenv("RAMBA_CUDA_MAMBA_REDUCE");
   const bool red = rows == 1 && m0.norm_group_size == d_inner && d <= 2 * kThreads &&
-                   items <= kRedMaxItems && d_inner / kSlice <= kRedMaxItemsTotal && d >= G &&
+                   items <= kRedMaxItems && d_inner / kSlice <= counted_sum::kMaxAdders && d >= G &&
                    in_dim >= G && !(red_env != nullptr && std::string_view(red_env) == "0");
   int64_t smem_end = LayOutTiles(a_cols, d, red ? items * kSlice : c_cols, red ? d : d_inner, items,
                                  N, rows, std::max(d, d_inner), &a);
