@@ -304,24 +304,25 @@ TEST_F(CudaMambaMixerTest, OutProjection) {
 // ops either way.
 TEST_F(CudaMambaMixerTest, GatedNormFoldedIntoOutProj) {
   const ScopedEnv mixer("RAMBA_CUDA_FUSED_MIXER", "0");
-  // One B/C group, conv bias, an out_proj of 40 rows; a new seed per case.
+  // One B/C group; a new seed per case.
   uint32_t seed = 81;
   auto make = [&seed](std::vector<int64_t> lens, int64_t base, int64_t H, int64_t P, int64_t N,
-                      int64_t norm_groups) {
+                      int64_t norm_groups, int64_t out_n, bool conv_bias = true) {
     MixerCase c{.lens = std::move(lens), .base = base, .H = H, .P = P, .N = N, .G = 1};
     c.norm_groups = norm_groups;
+    c.conv_bias = conv_bias;
     c.seed = seed++;
-    c.out_n = 40;
+    c.out_n = out_n;
     return c;
   };
   std::vector<MixerCase> cases;
   for (int64_t n : {1, 3, 8, 16, 17}) {
-    cases.push_back(make(std::vector<int64_t>(n, 1), 0, 32, 64, 128, 1));
+    cases.push_back(make(std::vector<int64_t>(n, 1), 0, 32, 64, 128, 1, 96));
   }
-  cases.push_back(make({2, 1, 0, 3}, 2, 8, 32, 64, 1));
-  cases.push_back(make(std::vector<int64_t>(12, 1), 0, 5, 9, 33, 1));
-  cases.push_back(make({1, 1, 1}, 0, 8, 32, 64, 2));
-  cases.push_back(make({0, 0}, 2, 8, 32, 64, 1));
+  cases.push_back(make({2, 1, 0, 3}, 2, 8, 32, 64, 1, 40));
+  cases.push_back(make(std::vector<int64_t>(12, 1), 0, 5, 9, 33, 1, 24, /*conv_bias=*/false));
+  cases.push_back(make({1, 1, 1}, 0, 8, 32, 64, 2, 40));
+  cases.push_back(make({0, 0}, 2, 8, 32, 64, 1, 40));
   for (const char* fold : {"1", "0"}) {
     const ScopedEnv env("RAMBA_CUDA_GATED_FOLD", fold);
     for (const MixerCase& c : cases) {
