@@ -247,7 +247,7 @@ __device__ __forceinline__ void WarpColumnsGemv(const __nv_bfloat16* w, int ldw,
                                                 int c_first, int c_step, const float* x, int ldx,
                                                 int k0, int k1, int lane, float* dot) {
   constexpr int J = GemvJ(R);
-  float xv[R][J][8];
+  float xv[R][J][8] = {};  // zero past k1: the clamped weight loads below then add nothing
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const int base = k0 + 256 * j;
@@ -268,26 +268,36 @@ __device__ __forceinline__ void WarpColumnsGemv(const __nv_bfloat16* w, int ldw,
     }
   }
   for (int cb = c_first; cb < ncols; cb += kCols * c_step) {  // the same trip count in every lane
+    // Every load of the pass first, unconditionally (a column past ncols reads column cb and a k
+    // past k1 reads k0: both inside the tile; the first's sums are never written, the second's
+    // x is zero), so the warp waits for shared memory once, not once per load.
+    uint4 wv[kCols][J];
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+      const int c = cb + i * c_step < ncols ? cb + i * c_step : cb;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int k = k0 + 256 * j + 8 * lane;
+        wv[i][j] = *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c) * ldw +
+                                                   (k < k1 ? k : k0));
+      }
+    }
     float acc[kCols][R];
 #pragma unroll
     for (int i = 0; i < kCols; ++i) {
-      const int c = cb + i * c_step;
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
 #pragma unroll
       for (int j = 0; j < J; ++j) {
-        const int k = k0 + 256 * j + 8 * lane;
-        if (c < ncols && k < k1) {
-          const uint4 wv = *reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c) * ldw + k);
-          const float wf[8] = {Bf16Lo(wv.x), Bf16Hi(wv.x), Bf16Lo(wv.y), Bf16Hi(wv.y),
-                               Bf16Lo(wv.z), Bf16Hi(wv.z), Bf16Lo(wv.w), Bf16Hi(wv.w)};
+        const uint4 v = wv[i][j];
+        const float wf[8] = {Bf16Lo(v.x), Bf16Hi(v.x), Bf16Lo(v.y), Bf16Hi(v.y),
+                             Bf16Lo(v.z), Bf16Hi(v.z), Bf16Lo(v.w), Bf16Hi(v.w)};
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
-            float t = 0.0f;
+        for (int r = 0; r < R; ++r) {
+          float t = 0.0f;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) t += wf[e] * xv[r][j][e];
-            acc[i][r] += t;
-          }
+          for (int e = 0; e < 8; ++e) t += wf[e] * xv[r][j][e];
+          acc[i][r] += t;
         }
       }
     }
