@@ -867,6 +867,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             t += Bf16Hi(wv[e]) * gq[2 * e + 1];
           }
           const long long v = ToFixed(t);
+          // Branches, not prev[b]: a runtime index would move prev to local memory.
           const long long old = b ? prev[1][i][j] : prev[0][i][j];
           if (b) {
             prev[1][i][j] = v;
