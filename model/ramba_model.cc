@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 
@@ -36,18 +39,60 @@ struct RambaModel::Workspace {
     }
     return buf.as<T>();
   }
-  // Copies a host array into the slot and returns its backend address.
-  template <class T>
-  absl::StatusOr<T*> Put(Slot slot, const std::vector<T>& host) {
+  // Copies a host array to the backend and sets *out to its address: into the slot's buffer at
+  // once, or, between BeginStaging() and FlushStaged(), packed with the other staged arrays into
+  // one buffer that a single copy uploads (*out set by the flush). A decode step's ten small
+  // arrays took ten copies, each a few us on the stream ahead of the step's kernels.
+  template <class T, class P>
+  absl::Status Put(Slot slot, const std::vector<T>& host, P* out) {
+    const size_t bytes = host.size() * sizeof(T);
+    if (staging) {
+      const size_t offset = staged.size();
+      staged.resize(offset + (std::max<size_t>(bytes, 1) + 15) / 16 * 16);
+      if (bytes > 0) std::memcpy(staged.data() + offset, host.data(), bytes);
+      staged_outs.push_back(
+          [out, offset](char* base) { *out = reinterpret_cast<T*>(base + offset); });
+      return absl::OkStatus();
+    }
     ASSIGN_OR_RETURN(T * p, Get<T>(slot, host.size()));
-    if (!host.empty()) RETURN_IF_ERROR(backend->Upload(p, host.data(), host.size() * sizeof(T)));
-    return p;
+    if (bytes > 0) RETURN_IF_ERROR(backend->Upload(p, host.data(), bytes));
+    *out = p;
+    return absl::OkStatus();
+  }
+  void BeginStaging() {
+    staging = true;
+    staged.clear();
+    staged_outs.clear();
+  }
+  // One upload of everything staged since BeginStaging(); then sets the staged outputs. The
+  // layout depends only on the staged arrays' sizes, so a step of the same shape gets the same
+  // addresses (as recorded graphs need); growing the buffer moves them (generation).
+  absl::Status FlushStaged() {
+    staging = false;
+    if (staged_buffer.size() < staged.size()) {
+      if (recording) {
+        return absl::FailedPreconditionError("workspace must not grow while a graph is recorded");
+      }
+      staged_buffer.Reset();
+      ASSIGN_OR_RETURN(staged_buffer, backend->Allocate(staged.size() + staged.size() / 4));
+      ++generation;
+    }
+    if (!staged.empty()) {
+      RETURN_IF_ERROR(backend->Upload(staged_buffer.data(), staged.data(), staged.size()));
+    }
+    for (const auto& set : staged_outs) set(staged_buffer.as<char>());
+    staged_outs.clear();
+    return absl::OkStatus();
   }
 
   Backend* backend;
   std::vector<kernels::Buffer> buffers;
   uint64_t generation = 0;
   bool recording = false;
+  bool staging = false;
+  std::vector<char> staged;                             // host copies, 16-byte aligned offsets
+  std::vector<std::function<void(char*)>> staged_outs;  // set each Put's *out from the base
+  kernels::Buffer staged_buffer;
 };
 
 RambaModel::RambaModel(ModelConfig config, ModelWeights weights, Backend* backend)
@@ -190,11 +235,10 @@ absl::Status RambaModel::PrepareBatch(absl::Span<SessionState* const> states,
       ssm_ptrs.push_back(states[s]->ssm_state(l));
     }
   }
-  ASSIGN_OR_RETURN(b->tokens, ws.Put(W::kTokens, tokens));
-  ASSIGN_OR_RETURN(b->offsets, ws.Put(W::kSeqOffsets, offsets));
-  ASSIGN_OR_RETURN(b->conv_ptrs, ws.Put(W::kConvPtrs, conv_ptrs));
-  ASSIGN_OR_RETURN(b->ssm_ptrs, ws.Put(W::kSsmPtrs, ssm_ptrs));
-  return absl::OkStatus();
+  RETURN_IF_ERROR(ws.Put(W::kTokens, tokens, &b->tokens));
+  RETURN_IF_ERROR(ws.Put(W::kSeqOffsets, offsets, &b->offsets));
+  RETURN_IF_ERROR(ws.Put(W::kConvPtrs, conv_ptrs, &b->conv_ptrs));
+  return ws.Put(W::kSsmPtrs, ssm_ptrs, &b->ssm_ptrs);
 }
 
 // Embedding and the lower Mamba decoder: h = the chunking layer's input.
@@ -510,7 +554,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   if (new_chunks > 0) RETURN_IF_ERROR(EncodeChunks(X, new_chunks, owners));
 
   // ---- Retrieval and upper decoder ----
-  ASSIGN_OR_RETURN(b.mem, MemoryBatch(states, row_seq, row_pos, /*bucket=*/false));
+  RETURN_IF_ERROR(MemoryBatch(states, row_seq, row_pos, /*bucket=*/false, &b.mem));
   RETURN_IF_ERROR(UpperLayers(b));
   for (int64_t s = 0; s < num_seqs; ++s) {
     states[s]->AdvancePosition(static_cast<int64_t>(tokens[s].size()));
@@ -532,9 +576,10 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   return Deliver(states, out, out_rows, output);
 }
 
-absl::StatusOr<kernels::ChunkMemoryBatch> RambaModel::MemoryBatch(
-    absl::Span<SessionState* const> states, const std::vector<int32_t>& row_seq,
-    const std::vector<int64_t>& row_pos, bool bucket) {
+absl::Status RambaModel::MemoryBatch(absl::Span<SessionState* const> states,
+                                     const std::vector<int32_t>& row_seq,
+                                     const std::vector<int64_t>& row_pos, bool bucket,
+                                     kernels::ChunkMemoryBatch* mem) {
   Workspace& ws = *workspace_;
   using W = Workspace;
   std::vector<const float*> landmark_ptrs;
@@ -547,15 +592,13 @@ absl::StatusOr<kernels::ChunkMemoryBatch> RambaModel::MemoryBatch(
     table_ptrs.push_back(st->chunk_table());
     max_chunks = std::max(max_chunks, st->num_chunks());
   }
-  kernels::ChunkMemoryBatch mem;
-  mem.max_num_chunks = bucket ? ChunkBucket(max_chunks) : max_chunks;
-  mem.num_seqs = static_cast<int64_t>(states.size());
-  ASSIGN_OR_RETURN(mem.row_seq, ws.Put(W::kRowSeq, row_seq));
-  ASSIGN_OR_RETURN(mem.row_position, ws.Put(W::kRowPos, row_pos));
-  ASSIGN_OR_RETURN(mem.landmarks, ws.Put(W::kLandmarkPtrs, landmark_ptrs));
-  ASSIGN_OR_RETURN(mem.num_chunks, ws.Put(W::kNumChunks, num_chunks));
-  ASSIGN_OR_RETURN(mem.chunk_kv, ws.Put(W::kChunkTablePtrs, table_ptrs));
-  return mem;
+  mem->max_num_chunks = bucket ? ChunkBucket(max_chunks) : max_chunks;
+  mem->num_seqs = static_cast<int64_t>(states.size());
+  RETURN_IF_ERROR(ws.Put(W::kRowSeq, row_seq, &mem->row_seq));
+  RETURN_IF_ERROR(ws.Put(W::kRowPos, row_pos, &mem->row_position));
+  RETURN_IF_ERROR(ws.Put(W::kLandmarkPtrs, landmark_ptrs, &mem->landmarks));
+  RETURN_IF_ERROR(ws.Put(W::kNumChunks, num_chunks, &mem->num_chunks));
+  return ws.Put(W::kChunkTablePtrs, table_ptrs, &mem->chunk_kv);
 }
 
 // Graphs are keyed by the chunk-count bucket too, since retrieval sizes its grid from it.
@@ -567,10 +610,11 @@ int64_t RambaModel::ChunkBucket(int64_t max_chunks) {
 
 // One token per session on a backend with graphs. The step's ops (embedding, lower decoder, the
 // append of each row to its partial-chunk buffer, retrieval, upper decoder, head) read every
-// per-step address through arrays uploaded first, so after one eager run of a (batch, chunk
-// bucket) shape they are recorded once and replayed with one launch. Chunks completed by this
-// step are encoded afterwards, outside the graph: a decode row never retrieves the chunk it
-// completes ((c + 1) * chunk_size > its position), so the order does not change the result.
+// per-step address through arrays uploaded first (in one copy: Workspace staging), so after one
+// eager run of a (batch, chunk bucket) shape they are recorded once and replayed with one launch.
+// Chunks completed by this step are encoded afterwards, outside the graph: a decode row never
+// retrieves the chunk it completes ((c + 1) * chunk_size > its position), so the order does not
+// change the result.
 absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states,
                                           const std::vector<int32_t>& tokens,
                                           const Output& output) {
@@ -592,9 +636,13 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
     buffer_rows[s] = states[s]->chunk_buffer() + states[s]->buffered_rows() * d;
   }
   Batch b;
+  float** rows_dev = nullptr;
+  ws.BeginStaging();
+  absl::Cleanup end_staging = [&ws] { ws.staging = false; };  // on errors before the flush
   RETURN_IF_ERROR(PrepareBatch(states, tokens, offsets, &b));
-  ASSIGN_OR_RETURN(float** rows_dev, ws.Put(W::kBufferRows, buffer_rows));
-  ASSIGN_OR_RETURN(b.mem, MemoryBatch(states, row_seq, row_pos, /*bucket=*/true));
+  RETURN_IF_ERROR(ws.Put(W::kBufferRows, buffer_rows, &rows_dev));
+  RETURN_IF_ERROR(MemoryBatch(states, row_seq, row_pos, /*bucket=*/true, &b.mem));
+  RETURN_IF_ERROR(ws.FlushStaged());
 
   auto ops = [&]() -> absl::StatusOr<float*> {
     RETURN_IF_ERROR(LowerLayers(b));

@@ -118,10 +118,9 @@ class RambaModel {
   absl::Status EncodeChunks(float* X, int64_t new_chunks, absl::Span<SessionState* const> owners);
   absl::Status UpperLayers(const Batch& b);
   absl::StatusOr<float*> Head(const float* src, int64_t rows);
-  absl::StatusOr<kernels::ChunkMemoryBatch> MemoryBatch(absl::Span<SessionState* const> states,
-                                                        const std::vector<int32_t>& row_seq,
-                                                        const std::vector<int64_t>& row_pos,
-                                                        bool bucket);
+  absl::Status MemoryBatch(absl::Span<SessionState* const> states,
+                           const std::vector<int32_t>& row_seq, const std::vector<int64_t>& row_pos,
+                           bool bucket, kernels::ChunkMemoryBatch* mem);
   static int64_t ChunkBucket(int64_t max_chunks);
 
   ModelConfig config_;
