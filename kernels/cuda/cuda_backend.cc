@@ -134,6 +134,10 @@ void CudaBackend::Free(void* data, size_t /*bytes*/) { cudaFreeAsync(data, strea
 absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Upload", dst != nullptr && host_src != nullptr, "null pointer");
+  if (capturing_) {
+    // A recorded copy would read its staging slot again at every replay, long after reuse.
+    return absl::FailedPreconditionError("Upload: host copies cannot be recorded in a graph");
+  }
   if (bytes > kStagingSegmentBytes) {
     // Large (weights, restored chunks): from pageable memory the copy is staged before the call
     // returns, so the caller may reuse host_src at once.
