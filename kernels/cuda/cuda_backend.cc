@@ -424,8 +424,8 @@ absl::Status CudaBackend::MambaBlocks(const MambaBlockArgs* blocks, int64_t coun
   // (block by block) at batch 1, 14.1 vs 16.3 vs 22.4 at batch 2; per decode step at 4K a tie at
   // batch 1 (cluster 0.757-0.769 ms and once 0.848, grid-wide 0.755-0.776) and 0.908-0.921 vs
   // 0.963-0.982 ms at batch 2. So 2 rows take the cluster kernel, 1 row the grid-wide one, whose
-  // one-row variant with two phases per layer takes 10.4-10.8 us per layer, 0.636-0.666 ms per
-  // step (twentieth session).
+  // one-row variant with two phases per layer takes 10.4-10.8 us per layer, 0.616-0.645 ms per
+  // step (twenty-first session).
   // RAMBA_CUDA_PERSISTENT_MAMBA=0 turns both off, =1 takes the grid-wide kernel (up to its 4
   // rows), =2 the cluster kernel first. Read per call: tests and bench-mamba-blocks switch it.
   constexpr int64_t kPersistentMaxRows = 2;
