@@ -90,8 +90,7 @@ absl::Status CudaBackend::Init(int dev) {
   // Programmatic dependent launch needs sm_90; RAMBA_CUDA_PDL=0 turns it off (to compare).
   int major = 0;
   RAMBA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  const char* pdl_env = std::getenv("RAMBA_CUDA_PDL");
-  pdl = major >= 9 && !(pdl_env != nullptr && std::string_view(pdl_env) == "0");
+  pdl = major >= 9 && cuda::EnvSwitchOn("RAMBA_CUDA_PDL");
   return absl::OkStatus();
 }
 
@@ -398,10 +397,9 @@ absl::Status CudaBackend::MambaMixer(const MambaMixerArgs& a) {
   // gated-norm kernel (~4 us per layer at batch 16) goes. RAMBA_CUDA_GATED_FOLD=0 turns it off.
   constexpr int64_t kGatedFoldMaxRows = 16;
   const int64_t base = a.host_seq_offsets[0], rows = a.host_seq_offsets[a.num_seqs] - base;
-  const char* fold_env = std::getenv("RAMBA_CUDA_GATED_FOLD");
   if (a.out_proj.data != nullptr && a.out_proj.dtype != DType::kF32 &&
       a.norm_group_size == d_inner && rows > 0 && rows <= kGatedFoldMaxRows &&
-      (fold_env == nullptr || std::string_view(fold_env) != "0") &&
+      cuda::EnvSwitchOn("RAMBA_CUDA_GATED_FOLD") &&
       cuda::SsmDecodeTakes(a.ssm, a.num_seqs, a.host_seq_offsets)) {
     const int64_t conv_dim = d_inner + 2 * a.ssm.ngroups * a.ssm.d_state;
     RETURN_IF_ERROR(CausalConv1dSilu(a.zxbcdt + d_inner, a.ld, a.seq_offsets, a.num_seqs,

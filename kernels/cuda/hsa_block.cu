@@ -23,8 +23,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "base/status_macros.h"
 #include "kernels/cuda/async_copy.cuh"
@@ -391,10 +389,7 @@ absl::Status LaunchHsa(Context& ctx, const HsaArgs& args, int64_t rows) {
 }  // namespace
 
 absl::StatusOr<bool> FusedHsaBlock(Context& ctx, const HsaBlockArgs& a) {
-  if (const char* env = std::getenv("RAMBA_CUDA_FUSED_HSA");
-      env != nullptr && !std::strcmp(env, "0")) {
-    return false;
-  }
+  if (!EnvSwitchOn("RAMBA_CUDA_FUSED_HSA")) return false;
   // CudaBackend::HsaBlock has checked the heads, the projections' shapes and the pointers;
   // what is left is this kernel's own limits.
   const int64_t d = a.q_proj.cols;

@@ -56,8 +56,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 #include <vector>
 
 #include "base/status_macros.h"
@@ -1615,10 +1613,9 @@ absl::StatusOr<bool> PersistentMambaBlocks(Context& ctx, const MambaBlockArgs* b
   if (2 * N + 2 * kSlice + 1 > kLoadFirst - kMaxItems) return false;  // phase B: a thread per input
   // One row, one norm group: out_proj as per-item partials summed in fixed point (kRed), two
   // handoffs per layer instead of three. RAMBA_CUDA_MAMBA_REDUCE=0 keeps the three.
-  const char* red_env = std::getenv("RAMBA_CUDA_MAMBA_REDUCE");
   const bool red = rows == 1 && m0.norm_group_size == d_inner && d <= 2 * kThreads &&
                    items <= kRedMaxItems && d_inner / kSlice <= counted_sum::kMaxAdders && d >= G &&
-                   in_dim >= G && !(red_env != nullptr && std::string_view(red_env) == "0");
+                   in_dim >= G && EnvSwitchOn("RAMBA_CUDA_MAMBA_REDUCE");
   int64_t smem_end = LayOutTiles(a_cols, d, red ? items * kSlice : c_cols, red ? d : d_inner, items,
                                  N, rows, std::max(d, d_inner), &a);
   a.off_h = static_cast<int>(smem_end);

@@ -945,10 +945,7 @@ bool UseStackedProduct(int m, int ldh) {
 // prefill at 64K: 147K vs 139K tok/s alone, 167K vs 157K with the stacked product). Folding the
 // gated norm into the small-m GEMM too was measured slower (batch-1 decode 1.40 vs 1.17 ms:
 // every block recomputes the 2048-wide gated row) and removed.
-bool FuseNorms() {
-  const char* e = std::getenv("RAMBA_CUDA_FUSED_NORM");
-  return e == nullptr || e[0] != '0';
-}
+bool FuseNorms() { return EnvSwitchOn("RAMBA_CUDA_FUSED_NORM"); }
 
 absl::StatusOr<GemmInput> GemmInputScratch(Context& ctx, int m, int k, DType dtype) {
   GemmInput in;

@@ -12,6 +12,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -19,6 +21,13 @@
 #include "kernels/backend.h"
 
 namespace ramba::kernels::cuda {
+
+// False when the environment variable `name` is "0": the switches that turn a fast path off, to
+// measure without it or to test the path it replaces (read at each call unless a caller caches it).
+inline bool EnvSwitchOn(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::string_view(v) != "0";
+}
 
 // Scratch slots: each op family owns its slots, so one op's scratch never aliases another's
 // while both are queued on the stream.

@@ -23,8 +23,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -633,9 +631,8 @@ absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t voc
     host[r] = RowArgs{params[r].temperature, params[r].top_k, params[r].top_p, uniforms[r]};
     any_sampled = any_sampled || params[r].temperature > 0.0f;
   }
-  const char* greedy_env = std::getenv("RAMBA_CUDA_GREEDY_KERNEL");  // "0": measure without it
   if (!any_sampled && rows <= Context::kCountersPerSlot / 4 &&
-      !(greedy_env != nullptr && std::string_view(greedy_env) == "0")) {
+      EnvSwitchOn("RAMBA_CUDA_GREEDY_KERNEL")) {
     const int pieces = static_cast<int>((vocab + kGreedyPiece - 1) / kGreedyPiece);
     unsigned* counters = ctx.Counters(Context::CounterSlot::kSampling);
     // Slots after the counters, 8-byte aligned (both zero between calls).

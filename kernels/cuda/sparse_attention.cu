@@ -739,10 +739,8 @@ absl::Status SparseChunkAttention(Context& ctx, const float* q, int64_t rows,
   // Too few (row, kv head) blocks to fill the GPU (decode): a block per slot as well, so a row's
   // chunks are read by K SMs at once instead of one after another, then a sum over the slots.
   const int64_t items = rows * nkv;
-  const char* split_env = std::getenv("RAMBA_CUDA_SPARSE_SPLIT");  // "0": measure without it
   const bool split = k > 1 && items < 2 * std::max(ctx.num_sms, 1) && items * k <= INT32_MAX &&
-                     items <= Context::kCountersPerSlot &&
-                     !(split_env != nullptr && std::strcmp(split_env, "0") == 0);
+                     items <= Context::kCountersPerSlot && EnvSwitchOn("RAMBA_CUDA_SPARSE_SPLIT");
   float* partials = nullptr;
   if (split) {
     const size_t bytes = static_cast<size_t>(items * k * group * hd) * sizeof(float);
