@@ -217,8 +217,9 @@ struct RambaModel::Batch {
   kernels::ChunkMemoryBatch mem;
 };
 
-// Uploads a batch's token ids, offsets and per-layer state pointer arrays into the workspace.
-// b->host_offsets points into `offsets`, which must outlive the batch.
+// Puts a batch's token ids, offsets and per-layer state pointer arrays into the workspace
+// (Workspace::Put: staged while staging). b->host_offsets points into `offsets`, which must
+// outlive the batch.
 absl::Status RambaModel::PrepareBatch(absl::Span<SessionState* const> states,
                                       const std::vector<int32_t>& tokens,
                                       const std::vector<int64_t>& offsets, Batch* b) {
@@ -576,6 +577,9 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   return Deliver(states, out, out_rows, output);
 }
 
+// The batch's chunk memories (landmark and chunk-table pointers, chunk counts) and its rows'
+// sequences and positions, put into the workspace (Workspace::Put: staged while staging). With
+// `bucket`, max_num_chunks is rounded up to its graph bucket.
 absl::Status RambaModel::MemoryBatch(absl::Span<SessionState* const> states,
                                      const std::vector<int32_t>& row_seq,
                                      const std::vector<int64_t>& row_pos, bool bucket,
