@@ -27,17 +27,20 @@ struct RambaModel::Workspace {
 
   template <class T>
   absl::StatusOr<T*> Get(Slot slot, int64_t count) {
-    const size_t bytes = std::max<int64_t>(count, 1) * sizeof(T);
     kernels::Buffer& buf = buffers[slot];
-    if (buf.size() < bytes) {
-      if (recording) {
-        return absl::FailedPreconditionError("workspace must not grow while a graph is recorded");
-      }
-      buf.Reset();
-      ASSIGN_OR_RETURN(buf, backend->Allocate(bytes + bytes / 4));
-      ++generation;  // recorded graphs hold the old address
-    }
+    RETURN_IF_ERROR(Reserve(buf, std::max<int64_t>(count, 1) * sizeof(T)));
     return buf.as<T>();
+  }
+  // Grows buf to at least `bytes` (with a quarter more), which moves it.
+  absl::Status Reserve(kernels::Buffer& buf, size_t bytes) {
+    if (buf.size() >= bytes) return absl::OkStatus();
+    if (recording) {
+      return absl::FailedPreconditionError("workspace must not grow while a graph is recorded");
+    }
+    buf.Reset();
+    ASSIGN_OR_RETURN(buf, backend->Allocate(bytes + bytes / 4));
+    ++generation;  // recorded graphs hold the old address
+    return absl::OkStatus();
   }
   // Copies a host array to the backend and sets *out to its address: into the slot's buffer at
   // once, or, between BeginStaging() and FlushStaged(), packed with the other staged arrays into
@@ -69,14 +72,7 @@ struct RambaModel::Workspace {
   // addresses (as recorded graphs need); growing the buffer moves them (generation).
   absl::Status FlushStaged() {
     staging = false;
-    if (staged_buffer.size() < staged.size()) {
-      if (recording) {
-        return absl::FailedPreconditionError("workspace must not grow while a graph is recorded");
-      }
-      staged_buffer.Reset();
-      ASSIGN_OR_RETURN(staged_buffer, backend->Allocate(staged.size() + staged.size() / 4));
-      ++generation;
-    }
+    RETURN_IF_ERROR(Reserve(staged_buffer, staged.size()));
     if (!staged.empty()) {
       RETURN_IF_ERROR(backend->Upload(staged_buffer.data(), staged.data(), staged.size()));
     }

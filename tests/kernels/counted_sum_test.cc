@@ -15,7 +15,7 @@
 namespace ramba::kernels::cuda::counted_sum {
 namespace {
 
-constexpr long long kMax = 1ll << 47;  // kPartialMax in units
+constexpr long long kMax = static_cast<long long>(kPartialMax);  // a saturated partial
 
 // One word of one layer parity as the kernel drives it: n adders, each adding once per layer
 // the difference between its new partial and its last one.
