@@ -29,6 +29,10 @@ ABSL_FLAG(int32_t, prefill_tokens, 2048, "Prompt length for the prefill measurem
 ABSL_FLAG(int32_t, segment, 1024, "Prefill segment length");
 ABSL_FLAG(int32_t, decode_tokens, 64, "Decode steps to time");
 ABSL_FLAG(std::string, batches, "1", "Comma-separated decode batch sizes");
+ABSL_FLAG(int32_t, sustained_chunks, 0,
+          "Also time this many chunks' worth of decode steps (chunk_size each) after the "
+          "steady-state ones, so each session completes and encodes that many chunks inside the "
+          "timing (the steady-state steps, like most short runs, complete none)");
 ABSL_FLAG(bool, download_logits, false,
           "Decode steps download every row's logits (Decode) instead of sampling greedily on "
           "the device and downloading the tokens (ForwardAndSample, what the server does)");
@@ -182,6 +186,24 @@ int main(int argc, char** argv) {
       if (auto st = step(); !st.ok()) return Fail(st);
     }
     const double step_s = (Now() - t1) / steps;
+    double sustained_s = 0;
+    const int32_t sustained_chunks = absl::GetFlag(FLAGS_sustained_chunks);
+    if (sustained_chunks > 0) {
+      // Untimed steps up to and including the next chunk completion (its one-time costs: the
+      // encoder's first shapes, a new graph if the chunk-count bucket grows), then whole
+      // chunks' worth of steps, each completing one chunk per session.
+      const int64_t S = config.chunk_size;
+      const int64_t p = ptrs[0]->position();
+      for (int64_t i = 0; i < (S - 1 - p % S + S) % S + 1; ++i) {
+        if (auto st = step(); !st.ok()) return Fail(st);
+      }
+      const int64_t n_steps = sustained_chunks * S;
+      const double t2 = Now();
+      for (int64_t i = 0; i < n_steps; ++i) {
+        if (auto st = step(); !st.ok()) return Fail(st);
+      }
+      sustained_s = (Now() - t2) / n_steps;
+    }
     // Floor: weights once, every session's recurrent state read and written, its landmarks and
     // its top-K chunks read once.
     const double floor_bytes =
@@ -191,6 +213,12 @@ int main(int argc, char** argv) {
                 "(%.1f MB) ratio %.2fx\n",
                 batch, n, 1e3 * step_s, batch / step_s, 1e3 * floor_s, floor_bytes / 1e6,
                 step_s / floor_s);
+    if (sustained_s > 0) {
+      std::printf(
+          "  sustained over %d chunk(s) per session, encoder included: %8.3f ms/step "
+          "(%.2fx the steady step, ratio %.2fx)\n",
+          sustained_chunks, 1e3 * sustained_s, sustained_s / step_s, sustained_s / floor_s);
+    }
   }
   return 0;
 }
