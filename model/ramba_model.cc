@@ -731,6 +731,26 @@ absl::Status RambaModel::Prefill(SessionState* state, absl::Span<const int32_t> 
   return absl::OkStatus();
 }
 
+absl::Status RambaModel::Warmup() {
+  ASSIGN_OR_RETURN(std::unique_ptr<SessionState> session, NewSession());
+  const int64_t S = config_.chunk_size;
+  std::vector<int32_t> prompt(static_cast<size_t>(S + S / 2));
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    prompt[i] = static_cast<int32_t>(i % static_cast<size_t>(config_.vocab_size));
+  }
+  RETURN_IF_ERROR(Prefill(session.get(), prompt, nullptr, static_cast<int64_t>(prompt.size())));
+  SessionState* one[] = {session.get()};
+  const SamplingOptions greedy[1] = {};
+  int32_t token = prompt.back();
+  std::vector<int32_t> sampled;
+  while (session->num_chunks() < 2) {
+    const absl::Span<const int32_t> in[] = {absl::MakeConstSpan(&token, 1)};
+    RETURN_IF_ERROR(ForwardAndSample(one, in, greedy, &sampled));
+    token = sampled[0];
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RambaModel::Decode(absl::Span<SessionState* const> states,
                                 absl::Span<const int32_t> tokens, std::vector<float>* logits) {
   if (states.size() != tokens.size()) {

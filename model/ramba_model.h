@@ -79,6 +79,14 @@ class RambaModel {
   absl::Status Prefill(SessionState* state, absl::Span<const int32_t> tokens,
                        std::vector<float>* last_logits, int64_t segment_tokens = 1024);
 
+  // Runs a throwaway session through the paths whose first call on a backend costs the most (on a
+  // GPU: kernel modules loaded at first launch, cuBLASLt's algorithm queries, the batch-1 decode
+  // graph): a prefill that completes one chunk, then greedy single-token steps through the next
+  // chunk's completion. Leaves other sessions untouched. Call it from the thread that will run
+  // the model (the server's engine thread, before it listens): the CPU backend's OpenMP team
+  // belongs to the calling thread, and a second team makes libgomp stop spinning.
+  absl::Status Warmup();
+
   // One token for each of a batch of sessions; logits [num_states, vocab].
   absl::Status Decode(absl::Span<SessionState* const> states, absl::Span<const int32_t> tokens,
                       std::vector<float>* logits);

@@ -48,7 +48,14 @@ void Engine::Stop() {
   stopping_ = true;
 }
 
+absl::Status Engine::WaitForWarmup() {
+  warmed_.WaitForNotification();
+  return warmup_status_;
+}
+
 void Engine::Loop() {
+  if (options_.warmup) warmup_status_ = model_->Warmup();
+  warmed_.Notify();
   std::vector<std::unique_ptr<Running>> active;
   auto finish = [](Running& r, const absl::Status& s, FinishReason reason) {
     r.req->on_done(s, reason);

@@ -45,6 +45,9 @@ ABSL_FLAG(bool, sync_commits, true, "fsync every commit (acknowledged = durable)
 ABSL_FLAG(int32_t, commit_threads, 0,
           "Threads writing store commits off the engine thread, for disks whose fsync is slow "
           "(concurrent syncs share one); 0: the engine thread writes them.");
+ABSL_FLAG(bool, warmup, true,
+          "Before listening, run a throwaway session through a prefill and decode steps up to a "
+          "chunk completion, so the first request does not pay the backend's one-time costs.");
 ABSL_FLAG(int32_t, drain_seconds, 30, "Grace period for running calls on SIGTERM.");
 
 namespace {
@@ -88,7 +91,16 @@ int main(int argc, char** argv) {
   server::EngineOptions engine_options;
   engine_options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   engine_options.max_active_requests = absl::GetFlag(FLAGS_max_active_requests);
+  engine_options.warmup = absl::GetFlag(FLAGS_warmup);
+  const auto warmup_start = std::chrono::steady_clock::now();
   server::Engine engine(model->get(), engine_options);
+  if (absl::Status st = engine.WaitForWarmup(); !st.ok()) return Fail(st);
+  if (engine_options.warmup) {
+    std::fprintf(
+        stderr, "ramba-server warmed up in %.1f ms\n",
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - warmup_start)
+            .count());
+  }
   server::SessionManagerOptions session_options;
   session_options.max_resident_sessions = absl::GetFlag(FLAGS_max_resident_sessions);
   server::SessionManager sessions(model->get(), store->get(), session_options);

@@ -280,6 +280,32 @@ TEST(CudaModelTest, BatchedDecodeMatchesSingleSessions) {
   }
 }
 
+TEST(CudaModelTest, WarmupThenDecodeMatchesCpu) {
+  // The warm-up records the batch-1 decode graph on its own throwaway session; a later session's
+  // first decode step replays it (no eager run of its own) and must still match the CPU.
+  auto gpu = GpuOrSkip(kernels::DType::kF32);
+  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  const std::string dir = testing::FixtureDir() + "/tiny_enc1_cls_k3";
+  auto cpu = kernels::CreateCpuBackend();
+  auto cpu_model = RambaModel::Load(dir, cpu.get());
+  auto gpu_model = RambaModel::Load(dir, gpu.get());
+  ASSERT_TRUE(cpu_model.ok() && gpu_model.ok());
+  ASSERT_TRUE((*gpu_model)->Warmup().ok());
+  const ModelConfig& config = (*gpu_model)->config();
+  const auto tokens = testing::RandomTokens(200, config.vocab_size, 9);
+  const auto head = absl::MakeConstSpan(tokens).first(100);
+  const auto tail = absl::MakeConstSpan(tokens).subspan(100);  // crosses position 128
+  auto c = (*cpu_model)->NewSession();
+  auto g = (*gpu_model)->NewSession();
+  ASSERT_TRUE(c.ok() && g.ok());
+  RunAll(cpu_model->get(), c->get(), head);
+  RunAll(gpu_model->get(), g->get(), head);
+  const std::vector<float> want = DecodeEach(cpu_model->get(), c->get(), tail);
+  const std::vector<float> got = DecodeEach(gpu_model->get(), g->get(), tail);
+  EXPECT_LE(MaxRowRelError(got, want, config.vocab_size), kF32RowTolerance);
+  EXPECT_EQ((*g)->num_chunks(), 3);
+}
+
 TEST(CudaModelTest, Config370MMatchesCpu) {
   auto gpu = GpuOrSkip(kernels::DType::kBF16);
   if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";

@@ -1,6 +1,6 @@
 // Session state: serialise -> deserialise -> continue equals an uninterrupted run (bitwise on the
 // CPU), forks are independent and share chunks, batched decode equals decoding alone, and
-// corrupted or foreign parts are rejected.
+// corrupted or foreign parts are rejected; RambaModel::Warmup leaves no trace.
 #include "model/session_state.h"
 
 #include <cstring>
@@ -159,6 +159,43 @@ TEST_F(SessionStateTest, BatchedDecodeEqualsDecodingAlone) {
       EXPECT_LE(MaxRowRelError(row, single, V), 1e-5) << "session " << i << " step " << step;
     }
   }
+}
+
+TEST_F(SessionStateTest, WarmupLeavesOtherSessionsAndLaterRunsUnchanged) {
+  // A session in flight across the warm-up, and a fresh one after it, against the same runs on
+  // a model that never warmed up (CPU: bitwise).
+  auto cold_backend = kernels::CreateCpuBackend();
+  auto cold = RambaModel::Create(config_, RandomTensors(config_, 7), cold_backend.get());
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  const auto prompt = RandomTokens(100, config_.vocab_size, 3);
+  auto warm_s = NewState();
+  auto cold_s = (*cold)->NewSession();
+  ASSERT_TRUE(cold_s.ok());
+  ASSERT_TRUE(model_->Prefill(warm_s.get(), prompt, nullptr).ok());
+  ASSERT_TRUE((*cold)->Prefill(cold_s->get(), prompt, nullptr).ok());
+
+  ASSERT_TRUE(model_->Warmup().ok());
+
+  auto fresh = NewState();
+  auto cold_fresh = (*cold)->NewSession();
+  ASSERT_TRUE(cold_fresh.ok());
+  ASSERT_TRUE(model_->Prefill(fresh.get(), prompt, nullptr).ok());
+  ASSERT_TRUE((*cold)->Prefill(cold_fresh->get(), prompt, nullptr).ok());
+  for (int step = 0; step < 40; ++step) {  // through a chunk completion (position 128)
+    const int32_t in[] = {static_cast<int32_t>((step * 13) % config_.vocab_size)};
+    std::vector<float> a, b, c, d;
+    SessionState* w[] = {warm_s.get()};
+    SessionState* cw[] = {cold_s->get()};
+    SessionState* f[] = {fresh.get()};
+    SessionState* cf[] = {cold_fresh->get()};
+    ASSERT_TRUE(model_->Decode(w, in, &a).ok());
+    ASSERT_TRUE((*cold)->Decode(cw, in, &b).ok());
+    ASSERT_TRUE(model_->Decode(f, in, &c).ok());
+    ASSERT_TRUE((*cold)->Decode(cf, in, &d).ok());
+    ASSERT_EQ(a, b) << "step " << step;
+    ASSERT_EQ(c, d) << "step " << step;
+  }
+  EXPECT_EQ(fresh->num_chunks(), 2);
 }
 
 TEST_F(SessionStateTest, BadTokenLeavesStateUntouched) {

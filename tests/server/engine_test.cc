@@ -122,6 +122,24 @@ TEST_F(EngineTest, ConcurrentRequestsMatchRunningAlone) {
   }
 }
 
+// The warm-up runs on the engine thread before any request; requests submitted meanwhile wait
+// for it and get what they would get without one.
+TEST_F(EngineTest, WarmupRunsFirstAndChangesNoResult) {
+  EngineOptions opts;
+  opts.warmup = true;
+  Engine engine(model_.get(), opts);
+  const auto prompt = testing::RandomTokens(150, config_.vocab_size, 5);
+  auto state = std::move(*model_->NewSession());
+  std::future<Outcome> f = Run(engine, state.get(), prompt, 40);
+  ASSERT_TRUE(engine.WaitForWarmup().ok());
+  Outcome o = f.get();
+  ASSERT_TRUE(o.status.ok()) << o.status;
+  EXPECT_EQ(o.tokens, Reference(prompt, 40));
+
+  Engine cold(model_.get(), EngineOptions{});
+  EXPECT_TRUE(cold.WaitForWarmup().ok());  // no warm-up: returns at once
+}
+
 // Logprobs come with the tokens of requests that ask for them, batched with requests that do not
 // (NaN there): the raw distribution's, so temperature does not change them.
 TEST_F(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
