@@ -2,6 +2,7 @@
 #ifndef RAMBA_MODEL_RAMBA_MODEL_H_
 #define RAMBA_MODEL_RAMBA_MODEL_H_
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -10,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
@@ -94,10 +96,15 @@ class RambaModel {
  private:
   struct Workspace;
   struct Batch;
+  // Backend addresses a recorded graph's ops return (the decode step: its logits; the chunk
+  // encoder: K, V and landmarks), kept with the graph for its replays.
+  using GraphOutputs = std::array<float*, 3>;
+  // (batch size, chunk bucket) for a decode step; (0, chunks) for the chunk encoder after one.
+  using GraphKey = std::pair<int64_t, int64_t>;
   struct Graph {
     int64_t id = 0;
     uint64_t generation = 0;  // workspace + backend scratch generation at recording
-    float* logits = nullptr;
+    GraphOutputs outputs = {};
   };
   RambaModel(ModelConfig config, ModelWeights weights, kernels::Backend* backend);
   // Where a forward pass's last-token logits go: downloaded, sampled on the backend, or both.
@@ -123,7 +130,17 @@ class RambaModel {
                             const std::vector<int64_t>& offsets, Batch* b);
   absl::Status LowerLayers(const Batch& b);
   absl::Status MambaBlocks(const Batch& b, int64_t first, int64_t count);
+  // Runs `ops` through the graph recorded for `key`: eagerly the first time at that key (which
+  // sizes every buffer), recorded the second, replayed after that; a graph whose buffers have
+  // moved since it was recorded is recorded again.
+  absl::StatusOr<GraphOutputs> RunGraphed(GraphKey key,
+                                          absl::FunctionRef<absl::StatusOr<GraphOutputs>()> ops)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The chunk encoder on X's new_chunks gathered blocks (EncodeChunkOps: K, V and landmarks in
+  // the workspace), then block i appended to owners[i] (AppendEncoded).
   absl::Status EncodeChunks(float* X, int64_t new_chunks, absl::Span<SessionState* const> owners);
+  absl::StatusOr<GraphOutputs> EncodeChunkOps(float* X, int64_t new_chunks);
+  absl::Status AppendEncoded(const GraphOutputs& encoded, absl::Span<SessionState* const> owners);
   absl::Status UpperLayers(const Batch& b);
   absl::StatusOr<float*> Head(const float* src, int64_t rows);
   absl::Status MemoryBatch(absl::Span<SessionState* const> states,
@@ -136,9 +153,10 @@ class RambaModel {
   kernels::Backend* backend_;
   absl::Mutex mu_;
   std::unique_ptr<Workspace> workspace_ ABSL_GUARDED_BY(mu_);
-  // Recorded decode steps by (batch size, chunk bucket), and shapes already run once eagerly.
-  std::map<std::pair<int64_t, int64_t>, Graph> graphs_ ABSL_GUARDED_BY(mu_);
-  std::set<std::pair<int64_t, int64_t>> seen_shapes_ ABSL_GUARDED_BY(mu_);
+  // Recorded graphs (decode steps and the decode-time chunk encoder) by key, and keys already run
+  // once eagerly.
+  std::map<GraphKey, Graph> graphs_ ABSL_GUARDED_BY(mu_);
+  std::set<GraphKey> seen_shapes_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ramba
