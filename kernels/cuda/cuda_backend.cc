@@ -68,6 +68,7 @@ absl::Status CudaBackend::Init(int dev) {
       cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   max_shared_per_block = static_cast<size_t>(smem);
   RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
   // Keep freed pool memory cached: chunk K/V and scratch come and go at every step, and returning
   // them to the driver would make every allocation a synchronising cudaMalloc.
   cudaMemPool_t pool;
@@ -106,9 +107,14 @@ CudaBackend::~CudaBackend() {
   for (auto& [id, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (staging_ != nullptr) cudaFreeHost(staging_);
   if (counters != nullptr) cudaFree(counters);
+  for (void* p : pending_frees_) cudaFreeAsync(p, stream);
   if (stream != nullptr) {
     cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
+  }
+  if (side_stream_ != nullptr) {
+    cudaStreamSynchronize(side_stream_);
+    cudaStreamDestroy(side_stream_);
   }
 }
 
@@ -118,21 +124,38 @@ absl::StatusOr<Buffer> CudaBackend::Allocate(size_t bytes) {
   // Never hand out null: a zero-byte buffer is still a valid pointer for ops of size 0.
   const size_t rounded = bytes == 0 ? 256 : bytes;
   void* p = nullptr;
-  const cudaError_t e = cudaMallocAsync(&p, rounded, stream);
+  absl::MutexLock lock(&mu_);
+  const bool side = OtherThreadRecording();
+  const cudaError_t e = cudaMallocAsync(&p, rounded, side ? side_stream_ : stream);
   if (e == cudaErrorMemoryAllocation) {
     cudaGetLastError();  // clear the sticky-free error so later calls are not blamed
     return absl::ResourceExhaustedError(
         absl::StrCat("Allocate: out of GPU memory for ", bytes, " bytes"));
   }
   RAMBA_CUDA_RETURN_IF_ERROR(e);
+  if (side) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
   return Buffer(this, p, bytes);
 }
 
-void CudaBackend::Free(void* data, size_t /*bytes*/) { cudaFreeAsync(data, stream); }
+void CudaBackend::Free(void* data, size_t /*bytes*/) {
+  absl::MutexLock lock(&mu_);
+  if (OtherThreadRecording()) {
+    pending_frees_.push_back(data);
+    return;
+  }
+  cudaFreeAsync(data, stream);
+}
 
 absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Upload", dst != nullptr && host_src != nullptr, "null pointer");
+  absl::MutexLock lock(&mu_);
+  if (OtherThreadRecording()) {
+    RAMBA_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, side_stream_));
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
+    return absl::OkStatus();
+  }
   if (capturing_) {
     // A recorded copy would read its staging slot again at every replay, long after reuse.
     return absl::FailedPreconditionError("Upload: host copies cannot be recorded in a graph");
@@ -165,22 +188,31 @@ absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) 
 absl::Status CudaBackend::Download(void* host_dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Download", host_dst != nullptr && src != nullptr, "null pointer");
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream));
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  absl::MutexLock lock(&mu_);
+  const cudaStream_t s = OtherThreadRecording() ? side_stream_ : stream;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, s));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Copy", dst != nullptr && src != nullptr, "null pointer");
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+  absl::MutexLock lock(&mu_);
+  const bool side = OtherThreadRecording();
+  RAMBA_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, side ? side_stream_ : stream));
+  if (side) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Zero(void* dst, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Zero", dst != nullptr, "null pointer");
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, stream));
+  absl::MutexLock lock(&mu_);
+  const bool side = OtherThreadRecording();
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, side ? side_stream_ : stream));
+  if (side) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
   return absl::OkStatus();
 }
 
@@ -585,17 +617,25 @@ absl::Status CudaBackend::ScatterRows(const float* src, int64_t ld, float* const
 // ---- Graphs ----
 
 absl::Status CudaBackend::BeginGraph() {
+  absl::MutexLock lock(&mu_);
   if (capturing_) return absl::FailedPreconditionError("BeginGraph: already recording");
   RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
   capturing_ = true;
+  recording_thread_ = std::this_thread::get_id();
   return absl::OkStatus();
 }
 
 absl::StatusOr<int64_t> CudaBackend::EndGraph() {
-  if (!capturing_) return absl::FailedPreconditionError("EndGraph: not recording");
-  capturing_ = false;
   cudaGraph_t graph = nullptr;
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamEndCapture(stream, &graph));
+  {
+    absl::MutexLock lock(&mu_);
+    if (!capturing_) return absl::FailedPreconditionError("EndGraph: not recording");
+    capturing_ = false;
+    const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+    for (void* p : pending_frees_) cudaFreeAsync(p, stream);  // other threads' frees meanwhile
+    pending_frees_.clear();
+    RAMBA_CUDA_RETURN_IF_ERROR(end);
+  }
   cudaGraphExec_t exec = nullptr;
   const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);

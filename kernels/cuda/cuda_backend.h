@@ -1,13 +1,18 @@
 // The CUDA backend: device memory from a stream-ordered pool, every op enqueued on one stream,
 // bf16 weight matrices (cuBLASLt and our own kernels), float32 activations and recurrent states.
-// Ops are asynchronous; Download and Synchronize wait. Not thread-safe, like every Backend.
+// Ops are asynchronous; Download and Synchronize wait. One thread runs the model (ops, graphs),
+// like every Backend; memory calls (Allocate, Free, Upload, Download, Copy, Zero) may also come
+// from other threads (a server creates and pages in sessions on its RPC threads), and stay out
+// of a graph that the model's thread is recording.
 #ifndef RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
 #define RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
 
 #include <map>
 #include <memory>
+#include <thread>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/ops.h"
 
@@ -106,7 +111,19 @@ class CudaBackend : public Backend, public cuda::Context {
   std::vector<ScratchBlock> scratch_;
   DType weight_dtype_ = DType::kBF16;
   uint64_t scratch_generation_ = 0;
-  bool capturing_ = false;
+
+  // Memory calls from other threads. mu_ guards what they share with the model's thread (the
+  // staging ring, the recording state). Work they put on `stream` while another thread records
+  // would become part of the graph instead of running, so then they use side_stream_ and wait
+  // for it before returning, and their frees wait in pending_frees_ until the recording ends.
+  bool OtherThreadRecording() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return capturing_ && std::this_thread::get_id() != recording_thread_;
+  }
+  absl::Mutex mu_;
+  bool capturing_ = false;  // written under mu_ by the recording thread
+  std::thread::id recording_thread_ ABSL_GUARDED_BY(mu_);
+  std::vector<void*> pending_frees_ ABSL_GUARDED_BY(mu_);
+  cudaStream_t side_stream_ = nullptr;
   std::map<int64_t, cudaGraphExec_t> graphs_;
   int64_t next_graph_ = 1;
 

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -102,6 +103,54 @@ TEST_F(CudaOpTest, RecordedGraphReplaysWithNewInputs) {
   for (int64_t i = 0; i < n; ++i) ASSERT_FLOAT_EQ(got[i], before[i] + 2 * a2[i]) << i;
   gpu_->DestroyGraph(*id);
   EXPECT_FALSE(gpu_->LaunchGraph(*id).ok());
+}
+
+// A server creates and pages in sessions on its RPC threads while the model's thread may be
+// recording a graph: those memory calls must run at once (not become part of the recording) and
+// leave the recording as it was.
+TEST_F(CudaOpTest, OtherThreadsMemoryCallsStayOutOfARecording) {
+  const int64_t n = 70001;  // small uploads go through the staging ring, large ones direct
+  float* a = ToGpu(RandomVec(n, 1));
+  float* b = ToGpu(RandomVec(n, 2));
+  const std::vector<float> b0 = FromGpu(b, n);
+  ASSERT_TRUE(gpu_->BeginGraph().ok());
+  ASSERT_TRUE(gpu_->Add(b, a, n).ok());  // recorded
+  std::vector<float> copied, zeroed, small;
+  absl::Status status;
+  std::thread other([&] {
+    const std::vector<float> host = RandomVec(n, 3);
+    const std::vector<float> few = {1.5f, -2.0f, 3.25f};
+    auto x = gpu_->Allocate(n * sizeof(float));
+    auto y = gpu_->Allocate(n * sizeof(float));
+    auto z = gpu_->Allocate(few.size() * sizeof(float));
+    if (!x.ok() || !y.ok() || !z.ok()) {
+      status = absl::InternalError("allocation failed");
+      return;
+    }
+    status.Update(gpu_->Upload(x->data(), host.data(), n * sizeof(float)));
+    status.Update(gpu_->Upload(z->data(), few.data(), few.size() * sizeof(float)));
+    status.Update(gpu_->Copy(y->data(), x->data(), n * sizeof(float)));
+    copied.resize(n);
+    status.Update(gpu_->Download(copied.data(), y->data(), n * sizeof(float)));
+    status.Update(gpu_->Zero(y->data(), n * sizeof(float)));
+    zeroed.resize(n);
+    status.Update(gpu_->Download(zeroed.data(), y->data(), n * sizeof(float)));
+    small.resize(few.size());
+    status.Update(gpu_->Download(small.data(), z->data(), few.size() * sizeof(float)));
+  });  // x, y and z freed on that thread while the recording is still open
+  other.join();
+  ASSERT_TRUE(status.ok()) << status;
+  EXPECT_EQ(copied, RandomVec(n, 3));
+  EXPECT_EQ(zeroed, std::vector<float>(n, 0.0f));
+  EXPECT_EQ(small, (std::vector<float>{1.5f, -2.0f, 3.25f}));
+  auto id = gpu_->EndGraph();
+  ASSERT_TRUE(id.ok()) << id.status();
+  EXPECT_EQ(FromGpu(b, n), b0) << "recording must not run the ops";
+  ASSERT_TRUE(gpu_->LaunchGraph(*id).ok());
+  const std::vector<float> got = FromGpu(b, n);
+  const std::vector<float> av = RandomVec(n, 1);
+  for (int64_t i = 0; i < n; ++i) ASSERT_FLOAT_EQ(got[i], b0[i] + av[i]) << i;
+  gpu_->DestroyGraph(*id);
 }
 
 }  // namespace
