@@ -13,7 +13,10 @@
 //    same ops.
 //  - Ops are asynchronous with respect to the host on backends that can be (CUDA); results are
 //    visible after Synchronize() or a Download(). They return an error instead of crashing.
-// A backend instance is not thread-safe: one thread drives it (the scheduler thread in server/).
+// One thread drives a backend instance (the engine thread in server/): ops, graphs, Synchronize.
+// Memory calls on distinct buffers (Allocate, Free, Upload, Download, Copy, Zero) may also come
+// from other threads (the server creates and pages in sessions on its RPC threads); they never
+// become part of a graph the driving thread is recording.
 #ifndef RAMBA_KERNELS_BACKEND_H_
 #define RAMBA_KERNELS_BACKEND_H_
 
