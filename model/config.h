@@ -62,6 +62,8 @@ struct ModelConfig {
   int64_t attn_head_dim() const { return hidden_size / num_attention_heads; }
   int64_t kv_dim() const { return num_kv_heads * attn_head_dim(); }
   int64_t encoder_intermediate_size() const { return (hidden_size * 8 / 3) / 64 * 64; }
+  // Rows the chunk encoder takes per chunk: its tokens, then the CLS row when there is one.
+  int64_t encoder_block_len() const { return chunk_size + (has_cls ? 1 : 0); }
   int64_t retrieval_heads() const { return singlehead_retrieval ? 1 : num_kv_heads; }
   int64_t num_hsa_layers() const { return num_upper_layers / num_mamba_per_gca; }
   int64_t num_mamba_layers() const { return num_lower_layers + num_upper_layers; }

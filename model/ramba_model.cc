@@ -318,7 +318,7 @@ absl::StatusOr<RambaModel::GraphOutputs> RambaModel::EncodeChunkOps(float* X, in
   Backend* be = backend_;
   using W = Workspace;
   const int64_t d = c.hidden_size, S = c.chunk_size;
-  const int64_t block_len = S + (c.has_cls ? 1 : 0);
+  const int64_t block_len = c.encoder_block_len();
   const int64_t enc_rows = new_chunks * block_len;
   if (c.encoder_layers > 0) {
     const int64_t hd = c.attn_head_dim(), nh = c.num_attention_heads, nkv = c.num_key_value_heads;
@@ -381,7 +381,7 @@ absl::Status RambaModel::AppendEncoded(const GraphOutputs& encoded,
   Backend* be = backend_;
   const auto [kfull, vfull, landmarks] = encoded;
   const int64_t S = c.chunk_size, kv_dim = c.kv_dim();
-  const int64_t block_len = S + (c.has_cls ? 1 : 0);
+  const int64_t block_len = c.encoder_block_len();
   const size_t half = S * kv_dim * sizeof(float);
   for (size_t i = 0; i < owners.size(); ++i) {
     auto chunk = std::make_shared<ChunkKV>();
@@ -522,7 +522,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   // ---- Chunking layer: encode every chunk completed by this batch ----
   // Gather chunk inputs (buffered rows + this batch's rows) into X, then refill every sequence's
   // partial-chunk buffer with its leftover rows (also when no chunk completes).
-  const int64_t block_len = S + (c.has_cls ? 1 : 0);
+  const int64_t block_len = c.encoder_block_len();
   std::vector<SessionState*> owners;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t p0 = states[s]->position();
@@ -708,7 +708,7 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
     if (states[s]->buffered_rows() == S - 1) owners.push_back(states[s]);
   }
   if (!owners.empty()) {
-    const int64_t block_len = S + (c.has_cls ? 1 : 0);
+    const int64_t block_len = c.encoder_block_len();
     const int64_t n = static_cast<int64_t>(owners.size());
     ASSIGN_OR_RETURN(float* X, ws.Get<float>(W::kX, n * block_len * d));
     for (int64_t i = 0; i < n; ++i) {

@@ -125,16 +125,21 @@ absl::StatusOr<Buffer> CudaBackend::Allocate(size_t bytes) {
   const size_t rounded = bytes == 0 ? 256 : bytes;
   void* p = nullptr;
   absl::MutexLock lock(&mu_);
-  const bool side = OtherThreadRecording();
-  const cudaError_t e = cudaMallocAsync(&p, rounded, side ? side_stream_ : stream);
+  const cudaStream_t s = MemoryStream();
+  const cudaError_t e = cudaMallocAsync(&p, rounded, s);
   if (e == cudaErrorMemoryAllocation) {
     cudaGetLastError();  // clear the sticky-free error so later calls are not blamed
     return absl::ResourceExhaustedError(
         absl::StrCat("Allocate: out of GPU memory for ", bytes, " bytes"));
   }
   RAMBA_CUDA_RETURN_IF_ERROR(e);
-  if (side) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
+  RETURN_IF_ERROR(FinishMemoryCall(s));
   return Buffer(this, p, bytes);
+}
+
+absl::Status CudaBackend::FinishMemoryCall(cudaStream_t s) const {
+  if (s == side_stream_) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return absl::OkStatus();
 }
 
 void CudaBackend::Free(void* data, size_t /*bytes*/) {
@@ -150,11 +155,9 @@ absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) 
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Upload", dst != nullptr && host_src != nullptr, "null pointer");
   absl::MutexLock lock(&mu_);
-  if (OtherThreadRecording()) {
-    RAMBA_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, side_stream_));
-    RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
-    return absl::OkStatus();
+  if (const cudaStream_t s = MemoryStream(); s == side_stream_) {
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, s));
+    return FinishMemoryCall(s);
   }
   if (capturing_) {
     // A recorded copy would read its staging slot again at every replay, long after reuse.
@@ -189,7 +192,7 @@ absl::Status CudaBackend::Download(void* host_dst, const void* src, size_t bytes
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Download", host_dst != nullptr && src != nullptr, "null pointer");
   absl::MutexLock lock(&mu_);
-  const cudaStream_t s = OtherThreadRecording() ? side_stream_ : stream;
+  const cudaStream_t s = MemoryStream();
   RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, s));
   RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return absl::OkStatus();
@@ -199,21 +202,18 @@ absl::Status CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Copy", dst != nullptr && src != nullptr, "null pointer");
   absl::MutexLock lock(&mu_);
-  const bool side = OtherThreadRecording();
-  RAMBA_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, side ? side_stream_ : stream));
-  if (side) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
-  return absl::OkStatus();
+  const cudaStream_t s = MemoryStream();
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+  return FinishMemoryCall(s);
 }
 
 absl::Status CudaBackend::Zero(void* dst, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Zero", dst != nullptr, "null pointer");
   absl::MutexLock lock(&mu_);
-  const bool side = OtherThreadRecording();
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, side ? side_stream_ : stream));
-  if (side) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(side_stream_));
-  return absl::OkStatus();
+  const cudaStream_t s = MemoryStream();
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, s));
+  return FinishMemoryCall(s);
 }
 
 absl::Status CudaBackend::Synchronize() {

@@ -119,6 +119,12 @@ class CudaBackend : public Backend, public cuda::Context {
   bool OtherThreadRecording() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return capturing_ && std::this_thread::get_id() != recording_thread_;
   }
+  // The stream for this thread's memory call; FinishMemoryCall waits for it when it is the side
+  // stream.
+  cudaStream_t MemoryStream() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return OtherThreadRecording() ? side_stream_ : stream;
+  }
+  absl::Status FinishMemoryCall(cudaStream_t s) const;
   absl::Mutex mu_;
   bool capturing_ = false;  // written under mu_ by the recording thread
   std::thread::id recording_thread_ ABSL_GUARDED_BY(mu_);

@@ -195,14 +195,27 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelFixtureTest, ::testing::ValuesIn(tes
                          [](const auto& info) { return info.param; });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(CudaModelFixtureTest);
 
-TEST(CudaModelTest, StateMovesBetweenGpuAndCpu) {
-  // f32 weights, so the GPU and CPU continuations agree per row.
-  auto gpu = GpuOrSkip(kernels::DType::kF32);
-  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+// The tiny_enc1_cls_k3 fixture on the CPU and on a GPU holding f32 weights (so the two agree
+// per row); gpu is null without a GPU.
+struct F32OnBoth {
+  std::unique_ptr<kernels::Backend> cpu, gpu;
+  absl::StatusOr<std::unique_ptr<RambaModel>> cpu_model, gpu_model;
+};
+F32OnBoth LoadF32OnBoth() {
+  F32OnBoth b;
+  b.gpu = GpuOrSkip(kernels::DType::kF32);
+  if (b.gpu == nullptr) return b;
   const std::string dir = testing::FixtureDir() + "/tiny_enc1_cls_k3";
-  auto cpu = kernels::CreateCpuBackend();
-  auto cpu_model = RambaModel::Load(dir, cpu.get());
-  auto gpu_model = RambaModel::Load(dir, gpu.get());
+  b.cpu = kernels::CreateCpuBackend();
+  b.cpu_model = RambaModel::Load(dir, b.cpu.get());
+  b.gpu_model = RambaModel::Load(dir, b.gpu.get());
+  return b;
+}
+
+TEST(CudaModelTest, StateMovesBetweenGpuAndCpu) {
+  F32OnBoth both = LoadF32OnBoth();
+  if (both.gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  auto& [cpu, gpu, cpu_model, gpu_model] = both;
   ASSERT_TRUE(cpu_model.ok() && gpu_model.ok());
   const ModelConfig& config = (*gpu_model)->config();
   const auto tokens = testing::RandomTokens(900, config.vocab_size, 5);
@@ -283,12 +296,9 @@ TEST(CudaModelTest, BatchedDecodeMatchesSingleSessions) {
 TEST(CudaModelTest, WarmupThenDecodeMatchesCpu) {
   // The warm-up records the batch-1 decode graph on its own throwaway session; a later session's
   // first decode step replays it (no eager run of its own) and must still match the CPU.
-  auto gpu = GpuOrSkip(kernels::DType::kF32);
-  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
-  const std::string dir = testing::FixtureDir() + "/tiny_enc1_cls_k3";
-  auto cpu = kernels::CreateCpuBackend();
-  auto cpu_model = RambaModel::Load(dir, cpu.get());
-  auto gpu_model = RambaModel::Load(dir, gpu.get());
+  F32OnBoth both = LoadF32OnBoth();
+  if (both.gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  auto& [cpu, gpu, cpu_model, gpu_model] = both;
   ASSERT_TRUE(cpu_model.ok() && gpu_model.ok());
   ASSERT_TRUE((*gpu_model)->Warmup().ok());
   const ModelConfig& config = (*gpu_model)->config();
