@@ -35,9 +35,12 @@ absl::Status FromGrpc(const grpc::Status& s, absl::string_view what) {
                       absl::StrCat(what, ": ", s.error_message()));
 }
 
-void SetDeadline(grpc::ClientContext* ctx, double seconds) {
+// A call's deadline and, for a session's calls, its route key (the session id): behind
+// deploy/'s router, the metadata that sends the call to the replica holding the session.
+void Prepare(grpc::ClientContext* ctx, double seconds, const std::string& session = "") {
   ctx->set_deadline(std::chrono::system_clock::now() +
                     std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6)));
+  if (!session.empty()) ctx->AddMetadata("ramba-route-key", session);
 }
 
 v1::Input RandomTokens(std::mt19937_64& rng, int32_t n, int32_t vocab) {
@@ -71,7 +74,7 @@ Sample TimedGenerate(v1::RambaService::Stub& stub, const LoadOptions& o, const s
   output.set_include_token_text(false);
   out.input_tokens = input.tokens().ids_size();
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, o.timeout_seconds);
+  Prepare(&ctx, o.timeout_seconds, id);
   const Clock::time_point start = Clock::now();
   Clock::time_point last = start;
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
@@ -129,7 +132,7 @@ absl::Status RunSessions(v1::RambaService::Stub* stub, const LoadOptions& o, int
         *req.mutable_initial_input() = RandomTokens(rng, o.prompt_tokens, vocab);
         v1::CreateSessionResponse resp;
         grpc::ClientContext ctx;
-        SetDeadline(&ctx, o.timeout_seconds);
+        Prepare(&ctx, o.timeout_seconds, ids[u]);
         const grpc::Status s = stub->CreateSession(&ctx, req, &resp);
         if (!s.ok()) created[u] = FromGrpc(s, absl::StrCat("CreateSession ", ids[u]));
       });
@@ -145,7 +148,7 @@ absl::Status RunSessions(v1::RambaService::Stub* stub, const LoadOptions& o, int
       req.set_allow_missing(true);
       v1::DeleteSessionResponse resp;
       grpc::ClientContext ctx;
-      SetDeadline(&ctx, 30);
+      Prepare(&ctx, 30, ids[u]);
       (void)stub->DeleteSession(&ctx, req, &resp);  // best effort: the run's figures stand
     }
   };
@@ -274,7 +277,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   v1::GetModelInfoResponse info;
   {
     grpc::ClientContext ctx;
-    SetDeadline(&ctx, std::min(o.timeout_seconds, 30.0));
+    Prepare(&ctx, std::min(o.timeout_seconds, 30.0));
     const grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
     if (!s.ok()) return FromGrpc(s, absl::StrCat("GetModelInfo on ", o.server));
   }

@@ -34,6 +34,9 @@
 
 ABSL_FLAG(std::string, server, "localhost:50051", "Server address host:port.");
 ABSL_FLAG(double, timeout, 0, "Deadline of each call in seconds (0: none).");
+ABSL_FLAG(std::string, route_key, "",
+          "Sent as ramba-route-key metadata, which deploy/'s router hashes to pick the replica "
+          "(default: the session's id; a fork's parent id). Give a fork's root id for its calls.");
 ABSL_FLAG(std::string, id, "", "create: the new session's id; fork: the fork's id (default: server-generated).");
 ABSL_FLAG(std::string, text, "", "Input text (create, append).");
 ABSL_FLAG(std::string, file, "", "Input file (create, append).");
@@ -84,6 +87,8 @@ commands:
 global flags:
   --server host:port        default localhost:50051
   --timeout SECONDS         deadline of each call (default 0: none)
+  --route_key KEY           ramba-route-key metadata for a router in front of several replicas
+                            (default: the session's id; fork: the parent's; deploy/README.md)
 
 Errors print the gRPC status code and the server's message on stderr; the exit status is 1 for
 a failed call and 2 for a usage error.
@@ -120,9 +125,13 @@ class Client {
       : stub_(v1::RambaService::NewStub(
             grpc::CreateChannel(target, grpc::InsecureChannelCredentials()))) {}
 
-  // A fresh context with the --timeout deadline.
-  std::unique_ptr<grpc::ClientContext> Context() const {
+  // A fresh context with the --timeout deadline and the route key of `session` (--route_key
+  // when given): a router in front of several replicas sends the call to the session's own.
+  std::unique_ptr<grpc::ClientContext> Context(const std::string& session = "") const {
     auto ctx = std::make_unique<grpc::ClientContext>();
+    const std::string flag = absl::GetFlag(FLAGS_route_key);
+    const std::string& key = flag.empty() ? session : flag;
+    if (!key.empty()) ctx->AddMetadata("ramba-route-key", key);
     const double t = absl::GetFlag(FLAGS_timeout);
     if (t > 0) {
       ctx->set_deadline(std::chrono::system_clock::now() +
@@ -282,10 +291,11 @@ bool SamplingFromFlags(v1::SamplingParams* p) {
   return any;
 }
 
-// Appends everything left in `src` (whose first piece is `first`) to `id` with AppendStream.
-int StreamAppend(Client& c, const std::string& id, std::string first, InputSource& src,
-                 const std::string& what, v1::AppendResponse* resp) {
-  auto ctx = c.Context();
+// Appends everything left in `src` (whose first piece is `first`) to `id` with AppendStream,
+// routed by `route` (the session's route key).
+int StreamAppend(Client& c, const std::string& id, const std::string& route, std::string first,
+                 InputSource& src, const std::string& what, v1::AppendResponse* resp) {
+  auto ctx = c.Context(route);
   auto writer = c.stub()->AppendStream(ctx.get(), resp);
   v1::AppendStreamRequest msg;
   msg.set_session_id(id);
@@ -331,17 +341,19 @@ int Create(Client& c, const std::vector<std::string>& args) {
     if (src->Done()) req.mutable_initial_input()->set_text(first);
   }
   v1::CreateSessionResponse resp;
-  auto ctx = c.Context();
+  // Later calls of this command go where the creation went (a generated id was not its key).
+  const std::string route = req.session_id();
+  auto ctx = c.Context(route);
   grpc::Status s = c.stub()->CreateSession(ctx.get(), req, &resp);
   if (!s.ok()) return RpcError("create", s, *ctx);
   v1::Session session = resp.session();
   if (!src->none() && !src->Done()) {
     v1::AppendResponse append;
-    if (int rc = StreamAppend(c, session.id(), std::move(first), *src, "create (streaming the input)",
-                              &append);
+    if (int rc = StreamAppend(c, session.id(), route, std::move(first), *src,
+                              "create (streaming the input)", &append);
         rc != 0) {
       // All or nothing, as CreateSession with an initial input would be.
-      auto dctx = c.Context();
+      auto dctx = c.Context(route);
       v1::DeleteSessionRequest del;
       del.set_session_id(session.id());
       v1::DeleteSessionResponse dresp;
@@ -372,10 +384,10 @@ int Append(Client& c, const std::vector<std::string>& args) {
     req.set_session_id(id);
     req.mutable_input()->set_text(std::move(first));
     if (auto e = absl::GetFlag(FLAGS_expected_position)) req.set_expected_position(*e);
-    auto ctx = c.Context();
+    auto ctx = c.Context(id);
     const grpc::Status s = c.stub()->Append(ctx.get(), req, &resp);
     if (!s.ok()) return RpcError("append", s, *ctx);
-  } else if (int rc = StreamAppend(c, id, std::move(first), *src, "append", &resp); rc != 0) {
+  } else if (int rc = StreamAppend(c, id, id, std::move(first), *src, "append", &resp); rc != 0) {
     return rc;
   }
   std::printf("appended %lld tokens to %s, position %lld\n",
@@ -397,7 +409,7 @@ int Generate(Client& c, const std::vector<std::string>& args) {
   if (auto e = absl::GetFlag(FLAGS_expected_position)) req.set_expected_position(*e);
   if (absl::GetFlag(FLAGS_logprobs)) req.mutable_output()->set_include_logprobs(true);
 
-  auto ctx = c.Context();
+  auto ctx = c.Context(args[0]);
   auto reader = c.stub()->Generate(ctx.get(), req);
   double logprob_sum = 0.0;
   int64_t logprob_count = 0;
@@ -459,7 +471,7 @@ int Get(Client& c, const std::vector<std::string>& args) {
   v1::GetSessionRequest req;
   req.set_session_id(args[0]);
   v1::GetSessionResponse resp;
-  auto ctx = c.Context();
+  auto ctx = c.Context(args[0]);
   const grpc::Status s = c.stub()->GetSession(ctx.get(), req, &resp);
   if (!s.ok()) return RpcError("get", s, *ctx);
   std::printf("%s\n", ToJson(resp.session()).c_str());
@@ -502,7 +514,7 @@ int Delete(Client& c, const std::vector<std::string>& args) {
   req.set_session_id(args[0]);
   if (auto e = absl::GetFlag(FLAGS_expected_position)) req.set_expected_position(*e);
   v1::DeleteSessionResponse resp;
-  auto ctx = c.Context();
+  auto ctx = c.Context(args[0]);
   const grpc::Status s = c.stub()->DeleteSession(ctx.get(), req, &resp);
   if (!s.ok()) return RpcError("delete", s, *ctx);
   std::printf("deleted %s\n", args[0].c_str());
@@ -520,7 +532,7 @@ int Fork(Client& c, const std::vector<std::string>& args) {
   v1::SamplingParams sampling;
   if (SamplingFromFlags(&sampling)) *req.mutable_default_sampling() = sampling;
   v1::ForkSessionResponse resp;
-  auto ctx = c.Context();
+  auto ctx = c.Context(args[0]);  // the fork is made where its parent lives
   const grpc::Status s = c.stub()->ForkSession(ctx.get(), req, &resp);
   if (!s.ok()) return RpcError("fork", s, *ctx);
   std::printf("%s\n", ToJson(resp.session()).c_str());
