@@ -105,6 +105,13 @@ uint16_t F32ToF16(float v) {
   return static_cast<uint16_t>(sign | r);
 }
 
+Buffer::Buffer(Backend* owner, void* data, size_t bytes)
+    : owner_(owner), data_(data), bytes_(bytes) {
+  if (data_ != nullptr && owner_ != nullptr) {
+    owner_->held_bytes_.fetch_add(static_cast<int64_t>(bytes_), std::memory_order_relaxed);
+  }
+}
+
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
     Reset();
@@ -116,7 +123,10 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
 }
 
 void Buffer::Reset() {
-  if (data_ != nullptr && owner_ != nullptr) owner_->Free(data_, bytes_);
+  if (data_ != nullptr && owner_ != nullptr) {
+    owner_->held_bytes_.fetch_sub(static_cast<int64_t>(bytes_), std::memory_order_relaxed);
+    owner_->Free(data_, bytes_);
+  }
   owner_ = nullptr;
   data_ = nullptr;
   bytes_ = 0;

@@ -20,6 +20,7 @@
 #ifndef RAMBA_KERNELS_BACKEND_H_
 #define RAMBA_KERNELS_BACKEND_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -48,7 +49,7 @@ class Backend;
 class Buffer {
  public:
   Buffer() = default;
-  Buffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  Buffer(Backend* owner, void* data, size_t bytes);  // counted in owner->held_bytes()
   ~Buffer() { Reset(); }
   Buffer(Buffer&& o) noexcept { *this = std::move(o); }
   Buffer& operator=(Buffer&& o) noexcept;
@@ -198,6 +199,9 @@ class Backend {
   virtual absl::Status Download(void* host_dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Copy(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Zero(void* dst, size_t bytes) = 0;
+  // Bytes in Buffers this backend allocated and that are alive: weights, session states and
+  // chunk memories, workspaces (not the CUDA backend's internal scratch and staging). Any thread.
+  int64_t held_bytes() const { return held_bytes_.load(std::memory_order_relaxed); }
   virtual absl::Status Synchronize() = 0;
 
   // ---- Ops ----
@@ -345,6 +349,9 @@ class Backend {
  protected:
   friend class Buffer;
   virtual void Free(void* data, size_t bytes) = 0;
+
+ private:
+  std::atomic<int64_t> held_bytes_{0};
 };
 
 // CPU backend; threads <= 0 uses every core (OpenMP + OpenBLAS).

@@ -148,6 +148,7 @@ int main(int argc, char** argv) {
     (*metrics)->stored_sessions->Set(static_cast<double>(sessions.StoredSessions()));
     (*metrics)->store_bytes->Set(static_cast<double>((*store)->ApproximateBytes()));
     (*metrics)->queue_depth->Set(static_cast<double>(engine.QueueDepth() + engine.ActiveRequests()));
+    (*metrics)->backend_bytes->Set(static_cast<double>((*backend)->held_bytes()));
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   // Graceful drain: refuse new calls, report NOT_SERVING, let running calls finish within the

@@ -51,6 +51,10 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   m->stored_sessions = gauge("ramba_sessions_stored", "Sessions in the store.");
   m->store_bytes = gauge("ramba_store_bytes", "Approximate bytes of the RocksDB store on disk.");
   m->queue_depth = gauge("ramba_engine_queue_depth", "Engine requests waiting or running.");
+  m->backend_bytes =
+      gauge("ramba_backend_memory_bytes",
+            "Memory the model's backend holds (GPU memory with --device cuda): weights, resident "
+            "sessions' states and chunk K/V, workspaces.");
   if (!listen_address.empty()) {
     std::weak_ptr<prometheus::Registry> registry = m->registry_;
     ASSIGN_OR_RETURN(m->http_, MetricsHttpServer::Start(listen_address, [registry] {

@@ -43,6 +43,7 @@ class Metrics {
   prometheus::Gauge* stored_sessions;
   prometheus::Gauge* store_bytes;
   prometheus::Gauge* queue_depth;      // engine requests waiting or running
+  prometheus::Gauge* backend_bytes;    // Backend::held_bytes(): weights, resident sessions
 
  private:
   Metrics() = default;

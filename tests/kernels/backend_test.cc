@@ -115,8 +115,10 @@ TEST(BufferTest, MoveSemantics) {
     empty.Reset();  // no-op
   }
   EXPECT_EQ(be.frees, 0);
+  EXPECT_EQ(be.held_bytes(), 0);
   absl::StatusOr<Buffer> a = be.Allocate(100);
   ASSERT_TRUE(a.ok());
+  EXPECT_EQ(be.held_bytes(), 100);
   void* pa = a->data();
   EXPECT_EQ(a->size(), 100u);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(pa) % 64, 0u);
@@ -127,10 +129,13 @@ TEST(BufferTest, MoveSemantics) {
   EXPECT_EQ(b.data(), pa);
   EXPECT_EQ(b.size(), 100u);
   EXPECT_EQ(be.frees, 0);
+  EXPECT_EQ(be.held_bytes(), 100);  // moved, not counted twice
 
   Buffer c = std::move(*be.Allocate(8));
+  EXPECT_EQ(be.held_bytes(), 108);
   c = std::move(b);  // move assignment frees c's old memory
   EXPECT_EQ(be.frees, 1);
+  EXPECT_EQ(be.held_bytes(), 100);
   EXPECT_EQ(c.data(), pa);
   EXPECT_TRUE(b.empty());
 
@@ -142,9 +147,11 @@ TEST(BufferTest, MoveSemantics) {
   c.as<char>()[99] = 7;
   c.Reset();
   EXPECT_EQ(be.frees, 2);
+  EXPECT_EQ(be.held_bytes(), 0);
   EXPECT_TRUE(c.empty());
   { Buffer d = std::move(*be.Allocate(16)); }
   EXPECT_EQ(be.frees, 3);
+  EXPECT_EQ(be.held_bytes(), 0);
 }
 
 TEST(BufferTest, ZeroBytesIsStillAValidPointer) {

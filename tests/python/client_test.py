@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 
 server_bin, model_dir, source_dir = sys.argv[1:4]
@@ -95,6 +96,22 @@ try:
     check("metrics generated", float(samples.get('ramba_tokens_total{kind="generated"}', 0)) == 8,
           samples.get('ramba_tokens_total{kind="generated"}'))
     check("metrics prompt", float(samples.get('ramba_tokens_total{kind="prompt"}', 0)) >= 29)
+
+    # Backend memory: the weights and resident sessions, growing with a new session's chunks.
+    def backend_bytes():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+        return float(re.search(rb"^ramba_backend_memory_bytes (\S+)$", body, re.M).group(1))
+    before = backend_bytes()
+    stub.CreateSession(pb.CreateSessionRequest(session_id="py-mem",
+                                               initial_input=pb.Input(text="memory " * 100)))
+    after = before
+    for _ in range(50):  # the gauge is refreshed every 200 ms
+        after = backend_bytes()
+        if after > before:
+            break
+        time.sleep(0.1)
+    check("metrics backend memory", before > 0 and after > before, (before, after))
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id="py-mem"))
 
     # Standard gRPC health checking and server reflection, spoken with raw protobuf bytes.
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
