@@ -303,6 +303,20 @@ absl::Status RambaModel::MambaBlocks(const Batch& b, int64_t first, int64_t coun
   return backend_->MambaBlocks(blocks.data(), count);
 }
 
+absl::Status RambaModel::GatherChunkBlock(float* dst, const float* buffer, int64_t buffered,
+                                          const float* rows) {
+  Backend* be = backend_;
+  const int64_t S = config_.chunk_size, d = config_.hidden_size;
+  if (buffered > 0) RETURN_IF_ERROR(be->Copy(dst, buffer, buffered * d * sizeof(float)));
+  if (buffered < S) {
+    RETURN_IF_ERROR(be->Copy(dst + buffered * d, rows, (S - buffered) * d * sizeof(float)));
+  }
+  if (config_.has_cls) {
+    RETURN_IF_ERROR(be->Copy(dst + S * d, weights_.chunking.cls.data(), d * sizeof(float)));
+  }
+  return absl::OkStatus();
+}
+
 // Encodes `new_chunks` blocks already gathered in X (block_len rows each, CLS row last when the
 // model has one) and appends block i to owners[i].
 absl::Status RambaModel::EncodeChunks(float* X, int64_t new_chunks,
@@ -543,16 +557,9 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
       int64_t buffered = st->buffered_rows();
       int64_t consumed = 0;  // rows of u used so far
       while (buffered + (T - consumed) >= S) {
-        float* dst = X + block * block_len * d;
-        if (buffered > 0) {
-          RETURN_IF_ERROR(be->Copy(dst, st->chunk_buffer(), buffered * d * sizeof(float)));
-        }
-        const int64_t take = S - buffered;
-        RETURN_IF_ERROR(be->Copy(dst + buffered * d, u + consumed * d, take * d * sizeof(float)));
-        if (c.has_cls) {
-          RETURN_IF_ERROR(be->Copy(dst + S * d, weights_.chunking.cls.data(), d * sizeof(float)));
-        }
-        consumed += take;
+        RETURN_IF_ERROR(GatherChunkBlock(X + block * block_len * d, st->chunk_buffer(), buffered,
+                                         u + consumed * d));
+        consumed += S - buffered;
         buffered = 0;
         ++block;
       }
@@ -712,11 +719,8 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
     const int64_t n = static_cast<int64_t>(owners.size());
     ASSIGN_OR_RETURN(float* X, ws.Get<float>(W::kX, n * block_len * d));
     for (int64_t i = 0; i < n; ++i) {
-      float* dst = X + i * block_len * d;
-      RETURN_IF_ERROR(be->Copy(dst, owners[i]->chunk_buffer(), S * d * sizeof(float)));
-      if (c.has_cls) {
-        RETURN_IF_ERROR(be->Copy(dst + S * d, weights_.chunking.cls.data(), d * sizeof(float)));
-      }
+      RETURN_IF_ERROR(
+          GatherChunkBlock(X + i * block_len * d, owners[i]->chunk_buffer(), S, nullptr));
     }
     // The encoder's ~50 small ops as one graph launch (the gather above and the appends below
     // stay eager): ramba-tiny's completion steps were launch-bound (its ITL p99 0.44-1.47 ->

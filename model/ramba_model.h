@@ -136,6 +136,11 @@ class RambaModel {
   absl::StatusOr<GraphOutputs> RunGraphed(GraphKey key,
                                           absl::FunctionRef<absl::StatusOr<GraphOutputs>()> ops)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One encoder input block at dst: a chunk's first `buffered` rows from a session's partial-chunk
+  // buffer, its other chunk_size - buffered rows from `rows`, then the CLS row when the model has
+  // one (encoder_block_len() rows of d in all).
+  absl::Status GatherChunkBlock(float* dst, const float* buffer, int64_t buffered,
+                                const float* rows);
   // The chunk encoder on X's new_chunks gathered blocks (EncodeChunkOps: K, V and landmarks in
   // the workspace), then block i appended to owners[i] (AppendEncoded).
   absl::Status EncodeChunks(float* X, int64_t new_chunks, absl::Span<SessionState* const> owners);
