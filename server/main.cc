@@ -36,6 +36,10 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads for the CPU backend (0: all cores)."
 ABSL_FLAG(int64_t, max_batch_tokens, 1024, "Tokens per engine step across all sessions.");
 ABSL_FLAG(int64_t, max_active_requests, 256, "Requests the engine runs at once; more wait.");
 ABSL_FLAG(int64_t, max_resident_sessions, 64, "Sessions kept in memory; idle ones are evicted (they are always on disk).");
+ABSL_FLAG(int64_t, max_resident_bytes, 0,
+          "Backend memory (weights, resident sessions, workspaces; GPU memory with --device cuda) "
+          "above which idle sessions are evicted too, LRU first (0: no limit; see "
+          "ramba_backend_memory_bytes).");
 ABSL_FLAG(int64_t, max_sessions, 1000000, "Sessions the store may hold (RESOURCE_EXHAUSTED beyond).");
 ABSL_FLAG(int64_t, max_session_tokens, int64_t{1} << 40, "Tokens a session may hold (RESOURCE_EXHAUSTED / SESSION_LIMIT beyond).");
 ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may carry.");
@@ -103,6 +107,7 @@ int main(int argc, char** argv) {
   }
   server::SessionManagerOptions session_options;
   session_options.max_resident_sessions = absl::GetFlag(FLAGS_max_resident_sessions);
+  session_options.max_resident_bytes = absl::GetFlag(FLAGS_max_resident_bytes);
   server::SessionManager sessions(model->get(), store->get(), session_options);
 
   server::ServiceOptions service_options;

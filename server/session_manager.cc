@@ -253,8 +253,12 @@ void SessionManager::Release(const std::shared_ptr<Entry>& entry, bool keep) {
 }
 
 void SessionManager::EvictLocked(int64_t room) {
-  while (static_cast<int64_t>(resident_.size()) + room > options_.max_resident_sessions &&
-         !lru_.empty()) {
+  const kernels::Backend* be = model_->backend();
+  auto over = [&] {
+    return static_cast<int64_t>(resident_.size()) + room > options_.max_resident_sessions ||
+           (options_.max_resident_bytes > 0 && be->held_bytes() > options_.max_resident_bytes);
+  };
+  while (over() && !lru_.empty()) {
     resident_.erase(lru_.front());
     lru_.pop_front();
   }

@@ -60,6 +60,10 @@ struct SessionManagerOptions {
   // they are always committed, so eviction loses nothing). Leased sessions are never evicted: a
   // new lease beyond this limit fails with RESOURCE_EXHAUSTED.
   int64_t max_resident_sessions = 64;
+  // Backend memory (Backend::held_bytes(): weights, resident sessions' states and chunks,
+  // workspaces) above which idle sessions are evicted too, LRU first; 0: no limit. Leased
+  // sessions stay, so this bounds what idle sessions keep, not what running ones need.
+  int64_t max_resident_bytes = 0;
 };
 
 class SessionManager;
@@ -131,7 +135,8 @@ class SessionManager {
   using Entry = SessionLease::Entry;
   absl::StatusOr<std::shared_ptr<Entry>> PageIn(const std::string& id);
   void Release(const std::shared_ptr<Entry>& entry, bool keep);
-  // Drops idle sessions, least recently used first, until `room` more fit.
+  // Drops idle sessions, least recently used first, until `room` more fit and the backend holds
+  // at most max_resident_bytes.
   void EvictLocked(int64_t room) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionView ViewOf(const store::SessionRecord& record, const SessionMeta& meta) const;
 

@@ -170,6 +170,9 @@ for op in yaml.safe_load(overlay["patches"][0]["patch"]):
 gpu_args = gpu_sts["spec"]["template"]["spec"]["containers"][0]["args"]
 check("gpu overlay replaces --device", "--device=cuda" in gpu_args and
       not any(a.startswith("--device=") and a != "--device=cuda" for a in gpu_args), gpu_args)
+check("gpu overlay replaces the memory budget",
+      [a for a in gpu_args if a.startswith("--max_resident_bytes=")]
+      == ["--max_resident_bytes=64000000000"] and int(args["max_resident_bytes"]) > 0, gpu_args)
 check("gpu overlay asks for a GPU",
       gpu_sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
       .get("nvidia.com/gpu") == 1)

@@ -31,7 +31,7 @@ class SessionManagerTest : public ::testing::Test {
     store_.reset();
     fs::remove_all(dir_);
   }
-  void Reopen(int64_t max_resident = 8) {
+  void Reopen(int64_t max_resident = 8, int64_t max_resident_bytes = 0) {
     manager_.reset();
     store_.reset();
     store::StoreOptions o;
@@ -41,6 +41,7 @@ class SessionManagerTest : public ::testing::Test {
     store_ = std::move(*s);
     SessionManagerOptions mo;
     mo.max_resident_sessions = max_resident;
+    mo.max_resident_bytes = max_resident_bytes;
     manager_ = std::make_unique<SessionManager>(model_.get(), store_.get(), mo);
   }
   // Feeds tokens to a leased session, keeping the last one pending as the server does.
@@ -137,6 +138,54 @@ TEST_F(SessionManagerTest, MemoryLimitIsResourceExhaustedNotACrash) {
   { auto done = std::move(*x); }
   EXPECT_TRUE(manager_->Acquire("z").ok());  // the idle one was evicted
   EXPECT_LE(manager_->ResidentSessions(), 2);
+}
+
+TEST_F(SessionManagerTest, IdleSessionsAreEvictedToTheByteBudget) {
+  auto fill = [&](const std::string& id, uint64_t seed) {
+    ASSERT_TRUE(manager_->Create(id, {}).ok());
+    auto lease = manager_->Acquire(id);
+    ASSERT_TRUE(lease.ok());
+    Feed(*lease, testing::RandomTokens(300, config_.vocab_size, seed));
+    ASSERT_TRUE(lease->Commit().ok());
+  };
+  // The model's workspace grows on its first prefill and stays; then one 300-token session's
+  // own bytes, measured.
+  fill("warm", 8);
+  ASSERT_TRUE(manager_->Delete("warm", std::nullopt).ok());
+  const int64_t base = backend_->held_bytes();
+  fill("probe", 9);
+  const int64_t per_session = backend_->held_bytes() - base;
+  ASSERT_GT(per_session, 0);
+  ASSERT_TRUE(manager_->Delete("probe", std::nullopt).ok());
+  EXPECT_EQ(backend_->held_bytes(), base);
+
+  // Room for two and a half such sessions: the third evicts the least recently used.
+  Reopen(/*max_resident=*/8, /*max_resident_bytes=*/base + 5 * per_session / 2);
+  std::vector<std::vector<float>> logits;
+  for (int i = 0; i < 3; ++i) {
+    const std::string id = "s" + std::to_string(i);
+    ASSERT_TRUE(manager_->Create(id, {}).ok());
+    auto lease = manager_->Acquire(id);
+    ASSERT_TRUE(lease.ok());
+    Feed(*lease, testing::RandomTokens(300, config_.vocab_size, 10 + i));
+    ASSERT_TRUE(lease->Commit().ok());
+    logits.push_back(NextLogits(*lease));
+  }
+  EXPECT_EQ(manager_->ResidentSessions(), 2);
+  EXPECT_LE(backend_->held_bytes(), base + 5 * per_session / 2);
+  // Evicted or not, every session comes back as committed (s0 is paged in again).
+  for (int i = 0; i < 3; ++i) {
+    auto lease = manager_->Acquire("s" + std::to_string(i));
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    EXPECT_EQ(lease->position(), 300);
+    EXPECT_EQ(NextLogits(*lease), logits[i]);
+  }
+  // A leased session is never evicted, even beyond the budget.
+  Reopen(/*max_resident=*/8, /*max_resident_bytes=*/1);
+  auto held = manager_->Acquire("s1");
+  ASSERT_TRUE(held.ok());
+  EXPECT_EQ(held->position(), 300);
+  EXPECT_EQ(manager_->ResidentSessions(), 1);
 }
 
 TEST_F(SessionManagerTest, ForkSharesHistoryAndDivergesIndependently) {
