@@ -30,16 +30,8 @@ import yaml
 server_bin, model_dir, source_dir, cli_bin = sys.argv[1:5]
 deploy = os.path.join(source_dir, "deploy")
 base = os.path.join(deploy, "kubernetes", "base")
-passed = failed = 0
-
-
-def check(name, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print(f"FAIL {name} {detail}")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from checks import check, finish  # noqa: E402
 
 
 def load(path):
@@ -244,5 +236,4 @@ check("CLI sends the session's route key", session_calls == [
 check("CLI sends no key where no session is named",
       ("GetModelInfo", None) in recorder.calls, recorder.calls)
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

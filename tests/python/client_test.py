@@ -28,16 +28,8 @@ sys.path.insert(0, gen)
 import grpc  # noqa: E402
 from ramba.v1 import ramba_pb2 as pb, ramba_pb2_grpc as rpc  # noqa: E402
 
-passed = failed = 0
-
-
-def check(name, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print(f"FAIL {name} {detail}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, finish  # noqa: E402
 
 
 def start():
@@ -162,5 +154,4 @@ finally:
     proc.wait(timeout=60)
     shutil.rmtree(work, ignore_errors=True)
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()
