@@ -18,6 +18,7 @@
 #include "base/status_macros.h"
 #include "grpcpp/grpcpp.h"
 #include "nlohmann/json.hpp"
+#include "ramba/v1/metadata.h"
 #include "ramba/v1/ramba.grpc.pb.h"
 
 namespace ramba::loadtest {
@@ -40,7 +41,7 @@ absl::Status FromGrpc(const grpc::Status& s, absl::string_view what) {
 void Prepare(grpc::ClientContext* ctx, double seconds, const std::string& session = "") {
   ctx->set_deadline(std::chrono::system_clock::now() +
                     std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6)));
-  if (!session.empty()) ctx->AddMetadata("ramba-route-key", session);
+  if (!session.empty()) ctx->AddMetadata(v1::kRouteKeyMetadata, session);
 }
 
 v1::Input RandomTokens(std::mt19937_64& rng, int32_t n, int32_t vocab) {

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "base/status_macros.h"
+#include "ramba/v1/metadata.h"
 #include "server/text_streamer.h"
 
 namespace ramba::server {
@@ -150,10 +151,9 @@ absl::Status CheckSessionLimit(const ServiceLimits& lim, int64_t position, int64
 
 // The contract returns the session's position with FAILED_PRECONDITION, so a client can retry
 // without another GetSession.
-constexpr char kPositionTrailer[] = "ramba-session-position";
 void AddPositionTrailer(grpc::CallbackServerContext* ctx, const absl::Status& s, int64_t position) {
   if (s.code() == absl::StatusCode::kFailedPrecondition) {
-    ctx->AddTrailingMetadata(kPositionTrailer, std::to_string(position));
+    ctx->AddTrailingMetadata(v1::kSessionPositionMetadata, std::to_string(position));
   }
 }
 

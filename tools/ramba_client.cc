@@ -23,13 +23,14 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
+#include "ramba/v1/metadata.h"
 #include "ramba/v1/ramba.grpc.pb.h"
 
 ABSL_FLAG(std::string, server, "localhost:50051", "Server address host:port.");
@@ -109,7 +110,7 @@ std::string CodeName(grpc::StatusCode code) {
 int RpcError(const std::string& what, const grpc::Status& s, const grpc::ClientContext& ctx) {
   std::string extra;
   const auto& trailers = ctx.GetServerTrailingMetadata();
-  auto it = trailers.find("ramba-session-position");
+  auto it = trailers.find(v1::kSessionPositionMetadata);
   if (it != trailers.end()) {
     extra = absl::StrCat(" (session position ",
                          absl::string_view(it->second.data(), it->second.size()), ")");
@@ -131,7 +132,7 @@ class Client {
     auto ctx = std::make_unique<grpc::ClientContext>();
     const std::string flag = absl::GetFlag(FLAGS_route_key);
     const std::string& key = flag.empty() ? session : flag;
-    if (!key.empty()) ctx->AddMetadata("ramba-route-key", key);
+    if (!key.empty()) ctx->AddMetadata(v1::kRouteKeyMetadata, key);
     const double t = absl::GetFlag(FLAGS_timeout);
     if (t > 0) {
       ctx->set_deadline(std::chrono::system_clock::now() +
