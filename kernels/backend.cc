@@ -204,6 +204,48 @@ absl::Status Backend::HsaBlock(const HsaBlockArgs& a) {
   return Matmul(a.attn, width, a.rows, a.o_proj, nullptr, a.h, a.ldh, /*accumulate=*/true);
 }
 
+absl::StatusOr<int> Backend::NextDownloadSlot(size_t bytes, int64_t* ticket) {
+  if (bytes > kMaxAsyncDownloadBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("BeginDownload: ", bytes, " bytes is over the ",
+                                                   kMaxAsyncDownloadBytes, "-byte limit"));
+  }
+  if (downloads_begun_ - downloads_finished_ >= kMaxAsyncDownloads) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("BeginDownload: ", kMaxAsyncDownloads, " downloads are already unfinished"));
+  }
+  *ticket = downloads_begun_;
+  const int slot = static_cast<int>(*ticket % kMaxAsyncDownloads);
+  download_bytes_[slot] = bytes;
+  return slot;
+}
+
+absl::StatusOr<int> Backend::FinishingDownloadSlot(int64_t ticket) {
+  if (ticket != downloads_finished_ || ticket >= downloads_begun_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("FinishDownload: ticket ", ticket, " is not the oldest unfinished download (",
+                     downloads_finished_, " of ", downloads_begun_, " begun)"));
+  }
+  ++downloads_finished_;
+  return static_cast<int>(ticket % kMaxAsyncDownloads);
+}
+
+absl::StatusOr<int64_t> Backend::BeginDownload(const void* src, size_t bytes) {
+  int64_t ticket = 0;
+  ASSIGN_OR_RETURN(const int slot, NextDownloadSlot(bytes, &ticket));
+  download_copies_[slot].resize(bytes);
+  RETURN_IF_ERROR(Download(download_copies_[slot].data(), src, bytes));
+  DownloadBegun();
+  return ticket;
+}
+
+absl::Status Backend::FinishDownload(int64_t ticket, void* host_dst) {
+  ASSIGN_OR_RETURN(const int slot, FinishingDownloadSlot(ticket));
+  if (download_bytes_[slot] > 0) {
+    std::memcpy(host_dst, download_copies_[slot].data(), download_bytes_[slot]);
+  }
+  return absl::OkStatus();
+}
+
 #ifdef RAMBA_HAVE_CUDA
 bool CudaAvailable() {
   int count = 0;

@@ -26,6 +26,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -199,6 +200,15 @@ class Backend {
   virtual absl::Status Download(void* host_dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Copy(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Zero(void* dst, size_t bytes) = 0;
+  // Asynchronous download, so a caller can queue more work before it needs a result:
+  // BeginDownload queues a copy of `bytes` (at most kMaxAsyncDownloadBytes) from src behind the
+  // work already queued and returns a ticket; FinishDownload waits for that copy and puts its
+  // bytes at host_dst. Tickets finish in the order they began, at most kMaxAsyncDownloads at once.
+  // This default copies at once (a backend whose ops run before they return).
+  static constexpr size_t kMaxAsyncDownloadBytes = size_t{64} << 10;
+  static constexpr int kMaxAsyncDownloads = 4;
+  virtual absl::StatusOr<int64_t> BeginDownload(const void* src, size_t bytes);
+  virtual absl::Status FinishDownload(int64_t ticket, void* host_dst);
   // Bytes in Buffers this backend allocated and that are alive: weights, session states and
   // chunk memories, workspaces (not the CUDA backend's internal scratch and staging). Any thread.
   int64_t held_bytes() const { return held_bytes_.load(std::memory_order_relaxed); }
@@ -349,9 +359,19 @@ class Backend {
  protected:
   friend class Buffer;
   virtual void Free(void* data, size_t bytes) = 0;
+  // Ticket bookkeeping shared by the BeginDownload implementations: the slot and ticket the next
+  // download takes (an error when kMaxAsyncDownloads are unfinished), counted as begun by
+  // DownloadBegun once its copy is queued; the slot of the ticket to finish (an error when it is
+  // not the oldest unfinished one).
+  absl::StatusOr<int> NextDownloadSlot(size_t bytes, int64_t* ticket);
+  void DownloadBegun() { ++downloads_begun_; }
+  absl::StatusOr<int> FinishingDownloadSlot(int64_t ticket);
+  size_t download_bytes_[kMaxAsyncDownloads] = {};
 
  private:
   std::atomic<int64_t> held_bytes_{0};
+  int64_t downloads_begun_ = 0, downloads_finished_ = 0;
+  std::vector<char> download_copies_[kMaxAsyncDownloads];  // the default implementation's
 };
 
 // CPU backend; threads <= 0 uses every core (OpenMP + OpenBLAS).

@@ -154,6 +154,79 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
   return ForwardLocked(states, tokens, LogitsMode::kLast, output);
 }
 
+absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
+                                      absl::Span<const int32_t> tokens,
+                                      absl::Span<const SamplingOptions> options) {
+  const int64_t B = static_cast<int64_t>(states.size());
+  if (B == 0) return absl::InvalidArgumentError("LaunchDecode: no sessions");
+  if (static_cast<int64_t>(options.size()) != B) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchDecode got ", B, " states and ", options.size(), " sampling options"));
+  }
+  if (!tokens.empty() && static_cast<int64_t>(tokens.size()) != B) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchDecode got ", B, " states and ", tokens.size(), " tokens"));
+  }
+  for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
+  absl::MutexLock lock(&mu_);
+  if (static_cast<int>(decodes_in_flight_.size()) >= kMaxDecodesInFlight) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "LaunchDecode: ", kMaxDecodesInFlight, " steps are already launched and not collected"));
+  }
+  const bool chained = tokens.empty();
+  if (chained && !std::equal(states.begin(), states.end(), chainable_states_.begin(),
+                             chainable_states_.end())) {
+    return absl::FailedPreconditionError(
+        "LaunchDecode without tokens must follow a LaunchDecode of the same sessions in the same "
+        "order, with no other forward call in between");
+  }
+  Output output;
+  output.options = options;
+  std::vector<int32_t> unused;  // the tokens arrive through the download ticket
+  output.sampled = &unused;
+  int64_t ticket = -1;
+  output.download_ticket = &ticket;
+  absl::Status st;
+  if (chained && backend_->SupportsGraphs()) {
+    // The previous step's sampled tokens stay on the device: copied into this step's input.
+    ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kSampled, B));
+    st = DecodeStepLocked(states, std::vector<int32_t>(B, 0), output, prev);
+  } else {
+    std::vector<int32_t> input(tokens.begin(), tokens.end());
+    if (chained) {
+      // Ops ran inside the previous call, so its tokens can simply be read back.
+      ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kSampled, B));
+      input.resize(B);
+      RETURN_IF_ERROR(backend_->Download(input.data(), prev, B * sizeof(int32_t)));
+    }
+    std::vector<absl::Span<const int32_t>> spans;
+    for (int64_t s = 0; s < B; ++s) spans.push_back(absl::MakeConstSpan(&input[s], 1));
+    st = ForwardLocked(states, spans, LogitsMode::kLast, output);
+  }
+  chainable_states_.clear();
+  RETURN_IF_ERROR(st);
+  decodes_in_flight_.emplace_back(ticket, B);
+  chainable_states_.assign(states.begin(), states.end());
+  return absl::OkStatus();
+}
+
+absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled) {
+  if (sampled == nullptr) return absl::InvalidArgumentError("CollectDecode: null output");
+  absl::MutexLock lock(&mu_);
+  if (decodes_in_flight_.empty()) {
+    return absl::FailedPreconditionError("CollectDecode: no launched step to collect");
+  }
+  const auto [ticket, rows] = decodes_in_flight_.front();
+  decodes_in_flight_.pop_front();
+  sampled->resize(rows);
+  return backend_->FinishDownload(ticket, sampled->data());
+}
+
+int RambaModel::decodes_in_flight() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(decodes_in_flight_.size());
+}
+
 namespace {
 
 // log softmax(row)[token], summed in double: exp(x - max) over the row, then the log.
@@ -180,6 +253,10 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     SamplingInputs(output.options, positions, &params, &uniforms);
     ASSIGN_OR_RETURN(int32_t * dev, workspace_->Get<int32_t>(Workspace::kSampled, rows));
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
+    if (output.download_ticket != nullptr) {
+      ASSIGN_OR_RETURN(*output.download_ticket, be->BeginDownload(dev, rows * sizeof(int32_t)));
+      return absl::OkStatus();
+    }
     output.sampled->resize(rows);
     RETURN_IF_ERROR(be->Download(output.sampled->data(), dev, rows * sizeof(int32_t)));
     if (output.logprobs != nullptr) {
@@ -475,6 +552,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
   Backend* be = backend_;
+  chainable_states_.clear();  // this pass may overwrite the sampled tokens a chain would read
   if (states.size() != tokens.size()) {
     return absl::InvalidArgumentError(absl::StrCat("Forward got ", states.size(), " states and ",
                                                    tokens.size(), " token lists"));
@@ -670,8 +748,8 @@ absl::StatusOr<RambaModel::GraphOutputs> RambaModel::RunGraphed(
 // count: a decode row never retrieves the chunk it completes ((c + 1) * chunk_size > its
 // position), so the order does not change the result.
 absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states,
-                                          const std::vector<int32_t>& tokens,
-                                          const Output& output) {
+                                          const std::vector<int32_t>& tokens, const Output& output,
+                                          const int32_t* device_tokens) {
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
   Backend* be = backend_;
@@ -697,6 +775,9 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
   RETURN_IF_ERROR(ws.Put(W::kBufferRows, buffer_rows, &rows_dev));
   RETURN_IF_ERROR(MemoryBatch(states, row_seq, row_pos, /*bucket=*/true, &b.mem));
   RETURN_IF_ERROR(ws.FlushStaged());
+  if (device_tokens != nullptr) {
+    RETURN_IF_ERROR(be->Copy(const_cast<int32_t*>(b.tokens), device_tokens, B * sizeof(int32_t)));
+  }
 
   auto ops = [&]() -> absl::StatusOr<GraphOutputs> {
     RETURN_IF_ERROR(LowerLayers(b));

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <set>
@@ -75,6 +76,22 @@ class RambaModel {
                                 absl::Span<const bool> logprob_rows = {},
                                 std::vector<float>* logprobs = nullptr);
 
+  // Decode steps queued ahead of their results, so the device need not idle while the caller
+  // handles a step's tokens (vLLM's async scheduling). LaunchDecode queues one step of one token
+  // per session, sampled on the backend with options[s] as ForwardAndSample does, and returns
+  // before it has run (a backend without graphs runs it inside the call); CollectDecode waits for
+  // the oldest uncollected step and returns its tokens. `tokens` holds each session's input
+  // token, or is empty to feed each session the token the previous LaunchDecode sampled for it,
+  // still on the device; that launch must have had the same sessions in the same order, with no
+  // other forward call since. States advance at launch; at most kMaxDecodesInFlight steps may be
+  // uncollected. Options and tokens are validated before any state changes.
+  static constexpr int kMaxDecodesInFlight = 2;
+  absl::Status LaunchDecode(absl::Span<SessionState* const> states,
+                            absl::Span<const int32_t> tokens,
+                            absl::Span<const SamplingOptions> options);
+  absl::Status CollectDecode(std::vector<int32_t>* sampled);
+  int decodes_in_flight() const;
+
   // Feeds `tokens` to one session in segments of at most `segment_tokens` (bounded scratch
   // memory; the result equals a single pass). Writes the last token's logits when `last_logits`
   // is non-null (and tokens is non-empty).
@@ -114,12 +131,18 @@ class RambaModel {
     std::vector<int32_t>* sampled = nullptr;
     absl::Span<const bool> logprob_rows;  // with logprobs: rows whose sampled token's logprob
     std::vector<float>* logprobs = nullptr;
+    // With sampled: queue the tokens' download under *download_ticket instead of waiting for it
+    // (LaunchDecode; no logprobs).
+    int64_t* download_ticket = nullptr;
   };
   absl::Status ForwardLocked(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
                              const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A decode batch through its recorded graph. With `device_tokens`, the input tokens are read
+  // from there (backend memory) instead of `tokens`.
   absl::Status DecodeStepLocked(absl::Span<SessionState* const> states,
-                                const std::vector<int32_t>& tokens, const Output& output)
+                                const std::vector<int32_t>& tokens, const Output& output,
+                                const int32_t* device_tokens = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Downloads and/or samples `rows` rows of logits at backend address `out` (states advanced).
   absl::Status Deliver(absl::Span<SessionState* const> states, const float* out, int64_t rows,
@@ -156,12 +179,17 @@ class RambaModel {
   ModelConfig config_;
   ModelWeights weights_;
   kernels::Backend* backend_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   std::unique_ptr<Workspace> workspace_ ABSL_GUARDED_BY(mu_);
   // Recorded graphs (decode steps and the decode-time chunk encoder) by key, and keys already run
   // once eagerly.
   std::map<GraphKey, Graph> graphs_ ABSL_GUARDED_BY(mu_);
   std::set<GraphKey> seen_shapes_ ABSL_GUARDED_BY(mu_);
+  // LaunchDecode's steps awaiting CollectDecode (download ticket, rows), oldest first, and the
+  // sessions of the last launch while the next may take its sampled tokens (cleared by any other
+  // forward call).
+  std::deque<std::pair<int64_t, int64_t>> decodes_in_flight_ ABSL_GUARDED_BY(mu_);
+  std::vector<SessionState*> chainable_states_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ramba

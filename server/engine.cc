@@ -14,9 +14,18 @@ struct Engine::Running {
   size_t next = 0;
   int32_t generated = 0;
   int64_t take = 0;  // tokens taken into the current iteration's batch
+  bool stopping = false;  // stopped by on_token; its last token still to feed (feed_stop_token)
 
   int64_t remaining() const { return static_cast<int64_t>(pending.size() - next); }
-  bool generating() const { return req->max_new_tokens > 0; }
+  bool generating() const { return req->max_new_tokens > 0 && !stopping; }
+};
+
+// A decode step launched and not yet collected: its rows in order (null once a row's request has
+// ended while a step launched ahead still carries it).
+struct Engine::InFlight {
+  std::vector<Running*> batch;
+  std::vector<SessionState*> states;
+  std::vector<SamplingOptions> options;
 };
 
 Engine::Engine(RambaModel* model, EngineOptions options)
@@ -85,6 +94,13 @@ void Engine::Loop() {
       }
     }
     if (stop) {
+      // Launched steps finish on the device whatever happens; collect them so that the model is
+      // left with none in flight.
+      while (model_->decodes_in_flight() > 0) {
+        std::vector<int32_t> ignored;
+        (void)model_->CollectDecode(&ignored);
+      }
+      in_flight_.reset();
       for (auto& r : active) finish(*r, absl::CancelledError("the engine stopped"), FinishReason::kCancelled);
       for (auto& q : rejected) q->on_done(absl::CancelledError("the engine stopped"), FinishReason::kCancelled);
       active_count_ = 0;
@@ -124,7 +140,90 @@ absl::Status Engine::Validate(const EngineRequest& req) const {
   return ValidateSamplingOptions(req.sampling);
 }
 
+bool Engine::Report(Running* r, int32_t token, float logprob, bool fed_ahead) {
+  ++r->generated;
+  const TokenAction action =
+      r->req->on_token ? r->req->on_token(token, logprob) : TokenAction::kContinue;
+  if (action == TokenAction::kStop && !fed_ahead && r->req->feed_stop_token) {
+    r->stopping = true;  // the next batch feeds it, then the request ends (Step)
+    r->pending.push_back(token);
+    return false;
+  }
+  if (action == TokenAction::kStop || r->generated >= r->req->max_new_tokens) {
+    r->req->last_token_fed = fed_ahead;
+    r->req->on_done(absl::OkStatus(),
+                    action == TokenAction::kStop ? FinishReason::kStop : FinishReason::kMaxTokens);
+    return true;
+  }
+  r->pending.push_back(token);
+  if (fed_ahead) r->next = r->pending.size();  // the step launched ahead took it
+  return false;
+}
+
+namespace {
+
+template <typename T>
+void EraseDone(std::vector<std::unique_ptr<T>>& active, const std::vector<T*>& done) {
+  if (done.empty()) return;
+  active.erase(std::remove_if(active.begin(), active.end(),
+                              [&](const std::unique_ptr<T>& r) {
+                                return std::find(done.begin(), done.end(), r.get()) != done.end();
+                              }),
+               active.end());
+}
+
+}  // namespace
+
+void Engine::StepInFlight(std::vector<std::unique_ptr<Running>>& active) {
+  InFlight& step = *in_flight_;
+  // Launch the next step ahead when every row will run it anyway: no request has ended or been
+  // cancelled, none reaches max_new_tokens with this step's token, and no other request is
+  // waiting for a batch (new ones join once the pipeline drains).
+  bool ahead = active.size() == step.batch.size();
+  for (Running* r : step.batch) {
+    ahead = ahead && r != nullptr && !r->req->cancelled.load() &&
+            r->generated + 1 < r->req->max_new_tokens;
+  }
+  std::unique_ptr<InFlight> next;
+  absl::Status st;
+  if (ahead) {
+    st = model_->LaunchDecode(step.states, {}, step.options);
+    if (st.ok()) next = std::make_unique<InFlight>(step);
+  }
+  std::vector<int32_t> sampled;
+  if (absl::Status c = model_->CollectDecode(&sampled); !c.ok()) st = c;
+  std::vector<Running*> done;
+  for (size_t i = 0; i < step.batch.size(); ++i) {
+    Running* r = step.batch[i];
+    if (r == nullptr) continue;
+    bool ended;
+    if (!st.ok()) {
+      r->req->on_done(st, FinishReason::kError);
+      ended = true;
+    } else {
+      ended = Report(r, sampled[i], std::numeric_limits<float>::quiet_NaN(), next != nullptr);
+    }
+    if (ended) {
+      done.push_back(r);
+      if (next != nullptr) next->batch[i] = nullptr;
+    }
+  }
+  if (!st.ok() && next != nullptr) {
+    // The step launched ahead has no requests left; drain it.
+    std::vector<int32_t> ignored;
+    (void)model_->CollectDecode(&ignored);
+    next.reset();
+  }
+  in_flight_ = std::move(next);
+  EraseDone(active, done);
+  active_count_ = static_cast<int64_t>(active.size());
+}
+
 void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
+  if (in_flight_ != nullptr) {
+    StepInFlight(active);
+    return;
+  }
   // Leave: cancelled requests, and requests that cannot make progress.
   std::vector<std::unique_ptr<Running>> keep;
   for (auto& r : active) {
@@ -184,6 +283,27 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
     want_logprob[i] = r->req->include_logprobs && r->generating() && r->take == r->remaining();
     any_logprob = any_logprob || want_logprob[i];
   }
+  // Every request decoding (none prefilling, none left out, no logprobs): launch the step and
+  // collect it in the next iteration, after launching its successor (StepInFlight).
+  bool pipelined = options_.pipeline_decode && !any_logprob && batch.size() == active.size();
+  for (Running* r : batch) pipelined = pipelined && r->generating() && r->remaining() == 1;
+  if (pipelined) {
+    auto step = std::make_unique<InFlight>();
+    step->batch = batch;
+    step->states = states;
+    step->options = options;
+    std::vector<int32_t> input;
+    for (Running* r : batch) input.push_back(r->pending[r->next++]);
+    const absl::Status st = model_->LaunchDecode(states, input, options);
+    if (st.ok()) {
+      in_flight_ = std::move(step);
+      return;
+    }
+    for (Running* r : batch) r->req->on_done(st, FinishReason::kError);
+    EraseDone(active, batch);
+    active_count_ = static_cast<int64_t>(active.size());
+    return;
+  }
   std::vector<int32_t> sampled;
   std::vector<float> logprobs;
   const absl::Status st = model_->ForwardAndSample(
@@ -200,34 +320,22 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
       Running* r = batch[i];
       r->next += r->take;
       if (r->remaining() > 0) continue;
+      if (r->stopping) {
+        r->req->last_token_fed = true;
+        r->req->on_done(absl::OkStatus(), FinishReason::kStop);
+        done.push_back(r);
+        continue;
+      }
       if (!r->generating()) {
         r->req->on_done(absl::OkStatus(), FinishReason::kInputConsumed);
         done.push_back(r);
         continue;
       }
-      const int32_t token = sampled[i];
       const float logprob = any_logprob ? logprobs[i] : std::numeric_limits<float>::quiet_NaN();
-      ++r->generated;
-      const TokenAction action =
-          r->req->on_token ? r->req->on_token(token, logprob) : TokenAction::kContinue;
-      if (action == TokenAction::kStop) {
-        r->req->on_done(absl::OkStatus(), FinishReason::kStop);
-        done.push_back(r);
-      } else if (r->generated >= r->req->max_new_tokens) {
-        r->req->on_done(absl::OkStatus(), FinishReason::kMaxTokens);
-        done.push_back(r);
-      } else {
-        r->pending.push_back(token);
-      }
+      if (Report(r, sampled[i], logprob, /*fed_ahead=*/false)) done.push_back(r);
     }
   }
-  if (!done.empty()) {
-    active.erase(std::remove_if(active.begin(), active.end(),
-                                [&](const std::unique_ptr<Running>& r) {
-                                  return std::find(done.begin(), done.end(), r.get()) != done.end();
-                                }),
-                 active.end());
-  }
+  EraseDone(active, done);
   active_count_ = static_cast<int64_t>(active.size());
 }
 

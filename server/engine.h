@@ -35,9 +35,11 @@ struct EngineRequest {
   // keeps the state alive until then; the engine is its only user meanwhile.
   SessionState* state = nullptr;
   // Tokens fed before sampling (prompt / appended text). Must be non-empty when generating: the
-  // first token is sampled from the logits of the last input token. The last *generated* token
-  // is reported but not fed: the caller keeps it as the session's pending token and puts it first
-  // in the next request's input, so no step is spent on a token nobody may read.
+  // first token is sampled from the logits of the last input token. When generation ends at
+  // max_new_tokens (or is cancelled), the last *generated* token is reported but not fed: the
+  // caller keeps it as the session's pending token and puts it first in the next request's input,
+  // so no step is spent on a token that may never be read. When it ends on kStop, the stopping
+  // token is fed before on_done (see feed_stop_token).
   std::vector<int32_t> input;
   int32_t max_new_tokens = 0;    // 0: append only
   SamplingOptions sampling;
@@ -48,6 +50,14 @@ struct EngineRequest {
   std::function<TokenAction(int32_t token, float logprob)> on_token;
   // Called exactly once, on the engine thread, when the request leaves the engine.
   std::function<void(const absl::Status& status, FinishReason reason)> on_done;
+  // Whether a generation ended by kStop feeds its stopping token before on_done. A step launched
+  // before the token was known to stop (EngineOptions::pipeline_decode) has fed it already and
+  // cannot be undone, so for the state to be the same however the steps ran, the engine otherwise
+  // runs one more step for it. false: do not spend that step (the caller throws the state away).
+  bool feed_stop_token = true;
+  // Set by the engine before on_done: the last generated token was fed, so it is part of the
+  // state and not pending.
+  bool last_token_fed = false;
   // Set by any thread (client cancelled, deadline passed); checked before every iteration, so a
   // cancelled request stops within one step with its state consistent (position = tokens fed).
   std::atomic<bool> cancelled{false};
@@ -64,6 +74,12 @@ struct EngineOptions {
   // thread that uses them: warmed up on another thread, the CPU backend's second OpenMP team
   // made libgomp stop spinning, and every later op paid a wake-up (2.8x slower decode).
   bool warmup = false;
+  // When every request is decoding, launch each step before the previous one's tokens are back
+  // (RambaModel::LaunchDecode), so the device does not wait while this thread reports tokens. A
+  // step launched ahead for a request whose token then stops it has fed that token
+  // (EngineRequest::feed_stop_token), and its own token is dropped. Steps are never launched
+  // past max_new_tokens.
+  bool pipeline_decode = true;
 };
 
 // Thread-safe: Submit and Stop may be called from any thread.
@@ -84,10 +100,16 @@ class Engine {
 
  private:
   struct Running;
+  struct InFlight;
   void Loop();
   absl::Status Validate(const EngineRequest& request) const;
-  // Runs one iteration over `active`; returns false when there was nothing to do.
+  // Runs one iteration over `active`: collects the step in flight (launching the next one ahead
+  // first when it can), or builds a batch and runs it.
   void Step(std::vector<std::unique_ptr<Running>>& active);
+  // Collects the step in flight after launching its successor when every row continues.
+  void StepInFlight(std::vector<std::unique_ptr<Running>>& active);
+  // Reports a generated token; true when it ended the request (on_done has run).
+  bool Report(Running* r, int32_t token, float logprob, bool fed_ahead);
 
   RambaModel* model_;
   EngineOptions options_;
@@ -95,6 +117,7 @@ class Engine {
   std::deque<std::shared_ptr<EngineRequest>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<int64_t> active_count_{0};
+  std::unique_ptr<InFlight> in_flight_;  // engine thread only
   absl::Status warmup_status_;  // written before warmed_ is notified
   absl::Notification warmed_;
   std::thread thread_;

@@ -52,6 +52,10 @@ ABSL_FLAG(int32_t, commit_threads, 0,
 ABSL_FLAG(bool, warmup, true,
           "Before listening, run a throwaway session through a prefill and decode steps up to a "
           "chunk completion, so the first request does not pay the backend's one-time costs.");
+ABSL_FLAG(bool, pipeline_decode, true,
+          "When every running request is decoding, launch each step before the previous one's "
+          "tokens are back, so the GPU does not wait while tokens are streamed (a stop token is "
+          "then fed before generation ends; see EngineOptions).");
 ABSL_FLAG(int32_t, drain_seconds, 30, "Grace period for running calls on SIGTERM.");
 
 namespace {
@@ -96,6 +100,7 @@ int main(int argc, char** argv) {
   engine_options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   engine_options.max_active_requests = absl::GetFlag(FLAGS_max_active_requests);
   engine_options.warmup = absl::GetFlag(FLAGS_warmup);
+  engine_options.pipeline_decode = absl::GetFlag(FLAGS_pipeline_decode);
   const auto warmup_start = std::chrono::steady_clock::now();
   server::Engine engine(model->get(), engine_options);
   if (absl::Status st = engine.WaitForWarmup(); !st.ok()) return Fail(st);

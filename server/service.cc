@@ -381,10 +381,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     if (lease_->meta().pending_token) feed.push_back(*lease_->meta().pending_token);
     if (spec_.commit_generated) {
       feed.insert(feed.end(), spec_.input.begin(), spec_.input.end());
-      if (feed.empty()) {
-        return absl::InvalidArgumentError(
-            "the session is empty and input is empty: nothing to generate from");
-      }
+      if (feed.empty()) return NothingToGenerateFrom();
       return Submit(lease_->state(), feed);
     }
     // Generated tokens stay out of the session: generate on a fork. With commit_input the
@@ -408,11 +405,21 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       return absl::OkStatus();
     }
     feed.insert(feed.end(), spec_.input.begin(), spec_.input.end());
-    if (feed.empty()) {
+    if (feed.empty()) return NothingToGenerateFrom();
+    return GenerateOnFork(feed);
+  }
+
+  // The first token is sampled from the prediction after the last token fed, so generation needs
+  // a token to feed: input or the session's pending token, which a stop token never is.
+  absl::Status NothingToGenerateFrom() const {
+    if (lease_->position() == 0) {
       return absl::InvalidArgumentError(
           "the session is empty and input is empty: nothing to generate from");
     }
-    return GenerateOnFork(feed);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input is empty and session ", session_id_,
+        " ends with a finished generation (its stop token is part of the history, so there is no "
+        "pending token to generate from): send input"));
   }
 
   absl::Status GenerateOnFork(std::vector<int32_t> feed) {
@@ -428,6 +435,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     req->max_new_tokens = spec_.max_tokens;
     req->sampling = sampling_;
     req->include_logprobs = spec_.include_logprobs;
+    req->feed_stop_token = !(stateless_ || fork_only_);  // a throwaway state needs no last step
     req->on_token = [this](int32_t t, float logprob) { return OnToken(t, logprob); };
     req->on_done = [this](const absl::Status& s, FinishReason r) { OnEngineDone(s, r); };
     {
@@ -489,8 +497,10 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
 
   // Engine thread.
   void OnEngineDone(const absl::Status& s, FinishReason r) {
+    bool last_fed = false;
     {
       absl::MutexLock lock(&mu_);
+      last_fed = request_ != nullptr && request_->last_token_fed;
       request_.reset();
     }
     if (!s.ok()) {
@@ -509,11 +519,14 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       Complete();
       return;
     }
-    // Generated tokens join the session: all but the last were fed; the last is pending. The
-    // state is serialised here (engine thread); the write runs on the committer, and the client
-    // hears back once it is durable.
-    lease_->meta().pending_token = generated_.empty() ? lease_->meta().pending_token
-                                                      : std::optional<int32_t>(generated_.back());
+    // Generated tokens join the session, fed but for the last one after max_tokens, which is
+    // pending (a stop token is fed: EngineRequest::feed_stop_token). The state is serialised here
+    // (engine thread); the write runs on the committer, and the client hears back once it is
+    // durable.
+    if (!generated_.empty()) {
+      lease_->meta().pending_token =
+          last_fed ? std::nullopt : std::optional<int32_t>(generated_.back());
+    }
     absl::StatusOr<store::CommitRequest> prepared = lease_->PrepareCommit();
     if (!prepared.ok()) {
       Fail(prepared.status());

@@ -83,6 +83,11 @@ absl::Status CudaBackend::Init(int dev) {
   for (cudaEvent_t& e : staging_done_) {
     RAMBA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(&download_slots_),
+                                            kMaxAsyncDownloads * kMaxAsyncDownloadBytes));
+  for (cudaEvent_t& e : download_done_) {
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
   scratch_.resize(static_cast<size_t>(cuda::ScratchSlot::kNumSlots));
   const size_t counter_bytes = static_cast<size_t>(CounterSlot::kNumSlots) * kCountersPerSlot *
                                sizeof(unsigned);
@@ -104,6 +109,10 @@ CudaBackend::~CudaBackend() {
   for (cudaEvent_t e : staging_done_) {
     if (e != nullptr) cudaEventDestroy(e);
   }
+  for (cudaEvent_t e : download_done_) {
+    if (e != nullptr) cudaEventDestroy(e);
+  }
+  if (download_slots_ != nullptr) cudaFreeHost(download_slots_);
   for (auto& [id, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (staging_ != nullptr) cudaFreeHost(staging_);
   if (counters != nullptr) cudaFree(counters);
@@ -195,6 +204,34 @@ absl::Status CudaBackend::Download(void* host_dst, const void* src, size_t bytes
   const cudaStream_t s = MemoryStream();
   RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, s));
   RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> CudaBackend::BeginDownload(const void* src, size_t bytes) {
+  RAMBA_CHECK_ARG("BeginDownload", src != nullptr || bytes == 0, "null pointer");
+  int64_t ticket = 0;
+  ASSIGN_OR_RETURN(const int slot, NextDownloadSlot(bytes, &ticket));
+  absl::MutexLock lock(&mu_);
+  if (capturing_ && !OtherThreadRecording()) {
+    return absl::FailedPreconditionError(
+        "BeginDownload: host copies cannot be recorded in a graph");
+  }
+  const cudaStream_t s = MemoryStream();
+  if (bytes > 0) {
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(download_slots_ + slot * kMaxAsyncDownloadBytes, src,
+                                               bytes, cudaMemcpyDeviceToHost, s));
+  }
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaEventRecord(download_done_[slot], s));
+  DownloadBegun();
+  return ticket;
+}
+
+absl::Status CudaBackend::FinishDownload(int64_t ticket, void* host_dst) {
+  ASSIGN_OR_RETURN(const int slot, FinishingDownloadSlot(ticket));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(download_done_[slot]));
+  if (download_bytes_[slot] > 0) {
+    std::memcpy(host_dst, download_slots_ + slot * kMaxAsyncDownloadBytes, download_bytes_[slot]);
+  }
   return absl::OkStatus();
 }
 

@@ -33,6 +33,8 @@ class CudaBackend : public Backend, public cuda::Context {
   absl::StatusOr<Buffer> Allocate(size_t bytes) override;
   absl::Status Upload(void* dst, const void* host_src, size_t bytes) override;
   absl::Status Download(void* host_dst, const void* src, size_t bytes) override;
+  absl::StatusOr<int64_t> BeginDownload(const void* src, size_t bytes) override;
+  absl::Status FinishDownload(int64_t ticket, void* host_dst) override;
   absl::Status Copy(void* dst, const void* src, size_t bytes) override;
   absl::Status Zero(void* dst, size_t bytes) override;
   absl::Status Synchronize() override;
@@ -144,6 +146,10 @@ class CudaBackend : public Backend, public cuda::Context {
   bool staging_pending_[kStagingSegments] = {};
   int staging_segment_ = 0;
   size_t staging_offset_ = 0;
+  // Pinned slots for BeginDownload (a copy into pageable memory would make the host wait), each
+  // with an event recorded behind its copy.
+  char* download_slots_ = nullptr;
+  cudaEvent_t download_done_[kMaxAsyncDownloads] = {};
 };
 
 }  // namespace ramba::kernels

@@ -21,6 +21,7 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "nlohmann/json.hpp"
+#include "tests/model/pipelined_decode.h"
 #include "tests/testing/test_util.h"
 
 namespace ramba {
@@ -290,6 +291,20 @@ TEST(CudaModelTest, BatchedDecodeMatchesSingleSessions) {
       EXPECT_LE(MaxRowRelError(row, l, V), 1e-5) << "session " << i << " step " << step;
     }
     for (size_t i = 0; i < next.size(); ++i) next[i] = (next[i] * 31 + step + 7) % V;
+  }
+}
+
+// Launched steps queue on the stream; the later one's input is copied from the earlier one's
+// sampled tokens on the device.
+TEST(CudaModelTest, PipelinedDecodeMatchesSteps) {
+  auto gpu = GpuOrSkip(kernels::DType::kBF16);
+  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  for (const char* name : {"tiny_enc1_cls_k3", "tiny_enc2_nocls_g2"}) {
+    SCOPED_TRACE(name);
+    auto model = RambaModel::Load(testing::FixtureDir() + "/" + name, gpu.get());
+    ASSERT_TRUE(model.ok()) << model.status();
+    testing::ExpectPipelinedDecodeMatchesSteps(model->get(), 70);
+    testing::ExpectPipelinedDecodeMisuseRefused(model->get());
   }
 }
 

@@ -33,7 +33,7 @@ class EngineTest : public ::testing::Test {
                            int max_new, SamplingOptions sampling = {},
                            std::function<TokenAction(int32_t)> stop = nullptr,
                            std::shared_ptr<EngineRequest>* handle = nullptr,
-                           bool include_logprobs = false) {
+                           bool include_logprobs = false, bool feed_stop_token = true) {
     auto req = std::make_shared<EngineRequest>();
     auto outcome = std::make_shared<Outcome>();
     auto promise = std::make_shared<std::promise<Outcome>>();
@@ -42,6 +42,7 @@ class EngineTest : public ::testing::Test {
     req->max_new_tokens = max_new;
     req->sampling = sampling;
     req->include_logprobs = include_logprobs;
+    req->feed_stop_token = feed_stop_token;
     req->on_token = [outcome, stop](int32_t t, float logprob) {
       outcome->tokens.push_back(t);
       outcome->logprobs.push_back(logprob);
@@ -186,36 +187,122 @@ TEST_F(EngineTest, AppendOnlyConsumesInput) {
 }
 
 TEST_F(EngineTest, StopFromCallback) {
-  Engine engine(model_.get(), {});
-  auto s = std::move(*model_->NewSession());
-  int seen = 0;
-  Outcome o = Run(engine, s.get(), {1, 2, 3}, 50, {},
-                  [&seen](int32_t) { return ++seen == 4 ? TokenAction::kStop : TokenAction::kContinue; })
-                  .get();
-  EXPECT_EQ(o.reason, FinishReason::kStop);
-  EXPECT_EQ(o.tokens.size(), 4u);
-  EXPECT_EQ(s->position(), 3 + 3);
+  // The stopping token is fed before the request ends, however the steps ran: by the step
+  // launched ahead (pipelined) or by one more step; with feed_stop_token false, one at a time, it
+  // is left unfed.
+  struct Case {
+    bool pipelined, feed;
+  };
+  for (const Case c : {Case{false, true}, Case{true, true}, Case{false, false}}) {
+    SCOPED_TRACE(::testing::Message() << "pipelined " << c.pipelined << " feed " << c.feed);
+    EngineOptions opts;
+    opts.pipeline_decode = c.pipelined;
+    Engine engine(model_.get(), opts);
+    auto s = std::move(*model_->NewSession());
+    int seen = 0;
+    std::shared_ptr<EngineRequest> handle;
+    Outcome o =
+        Run(
+            engine, s.get(), {1, 2, 3}, 50, {},
+            [&seen](int32_t) { return ++seen == 4 ? TokenAction::kStop : TokenAction::kContinue; },
+            &handle, /*include_logprobs=*/false, c.feed)
+            .get();
+    EXPECT_EQ(o.reason, FinishReason::kStop);
+    EXPECT_EQ(o.tokens.size(), 4u);
+    EXPECT_EQ(handle->last_token_fed, c.feed);
+    EXPECT_EQ(s->position(), c.feed ? 3 + 4 : 3 + 3);
+  }
 }
 
 TEST_F(EngineTest, CancelStopsWithinOneStepAndStateIsConsistent) {
-  Engine engine(model_.get(), {});
-  auto s = std::move(*model_->NewSession());
-  std::shared_ptr<EngineRequest> handle;
-  int n = 0;
-  auto f = Run(engine, s.get(), {5, 6, 7}, 1000, {},
-               [&handle, &n](int32_t) {
-                 if (++n == 10) handle->cancelled = true;
-                 return TokenAction::kContinue;
-               },
-               &handle);
-  Outcome o = f.get();
-  EXPECT_EQ(o.reason, FinishReason::kCancelled);
-  EXPECT_EQ(o.status.code(), absl::StatusCode::kCancelled);
-  EXPECT_EQ(o.tokens.size(), 10u);  // cancelled after the 10th token, before the 11th step
-  EXPECT_EQ(s->position(), 3 + 9);  // every fed token, nothing half-done
-  // The session can go on.
-  Outcome more = Run(engine, s.get(), {o.tokens.back()}, 2).get();
-  EXPECT_TRUE(more.status.ok());
+  for (bool pipelined : {false, true}) {
+    SCOPED_TRACE(pipelined ? "pipelined" : "one step at a time");
+    EngineOptions opts;
+    opts.pipeline_decode = pipelined;
+    Engine engine(model_.get(), opts);
+    auto s = std::move(*model_->NewSession());
+    std::shared_ptr<EngineRequest> handle;
+    int n = 0;
+    auto f = Run(
+        engine, s.get(), {5, 6, 7}, 1000, {},
+        [&handle, &n](int32_t) {
+          if (++n == 10) handle->cancelled = true;
+          return TokenAction::kContinue;
+        },
+        &handle);
+    Outcome o = f.get();
+    EXPECT_EQ(o.reason, FinishReason::kCancelled);
+    EXPECT_EQ(o.status.code(), absl::StatusCode::kCancelled);
+    // Cancelled after the 10th token: one at a time, before the 11th step; pipelined, the 11th
+    // step was already launched, and its token is reported too.
+    EXPECT_EQ(o.tokens.size(), pipelined ? 11u : 10u);
+    EXPECT_FALSE(handle->last_token_fed);
+    EXPECT_EQ(s->position(), 3 + static_cast<int64_t>(o.tokens.size()) - 1);  // all but the last
+    // The session can go on.
+    Outcome more = Run(engine, s.get(), {o.tokens.back()}, 2).get();
+    EXPECT_TRUE(more.status.ok());
+  }
+}
+
+// Pipelined decode changes no token, finish reason or state, with requests ending at different
+// steps for different reasons.
+TEST_F(EngineTest, PipelinedDecodeMatchesOneStepAtATime) {
+  SamplingOptions seeded;
+  seeded.temperature = 1.1f;
+  seeded.seed = 5;
+  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3}, {9}, {4, 4, 4, 4, 4}, {7, 8}};
+  const std::vector<int> max_new = {40, 25, 70, 33};
+  const std::vector<int> stop_after = {0, 12, 0, 20};  // 0: never
+  struct Run1 {
+    std::vector<Outcome> outcomes;
+    std::vector<bool> fed;
+    std::vector<std::unique_ptr<SessionState>> states;
+  };
+  auto run = [&](bool pipelined) {
+    EngineOptions opts;
+    opts.pipeline_decode = pipelined;
+    Engine engine(model_.get(), opts);
+    Run1 r;
+    std::vector<std::future<Outcome>> futures;
+    std::vector<std::shared_ptr<EngineRequest>> handles(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      r.states.push_back(std::move(*model_->NewSession()));
+      auto counter = std::make_shared<int>(0);
+      const int stop = stop_after[i];
+      futures.push_back(Run(
+          engine, r.states.back().get(), prompts[i], max_new[i], i % 2 ? seeded : SamplingOptions{},
+          [counter, stop](int32_t) {
+            return ++*counter == stop ? TokenAction::kStop : TokenAction::kContinue;
+          },
+          &handles[i]));
+    }
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      r.outcomes.push_back(futures[i].get());
+      r.fed.push_back(handles[i]->last_token_fed);
+    }
+    // Each session goes on from its history: the pending token first unless it was fed.
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      std::vector<int32_t> input = {3, 1, 4};
+      if (!r.fed[i]) input.insert(input.begin(), r.outcomes[i].tokens.back());
+      r.outcomes.push_back(Run(engine, r.states[i].get(), input, 5).get());
+    }
+    return r;
+  };
+  Run1 a = run(false), b = run(true);
+  for (size_t i = 0; i < a.outcomes.size(); ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_TRUE(a.outcomes[i].status.ok() && b.outcomes[i].status.ok());
+    EXPECT_EQ(a.outcomes[i].tokens, b.outcomes[i].tokens);
+    EXPECT_EQ(a.outcomes[i].reason, b.outcomes[i].reason);
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SCOPED_TRACE(i);
+    // A stopped request's last token is fed (ahead, or by one more step); a request that ran to
+    // max_new_tokens leaves its last token pending.
+    EXPECT_EQ(a.fed[i], stop_after[i] != 0);
+    EXPECT_EQ(b.fed[i], stop_after[i] != 0);
+    EXPECT_EQ(a.states[i]->position(), b.states[i]->position());
+  }
 }
 
 TEST_F(EngineTest, SeededSamplingIsReproducibleAcrossBatching) {

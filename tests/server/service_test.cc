@@ -315,6 +315,79 @@ TEST_F(ServiceTest, StopSequenceAndGenerateOnce) {
   EXPECT_EQ(out.text, text.substr(0, text.find(stop)));
 }
 
+// A generation that ends on a stop token leaves that token fed, whether the engine's pipelined
+// decode had fed it already or not: the store holds it as history, not pending, so the session
+// needs input to go on, and goes on as the model does over the whole history.
+TEST_F(ServiceTest, StopTokenIsFedHistory) {
+  // Greedy continuation by hand from `history`, n tokens.
+  auto greedy = [&](const std::vector<int32_t>& history, int n) {
+    std::vector<int32_t> out;
+    auto state = std::move(*model_->NewSession());
+    std::vector<float> logits;
+    EXPECT_TRUE(model_->Prefill(state.get(), history, &logits).ok());
+    SessionState* st[] = {state.get()};
+    for (int i = 0; i < n; ++i) {
+      out.push_back(
+          static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin()));
+      const int32_t in[] = {out.back()};
+      EXPECT_TRUE(model_->Decode(st, in, &logits).ok());
+    }
+    return out;
+  };
+  const std::string prompt = "Once upon a time";
+  std::vector<int32_t> history = tokenizer_->Encode(prompt);
+  const std::vector<int32_t> first = greedy(history, 20);
+  // The first token from the 5th on that did not occur before it: generation stops right there.
+  size_t k = 4;
+  while (k < first.size() &&
+         std::find(first.begin(), first.begin() + k, first[k]) != first.begin() + k) {
+    ++k;
+  }
+  ASSERT_LT(k, first.size()) << "no usable stop token in the greedy output";
+  const int64_t p0 = Create("st", prompt).position();
+  v1::GenerateRequest g;
+  g.set_session_id("st");
+  g.mutable_stopping()->set_max_tokens(30);
+  g.mutable_stopping()->set_ignore_eos(true);
+  g.mutable_stopping()->add_stop_token_ids(first[k]);
+  g.mutable_sampling()->set_temperature(0);
+  Streamed out = Generate(g);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_STOP_TOKEN);
+  EXPECT_EQ(out.ids, std::vector<int32_t>(first.begin(), first.begin() + k + 1));
+  const int64_t after = p0 + static_cast<int64_t>(k) + 1;
+  EXPECT_EQ(out.final.position(), after);
+  {
+    // What the store holds: every token fed, none pending.
+    SessionManager other(model_.get(), store_.get(), SessionManagerOptions{});
+    auto lease = other.Acquire("st");
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    EXPECT_EQ(lease->position(), after);
+    EXPECT_EQ(lease->state()->position(), after);
+    EXPECT_FALSE(lease->meta().pending_token.has_value());
+  }
+  // Nothing pending: generating needs input, and says so.
+  v1::GenerateRequest bare;
+  bare.set_session_id("st");
+  bare.mutable_stopping()->set_max_tokens(3);
+  Streamed refused = Generate(bare);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(refused.status.error_message().find("stop token"), std::string::npos)
+      << refused.status.error_message();
+  // With input the session goes on as the model does over the whole history.
+  v1::GenerateRequest more = g;
+  more.mutable_stopping()->clear_stop_token_ids();
+  more.mutable_stopping()->set_max_tokens(5);
+  more.mutable_input()->set_text(" The end");
+  Streamed next = Generate(more);
+  ASSERT_TRUE(next.status.ok()) << next.status.error_message();
+  history.insert(history.end(), out.ids.begin(), out.ids.end());
+  const std::vector<int32_t> input = tokenizer_->Encode(" The end");
+  history.insert(history.end(), input.begin(), input.end());
+  EXPECT_EQ(next.ids, greedy(history, 5));
+  EXPECT_EQ(next.final.position(), after + static_cast<int64_t>(input.size()) + 5);
+}
+
 TEST_F(ServiceTest, ForkListDelete) {
   Create("p", "shared history");
   grpc::ClientContext c1;
