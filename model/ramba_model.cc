@@ -17,11 +17,45 @@ using kernels::Backend;
 // Scratch memory reused across forward calls: one growable backend buffer per slot.
 struct RambaModel::Workspace {
   enum Slot {
-    kTokens, kSeqOffsets, kRowSeq, kRowPos, kConvPtrs, kSsmPtrs,
-    kH, kNorm, kInProj, kXbc, kY, kG,
-    kX, kXn, kQ, kK, kV, kAttn, kGate, kUp, kKfull, kVfull, kMean, kLmk,
-    kR, kIdx, kW, kLandmarkPtrs, kNumChunks, kChunkTablePtrs,
-    kHsaQ, kHsaO, kLastRows, kLogits, kBufferRows, kSampled, kNumSlots
+    kTokens,
+    kSeqOffsets,
+    kRowSeq,
+    kRowPos,
+    kConvPtrs,
+    kSsmPtrs,
+    kH,
+    kNorm,
+    kInProj,
+    kXbc,
+    kY,
+    kG,
+    kX,
+    kXn,
+    kQ,
+    kK,
+    kV,
+    kAttn,
+    kGate,
+    kUp,
+    kKfull,
+    kVfull,
+    kMean,
+    kLmk,
+    kR,
+    kIdx,
+    kW,
+    kLandmarkPtrs,
+    kNumChunks,
+    kChunkTablePtrs,
+    kHsaQ,
+    kHsaO,
+    kLastRows,
+    kLogits,
+    kBufferRows,
+    kSampled,
+    kLaunchSampled,  // launched steps' tokens, which a chained launch reads: no other call writes
+                     // it
+    kNumSlots
   };
   explicit Workspace(Backend* b) : backend(b), buffers(kNumSlots) {}
 
@@ -157,15 +191,34 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
 absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
                                       absl::Span<const int32_t> tokens,
                                       absl::Span<const SamplingOptions> options) {
+  if (tokens.empty()) return LaunchStep(states, {}, options, /*chained=*/true);
+  if (tokens.size() != states.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchDecode got ", states.size(), " states and ", tokens.size(), " tokens"));
+  }
+  std::vector<absl::Span<const int32_t>> spans;
+  for (const int32_t& t : tokens) spans.push_back(absl::MakeConstSpan(&t, 1));
+  return LaunchStep(states, spans, options, /*chained=*/false);
+}
+
+absl::Status RambaModel::LaunchForward(absl::Span<SessionState* const> states,
+                                       absl::Span<const absl::Span<const int32_t>> tokens,
+                                       absl::Span<const SamplingOptions> options) {
+  if (tokens.size() != states.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchForward got ", states.size(),
+                                                   " states and ", tokens.size(), " token lists"));
+  }
+  return LaunchStep(states, tokens, options, /*chained=*/false);
+}
+
+absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
+                                    absl::Span<const absl::Span<const int32_t>> tokens,
+                                    absl::Span<const SamplingOptions> options, bool chained) {
   const int64_t B = static_cast<int64_t>(states.size());
   if (B == 0) return absl::InvalidArgumentError("LaunchDecode: no sessions");
   if (static_cast<int64_t>(options.size()) != B) {
     return absl::InvalidArgumentError(
         absl::StrCat("LaunchDecode got ", B, " states and ", options.size(), " sampling options"));
-  }
-  if (!tokens.empty() && static_cast<int64_t>(tokens.size()) != B) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("LaunchDecode got ", B, " states and ", tokens.size(), " tokens"));
   }
   for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
   absl::MutexLock lock(&mu_);
@@ -173,12 +226,16 @@ absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
     return absl::FailedPreconditionError(absl::StrCat(
         "LaunchDecode: ", kMaxDecodesInFlight, " steps are already launched and not collected"));
   }
-  const bool chained = tokens.empty();
-  if (chained && !std::equal(states.begin(), states.end(), chainable_states_.begin(),
-                             chainable_states_.end())) {
-    return absl::FailedPreconditionError(
-        "LaunchDecode without tokens must follow a LaunchDecode of the same sessions in the same "
-        "order, with no other forward call in between");
+  if (chained) {
+    bool same = states.size() == chain_.size();
+    for (size_t s = 0; same && s < states.size(); ++s) {
+      same = states[s] == chain_[s].first && states[s]->position() == chain_[s].second;
+    }
+    if (!same) {
+      return absl::FailedPreconditionError(
+          "LaunchDecode without tokens must follow a launch of the same sessions in the same "
+          "order, none of them fed since");
+    }
   }
   Output output;
   output.options = options;
@@ -189,24 +246,23 @@ absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
   absl::Status st;
   if (chained && backend_->SupportsGraphs()) {
     // The previous step's sampled tokens stay on the device: copied into this step's input.
-    ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kSampled, B));
+    ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kLaunchSampled, B));
     st = DecodeStepLocked(states, std::vector<int32_t>(B, 0), output, prev);
-  } else {
-    std::vector<int32_t> input(tokens.begin(), tokens.end());
-    if (chained) {
-      // Ops ran inside the previous call, so its tokens can simply be read back.
-      ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kSampled, B));
-      input.resize(B);
-      RETURN_IF_ERROR(backend_->Download(input.data(), prev, B * sizeof(int32_t)));
-    }
+  } else if (chained) {
+    // Ops ran inside the previous call, so its tokens can simply be read back.
+    ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kLaunchSampled, B));
+    std::vector<int32_t> input(B);
+    RETURN_IF_ERROR(backend_->Download(input.data(), prev, B * sizeof(int32_t)));
     std::vector<absl::Span<const int32_t>> spans;
-    for (int64_t s = 0; s < B; ++s) spans.push_back(absl::MakeConstSpan(&input[s], 1));
+    for (const int32_t& t : input) spans.push_back(absl::MakeConstSpan(&t, 1));
     st = ForwardLocked(states, spans, LogitsMode::kLast, output);
+  } else {
+    st = ForwardLocked(states, tokens, LogitsMode::kLast, output);
   }
-  chainable_states_.clear();
+  chain_.clear();
   RETURN_IF_ERROR(st);
   decodes_in_flight_.emplace_back(ticket, B);
-  chainable_states_.assign(states.begin(), states.end());
+  for (SessionState* state : states) chain_.emplace_back(state, state->position());
   return absl::OkStatus();
 }
 
@@ -251,7 +307,10 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     std::vector<kernels::SamplingParams> params;
     std::vector<float> uniforms;
     SamplingInputs(output.options, positions, &params, &uniforms);
-    ASSIGN_OR_RETURN(int32_t * dev, workspace_->Get<int32_t>(Workspace::kSampled, rows));
+    ASSIGN_OR_RETURN(int32_t * dev, workspace_->Get<int32_t>(output.download_ticket != nullptr
+                                                                 ? Workspace::kLaunchSampled
+                                                                 : Workspace::kSampled,
+                                                             rows));
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
     if (output.download_ticket != nullptr) {
       ASSIGN_OR_RETURN(*output.download_ticket, be->BeginDownload(dev, rows * sizeof(int32_t)));
@@ -552,7 +611,6 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
   Backend* be = backend_;
-  chainable_states_.clear();  // this pass may overwrite the sampled tokens a chain would read
   if (states.size() != tokens.size()) {
     return absl::InvalidArgumentError(absl::StrCat("Forward got ", states.size(), " states and ",
                                                    tokens.size(), " token lists"));

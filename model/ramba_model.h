@@ -81,14 +81,20 @@ class RambaModel {
   // per session, sampled on the backend with options[s] as ForwardAndSample does, and returns
   // before it has run (a backend without graphs runs it inside the call); CollectDecode waits for
   // the oldest uncollected step and returns its tokens. `tokens` holds each session's input
-  // token, or is empty to feed each session the token the previous LaunchDecode sampled for it,
-  // still on the device; that launch must have had the same sessions in the same order, with no
-  // other forward call since. States advance at launch; at most kMaxDecodesInFlight steps may be
-  // uncollected. Options and tokens are validated before any state changes.
+  // token, or is empty to feed each session the token the previous launch sampled for it, still
+  // on the device; that launch must have had the same sessions in the same order, none of them
+  // fed since (other forward calls may come between). States advance at launch; at most
+  // kMaxDecodesInFlight steps may be uncollected. Options and tokens are validated before any
+  // state changes.
   static constexpr int kMaxDecodesInFlight = 2;
   absl::Status LaunchDecode(absl::Span<SessionState* const> states,
                             absl::Span<const int32_t> tokens,
                             absl::Span<const SamplingOptions> options);
+  // LaunchDecode's general form: tokens[s] (one or more, as ForwardAndSample takes them) for each
+  // session, one token sampled per session; a later LaunchDecode without tokens may follow it.
+  absl::Status LaunchForward(absl::Span<SessionState* const> states,
+                             absl::Span<const absl::Span<const int32_t>> tokens,
+                             absl::Span<const SamplingOptions> options);
   absl::Status CollectDecode(std::vector<int32_t>* sampled);
   int decodes_in_flight() const;
 
@@ -144,6 +150,10 @@ class RambaModel {
                                 const std::vector<int32_t>& tokens, const Output& output,
                                 const int32_t* device_tokens = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // LaunchDecode and LaunchForward: host tokens, or (chained) the previous launch's samples.
+  absl::Status LaunchStep(absl::Span<SessionState* const> states,
+                          absl::Span<const absl::Span<const int32_t>> tokens,
+                          absl::Span<const SamplingOptions> options, bool chained);
   // Downloads and/or samples `rows` rows of logits at backend address `out` (states advanced).
   absl::Status Deliver(absl::Span<SessionState* const> states, const float* out, int64_t rows,
                        const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -185,11 +195,10 @@ class RambaModel {
   // once eagerly.
   std::map<GraphKey, Graph> graphs_ ABSL_GUARDED_BY(mu_);
   std::set<GraphKey> seen_shapes_ ABSL_GUARDED_BY(mu_);
-  // LaunchDecode's steps awaiting CollectDecode (download ticket, rows), oldest first, and the
-  // sessions of the last launch while the next may take its sampled tokens (cleared by any other
-  // forward call).
+  // Launched steps awaiting CollectDecode (download ticket, rows), oldest first, and the last
+  // launch's sessions with their positions after it (a chained launch must match them).
   std::deque<std::pair<int64_t, int64_t>> decodes_in_flight_ ABSL_GUARDED_BY(mu_);
-  std::vector<SessionState*> chainable_states_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<SessionState*, int64_t>> chain_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ramba

@@ -26,6 +26,7 @@ struct Engine::InFlight {
   std::vector<Running*> batch;
   std::vector<SessionState*> states;
   std::vector<SamplingOptions> options;
+  bool all_decoding = false;  // every row fed its last input token: each gets a token to report
 };
 
 Engine::Engine(RambaModel* model, EngineOptions options)
@@ -109,10 +110,12 @@ void Engine::Loop() {
     // Validate outside the lock: a bad request must fail alone, not poison a shared batch.
     for (auto& r : admitted) {
       const absl::Status st = Validate(*r->req);
-      if (st.ok()) {
-        active.push_back(std::move(r));
-      } else {
+      if (!st.ok()) {
         r->req->on_done(st, FinishReason::kError);
+      } else if (r->remaining() == 0) {
+        r->req->on_done(absl::OkStatus(), FinishReason::kInputConsumed);  // nothing to append
+      } else {
+        active.push_back(std::move(r));
       }
     }
     active_count_ = static_cast<int64_t>(active.size());
@@ -141,23 +144,40 @@ absl::Status Engine::Validate(const EngineRequest& req) const {
 }
 
 bool Engine::Report(Running* r, int32_t token, float logprob, bool fed_ahead) {
-  ++r->generated;
   const TokenAction action =
       r->req->on_token ? r->req->on_token(token, logprob) : TokenAction::kContinue;
-  if (action == TokenAction::kStop && !fed_ahead && r->req->feed_stop_token) {
-    r->stopping = true;  // the next batch feeds it, then the request ends (Step)
-    r->pending.push_back(token);
-    return false;
-  }
-  if (action == TokenAction::kStop || r->generated >= r->req->max_new_tokens) {
+  if (action == TokenAction::kStop) {
+    if (!fed_ahead && r->req->feed_stop_token) {
+      r->stopping = true;  // the token is pending: the next batch feeds it, then the request ends
+      return false;
+    }
     r->req->last_token_fed = fed_ahead;
-    r->req->on_done(absl::OkStatus(),
-                    action == TokenAction::kStop ? FinishReason::kStop : FinishReason::kMaxTokens);
+    r->req->on_done(absl::OkStatus(), FinishReason::kStop);
     return true;
   }
+  if (r->generated >= r->req->max_new_tokens) {
+    r->req->last_token_fed = fed_ahead;  // false: no step is launched past max_new_tokens
+    r->req->on_done(absl::OkStatus(), FinishReason::kMaxTokens);
+    return true;
+  }
+  return false;
+}
+
+Engine::Outcome Engine::Absorb(Running* r, int32_t token, bool fed_ahead) {
+  if (r->remaining() > 0) return Outcome::kNone;  // more input to feed
+  if (r->stopping) {
+    r->req->last_token_fed = true;
+    r->req->on_done(absl::OkStatus(), FinishReason::kStop);
+    return Outcome::kEnded;
+  }
+  if (!r->generating()) {
+    r->req->on_done(absl::OkStatus(), FinishReason::kInputConsumed);
+    return Outcome::kEnded;
+  }
+  ++r->generated;
   r->pending.push_back(token);
   if (fed_ahead) r->next = r->pending.size();  // the step launched ahead took it
-  return false;
+  return Outcome::kToken;
 }
 
 namespace {
@@ -172,101 +192,171 @@ void EraseDone(std::vector<std::unique_ptr<T>>& active, const std::vector<T*>& d
                active.end());
 }
 
+template <typename T>
+bool Contains(const std::vector<T*>& v, const T* x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
 }  // namespace
 
-void Engine::StepInFlight(std::vector<std::unique_ptr<Running>>& active) {
-  InFlight& step = *in_flight_;
-  // Launch the next step ahead when every row will run it anyway: no request has ended or been
-  // cancelled, none reaches max_new_tokens with this step's token, and no other request is
-  // waiting for a batch (new ones join once the pipeline drains).
-  bool ahead = active.size() == step.batch.size();
+bool Engine::CanChain(const InFlight& step, const std::vector<std::unique_ptr<Running>>& active) {
+  // Every row runs the next step anyway (none ended, cancelled or at max_new_tokens with this
+  // step's token) and no other request waits for a batch.
+  if (!step.all_decoding || active.size() != step.batch.size()) return false;
   for (Running* r : step.batch) {
-    ahead = ahead && r != nullptr && !r->req->cancelled.load() &&
-            r->generated + 1 < r->req->max_new_tokens;
+    if (r == nullptr || r->req->cancelled.load() || r->generated + 1 >= r->req->max_new_tokens) {
+      return false;
+    }
   }
+  return true;
+}
+
+void Engine::CollectInFlight(const std::vector<std::unique_ptr<Running>>& active, bool chain,
+                             std::vector<std::pair<Running*, int32_t>>* to_report,
+                             std::vector<Running*>* done) {
+  InFlight& step = *in_flight_;
   std::unique_ptr<InFlight> next;
   absl::Status st;
-  if (ahead) {
+  if (chain && CanChain(step, active)) {
     st = model_->LaunchDecode(step.states, {}, step.options);
     if (st.ok()) next = std::make_unique<InFlight>(step);
   }
   std::vector<int32_t> sampled;
-  if (absl::Status c = model_->CollectDecode(&sampled); !c.ok()) st = c;
-  std::vector<Running*> done;
+  if (absl::Status c = model_->CollectDecode(&sampled); !c.ok() && st.ok()) st = c;
+  if (!st.ok()) {
+    for (Running* r : step.batch) {
+      if (r == nullptr) continue;
+      r->req->on_done(st, FinishReason::kError);
+      done->push_back(r);
+    }
+    if (next != nullptr) {
+      std::vector<int32_t> ignored;
+      (void)model_->CollectDecode(&ignored);
+    }
+    in_flight_.reset();
+    return;
+  }
   for (size_t i = 0; i < step.batch.size(); ++i) {
     Running* r = step.batch[i];
     if (r == nullptr) continue;
-    bool ended;
-    if (!st.ok()) {
-      r->req->on_done(st, FinishReason::kError);
-      ended = true;
-    } else {
-      ended = Report(r, sampled[i], std::numeric_limits<float>::quiet_NaN(), next != nullptr);
+    switch (Absorb(r, sampled[i], next != nullptr)) {
+      case Outcome::kToken:
+        to_report->emplace_back(r, sampled[i]);
+        break;
+      case Outcome::kEnded:
+        done->push_back(r);
+        if (next != nullptr) next->batch[i] = nullptr;
+        break;
+      case Outcome::kNone:
+        break;
     }
-    if (ended) {
-      done.push_back(r);
-      if (next != nullptr) next->batch[i] = nullptr;
-    }
-  }
-  if (!st.ok() && next != nullptr) {
-    // The step launched ahead has no requests left; drain it.
-    std::vector<int32_t> ignored;
-    (void)model_->CollectDecode(&ignored);
-    next.reset();
   }
   in_flight_ = std::move(next);
-  EraseDone(active, done);
-  active_count_ = static_cast<int64_t>(active.size());
 }
 
-void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
-  if (in_flight_ != nullptr) {
-    StepInFlight(active);
-    return;
-  }
-  // Leave: cancelled requests, and requests that cannot make progress.
-  std::vector<std::unique_ptr<Running>> keep;
-  for (auto& r : active) {
-    if (r->req->cancelled.load()) {
-      r->req->on_done(absl::CancelledError("the request was cancelled"), FinishReason::kCancelled);
-    } else if (r->remaining() == 0) {
-      // Only possible for a request submitted with empty input.
-      if (r->generating()) {
-        r->req->on_done(absl::InvalidArgumentError(
-                            "generation needs at least one input token to sample from"),
-                        FinishReason::kError);
-      } else {
-        r->req->on_done(absl::OkStatus(), FinishReason::kInputConsumed);
-      }
-    } else {
-      keep.push_back(std::move(r));
-    }
-  }
-  active.swap(keep);
-  if (active.empty()) return;
-
-  // Build the batch: one token for every request at its last input token (decoding), then
-  // prompt tokens for the others, oldest first, within the token budget.
+void Engine::PlanBatch(const std::vector<std::unique_ptr<Running>>& active,
+                       const std::vector<Running*>& skip, std::vector<Running*>* batch) {
+  // One token for every request at its last input token (decoding), then prompt tokens for the
+  // others, oldest first, within the token budget.
   int64_t budget = options_.max_batch_tokens;
   for (auto& r : active) r->take = 0;
+  auto eligible = [&skip](const Running& r) {
+    return r.remaining() > 0 && !r.req->cancelled.load() && !Contains(skip, &r) &&
+           !(r.generating() && r.generated >= r.req->max_new_tokens);
+  };
   for (auto& r : active) {
-    if (r->remaining() == 1 && budget > 0) {
+    if (eligible(*r) && r->remaining() == 1 && budget > 0) {
       r->take = 1;
       --budget;
     }
   }
   for (auto& r : active) {
-    if (r->take == 0 && budget > 0) {
+    if (eligible(*r) && r->take == 0 && budget > 0) {
       r->take = std::min(r->remaining(), budget);
       budget -= r->take;
     }
   }
+  for (auto& r : active) {
+    if (r->take > 0) batch->push_back(r.get());
+  }
+}
+
+void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
+                        std::vector<Running*>* done) {
+  auto step = std::make_unique<InFlight>();
+  PlanBatch(active, *done, &step->batch);
+  if (step->batch.empty()) return;
+  std::vector<absl::Span<const int32_t>> spans;
+  for (Running* r : step->batch) {
+    step->states.push_back(r->req->state);
+    step->options.push_back(r->req->sampling);
+    spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+  }
+  const absl::Status st = model_->LaunchForward(step->states, spans, step->options);
+  if (!st.ok()) {
+    for (Running* r : step->batch) {
+      r->req->on_done(st, FinishReason::kError);
+      done->push_back(r);
+    }
+    return;
+  }
+  step->all_decoding = true;
+  for (Running* r : step->batch) {
+    r->next += r->take;
+    step->all_decoding = step->all_decoding && r->generating() && r->remaining() == 0;
+  }
+  in_flight_ = std::move(step);
+}
+
+void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
+  // Logprobs download a row's logits, which the step after would overwrite: while any request
+  // wants them, steps run one at a time.
+  bool any_logprob = false;
+  for (auto& r : active) any_logprob = any_logprob || (r->req->include_logprobs && r->generating());
+  const bool pipelined = options_.pipeline_decode && !any_logprob;
+
+  // Pipelined: collect the step in flight (launching its successor first when it is the same
+  // batch of decode rows), launch the next one from what is known now, and only then report the
+  // collected tokens, so that the device runs while this thread turns them into text and
+  // messages. A request a reported token stops has had it fed by the step in flight.
+  std::vector<std::pair<Running*, int32_t>> to_report;
+  std::vector<Running*> done;
+  if (in_flight_ != nullptr) CollectInFlight(active, pipelined, &to_report, &done);
+  if (pipelined && in_flight_ == nullptr) LaunchNext(active, &done);
+  for (const auto& [r, token] : to_report) {
+    const bool fed = in_flight_ != nullptr && Contains(in_flight_->batch, r);
+    if (Report(r, token, std::numeric_limits<float>::quiet_NaN(), fed)) {
+      done.push_back(r);
+      if (fed) *std::find(in_flight_->batch.begin(), in_flight_->batch.end(), r) = nullptr;
+    }
+  }
+  // Cancelled requests leave once no step in flight carries them (their last token pending).
+  for (auto& r : active) {
+    if (r->req->cancelled.load() && !Contains(done, r.get()) &&
+        (in_flight_ == nullptr || !Contains(in_flight_->batch, r.get()))) {
+      r->req->on_done(absl::CancelledError("the request was cancelled"), FinishReason::kCancelled);
+      done.push_back(r.get());
+    }
+  }
+  EraseDone(active, done);
+  if (in_flight_ != nullptr && std::all_of(in_flight_->batch.begin(), in_flight_->batch.end(),
+                                           [](const Running* r) { return r == nullptr; })) {
+    // Launched for requests that have all ended since: nothing to report, so drain it now.
+    std::vector<int32_t> ignored;
+    (void)model_->CollectDecode(&ignored);
+    in_flight_.reset();
+  }
+  if (!pipelined) StepOneAtATime(active);
+  active_count_ = static_cast<int64_t>(active.size());
+}
+
+void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   std::vector<Running*> batch;
+  PlanBatch(active, {}, &batch);
+  if (batch.empty()) return;
   std::vector<SessionState*> states;
   std::vector<absl::Span<const int32_t>> spans;
-  for (auto& r : active) {
-    if (r->take == 0) continue;
-    batch.push_back(r.get());
+  for (Running* r : batch) {
     states.push_back(r->req->state);
     spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
   }
@@ -283,60 +373,27 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
     want_logprob[i] = r->req->include_logprobs && r->generating() && r->take == r->remaining();
     any_logprob = any_logprob || want_logprob[i];
   }
-  // Every request decoding (none prefilling, none left out, no logprobs): launch the step and
-  // collect it in the next iteration, after launching its successor (StepInFlight).
-  bool pipelined = options_.pipeline_decode && !any_logprob && batch.size() == active.size();
-  for (Running* r : batch) pipelined = pipelined && r->generating() && r->remaining() == 1;
-  if (pipelined) {
-    auto step = std::make_unique<InFlight>();
-    step->batch = batch;
-    step->states = states;
-    step->options = options;
-    std::vector<int32_t> input;
-    for (Running* r : batch) input.push_back(r->pending[r->next++]);
-    const absl::Status st = model_->LaunchDecode(states, input, options);
-    if (st.ok()) {
-      in_flight_ = std::move(step);
-      return;
-    }
-    for (Running* r : batch) r->req->on_done(st, FinishReason::kError);
-    EraseDone(active, batch);
-    active_count_ = static_cast<int64_t>(active.size());
-    return;
-  }
   std::vector<int32_t> sampled;
   std::vector<float> logprobs;
   const absl::Status st = model_->ForwardAndSample(
       states, spans, options, &sampled, absl::MakeConstSpan(want_logprob.get(), batch.size()),
       any_logprob ? &logprobs : nullptr);
   std::vector<Running*> done;
-  if (!st.ok()) {
-    for (Running* r : batch) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Running* r = batch[i];
+    if (!st.ok()) {
       r->req->on_done(st, FinishReason::kError);
       done.push_back(r);
+      continue;
     }
-  } else {
-    for (size_t i = 0; i < batch.size(); ++i) {
-      Running* r = batch[i];
-      r->next += r->take;
-      if (r->remaining() > 0) continue;
-      if (r->stopping) {
-        r->req->last_token_fed = true;
-        r->req->on_done(absl::OkStatus(), FinishReason::kStop);
-        done.push_back(r);
-        continue;
-      }
-      if (!r->generating()) {
-        r->req->on_done(absl::OkStatus(), FinishReason::kInputConsumed);
-        done.push_back(r);
-        continue;
-      }
-      const float logprob = any_logprob ? logprobs[i] : std::numeric_limits<float>::quiet_NaN();
-      if (Report(r, sampled[i], logprob, /*fed_ahead=*/false)) done.push_back(r);
+    r->next += r->take;
+    const Outcome o = Absorb(r, sampled[i], /*fed_ahead=*/false);
+    const float logprob = any_logprob ? logprobs[i] : std::numeric_limits<float>::quiet_NaN();
+    if (o == Outcome::kEnded || (o == Outcome::kToken && Report(r, sampled[i], logprob, false))) {
+      done.push_back(r);
     }
   }
   EraseDone(active, done);
-  active_count_ = static_cast<int64_t>(active.size());
 }
 
 }  // namespace ramba::server

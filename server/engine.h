@@ -101,13 +101,29 @@ class Engine {
  private:
   struct Running;
   struct InFlight;
+  enum class Outcome { kNone, kToken, kEnded };
   void Loop();
   absl::Status Validate(const EngineRequest& request) const;
-  // Runs one iteration over `active`: collects the step in flight (launching the next one ahead
-  // first when it can), or builds a batch and runs it.
+  // One iteration over `active`. Pipelined: collect the step in flight, launch the next, report.
   void Step(std::vector<std::unique_ptr<Running>>& active);
-  // Collects the step in flight after launching its successor when every row continues.
-  void StepInFlight(std::vector<std::unique_ptr<Running>>& active);
+  // Runs one blocking step (while a request wants logprobs, or without pipeline_decode).
+  void StepOneAtATime(std::vector<std::unique_ptr<Running>>& active);
+  // Whether the step in flight's successor can be launched before it is collected.
+  static bool CanChain(const InFlight& step, const std::vector<std::unique_ptr<Running>>& active);
+  // Collects in_flight_ (launching its chained successor first when `chain` and CanChain) and
+  // applies its rows: tokens to report (not yet reported), requests ended.
+  void CollectInFlight(const std::vector<std::unique_ptr<Running>>& active, bool chain,
+                       std::vector<std::pair<Running*, int32_t>>* to_report,
+                       std::vector<Running*>* done);
+  // Chooses the next batch among `active` (not `skip`, cancelled ones or ones about to end),
+  // setting each request's take.
+  void PlanBatch(const std::vector<std::unique_ptr<Running>>& active,
+                 const std::vector<Running*>& skip, std::vector<Running*>* batch);
+  // Plans a batch and launches it as in_flight_.
+  void LaunchNext(const std::vector<std::unique_ptr<Running>>& active, std::vector<Running*>* done);
+  // A step's row applied to its request whose input it used up: kToken (counted and pending, or
+  // taken by the step launched ahead when fed_ahead), or kEnded (on_done has run).
+  Outcome Absorb(Running* r, int32_t token, bool fed_ahead);
   // Reports a generated token; true when it ended the request (on_done has run).
   bool Report(Running* r, int32_t token, float logprob, bool fed_ahead);
 

@@ -124,11 +124,21 @@ inline void ExpectPipelinedDecodeMisuseRefused(RambaModel* model) {
   EXPECT_EQ(out.size(), 2u);
   ASSERT_TRUE(model->CollectDecode(&out).ok());
   for (int32_t t : out) EXPECT_TRUE(t >= 0 && t < model->config().vocab_size) << t;
-  // Another forward call breaks the chain: its sampling may overwrite the tokens.
+  // Forward calls on other sessions, sampling included, leave the chain alone ...
+  auto s3 = model->NewSession();
+  ASSERT_TRUE(s3.ok());
+  SessionState* other[] = {s3->get()};
+  std::vector<int32_t> other_sampled;
+  absl::Span<const int32_t> other_in[] = {absl::MakeConstSpan(t1)};
+  ASSERT_TRUE(model->ForwardAndSample(other, other_in, o1, &other_sampled).ok());
+  ASSERT_TRUE(model->LaunchDecode(two, {}, o2).ok());
+  ASSERT_TRUE(model->CollectDecode(&out).ok());
+  EXPECT_EQ(positions(), std::make_pair(int64_t{3}, int64_t{3}));
+  // ... but one that feeds a chained session breaks it.
   std::vector<float> logits;
   ASSERT_TRUE(model->Decode(one, t1, &logits).ok());
   EXPECT_EQ(model->LaunchDecode(two, {}, o2).code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(positions(), std::make_pair(int64_t{3}, int64_t{2}));
+  EXPECT_EQ(positions(), std::make_pair(int64_t{4}, int64_t{3}));
 }
 
 }  // namespace ramba::testing
