@@ -109,7 +109,12 @@ void Engine::Loop() {
     }
     // Validate outside the lock: a bad request must fail alone, not poison a shared batch.
     for (auto& r : admitted) {
-      const absl::Status st = Validate(*r->req);
+      absl::Status st = Validate(*r->req);
+      for (const auto& other : active) {
+        if (st.ok() && other->req->state == r->req->state) {
+          st = absl::FailedPreconditionError("the session already has a request running");
+        }
+      }
       if (!st.ok()) {
         r->req->on_done(st, FinishReason::kError);
       } else if (r->remaining() == 0) {
@@ -125,6 +130,9 @@ void Engine::Loop() {
 
 absl::Status Engine::Validate(const EngineRequest& req) const {
   if (req.state == nullptr) return absl::InvalidArgumentError("request has no session state");
+  if (req.state->backend() != model_->backend()) {
+    return absl::InvalidArgumentError("the session state lives on another backend");
+  }
   if (req.max_new_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_new_tokens must be >= 0, got ", req.max_new_tokens));
@@ -324,6 +332,7 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
   if (in_flight_ != nullptr) CollectInFlight(active, pipelined, &to_report, &done);
   if (pipelined && in_flight_ == nullptr) LaunchNext(active, &done);
   for (const auto& [r, token] : to_report) {
+    if (Contains(done, r)) continue;  // failed with the launch that would have fed its token
     const bool fed = in_flight_ != nullptr && Contains(in_flight_->batch, r);
     if (Report(r, token, std::numeric_limits<float>::quiet_NaN(), fed)) {
       done.push_back(r);

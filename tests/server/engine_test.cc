@@ -2,6 +2,7 @@
 // request, and leaves states consistent.
 #include "server/engine.h"
 
+#include <atomic>
 #include <cmath>
 #include <future>
 
@@ -344,6 +345,25 @@ TEST_F(EngineTest, BadInputFailsOnlyThatRequest) {
   EXPECT_EQ(empty.status.code(), absl::StatusCode::kInvalidArgument);
   Outcome ok = Run(engine, b.get(), {1, 2, 3}, 3).get();
   EXPECT_TRUE(ok.status.ok());
+  // Requests that would fail a whole batch fail alone at admission, while another runs: a
+  // state on another backend, and a second request for a session that has one running.
+  auto other_backend = kernels::CreateCpuBackend(1);
+  auto other_model = RambaModel::Create(config_, RandomTensors(config_, 11), other_backend.get());
+  ASSERT_TRUE(other_model.ok());
+  auto foreign = std::move(*(*other_model)->NewSession());
+  std::atomic<bool> release{false};
+  auto running = Run(engine, a.get(), {4, 5}, 400, {}, [&release](int32_t) {
+    return release.load() ? TokenAction::kStop : TokenAction::kContinue;
+  });
+  Outcome wrong_backend = Run(engine, foreign.get(), {1, 2}, 3).get();
+  EXPECT_EQ(wrong_backend.status.code(), absl::StatusCode::kInvalidArgument);
+  Outcome twice = Run(engine, a.get(), {1}, 3).get();
+  EXPECT_EQ(twice.status.code(), absl::StatusCode::kFailedPrecondition);
+  release = true;
+  Outcome first = running.get();
+  EXPECT_TRUE(first.status.ok());
+  EXPECT_EQ(first.reason, FinishReason::kStop);
+  EXPECT_EQ(foreign->position(), 0);
 }
 
 TEST_F(EngineTest, StopCancelsEverything) {
