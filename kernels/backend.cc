@@ -105,10 +105,11 @@ uint16_t F32ToF16(float v) {
   return static_cast<uint16_t>(sign | r);
 }
 
-Buffer::Buffer(Backend* owner, void* data, size_t bytes)
-    : owner_(owner), data_(data), bytes_(bytes) {
+Buffer::Buffer(Backend* owner, void* data, size_t bytes, bool host)
+    : owner_(owner), data_(data), bytes_(bytes), host_(host) {
   if (data_ != nullptr && owner_ != nullptr) {
-    owner_->held_bytes_.fetch_add(static_cast<int64_t>(bytes_), std::memory_order_relaxed);
+    (host_ ? owner_->host_held_bytes_ : owner_->held_bytes_)
+        .fetch_add(static_cast<int64_t>(bytes_), std::memory_order_relaxed);
   }
 }
 
@@ -118,18 +119,25 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     owner_ = std::exchange(o.owner_, nullptr);
     data_ = std::exchange(o.data_, nullptr);
     bytes_ = std::exchange(o.bytes_, 0);
+    host_ = std::exchange(o.host_, false);
   }
   return *this;
 }
 
 void Buffer::Reset() {
   if (data_ != nullptr && owner_ != nullptr) {
-    owner_->held_bytes_.fetch_sub(static_cast<int64_t>(bytes_), std::memory_order_relaxed);
-    owner_->Free(data_, bytes_);
+    (host_ ? owner_->host_held_bytes_ : owner_->held_bytes_)
+        .fetch_sub(static_cast<int64_t>(bytes_), std::memory_order_relaxed);
+    if (host_) {
+      owner_->FreeHost(data_, bytes_);
+    } else {
+      owner_->Free(data_, bytes_);
+    }
   }
   owner_ = nullptr;
   data_ = nullptr;
   bytes_ = 0;
+  host_ = false;
 }
 
 absl::Status Backend::RmsNormMatmul(const float* x, int64_t ldx, int64_t m,

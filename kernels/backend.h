@@ -50,7 +50,9 @@ class Backend;
 class Buffer {
  public:
   Buffer() = default;
-  Buffer(Backend* owner, void* data, size_t bytes);  // counted in owner->held_bytes()
+  // Counted in owner->held_bytes(), or with `host` in owner->host_held_bytes() and freed by
+  // FreeHost (Backend::AllocateHost).
+  Buffer(Backend* owner, void* data, size_t bytes, bool host = false);
   ~Buffer() { Reset(); }
   Buffer(Buffer&& o) noexcept { *this = std::move(o); }
   Buffer& operator=(Buffer&& o) noexcept;
@@ -61,6 +63,7 @@ class Buffer {
   void* data() const { return data_; }
   size_t size() const { return bytes_; }
   bool empty() const { return data_ == nullptr; }
+  bool host() const { return host_; }
   template <class T>
   T* as() const { return static_cast<T*>(data_); }
 
@@ -68,6 +71,7 @@ class Buffer {
   Backend* owner_ = nullptr;
   void* data_ = nullptr;
   size_t bytes_ = 0;
+  bool host_ = false;
 };
 
 // A matrix in backend memory, row-major [rows, cols]. A Linear weight is [out_features, in_features].
@@ -209,9 +213,15 @@ class Backend {
   static constexpr int kMaxAsyncDownloads = 4;
   virtual absl::StatusOr<int64_t> BeginDownload(const void* src, size_t bytes);
   virtual absl::Status FinishDownload(int64_t ticket, void* host_dst);
+  // Host memory that ops read in place, for data they read sparsely (older chunks' K/V): a GPU
+  // backend's is pinned and mapped (read over PCIe) and counted by host_held_bytes(); this
+  // default, for backends whose memory is host memory, is Allocate's.
+  virtual absl::StatusOr<Buffer> AllocateHost(size_t bytes) { return Allocate(bytes); }
   // Bytes in Buffers this backend allocated and that are alive: weights, session states and
   // chunk memories, workspaces (not the CUDA backend's internal scratch and staging). Any thread.
   int64_t held_bytes() const { return held_bytes_.load(std::memory_order_relaxed); }
+  // The same for AllocateHost's separate host memory.
+  int64_t host_held_bytes() const { return host_held_bytes_.load(std::memory_order_relaxed); }
   virtual absl::Status Synchronize() = 0;
 
   // ---- Ops ----
@@ -359,6 +369,7 @@ class Backend {
  protected:
   friend class Buffer;
   virtual void Free(void* data, size_t bytes) = 0;
+  virtual void FreeHost(void* data, size_t bytes) { Free(data, bytes); }
   // Ticket bookkeeping shared by the BeginDownload implementations: the slot and ticket the next
   // download takes (an error when kMaxAsyncDownloads are unfinished), counted as begun by
   // DownloadBegun once its copy is queued; the slot of the ticket to finish (an error when it is
@@ -370,6 +381,7 @@ class Backend {
 
  private:
   std::atomic<int64_t> held_bytes_{0};
+  std::atomic<int64_t> host_held_bytes_{0};
   int64_t downloads_begun_ = 0, downloads_finished_ = 0;
   std::vector<char> download_copies_[kMaxAsyncDownloads];  // the default implementation's
 };

@@ -540,6 +540,11 @@ absl::Status RambaModel::AppendEncoded(const GraphOutputs& encoded,
     RETURN_IF_ERROR(be->Copy(chunk->kv.as<char>() + half, vfull + i * block_len * kv_dim, half));
     RETURN_IF_ERROR(owners[i]->AppendChunk(std::move(chunk), landmarks + i * c.retrieval_dim));
   }
+  if (device_chunk_window_ > 0) {
+    for (SessionState* owner : owners) {
+      RETURN_IF_ERROR(owner->KeepChunksOnDevice(device_chunk_window_));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -47,6 +47,12 @@ class RambaModel {
   ~RambaModel();
 
   const ModelConfig& config() const { return config_; }
+
+  // Chunks per session whose K/V stay in backend memory: as chunks complete, older ones move to
+  // the backend's host memory (SessionState::KeepChunksOnDevice). 0 (the default): all stay.
+  // Set before use.
+  void set_device_chunk_window(int64_t chunks) { device_chunk_window_ = chunks; }
+  int64_t device_chunk_window() const { return device_chunk_window_; }
   kernels::Backend* backend() const { return backend_; }
 
   // An empty session (position 0).
@@ -189,6 +195,7 @@ class RambaModel {
   ModelConfig config_;
   ModelWeights weights_;
   kernels::Backend* backend_;
+  int64_t device_chunk_window_ = 0;
   mutable absl::Mutex mu_;
   std::unique_ptr<Workspace> workspace_ ABSL_GUARDED_BY(mu_);
   // Recorded graphs (decode steps and the decode-time chunk encoder) by key, and keys already run

@@ -174,6 +174,31 @@ absl::Status SessionState::AppendChunk(std::shared_ptr<const ChunkKV> chunk,
   return SyncChunkTable(num_chunks() - 1);
 }
 
+absl::Status SessionState::KeepChunksOnDevice(int64_t window) {
+  const int64_t target = num_chunks() - window;
+  if (window <= 0 || target <= host_chunks_) return absl::OkStatus();
+  const size_t bytes = chunk_floats() * sizeof(float);
+  const int64_t from = host_chunks_;
+  absl::Status st;
+  for (; host_chunks_ < target; ++host_chunks_) {
+    const int64_t i = host_chunks_;
+    if (chunks_[i]->host_tier) continue;  // moved before this session was forked
+    auto moved = std::make_shared<ChunkKV>();
+    absl::StatusOr<kernels::Buffer> kv = backend_->AllocateHost(bytes);
+    if (kv.ok()) st = backend_->Copy(kv->data(), chunks_[i]->data(), bytes);
+    if (!kv.ok() || !st.ok()) {
+      if (st.ok()) st = kv.status();
+      break;
+    }
+    moved->kv = std::move(*kv);
+    moved->host_tier = true;
+    chunk_ptrs_[i] = moved->data();
+    chunks_[i] = std::move(moved);  // the device block goes once no fork holds it
+  }
+  RETURN_IF_ERROR(SyncChunkTable(from));
+  return st;
+}
+
 absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {
   std::unique_ptr<SessionState> s(new SessionState(config_, backend_));
   const size_t bytes = recurrent_floats() * sizeof(float);
@@ -186,6 +211,7 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {
   }
   s->chunks_ = chunks_;
   s->chunk_ptrs_ = chunk_ptrs_;
+  s->host_chunks_ = host_chunks_;
   RETURN_IF_ERROR(s->SyncChunkTable(0));
   s->position_ = position_;
   return s;
@@ -241,7 +267,8 @@ absl::StatusOr<std::string> SessionState::SerializeLandmarks(int64_t begin, int6
 
 absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Deserialize(
     const ModelConfig& c, kernels::Backend* backend, std::string_view states,
-    absl::Span<const std::string_view> chunks, absl::Span<const std::string_view> landmarks) {
+    absl::Span<const std::string_view> chunks, absl::Span<const std::string_view> landmarks,
+    int64_t device_chunk_window) {
   ASSIGN_OR_RETURN(std::unique_ptr<SessionState> s, Create(c, backend));
   PartReader r(states, "states part");
   RETURN_IF_ERROR(r.Open(StatePartKind::kStates));
@@ -308,9 +335,12 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Deserialize(
     ASSIGN_OR_RETURN(const char* kp, cr.Bytes(kv_bytes));
     RETURN_IF_ERROR(cr.Done());
     auto chunk = std::make_shared<ChunkKV>();
-    ASSIGN_OR_RETURN(chunk->kv, backend->Allocate(kv_bytes));
+    chunk->host_tier = device_chunk_window > 0 && i < n - device_chunk_window;
+    ASSIGN_OR_RETURN(chunk->kv, chunk->host_tier ? backend->AllocateHost(kv_bytes)
+                                                 : backend->Allocate(kv_bytes));
     RETURN_IF_ERROR(backend->Upload(chunk->kv.data(), kp, kv_bytes));
     s->chunk_ptrs_.push_back(chunk->data());
+    s->host_chunks_ += chunk->host_tier ? 1 : 0;
     s->chunks_.push_back(std::move(chunk));
   }
   RETURN_IF_ERROR(s->SyncChunkTable(0));

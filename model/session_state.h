@@ -17,9 +17,12 @@
 namespace ramba {
 
 // Keys and values of one completed chunk: K [chunk_size, kv_dim] followed by V [chunk_size,
-// kv_dim], float32 in backend memory. Immutable once written, so forked sessions share it.
+// kv_dim], float32 in backend memory, or in the backend's host memory (Backend::AllocateHost,
+// read in place) once it has moved to the host tier. Immutable once written, so forked sessions
+// share it.
 struct ChunkKV {
   kernels::Buffer kv;
+  bool host_tier = false;
   const float* data() const { return kv.as<const float>(); }
 };
 
@@ -61,9 +64,21 @@ class SessionState {
   // Rebuilds a state from its parts: `states`, then `chunks` for indices 0..n-1 in order, and
   // landmark parts that together cover [0, n) in order (n = the chunk count in `states`). Any
   // mismatch (other model shape, missing or extra chunk, bad checksum) is an error naming it.
+  // With device_chunk_window > 0, all chunks but the newest that many go to the host tier (see
+  // KeepChunksOnDevice) straight away.
   static absl::StatusOr<std::unique_ptr<SessionState>> Deserialize(
       const ModelConfig& config, kernels::Backend* backend, std::string_view states,
-      absl::Span<const std::string_view> chunks, absl::Span<const std::string_view> landmarks);
+      absl::Span<const std::string_view> chunks, absl::Span<const std::string_view> landmarks,
+      int64_t device_chunk_window = 0);
+
+  // ---- Tiers ----
+  // Moves the K/V of every chunk but the newest `window` to the backend's host memory, where
+  // ops read them in place (on a GPU, over PCIe: a decode step reads only its top-K chunks), so
+  // backend memory per session stays bounded however long the session grows. Landmarks stay.
+  // window <= 0: nothing moves. A chunk shared with a fork is copied; the fork keeps its own.
+  absl::Status KeepChunksOnDevice(int64_t window);
+  // Chunks [0, host_chunks()) are in the host tier.
+  int64_t host_chunks() const { return host_chunks_; }
 
   // ---- Access for the model's forward pass (backend memory) ----
   float* conv_state(int64_t layer) const;  // [conv_kernel - 1, conv_dim]
@@ -101,6 +116,7 @@ class SessionState {
   int64_t landmark_capacity_ = 0;
   std::vector<std::shared_ptr<const ChunkKV>> chunks_;
   std::vector<const float*> chunk_ptrs_;
+  int64_t host_chunks_ = 0;      // chunks_[0, host_chunks_) are in the host tier
   kernels::Buffer chunk_table_;  // capacity chunk_table_capacity_ pointers
   int64_t chunk_table_capacity_ = 0;
 };

@@ -40,6 +40,10 @@ ABSL_FLAG(int64_t, max_resident_bytes, 0,
           "Backend memory (weights, resident sessions, workspaces; GPU memory with --device cuda) "
           "above which idle sessions are evicted too, LRU first (0: no limit; see "
           "ramba_backend_memory_bytes).");
+ABSL_FLAG(int64_t, device_chunk_window, 0,
+          "Chunks per session whose K/V stay in GPU memory; older ones move to pinned host "
+          "memory, read in place over PCIe (a decode step reads only its top-K chunks), so GPU "
+          "memory per session stays bounded at any length. 0: all stay in GPU memory.");
 ABSL_FLAG(int64_t, max_sessions, 1000000, "Sessions the store may hold (RESOURCE_EXHAUSTED beyond).");
 ABSL_FLAG(int64_t, max_session_tokens, int64_t{1} << 40, "Tokens a session may hold (RESOURCE_EXHAUSTED / SESSION_LIMIT beyond).");
 ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may carry.");
@@ -82,6 +86,10 @@ int main(int argc, char** argv) {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   auto model = RambaModel::Load(model_dir, backend->get());
   if (!model.ok()) return Fail(model.status());
+  if (absl::GetFlag(FLAGS_device_chunk_window) < 0) {
+    return Fail(absl::InvalidArgumentError("--device_chunk_window must be >= 0"));
+  }
+  (*model)->set_device_chunk_window(absl::GetFlag(FLAGS_device_chunk_window));
   auto tokenizer = LoadTokenizer(model_dir, (*model)->config().vocab_size);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
 
@@ -159,6 +167,7 @@ int main(int argc, char** argv) {
     (*metrics)->store_bytes->Set(static_cast<double>((*store)->ApproximateBytes()));
     (*metrics)->queue_depth->Set(static_cast<double>(engine.QueueDepth() + engine.ActiveRequests()));
     (*metrics)->backend_bytes->Set(static_cast<double>((*backend)->held_bytes()));
+    (*metrics)->backend_host_bytes->Set(static_cast<double>((*backend)->host_held_bytes()));
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   // Graceful drain: refuse new calls, report NOT_SERVING, let running calls finish within the

@@ -55,6 +55,10 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
       gauge("ramba_backend_memory_bytes",
             "Memory the model's backend holds (GPU memory with --device cuda): weights, resident "
             "sessions' states and chunk K/V, workspaces.");
+  m->backend_host_bytes =
+      gauge("ramba_backend_host_memory_bytes",
+            "Pinned host memory the GPU backend holds for chunk K/V moved out of GPU memory "
+            "(--device_chunk_window); 0 on the CPU backend, whose chunks are all in its memory.");
   if (!listen_address.empty()) {
     std::weak_ptr<prometheus::Registry> registry = m->registry_;
     ASSIGN_OR_RETURN(m->http_, MetricsHttpServer::Start(listen_address, [registry] {

@@ -44,6 +44,7 @@ class Metrics {
   prometheus::Gauge* store_bytes;
   prometheus::Gauge* queue_depth;      // engine requests waiting or running
   prometheus::Gauge* backend_bytes;    // Backend::held_bytes(): weights, resident sessions
+  prometheus::Gauge* backend_host_bytes;  // Backend::host_held_bytes(): chunks in the host tier
 
  private:
   Metrics() = default;

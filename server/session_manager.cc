@@ -191,9 +191,10 @@ absl::StatusOr<std::shared_ptr<SessionManager::Entry>> SessionManager::PageIn(
   }
   std::vector<std::string_view> chunk_views(chunks.begin(), chunks.end());
   std::vector<std::string_view> landmark_views(loaded.landmarks.begin(), loaded.landmarks.end());
-  ASSIGN_OR_RETURN(std::unique_ptr<SessionState> state,
-                   SessionState::Deserialize(model_->config(), model_->backend(), loaded.states,
-                                             chunk_views, landmark_views));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<SessionState> state,
+      SessionState::Deserialize(model_->config(), model_->backend(), loaded.states, chunk_views,
+                                landmark_views, model_->device_chunk_window()));
   auto entry = std::make_shared<Entry>();
   entry->id = id;
   entry->state = std::move(state);

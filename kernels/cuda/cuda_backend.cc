@@ -113,6 +113,7 @@ CudaBackend::~CudaBackend() {
     if (e != nullptr) cudaEventDestroy(e);
   }
   if (download_slots_ != nullptr) cudaFreeHost(download_slots_);
+  for (void* slab : host_slabs_) cudaFreeHost(slab);
   for (auto& [id, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (staging_ != nullptr) cudaFreeHost(staging_);
   if (counters != nullptr) cudaFree(counters);
@@ -146,6 +147,44 @@ absl::StatusOr<Buffer> CudaBackend::Allocate(size_t bytes) {
   return Buffer(this, p, bytes);
 }
 
+absl::StatusOr<Buffer> CudaBackend::AllocateHost(size_t bytes) {
+  const size_t block = std::max<size_t>((bytes + 255) & ~size_t{255}, 256);
+  absl::MutexLock lock(&mu_);
+  std::vector<void*>& free = host_free_[block];
+  if (free.empty()) {
+    if (capturing_ && !OtherThreadRecording()) {
+      return absl::FailedPreconditionError("AllocateHost: cannot allocate while recording a graph");
+    }
+    const size_t count = std::max<size_t>(kHostSlabBytes / block, 1);
+    char* slab = nullptr;
+    const cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&slab), count * block,
+                                        cudaHostAllocMapped | cudaHostAllocPortable);
+    if (e == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      return absl::ResourceExhaustedError(
+          absl::StrCat("AllocateHost: out of pinned host memory for ", count * block, " bytes"));
+    }
+    RAMBA_CUDA_RETURN_IF_ERROR(e);
+    void* device = nullptr;
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&device, slab, 0));
+    if (device != slab) {
+      cudaFreeHost(slab);
+      return absl::UnimplementedError("AllocateHost: mapped memory without unified addressing");
+    }
+    host_slabs_.push_back(slab);
+    for (size_t i = count; i-- > 0;) free.push_back(slab + i * block);
+  }
+  void* p = free.back();
+  free.pop_back();
+  return Buffer(this, p, bytes, /*host=*/true);
+}
+
+void CudaBackend::FreeHost(void* data, size_t bytes) {
+  const size_t block = std::max<size_t>((bytes + 255) & ~size_t{255}, 256);
+  absl::MutexLock lock(&mu_);
+  host_free_[block].push_back(data);
+}
+
 absl::Status CudaBackend::FinishMemoryCall(cudaStream_t s) const {
   if (s == side_stream_) RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return absl::OkStatus();
@@ -165,7 +204,7 @@ absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) 
   RAMBA_CHECK_ARG("Upload", dst != nullptr && host_src != nullptr, "null pointer");
   absl::MutexLock lock(&mu_);
   if (const cudaStream_t s = MemoryStream(); s == side_stream_) {
-    RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, s));
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyDefault, s));
     return FinishMemoryCall(s);
   }
   if (capturing_) {
@@ -175,8 +214,7 @@ absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) 
   if (bytes > kStagingSegmentBytes) {
     // Large (weights, restored chunks): from pageable memory the copy is staged before the call
     // returns, so the caller may reuse host_src at once.
-    RAMBA_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream));
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyDefault, stream));
     return absl::OkStatus();
   }
   const size_t aligned = (bytes + 255) & ~size_t{255};
@@ -193,7 +231,7 @@ absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) 
   char* slot = staging_ + staging_segment_ * kStagingSegmentBytes + staging_offset_;
   std::memcpy(slot, host_src, bytes);
   staging_offset_ += aligned;
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyDefault, stream));
   return absl::OkStatus();
 }
 
@@ -202,7 +240,7 @@ absl::Status CudaBackend::Download(void* host_dst, const void* src, size_t bytes
   RAMBA_CHECK_ARG("Download", host_dst != nullptr && src != nullptr, "null pointer");
   absl::MutexLock lock(&mu_);
   const cudaStream_t s = MemoryStream();
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, s));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDefault, s));
   RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return absl::OkStatus();
 }
@@ -219,7 +257,7 @@ absl::StatusOr<int64_t> CudaBackend::BeginDownload(const void* src, size_t bytes
   const cudaStream_t s = MemoryStream();
   if (bytes > 0) {
     RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(download_slots_ + slot * kMaxAsyncDownloadBytes, src,
-                                               bytes, cudaMemcpyDeviceToHost, s));
+                                               bytes, cudaMemcpyDefault, s));
   }
   RAMBA_CUDA_RETURN_IF_ERROR(cudaEventRecord(download_done_[slot], s));
   DownloadBegun();
@@ -240,7 +278,7 @@ absl::Status CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   RAMBA_CHECK_ARG("Copy", dst != nullptr && src != nullptr, "null pointer");
   absl::MutexLock lock(&mu_);
   const cudaStream_t s = MemoryStream();
-  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s));
   return FinishMemoryCall(s);
 }
 

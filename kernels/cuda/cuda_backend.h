@@ -31,6 +31,9 @@ class CudaBackend : public Backend, public cuda::Context {
   DType weight_dtype() const override { return weight_dtype_; }
 
   absl::StatusOr<Buffer> Allocate(size_t bytes) override;
+  // Pinned and mapped (UVA: the host address is the device address), so kernels read it in place
+  // over PCIe.
+  absl::StatusOr<Buffer> AllocateHost(size_t bytes) override;
   absl::Status Upload(void* dst, const void* host_src, size_t bytes) override;
   absl::Status Download(void* host_dst, const void* src, size_t bytes) override;
   absl::StatusOr<int64_t> BeginDownload(const void* src, size_t bytes) override;
@@ -101,6 +104,7 @@ class CudaBackend : public Backend, public cuda::Context {
 
  protected:
   void Free(void* data, size_t bytes) override;
+  void FreeHost(void* data, size_t bytes) override;
 
  private:
   CudaBackend() = default;
@@ -146,6 +150,14 @@ class CudaBackend : public Backend, public cuda::Context {
   bool staging_pending_[kStagingSegments] = {};
   int staging_segment_ = 0;
   size_t staging_offset_ = 0;
+  // AllocateHost's memory: slabs of equal blocks per block size (chunk blocks all have one size),
+  // kept until the backend goes, since cudaFreeHost waits for the whole device. Blocks are
+  // written only by copies queued on the stream, so a block freed while queued work still reads
+  // it is overwritten only after that work.
+  std::map<size_t, std::vector<void*>> host_free_ ABSL_GUARDED_BY(mu_);
+  std::vector<void*> host_slabs_ ABSL_GUARDED_BY(mu_);
+  static constexpr size_t kHostSlabBytes = size_t{64} << 20;
+
   // Pinned slots for BeginDownload (a copy into pageable memory would make the host wait), each
   // with an event recorded behind its copy.
   char* download_slots_ = nullptr;

@@ -21,6 +21,7 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "nlohmann/json.hpp"
+#include "tests/model/chunk_tiers.h"
 #include "tests/model/pipelined_decode.h"
 #include "tests/testing/test_util.h"
 
@@ -305,6 +306,17 @@ TEST(CudaModelTest, PipelinedDecodeMatchesSteps) {
     ASSERT_TRUE(model.ok()) << model.status();
     testing::ExpectPipelinedDecodeMatchesSteps(model->get(), 70);
     testing::ExpectPipelinedDecodeMisuseRefused(model->get());
+  }
+}
+
+// Chunks beyond the window are read over PCIe from pinned host memory: the same bytes, so the
+// same results (to rounding: the block-shared attention's slot order may differ between runs).
+TEST(CudaModelTest, MovingChunksToTheHostChangesNoResult) {
+  auto gpu = GpuOrSkip(kernels::DType::kBF16);
+  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  for (const char* name : {"tiny_enc1_cls_k3", "tiny_enc2_nocls_g2"}) {
+    SCOPED_TRACE(name);
+    testing::ExpectChunkTiersChangeNoResult(gpu.get(), testing::FixtureDir() + "/" + name, 1e-5);
   }
 }
 

@@ -99,6 +99,28 @@ TEST_F(SessionManagerTest, CommitSurvivesReopen) {
   EXPECT_EQ(NextLogits(*lease), before);  // bitwise: the restored state is the committed one
 }
 
+// With a device chunk window, a session paged in from the store puts its older chunks straight
+// into the host tier, and answers as before.
+TEST_F(SessionManagerTest, PageInPutsOldChunksInTheHostTier) {
+  model_->set_device_chunk_window(1);
+  ASSERT_TRUE(manager_->Create("long", {}).ok());
+  std::vector<float> before;
+  {
+    auto lease = manager_->Acquire("long");
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    Feed(*lease, testing::RandomTokens(300, config_.vocab_size, 3));
+    EXPECT_EQ(lease->state()->host_chunks(), 299 / 64 - 1);  // moved as they completed
+    ASSERT_TRUE(lease->Commit().ok());
+    before = NextLogits(*lease);
+  }
+  Reopen();
+  auto lease = manager_->Acquire("long");
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  EXPECT_EQ(lease->state()->num_chunks(), 299 / 64);
+  EXPECT_EQ(lease->state()->host_chunks(), 299 / 64 - 1);
+  EXPECT_EQ(NextLogits(*lease), before);
+}
+
 TEST_F(SessionManagerTest, OneWriterAtATime) {
   ASSERT_TRUE(manager_->Create("a", {}).ok());
   auto first = manager_->Acquire("a");

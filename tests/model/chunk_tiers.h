@@ -1,0 +1,103 @@
+// Shared by the CPU and GPU model tests: with a device chunk window, chunks beyond it move to the
+// backend's host memory (SessionState::KeepChunksOnDevice) and no result changes, since the same
+// bytes are read from elsewhere: prefill in segments (later segments read moved chunks), decode
+// across chunk completions, a serialise -> restore round trip straight into the tiers, a fork.
+#ifndef RAMBA_TESTS_MODEL_CHUNK_TIERS_H_
+#define RAMBA_TESTS_MODEL_CHUNK_TIERS_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/ramba_model.h"
+#include "tests/testing/test_util.h"
+
+namespace ramba::testing {
+
+// Logits of decoding `tokens` one by one.
+inline std::vector<float> DecodeTokens(RambaModel* model, SessionState* state,
+                                       absl::Span<const int32_t> tokens) {
+  std::vector<float> out;
+  for (int32_t t : tokens) {
+    SessionState* st[] = {state};
+    const int32_t in[] = {t};
+    std::vector<float> step;
+    EXPECT_TRUE(model->Decode(st, in, &step).ok());
+    out.insert(out.end(), step.begin(), step.end());
+  }
+  return out;
+}
+
+inline std::unique_ptr<SessionState> RoundTrip(const SessionState& from, const ModelConfig& config,
+                                               kernels::Backend* be, int64_t window) {
+  auto states = from.SerializeStates();
+  EXPECT_TRUE(states.ok());
+  std::vector<std::string> chunks;
+  for (int64_t i = 0; i < from.num_chunks(); ++i) chunks.push_back(*from.SerializeChunk(i));
+  const std::string lm = *from.SerializeLandmarks(0, from.num_chunks());
+  std::vector<std::string_view> chunk_views(chunks.begin(), chunks.end());
+  std::vector<std::string_view> lm_views = {lm};
+  auto s = SessionState::Deserialize(config, be, *states, chunk_views, lm_views, window);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? std::move(*s) : nullptr;
+}
+
+// `tolerance`: max per-row relative difference allowed (0: bitwise).
+inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::string& dir,
+                                           double tolerance) {
+  constexpr int64_t kWindow = 2;
+  auto plain = RambaModel::Load(dir, be);
+  auto tiered = RambaModel::Load(dir, be);
+  ASSERT_TRUE(plain.ok() && tiered.ok());
+  (*tiered)->set_device_chunk_window(kWindow);
+  const ModelConfig& c = (*plain)->config();
+  const int64_t V = c.vocab_size;
+  auto same = [&](const std::vector<float>& got, const std::vector<float>& want) {
+    if (tolerance == 0) {
+      EXPECT_EQ(got, want);
+    } else {
+      EXPECT_LE(MaxRowRelError(got, want, V), tolerance);
+    }
+  };
+  const auto tokens = RandomTokens(800, V, 21);
+  const auto prompt = absl::MakeConstSpan(tokens).first(520);  // 8 chunks and 8 rows
+  const auto more = absl::MakeConstSpan(tokens).subspan(520, 140);
+  const auto after = absl::MakeConstSpan(tokens).subspan(660);
+
+  auto a = (*plain)->NewSession();
+  auto b = (*tiered)->NewSession();
+  ASSERT_TRUE(a.ok() && b.ok());
+  const int64_t host_before = be->host_held_bytes();
+  std::vector<float> la, lb;
+  ASSERT_TRUE((*plain)->Prefill(a->get(), prompt, &la, 128).ok());
+  ASSERT_TRUE((*tiered)->Prefill(b->get(), prompt, &lb, 128).ok());
+  same(lb, la);
+  EXPECT_EQ((*a)->host_chunks(), 0);
+  EXPECT_EQ((*b)->host_chunks(), (*b)->num_chunks() - kWindow);
+  same(DecodeTokens(tiered->get(), b->get(), more), DecodeTokens(plain->get(), a->get(), more));
+  ASSERT_EQ((*b)->num_chunks(), 10);
+  EXPECT_EQ((*b)->host_chunks(), 10 - kWindow);
+  if (!be->host_accessible()) {
+    // A GPU keeps the moved chunks in pinned host memory.
+    EXPECT_GE(be->host_held_bytes() - host_before,
+              (10 - kWindow) * (*b)->chunk_floats() * static_cast<int64_t>(sizeof(float)));
+  }
+
+  // Restored straight into the tiers, and a fork: both go on as the plain session does.
+  auto restored = RoundTrip(**b, c, be, kWindow);
+  ASSERT_NE(restored, nullptr);
+  EXPECT_EQ(restored->host_chunks(), 10 - kWindow);
+  auto fork = (*b)->Fork();
+  ASSERT_TRUE(fork.ok());
+  EXPECT_EQ((*fork)->host_chunks(), 10 - kWindow);
+  const std::vector<float> want = DecodeTokens(plain->get(), a->get(), after);
+  same(DecodeTokens(tiered->get(), restored.get(), after), want);
+  same(DecodeTokens(tiered->get(), fork->get(), after), want);
+  same(DecodeTokens(tiered->get(), b->get(), after), want);
+  EXPECT_EQ((*b)->host_chunks(), (*b)->num_chunks() - kWindow);
+}
+
+}  // namespace ramba::testing
+
+#endif  // RAMBA_TESTS_MODEL_CHUNK_TIERS_H_
