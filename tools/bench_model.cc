@@ -33,6 +33,10 @@ ABSL_FLAG(int32_t, sustained_chunks, 0,
           "Also time this many chunks' worth of decode steps (chunk_size each) after the "
           "steady-state ones, so each session completes and encodes that many chunks inside the "
           "timing (the steady-state steps, like most short runs, complete none)");
+ABSL_FLAG(int64_t, device_chunk_window, 0,
+          "After the prefill, keep only this many of the session's newest chunks in backend "
+          "memory (the rest in the host tier, read in place) and go on so while decoding; 0: all "
+          "stay");
 ABSL_FLAG(bool, download_logits, false,
           "Decode steps download every row's logits (Decode) instead of sampling greedily on "
           "the device and downloading the tokens (ForwardAndSample, what the server does)");
@@ -144,6 +148,17 @@ int main(int argc, char** argv) {
   const double prefill_s = Now() - t0;
   std::printf("prefill %d tokens: %.3f s = %.0f tok/s (segment %d)\n", n, prefill_s,
               n / prefill_s, absl::GetFlag(FLAGS_segment));
+  if (const int64_t window = absl::GetFlag(FLAGS_device_chunk_window); window > 0) {
+    const int64_t held = be->held_bytes();
+    if (auto st = (*base)->KeepChunksOnDevice(window); !st.ok()) return Fail(st);
+    (*model)->set_device_chunk_window(window);
+    if (auto st = be->Synchronize(); !st.ok()) return Fail(st);
+    std::printf("device chunk window %lld: %lld of %lld chunks in the host tier (%.1f MB host "
+                "memory; backend memory %.1f -> %.1f MB)\n",
+                static_cast<long long>(window), static_cast<long long>((*base)->host_chunks()),
+                static_cast<long long>((*base)->num_chunks()), be->host_held_bytes() / 1e6,
+                held / 1e6, be->held_bytes() / 1e6);
+  }
 
   const size_t wbytes = ramba::kernels::DTypeSize(be->weight_dtype());
   const double weight_bytes = DecodeWeightBytes(config, wbytes);
