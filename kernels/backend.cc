@@ -212,6 +212,33 @@ absl::Status Backend::HsaBlock(const HsaBlockArgs& a) {
   return Matmul(a.attn, width, a.rows, a.o_proj, nullptr, a.h, a.ldh, /*accumulate=*/true);
 }
 
+absl::Status Backend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t* host_chunks,
+                                      const int32_t* indices, int64_t rows, int64_t heads,
+                                      int64_t top_k, int64_t chunk_floats,
+                                      const StagedChunks& out) {
+  if (!host_accessible()) return absl::UnimplementedError("StageHostChunks");
+  const int64_t per_row = heads * top_k;
+  for (int64_t r = 0; r < rows; ++r) {
+    out.tables[r] = out.slots + r * per_row;
+    out.num_chunks[r] = per_row;
+    for (int64_t j = 0; j < per_row; ++j) {
+      const int64_t slot = r * per_row + j;
+      const int32_t c = indices[slot];
+      out.indices[slot] = c < 0 ? -1 : static_cast<int32_t>(j);
+      if (c < 0) {
+        out.slots[slot] = nullptr;
+      } else if (c < host_chunks[r]) {
+        float* block = out.blocks + slot * chunk_floats;
+        std::memcpy(block, mem.chunk_kv[r][c], chunk_floats * sizeof(float));
+        out.slots[slot] = block;
+      } else {
+        out.slots[slot] = mem.chunk_kv[r][c];
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int> Backend::NextDownloadSlot(size_t bytes, int64_t* ticket) {
   if (bytes > kMaxAsyncDownloadBytes) {
     return absl::InvalidArgumentError(absl::StrCat("BeginDownload: ", bytes, " bytes is over the ",

@@ -113,6 +113,15 @@ struct ChunkMemoryBatch {
   int64_t num_seqs = -1;
 };
 
+// Backend memory for Backend::StageHostChunks, for `slots` = rows * heads * top_k entries.
+struct StagedChunks {
+  float* blocks = nullptr;                // [slots, chunk_floats] copies of host-tier chunks
+  const float** slots = nullptr;          // [slots] each slot's chunk
+  const float* const** tables = nullptr;  // [rows] row r's table: slots + r * heads * top_k
+  int64_t* num_chunks = nullptr;          // [rows] heads * top_k
+  int32_t* indices = nullptr;             // [rows, heads, top_k] slot numbers; -1 kept
+};
+
 // One layer's Mamba-2 mixer: everything after in_proj, optionally through out_proj
 // (Backend::MambaMixer). rows = host_seq_offsets[num_seqs] - host_seq_offsets[0];
 // d_inner = nheads * headdim; conv_dim = d_inner + 2 * ngroups * d_state.
@@ -353,6 +362,18 @@ class Backend {
   // pointers (batched decode appends each session's row to its own partial-chunk buffer).
   virtual absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,
                                    int64_t cols) = 0;
+
+  // For a decode batch (row r is sequence r), after RetrieveChunks: the chunks row r selected
+  // (indices [rows, heads, top_k]) that lie in its host tier (index < host_chunks[r], an array in
+  // backend memory; SessionState::host_chunks) are copied into out.blocks, once per step, so the
+  // step's HSA layers read them from backend memory instead of each over PCIe; the others are
+  // read where they are. Builds the view the attention then takes: the ChunkMemoryBatch with
+  // chunk_kv = out.tables and num_chunks = out.num_chunks, and out.indices. This default runs on
+  // host-accessible memory.
+  virtual absl::Status StageHostChunks(const ChunkMemoryBatch& mem, const int64_t* host_chunks,
+                                       const int32_t* indices, int64_t rows, int64_t heads,
+                                       int64_t top_k, int64_t chunk_floats,
+                                       const StagedChunks& out);
 
   // ---- Graphs (optional) ----
   // Ops issued between BeginGraph and EndGraph are recorded, not run; LaunchGraph replays them

@@ -16,47 +16,18 @@ using kernels::Backend;
 
 // Scratch memory reused across forward calls: one growable backend buffer per slot.
 struct RambaModel::Workspace {
+  // clang-format off
   enum Slot {
-    kTokens,
-    kSeqOffsets,
-    kRowSeq,
-    kRowPos,
-    kConvPtrs,
-    kSsmPtrs,
-    kH,
-    kNorm,
-    kInProj,
-    kXbc,
-    kY,
-    kG,
-    kX,
-    kXn,
-    kQ,
-    kK,
-    kV,
-    kAttn,
-    kGate,
-    kUp,
-    kKfull,
-    kVfull,
-    kMean,
-    kLmk,
-    kR,
-    kIdx,
-    kW,
-    kLandmarkPtrs,
-    kNumChunks,
-    kChunkTablePtrs,
-    kHsaQ,
-    kHsaO,
-    kLastRows,
-    kLogits,
-    kBufferRows,
-    kSampled,
-    kLaunchSampled,  // launched steps' tokens, which a chained launch reads: no other call writes
-                     // it
+    kTokens, kSeqOffsets, kRowSeq, kRowPos, kConvPtrs, kSsmPtrs,
+    kH, kNorm, kInProj, kXbc, kY, kG,
+    kX, kXn, kQ, kK, kV, kAttn, kGate, kUp, kKfull, kVfull, kMean, kLmk,
+    kR, kIdx, kW, kLandmarkPtrs, kNumChunks, kChunkTablePtrs,
+    kHsaQ, kHsaO, kLastRows, kLogits, kBufferRows, kSampled,
+    kLaunchSampled,  // launched steps' tokens, read by a chained launch: no other call writes them
+    kHostChunks, kStagedBlocks, kStagedSlots, kStagedTables, kStagedNumChunks, kStagedIdx,
     kNumSlots
   };
+  // clang-format on
   explicit Workspace(Backend* b) : backend(b), buffers(kNumSlots) {}
 
   template <class T>
@@ -347,6 +318,9 @@ struct RambaModel::Batch {
   float* const* conv_ptrs = nullptr;         // [mamba layers][num_seqs]
   float* const* ssm_ptrs = nullptr;
   kernels::ChunkMemoryBatch mem;
+  // Decode only: each sequence's host-tier chunk count (backend memory), when any sequence has
+  // chunks there: UpperLayers then stages the selected ones once for the step's HSA layers.
+  const int64_t* host_chunks = nullptr;
 };
 
 // Puts a batch's token ids, offsets and per-layer state pointer arrays into the workspace
@@ -565,6 +539,23 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   ASSIGN_OR_RETURN(int32_t * idx, ws.Get<int32_t>(W::kIdx, rows * heads * K));
   ASSIGN_OR_RETURN(float* wts, ws.Get<float>(W::kW, rows * heads * K));
   RETURN_IF_ERROR(be->RetrieveChunks(r, rows, b.mem, c.retrieval_dim, heads, K, S, idx, wts));
+  kernels::ChunkMemoryBatch mem = b.mem;
+  const int32_t* hsa_idx = idx;
+  if (b.host_chunks != nullptr) {
+    const int64_t slots = rows * heads * K, chunk_floats = 2 * S * c.kv_dim();
+    kernels::StagedChunks staged;
+    ASSIGN_OR_RETURN(staged.blocks, ws.Get<float>(W::kStagedBlocks, slots * chunk_floats));
+    ASSIGN_OR_RETURN(staged.slots, ws.Get<const float*>(W::kStagedSlots, slots));
+    ASSIGN_OR_RETURN(staged.tables, ws.Get<const float* const*>(W::kStagedTables, rows));
+    ASSIGN_OR_RETURN(staged.num_chunks, ws.Get<int64_t>(W::kStagedNumChunks, rows));
+    ASSIGN_OR_RETURN(staged.indices, ws.Get<int32_t>(W::kStagedIdx, slots));
+    RETURN_IF_ERROR(
+        be->StageHostChunks(b.mem, b.host_chunks, idx, rows, heads, K, chunk_floats, staged));
+    mem.chunk_kv = staged.tables;
+    mem.num_chunks = staged.num_chunks;
+    mem.max_num_chunks = heads * K;
+    hsa_idx = staged.indices;
+  }
   ASSIGN_OR_RETURN(float* hq, ws.Get<float>(W::kHsaQ, rows * d));
   ASSIGN_OR_RETURN(float* ho, ws.Get<float>(W::kHsaO, rows * d));
   int64_t mamba_layer = c.num_lower_layers;
@@ -573,8 +564,8 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   hsa.ldh = d;
   hsa.rows = rows;
   hsa.eps = c.hsa_norm_eps;
-  hsa.mem = b.mem;
-  hsa.indices = idx;
+  hsa.mem = mem;
+  hsa.indices = hsa_idx;
   hsa.weights = wts;
   hsa.retrieval_heads = heads;
   hsa.top_k = K;
@@ -837,6 +828,10 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
   RETURN_IF_ERROR(PrepareBatch(states, tokens, offsets, &b));
   RETURN_IF_ERROR(ws.Put(W::kBufferRows, buffer_rows, &rows_dev));
   RETURN_IF_ERROR(MemoryBatch(states, row_seq, row_pos, /*bucket=*/true, &b.mem));
+  std::vector<int64_t> host_chunks;
+  for (SessionState* st : states) host_chunks.push_back(st->host_chunks());
+  const bool stage = *std::max_element(host_chunks.begin(), host_chunks.end()) > 0;
+  if (stage) RETURN_IF_ERROR(ws.Put(W::kHostChunks, host_chunks, &b.host_chunks));
   RETURN_IF_ERROR(ws.FlushStaged());
   if (device_tokens != nullptr) {
     RETURN_IF_ERROR(be->Copy(const_cast<int32_t*>(b.tokens), device_tokens, B * sizeof(int32_t)));
@@ -850,7 +845,7 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
     ASSIGN_OR_RETURN(float* logits, Head(h, B));
     return GraphOutputs{logits, nullptr, nullptr};
   };
-  ASSIGN_OR_RETURN(const GraphOutputs step, RunGraphed({B, b.mem.max_num_chunks}, ops));
+  ASSIGN_OR_RETURN(const GraphOutputs step, RunGraphed({B, b.mem.max_num_chunks, stage}, ops));
   float* out = step[0];
 
   // Chunks completed by this step: the partial-chunk buffer now holds all chunk_size rows.
@@ -870,7 +865,7 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
     // stay eager): ramba-tiny's completion steps were launch-bound (its ITL p99 0.44-1.47 ->
     // 0.26-0.27 ms on an H100); the 370M's are GPU-bound (~0.23 ms more than other steps).
     ASSIGN_OR_RETURN(const GraphOutputs encoded,
-                     RunGraphed({0, n}, [&] { return EncodeChunkOps(X, n); }));
+                     RunGraphed({0, n, false}, [&] { return EncodeChunkOps(X, n); }));
     RETURN_IF_ERROR(AppendEncoded(encoded, owners));
   }
   for (SessionState* st : states) st->AdvancePosition(1);

@@ -9,6 +9,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -129,7 +130,9 @@ class RambaModel {
   // encoder: K, V and landmarks), kept with the graph for its replays.
   using GraphOutputs = std::array<float*, 3>;
   // (batch size, chunk bucket) for a decode step; (0, chunks) for the chunk encoder after one.
-  using GraphKey = std::pair<int64_t, int64_t>;
+  // (batch size, chunk bucket, staging host-tier chunks) for a decode step; (0, chunks, false)
+  // for the chunk encoder after one.
+  using GraphKey = std::tuple<int64_t, int64_t, bool>;
   struct Graph {
     int64_t id = 0;
     uint64_t generation = 0;  // workspace + backend scratch generation at recording

@@ -680,6 +680,22 @@ absl::Status CudaBackend::Sample(const float* logits, int64_t rows, int64_t voca
   return cuda::Sample(*this, logits, rows, vocab, params, uniforms, out);
 }
 
+absl::Status CudaBackend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t* host_chunks,
+                                          const int32_t* indices, int64_t rows, int64_t heads,
+                                          int64_t top_k, int64_t chunk_floats,
+                                          const StagedChunks& out) {
+  RAMBA_CHECK_ARG("StageHostChunks", rows >= 0 && heads > 0 && top_k > 0 && chunk_floats > 0,
+                  "bad sizes");
+  RAMBA_CHECK_ARG("StageHostChunks",
+                  mem.chunk_kv != nullptr && host_chunks != nullptr && indices != nullptr &&
+                      out.blocks != nullptr && out.slots != nullptr && out.tables != nullptr &&
+                      out.num_chunks != nullptr && out.indices != nullptr,
+                  "null pointer");
+  if (rows == 0) return absl::OkStatus();
+  return cuda::StageHostChunks(*this, mem, host_chunks, indices, rows, heads * top_k, chunk_floats,
+                               out);
+}
+
 absl::Status CudaBackend::ScatterRows(const float* src, int64_t ld, float* const* dst,
                                       int64_t rows, int64_t cols) {
   RAMBA_CHECK_ARG("ScatterRows", rows >= 0 && cols >= 0, "negative size");

@@ -87,6 +87,9 @@ class CudaBackend : public Backend, public cuda::Context {
   absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
                       const SamplingParams* params, const float* uniforms,
                       int32_t* out) override;
+  absl::Status StageHostChunks(const ChunkMemoryBatch& mem, const int64_t* host_chunks,
+                               const int32_t* indices, int64_t rows, int64_t heads, int64_t top_k,
+                               int64_t chunk_floats, const StagedChunks& out) override;
   absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,
                            int64_t cols) override;
 

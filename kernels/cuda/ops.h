@@ -227,6 +227,10 @@ absl::StatusOr<bool> FusedHsaBlock(Context& ctx, const HsaBlockArgs& a);
 // ---- copy.cu ----
 absl::Status ScatterRows(Context& ctx, const float* src, int64_t ld, float* const* dst,
                          int64_t rows, int64_t cols);
+// Backend::StageHostChunks; per_row = heads * top_k.
+absl::Status StageHostChunks(Context& ctx, const ChunkMemoryBatch& mem, const int64_t* host_chunks,
+                             const int32_t* indices, int64_t rows, int64_t per_row,
+                             int64_t chunk_floats, const StagedChunks& out);
 
 // ---- sampling.cu ----
 // params and uniforms are host arrays of `rows` entries.

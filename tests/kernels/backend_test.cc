@@ -195,6 +195,45 @@ TEST(BackendTest, ScatterRowsWritesEachRowToItsPointer) {
   EXPECT_EQ(be->ScatterRows(src.data(), 2, dst, 2, 3).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Host-tier chunks a row selected are copied into the staging blocks; device ones are pointed at
+// where they are; empty slots stay empty; the view's indices are slot numbers.
+TEST(BackendTest, StageHostChunksCopiesOnlyHostTierSelections) {
+  auto be = CreateCpuBackend(1);
+  constexpr int64_t kFloats = 8, kHeads = 1, kTopK = 3;
+  std::vector<std::vector<float>> blocks(5, std::vector<float>(kFloats));
+  for (int b = 0; b < 5; ++b) {
+    for (int i = 0; i < kFloats; ++i) blocks[b][i] = 10.0f * b + i;
+  }
+  // Sequence 0: chunks 0..2, the first two in the host tier; sequence 1: chunks 3..4, none.
+  const float* table0[] = {blocks[0].data(), blocks[1].data(), blocks[2].data()};
+  const float* table1[] = {blocks[3].data(), blocks[4].data()};
+  const float* const* tables[] = {table0, table1};
+  ChunkMemoryBatch mem;
+  mem.chunk_kv = tables;
+  const int64_t host_chunks[] = {2, 0};
+  const int32_t indices[] = {2, 0, -1, 1, 0, -1};
+  std::vector<float> staged_blocks(2 * kTopK * kFloats, -1.0f);
+  const float* slots[2 * kTopK];
+  const float* const* staged_tables[2];
+  int64_t num_chunks[2];
+  int32_t staged_indices[2 * kTopK];
+  StagedChunks out{staged_blocks.data(), slots, staged_tables, num_chunks, staged_indices};
+  ASSERT_TRUE(be->StageHostChunks(mem, host_chunks, indices, 2, kHeads, kTopK, kFloats, out).ok());
+  EXPECT_EQ(slots[0], table0[2]);                           // on the device: read in place
+  EXPECT_EQ(slots[1], staged_blocks.data() + 1 * kFloats);  // host tier: copied
+  EXPECT_EQ(std::vector<float>(slots[1], slots[1] + kFloats), blocks[0]);
+  EXPECT_EQ(slots[2], nullptr);
+  EXPECT_EQ(slots[3], table1[1]);
+  EXPECT_EQ(slots[4], table1[0]);
+  EXPECT_EQ(staged_blocks[0], -1.0f);  // nothing copied for slots read in place
+  EXPECT_EQ(std::vector<int32_t>(staged_indices, staged_indices + 6),
+            (std::vector<int32_t>{0, 1, -1, 0, 1, -1}));
+  EXPECT_EQ(staged_tables[0], slots);
+  EXPECT_EQ(staged_tables[1], slots + kTopK);
+  EXPECT_EQ(num_chunks[0], kTopK);
+  EXPECT_EQ(num_chunks[1], kTopK);
+}
+
 TEST(BackendTest, MemoryOps) {
   auto be = testing::Cpu();
   auto buf = be->Allocate(16 * sizeof(float));
