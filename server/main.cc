@@ -89,7 +89,14 @@ int main(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_device_chunk_window) < 0) {
     return Fail(absl::InvalidArgumentError("--device_chunk_window must be >= 0"));
   }
-  (*model)->set_device_chunk_window(absl::GetFlag(FLAGS_device_chunk_window));
+  if ((*backend)->host_accessible()) {
+    // The CPU backend's memory is host memory already: moving chunks would only copy them.
+    if (absl::GetFlag(FLAGS_device_chunk_window) > 0) {
+      std::fprintf(stderr, "ramba-server: --device_chunk_window has no effect on the CPU\n");
+    }
+  } else {
+    (*model)->set_device_chunk_window(absl::GetFlag(FLAGS_device_chunk_window));
+  }
   auto tokenizer = LoadTokenizer(model_dir, (*model)->config().vocab_size);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
 

@@ -73,19 +73,6 @@ std::vector<float> RunAll(RambaModel* model, SessionState* state, absl::Span<con
   return logits;
 }
 
-std::vector<float> DecodeEach(RambaModel* model, SessionState* state,
-                              absl::Span<const int32_t> tokens) {
-  std::vector<float> out;
-  for (int32_t t : tokens) {
-    SessionState* st[] = {state};
-    const int32_t in[] = {t};
-    std::vector<float> step;
-    EXPECT_TRUE(model->Decode(st, in, &step).ok());
-    out.insert(out.end(), step.begin(), step.end());
-  }
-  return out;
-}
-
 // Moves a state to another backend through its serialised parts (what the store keeps).
 std::unique_ptr<SessionState> Transfer(const SessionState& from, const ModelConfig& config,
                                        kernels::Backend* to) {
@@ -134,7 +121,7 @@ class CudaModelFixtureTest : public ::testing::TestWithParam<std::string> {
       r.segmented.insert(r.segmented.end(), part.begin(), part.end());
       begin += n;
     }
-    r.decoded = DecodeEach(model->get(), dec->get(), tokens_);
+    r.decoded = testing::DecodeTokens(model->get(), dec->get(), tokens_);
     return r;
   }
   void SetUp() override {
@@ -337,8 +324,8 @@ TEST(CudaModelTest, WarmupThenDecodeMatchesCpu) {
   ASSERT_TRUE(c.ok() && g.ok());
   RunAll(cpu_model->get(), c->get(), head);
   RunAll(gpu_model->get(), g->get(), head);
-  const std::vector<float> want = DecodeEach(cpu_model->get(), c->get(), tail);
-  const std::vector<float> got = DecodeEach(gpu_model->get(), g->get(), tail);
+  const std::vector<float> want = testing::DecodeTokens(cpu_model->get(), c->get(), tail);
+  const std::vector<float> got = testing::DecodeTokens(gpu_model->get(), g->get(), tail);
   EXPECT_LE(MaxRowRelError(got, want, config.vocab_size), kF32RowTolerance);
   EXPECT_EQ((*g)->num_chunks(), 3);
 }
