@@ -124,6 +124,22 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
   return *this;
 }
 
+void* Buffer::Release() {
+  if (data_ != nullptr && owner_ != nullptr) {
+    (host_ ? owner_->host_held_bytes_ : owner_->held_bytes_)
+        .fetch_sub(static_cast<int64_t>(bytes_), std::memory_order_relaxed);
+  }
+  owner_ = nullptr;
+  bytes_ = 0;
+  host_ = false;
+  return std::exchange(data_, nullptr);
+}
+
+absl::StatusOr<Buffer> Backend::AllocateHost(size_t bytes) {
+  ASSIGN_OR_RETURN(Buffer b, Allocate(bytes));
+  return Buffer(this, b.Release(), bytes, /*host=*/true);
+}
+
 void Buffer::Reset() {
   if (data_ != nullptr && owner_ != nullptr) {
     (host_ ? owner_->host_held_bytes_ : owner_->held_bytes_)

@@ -68,6 +68,10 @@ class Buffer {
   T* as() const { return static_cast<T*>(data_); }
 
  private:
+  friend class Backend;
+  // Uncounts and gives up the memory without freeing it (Backend::AllocateHost's default).
+  void* Release();
+
   Backend* owner_ = nullptr;
   void* data_ = nullptr;
   size_t bytes_ = 0;
@@ -222,14 +226,14 @@ class Backend {
   static constexpr int kMaxAsyncDownloads = 4;
   virtual absl::StatusOr<int64_t> BeginDownload(const void* src, size_t bytes);
   virtual absl::Status FinishDownload(int64_t ticket, void* host_dst);
-  // Host memory that ops read in place, for data they read sparsely (older chunks' K/V): a GPU
-  // backend's is pinned and mapped (read over PCIe) and counted by host_held_bytes(); this
-  // default, for backends whose memory is host memory, is Allocate's.
-  virtual absl::StatusOr<Buffer> AllocateHost(size_t bytes) { return Allocate(bytes); }
+  // Host memory that ops read in place, for data they read sparsely (older chunks' K/V), counted
+  // by host_held_bytes(): a GPU backend's is pinned and mapped (read over PCIe); this default,
+  // for backends whose memory is host memory, is Allocate's, counted apart.
+  virtual absl::StatusOr<Buffer> AllocateHost(size_t bytes);
   // Bytes in Buffers this backend allocated and that are alive: weights, session states and
   // chunk memories, workspaces (not the CUDA backend's internal scratch and staging). Any thread.
   int64_t held_bytes() const { return held_bytes_.load(std::memory_order_relaxed); }
-  // The same for AllocateHost's separate host memory.
+  // The same for AllocateHost's memory.
   int64_t host_held_bytes() const { return host_held_bytes_.load(std::memory_order_relaxed); }
   virtual absl::Status Synchronize() = 0;
 

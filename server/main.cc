@@ -40,6 +40,10 @@ ABSL_FLAG(int64_t, max_resident_bytes, 0,
           "Backend memory (weights, resident sessions, workspaces; GPU memory with --device cuda) "
           "above which idle sessions are evicted too, LRU first (0: no limit; see "
           "ramba_backend_memory_bytes).");
+ABSL_FLAG(int64_t, max_resident_host_bytes, 0,
+          "Pinned host memory holding chunks moved out of GPU memory (--device_chunk_window) "
+          "above which idle sessions are evicted too, LRU first (0: no limit; see "
+          "ramba_backend_host_memory_bytes).");
 ABSL_FLAG(int64_t, device_chunk_window, 0,
           "Chunks per session whose K/V stay in GPU memory; older ones move to pinned host "
           "memory, read in place over PCIe (a decode step reads only its top-K chunks), so GPU "
@@ -128,6 +132,7 @@ int main(int argc, char** argv) {
   server::SessionManagerOptions session_options;
   session_options.max_resident_sessions = absl::GetFlag(FLAGS_max_resident_sessions);
   session_options.max_resident_bytes = absl::GetFlag(FLAGS_max_resident_bytes);
+  session_options.max_resident_host_bytes = absl::GetFlag(FLAGS_max_resident_host_bytes);
   server::SessionManager sessions(model->get(), store->get(), session_options);
 
   server::ServiceOptions service_options;

@@ -257,7 +257,9 @@ void SessionManager::EvictLocked(int64_t room) {
   const kernels::Backend* be = model_->backend();
   auto over = [&] {
     return static_cast<int64_t>(resident_.size()) + room > options_.max_resident_sessions ||
-           (options_.max_resident_bytes > 0 && be->held_bytes() > options_.max_resident_bytes);
+           (options_.max_resident_bytes > 0 && be->held_bytes() > options_.max_resident_bytes) ||
+           (options_.max_resident_host_bytes > 0 &&
+            be->host_held_bytes() > options_.max_resident_host_bytes);
   };
   while (over() && !lru_.empty()) {
     resident_.erase(lru_.front());

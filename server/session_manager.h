@@ -64,6 +64,9 @@ struct SessionManagerOptions {
   // workspaces) above which idle sessions are evicted too, LRU first; 0: no limit. Leased
   // sessions stay, so this bounds what idle sessions keep, not what running ones need.
   int64_t max_resident_bytes = 0;
+  // The same bound on the backend's host-tier memory (Backend::host_held_bytes(): chunks moved
+  // out of GPU memory by RambaModel::set_device_chunk_window); 0: no limit.
+  int64_t max_resident_host_bytes = 0;
 };
 
 class SessionManager;
@@ -136,7 +139,7 @@ class SessionManager {
   absl::StatusOr<std::shared_ptr<Entry>> PageIn(const std::string& id);
   void Release(const std::shared_ptr<Entry>& entry, bool keep);
   // Drops idle sessions, least recently used first, until `room` more fit and the backend holds
-  // at most max_resident_bytes.
+  // at most max_resident_bytes (and max_resident_host_bytes in its host tier).
   void EvictLocked(int64_t room) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionView ViewOf(const store::SessionRecord& record, const SessionMeta& meta) const;
 

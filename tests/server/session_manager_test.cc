@@ -31,7 +31,8 @@ class SessionManagerTest : public ::testing::Test {
     store_.reset();
     fs::remove_all(dir_);
   }
-  void Reopen(int64_t max_resident = 8, int64_t max_resident_bytes = 0) {
+  void Reopen(int64_t max_resident = 8, int64_t max_resident_bytes = 0,
+              int64_t max_resident_host_bytes = 0) {
     manager_.reset();
     store_.reset();
     store::StoreOptions o;
@@ -42,6 +43,7 @@ class SessionManagerTest : public ::testing::Test {
     SessionManagerOptions mo;
     mo.max_resident_sessions = max_resident;
     mo.max_resident_bytes = max_resident_bytes;
+    mo.max_resident_host_bytes = max_resident_host_bytes;
     manager_ = std::make_unique<SessionManager>(model_.get(), store_.get(), mo);
   }
   // Feeds tokens to a leased session, keeping the last one pending as the server does.
@@ -119,6 +121,35 @@ TEST_F(SessionManagerTest, PageInPutsOldChunksInTheHostTier) {
   EXPECT_EQ(lease->state()->num_chunks(), 299 / 64);
   EXPECT_EQ(lease->state()->host_chunks(), 299 / 64 - 1);
   EXPECT_EQ(NextLogits(*lease), before);
+}
+
+// Chunks moved to the host tier have a budget of their own: idle sessions go, LRU first, once
+// the host tier holds more.
+TEST_F(SessionManagerTest, IdleSessionsAreEvictedToTheHostTierBudget) {
+  model_->set_device_chunk_window(1);
+  const int64_t chunk_bytes = 2 * config_.chunk_size * config_.kv_dim() * sizeof(float);
+  const int64_t per_session = (299 / 64 - 1) * chunk_bytes;  // 300 tokens: 4 chunks, 3 moved
+  Reopen(/*max_resident=*/8, /*max_resident_bytes=*/0,
+         /*max_resident_host_bytes=*/5 * per_session / 2);
+  const int64_t base = backend_->host_held_bytes();
+  std::vector<std::vector<float>> logits;
+  for (int i = 0; i < 3; ++i) {
+    const std::string id = "h" + std::to_string(i);
+    ASSERT_TRUE(manager_->Create(id, {}).ok());
+    auto lease = manager_->Acquire(id);
+    ASSERT_TRUE(lease.ok());
+    Feed(*lease, testing::RandomTokens(300, config_.vocab_size, 30 + i));
+    EXPECT_EQ(backend_->host_held_bytes() - base, (i + 1) * per_session);  // evicted at release
+    ASSERT_TRUE(lease->Commit().ok());
+    logits.push_back(NextLogits(*lease));
+  }
+  EXPECT_EQ(manager_->ResidentSessions(), 2);
+  EXPECT_EQ(backend_->host_held_bytes() - base, 2 * per_session);
+  for (int i = 0; i < 3; ++i) {
+    auto lease = manager_->Acquire("h" + std::to_string(i));
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    EXPECT_EQ(NextLogits(*lease), logits[i]);
+  }
 }
 
 TEST_F(SessionManagerTest, OneWriterAtATime) {
