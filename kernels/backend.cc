@@ -135,15 +135,6 @@ void* Buffer::Release() {
   return std::exchange(data_, nullptr);
 }
 
-absl::Status Backend::UploadBatch(absl::Span<void* const> dsts, absl::Span<const void* const> srcs,
-                                  absl::Span<const size_t> sizes) {
-  if (dsts.size() != srcs.size() || dsts.size() != sizes.size()) {
-    return absl::InvalidArgumentError("UploadBatch: dsts, srcs and sizes differ in length");
-  }
-  for (size_t i = 0; i < dsts.size(); ++i) RETURN_IF_ERROR(Upload(dsts[i], srcs[i], sizes[i]));
-  return absl::OkStatus();
-}
-
 absl::StatusOr<Buffer> Backend::AllocateHost(size_t bytes) {
   ASSIGN_OR_RETURN(Buffer b, Allocate(bytes));
   return Buffer(this, b.Release(), bytes, /*host=*/true);

@@ -30,7 +30,6 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/types/span.h"
 
 namespace ramba::kernels {
 
@@ -216,10 +215,6 @@ class Backend {
   virtual absl::StatusOr<Buffer> Allocate(size_t bytes) = 0;
   virtual absl::Status Upload(void* dst, const void* host_src, size_t bytes) = 0;
   virtual absl::Status Download(void* host_dst, const void* src, size_t bytes) = 0;
-  // Upload of many pieces at once: srcs[i] (host, free to reuse when the call returns) to
-  // dsts[i], sizes[i] bytes. This default uploads them one by one.
-  virtual absl::Status UploadBatch(absl::Span<void* const> dsts, absl::Span<const void* const> srcs,
-                                   absl::Span<const size_t> sizes);
   virtual absl::Status Copy(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Zero(void* dst, size_t bytes) = 0;
   // Asynchronous download, so a caller can queue more work before it needs a result:

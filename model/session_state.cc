@@ -326,8 +326,6 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Deserialize(
         absl::StrCat("landmark parts cover ", covered, " chunks, the states part has ", n));
   }
   const size_t kv_bytes = s->chunk_floats() * sizeof(float);
-  std::vector<void*> dsts;
-  std::vector<const void*> srcs;
   for (int64_t i = 0; i < n; ++i) {
     PartReader cr(chunks[i], absl::StrCat("chunk part ", i));
     RETURN_IF_ERROR(cr.Open(StatePartKind::kChunk));
@@ -340,13 +338,11 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Deserialize(
     chunk->host_tier = device_chunk_window > 0 && i < n - device_chunk_window;
     ASSIGN_OR_RETURN(chunk->kv, chunk->host_tier ? backend->AllocateHost(kv_bytes)
                                                  : backend->Allocate(kv_bytes));
-    dsts.push_back(chunk->kv.data());
-    srcs.push_back(kp);
+    RETURN_IF_ERROR(backend->Upload(chunk->kv.data(), kp, kv_bytes));
     s->chunk_ptrs_.push_back(chunk->data());
     s->host_chunks_ += chunk->host_tier ? 1 : 0;
     s->chunks_.push_back(std::move(chunk));
   }
-  RETURN_IF_ERROR(backend->UploadBatch(dsts, srcs, std::vector<size_t>(n, kv_bytes)));
   RETURN_IF_ERROR(s->SyncChunkTable(0));
   return s;
 }

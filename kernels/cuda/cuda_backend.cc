@@ -235,34 +235,6 @@ absl::Status CudaBackend::Upload(void* dst, const void* host_src, size_t bytes) 
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::UploadBatch(absl::Span<void* const> dsts,
-                                      absl::Span<const void* const> srcs,
-                                      absl::Span<const size_t> sizes) {
-  if (dsts.size() != srcs.size() || dsts.size() != sizes.size()) {
-    return absl::InvalidArgumentError("UploadBatch: dsts, srcs and sizes differ in length");
-  }
-  if (dsts.empty()) return absl::OkStatus();
-  for (size_t i = 0; i < dsts.size(); ++i) {
-    RAMBA_CHECK_ARG("UploadBatch", dsts[i] != nullptr && srcs[i] != nullptr, "null pointer");
-  }
-  absl::MutexLock lock(&mu_);
-  if (capturing_ && !OtherThreadRecording()) {
-    return absl::FailedPreconditionError("UploadBatch: host copies cannot be recorded in a graph");
-  }
-  const cudaStream_t s = MemoryStream();
-  cudaMemcpyAttributes attrs = {};
-  attrs.srcAccessOrder = cudaMemcpySrcAccessOrderDuringApiCall;
-  size_t first = 0;
-  constexpr size_t kPerCall = 1024;
-  for (size_t i = 0; i < dsts.size(); i += kPerCall) {
-    RAMBA_CUDA_RETURN_IF_ERROR(cudaMemcpyBatchAsync(
-        const_cast<void**>(dsts.data() + i), const_cast<const void**>(srcs.data() + i),
-        const_cast<size_t*>(sizes.data() + i), std::min(kPerCall, dsts.size() - i), &attrs, &first,
-        1, s));
-  }
-  return FinishMemoryCall(s);
-}
-
 absl::Status CudaBackend::Download(void* host_dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   RAMBA_CHECK_ARG("Download", host_dst != nullptr && src != nullptr, "null pointer");

@@ -36,10 +36,6 @@ class CudaBackend : public Backend, public cuda::Context {
   absl::StatusOr<Buffer> AllocateHost(size_t bytes) override;
   absl::Status Upload(void* dst, const void* host_src, size_t bytes) override;
   absl::Status Download(void* host_dst, const void* src, size_t bytes) override;
-  // One cudaMemcpyBatchAsync: the driver reads the sources during the call (restoring a session's
-  // thousands of chunks was one copy call each).
-  absl::Status UploadBatch(absl::Span<void* const> dsts, absl::Span<const void* const> srcs,
-                           absl::Span<const size_t> sizes) override;
   absl::StatusOr<int64_t> BeginDownload(const void* src, size_t bytes) override;
   absl::Status FinishDownload(int64_t ticket, void* host_dst) override;
   absl::Status Copy(void* dst, const void* src, size_t bytes) override;

@@ -1,7 +1,6 @@
 // The CUDA backend's memory plumbing and device selection (label gpu; skipped without a GPU).
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -31,40 +30,6 @@ TEST_F(CudaBackendTest, UploadCopyZeroDownloadRoundTrip) {
   ASSERT_TRUE(gpu_->Zero(b + 10, 5 * sizeof(float)).ok());
   std::vector<float> got = FromGpu(b, host.size());
   for (int i = 0; i < 20; ++i) EXPECT_EQ(got[i], (i >= 10 && i < 15) ? 0.0f : host[i]) << i;
-}
-
-// Many pieces at once (more than one batch call) into device memory and into mapped host memory
-// (AllocateHost), from pageable sources freed right after the call; and back out.
-TEST_F(CudaBackendTest, UploadBatchToDeviceAndHostTier) {
-  constexpr int kPieces = 2500, kFloats = 37;
-  std::vector<Buffer> buffers;
-  std::vector<void*> dsts;
-  std::vector<const void*> srcs;
-  std::vector<size_t> sizes;
-  std::vector<std::vector<float>> want;
-  {
-    std::vector<std::vector<float>> sources;
-    for (int i = 0; i < kPieces; ++i) {
-      sources.push_back(RandomVec(kFloats, 100 + i));
-      auto b = i % 2 ? gpu_->AllocateHost(kFloats * sizeof(float))
-                     : gpu_->Allocate(kFloats * sizeof(float));
-      ASSERT_TRUE(b.ok()) << b.status();
-      EXPECT_EQ(b->host(), i % 2 == 1);
-      dsts.push_back(b->data());
-      buffers.push_back(std::move(*b));
-      srcs.push_back(sources.back().data());
-      sizes.push_back(kFloats * sizeof(float));
-    }
-    want = sources;
-    ASSERT_TRUE(gpu_->UploadBatch(dsts, srcs, sizes).ok());
-    for (auto& v : sources) std::fill(v.begin(), v.end(), -1.0f);  // reused at once
-  }
-  for (int i = 0; i < kPieces; ++i) {
-    EXPECT_EQ(FromGpu(static_cast<const float*>(dsts[i]), kFloats), want[i]) << i;
-  }
-  EXPECT_GE(gpu_->host_held_bytes(), int64_t{kPieces / 2} * kFloats * 4);
-  EXPECT_EQ(gpu_->UploadBatch(dsts, srcs, absl::MakeConstSpan(sizes).first(3)).code(),
-            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CudaBackendTest, ZeroByteAllocationIsUsable) {
