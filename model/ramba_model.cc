@@ -159,6 +159,18 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
   return ForwardLocked(states, tokens, LogitsMode::kLast, output);
 }
 
+namespace {
+
+// One single-token sequence per token (a decode batch as Forward takes it).
+std::vector<absl::Span<const int32_t>> OneTokenEach(absl::Span<const int32_t> tokens) {
+  std::vector<absl::Span<const int32_t>> spans;
+  spans.reserve(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) spans.push_back(tokens.subspan(i, 1));
+  return spans;
+}
+
+}  // namespace
+
 absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
                                       absl::Span<const int32_t> tokens,
                                       absl::Span<const SamplingOptions> options) {
@@ -167,9 +179,7 @@ absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
     return absl::InvalidArgumentError(
         absl::StrCat("LaunchDecode got ", states.size(), " states and ", tokens.size(), " tokens"));
   }
-  std::vector<absl::Span<const int32_t>> spans;
-  for (const int32_t& t : tokens) spans.push_back(absl::MakeConstSpan(&t, 1));
-  return LaunchStep(states, spans, options, /*chained=*/false);
+  return LaunchStep(states, OneTokenEach(tokens), options, /*chained=*/false);
 }
 
 absl::Status RambaModel::LaunchForward(absl::Span<SessionState* const> states,
@@ -215,18 +225,17 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   int64_t ticket = -1;
   output.download_ticket = &ticket;
   absl::Status st;
-  if (chained && backend_->SupportsGraphs()) {
-    // The previous step's sampled tokens stay on the device: copied into this step's input.
+  if (chained) {
     ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kLaunchSampled, B));
-    st = DecodeStepLocked(states, std::vector<int32_t>(B, 0), output, prev);
-  } else if (chained) {
-    // Ops ran inside the previous call, so its tokens can simply be read back.
-    ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kLaunchSampled, B));
-    std::vector<int32_t> input(B);
-    RETURN_IF_ERROR(backend_->Download(input.data(), prev, B * sizeof(int32_t)));
-    std::vector<absl::Span<const int32_t>> spans;
-    for (const int32_t& t : input) spans.push_back(absl::MakeConstSpan(&t, 1));
-    st = ForwardLocked(states, spans, LogitsMode::kLast, output);
+    if (backend_->SupportsGraphs()) {
+      // The previous step's sampled tokens stay on the device: copied into this step's input.
+      st = DecodeStepLocked(states, std::vector<int32_t>(B, 0), output, prev);
+    } else {
+      // Ops ran inside the previous call, so its tokens can simply be read back.
+      std::vector<int32_t> input(B);
+      RETURN_IF_ERROR(backend_->Download(input.data(), prev, B * sizeof(int32_t)));
+      st = ForwardLocked(states, OneTokenEach(input), LogitsMode::kLast, output);
+    }
   } else {
     st = ForwardLocked(states, tokens, LogitsMode::kLast, output);
   }
@@ -922,10 +931,7 @@ absl::Status RambaModel::Decode(absl::Span<SessionState* const> states,
     return absl::InvalidArgumentError(absl::StrCat("Decode got ", states.size(), " states and ",
                                                    tokens.size(), " tokens"));
   }
-  std::vector<absl::Span<const int32_t>> per_seq;
-  per_seq.reserve(tokens.size());
-  for (size_t i = 0; i < tokens.size(); ++i) per_seq.push_back(tokens.subspan(i, 1));
-  return Forward(states, per_seq, LogitsMode::kLast, logits);
+  return Forward(states, OneTokenEach(tokens), LogitsMode::kLast, logits);
 }
 
 }  // namespace ramba

@@ -182,7 +182,7 @@ absl::Status SessionState::KeepChunksOnDevice(int64_t window) {
   absl::Status st;
   for (; host_chunks_ < target; ++host_chunks_) {
     const int64_t i = host_chunks_;
-    if (chunks_[i]->host_tier) continue;  // moved before this session was forked
+    if (chunks_[i]->host_tier()) continue;  // moved before this session was forked
     auto moved = std::make_shared<ChunkKV>();
     absl::StatusOr<kernels::Buffer> kv = backend_->AllocateHost(bytes);
     if (kv.ok()) st = backend_->Copy(kv->data(), chunks_[i]->data(), bytes);
@@ -191,7 +191,6 @@ absl::Status SessionState::KeepChunksOnDevice(int64_t window) {
       break;
     }
     moved->kv = std::move(*kv);
-    moved->host_tier = true;
     chunk_ptrs_[i] = moved->data();
     chunks_[i] = std::move(moved);  // the device block goes once no fork holds it
   }
@@ -335,12 +334,12 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Deserialize(
     ASSIGN_OR_RETURN(const char* kp, cr.Bytes(kv_bytes));
     RETURN_IF_ERROR(cr.Done());
     auto chunk = std::make_shared<ChunkKV>();
-    chunk->host_tier = device_chunk_window > 0 && i < n - device_chunk_window;
-    ASSIGN_OR_RETURN(chunk->kv, chunk->host_tier ? backend->AllocateHost(kv_bytes)
-                                                 : backend->Allocate(kv_bytes));
+    const bool host_tier = device_chunk_window > 0 && i < n - device_chunk_window;
+    ASSIGN_OR_RETURN(chunk->kv,
+                     host_tier ? backend->AllocateHost(kv_bytes) : backend->Allocate(kv_bytes));
     RETURN_IF_ERROR(backend->Upload(chunk->kv.data(), kp, kv_bytes));
     s->chunk_ptrs_.push_back(chunk->data());
-    s->host_chunks_ += chunk->host_tier ? 1 : 0;
+    s->host_chunks_ += host_tier ? 1 : 0;
     s->chunks_.push_back(std::move(chunk));
   }
   RETURN_IF_ERROR(s->SyncChunkTable(0));

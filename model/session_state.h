@@ -22,8 +22,8 @@ namespace ramba {
 // share it.
 struct ChunkKV {
   kernels::Buffer kv;
-  bool host_tier = false;
   const float* data() const { return kv.as<const float>(); }
+  bool host_tier() const { return kv.host(); }
 };
 
 // Serialised parts. Each part starts with a magic number, a format version and its kind, then its

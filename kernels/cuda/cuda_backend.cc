@@ -147,8 +147,15 @@ absl::StatusOr<Buffer> CudaBackend::Allocate(size_t bytes) {
   return Buffer(this, p, bytes);
 }
 
+namespace {
+
+// AllocateHost's block size for `bytes`: its pool of equal blocks.
+size_t HostBlockBytes(size_t bytes) { return std::max<size_t>((bytes + 255) & ~size_t{255}, 256); }
+
+}  // namespace
+
 absl::StatusOr<Buffer> CudaBackend::AllocateHost(size_t bytes) {
-  const size_t block = std::max<size_t>((bytes + 255) & ~size_t{255}, 256);
+  const size_t block = HostBlockBytes(bytes);
   absl::MutexLock lock(&mu_);
   std::vector<void*>& free = host_free_[block];
   if (free.empty()) {
@@ -180,9 +187,8 @@ absl::StatusOr<Buffer> CudaBackend::AllocateHost(size_t bytes) {
 }
 
 void CudaBackend::FreeHost(void* data, size_t bytes) {
-  const size_t block = std::max<size_t>((bytes + 255) & ~size_t{255}, 256);
   absl::MutexLock lock(&mu_);
-  host_free_[block].push_back(data);
+  host_free_[HostBlockBytes(bytes)].push_back(data);
 }
 
 absl::Status CudaBackend::FinishMemoryCall(cudaStream_t s) const {
