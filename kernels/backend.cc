@@ -140,6 +140,12 @@ absl::StatusOr<Buffer> Backend::AllocateHost(size_t bytes) {
   return Buffer(this, b.Release(), bytes, /*host=*/true);
 }
 
+absl::StatusOr<Buffer> Backend::AllocateHostCopy(const void* host_src, size_t bytes) {
+  ASSIGN_OR_RETURN(Buffer b, AllocateHost(bytes));
+  RETURN_IF_ERROR(Upload(b.data(), host_src, bytes));
+  return b;
+}
+
 void Buffer::Reset() {
   if (data_ != nullptr && owner_ != nullptr) {
     (host_ ? owner_->host_held_bytes_ : owner_->held_bytes_)

@@ -230,6 +230,10 @@ class Backend {
   // by host_held_bytes(): a GPU backend's is pinned and mapped (read over PCIe); this default,
   // for backends whose memory is host memory, is Allocate's, counted apart.
   virtual absl::StatusOr<Buffer> AllocateHost(size_t bytes);
+  // The same, holding a copy of `bytes` at host_src (a restored chunk's K/V). This default
+  // uploads; a backend whose host memory the host can write writes it directly, without a copy
+  // call per block.
+  virtual absl::StatusOr<Buffer> AllocateHostCopy(const void* host_src, size_t bytes);
   // Bytes in Buffers this backend allocated and that are alive: weights, session states and
   // chunk memories, workspaces (not the CUDA backend's internal scratch and staging). Any thread.
   int64_t held_bytes() const { return held_bytes_.load(std::memory_order_relaxed); }

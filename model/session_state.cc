@@ -335,9 +335,12 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Deserialize(
     RETURN_IF_ERROR(cr.Done());
     auto chunk = std::make_shared<ChunkKV>();
     const bool host_tier = device_chunk_window > 0 && i < n - device_chunk_window;
-    ASSIGN_OR_RETURN(chunk->kv,
-                     host_tier ? backend->AllocateHost(kv_bytes) : backend->Allocate(kv_bytes));
-    RETURN_IF_ERROR(backend->Upload(chunk->kv.data(), kp, kv_bytes));
+    if (host_tier) {
+      ASSIGN_OR_RETURN(chunk->kv, backend->AllocateHostCopy(kp, kv_bytes));
+    } else {
+      ASSIGN_OR_RETURN(chunk->kv, backend->Allocate(kv_bytes));
+      RETURN_IF_ERROR(backend->Upload(chunk->kv.data(), kp, kv_bytes));
+    }
     s->chunk_ptrs_.push_back(chunk->data());
     s->host_chunks_ += host_tier ? 1 : 0;
     s->chunks_.push_back(std::move(chunk));

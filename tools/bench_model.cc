@@ -37,6 +37,10 @@ ABSL_FLAG(int64_t, device_chunk_window, 0,
           "After the prefill, keep only this many of the session's newest chunks in backend "
           "memory (the rest in the host tier, read in place) and go on so while decoding; 0: all "
           "stay");
+ABSL_FLAG(int32_t, append_tokens, 0,
+          "Also time prefilling this many more tokens into a fork of the prefilled session (a "
+          "conversation's next turn, reading its older chunks where the window put them), "
+          "three times");
 ABSL_FLAG(bool, download_logits, false,
           "Decode steps download every row's logits (Decode) instead of sampling greedily on "
           "the device and downloading the tokens (ForwardAndSample, what the server does)");
@@ -158,6 +162,30 @@ int main(int argc, char** argv) {
                 static_cast<long long>(window), static_cast<long long>((*base)->host_chunks()),
                 static_cast<long long>((*base)->num_chunks()), be->host_held_bytes() / 1e6,
                 held / 1e6, be->held_bytes() / 1e6);
+  }
+
+  if (const int32_t turn = absl::GetFlag(FLAGS_append_tokens); turn > 0) {
+    std::vector<int32_t> more(turn);
+    for (int32_t i = 0; i < turn; ++i) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      more[i] = static_cast<int32_t>(x % config.vocab_size);
+    }
+    std::vector<double> ms;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto fork = (*base)->Fork();
+      if (!fork.ok()) return Fail(fork.status());
+      const double t = Now();
+      std::vector<float> last;
+      if (auto st = (*model)->Prefill(fork->get(), more, &last, absl::GetFlag(FLAGS_segment));
+          !st.ok()) {
+        return Fail(st);
+      }
+      ms.push_back(1e3 * (Now() - t));
+    }
+    std::printf(
+        "append %d tokens to the %d-token session (prefill, last logits back): %.2f / "
+        "%.2f / %.2f ms\n",
+        turn, n, ms[0], ms[1], ms[2]);
   }
 
   const size_t wbytes = ramba::kernels::DTypeSize(be->weight_dtype());

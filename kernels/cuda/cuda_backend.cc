@@ -113,6 +113,7 @@ CudaBackend::~CudaBackend() {
     if (e != nullptr) cudaEventDestroy(e);
   }
   if (download_slots_ != nullptr) cudaFreeHost(download_slots_);
+  for (SettlingHostBlocks& b : host_settling_) cudaEventDestroy(b.done);
   for (void* slab : host_slabs_) cudaFreeHost(slab);
   for (auto& [id, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (staging_ != nullptr) cudaFreeHost(staging_);
@@ -155,10 +156,22 @@ size_t HostBlockBytes(size_t bytes) { return std::max<size_t>((bytes + 255) & ~s
 }  // namespace
 
 absl::StatusOr<Buffer> CudaBackend::AllocateHost(size_t bytes) {
-  const size_t block = HostBlockBytes(bytes);
   absl::MutexLock lock(&mu_);
-  std::vector<void*>& free = host_free_[block];
-  if (free.empty()) {
+  ASSIGN_OR_RETURN(void* p, TakeHostBlock(HostBlockBytes(bytes)));
+  return Buffer(this, p, bytes, /*host=*/true);
+}
+
+absl::StatusOr<Buffer> CudaBackend::AllocateHostCopy(const void* host_src, size_t bytes) {
+  RAMBA_CHECK_ARG("AllocateHostCopy", host_src != nullptr || bytes == 0, "null pointer");
+  ASSIGN_OR_RETURN(Buffer b, AllocateHost(bytes));
+  std::memcpy(b.data(), host_src, bytes);  // no queued work reads a block handed out
+  return b;
+}
+
+absl::StatusOr<void*> CudaBackend::TakeHostBlock(size_t block) {
+  std::vector<void*>* free = &host_free_[block];
+  if (free->empty()) SettleHostBlocks();
+  if (free->empty()) {
     if (capturing_ && !OtherThreadRecording()) {
       return absl::FailedPreconditionError("AllocateHost: cannot allocate while recording a graph");
     }
@@ -179,16 +192,41 @@ absl::StatusOr<Buffer> CudaBackend::AllocateHost(size_t bytes) {
       return absl::UnimplementedError("AllocateHost: mapped memory without unified addressing");
     }
     host_slabs_.push_back(slab);
-    for (size_t i = count; i-- > 0;) free.push_back(slab + i * block);
+    for (size_t i = count; i-- > 0;) free->push_back(slab + i * block);
   }
-  void* p = free.back();
-  free.pop_back();
-  return Buffer(this, p, bytes, /*host=*/true);
+  void* p = free->back();
+  free->pop_back();
+  return p;
+}
+
+// Batches whose event has passed go to host_free_; blocks freed since the last call become a new
+// batch behind an event. Not while a graph is recorded: the event would become part of it.
+void CudaBackend::SettleHostBlocks() {
+  if (capturing_) return;
+  while (!host_settling_.empty()) {
+    if (cudaEventQuery(host_settling_.front().done) != cudaSuccess) {
+      (void)cudaGetLastError();  // not ready (or failed: the blocks stay out); not for launches
+      break;
+    }
+    for (const auto& [block, p] : host_settling_.front().blocks) host_free_[block].push_back(p);
+    cudaEventDestroy(host_settling_.front().done);
+    host_settling_.pop_front();
+  }
+  if (host_released_.empty()) return;
+  SettlingHostBlocks batch;
+  if (cudaEventCreateWithFlags(&batch.done, cudaEventDisableTiming) != cudaSuccess) return;
+  if (cudaEventRecord(batch.done, stream) != cudaSuccess) {
+    cudaEventDestroy(batch.done);
+    return;
+  }
+  batch.blocks = std::move(host_released_);
+  host_released_.clear();
+  host_settling_.push_back(std::move(batch));
 }
 
 void CudaBackend::FreeHost(void* data, size_t bytes) {
   absl::MutexLock lock(&mu_);
-  host_free_[HostBlockBytes(bytes)].push_back(data);
+  host_released_.emplace_back(HostBlockBytes(bytes), data);
 }
 
 absl::Status CudaBackend::FinishMemoryCall(cudaStream_t s) const {

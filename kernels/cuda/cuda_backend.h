@@ -7,6 +7,7 @@
 #ifndef RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
 #define RAMBA_KERNELS_CUDA_CUDA_BACKEND_H_
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <thread>
@@ -34,6 +35,7 @@ class CudaBackend : public Backend, public cuda::Context {
   // Pinned and mapped (UVA: the host address is the device address), so kernels read it in place
   // over PCIe.
   absl::StatusOr<Buffer> AllocateHost(size_t bytes) override;
+  absl::StatusOr<Buffer> AllocateHostCopy(const void* host_src, size_t bytes) override;
   absl::Status Upload(void* dst, const void* host_src, size_t bytes) override;
   absl::Status Download(void* host_dst, const void* src, size_t bytes) override;
   absl::StatusOr<int64_t> BeginDownload(const void* src, size_t bytes) override;
@@ -154,10 +156,19 @@ class CudaBackend : public Backend, public cuda::Context {
   int staging_segment_ = 0;
   size_t staging_offset_ = 0;
   // AllocateHost's memory: slabs of equal blocks per block size (chunk blocks all have one size),
-  // kept until the backend goes, since cudaFreeHost waits for the whole device. Blocks are
-  // written only by copies queued on the stream, so a block freed while queued work still reads
-  // it is overwritten only after that work.
+  // kept until the backend goes, since cudaFreeHost waits for the whole device. The host writes
+  // new blocks directly (AllocateHostCopy), so a freed block is handed out again only once the
+  // work queued before its free is done: freed blocks wait in host_released_, then in a batch
+  // behind an event recorded on the stream (host_settling_), then in host_free_.
+  absl::StatusOr<void*> TakeHostBlock(size_t block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SettleHostBlocks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct SettlingHostBlocks {
+    cudaEvent_t done = nullptr;
+    std::vector<std::pair<size_t, void*>> blocks;  // (block size, block)
+  };
   std::map<size_t, std::vector<void*>> host_free_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<size_t, void*>> host_released_ ABSL_GUARDED_BY(mu_);
+  std::deque<SettlingHostBlocks> host_settling_ ABSL_GUARDED_BY(mu_);
   std::vector<void*> host_slabs_ ABSL_GUARDED_BY(mu_);
   static constexpr size_t kHostSlabBytes = size_t{64} << 20;
 

@@ -252,6 +252,22 @@ TEST(BackendTest, MemoryOps) {
   EXPECT_TRUE(be->Copy(nullptr, nullptr, 0).ok());
 }
 
+TEST(BackendTest, AllocateHostCopyHoldsTheBytesAndCountsAsHost) {
+  auto be = testing::Cpu();
+  const std::vector<float> src = {1.5f, -2.0f, 3.25f, 7.0f};
+  auto buf = be->AllocateHostCopy(src.data(), src.size() * sizeof(float));
+  ASSERT_TRUE(buf.ok()) << buf.status();
+  EXPECT_TRUE(buf->host());
+  EXPECT_EQ(be->host_held_bytes(), 16);
+  EXPECT_EQ(be->held_bytes(), 0);
+  std::vector<float> got(src.size());
+  ASSERT_TRUE(be->Download(got.data(), buf->data(), 16).ok());
+  EXPECT_EQ(got, src);
+  buf->Reset();
+  EXPECT_EQ(be->host_held_bytes(), 0);
+  EXPECT_FALSE(be->AllocateHostCopy(nullptr, 4).ok());
+}
+
 TEST(BackendTest, BadArgumentsAreErrorsNotCrashes) {
   auto be = testing::Cpu();
   std::vector<float> a(64, 1.0f), b(64, 1.0f);

@@ -1,6 +1,7 @@
 // The CUDA backend's memory plumbing and device selection (label gpu; skipped without a GPU).
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -103,6 +104,36 @@ TEST_F(CudaOpTest, RecordedGraphReplaysWithNewInputs) {
   for (int64_t i = 0; i < n; ++i) ASSERT_FLOAT_EQ(got[i], before[i] + 2 * a2[i]) << i;
   gpu_->DestroyGraph(*id);
   EXPECT_FALSE(gpu_->LaunchGraph(*id).ok());
+}
+
+// AllocateHostCopy writes its block from the host at once, so a block freed while queued work
+// may still read it must not come back until the stream has passed the free.
+TEST_F(CudaBackendTest, HostBlocksComeBackOnlyAfterTheWorkQueuedBeforeTheirFree) {
+  const size_t bytes = size_t{96} << 20;  // over a slab: one block per slab
+  std::vector<char> src(bytes);
+  for (size_t i = 0; i < bytes; i += 4096) src[i] = static_cast<char>(i / 4096 * 7 + 1);
+  auto a = gpu_->AllocateHost(bytes);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(a->host());
+  void* const a_block = a->data();
+  // Milliseconds of queued work (the block could be read by such work).
+  auto busy = gpu_->Allocate(size_t{2} << 30);
+  ASSERT_TRUE(busy.ok()) << busy.status();
+  for (int i = 0; i < 8; ++i) ASSERT_TRUE(gpu_->Zero(busy->data(), busy->size()).ok());
+  a->Reset();
+  auto b = gpu_->AllocateHostCopy(src.data(), bytes);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_NE(b->data(), a_block) << "handed out again while queued work may read it";
+  EXPECT_EQ(std::memcmp(b->data(), src.data(), bytes), 0);
+  EXPECT_EQ(gpu_->host_held_bytes(), static_cast<int64_t>(bytes));
+  ASSERT_TRUE(gpu_->Synchronize().ok());
+  auto c = gpu_->AllocateHost(bytes);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->data(), a_block) << "a settled block is reused, not a new slab";
+  // Kernels read the copy in place (mapped memory).
+  std::vector<char> back(bytes);
+  ASSERT_TRUE(gpu_->Download(back.data(), b->data(), bytes).ok());
+  EXPECT_EQ(back, src);
 }
 
 // A server creates and pages in sessions on its RPC threads while the model's thread may be
