@@ -366,6 +366,12 @@ class Backend {
                               const SamplingParams* params, const float* uniforms,
                               int32_t* out) = 0;
 
+  // out[r] = log softmax(logits[r])[tokens[r]] (the raw distribution: no temperature or cut),
+  // NaN where tokens[r] is outside [0, vocab). tokens and out are backend memory, so a step's
+  // sampled tokens get their logprobs without the logits leaving the device.
+  virtual absl::Status TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
+                                     const int32_t* tokens, float* out) = 0;
+
   // dst[r][0, cols) = src[r * ld, r * ld + cols) for r < rows; dst is an array of `rows` row
   // pointers (batched decode appends each session's row to its own partial-chunk buffer).
   virtual absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,

@@ -173,28 +173,29 @@ std::vector<absl::Span<const int32_t>> OneTokenEach(absl::Span<const int32_t> to
 
 absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
                                       absl::Span<const int32_t> tokens,
-                                      absl::Span<const SamplingOptions> options) {
-  if (tokens.empty()) return LaunchStep(states, {}, options, /*chained=*/true);
+                                      absl::Span<const SamplingOptions> options, bool logprobs) {
+  if (tokens.empty()) return LaunchStep(states, {}, options, /*chained=*/true, logprobs);
   if (tokens.size() != states.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("LaunchDecode got ", states.size(), " states and ", tokens.size(), " tokens"));
   }
-  return LaunchStep(states, OneTokenEach(tokens), options, /*chained=*/false);
+  return LaunchStep(states, OneTokenEach(tokens), options, /*chained=*/false, logprobs);
 }
 
 absl::Status RambaModel::LaunchForward(absl::Span<SessionState* const> states,
                                        absl::Span<const absl::Span<const int32_t>> tokens,
-                                       absl::Span<const SamplingOptions> options) {
+                                       absl::Span<const SamplingOptions> options, bool logprobs) {
   if (tokens.size() != states.size()) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchForward got ", states.size(),
                                                    " states and ", tokens.size(), " token lists"));
   }
-  return LaunchStep(states, tokens, options, /*chained=*/false);
+  return LaunchStep(states, tokens, options, /*chained=*/false, logprobs);
 }
 
 absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
                                     absl::Span<const absl::Span<const int32_t>> tokens,
-                                    absl::Span<const SamplingOptions> options, bool chained) {
+                                    absl::Span<const SamplingOptions> options, bool chained,
+                                    bool logprobs) {
   const int64_t B = static_cast<int64_t>(states.size());
   if (B == 0) return absl::InvalidArgumentError("LaunchDecode: no sessions");
   if (static_cast<int64_t>(options.size()) != B) {
@@ -224,6 +225,7 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   output.sampled = &unused;
   int64_t ticket = -1;
   output.download_ticket = &ticket;
+  output.launch_logprobs = logprobs;
   absl::Status st;
   if (chained) {
     ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kLaunchSampled, B));
@@ -241,40 +243,34 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   }
   chain_.clear();
   RETURN_IF_ERROR(st);
-  decodes_in_flight_.emplace_back(ticket, B);
+  decodes_in_flight_.push_back({ticket, B, logprobs});
   for (SessionState* state : states) chain_.emplace_back(state, state->position());
   return absl::OkStatus();
 }
 
-absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled) {
+absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled,
+                                       std::vector<float>* logprobs) {
   if (sampled == nullptr) return absl::InvalidArgumentError("CollectDecode: null output");
   absl::MutexLock lock(&mu_);
   if (decodes_in_flight_.empty()) {
     return absl::FailedPreconditionError("CollectDecode: no launched step to collect");
   }
-  const auto [ticket, rows] = decodes_in_flight_.front();
+  const LaunchedStep step = decodes_in_flight_.front();
   decodes_in_flight_.pop_front();
-  sampled->resize(rows);
-  return backend_->FinishDownload(ticket, sampled->data());
+  std::vector<int32_t> words(static_cast<size_t>(step.rows * (step.logprobs ? 2 : 1)));
+  RETURN_IF_ERROR(backend_->FinishDownload(step.ticket, words.data()));
+  sampled->assign(words.begin(), words.begin() + step.rows);
+  if (logprobs != nullptr) {
+    logprobs->assign(step.rows, std::numeric_limits<float>::quiet_NaN());
+    if (step.logprobs) std::memcpy(logprobs->data(), words.data() + step.rows, step.rows * 4);
+  }
+  return absl::OkStatus();
 }
 
 int RambaModel::decodes_in_flight() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int>(decodes_in_flight_.size());
 }
-
-namespace {
-
-// log softmax(row)[token], summed in double: exp(x - max) over the row, then the log.
-float TokenLogprob(absl::Span<const float> row, int32_t token) {
-  float max = -std::numeric_limits<float>::infinity();
-  for (float x : row) max = std::max(max, x);
-  double sum = 0.0;
-  for (float x : row) sum += std::exp(static_cast<double>(x) - max);
-  return static_cast<float>(static_cast<double>(row[token]) - max - std::log(sum));
-}
-
-}  // namespace
 
 absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const float* out,
                                  int64_t rows, const Output& output) {
@@ -287,25 +283,27 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     std::vector<kernels::SamplingParams> params;
     std::vector<float> uniforms;
     SamplingInputs(output.options, positions, &params, &uniforms);
-    ASSIGN_OR_RETURN(int32_t * dev, workspace_->Get<int32_t>(output.download_ticket != nullptr
-                                                                 ? Workspace::kLaunchSampled
-                                                                 : Workspace::kSampled,
-                                                             rows));
+    // The tokens, then their logprobs (4-byte words both): one download brings both back.
+    const bool launched = output.download_ticket != nullptr;
+    ASSIGN_OR_RETURN(int32_t * dev,
+                     workspace_->Get<int32_t>(
+                         launched ? Workspace::kLaunchSampled : Workspace::kSampled, 2 * rows));
+    float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
-    if (output.download_ticket != nullptr) {
-      ASSIGN_OR_RETURN(*output.download_ticket, be->BeginDownload(dev, rows * sizeof(int32_t)));
+    const bool logprobs = launched ? output.launch_logprobs : output.logprobs != nullptr;
+    if (logprobs) RETURN_IF_ERROR(be->TokenLogprobs(out, rows, vocab, dev, dev_logprobs));
+    const size_t bytes = (logprobs ? 2 : 1) * rows * sizeof(int32_t);
+    if (launched) {
+      ASSIGN_OR_RETURN(*output.download_ticket, be->BeginDownload(dev, bytes));
       return absl::OkStatus();
     }
-    output.sampled->resize(rows);
-    RETURN_IF_ERROR(be->Download(output.sampled->data(), dev, rows * sizeof(int32_t)));
-    if (output.logprobs != nullptr) {
+    std::vector<int32_t> words(bytes / sizeof(int32_t));
+    RETURN_IF_ERROR(be->Download(words.data(), dev, bytes));
+    output.sampled->assign(words.begin(), words.begin() + rows);
+    if (logprobs) {
       output.logprobs->assign(rows, std::numeric_limits<float>::quiet_NaN());
-      std::vector<float> row(vocab);
       for (int64_t r = 0; r < rows; ++r) {
-        const int32_t token = (*output.sampled)[r];
-        if (!output.logprob_rows[r] || token < 0 || token >= vocab) continue;
-        RETURN_IF_ERROR(be->Download(row.data(), out + r * vocab, vocab * sizeof(float)));
-        (*output.logprobs)[r] = TokenLogprob(row, token);
+        if (output.logprob_rows[r]) std::memcpy(&(*output.logprobs)[r], &words[rows + r], 4);
       }
     }
   }

@@ -92,17 +92,20 @@ class RambaModel {
   // on the device; that launch must have had the same sessions in the same order, none of them
   // fed since (other forward calls may come between). States advance at launch; at most
   // kMaxDecodesInFlight steps may be uncollected. Options and tokens are validated before any
-  // state changes.
+  // state changes. With `logprobs`, every sampled token's logprob (as ForwardAndSample's) is
+  // computed on the backend and comes back with the tokens.
   static constexpr int kMaxDecodesInFlight = 2;
   absl::Status LaunchDecode(absl::Span<SessionState* const> states,
                             absl::Span<const int32_t> tokens,
-                            absl::Span<const SamplingOptions> options);
+                            absl::Span<const SamplingOptions> options, bool logprobs = false);
   // LaunchDecode's general form: tokens[s] (one or more, as ForwardAndSample takes them) for each
   // session, one token sampled per session; a later LaunchDecode without tokens may follow it.
   absl::Status LaunchForward(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens,
-                             absl::Span<const SamplingOptions> options);
-  absl::Status CollectDecode(std::vector<int32_t>* sampled);
+                             absl::Span<const SamplingOptions> options, bool logprobs = false);
+  // The oldest launched step's tokens and, when given, their logprobs (NaN when that launch
+  // computed none).
+  absl::Status CollectDecode(std::vector<int32_t>* sampled, std::vector<float>* logprobs = nullptr);
   int decodes_in_flight() const;
 
   // Feeds `tokens` to one session in segments of at most `segment_tokens` (bounded scratch
@@ -147,8 +150,9 @@ class RambaModel {
     absl::Span<const bool> logprob_rows;  // with logprobs: rows whose sampled token's logprob
     std::vector<float>* logprobs = nullptr;
     // With sampled: queue the tokens' download under *download_ticket instead of waiting for it
-    // (LaunchDecode; no logprobs).
+    // (LaunchDecode), with every row's logprob after the tokens when launch_logprobs is set.
     int64_t* download_ticket = nullptr;
+    bool launch_logprobs = false;
   };
   absl::Status ForwardLocked(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
@@ -162,7 +166,7 @@ class RambaModel {
   // LaunchDecode and LaunchForward: host tokens, or (chained) the previous launch's samples.
   absl::Status LaunchStep(absl::Span<SessionState* const> states,
                           absl::Span<const absl::Span<const int32_t>> tokens,
-                          absl::Span<const SamplingOptions> options, bool chained);
+                          absl::Span<const SamplingOptions> options, bool chained, bool logprobs);
   // Downloads and/or samples `rows` rows of logits at backend address `out` (states advanced).
   absl::Status Deliver(absl::Span<SessionState* const> states, const float* out, int64_t rows,
                        const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -205,9 +209,14 @@ class RambaModel {
   // once eagerly.
   std::map<GraphKey, Graph> graphs_ ABSL_GUARDED_BY(mu_);
   std::set<GraphKey> seen_shapes_ ABSL_GUARDED_BY(mu_);
-  // Launched steps awaiting CollectDecode (download ticket, rows), oldest first, and the last
-  // launch's sessions with their positions after it (a chained launch must match them).
-  std::deque<std::pair<int64_t, int64_t>> decodes_in_flight_ ABSL_GUARDED_BY(mu_);
+  // Launched steps awaiting CollectDecode, oldest first, and the last launch's sessions with
+  // their positions after it (a chained launch must match them).
+  struct LaunchedStep {
+    int64_t ticket = 0;  // the download of its tokens (then logprobs)
+    int64_t rows = 0;
+    bool logprobs = false;
+  };
+  std::deque<LaunchedStep> decodes_in_flight_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<SessionState*, int64_t>> chain_ ABSL_GUARDED_BY(mu_);
 };
 

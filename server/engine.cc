@@ -27,6 +27,7 @@ struct Engine::InFlight {
   std::vector<SessionState*> states;
   std::vector<SamplingOptions> options;
   bool all_decoding = false;  // every row fed its last input token: each gets a token to report
+  bool logprobs = false;      // some row's request wants its token's logprob
 };
 
 Engine::Engine(RambaModel* model, EngineOptions options)
@@ -220,17 +221,17 @@ bool Engine::CanChain(const InFlight& step, const std::vector<std::unique_ptr<Ru
 }
 
 void Engine::CollectInFlight(const std::vector<std::unique_ptr<Running>>& active, bool chain,
-                             std::vector<std::pair<Running*, int32_t>>* to_report,
-                             std::vector<Running*>* done) {
+                             std::vector<ToReport>* to_report, std::vector<Running*>* done) {
   InFlight& step = *in_flight_;
   std::unique_ptr<InFlight> next;
   absl::Status st;
   if (chain && CanChain(step, active)) {
-    st = model_->LaunchDecode(step.states, {}, step.options);
+    st = model_->LaunchDecode(step.states, {}, step.options, step.logprobs);
     if (st.ok()) next = std::make_unique<InFlight>(step);
   }
   std::vector<int32_t> sampled;
-  if (absl::Status c = model_->CollectDecode(&sampled); !c.ok() && st.ok()) st = c;
+  std::vector<float> logprobs;
+  if (absl::Status c = model_->CollectDecode(&sampled, &logprobs); !c.ok() && st.ok()) st = c;
   if (!st.ok()) {
     for (Running* r : step.batch) {
       if (r == nullptr) continue;
@@ -249,7 +250,9 @@ void Engine::CollectInFlight(const std::vector<std::unique_ptr<Running>>& active
     if (r == nullptr) continue;
     switch (Absorb(r, sampled[i], next != nullptr)) {
       case Outcome::kToken:
-        to_report->emplace_back(r, sampled[i]);
+        to_report->push_back(
+            {r, sampled[i],
+             r->req->include_logprobs ? logprobs[i] : std::numeric_limits<float>::quiet_NaN()});
         break;
       case Outcome::kEnded:
         done->push_back(r);
@@ -299,8 +302,11 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
     step->states.push_back(r->req->state);
     step->options.push_back(r->req->sampling);
     spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+    // Only a row at its last input token keeps its token (and reports a logprob).
+    step->logprobs = step->logprobs ||
+                     (r->req->include_logprobs && r->generating() && r->take == r->remaining());
   }
-  const absl::Status st = model_->LaunchForward(step->states, spans, step->options);
+  const absl::Status st = model_->LaunchForward(step->states, spans, step->options, step->logprobs);
   if (!st.ok()) {
     for (Running* r : step->batch) {
       r->req->on_done(st, FinishReason::kError);
@@ -317,24 +323,20 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
 }
 
 void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
-  // Logprobs download a row's logits, which the step after would overwrite: while any request
-  // wants them, steps run one at a time.
-  bool any_logprob = false;
-  for (auto& r : active) any_logprob = any_logprob || (r->req->include_logprobs && r->generating());
-  const bool pipelined = options_.pipeline_decode && !any_logprob;
+  const bool pipelined = options_.pipeline_decode;
 
   // Pipelined: collect the step in flight (launching its successor first when it is the same
   // batch of decode rows), launch the next one from what is known now, and only then report the
   // collected tokens, so that the device runs while this thread turns them into text and
   // messages. A request a reported token stops has had it fed by the step in flight.
-  std::vector<std::pair<Running*, int32_t>> to_report;
+  std::vector<ToReport> to_report;
   std::vector<Running*> done;
   if (in_flight_ != nullptr) CollectInFlight(active, pipelined, &to_report, &done);
   if (pipelined && in_flight_ == nullptr) LaunchNext(active, &done);
-  for (const auto& [r, token] : to_report) {
+  for (const auto& [r, token, logprob] : to_report) {
     if (Contains(done, r)) continue;  // failed with the launch that would have fed its token
     const bool fed = in_flight_ != nullptr && Contains(in_flight_->batch, r);
-    if (Report(r, token, std::numeric_limits<float>::quiet_NaN(), fed)) {
+    if (Report(r, token, logprob, fed)) {
       done.push_back(r);
       if (fed) *std::find(in_flight_->batch.begin(), in_flight_->batch.end(), r) = nullptr;
     }
@@ -373,7 +375,7 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   // still consuming input ignore theirs.
   std::vector<SamplingOptions> options;
   // Logprobs only for requests that asked and are at their last input token (the rows whose
-  // token is kept): each costs a download of the row's logits.
+  // token is kept).
   auto want_logprob = std::make_unique<bool[]>(batch.size());  // a span of bool (not vector<bool>)
   bool any_logprob = false;
   for (size_t i = 0; i < batch.size(); ++i) {

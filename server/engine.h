@@ -102,20 +102,24 @@ class Engine {
  private:
   struct Running;
   struct InFlight;
+  struct ToReport {
+    Running* r;
+    int32_t token;
+    float logprob;
+  };
   enum class Outcome { kNone, kToken, kEnded };
   void Loop();
   absl::Status Validate(const EngineRequest& request) const;
   // One iteration over `active`. Pipelined: collect the step in flight, launch the next, report.
   void Step(std::vector<std::unique_ptr<Running>>& active);
-  // Runs one blocking step (while a request wants logprobs, or without pipeline_decode).
+  // Runs one blocking step (without pipeline_decode).
   void StepOneAtATime(std::vector<std::unique_ptr<Running>>& active);
   // Whether the step in flight's successor can be launched before it is collected.
   static bool CanChain(const InFlight& step, const std::vector<std::unique_ptr<Running>>& active);
   // Collects in_flight_ (launching its chained successor first when `chain` and CanChain) and
   // applies its rows: tokens to report (not yet reported), requests ended.
   void CollectInFlight(const std::vector<std::unique_ptr<Running>>& active, bool chain,
-                       std::vector<std::pair<Running*, int32_t>>* to_report,
-                       std::vector<Running*>* done);
+                       std::vector<ToReport>* to_report, std::vector<Running*>* done);
   // Chooses the next batch among `active` (not `skip`, cancelled ones or ones about to end),
   // setting each request's take.
   void PlanBatch(const std::vector<std::unique_ptr<Running>>& active,

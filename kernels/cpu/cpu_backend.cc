@@ -343,6 +343,16 @@ absl::Status CpuBackend::SparseChunkAttention(const float* q, int64_t rows,
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
+                                       const int32_t* tokens, float* out) {
+  RAMBA_CHECK_ARG("TokenLogprobs", rows >= 0 && vocab > 0, "bad sizes");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("TokenLogprobs", logits != nullptr && tokens != nullptr && out != nullptr,
+                  "null pointer");
+  cpu::TokenLogprobs(logits, rows, vocab, tokens, out);
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Sample(const float* logits, int64_t rows, int64_t vocab,
                                 const SamplingParams* params, const float* uniforms,
                                 int32_t* out) {

@@ -73,6 +73,8 @@ void SparseChunkAttention(const float* q, int64_t rows, const ChunkMemoryBatch& 
 // probability order (ties: lower id first); probabilities are exp((l - max) / T) in f32, summed in
 // double. NaN logits count as -inf.
 int32_t SampleRow(const float* logits, int64_t vocab, const SamplingParams& params, float uniform);
+void TokenLogprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* tokens,
+                   float* out);
 void Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingParams* params,
             const float* uniforms, int32_t* out);
 

@@ -3,6 +3,7 @@
 // (selection + sort of a growing prefix), so a peaked distribution costs O(vocab), not a full sort.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -97,6 +98,25 @@ int32_t SampleRow(const float* logits, int64_t vocab, const SamplingParams& para
   }
   // Only reached when rounding left the walk's total a hair below `mass`.
   return last_positive;
+}
+
+// exp(x - max) summed in double over the row, then the log.
+void TokenLogprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* tokens,
+                   float* out) {
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * vocab > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = logits + r * vocab;
+    const int32_t token = tokens[r];
+    if (token < 0 || token >= vocab) {
+      out[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    float max = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < vocab; ++i) max = std::max(max, row[i]);
+    double sum = 0.0;
+    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(row[i]) - max);
+    out[r] = static_cast<float>(static_cast<double>(row[token]) - max - std::log(sum));
+  }
 }
 
 void Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingParams* params,

@@ -710,6 +710,15 @@ absl::Status CudaBackend::HsaBlock(const HsaBlockArgs& a) {
   return Backend::HsaBlock(a);
 }
 
+absl::Status CudaBackend::TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
+                                        const int32_t* tokens, float* out) {
+  RAMBA_CHECK_ARG("TokenLogprobs", rows >= 0 && vocab > 0 && vocab <= INT32_MAX, "bad sizes");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("TokenLogprobs", logits != nullptr && tokens != nullptr && out != nullptr,
+                  "null pointer");
+  return cuda::TokenLogprobs(*this, logits, rows, vocab, tokens, out);
+}
+
 absl::Status CudaBackend::Sample(const float* logits, int64_t rows, int64_t vocab,
                                  const SamplingParams* params, const float* uniforms,
                                  int32_t* out) {

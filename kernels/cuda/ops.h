@@ -233,6 +233,8 @@ absl::Status StageHostChunks(Context& ctx, const ChunkMemoryBatch& mem, const in
                              int64_t chunk_floats, const StagedChunks& out);
 
 // ---- sampling.cu ----
+absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
+                           const int32_t* tokens, float* out);
 // params and uniforms are host arrays of `rows` entries.
 absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
                     const SamplingParams* params, const float* uniforms, int32_t* out);

@@ -609,6 +609,50 @@ __global__ void __launch_bounds__(kGreedyThreads)
   counters[row] = 0u;
 }
 
+// Backend::TokenLogprobs: a block per row. Each thread keeps a running (max, sum of exp(x -
+// max)) over its strided share of the row, then the block merges them in a fixed order
+// (deterministic); the sum is in f32 against the CPU's double, ~1e-6 relative.
+constexpr int kLogprobThreads = 512;
+
+__device__ __forceinline__ void MergeLse(float& m, float& s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == -INFINITY) return;  // both empty
+  s = s * __expf(m - mx) + s2 * __expf(m2 - mx);
+  m = mx;
+}
+
+__global__ void __launch_bounds__(kLogprobThreads)
+    TokenLogprobsKernel(const float* __restrict__ logits, int vocab,
+                        const int32_t* __restrict__ tokens, float* __restrict__ out) {
+  __shared__ float ms[kLogprobThreads / 32], ss[kLogprobThreads / 32];
+  WaitForPriorGrids();
+  AllowDependentGrids();
+  const int row = blockIdx.x;
+  const float* x = logits + static_cast<int64_t>(row) * vocab;
+  float m = -INFINITY, s = 0.0f;
+  for (int i = threadIdx.x; i < vocab; i += kLogprobThreads) {
+    const float v = x[i];
+    if (v > m) {
+      s = s * __expf(m - v) + 1.0f;
+      m = v;
+    } else if (v != -INFINITY) {  // (-inf - -inf would make the sum NaN)
+      s += __expf(v - m);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(kFullMask, m, o), s2 = __shfl_xor_sync(kFullMask, s, o);
+    MergeLse(m, s, m2, s2);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) ms[warp] = m, ss[warp] = s;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  m = ms[0], s = ss[0];
+  for (int w = 1; w < kLogprobThreads / 32; ++w) MergeLse(m, s, ms[w], ss[w]);
+  const int32_t token = tokens[row];
+  out[row] = token < 0 || token >= vocab ? __int_as_float(0x7fc00000) : x[token] - m - logf(s);
+}
+
 int CeilLog2(int64_t v) {
   int s = 0;
   while ((int64_t{1} << s) < v) ++s;
@@ -616,6 +660,14 @@ int CeilLog2(int64_t v) {
 }
 
 }  // namespace
+
+absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
+                           const int32_t* tokens, float* out) {
+  if (rows == 0) return absl::OkStatus();
+  if (rows > INT32_MAX) return absl::InvalidArgumentError("TokenLogprobs: too many rows");
+  return Launch(ctx, TokenLogprobsKernel, static_cast<unsigned>(rows), kLogprobThreads, 0, logits,
+                static_cast<int>(vocab), tokens, out);
+}
 
 absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
                     const SamplingParams* params, const float* uniforms, int32_t* out) {

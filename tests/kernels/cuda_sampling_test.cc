@@ -254,6 +254,43 @@ TEST_F(CudaSampleTest, GreedyMatchesExactly) {
   EXPECT_EQ(mismatches_, 0);
 }
 
+TEST_F(CudaOpTest, TokenLogprobsMatchCpu) {
+  std::mt19937 gen(99);
+  for (int64_t vocab : {1, 257, 50280}) {
+    for (int64_t rows : {1, 5, 130}) {
+      for (Shape shape : {Shape::kNormal, Shape::kPeaked, Shape::kFlat}) {
+        std::vector<float> logits = MakeLogits(shape, rows, vocab, gen);
+        std::vector<int32_t> tokens(static_cast<size_t>(rows));
+        for (int64_t r = 0; r < rows; ++r) {
+          tokens[r] = static_cast<int32_t>(gen() % vocab);
+          if (r % 7 == 3) {  // masked-out logits beside the token
+            for (int64_t i = 0; i < vocab; i += 3) {
+              if (i != tokens[r]) logits[r * vocab + i] = -INFINITY;
+            }
+          }
+        }
+        if (rows > 2) tokens[1] = static_cast<int32_t>(vocab);  // out of range: NaN
+        std::vector<float> want(static_cast<size_t>(rows));
+        ASSERT_TRUE(
+            cpu_->TokenLogprobs(logits.data(), rows, vocab, tokens.data(), want.data()).ok());
+        float* d_out = Poisoned<float>(rows);
+        ASSERT_TRUE(gpu_->TokenLogprobs(ToGpu(logits), rows, vocab, ToGpu(tokens), d_out).ok());
+        const std::vector<float> got = FromGpu(d_out, rows);
+        for (int64_t r = 0; r < rows; ++r) {
+          if (std::isnan(want[r])) {
+            EXPECT_TRUE(std::isnan(got[r])) << "vocab " << vocab << " row " << r;
+          } else if (std::isinf(want[r])) {
+            EXPECT_EQ(got[r], want[r]) << "vocab " << vocab << " row " << r;
+          } else {
+            EXPECT_NEAR(got[r], want[r], 2e-5 + 1e-6 * std::fabs(want[r]))
+                << "vocab " << vocab << " row " << r;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaSampleTest, ParamGridMatchesCpu) {
   const std::vector<SamplingParams> grid = ParamGrid();
   for (int64_t vocab : {256, 1000, 50280}) {

@@ -44,6 +44,32 @@ TEST(SampleTest, GreedyTakesLowestIdOnTies) {
   EXPECT_EQ(SampleOne(be.get(), {0, 9, 1}, {0.0f, 2, 0.1f}, 0.0f), 1);
 }
 
+TEST(TokenLogprobsTest, LogSoftmaxOfTheTokenAndNanOutOfRange) {
+  auto be = testing::Cpu();
+  const std::vector<double> probs = {0.05, 0.25, 0.1, 0.4, 0.2};
+  std::vector<float> logits = LogProbs(probs);
+  for (float& l : logits) l += 30.0f;  // a shift changes nothing
+  std::vector<float> two = logits;
+  two.insert(two.end(), {1.0f, -INFINITY, 1.0f, 1.0f, -INFINITY});  // a second row
+  for (int32_t t = 0; t < 5; ++t) {
+    const std::vector<int32_t> tokens = {t, t};
+    std::vector<float> out(2, 0.0f);
+    ASSERT_TRUE(be->TokenLogprobs(two.data(), 2, 5, tokens.data(), out.data()).ok());
+    EXPECT_NEAR(out[0], std::log(probs[t]), 1e-5) << t;
+    if (t == 1 || t == 4) {
+      EXPECT_EQ(out[1], -INFINITY) << t;
+    } else {
+      EXPECT_NEAR(out[1], std::log(1.0 / 3), 1e-5) << t;
+    }
+  }
+  const std::vector<int32_t> bad = {-1, 5};
+  std::vector<float> out(2, 0.0f);
+  ASSERT_TRUE(be->TokenLogprobs(two.data(), 2, 5, bad.data(), out.data()).ok());
+  EXPECT_TRUE(std::isnan(out[0]) && std::isnan(out[1]));
+  EXPECT_FALSE(be->TokenLogprobs(nullptr, 2, 5, bad.data(), out.data()).ok());
+  EXPECT_FALSE(be->TokenLogprobs(two.data(), 2, 0, bad.data(), out.data()).ok());
+}
+
 TEST(SampleTest, InverseCdfRunsOverDescendingProbabilities) {
   auto be = testing::Cpu();
   const auto logits = LogProbs({0.1, 0.6, 0.3});

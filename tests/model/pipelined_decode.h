@@ -3,6 +3,7 @@
 #ifndef RAMBA_TESTS_MODEL_PIPELINED_DECODE_H_
 #define RAMBA_TESTS_MODEL_PIPELINED_DECODE_H_
 
+#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -49,30 +50,50 @@ inline void ExpectPipelinedDecodeMatchesSteps(RambaModel* model, int steps) {
 
   // Step by step: each step's sampled tokens are the next step's input.
   std::vector<std::vector<int32_t>> want;
+  std::vector<std::vector<float>> want_logprobs;
   std::vector<int32_t> next = first;
+  const bool all[] = {true, true, true};
   for (int step = 0; step < steps; ++step) {
     std::vector<absl::Span<const int32_t>> spans;
     for (const int32_t& t : next) spans.push_back(absl::MakeConstSpan(&t, 1));
     std::vector<int32_t> sampled;
-    ASSERT_TRUE(model->ForwardAndSample(a, spans, options, &sampled).ok());
+    std::vector<float> logprobs;
+    ASSERT_TRUE(model->ForwardAndSample(a, spans, options, &sampled, all, &logprobs).ok());
     want.push_back(sampled);
+    want_logprobs.push_back(logprobs);
     next = sampled;
   }
 
-  // Pipelined: two steps in flight, the later one fed by the earlier one's tokens on the device.
+  // Pipelined: two steps in flight, the later one fed by the earlier one's tokens on the device;
+  // every third step also brings its tokens' logprobs back.
   std::vector<std::vector<int32_t>> got;
-  ASSERT_TRUE(model->LaunchDecode(b, first, options).ok());
-  for (int step = 1; step < steps; ++step) {
-    ASSERT_TRUE(model->LaunchDecode(b, {}, options).ok());
-    EXPECT_EQ(model->decodes_in_flight(), 2);
+  std::vector<std::vector<float>> got_logprobs;
+  auto collect = [&] {
     std::vector<int32_t> sampled;
-    ASSERT_TRUE(model->CollectDecode(&sampled).ok());
+    std::vector<float> logprobs;
+    ASSERT_TRUE(model->CollectDecode(&sampled, &logprobs).ok());
     got.push_back(sampled);
+    got_logprobs.push_back(logprobs);
+  };
+  ASSERT_TRUE(model->LaunchDecode(b, first, options, /*logprobs=*/true).ok());
+  for (int step = 1; step < steps; ++step) {
+    ASSERT_TRUE(model->LaunchDecode(b, {}, options, /*logprobs=*/step % 3 == 0).ok());
+    EXPECT_EQ(model->decodes_in_flight(), 2);
+    collect();
   }
-  std::vector<int32_t> last;
-  ASSERT_TRUE(model->CollectDecode(&last).ok());
-  got.push_back(last);
+  collect();
   EXPECT_EQ(got, want);
+  for (int step = 0; step < steps; ++step) {
+    for (size_t s = 0; s < a.size(); ++s) {
+      const float lp = got_logprobs[step][s];
+      if (step % 3 != 0) {
+        EXPECT_TRUE(std::isnan(lp)) << "step " << step;
+        continue;
+      }
+      EXPECT_NEAR(lp, want_logprobs[step][s], 1e-5) << "step " << step << " session " << s;
+      EXPECT_LE(lp, 0.0f);
+    }
+  }
   for (size_t i = 0; i < a.size(); ++i) {
     EXPECT_EQ(b[i]->position(), a[i]->position());
     EXPECT_EQ(b[i]->num_chunks(), a[i]->num_chunks());

@@ -145,35 +145,39 @@ TEST_F(EngineTest, WarmupRunsFirstAndChangesNoResult) {
 // Logprobs come with the tokens of requests that ask for them, batched with requests that do not
 // (NaN there): the raw distribution's, so temperature does not change them.
 TEST_F(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
-  EngineOptions opts;
-  opts.max_batch_tokens = 64;  // the long prompt is fed over several steps, beside decodes
-  Engine engine(model_.get(), opts);
-  const std::vector<int32_t> p0 = testing::RandomTokens(150, config_.vocab_size, 31);
-  const std::vector<int32_t> p1 = testing::RandomTokens(9, config_.vocab_size, 32);
-  const std::vector<int32_t> p2 = testing::RandomTokens(40, config_.vocab_size, 33);
-  auto s0 = std::move(*model_->NewSession());
-  auto s1 = std::move(*model_->NewSession());
-  auto s2 = std::move(*model_->NewSession());
-  SamplingOptions hot;
-  hot.temperature = 1.5f;
-  hot.seed = 3;
-  auto f0 = Run(engine, s0.get(), p0, 6, {}, nullptr, nullptr, /*include_logprobs=*/true);
-  auto f1 = Run(engine, s1.get(), p1, 6, {}, nullptr, nullptr, /*include_logprobs=*/false);
-  auto f2 = Run(engine, s2.get(), p2, 6, hot, nullptr, nullptr, /*include_logprobs=*/true);
-  const Outcome o0 = f0.get(), o1 = f1.get(), o2 = f2.get();
-  ASSERT_TRUE(o0.status.ok() && o1.status.ok() && o2.status.ok());
-  ASSERT_EQ(o0.logprobs.size(), 6u);
-  ASSERT_EQ(o2.logprobs.size(), 6u);
-  const std::vector<double> want0 = ReferenceLogprobs(p0, o0.tokens);
-  const std::vector<double> want2 = ReferenceLogprobs(p2, o2.tokens);
-  for (int i = 0; i < 6; ++i) {
-    EXPECT_NEAR(o0.logprobs[i], want0[i], 1e-4) << i;
-    EXPECT_NEAR(o2.logprobs[i], want2[i], 1e-4) << i;
-    EXPECT_LE(o0.logprobs[i], 0.0f);
-    EXPECT_TRUE(std::isnan(o1.logprobs[i])) << i;
+  for (bool pipelined : {true, false}) {
+    SCOPED_TRACE(pipelined ? "pipelined" : "one step at a time");
+    EngineOptions opts;
+    opts.max_batch_tokens = 64;  // the long prompt is fed over several steps, beside decodes
+    opts.pipeline_decode = pipelined;
+    Engine engine(model_.get(), opts);
+    const std::vector<int32_t> p0 = testing::RandomTokens(150, config_.vocab_size, 31);
+    const std::vector<int32_t> p1 = testing::RandomTokens(9, config_.vocab_size, 32);
+    const std::vector<int32_t> p2 = testing::RandomTokens(40, config_.vocab_size, 33);
+    auto s0 = std::move(*model_->NewSession());
+    auto s1 = std::move(*model_->NewSession());
+    auto s2 = std::move(*model_->NewSession());
+    SamplingOptions hot;
+    hot.temperature = 1.5f;
+    hot.seed = 3;
+    auto f0 = Run(engine, s0.get(), p0, 6, {}, nullptr, nullptr, /*include_logprobs=*/true);
+    auto f1 = Run(engine, s1.get(), p1, 6, {}, nullptr, nullptr, /*include_logprobs=*/false);
+    auto f2 = Run(engine, s2.get(), p2, 6, hot, nullptr, nullptr, /*include_logprobs=*/true);
+    const Outcome o0 = f0.get(), o1 = f1.get(), o2 = f2.get();
+    ASSERT_TRUE(o0.status.ok() && o1.status.ok() && o2.status.ok());
+    ASSERT_EQ(o0.logprobs.size(), 6u);
+    ASSERT_EQ(o2.logprobs.size(), 6u);
+    const std::vector<double> want0 = ReferenceLogprobs(p0, o0.tokens);
+    const std::vector<double> want2 = ReferenceLogprobs(p2, o2.tokens);
+    for (int i = 0; i < 6; ++i) {
+      EXPECT_NEAR(o0.logprobs[i], want0[i], 1e-4) << i;
+      EXPECT_NEAR(o2.logprobs[i], want2[i], 1e-4) << i;
+      EXPECT_LE(o0.logprobs[i], 0.0f);
+      EXPECT_TRUE(std::isnan(o1.logprobs[i])) << i;
+    }
+    // Greedy picks the most likely token: no other has a larger logprob.
+    EXPECT_GE(o0.logprobs[0], -std::log(static_cast<double>(config_.vocab_size)));
   }
-  // Greedy picks the most likely token: no other has a larger logprob.
-  EXPECT_GE(o0.logprobs[0], -std::log(static_cast<double>(config_.vocab_size)));
 }
 
 TEST_F(EngineTest, AppendOnlyConsumesInput) {
@@ -275,7 +279,7 @@ TEST_F(EngineTest, PipelinedDecodeMatchesOneStepAtATime) {
           [counter, stop](int32_t) {
             return ++*counter == stop ? TokenAction::kStop : TokenAction::kContinue;
           },
-          &handles[i]));
+          &handles[i], /*include_logprobs=*/i % 3 == 0));
     }
     for (size_t i = 0; i < prompts.size(); ++i) {
       r.outcomes.push_back(futures[i].get());
@@ -295,6 +299,14 @@ TEST_F(EngineTest, PipelinedDecodeMatchesOneStepAtATime) {
     EXPECT_TRUE(a.outcomes[i].status.ok() && b.outcomes[i].status.ok());
     EXPECT_EQ(a.outcomes[i].tokens, b.outcomes[i].tokens);
     EXPECT_EQ(a.outcomes[i].reason, b.outcomes[i].reason);
+    // Logprobs (requests 0 and 3) come back with a pipelined step's tokens as well.
+    ASSERT_EQ(a.outcomes[i].logprobs.size(), b.outcomes[i].logprobs.size());
+    for (size_t t = 0; t < a.outcomes[i].logprobs.size(); ++t) {
+      const float la = a.outcomes[i].logprobs[t], lb = b.outcomes[i].logprobs[t];
+      EXPECT_EQ(std::isnan(la), i % 3 != 0 || i >= prompts.size()) << t;
+      if (!std::isnan(la)) EXPECT_NEAR(la, lb, 1e-5) << t;
+      EXPECT_EQ(std::isnan(la), std::isnan(lb)) << t;
+    }
   }
   for (size_t i = 0; i < prompts.size(); ++i) {
     SCOPED_TRACE(i);
