@@ -73,6 +73,7 @@ Sample TimedGenerate(v1::RambaService::Stub& stub, const LoadOptions& o, const s
   stopping.set_ignore_eos(true);
   v1::OutputOptions output;
   output.set_include_token_text(false);
+  output.set_include_logprobs(o.logprobs);
   out.input_tokens = input.tokens().ids_size();
   grpc::ClientContext ctx;
   Prepare(&ctx, o.timeout_seconds, id);

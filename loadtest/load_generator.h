@@ -30,6 +30,7 @@ struct LoadOptions {
   int32_t turn_tokens = 32;          // random ids appended by each request before generating
   int32_t max_tokens = 64;           // generated per request (end-of-sequence ignored)
   float temperature = 0.0f;
+  bool logprobs = false;         // ask for each token's logprob (output.include_logprobs)
   uint64_t seed = 1;             // token ids and sampling seeds
   double timeout_seconds = 600;  // deadline of each call
   bool keep_sessions = false;    // leave the sessions on the server (default: delete them)

@@ -19,6 +19,7 @@ ABSL_FLAG(int32_t, prompt_tokens, 512,
 ABSL_FLAG(int32_t, turn_tokens, 32, "Random token ids each call appends before generating.");
 ABSL_FLAG(int32_t, max_tokens, 64, "Tokens generated per call (end-of-sequence ignored).");
 ABSL_FLAG(float, temperature, 0.0f, "Sampling temperature (0: greedy).");
+ABSL_FLAG(bool, logprobs, false, "Ask for each generated token's logprob.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the token ids and of the sampling.");
 ABSL_FLAG(double, timeout, 600, "Deadline of each call in seconds.");
 ABSL_FLAG(bool, keep_sessions, false, "Leave the sessions on the server (default: delete them).");
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   o.turn_tokens = absl::GetFlag(FLAGS_turn_tokens);
   o.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   o.temperature = absl::GetFlag(FLAGS_temperature);
+  o.logprobs = absl::GetFlag(FLAGS_logprobs);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.keep_sessions = absl::GetFlag(FLAGS_keep_sessions);

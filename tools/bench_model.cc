@@ -6,9 +6,11 @@
 // forked into each decode batch size (forks share chunk K/V and copy states and landmarks, so
 // every session of a batch reads its own landmarks and recurrent state) and decode steps are timed.
 // Prints one line per measurement; figures belong in docs/benchmarks.md with the command.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -41,6 +43,9 @@ ABSL_FLAG(int32_t, append_tokens, 0,
           "Also time prefilling this many more tokens into a fork of the prefilled session (a "
           "conversation's next turn, reading its older chunks where the window put them), "
           "three times");
+ABSL_FLAG(bool, logprobs, false,
+          "Decode steps also compute every sampled token's logprob on the device and download it "
+          "with the tokens (what a server does for requests with output.include_logprobs)");
 ABSL_FLAG(bool, download_logits, false,
           "Decode steps download every row's logits (Decode) instead of sampling greedily on "
           "the device and downloading the tokens (ForwardAndSample, what the server does)");
@@ -216,9 +221,15 @@ int main(int argc, char** argv) {
     for (int32_t b = 0; b < batch; ++b) spans.push_back(absl::MakeConstSpan(&tokens[b], 1));
     const std::vector<ramba::SamplingOptions> greedy(batch);
     const bool download = absl::GetFlag(FLAGS_download_logits);
+    const bool logprobs = absl::GetFlag(FLAGS_logprobs);
+    const std::unique_ptr<bool[]> all_rows(new bool[batch]);
+    std::fill(all_rows.get(), all_rows.get() + batch, true);
+    std::vector<float> row_logprobs;
     auto step = [&]() {
-      return download ? (*model)->Decode(ptrs, tokens, &logits)
-                      : (*model)->ForwardAndSample(ptrs, spans, greedy, &sampled);
+      if (download) return (*model)->Decode(ptrs, tokens, &logits);
+      if (!logprobs) return (*model)->ForwardAndSample(ptrs, spans, greedy, &sampled);
+      return (*model)->ForwardAndSample(ptrs, spans, greedy, &sampled,
+                                        absl::MakeConstSpan(all_rows.get(), batch), &row_logprobs);
     };
     // Two warm-up steps, then the timed ones.
     for (int i = 0; i < 2; ++i) {
@@ -265,9 +276,9 @@ int main(int argc, char** argv) {
         states.push_back(std::move(*s));
       }
       auto launch = [&](absl::Span<const int32_t> input) {
-        return (*model)->LaunchDecode(ptrs, input, greedy);
+        return (*model)->LaunchDecode(ptrs, input, greedy, logprobs);
       };
-      auto collect = [&]() { return (*model)->CollectDecode(&sampled); };
+      auto collect = [&]() { return (*model)->CollectDecode(&sampled, &row_logprobs); };
       if (auto st = launch(tokens); !st.ok()) return Fail(st);
       for (int i = 0; i < 2; ++i) {  // warm-up, as above
         if (auto st = launch({}); !st.ok()) return Fail(st);
