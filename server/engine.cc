@@ -18,6 +18,11 @@ struct Engine::Running {
 
   int64_t remaining() const { return static_cast<int64_t>(pending.size() - next); }
   bool generating() const { return req->max_new_tokens > 0 && !stopping; }
+  // In the batch being planned, this row's token is kept and its logprob wanted (a row still
+  // feeding input after this batch ignores its token).
+  bool wants_logprob() const {
+    return req->include_logprobs && generating() && take == remaining();
+  }
 };
 
 // A decode step launched and not yet collected: its rows in order (null once a row's request has
@@ -96,13 +101,8 @@ void Engine::Loop() {
       }
     }
     if (stop) {
-      // Launched steps finish on the device whatever happens; collect them so that the model is
-      // left with none in flight.
-      while (model_->decodes_in_flight() > 0) {
-        std::vector<int32_t> ignored;
-        (void)model_->CollectDecode(&ignored);
-      }
-      in_flight_.reset();
+      // Launched steps finish on the device whatever happens; the model is left with none.
+      DiscardLaunched();
       for (auto& r : active) finish(*r, absl::CancelledError("the engine stopped"), FinishReason::kCancelled);
       for (auto& q : rejected) q->on_done(absl::CancelledError("the engine stopped"), FinishReason::kCancelled);
       active_count_ = 0;
@@ -238,11 +238,7 @@ void Engine::CollectInFlight(const std::vector<std::unique_ptr<Running>>& active
       r->req->on_done(st, FinishReason::kError);
       done->push_back(r);
     }
-    if (next != nullptr) {
-      std::vector<int32_t> ignored;
-      (void)model_->CollectDecode(&ignored);
-    }
-    in_flight_.reset();
+    DiscardLaunched();  // the chained successor, if launched
     return;
   }
   for (size_t i = 0; i < step.batch.size(); ++i) {
@@ -263,6 +259,14 @@ void Engine::CollectInFlight(const std::vector<std::unique_ptr<Running>>& active
     }
   }
   in_flight_ = std::move(next);
+}
+
+void Engine::DiscardLaunched() {
+  while (model_->decodes_in_flight() > 0) {
+    std::vector<int32_t> ignored;
+    (void)model_->CollectDecode(&ignored);
+  }
+  in_flight_.reset();
 }
 
 void Engine::PlanBatch(const std::vector<std::unique_ptr<Running>>& active,
@@ -302,9 +306,7 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
     step->states.push_back(r->req->state);
     step->options.push_back(r->req->sampling);
     spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
-    // Only a row at its last input token keeps its token (and reports a logprob).
-    step->logprobs = step->logprobs ||
-                     (r->req->include_logprobs && r->generating() && r->take == r->remaining());
+    step->logprobs = step->logprobs || r->wants_logprob();
   }
   const absl::Status st = model_->LaunchForward(step->states, spans, step->options, step->logprobs);
   if (!st.ok()) {
@@ -352,10 +354,7 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
   EraseDone(active, done);
   if (in_flight_ != nullptr && std::all_of(in_flight_->batch.begin(), in_flight_->batch.end(),
                                            [](const Running* r) { return r == nullptr; })) {
-    // Launched for requests that have all ended since: nothing to report, so drain it now.
-    std::vector<int32_t> ignored;
-    (void)model_->CollectDecode(&ignored);
-    in_flight_.reset();
+    DiscardLaunched();  // launched for requests that have all ended since: nothing to report
   }
   if (!pipelined) StepOneAtATime(active);
   active_count_ = static_cast<int64_t>(active.size());
@@ -374,14 +373,13 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   // Every sequence gets a token drawn on the backend (only the tokens are downloaded); those
   // still consuming input ignore theirs.
   std::vector<SamplingOptions> options;
-  // Logprobs only for requests that asked and are at their last input token (the rows whose
-  // token is kept).
+  // Logprobs only for the rows that keep their token (Running::wants_logprob).
   auto want_logprob = std::make_unique<bool[]>(batch.size());  // a span of bool (not vector<bool>)
   bool any_logprob = false;
   for (size_t i = 0; i < batch.size(); ++i) {
     Running* r = batch[i];
     options.push_back(r->req->sampling);
-    want_logprob[i] = r->req->include_logprobs && r->generating() && r->take == r->remaining();
+    want_logprob[i] = r->wants_logprob();
     any_logprob = any_logprob || want_logprob[i];
   }
   std::vector<int32_t> sampled;

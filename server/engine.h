@@ -126,6 +126,9 @@ class Engine {
                  const std::vector<Running*>& skip, std::vector<Running*>* batch);
   // Plans a batch and launches it as in_flight_.
   void LaunchNext(const std::vector<std::unique_ptr<Running>>& active, std::vector<Running*>* done);
+  // Collects and drops every launched step's tokens (engine stopping, a failed chain, rows all
+  // ended) and clears in_flight_.
+  void DiscardLaunched();
   // A step's row applied to its request whose input it used up: kToken (counted and pending, or
   // taken by the step launched ahead when fed_ahead), or kEnded (on_done has run).
   Outcome Absorb(Running* r, int32_t token, bool fed_ahead);

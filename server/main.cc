@@ -46,8 +46,9 @@ ABSL_FLAG(int64_t, max_resident_host_bytes, 0,
           "ramba_backend_host_memory_bytes).");
 ABSL_FLAG(int64_t, device_chunk_window, 0,
           "Chunks per session whose K/V stay in GPU memory; older ones move to pinned host "
-          "memory, read in place over PCIe (a decode step reads only its top-K chunks), so GPU "
-          "memory per session stays bounded at any length. 0: all stay in GPU memory.");
+          "memory (a decode step copies the few it selects to the GPU; prefill reads them in "
+          "place over PCIe), so GPU memory per session stays bounded at any length. 0: all stay "
+          "in GPU memory.");
 ABSL_FLAG(int64_t, max_sessions, 1000000, "Sessions the store may hold (RESOURCE_EXHAUSTED beyond).");
 ABSL_FLAG(int64_t, max_session_tokens, int64_t{1} << 40, "Tokens a session may hold (RESOURCE_EXHAUSTED / SESSION_LIMIT beyond).");
 ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may carry.");

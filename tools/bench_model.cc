@@ -37,8 +37,8 @@ ABSL_FLAG(int32_t, sustained_chunks, 0,
           "timing (the steady-state steps, like most short runs, complete none)");
 ABSL_FLAG(int64_t, device_chunk_window, 0,
           "After the prefill, keep only this many of the session's newest chunks in backend "
-          "memory (the rest in the host tier, read in place) and go on so while decoding; 0: all "
-          "stay");
+          "memory (the rest in the host tier: decode steps copy the chunks they select, prefill "
+          "reads them in place) and go on so while decoding; 0: all stay");
 ABSL_FLAG(int32_t, append_tokens, 0,
           "Also time prefilling this many more tokens into a fork of the prefilled session (a "
           "conversation's next turn, reading its older chunks where the window put them), "
@@ -130,12 +130,16 @@ int main(int argc, char** argv) {
               dev.c_str(), bw);
 
   const int32_t n = absl::GetFlag(FLAGS_prefill_tokens);
-  std::vector<int32_t> prompt(n);
-  uint64_t x = 88172645463325252ull;
-  for (int32_t i = 0; i < n; ++i) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    prompt[i] = static_cast<int32_t>(x % config.vocab_size);
-  }
+  uint64_t x = 88172645463325252ull;  // xorshift: the prompt, then --append_tokens' turn
+  auto random_tokens = [&](int32_t count) {
+    std::vector<int32_t> tokens(count);
+    for (int32_t& t : tokens) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      t = static_cast<int32_t>(x % config.vocab_size);
+    }
+    return tokens;
+  };
+  const std::vector<int32_t> prompt = random_tokens(n);
   auto base = (*model)->NewSession();
   if (!base.ok()) return Fail(base.status());
   {
@@ -170,11 +174,7 @@ int main(int argc, char** argv) {
   }
 
   if (const int32_t turn = absl::GetFlag(FLAGS_append_tokens); turn > 0) {
-    std::vector<int32_t> more(turn);
-    for (int32_t i = 0; i < turn; ++i) {
-      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-      more[i] = static_cast<int32_t>(x % config.vocab_size);
-    }
+    const std::vector<int32_t> more = random_tokens(turn);
     std::vector<double> ms;
     for (int rep = 0; rep < 3; ++rep) {
       auto fork = (*base)->Fork();
