@@ -6,6 +6,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #endif
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -255,6 +256,58 @@ absl::Status Backend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t
         out.slots[slot] = block;
       } else {
         out.slots[slot] = mem.chunk_kv[r][c];
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Backend::StageSelectedHostChunks(const ChunkMemoryBatch& mem, const int32_t* indices,
+                                              int64_t rows, int64_t per_row, int64_t chunk_floats,
+                                              const StagedChunkTables& out) {
+  if (!host_accessible()) return absl::UnimplementedError("StageSelectedHostChunks");
+  const int64_t num_seqs = mem.num_seqs;
+  const int64_t* host_off = out.host_offsets;
+  // Picks per host-tier chunk, counted up to kMaxCountedPicks.
+  std::fill(out.picks, out.picks + out.total_host, 0);
+  for (int64_t slot = 0; slot < rows * per_row; ++slot) {
+    const int32_t c = indices[slot];
+    const int32_t s = mem.row_seq[slot / per_row];
+    if (c >= 0 && c < host_off[s + 1] - host_off[s]) ++out.picks[host_off[s] + c];
+  }
+  for (int64_t i = 0; i < out.total_host; ++i) {
+    out.picks[i] = std::min(out.picks[i], kMaxCountedPicks);
+  }
+  // Threshold t: every chunk with at least t picks fits; chunks with t - 1 fill what is left.
+  int64_t bins[kMaxCountedPicks + 1] = {};
+  for (int64_t i = 0; i < out.total_host; ++i) ++bins[out.picks[i]];
+  int32_t t = 1;
+  for (int64_t fit = 0;
+       t <= kMaxCountedPicks && fit + bins[kMaxCountedPicks + 1 - t] <= out.capacity; ++t) {
+    fit += bins[kMaxCountedPicks + 1 - t];
+  }
+  t = kMaxCountedPicks + 2 - t;  // the smallest pick count all of whose chunks fit
+  int32_t staged = 0;
+  for (int64_t i = 0; i < out.total_host; ++i) {
+    if (out.picks[i] >= t) out.picks[i] = -(++staged);
+  }
+  for (int64_t i = 0; i < out.total_host && t > 1 && staged < out.capacity; ++i) {
+    if (out.picks[i] == t - 1) out.picks[i] = -(++staged);
+  }
+  *out.staged = staged;
+  // Tables: staged chunks (picks < 0: slot -picks - 1) at their copies, the rest in place.
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const float** table = out.entries + out.table_offsets[s];
+    out.tables[s] = table;
+    for (int64_t c = 0; c < mem.num_chunks[s]; ++c) {
+      const float* src = mem.chunk_kv[s][c];
+      const int32_t p = c < host_off[s + 1] - host_off[s] ? out.picks[host_off[s] + c] : 0;
+      if (p < 0) {
+        float* block = out.blocks + static_cast<int64_t>(-p - 1) * chunk_floats;
+        std::memcpy(block, src, chunk_floats * sizeof(float));
+        table[c] = block;
+      } else {
+        table[c] = src;
       }
     }
   }

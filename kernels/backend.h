@@ -126,6 +126,22 @@ struct StagedChunks {
   int32_t* indices = nullptr;             // [rows, heads, top_k] slot numbers; -1 kept
 };
 
+// Backend memory for Backend::StageSelectedHostChunks. The offsets (prefix sums over the batch's
+// sequences) and the totals beside them are computed by the caller, which knows each sequence's
+// chunk counts.
+struct StagedChunkTables {
+  float* blocks = nullptr;                 // [capacity, chunk_floats] copies of host-tier chunks
+  int64_t capacity = 0;                    // chunks `blocks` holds
+  const int64_t* host_offsets = nullptr;   // [num_seqs + 1] prefix sums of the host-tier counts
+  int64_t total_host = 0;                  // host_offsets[num_seqs], host-side
+  int32_t* picks = nullptr;                // [total_host] scratch: picks, then staging slots
+  const float** sources = nullptr;         // [capacity] scratch
+  int32_t* staged = nullptr;               // [1] chunks staged
+  const int64_t* table_offsets = nullptr;  // [num_seqs + 1] prefix sums of num_chunks
+  const float** entries = nullptr;         // [table_offsets[num_seqs]] the new tables' entries
+  const float* const** tables = nullptr;   // [num_seqs] sequence s's table: entries + offset
+};
+
 // One layer's Mamba-2 mixer: everything after in_proj, optionally through out_proj
 // (Backend::MambaMixer). rows = host_seq_offsets[num_seqs] - host_seq_offsets[0];
 // d_inner = nheads * headdim; conv_dim = d_inner + 2 * ngroups * d_state.
@@ -388,6 +404,21 @@ class Backend {
                                        const int32_t* indices, int64_t rows, int64_t heads,
                                        int64_t top_k, int64_t chunk_floats,
                                        const StagedChunks& out);
+
+  // For any batch (prefill or mixed), after RetrieveChunks: each distinct host-tier chunk that a
+  // row of the batch selected (indices [rows, per_row] of absolute chunk indices; row r belongs
+  // to sequence mem.row_seq[r], whose host-tier chunks are [0, host_offsets[s + 1] -
+  // host_offsets[s])) is copied once into out.blocks, so every HSA layer of the batch reads it
+  // from backend memory, not over PCIe once per row and layer. When more are selected than
+  // out.capacity holds, the most picked go first (picks counted up to kMaxCountedPicks, ties by
+  // index) and the rest are read in place. Builds new chunk tables (out.tables, with
+  // out.entries) pointing at the copies, for the attention's ChunkMemoryBatch::chunk_kv; the
+  // indices stay as they are. *out.staged is the number copied. This default runs on
+  // host-accessible memory.
+  static constexpr int32_t kMaxCountedPicks = 64;
+  virtual absl::Status StageSelectedHostChunks(const ChunkMemoryBatch& mem, const int32_t* indices,
+                                               int64_t rows, int64_t per_row, int64_t chunk_floats,
+                                               const StagedChunkTables& out);
 
   // ---- Graphs (optional) ----
   // Ops issued between BeginGraph and EndGraph are recorded, not run; LaunchGraph replays them

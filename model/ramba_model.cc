@@ -25,6 +25,8 @@ struct RambaModel::Workspace {
     kHsaQ, kHsaO, kLastRows, kLogits, kBufferRows, kSampled,
     kLaunchSampled,  // launched steps' tokens, read by a chained launch: no other call writes them
     kHostChunks, kStagedBlocks, kStagedSlots, kStagedTables, kStagedNumChunks, kStagedIdx,
+    kStageHostOffsets, kStageTableOffsets, kStageBlocks, kStagePicks, kStageSources, kStageCount,
+    kStageEntries, kStageTables,
     kNumSlots
   };
   // clang-format on
@@ -328,6 +330,10 @@ struct RambaModel::Batch {
   // Decode only: each sequence's host-tier chunk count (backend memory), when any sequence has
   // chunks there: UpperLayers then stages the selected ones once for the step's HSA layers.
   const int64_t* host_chunks = nullptr;
+  // Other batches (prefill, mixed) whose sequences have host-tier chunks: prefix sums over the
+  // sequences of their host-tier and stored chunk counts (host copies; empty when none has any):
+  // UpperLayers then stages the distinct selected ones once for all rows.
+  std::vector<int64_t> host_offsets_of_seqs, table_offsets_of_seqs;
 };
 
 // Puts a batch's token ids, offsets and per-layer state pointer arrays into the workspace
@@ -529,6 +535,35 @@ absl::Status RambaModel::AppendEncoded(const GraphOutputs& encoded,
   return absl::OkStatus();
 }
 
+// For a batch with host-tier chunks that is not a decode step: the distinct host-tier chunks its
+// rows selected (idx) are copied into the workspace once, up to host_chunk_staging_bytes_, and
+// *mem's chunk tables are replaced by ones pointing at the copies.
+absl::Status RambaModel::StageSelectedHostChunks(const Batch& b, const int32_t* idx,
+                                                 kernels::ChunkMemoryBatch* mem) {
+  const ModelConfig& c = config_;
+  Workspace& ws = *workspace_;
+  using W = Workspace;
+  const int64_t per_row = c.retrieval_heads() * c.chunk_topk;
+  const int64_t chunk_floats = 2 * c.chunk_size * c.kv_dim();
+  const int64_t num_seqs = b.num_seqs;
+  kernels::StagedChunkTables t;
+  t.total_host = b.host_offsets_of_seqs[num_seqs];
+  t.capacity = std::min({t.total_host, b.rows * per_row,
+                         host_chunk_staging_bytes_ / (chunk_floats * int64_t{sizeof(float)})});
+  RETURN_IF_ERROR(ws.Put(W::kStageHostOffsets, b.host_offsets_of_seqs, &t.host_offsets));
+  RETURN_IF_ERROR(ws.Put(W::kStageTableOffsets, b.table_offsets_of_seqs, &t.table_offsets));
+  ASSIGN_OR_RETURN(t.blocks, ws.Get<float>(W::kStageBlocks, t.capacity * chunk_floats));
+  ASSIGN_OR_RETURN(t.picks, ws.Get<int32_t>(W::kStagePicks, t.total_host));
+  ASSIGN_OR_RETURN(t.sources, ws.Get<const float*>(W::kStageSources, t.capacity));
+  ASSIGN_OR_RETURN(t.staged, ws.Get<int32_t>(W::kStageCount, 1));
+  ASSIGN_OR_RETURN(t.entries,
+                   ws.Get<const float*>(W::kStageEntries, b.table_offsets_of_seqs[num_seqs]));
+  ASSIGN_OR_RETURN(t.tables, ws.Get<const float* const*>(W::kStageTables, num_seqs));
+  RETURN_IF_ERROR(backend_->StageSelectedHostChunks(b.mem, idx, b.rows, per_row, chunk_floats, t));
+  mem->chunk_kv = t.tables;
+  return absl::OkStatus();
+}
+
 // Retrieval and the upper decoder ([HSA, Mamba x G] per group) on h, in place.
 absl::Status RambaModel::UpperLayers(const Batch& b) {
   const ModelConfig& c = config_;
@@ -548,7 +583,9 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   RETURN_IF_ERROR(be->RetrieveChunks(r, rows, b.mem, c.retrieval_dim, heads, K, S, idx, wts));
   kernels::ChunkMemoryBatch mem = b.mem;
   const int32_t* hsa_idx = idx;
-  if (b.host_chunks != nullptr) {
+  if (!b.host_offsets_of_seqs.empty()) {
+    RETURN_IF_ERROR(StageSelectedHostChunks(b, idx, &mem));
+  } else if (b.host_chunks != nullptr) {
     const int64_t slots = rows * heads * K, chunk_floats = 2 * S * c.kv_dim();
     kernels::StagedChunks staged;
     ASSIGN_OR_RETURN(staged.blocks, ws.Get<float>(W::kStagedBlocks, slots * chunk_floats));
@@ -714,6 +751,15 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
 
   // ---- Retrieval and upper decoder ----
   RETURN_IF_ERROR(MemoryBatch(states, row_seq, row_pos, /*bucket=*/false, &b.mem));
+  if (std::any_of(states.begin(), states.end(),
+                  [](const SessionState* st) { return st->host_chunks() > 0; })) {
+    b.host_offsets_of_seqs = {0};
+    b.table_offsets_of_seqs = {0};
+    for (const SessionState* st : states) {
+      b.host_offsets_of_seqs.push_back(b.host_offsets_of_seqs.back() + st->host_chunks());
+      b.table_offsets_of_seqs.push_back(b.table_offsets_of_seqs.back() + st->num_chunks());
+    }
+  }
   RETURN_IF_ERROR(UpperLayers(b));
   for (int64_t s = 0; s < num_seqs; ++s) {
     states[s]->AdvancePosition(static_cast<int64_t>(tokens[s].size()));

@@ -54,6 +54,10 @@ class RambaModel {
   // Set before use.
   void set_device_chunk_window(int64_t chunks) { device_chunk_window_ = chunks; }
   int64_t device_chunk_window() const { return device_chunk_window_; }
+  // Backend memory a prefill (or any batch not run as a decode step) may use to copy the host-tier
+  // chunks its rows select, once for all its HSA layers (Backend::StageSelectedHostChunks); chunks
+  // beyond it are read in place. Set before use.
+  void set_host_chunk_staging_bytes(int64_t bytes) { host_chunk_staging_bytes_ = bytes; }
   kernels::Backend* backend() const { return backend_; }
 
   // An empty session (position 0).
@@ -193,6 +197,8 @@ class RambaModel {
   absl::StatusOr<GraphOutputs> EncodeChunkOps(float* X, int64_t new_chunks);
   absl::Status AppendEncoded(const GraphOutputs& encoded, absl::Span<SessionState* const> owners);
   absl::Status UpperLayers(const Batch& b);
+  absl::Status StageSelectedHostChunks(const Batch& b, const int32_t* idx,
+                                       kernels::ChunkMemoryBatch* mem);
   absl::StatusOr<float*> Head(const float* src, int64_t rows);
   absl::Status MemoryBatch(absl::Span<SessionState* const> states,
                            const std::vector<int32_t>& row_seq, const std::vector<int64_t>& row_pos,
@@ -203,6 +209,7 @@ class RambaModel {
   ModelWeights weights_;
   kernels::Backend* backend_;
   int64_t device_chunk_window_ = 0;
+  int64_t host_chunk_staging_bytes_ = int64_t{256} << 20;
   mutable absl::Mutex mu_;
   std::unique_ptr<Workspace> workspace_ ABSL_GUARDED_BY(mu_);
   // Recorded graphs (decode steps and the decode-time chunk encoder) by key, and keys already run

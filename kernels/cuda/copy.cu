@@ -1,4 +1,8 @@
 // Small data-movement kernels that are not ops of one model layer.
+#include <algorithm>
+#include <climits>
+
+#include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
@@ -15,6 +19,28 @@ __global__ void ScatterRowsKernel(const float* __restrict__ src, int64_t ld,
   const float* s = src + r * ld;
   for (int64_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
     d[c] = s[c];
+  }
+}
+
+// One chunk (chunk_floats, a multiple of 4, 16-byte aligned) copied by one block; every load of
+// a pass issued before any store, so reads over PCIe overlap.
+__device__ void CopyChunk(const float* src, float* dst, int64_t chunk_floats) {
+  const float4* s4 = reinterpret_cast<const float4*>(src);
+  float4* d4 = reinterpret_cast<float4*>(dst);
+  const int64_t n4 = chunk_floats / 4;
+  constexpr int kUnroll = 8;
+  for (int64_t base = 0; base < n4; base += static_cast<int64_t>(blockDim.x) * kUnroll) {
+    float4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * blockDim.x + threadIdx.x;
+      if (i < n4) v[u] = s4[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * blockDim.x + threadIdx.x;
+      if (i < n4) d4[i] = v[u];
+    }
   }
 }
 
@@ -37,26 +63,131 @@ __global__ void StageHostChunksKernel(ChunkMemoryBatch mem, const int64_t* __res
     out.indices[slot] = c < 0 ? -1 : j;
     out.slots[slot] = copy ? out.blocks + slot * chunk_floats : src;
   }
-  if (!copy) return;
-  // Every load issued before any store, so the PCIe reads overlap (chunk blocks are 16-byte
-  // aligned and a multiple of 4 floats).
-  const float4* s4 = reinterpret_cast<const float4*>(src);
-  float4* d4 = reinterpret_cast<float4*>(out.blocks + slot * chunk_floats);
-  const int64_t n4 = chunk_floats / 4;
-  constexpr int kUnroll = 8;
-  for (int64_t base = 0; base < n4; base += static_cast<int64_t>(blockDim.x) * kUnroll) {
-    float4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * blockDim.x + threadIdx.x;
-      if (i < n4) v[u] = s4[i];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * blockDim.x + threadIdx.x;
-      if (i < n4) d4[i] = v[u];
+  if (copy) CopyChunk(src, out.blocks + slot * chunk_floats, chunk_floats);
+}
+
+// Picks per selected host-tier chunk (Backend::StageSelectedHostChunks); `picks` zeroed before.
+__global__ void CountHostPicksKernel(const int32_t* __restrict__ row_seq,
+                                     const int64_t* __restrict__ host_offsets,
+                                     const int32_t* __restrict__ indices, int64_t slots,
+                                     int per_row, int32_t* __restrict__ picks) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < slots;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t c = indices[i];
+    if (c < 0) continue;
+    const int32_t s = row_seq[i / per_row];
+    const int64_t base = host_offsets[s];
+    if (c < host_offsets[s + 1] - base) {
+      atomicAdd(&picks[base + c], 1);
     }
   }
+}
+
+constexpr int kAssignThreads = 1024;
+constexpr int kMaxPicks = Backend::kMaxCountedPicks;
+
+// Exclusive prefix sum of one int per thread over a block of kAssignThreads; *total gets the sum.
+__device__ int BlockExclusiveSum(int v, int* warp_sums, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = warp_sums[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    warp_sums[lane] = w;  // inclusive
+  }
+  __syncthreads();
+  const int before = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
+  *total = warp_sums[31];
+  __syncthreads();  // warp_sums is reused by the next call
+  return before;
+}
+
+// One block: chooses the chunks to stage (all picked ones when they fit, else the most picked:
+// every chunk with >= t picks, then chunks with t - 1 in index order while room is left, as the
+// host default does) and turns their picks into -(slot + 1).
+__global__ void __launch_bounds__(kAssignThreads)
+    AssignStagingKernel(int32_t* __restrict__ picks, int64_t total, int64_t capacity,
+                        int32_t* __restrict__ staged_out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  __shared__ int bins[kMaxPicks + 1];
+  __shared__ int warp_sums[32];
+  __shared__ int threshold;
+  for (int i = threadIdx.x; i <= kMaxPicks; i += blockDim.x) bins[i] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+    atomicAdd(&bins[min(picks[i], kMaxPicks)], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t fit = 0;
+    int j = 1;
+    for (; j <= kMaxPicks && fit + bins[kMaxPicks + 1 - j] <= capacity; ++j) {
+      fit += bins[kMaxPicks + 1 - j];
+    }
+    threshold = kMaxPicks + 2 - j;
+  }
+  __syncthreads();
+  const int t = threshold;
+  int staged = 0;
+  for (int pass = 0; pass < (t > 1 ? 2 : 1); ++pass) {
+    for (int64_t base = 0; base < total && staged < capacity; base += kAssignThreads) {
+      const int64_t i = base + threadIdx.x;
+      const int32_t p = i < total ? min(picks[i], kMaxPicks) : 0;
+      const bool take = pass == 0 ? p >= t : p == t - 1;
+      int n;
+      const int before = BlockExclusiveSum(take ? 1 : 0, warp_sums, &n);
+      if (take && staged + before < capacity) picks[i] = -(staged + before + 1);
+      staged = static_cast<int>(min(capacity, static_cast<int64_t>(staged) + n));
+    }
+  }
+  if (threadIdx.x == 0) *staged_out = staged;
+}
+
+// Sequence blockIdx.y's new table: staged chunks at their copies (and their sources recorded
+// for the copy), the others where they are.
+__global__ void StagedTablesKernel(ChunkMemoryBatch mem, StagedChunkTables out,
+                                   int64_t chunk_floats) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int s = blockIdx.y;
+  const float** table = out.entries + out.table_offsets[s];
+  if (blockIdx.x == 0 && threadIdx.x == 0) out.tables[s] = table;
+  const int64_t host = out.host_offsets[s + 1] - out.host_offsets[s];
+  const int64_t n = mem.num_chunks[s];
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < n;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float* src = mem.chunk_kv[s][c];
+    const int32_t p = c < host ? out.picks[out.host_offsets[s] + c] : 0;
+    if (p < 0) {
+      out.sources[-p - 1] = src;
+      table[c] = out.blocks + static_cast<int64_t>(-p - 1) * chunk_floats;
+    } else {
+      table[c] = src;
+    }
+  }
+}
+
+// Block p copies staged chunk p (if that many were staged).
+__global__ void CopyStagedKernel(StagedChunkTables out, int64_t chunk_floats) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int64_t p = blockIdx.x;
+  if (p >= *out.staged) return;
+  CopyChunk(out.sources[p], out.blocks + p * chunk_floats, chunk_floats);
 }
 
 }  // namespace
@@ -73,6 +204,38 @@ absl::Status StageHostChunks(Context& ctx, const ChunkMemoryBatch& mem, const in
   return Launch(ctx, StageHostChunksKernel,
                 dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(rows)), 256, 0, mem,
                 host_chunks, indices, static_cast<int>(per_row), chunk_floats, out);
+}
+
+absl::Status StageSelectedHostChunks(Context& ctx, const ChunkMemoryBatch& mem,
+                                     const int32_t* indices, int64_t rows, int64_t per_row,
+                                     int64_t chunk_floats, const StagedChunkTables& out) {
+  if (mem.num_seqs > 65535 || out.capacity > INT32_MAX || out.total_host > INT32_MAX) {
+    return absl::InvalidArgumentError(
+        "StageSelectedHostChunks: more than 65535 sequences or 2^31 chunks");
+  }
+  if (chunk_floats % 4 != 0) {
+    return absl::InvalidArgumentError(
+        "StageSelectedHostChunks: chunk_floats must be a multiple of 4");
+  }
+  RAMBA_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(out.picks, 0, out.total_host * sizeof(int32_t), ctx.stream));
+  const int64_t slots = rows * per_row;
+  if (slots > 0) {
+    RETURN_IF_ERROR(Launch(ctx, CountHostPicksKernel,
+                           static_cast<unsigned>(std::min<int64_t>((slots + 255) / 256, 1024)),
+                           256, 0, mem.row_seq, out.host_offsets, indices, slots,
+                           static_cast<int>(per_row), out.picks));
+  }
+  RETURN_IF_ERROR(Launch(ctx, AssignStagingKernel, 1, kAssignThreads, 0, out.picks,
+                         out.total_host, out.capacity, out.staged));
+  const unsigned table_blocks = static_cast<unsigned>(
+      std::clamp<int64_t>((mem.max_num_chunks + 255) / 256, 1, 64));
+  RETURN_IF_ERROR(Launch(ctx, StagedTablesKernel,
+                         dim3(table_blocks, static_cast<unsigned>(mem.num_seqs)), 256, 0, mem, out,
+                         chunk_floats));
+  if (out.capacity == 0) return absl::OkStatus();
+  return Launch(ctx, CopyStagedKernel, static_cast<unsigned>(out.capacity), 256, 0, out,
+                chunk_floats);
 }
 
 absl::Status ScatterRows(Context& ctx, const float* src, int64_t ld, float* const* dst,

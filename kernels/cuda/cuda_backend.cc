@@ -749,6 +749,26 @@ absl::Status CudaBackend::StageHostChunks(const ChunkMemoryBatch& mem, const int
                                out);
 }
 
+absl::Status CudaBackend::StageSelectedHostChunks(const ChunkMemoryBatch& mem,
+                                                  const int32_t* indices, int64_t rows,
+                                                  int64_t per_row, int64_t chunk_floats,
+                                                  const StagedChunkTables& out) {
+  constexpr std::string_view kOp = "StageSelectedHostChunks";
+  RAMBA_CHECK_ARG(kOp,
+                  rows >= 0 && per_row > 0 && chunk_floats > 0 && out.capacity >= 0 &&
+                      out.total_host >= 0 && mem.num_seqs > 0 && mem.max_num_chunks >= 0,
+                  "bad sizes (num_seqs and max_num_chunks must be known)");
+  RAMBA_CHECK_ARG(kOp,
+                  mem.chunk_kv != nullptr && mem.num_chunks != nullptr && mem.row_seq != nullptr &&
+                      (indices != nullptr || rows == 0) && out.host_offsets != nullptr &&
+                      out.picks != nullptr && out.staged != nullptr &&
+                      out.table_offsets != nullptr && out.entries != nullptr &&
+                      out.tables != nullptr &&
+                      (out.capacity == 0 || (out.blocks != nullptr && out.sources != nullptr)),
+                  "null pointer");
+  return cuda::StageSelectedHostChunks(*this, mem, indices, rows, per_row, chunk_floats, out);
+}
+
 absl::Status CudaBackend::ScatterRows(const float* src, int64_t ld, float* const* dst,
                                       int64_t rows, int64_t cols) {
   RAMBA_CHECK_ARG("ScatterRows", rows >= 0 && cols >= 0, "negative size");

@@ -94,6 +94,9 @@ class CudaBackend : public Backend, public cuda::Context {
   absl::Status StageHostChunks(const ChunkMemoryBatch& mem, const int64_t* host_chunks,
                                const int32_t* indices, int64_t rows, int64_t heads, int64_t top_k,
                                int64_t chunk_floats, const StagedChunks& out) override;
+  absl::Status StageSelectedHostChunks(const ChunkMemoryBatch& mem, const int32_t* indices,
+                                       int64_t rows, int64_t per_row, int64_t chunk_floats,
+                                       const StagedChunkTables& out) override;
   absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,
                            int64_t cols) override;
 

@@ -231,6 +231,10 @@ absl::Status ScatterRows(Context& ctx, const float* src, int64_t ld, float* cons
 absl::Status StageHostChunks(Context& ctx, const ChunkMemoryBatch& mem, const int64_t* host_chunks,
                              const int32_t* indices, int64_t rows, int64_t per_row,
                              int64_t chunk_floats, const StagedChunks& out);
+// Backend::StageSelectedHostChunks; mem.num_seqs and mem.max_num_chunks must be set.
+absl::Status StageSelectedHostChunks(Context& ctx, const ChunkMemoryBatch& mem,
+                                     const int32_t* indices, int64_t rows, int64_t per_row,
+                                     int64_t chunk_floats, const StagedChunkTables& out);
 
 // ---- sampling.cu ----
 absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab,

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -232,6 +233,94 @@ TEST(BackendTest, StageHostChunksCopiesOnlyHostTierSelections) {
   EXPECT_EQ(staged_tables[1], slots + kTopK);
   EXPECT_EQ(num_chunks[0], kTopK);
   EXPECT_EQ(num_chunks[1], kTopK);
+}
+
+// The inputs of a StageSelectedHostChunks call, in host memory: two sequences (6 chunks, the
+// first 4 in the host tier; 3 chunks, the first 2), three rows of 3 picks. Host-tier picks:
+// sequence 0 chunk 1 three times, chunk 3 once; sequence 1 chunk 0 twice.
+struct SelectedHostChunksCase {
+  static constexpr int64_t kFloats = 8, kPerRow = 3, kRows = 3;
+  std::vector<std::vector<float>> chunks;
+  std::vector<const float*> table0, table1;
+  std::vector<const float* const*> tables;
+  std::vector<int64_t> num_chunks = {6, 3};
+  std::vector<int32_t> row_seq = {0, 0, 1};
+  std::vector<int32_t> indices = {1, 4, -1, 1, 3, 1, 0, 2, 0};
+  std::vector<int64_t> host_offsets = {0, 4, 6}, table_offsets = {0, 6, 9};
+
+  SelectedHostChunksCase() {
+    for (int b = 0; b < 9; ++b) {
+      chunks.emplace_back(kFloats);
+      for (int i = 0; i < kFloats; ++i) chunks[b][i] = 100.0f * b + i;
+    }
+    for (int c = 0; c < 6; ++c) table0.push_back(chunks[c].data());
+    for (int c = 0; c < 3; ++c) table1.push_back(chunks[6 + c].data());
+    tables = {table0.data(), table1.data()};
+  }
+  ChunkMemoryBatch Mem() const {
+    ChunkMemoryBatch mem;
+    mem.chunk_kv = tables.data();
+    mem.num_chunks = num_chunks.data();
+    mem.row_seq = row_seq.data();
+    mem.num_seqs = 2;
+    mem.max_num_chunks = 6;
+    return mem;
+  }
+};
+
+// Each selected host-tier chunk is copied once (however often picked), the most picked first when
+// they do not all fit; the new tables point at the copies and at every other chunk in place.
+TEST(BackendTest, StageSelectedHostChunksCopiesEachOnceMostPickedFirst) {
+  auto be = CreateCpuBackend(1);
+  SelectedHostChunksCase in;
+  constexpr int64_t kFloats = SelectedHostChunksCase::kFloats;
+  // capacity -> (sequence, chunk) staged, in slot order.
+  const std::vector<std::pair<int64_t, std::vector<std::pair<int, int>>>> cases = {
+      {10, {{0, 1}, {0, 3}, {1, 0}}},
+      {3, {{0, 1}, {0, 3}, {1, 0}}},
+      {2, {{0, 1}, {1, 0}}},
+      {1, {{0, 1}}},
+      {0, {}}};
+  for (const auto& [capacity, want] : cases) {
+    SCOPED_TRACE(capacity);
+    std::vector<float> blocks(std::max<int64_t>(capacity, 1) * kFloats, -1.0f);
+    std::vector<int32_t> picks(6);
+    std::vector<const float*> sources(std::max<int64_t>(capacity, 1)), entries(9);
+    std::vector<const float* const*> tables(2);
+    int32_t staged = -1;
+    StagedChunkTables out;
+    out.blocks = blocks.data();
+    out.capacity = capacity;
+    out.host_offsets = in.host_offsets.data();
+    out.total_host = 6;
+    out.picks = picks.data();
+    out.sources = sources.data();
+    out.staged = &staged;
+    out.table_offsets = in.table_offsets.data();
+    out.entries = entries.data();
+    out.tables = tables.data();
+    ASSERT_TRUE(be->StageSelectedHostChunks(in.Mem(), in.indices.data(),
+                                            SelectedHostChunksCase::kRows,
+                                            SelectedHostChunksCase::kPerRow, kFloats, out)
+                    .ok());
+    EXPECT_EQ(staged, static_cast<int32_t>(want.size()));
+    EXPECT_EQ(tables[0], entries.data());
+    EXPECT_EQ(tables[1], entries.data() + 6);
+    for (int s = 0; s < 2; ++s) {
+      for (int c = 0; c < in.num_chunks[s]; ++c) {
+        const float* original = in.tables[s][c];
+        const float* got = tables[s][c];
+        const auto it = std::find(want.begin(), want.end(), std::make_pair(s, c));
+        if (it == want.end()) {
+          EXPECT_EQ(got, original) << s << " " << c;
+        } else {
+          EXPECT_EQ(got, blocks.data() + (it - want.begin()) * kFloats) << s << " " << c;
+          EXPECT_EQ(std::vector<float>(got, got + kFloats),
+                    std::vector<float>(original, original + kFloats));
+        }
+      }
+    }
+  }
 }
 
 TEST(BackendTest, MemoryOps) {

@@ -3,10 +3,13 @@
 
 #include <cstring>
 #include <numeric>
+#include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/cpu_backend.h"
 #include "tests/kernels/cuda_test_util.h"
 
 namespace ramba::kernels::testing {
@@ -134,6 +137,122 @@ TEST_F(CudaBackendTest, HostBlocksComeBackOnlyAfterTheWorkQueuedBeforeTheirFree)
   std::vector<char> back(bytes);
   ASSERT_TRUE(gpu_->Download(back.data(), b->data(), bytes).ok());
   EXPECT_EQ(back, src);
+}
+
+// StageSelectedHostChunks on the GPU (host-tier chunks in mapped host memory, the others in GPU
+// memory, many rows picking skewed chunks) chooses, copies and points exactly as the host
+// default does on the same inputs, for capacities above, at and below the distinct picks.
+TEST_F(CudaBackendTest, StageSelectedHostChunksMatchesTheHostDefault) {
+  auto cpu = CreateCpuBackend(1);
+  constexpr int64_t kFloats = 68, kPerRow = 8, kRows = 700;
+  const std::vector<int64_t> num_chunks = {300, 5, 1200}, host = {290, 0, 1000};
+  std::vector<int64_t> host_offsets = {0}, table_offsets = {0};
+  for (int s = 0; s < 3; ++s) {
+    host_offsets.push_back(host_offsets.back() + host[s]);
+    table_offsets.push_back(table_offsets.back() + num_chunks[s]);
+  }
+  std::mt19937 rng(5);
+  std::vector<std::vector<float>> values;  // [sequence][chunk * kFloats]
+  std::vector<kernels::Buffer> kept;
+  std::vector<std::vector<const float*>> cpu_tables(3), gpu_tables(3);
+  for (int s = 0; s < 3; ++s) {
+    values.push_back(RandomVec(num_chunks[s] * kFloats, 10 + s));
+    for (int64_t c = 0; c < num_chunks[s]; ++c) {
+      const float* v = values[s].data() + c * kFloats;
+      cpu_tables[s].push_back(v);
+      auto buf = c < host[s] ? gpu_->AllocateHostCopy(v, kFloats * sizeof(float))
+                             : gpu_->Allocate(kFloats * sizeof(float));
+      ASSERT_TRUE(buf.ok()) << buf.status();
+      if (c >= host[s]) ASSERT_TRUE(gpu_->Upload(buf->data(), v, kFloats * sizeof(float)).ok());
+      gpu_tables[s].push_back(buf->as<float>());
+      kept.push_back(*std::move(buf));
+    }
+  }
+  std::vector<int32_t> row_seq(kRows), indices(kRows * kPerRow);
+  for (int64_t r = 0; r < kRows; ++r) {
+    row_seq[r] = static_cast<int32_t>(rng() % 3);
+    for (int64_t j = 0; j < kPerRow; ++j) {
+      const int64_t n = num_chunks[row_seq[r]];
+      const uint32_t u = rng() % 10;  // skewed: a few chunks picked very often
+      indices[r * kPerRow + j] =
+          u == 0 ? -1 : static_cast<int32_t>(u < 4 ? rng() % std::min<int64_t>(n, 6) : rng() % n);
+    }
+  }
+  const float* const* cpu_table_ptrs[] = {cpu_tables[0].data(), cpu_tables[1].data(),
+                                          cpu_tables[2].data()};
+  std::vector<const float* const*> gpu_table_ptrs;
+  for (int s = 0; s < 3; ++s) gpu_table_ptrs.push_back(ToGpu(gpu_tables[s]));
+  ChunkMemoryBatch cpu_mem, gpu_mem;
+  cpu_mem.chunk_kv = cpu_table_ptrs;
+  cpu_mem.num_chunks = num_chunks.data();
+  cpu_mem.row_seq = row_seq.data();
+  cpu_mem.num_seqs = 3;
+  cpu_mem.max_num_chunks = 1200;
+  gpu_mem = cpu_mem;
+  gpu_mem.chunk_kv = ToGpu(gpu_table_ptrs);
+  gpu_mem.num_chunks = ToGpu(num_chunks);
+  gpu_mem.row_seq = ToGpu(row_seq);
+  const int32_t* gpu_indices = ToGpu(indices);
+  // What there is to choose from: the capacities below straddle it.
+  std::set<std::pair<int, int>> distinct;
+  for (int64_t i = 0; i < kRows * kPerRow; ++i) {
+    const int s = row_seq[i / kPerRow];
+    if (indices[i] >= 0 && indices[i] < host[s]) distinct.insert({s, indices[i]});
+  }
+  EXPECT_GT(distinct.size(), 600u);
+  EXPECT_LT(distinct.size(), 5000u);
+  for (int64_t capacity : {5000, 600, 37, 1, 0}) {
+    SCOPED_TRACE(capacity);
+    const int64_t cap1 = std::max<int64_t>(capacity, 1);
+    std::vector<float> cpu_blocks(cap1 * kFloats);
+    std::vector<int32_t> cpu_picks(host_offsets[3]);
+    std::vector<const float*> cpu_sources(cap1), cpu_entries(table_offsets[3]);
+    std::vector<const float* const*> cpu_out_tables(3);
+    int32_t cpu_staged = -1;
+    StagedChunkTables want{cpu_blocks.data(),   capacity,
+                           host_offsets.data(), host_offsets[3],
+                           cpu_picks.data(),    cpu_sources.data(),
+                           &cpu_staged,         table_offsets.data(),
+                           cpu_entries.data(),  cpu_out_tables.data()};
+    ASSERT_TRUE(
+        cpu->StageSelectedHostChunks(cpu_mem, indices.data(), kRows, kPerRow, kFloats, want).ok());
+    StagedChunkTables got{Poisoned<float>(cap1 * kFloats),
+                          capacity,
+                          ToGpu(host_offsets),
+                          host_offsets[3],
+                          Poisoned<int32_t>(host_offsets[3]),
+                          Poisoned<const float*>(cap1),
+                          Poisoned<int32_t>(1),
+                          ToGpu(table_offsets),
+                          Poisoned<const float*>(table_offsets[3]),
+                          Poisoned<const float* const*>(3)};
+    ASSERT_TRUE(
+        gpu_->StageSelectedHostChunks(gpu_mem, gpu_indices, kRows, kPerRow, kFloats, got).ok());
+    EXPECT_EQ(FromGpu(got.staged, 1)[0], cpu_staged);
+    EXPECT_EQ(cpu_staged, std::min<int64_t>(capacity, distinct.size()));
+    const std::vector<const float*> entries = FromGpu(got.entries, table_offsets[3]);
+    const std::vector<const float* const*> tables = FromGpu(got.tables, 3);
+    const std::vector<float> blocks = FromGpu(got.blocks, cap1 * kFloats);
+    int staged_seen = 0;
+    for (int s = 0; s < 3; ++s) {
+      EXPECT_EQ(tables[s], got.entries + table_offsets[s]);
+      for (int64_t c = 0; c < num_chunks[s]; ++c) {
+        const float* w = cpu_out_tables[s][c];
+        const float* g = entries[table_offsets[s] + c];
+        if (w == cpu_tables[s][c]) {
+          EXPECT_EQ(g, gpu_tables[s][c]) << s << " " << c;
+          continue;
+        }
+        const int64_t slot = (w - cpu_blocks.data()) / kFloats;
+        ++staged_seen;
+        ASSERT_EQ(g, got.blocks + slot * kFloats) << s << " " << c;
+        EXPECT_EQ(std::vector<float>(blocks.begin() + slot * kFloats,
+                                     blocks.begin() + (slot + 1) * kFloats),
+                  std::vector<float>(w, w + kFloats));
+      }
+    }
+    EXPECT_EQ(staged_seen, cpu_staged);
+  }
 }
 
 // A server creates and pages in sessions on its RPC threads while the model's thread may be

@@ -43,14 +43,22 @@ inline std::unique_ptr<SessionState> RoundTrip(const SessionState& from, const M
   return s.ok() ? std::move(*s) : nullptr;
 }
 
-// `tolerance`: max per-row relative difference allowed (0: bitwise).
+// `tolerance`: max per-row relative difference allowed (0: bitwise). `staging_chunks` >= 0 bounds
+// the chunks a prefill copies out of the host tier (RambaModel::set_host_chunk_staging_bytes; the
+// rest are read in place); -1 keeps the model's default.
 inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::string& dir,
-                                           double tolerance) {
+                                           double tolerance, int64_t staging_chunks = -1) {
   constexpr int64_t kWindow = 2;
   auto plain = RambaModel::Load(dir, be);
   auto tiered = RambaModel::Load(dir, be);
   ASSERT_TRUE(plain.ok() && tiered.ok());
   (*tiered)->set_device_chunk_window(kWindow);
+  if (staging_chunks >= 0) {
+    auto probe = (*tiered)->NewSession();
+    ASSERT_TRUE(probe.ok());
+    (*tiered)->set_host_chunk_staging_bytes(staging_chunks * (*probe)->chunk_floats() *
+                                            static_cast<int64_t>(sizeof(float)));
+  }
   const ModelConfig& c = (*plain)->config();
   const int64_t V = c.vocab_size;
   auto same = [&](const std::vector<float>& got, const std::vector<float>& want) {
@@ -60,10 +68,11 @@ inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::stri
       EXPECT_LE(MaxRowRelError(got, want, V), tolerance);
     }
   };
-  const auto tokens = RandomTokens(800, V, 21);
+  const auto tokens = RandomTokens(900, V, 21);
   const auto prompt = absl::MakeConstSpan(tokens).first(520);  // 8 chunks and 8 rows
   const auto more = absl::MakeConstSpan(tokens).subspan(520, 140);
-  const auto after = absl::MakeConstSpan(tokens).subspan(660);
+  const auto after = absl::MakeConstSpan(tokens).subspan(660, 140);
+  const auto turn = absl::MakeConstSpan(tokens).subspan(800);  // a prefilled turn, every row
 
   auto a = (*plain)->NewSession();
   auto b = (*tiered)->NewSession();
@@ -92,6 +101,23 @@ inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::stri
   same(DecodeTokens(tiered->get(), restored.get(), after), want);
   same(DecodeTokens(tiered->get(), fork->get(), after), want);
   same(DecodeTokens(tiered->get(), b->get(), after), want);
+  EXPECT_EQ((*b)->host_chunks(), (*b)->num_chunks() - kWindow);
+
+  // A turn prefilled in one segment: all its rows read chunks of the host tier, beside a fork
+  // (same chunks, another session) with a shorter turn in the same batch.
+  auto fork_b = (*b)->Fork();
+  auto fork_a = (*a)->Fork();
+  ASSERT_TRUE(fork_b.ok() && fork_a.ok());
+  const auto half = turn.first(37);
+  auto run_turn = [&](RambaModel* m, SessionState* s1, SessionState* s2) {
+    SessionState* st[] = {s1, s2};
+    const absl::Span<const int32_t> in[] = {turn, half};
+    std::vector<float> logits;
+    EXPECT_TRUE(m->Forward(st, in, LogitsMode::kAll, &logits).ok());
+    return logits;
+  };
+  same(run_turn(tiered->get(), b->get(), fork_b->get()),
+       run_turn(plain->get(), a->get(), fork_a->get()));
   EXPECT_EQ((*b)->host_chunks(), (*b)->num_chunks() - kWindow);
 }
 

@@ -16,6 +16,15 @@ TEST(ChunkTiersTest, MovingChunksToTheHostChangesNoResultOnCpu) {
   }
 }
 
+TEST(ChunkTiersTest, PrefillStagingBeyondItsBoundChangesNoResultOnCpu) {
+  auto cpu = kernels::CreateCpuBackend(2);
+  for (int64_t chunks : {0, 1, 3}) {
+    SCOPED_TRACE(chunks);
+    testing::ExpectChunkTiersChangeNoResult(cpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3",
+                                            0, chunks);
+  }
+}
+
 TEST(ChunkTiersTest, WindowOfZeroMovesNothing) {
   auto cpu = kernels::CreateCpuBackend(2);
   auto model = RambaModel::Load(testing::FixtureDir() + "/tiny_enc1_cls_k3", cpu.get());

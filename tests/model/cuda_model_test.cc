@@ -305,6 +305,11 @@ TEST(CudaModelTest, MovingChunksToTheHostChangesNoResult) {
     SCOPED_TRACE(name);
     testing::ExpectChunkTiersChangeNoResult(gpu.get(), testing::FixtureDir() + "/" + name, 1e-5);
   }
+  for (int64_t chunks : {0, 1, 3}) {  // prefill staging beyond its bound: the rest in place
+    SCOPED_TRACE(chunks);
+    testing::ExpectChunkTiersChangeNoResult(gpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3",
+                                            1e-5, chunks);
+  }
 }
 
 TEST(CudaModelTest, WarmupThenDecodeMatchesCpu) {
