@@ -39,6 +39,12 @@ ABSL_FLAG(int64_t, device_chunk_window, 0,
           "After the prefill, keep only this many of the session's newest chunks in backend "
           "memory (the rest in the host tier: decode steps copy the chunks they select, prefill "
           "reads them in place) and go on so while decoding; 0: all stay");
+ABSL_FLAG(bool, window_from_start, false,
+          "Apply --device_chunk_window from the start of the prefill (a long document ingested "
+          "into a windowed session: later segments read earlier chunks from the host tier)");
+ABSL_FLAG(int64_t, host_chunk_staging_mb, -1,
+          "Bound on the backend memory a prefill uses to copy the host-tier chunks it selects "
+          "once (RambaModel::set_host_chunk_staging_bytes; 0: read all in place; -1: default)");
 ABSL_FLAG(int32_t, append_tokens, 0,
           "Also time prefilling this many more tokens into a fork of the prefilled session (a "
           "conversation's next turn, reading its older chunks where the window put them), "
@@ -153,6 +159,11 @@ int main(int argc, char** argv) {
       return Fail(st);
     }
   }
+  if (const int64_t mb = absl::GetFlag(FLAGS_host_chunk_staging_mb); mb >= 0) {
+    (*model)->set_host_chunk_staging_bytes(mb << 20);
+  }
+  const int64_t window = absl::GetFlag(FLAGS_device_chunk_window);
+  if (absl::GetFlag(FLAGS_window_from_start)) (*model)->set_device_chunk_window(window);
   const double t0 = Now();
   if (auto st = (*model)->Prefill(base->get(), prompt, nullptr, absl::GetFlag(FLAGS_segment));
       !st.ok()) {
@@ -161,7 +172,7 @@ int main(int argc, char** argv) {
   const double prefill_s = Now() - t0;
   std::printf("prefill %d tokens: %.3f s = %.0f tok/s (segment %d)\n", n, prefill_s,
               n / prefill_s, absl::GetFlag(FLAGS_segment));
-  if (const int64_t window = absl::GetFlag(FLAGS_device_chunk_window); window > 0) {
+  if (window > 0) {
     const int64_t held = be->held_bytes();
     if (auto st = (*base)->KeepChunksOnDevice(window); !st.ok()) return Fail(st);
     (*model)->set_device_chunk_window(window);
