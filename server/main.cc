@@ -55,9 +55,14 @@ ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may ca
 ABSL_FLAG(int32_t, max_generate_tokens, 1 << 16, "Largest max_tokens a Generate may ask for.");
 ABSL_FLAG(int64_t, max_message_bytes, 16 << 20, "Largest gRPC message accepted.");
 ABSL_FLAG(bool, sync_commits, true, "fsync every commit (acknowledged = durable).");
-ABSL_FLAG(int32_t, commit_threads, 0,
-          "Threads writing store commits off the engine thread, for disks whose fsync is slow "
-          "(concurrent syncs share one); 0: the engine thread writes them.");
+ABSL_FLAG(int32_t, commit_threads, -1,
+          "Threads writing store commits off the engine thread (concurrent syncs share one "
+          "fsync); 0: the engine thread writes them; -1: 4 on a GPU, 0 on the CPU (whose "
+          "engine thread keeps every core busy).");
+ABSL_FLAG(int32_t, stream_writer_threads, -1,
+          "Threads starting Generate's stream writes, so the engine thread does not pay a "
+          "system call per token and stream; 0: the engine thread starts them; -1: 2 on a GPU, "
+          "0 on the CPU.");
 ABSL_FLAG(bool, warmup, true,
           "Before listening, run a throwaway session through a prefill and decode steps up to a "
           "chunk completion, so the first request does not pay the backend's one-time costs.");
@@ -144,13 +149,17 @@ int main(int argc, char** argv) {
   service_options.limits.max_session_tokens = absl::GetFlag(FLAGS_max_session_tokens);
   service_options.limits.max_generate_tokens = absl::GetFlag(FLAGS_max_generate_tokens);
   service_options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
-  // Declared before the service and the gRPC server, so that it outlives the calls whose
-  // commits it writes.
-  const int32_t commit_threads = absl::GetFlag(FLAGS_commit_threads);
-  std::unique_ptr<server::Committer> committer =
-      commit_threads > 0 ? std::make_unique<server::Committer>(commit_threads) : nullptr;
+  // The pools are declared before the service and the gRPC server, so that they outlive the
+  // calls whose commits and writes they run.
+  const bool gpu = !(*backend)->host_accessible();
+  auto pool = [gpu](int32_t threads, int32_t on_gpu) {
+    if (threads < 0) threads = gpu ? on_gpu : 0;
+    return threads > 0 ? std::make_unique<server::TaskPool>(threads) : nullptr;
+  };
+  std::unique_ptr<server::TaskPool> committer = pool(absl::GetFlag(FLAGS_commit_threads), 4);
+  std::unique_ptr<server::TaskPool> writer = pool(absl::GetFlag(FLAGS_stream_writer_threads), 2);
   server::RambaService service(model->get(), tokenizer->get(), &engine, &sessions, metrics->get(),
-                               service_options, committer.get());
+                               service_options, committer.get(), writer.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -167,7 +167,7 @@ const absl::Status kDraining = absl::UnavailableError("the server is draining fo
 
 // Writes a prepared commit of `lease` (timed into the commit latency metric), then runs `then`
 // with the result: on the committer when there is one and `async`, else here.
-void ApplyCommit(Committer* committer, bool async, Metrics* metrics, SessionLease* lease,
+void ApplyCommit(TaskPool* committer, bool async, Metrics* metrics, SessionLease* lease,
                  store::CommitRequest prepared, std::function<void(absl::Status)> then) {
   auto write = [lease, metrics, prepared = std::move(prepared), then = std::move(then)]() mutable {
     const auto t0 = Clock::now();
@@ -200,7 +200,7 @@ void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLeas
   const int32_t last = tokens.back();
   Metrics* metrics = deps.metrics;
   const size_t n = tokens.size();
-  Committer* committer = deps.committer;
+  TaskPool* committer = deps.committer;
   req->on_done = [lease, last, done, metrics, n, ctx, committer, async](const absl::Status& s,
                                                                         FinishReason) mutable {
     // Take the lease out of the callback so it is released before `done` answers the client
@@ -490,7 +490,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     {
       absl::MutexLock lock(&mu_);
       *pending_.add_tokens() = std::move(t);
-      WriteNextLocked();
+      WriteNextSoonLocked();  // the write itself not on the engine thread
     }
     return action;
   }
@@ -571,7 +571,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       absl::MutexLock lock(&mu_);
       final_ = std::move(final);
       final_status_ = grpc::Status::OK;
-      finish = WriteNextLocked();
+      finish = WriteNextSoonLocked();  // on the engine or the commit thread
     }
     if (finish) Finish(final_status_);
   }
@@ -587,6 +587,26 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       if (finish) finished_ = true;
     }
     if (finish) Finish(final_status_);
+  }
+
+  // WriteNextLocked on the stream-writer pool when there is one (a write costs its caller a
+  // system call, and the engine thread would pay it per token and stream), else here. While the
+  // task is queued it counts as the write in flight, so nothing else starts one or finishes the
+  // call (which would delete it) before the task has run.
+  bool WriteNextSoonLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (deps_.writer == nullptr) return WriteNextLocked();
+    if (writing_ || finished_) return false;
+    writing_ = true;
+    deps_.writer->Run([this] {
+      bool finish = false;
+      {
+        absl::MutexLock lock(&mu_);
+        writing_ = false;
+        finish = WriteNextLocked();
+      }
+      if (finish) Finish(final_status_);
+    });
+    return false;
   }
 
   // Starts the next write if none is in flight; returns true when the call should Finish now.
@@ -738,8 +758,8 @@ class AppendStreamCall : public grpc::ServerReadReactor<v1::AppendStreamRequest>
 
 RambaService::RambaService(RambaModel* model, const Tokenizer* tokenizer, Engine* engine,
                            SessionManager* sessions, Metrics* metrics, ServiceOptions options,
-                           Committer* committer)
-    : deps_{model, tokenizer, engine, sessions, metrics, std::move(options), committer} {}
+                           TaskPool* committer, TaskPool* writer)
+    : deps_{model, tokenizer, engine, sessions, metrics, std::move(options), committer, writer} {}
 
 grpc::ServerUnaryReactor* RambaService::CreateSession(grpc::CallbackServerContext* ctx,
                                                       const v1::CreateSessionRequest* req,

@@ -12,10 +12,10 @@
 #include "model/ramba_model.h"
 #include "model/tokenizer.h"
 #include "ramba/v1/ramba.grpc.pb.h"
-#include "server/committer.h"
 #include "server/engine.h"
 #include "server/metrics.h"
 #include "server/session_manager.h"
+#include "server/task_pool.h"
 
 namespace ramba::server {
 
@@ -46,10 +46,12 @@ struct ServiceOptions {
 class RambaService final : public ramba::v1::RambaService::CallbackService {
  public:
   // `committer` (optional): where store commits are written, off the engine thread; without
-  // one the engine thread writes them.
+  // one the engine thread writes them. `writer` (optional): where Generate's stream writes start
+  // when a token or the final message comes from the engine or a commit; without one they start
+  // on that thread. Both must outlive the calls (task_pool.h).
   RambaService(RambaModel* model, const Tokenizer* tokenizer, Engine* engine,
                SessionManager* sessions, Metrics* metrics, ServiceOptions options,
-               Committer* committer = nullptr);
+               TaskPool* committer = nullptr, TaskPool* writer = nullptr);
 
   // From now on calls fail with UNAVAILABLE; running calls go on.
   void StartDraining() { draining_ = true; }
@@ -96,7 +98,8 @@ class RambaService final : public ramba::v1::RambaService::CallbackService {
     SessionManager* sessions;
     Metrics* metrics;
     ServiceOptions options;
-    Committer* committer;
+    TaskPool* committer;
+    TaskPool* writer;
   };
 
  private:

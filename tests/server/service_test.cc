@@ -2,8 +2,10 @@
 // the byte-level fixture model: the session life cycle, streaming generation and error codes.
 #include "server/service.h"
 
+#include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <thread>
 
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -38,10 +40,13 @@ class ServiceTest : public ::testing::Test {
     opts.device = "cpu";
     opts.limits.max_request_input_tokens = 5000;
     opts.limits.max_session_tokens = 100;
-    committer_ = std::make_unique<Committer>(2);
-    service_ =
-        std::make_unique<RambaService>(model_.get(), tokenizer_.get(), engine_.get(),
-                                       sessions_.get(), metrics_.get(), opts, committer_.get());
+    // Commits and stream writes off the engine thread, as on a GPU (the server processes of
+    // other tests run the CPU default: both on the engine thread).
+    committer_ = std::make_unique<TaskPool>(2);
+    writer_ = std::make_unique<TaskPool>(2);
+    service_ = std::make_unique<RambaService>(model_.get(), tokenizer_.get(), engine_.get(),
+                                              sessions_.get(), metrics_.get(), opts,
+                                              committer_.get(), writer_.get());
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -57,6 +62,7 @@ class ServiceTest : public ::testing::Test {
     engine_->Stop();
     server_.reset();
     committer_.reset();
+    writer_.reset();
     engine_.reset();
     sessions_.reset();
     store_.reset();
@@ -111,7 +117,8 @@ class ServiceTest : public ::testing::Test {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<SessionManager> sessions_;
   std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<Committer> committer_;
+  std::unique_ptr<TaskPool> committer_;
+  std::unique_ptr<TaskPool> writer_;
   std::unique_ptr<RambaService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<v1::RambaService::Stub> stub_;
@@ -318,6 +325,53 @@ TEST_F(ServiceTest, StopSequenceAndGenerateOnce) {
 // A generation that ends on a stop token leaves that token fed, whether the engine's pipelined
 // decode had fed it already or not: the store holds it as history, not pending, so the session
 // needs input to go on, and goes on as the model does over the whole history.
+// A client that cancels mid-stream while tokens are queued for the stream-writer pool: the call
+// ends CANCELLED without committing, nothing hangs or is written after the call is gone, and the
+// session goes on from where it was.
+TEST_F(ServiceTest, CancelledStreamWithQueuedWrites) {
+  const int64_t p0 = Create("cx", "Once upon a time").position();
+  for (int round = 0; round < 5; ++round) {
+    grpc::ClientContext ctx;
+    v1::GenerateRequest g;
+    g.set_session_id("cx");
+    g.mutable_stopping()->set_max_tokens(60);
+    g.mutable_stopping()->set_ignore_eos(true);
+    auto reader = stub_->Generate(&ctx, g);
+    v1::GenerateResponse msg;
+    int tokens = 0;
+    while (tokens < 3 && reader->Read(&msg)) tokens += msg.tokens().tokens_size();
+    ctx.TryCancel();
+    while (reader->Read(&msg)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // The engine may still be ending the last cancelled request (it holds the session until then).
+  Streamed out;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    v1::GenerateRequest g;
+    g.set_session_id("cx");
+    g.mutable_stopping()->set_max_tokens(4);
+    g.mutable_stopping()->set_ignore_eos(true);
+    out = Generate(g);
+    if (out.status.error_code() != grpc::StatusCode::ABORTED &&
+        out.status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.ids.size(), 4u);
+  // A round the server finished before the cancel reached it committed its 60 tokens (the client
+  // sees CANCELLED either way); a cancelled one committed nothing.
+  EXPECT_EQ((out.final.position() - p0 - 4) % 60, 0) << out.final.position();
+  grpc::ClientContext ctx;
+  v1::GetSessionRequest get;
+  v1::GetSessionResponse got;
+  get.set_session_id("cx");
+  ASSERT_TRUE(stub_->GetSession(&ctx, get, &got).ok());
+  EXPECT_EQ(got.session().position(), out.final.position());
+}
+
 TEST_F(ServiceTest, StopTokenIsFedHistory) {
   // Greedy continuation by hand from `history`, n tokens.
   auto greedy = [&](const std::vector<int32_t>& history, int n) {

@@ -1,5 +1,5 @@
 // The committer runs every task it is given, off the caller's thread, and none is lost at Stop.
-#include "server/committer.h"
+#include "server/task_pool.h"
 
 #include <atomic>
 #include <thread>
@@ -11,7 +11,7 @@ namespace ramba::server {
 namespace {
 
 TEST(CommitterTest, RunsTasksOffTheCallersThread) {
-  Committer c(3);
+  TaskPool c(3);
   const std::thread::id me = std::this_thread::get_id();
   std::atomic<int> ran{0}, elsewhere{0};
   for (int i = 0; i < 100; ++i) {
@@ -27,7 +27,7 @@ TEST(CommitterTest, RunsTasksOffTheCallersThread) {
 }
 
 TEST(CommitterTest, TasksRunConcurrentlyAndPendingCountsThem) {
-  Committer c(2);
+  TaskPool c(2);
   absl::Notification release;
   std::atomic<int> started{0};
   for (int i = 0; i < 2; ++i) {
@@ -45,7 +45,7 @@ TEST(CommitterTest, TasksRunConcurrentlyAndPendingCountsThem) {
 }
 
 TEST(CommitterTest, AfterStopTasksRunInline) {
-  Committer c(1);
+  TaskPool c(1);
   c.Stop();
   bool ran = false;
   c.Run([&] { ran = true; });

@@ -1,17 +1,17 @@
-#include "server/committer.h"
+#include "server/task_pool.h"
 
 #include <algorithm>
 #include <utility>
 
 namespace ramba::server {
 
-Committer::Committer(int threads) {
+TaskPool::TaskPool(int threads) {
   for (int i = 0; i < std::max(threads, 1); ++i) threads_.emplace_back([this] { Loop(); });
 }
 
-Committer::~Committer() { Stop(); }
+TaskPool::~TaskPool() { Stop(); }
 
-void Committer::Run(std::function<void()> task) {
+void TaskPool::Run(std::function<void()> task) {
   {
     absl::MutexLock lock(&mu_);
     if (!stopping_) {
@@ -22,12 +22,12 @@ void Committer::Run(std::function<void()> task) {
   task();
 }
 
-int64_t Committer::Pending() const {
+int64_t TaskPool::Pending() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int64_t>(queue_.size()) + running_;
 }
 
-void Committer::Stop() {
+void TaskPool::Stop() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
@@ -37,13 +37,13 @@ void Committer::Stop() {
   }
 }
 
-void Committer::Loop() {
+void TaskPool::Loop() {
   while (true) {
     std::function<void()> task;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](Committer* c)
+          +[](TaskPool* c)
                ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) { return !c->queue_.empty() || c->stopping_; },
           this));
       if (queue_.empty()) return;  // stopping, nothing left
