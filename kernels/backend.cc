@@ -314,6 +314,14 @@ absl::Status Backend::StageSelectedHostChunks(const ChunkMemoryBatch& mem, const
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<Backend::Fence>> Backend::RecordFence() {
+  return std::make_unique<Fence>();
+}
+
+absl::Status Backend::DownloadSettled(void* host_dst, const void* src, size_t bytes) {
+  return Download(host_dst, src, bytes);
+}
+
 absl::StatusOr<int> Backend::NextDownloadSlot(size_t bytes, int64_t* ticket) {
   if (bytes > kMaxAsyncDownloadBytes) {
     return absl::InvalidArgumentError(absl::StrCat("BeginDownload: ", bytes, " bytes is over the ",

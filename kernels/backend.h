@@ -256,6 +256,20 @@ class Backend {
   // The same for AllocateHost's memory.
   int64_t host_held_bytes() const { return host_held_bytes_.load(std::memory_order_relaxed); }
   virtual absl::Status Synchronize() = 0;
+  // A point in the queued work (not recorded into a graph); Wait, on any thread, returns once
+  // the work queued before it has run. With
+  // DownloadSettled, another thread can read what that work wrote without waiting for the work
+  // queued since. This default, for backends whose ops run before they return, has passed.
+  class Fence {
+   public:
+    virtual ~Fence() = default;
+    virtual absl::Status Wait() { return absl::OkStatus(); }
+  };
+  virtual absl::StatusOr<std::unique_ptr<Fence>> RecordFence();
+  // Download of memory that no queued or later work writes (its writers passed a Fence that was
+  // waited for): unlike Download it does not wait for the queued work. Any thread. This default
+  // is Download.
+  virtual absl::Status DownloadSettled(void* host_dst, const void* src, size_t bytes);
 
   // ---- Ops ----
   // out[i, :] = table[tokens[i], :] (converted to f32). Token ids must be < table.rows.

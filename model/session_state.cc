@@ -216,22 +216,108 @@ absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {
   return s;
 }
 
-absl::StatusOr<std::string> SessionState::SerializeStates() const {
-  const ModelConfig& c = config_;
+namespace {
+
+// The parts' headers, shared by the Serialize* calls and SessionSnapshot.
+PartWriter StatesPart(const ModelConfig& c, int64_t position, int64_t num_chunks) {
   PartWriter w(StatePartKind::kStates);
-  w.Put<int64_t>(position_);
-  w.Put<int64_t>(num_chunks());
+  w.Put<int64_t>(position);
+  w.Put<int64_t>(num_chunks);
   for (int64_t v : {c.num_mamba_layers(), c.conv_kernel, c.conv_dim(), c.num_heads, c.head_dim,
                     c.state_size, c.chunk_size, c.hidden_size}) {
     w.Put<int64_t>(v);
   }
+  return w;
+}
+
+PartWriter ChunkPart(const ModelConfig& c, int64_t index) {
+  PartWriter w(StatePartKind::kChunk);
+  w.Put<int64_t>(index);
+  w.Put<int64_t>(c.chunk_size);
+  w.Put<int64_t>(c.kv_dim());
+  return w;
+}
+
+PartWriter LandmarksPart(const ModelConfig& c, int64_t begin, int64_t count) {
+  PartWriter w(StatePartKind::kLandmarks);
+  w.Put<int64_t>(begin);
+  w.Put<int64_t>(count);
+  w.Put<int64_t>(c.retrieval_dim);
+  return w;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SessionState::SerializeStates() const {
+  PartWriter w = StatesPart(config_, position_, num_chunks());
   // Recurrent states always; the chunk buffer only up to its filled rows.
   const size_t state_bytes =
-      c.num_mamba_layers() * (conv_floats() + ssm_floats()) * sizeof(float);
-  const size_t buffer_bytes = buffered_rows() * c.hidden_size * sizeof(float);
+      config_.num_mamba_layers() * (conv_floats() + ssm_floats()) * sizeof(float);
+  const size_t buffer_bytes = buffered_rows() * config_.hidden_size * sizeof(float);
   RETURN_IF_ERROR(backend_->Download(w.Reserve(state_bytes), recurrent_.data(), state_bytes));
   RETURN_IF_ERROR(backend_->Download(w.Reserve(buffer_bytes), chunk_buffer(), buffer_bytes));
   return w.Finish();
+}
+
+absl::StatusOr<std::unique_ptr<SessionSnapshot>> SessionState::Snapshot(int64_t first_chunk) const {
+  if (first_chunk < 0 || first_chunk > num_chunks()) {
+    return absl::OutOfRangeError(
+        absl::StrCat("snapshot from chunk ", first_chunk, " outside [0, ", num_chunks(), "]"));
+  }
+  std::unique_ptr<SessionSnapshot> snap(new SessionSnapshot);
+  snap->backend_ = backend_;
+  snap->config_ = config_;
+  snap->position_ = position_;
+  snap->num_chunks_ = num_chunks();
+  snap->first_chunk_ = first_chunk;
+  snap->state_bytes_ = config_.num_mamba_layers() * (conv_floats() + ssm_floats()) * sizeof(float);
+  snap->buffer_bytes_ = buffered_rows() * config_.hidden_size * sizeof(float);
+  const size_t row_bytes = config_.retrieval_dim * sizeof(float);
+  const size_t landmark_bytes = (num_chunks() - first_chunk) * row_bytes;
+  ASSIGN_OR_RETURN(snap->copy_,
+                   backend_->Allocate(snap->state_bytes_ + snap->buffer_bytes_ + landmark_bytes));
+  char* at = snap->copy_.as<char>();
+  RETURN_IF_ERROR(backend_->Copy(at, recurrent_.data(), snap->state_bytes_));
+  at += snap->state_bytes_;
+  RETURN_IF_ERROR(backend_->Copy(at, chunk_buffer(), snap->buffer_bytes_));
+  at += snap->buffer_bytes_;
+  RETURN_IF_ERROR(
+      backend_->Copy(at, landmarks_.as<const char>() + first_chunk * row_bytes, landmark_bytes));
+  snap->chunks_.assign(chunks_.begin() + first_chunk, chunks_.end());
+  ASSIGN_OR_RETURN(snap->fence_, backend_->RecordFence());
+  return snap;
+}
+
+absl::StatusOr<SessionSnapshot::Parts> SessionSnapshot::Finish() {
+  if (fence_ == nullptr) return absl::FailedPreconditionError("SessionSnapshot: finished already");
+  RETURN_IF_ERROR(fence_->Wait());
+  fence_.reset();
+  kernels::Backend* be = backend_;
+  Parts parts;
+  const char* at = copy_.as<const char>();
+  PartWriter states = StatesPart(config_, position_, num_chunks_);
+  RETURN_IF_ERROR(be->DownloadSettled(states.Reserve(state_bytes_), at, state_bytes_));
+  at += state_bytes_;
+  RETURN_IF_ERROR(be->DownloadSettled(states.Reserve(buffer_bytes_), at, buffer_bytes_));
+  at += buffer_bytes_;
+  parts.states = states.Finish();
+  const size_t chunk_bytes = 2 * config_.chunk_size * config_.kv_dim() * sizeof(float);
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const int64_t index = first_chunk_ + static_cast<int64_t>(i);
+    PartWriter w = ChunkPart(config_, index);
+    RETURN_IF_ERROR(be->DownloadSettled(w.Reserve(chunk_bytes), chunks_[i]->data(), chunk_bytes));
+    parts.chunks.emplace_back(index, w.Finish());
+  }
+  if (!chunks_.empty()) {
+    const int64_t n = static_cast<int64_t>(chunks_.size());
+    const size_t bytes = n * config_.retrieval_dim * sizeof(float);
+    PartWriter w = LandmarksPart(config_, first_chunk_, n);
+    RETURN_IF_ERROR(be->DownloadSettled(w.Reserve(bytes), at, bytes));
+    parts.landmarks = w.Finish();
+  }
+  copy_.Reset();
+  chunks_.clear();
+  return parts;
 }
 
 absl::StatusOr<std::string> SessionState::SerializeChunk(int64_t index) const {
@@ -239,10 +325,7 @@ absl::StatusOr<std::string> SessionState::SerializeChunk(int64_t index) const {
     return absl::OutOfRangeError(
         absl::StrCat("chunk ", index, " does not exist (session has ", num_chunks(), ")"));
   }
-  PartWriter w(StatePartKind::kChunk);
-  w.Put<int64_t>(index);
-  w.Put<int64_t>(config_.chunk_size);
-  w.Put<int64_t>(config_.kv_dim());
+  PartWriter w = ChunkPart(config_, index);
   const size_t bytes = chunk_floats() * sizeof(float);
   RETURN_IF_ERROR(backend_->Download(w.Reserve(bytes), chunks_[index]->data(), bytes));
   return w.Finish();
@@ -253,10 +336,7 @@ absl::StatusOr<std::string> SessionState::SerializeLandmarks(int64_t begin, int6
     return absl::OutOfRangeError(absl::StrCat("landmark range [", begin, ", ", end,
                                               ") is outside [0, ", num_chunks(), ")"));
   }
-  PartWriter w(StatePartKind::kLandmarks);
-  w.Put<int64_t>(begin);
-  w.Put<int64_t>(end - begin);
-  w.Put<int64_t>(config_.retrieval_dim);
+  PartWriter w = LandmarksPart(config_, begin, end - begin);
   const size_t row_bytes = config_.retrieval_dim * sizeof(float);
   const size_t bytes = (end - begin) * row_bytes;
   RETURN_IF_ERROR(backend_->Download(w.Reserve(bytes), landmarks_.as<char>() + begin * row_bytes,

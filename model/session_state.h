@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -32,6 +33,31 @@ struct ChunkKV {
 enum class StatePartKind : uint16_t { kStates = 1, kChunk = 2, kLandmarks = 3 };
 inline constexpr uint32_t kStatePartMagic = 0x53424D52;  // "RMBS" little-endian
 inline constexpr uint16_t kStatePartVersion = 1;
+
+// A session's parts for a commit as they stood when it was taken (SessionState::Snapshot), read
+// later, on any thread, without waiting for the work the backend queued since.
+class SessionSnapshot {
+ public:
+  struct Parts {
+    std::string states;                                   // as SerializeStates
+    std::vector<std::pair<int64_t, std::string>> chunks;  // (index, SerializeChunk(index))
+    std::string landmarks;  // SerializeLandmarks over the chunks; empty when there are none
+  };
+  // Waits for the snapshot's copies and writes the parts. Once.
+  absl::StatusOr<Parts> Finish();
+
+ private:
+  friend class SessionState;
+  SessionSnapshot() = default;
+
+  kernels::Backend* backend_ = nullptr;
+  ModelConfig config_;
+  int64_t position_ = 0, num_chunks_ = 0, first_chunk_ = 0;
+  size_t state_bytes_ = 0, buffer_bytes_ = 0;
+  kernels::Buffer copy_;  // states, buffer rows, landmark rows of the new chunks
+  std::vector<std::shared_ptr<const ChunkKV>> chunks_;  // immutable: read where they are
+  std::unique_ptr<kernels::Backend::Fence> fence_;
+};
 
 // Per-session model state. Not thread-safe: one writer at a time (the server's session lock).
 // The backend must outlive the state.
@@ -60,6 +86,13 @@ class SessionState {
   absl::StatusOr<std::string> SerializeChunk(int64_t index) const;
   // Landmarks of chunks [begin, end).
   absl::StatusOr<std::string> SerializeLandmarks(int64_t begin, int64_t end) const;
+  // SerializeStates and, for chunks [first_chunk, num_chunks()), SerializeChunk and
+  // SerializeLandmarks, as this state stands once the work queued so far has run, without
+  // waiting for it: the mutable parts are copied in queue order, the immutable chunks held.
+  // SessionSnapshot::Finish writes them later, on any thread; the state may go on meanwhile.
+  // The server's engine thread takes one when a request ends, so it never waits for the step in
+  // flight to serialise a session.
+  absl::StatusOr<std::unique_ptr<SessionSnapshot>> Snapshot(int64_t first_chunk) const;
 
   // Rebuilds a state from its parts: `states`, then `chunks` for indices 0..n-1 in order, and
   // landmark parts that together cover [0, n) in order (n = the chunk count in `states`). Any

@@ -165,13 +165,16 @@ grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Sta
 
 const absl::Status kDraining = absl::UnavailableError("the server is draining for shutdown");
 
-// Writes a prepared commit of `lease` (timed into the commit latency metric), then runs `then`
-// with the result: on the committer when there is one and `async`, else here.
+// Serialises and writes a prepared commit of `lease` (timed into the commit latency metric), then
+// runs `then` with the result: on the committer when there is one and `async`, else here.
 void ApplyCommit(TaskPool* committer, bool async, Metrics* metrics, SessionLease* lease,
-                 store::CommitRequest prepared, std::function<void(absl::Status)> then) {
-  auto write = [lease, metrics, prepared = std::move(prepared), then = std::move(then)]() mutable {
+                 SessionLease::PreparedCommit prepared, std::function<void(absl::Status)> then) {
+  // Shared, since a task must be copyable (the snapshot is not).
+  auto write = [lease, metrics,
+                prepared = std::make_shared<SessionLease::PreparedCommit>(std::move(prepared)),
+                then = std::move(then)]() mutable {
     const auto t0 = Clock::now();
-    absl::Status result = lease->ApplyCommit(std::move(prepared));
+    absl::Status result = lease->ApplyCommit(std::move(*prepared));
     if (metrics) metrics->commit_latency->Observe(Ms(t0, Clock::now()) / 1e3);
     auto finish = std::move(then);  // released with this frame, not with the task
     finish(result);
@@ -217,10 +220,11 @@ void AppendAndCommit(const RambaService::Deps& deps, std::shared_ptr<SessionLeas
       return;
     }
     held->meta().pending_token = last;
-    // The model's memory is read here, on the engine thread; only the write moves. `done` moves
-    // along: its captures may hold the lease, which must be released when the client hears back
-    // (no copy of it may stay behind in the engine's request).
-    absl::StatusOr<store::CommitRequest> prepared = held->PrepareCommit();
+    // The snapshot is taken here, on the engine thread (queued copies, no wait); serialising and
+    // writing it move to the committer. `done` moves along: its captures may hold the lease, which
+    // must be released when the client hears back (no copy of it may stay behind in the engine's
+    // request).
+    absl::StatusOr<SessionLease::PreparedCommit> prepared = held->PrepareCommit();
     if (!prepared.ok()) {
       held.reset();
       done(prepared.status());
@@ -520,14 +524,15 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       return;
     }
     // Generated tokens join the session, fed but for the last one after max_tokens, which is
-    // pending (a stop token is fed: EngineRequest::feed_stop_token). The state is serialised here
-    // (engine thread); the write runs on the committer, and the client hears back once it is
-    // durable.
+    // pending (a stop token is fed: EngineRequest::feed_stop_token). The snapshot is taken here
+    // (engine thread, in the device's queue order, so after a step in flight that feeds the stop
+    // token); serialising and writing run on the committer, and the client hears back once the
+    // commit is durable.
     if (!generated_.empty()) {
       lease_->meta().pending_token =
           last_fed ? std::nullopt : std::optional<int32_t>(generated_.back());
     }
-    absl::StatusOr<store::CommitRequest> prepared = lease_->PrepareCommit();
+    absl::StatusOr<SessionLease::PreparedCommit> prepared = lease_->PrepareCommit();
     if (!prepared.ok()) {
       Fail(prepared.status());
       return;

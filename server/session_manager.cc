@@ -79,31 +79,29 @@ int64_t SessionLease::position() const {
 }
 
 absl::Status SessionLease::Commit() {
-  ASSIGN_OR_RETURN(store::CommitRequest req, PrepareCommit());
-  return ApplyCommit(std::move(req));
+  ASSIGN_OR_RETURN(PreparedCommit prepared, PrepareCommit());
+  return ApplyCommit(std::move(prepared));
 }
 
-absl::StatusOr<store::CommitRequest> SessionLease::PrepareCommit() {
+absl::StatusOr<SessionLease::PreparedCommit> SessionLease::PrepareCommit() {
   Entry& e = *entry_;
-  store::CommitRequest req;
+  PreparedCommit prepared;
+  store::CommitRequest& req = prepared.request;
   req.session_id = e.id;
   req.expected_position = e.record.position;
   req.new_position = position();
   req.metadata = e.meta.ToJson();
-  ASSIGN_OR_RETURN(req.states, e.state->SerializeStates());
-  const int64_t from = e.record.num_chunks, to = e.state->num_chunks();
-  for (int64_t i = from; i < to; ++i) {
-    ASSIGN_OR_RETURN(std::string blob, e.state->SerializeChunk(i));
-    req.new_chunks.emplace_back(i, std::move(blob));
-  }
-  if (to > from) {
-    ASSIGN_OR_RETURN(req.new_landmarks, e.state->SerializeLandmarks(from, to));
-  }
-  return req;
+  ASSIGN_OR_RETURN(prepared.snapshot, e.state->Snapshot(e.record.num_chunks));
+  return prepared;
 }
 
-absl::Status SessionLease::ApplyCommit(store::CommitRequest req) {
+absl::Status SessionLease::ApplyCommit(PreparedCommit prepared) {
   Entry& e = *entry_;
+  ASSIGN_OR_RETURN(SessionSnapshot::Parts parts, prepared.snapshot->Finish());
+  store::CommitRequest req = std::move(prepared.request);
+  req.states = std::move(parts.states);
+  req.new_chunks = std::move(parts.chunks);
+  req.new_landmarks = std::move(parts.landmarks);
   const int64_t to = req.new_chunks.empty() ? e.record.num_chunks : req.new_chunks.back().first + 1;
   RETURN_IF_ERROR(manager_->store_->Commit(req));
   e.record.position = req.new_position;

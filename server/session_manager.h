@@ -86,11 +86,16 @@ class SessionLease {
   // Writes the state, the chunks completed since the last commit, their landmarks and the
   // metadata in one atomic store commit. After it returns OK the changes survive a crash.
   absl::Status Commit();
-  // Commit in two steps, so that the write (and its fsync) can run off the engine thread:
-  // PrepareCommit serialises the state where the model runs; ApplyCommit writes it (any thread,
-  // the lease still held and the state unchanged in between).
-  absl::StatusOr<store::CommitRequest> PrepareCommit();
-  absl::Status ApplyCommit(store::CommitRequest request);
+  // Commit in two steps, so that the serialisation and the write (and its fsync) can run off the
+  // engine thread: PrepareCommit, where the model runs, takes a snapshot of the state in the
+  // backend's queue order without waiting for it (SessionState::Snapshot); ApplyCommit
+  // serialises the snapshot and writes it (any thread, the lease still held in between).
+  struct PreparedCommit {
+    store::CommitRequest request;  // all but the serialised parts
+    std::unique_ptr<SessionSnapshot> snapshot;
+  };
+  absl::StatusOr<PreparedCommit> PrepareCommit();
+  absl::Status ApplyCommit(PreparedCommit prepared);
 
  private:
   friend class SessionManager;

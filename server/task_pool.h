@@ -1,10 +1,10 @@
 // A small thread pool that takes work off the engine thread, whose every microsecond stalls all
 // running streams. The server keeps two:
-// - commits: when a request ends, the engine thread serialises its session
-//   (SessionLease::PrepareCommit: the model's memory is only touched there) and hands the store
-//   write to the pool; the pool writes, then answers the client and releases the session. With
-//   several threads, concurrent sync writes share one fsync (RocksDB's group commit).
-//   ramba-server --commit_threads.
+// - commits: when a request ends, the engine thread takes a snapshot of its session
+//   (SessionLease::PrepareCommit: copies queued on the device, no wait) and hands the rest to the
+//   pool, which serialises the snapshot, writes it, then answers the client and releases the
+//   session. With several threads, concurrent sync writes share one fsync (RocksDB's group
+//   commit). ramba-server --commit_threads.
 // - stream writes: a token reported on the engine thread is queued on its call, and the gRPC
 //   write (a system call, ~20 us on the caller) starts on the pool; tokens that arrive meanwhile
 //   go out together in the next message. ramba-server --stream_writer_threads.

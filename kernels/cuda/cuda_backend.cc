@@ -69,6 +69,7 @@ absl::Status CudaBackend::Init(int dev) {
   max_shared_per_block = static_cast<size_t>(smem);
   RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&settled_stream_, cudaStreamNonBlocking));
   // Keep freed pool memory cached: chunk K/V and scratch come and go at every step, and returning
   // them to the driver would make every allocation a synchronising cudaMalloc.
   cudaMemPool_t pool;
@@ -123,9 +124,10 @@ CudaBackend::~CudaBackend() {
     cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
   }
-  if (side_stream_ != nullptr) {
-    cudaStreamSynchronize(side_stream_);
-    cudaStreamDestroy(side_stream_);
+  for (cudaStream_t s : {side_stream_, settled_stream_}) {
+    if (s == nullptr) continue;
+    cudaStreamSynchronize(s);
+    cudaStreamDestroy(s);
   }
 }
 
@@ -333,6 +335,47 @@ absl::Status CudaBackend::Zero(void* dst, size_t bytes) {
   const cudaStream_t s = MemoryStream();
   RAMBA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, s));
   return FinishMemoryCall(s);
+}
+
+namespace {
+
+class CudaFence : public Backend::Fence {
+ public:
+  explicit CudaFence(cudaEvent_t e) : event_(e) {}
+  ~CudaFence() override { cudaEventDestroy(event_); }
+  absl::Status Wait() override {
+    RAMBA_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event_));
+    return absl::OkStatus();
+  }
+
+ private:
+  cudaEvent_t event_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend::Fence>> CudaBackend::RecordFence() {
+  absl::MutexLock lock(&mu_);
+  // While another thread records, this thread's memory calls ran to completion on the side
+  // stream (MemoryStream): nothing of its own is left to wait for.
+  if (OtherThreadRecording()) return std::make_unique<Fence>();
+  if (capturing_) {
+    return absl::FailedPreconditionError("RecordFence: not while a graph is recorded");
+  }
+  cudaEvent_t e = nullptr;
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  auto fence = std::make_unique<CudaFence>(e);
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaEventRecord(e, stream));
+  return fence;
+}
+
+absl::Status CudaBackend::DownloadSettled(void* host_dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("DownloadSettled", host_dst != nullptr && src != nullptr, "null pointer");
+  RAMBA_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDefault, settled_stream_));
+  RAMBA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(settled_stream_));
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Synchronize() {

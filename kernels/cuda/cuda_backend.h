@@ -94,6 +94,8 @@ class CudaBackend : public Backend, public cuda::Context {
   absl::Status StageHostChunks(const ChunkMemoryBatch& mem, const int64_t* host_chunks,
                                const int32_t* indices, int64_t rows, int64_t heads, int64_t top_k,
                                int64_t chunk_floats, const StagedChunks& out) override;
+  absl::StatusOr<std::unique_ptr<Fence>> RecordFence() override;
+  absl::Status DownloadSettled(void* host_dst, const void* src, size_t bytes) override;
   absl::Status StageSelectedHostChunks(const ChunkMemoryBatch& mem, const int32_t* indices,
                                        int64_t rows, int64_t per_row, int64_t chunk_floats,
                                        const StagedChunkTables& out) override;
@@ -146,6 +148,7 @@ class CudaBackend : public Backend, public cuda::Context {
   std::thread::id recording_thread_ ABSL_GUARDED_BY(mu_);
   std::vector<void*> pending_frees_ ABSL_GUARDED_BY(mu_);
   cudaStream_t side_stream_ = nullptr;
+  cudaStream_t settled_stream_ = nullptr;  // DownloadSettled's: waits for nothing else
   std::map<int64_t, cudaGraphExec_t> graphs_;
   int64_t next_graph_ = 1;
 

@@ -23,6 +23,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/model/chunk_tiers.h"
 #include "tests/model/pipelined_decode.h"
+#include "tests/model/session_snapshot.h"
 #include "tests/testing/test_util.h"
 
 namespace ramba {
@@ -310,6 +311,14 @@ TEST(CudaModelTest, MovingChunksToTheHostChangesNoResult) {
     testing::ExpectChunkTiersChangeNoResult(gpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3",
                                             1e-5, chunks);
   }
+}
+
+TEST(CudaModelTest, SnapshotHoldsThePartsAsTheyWereWhenTaken) {
+  auto gpu = GpuOrSkip(kernels::DType::kBF16);
+  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  auto model = RambaModel::Load(testing::FixtureDir() + "/tiny_enc1_cls_k3", gpu.get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  testing::ExpectSnapshotHoldsThePast(model->get());
 }
 
 TEST(CudaModelTest, WarmupThenDecodeMatchesCpu) {

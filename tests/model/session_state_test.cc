@@ -9,6 +9,7 @@
 #include "kernels/backend.h"
 #include "model/ramba_model.h"
 #include "model/weights.h"
+#include "tests/model/session_snapshot.h"
 #include "tests/testing/test_util.h"
 
 namespace ramba {
@@ -99,6 +100,10 @@ TEST_F(SessionStateTest, SaveRestoreContinueIsBitwiseIdentical) {
   EXPECT_EQ(0, std::memcmp(la.data(), lb.data(), la.size() * sizeof(float)));
   // And the re-serialised states match byte for byte.
   EXPECT_TRUE(*a->SerializeStates() == *(*b)->SerializeStates());
+}
+
+TEST_F(SessionStateTest, SnapshotHoldsThePartsAsTheyWereWhenTaken) {
+  testing::ExpectSnapshotHoldsThePast(model_.get());
 }
 
 TEST_F(SessionStateTest, EmptyStateRoundTrips) {
