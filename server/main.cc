@@ -46,9 +46,13 @@ ABSL_FLAG(int64_t, max_resident_host_bytes, 0,
           "ramba_backend_host_memory_bytes).");
 ABSL_FLAG(int64_t, device_chunk_window, 0,
           "Chunks per session whose K/V stay in GPU memory; older ones move to pinned host "
-          "memory (a decode step copies the few it selects to the GPU; prefill reads them in "
-          "place over PCIe), so GPU memory per session stays bounded at any length. 0: all stay "
-          "in GPU memory.");
+          "memory (a decode step copies the few it selects to the GPU, a prefill the distinct "
+          "ones its rows select, up to --host_chunk_staging_mb), so GPU memory per session stays "
+          "bounded at any length. 0: all stay in GPU memory.");
+ABSL_FLAG(int64_t, host_chunk_staging_mb, 256,
+          "GPU memory a prefill (or any batch that is not a decode step) may use to copy the "
+          "host-tier chunks its rows select (--device_chunk_window); beyond it they are read in "
+          "place over PCIe.");
 ABSL_FLAG(int64_t, max_sessions, 1000000, "Sessions the store may hold (RESOURCE_EXHAUSTED beyond).");
 ABSL_FLAG(int64_t, max_session_tokens, int64_t{1} << 40, "Tokens a session may hold (RESOURCE_EXHAUSTED / SESSION_LIMIT beyond).");
 ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may carry.");
@@ -96,8 +100,10 @@ int main(int argc, char** argv) {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   auto model = RambaModel::Load(model_dir, backend->get());
   if (!model.ok()) return Fail(model.status());
-  if (absl::GetFlag(FLAGS_device_chunk_window) < 0) {
-    return Fail(absl::InvalidArgumentError("--device_chunk_window must be >= 0"));
+  if (absl::GetFlag(FLAGS_device_chunk_window) < 0 ||
+      absl::GetFlag(FLAGS_host_chunk_staging_mb) < 0) {
+    return Fail(absl::InvalidArgumentError(
+        "--device_chunk_window and --host_chunk_staging_mb must be >= 0"));
   }
   if ((*backend)->host_accessible()) {
     // The CPU backend's memory is host memory already: moving chunks would only copy them.
@@ -106,6 +112,7 @@ int main(int argc, char** argv) {
     }
   } else {
     (*model)->set_device_chunk_window(absl::GetFlag(FLAGS_device_chunk_window));
+    (*model)->set_host_chunk_staging_bytes(absl::GetFlag(FLAGS_host_chunk_staging_mb) << 20);
   }
   auto tokenizer = LoadTokenizer(model_dir, (*model)->config().vocab_size);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
