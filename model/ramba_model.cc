@@ -550,6 +550,7 @@ absl::Status RambaModel::StageSelectedHostChunks(const Batch& b, const int32_t* 
   t.total_host = b.host_offsets_of_seqs[num_seqs];
   t.capacity = std::min({t.total_host, b.rows * per_row,
                          host_chunk_staging_bytes_ / (chunk_floats * int64_t{sizeof(float)})});
+  if (t.capacity == 0) return absl::OkStatus();  // all read in place
   RETURN_IF_ERROR(ws.Put(W::kStageHostOffsets, b.host_offsets_of_seqs, &t.host_offsets));
   RETURN_IF_ERROR(ws.Put(W::kStageTableOffsets, b.table_offsets_of_seqs, &t.table_offsets));
   ASSIGN_OR_RETURN(t.blocks, ws.Get<float>(W::kStageBlocks, t.capacity * chunk_floats));

@@ -274,8 +274,23 @@ absl::StatusOr<std::unique_ptr<SessionSnapshot>> SessionState::Snapshot(int64_t 
   snap->buffer_bytes_ = buffered_rows() * config_.hidden_size * sizeof(float);
   const size_t row_bytes = config_.retrieval_dim * sizeof(float);
   const size_t landmark_bytes = (num_chunks() - first_chunk) * row_bytes;
-  ASSIGN_OR_RETURN(snap->copy_,
-                   backend_->Allocate(snap->state_bytes_ + snap->buffer_bytes_ + landmark_bytes));
+  absl::StatusOr<kernels::Buffer> copy =
+      backend_->Allocate(snap->state_bytes_ + snap->buffer_bytes_ + landmark_bytes);
+  if (!copy.ok()) {
+    if (copy.status().code() != absl::StatusCode::kResourceExhausted) return copy.status();
+    SessionSnapshot::Parts parts;
+    ASSIGN_OR_RETURN(parts.states, SerializeStates());
+    for (int64_t i = first_chunk; i < num_chunks(); ++i) {
+      ASSIGN_OR_RETURN(std::string blob, SerializeChunk(i));
+      parts.chunks.emplace_back(i, std::move(blob));
+    }
+    if (num_chunks() > first_chunk) {
+      ASSIGN_OR_RETURN(parts.landmarks, SerializeLandmarks(first_chunk, num_chunks()));
+    }
+    snap->parts_ = std::move(parts);
+    return snap;
+  }
+  snap->copy_ = *std::move(copy);
   char* at = snap->copy_.as<char>();
   RETURN_IF_ERROR(backend_->Copy(at, recurrent_.data(), snap->state_bytes_));
   at += snap->state_bytes_;
@@ -289,7 +304,9 @@ absl::StatusOr<std::unique_ptr<SessionSnapshot>> SessionState::Snapshot(int64_t 
 }
 
 absl::StatusOr<SessionSnapshot::Parts> SessionSnapshot::Finish() {
-  if (fence_ == nullptr) return absl::FailedPreconditionError("SessionSnapshot: finished already");
+  if (finished_) return absl::FailedPreconditionError("SessionSnapshot: finished already");
+  finished_ = true;
+  if (parts_.has_value()) return *std::move(parts_);
   RETURN_IF_ERROR(fence_->Wait());
   fence_.reset();
   kernels::Backend* be = backend_;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -57,6 +58,8 @@ class SessionSnapshot {
   kernels::Buffer copy_;  // states, buffer rows, landmark rows of the new chunks
   std::vector<std::shared_ptr<const ChunkKV>> chunks_;  // immutable: read where they are
   std::unique_ptr<kernels::Backend::Fence> fence_;
+  std::optional<Parts> parts_;  // serialised at once: no backend memory was left for copies
+  bool finished_ = false;
 };
 
 // Per-session model state. Not thread-safe: one writer at a time (the server's session lock).
@@ -91,7 +94,9 @@ class SessionState {
   // waiting for it: the mutable parts are copied in queue order, the immutable chunks held.
   // SessionSnapshot::Finish writes them later, on any thread; the state may go on meanwhile.
   // The server's engine thread takes one when a request ends, so it never waits for the step in
-  // flight to serialise a session.
+  // flight to serialise a session. When the backend has no memory left for the copies, the parts
+  // are serialised at once instead (waiting for the queued work), so a commit never fails for
+  // want of the snapshot's memory.
   absl::StatusOr<std::unique_ptr<SessionSnapshot>> Snapshot(int64_t first_chunk) const;
 
   // Rebuilds a state from its parts: `states`, then `chunks` for indices 0..n-1 in order, and

@@ -321,6 +321,42 @@ TEST(CudaModelTest, SnapshotHoldsThePartsAsTheyWereWhenTaken) {
   testing::ExpectSnapshotHoldsThePast(model->get());
 }
 
+// With no GPU memory left for the snapshot's copies, the parts are serialised at once (waiting
+// for the device) and come out the same.
+TEST(CudaModelTest, SnapshotWithoutMemoryLeftSerialisesAtOnce) {
+  auto gpu = GpuOrSkip(kernels::DType::kBF16);
+  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  auto model = RambaModel::Load(testing::FixtureDir() + "/tiny_enc1_cls_k3", gpu.get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int64_t S = (*model)->config().chunk_size;
+  auto s = (*model)->NewSession();
+  ASSERT_TRUE(s.ok());
+  std::vector<float> logits;
+  ASSERT_TRUE((*model)->Prefill(s->get(), testing::RandomTokens(2 * S + 9, 256, 5), &logits).ok());
+  SessionState* st = s->get();
+  const std::string states = *st->SerializeStates();
+  const std::string chunk1 = *st->SerializeChunk(1);
+  const std::string landmarks = *st->SerializeLandmarks(1, 2);
+  std::vector<kernels::Buffer> hog;  // every byte the pool will give, largest pieces first
+  for (size_t bytes = size_t{1} << 32; bytes >= 256; bytes /= 2) {
+    while (true) {
+      auto b = gpu->Allocate(bytes);
+      if (!b.ok()) break;
+      hog.push_back(*std::move(b));
+    }
+  }
+  EXPECT_EQ(gpu->Allocate(states.size()).status().code(), absl::StatusCode::kResourceExhausted);
+  auto snap = st->Snapshot(1);
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  hog.clear();
+  auto parts = (*snap)->Finish();
+  ASSERT_TRUE(parts.ok()) << parts.status();
+  EXPECT_EQ(parts->states, states);
+  ASSERT_EQ(parts->chunks.size(), 1u);
+  EXPECT_EQ(parts->chunks[0].second, chunk1);
+  EXPECT_EQ(parts->landmarks, landmarks);
+}
+
 TEST(CudaModelTest, WarmupThenDecodeMatchesCpu) {
   // The warm-up records the batch-1 decode graph on its own throwaway session; a later session's
   // first decode step replays it (no eager run of its own) and must still match the CPU.
