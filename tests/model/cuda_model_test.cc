@@ -332,7 +332,9 @@ TEST(CudaModelTest, SnapshotWithoutMemoryLeftSerialisesAtOnce) {
   auto s = (*model)->NewSession();
   ASSERT_TRUE(s.ok());
   std::vector<float> logits;
-  ASSERT_TRUE((*model)->Prefill(s->get(), testing::RandomTokens(2 * S + 9, 256, 5), &logits).ok());
+  const auto tokens = testing::RandomTokens(2 * S + 9, (*model)->config().vocab_size, 5);
+  const absl::Status prefilled = (*model)->Prefill(s->get(), tokens, &logits);
+  ASSERT_TRUE(prefilled.ok()) << prefilled;
   SessionState* st = s->get();
   const std::string states = *st->SerializeStates();
   const std::string chunk1 = *st->SerializeChunk(1);
