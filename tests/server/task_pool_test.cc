@@ -1,4 +1,4 @@
-// The committer runs every task it is given, off the caller's thread, and none is lost at Stop.
+// A TaskPool runs every task it is given, off the caller's thread, and none is lost at Stop.
 #include "server/task_pool.h"
 
 #include <atomic>
@@ -10,7 +10,7 @@
 namespace ramba::server {
 namespace {
 
-TEST(CommitterTest, RunsTasksOffTheCallersThread) {
+TEST(TaskPoolTest, RunsTasksOffTheCallersThread) {
   TaskPool c(3);
   const std::thread::id me = std::this_thread::get_id();
   std::atomic<int> ran{0}, elsewhere{0};
@@ -26,7 +26,7 @@ TEST(CommitterTest, RunsTasksOffTheCallersThread) {
   EXPECT_EQ(c.Pending(), 0);
 }
 
-TEST(CommitterTest, TasksRunConcurrentlyAndPendingCountsThem) {
+TEST(TaskPoolTest, TasksRunConcurrentlyAndPendingCountsThem) {
   TaskPool c(2);
   absl::Notification release;
   std::atomic<int> started{0};
@@ -44,7 +44,7 @@ TEST(CommitterTest, TasksRunConcurrentlyAndPendingCountsThem) {
   EXPECT_EQ(c.Pending(), 0);
 }
 
-TEST(CommitterTest, AfterStopTasksRunInline) {
+TEST(TaskPoolTest, AfterStopTasksRunInline) {
   TaskPool c(1);
   c.Stop();
   bool ran = false;
