@@ -104,8 +104,7 @@ SessionState::SessionState(const ModelConfig& config, kernels::Backend* backend)
     : config_(config), backend_(backend) {}
 
 int64_t SessionState::recurrent_floats() const {
-  return config_.num_mamba_layers() * (conv_floats() + ssm_floats()) +
-         config_.chunk_size * config_.hidden_size;
+  return state_floats() + config_.chunk_size * config_.hidden_size;
 }
 
 absl::Status SessionState::Init() {
@@ -145,9 +144,7 @@ float* SessionState::ssm_state(int64_t layer) const {
   return recurrent_.as<float>() + config_.num_mamba_layers() * conv_floats() +
          layer * ssm_floats();
 }
-float* SessionState::chunk_buffer() const {
-  return recurrent_.as<float>() + config_.num_mamba_layers() * (conv_floats() + ssm_floats());
-}
+float* SessionState::chunk_buffer() const { return recurrent_.as<float>() + state_floats(); }
 const float* SessionState::landmarks() const { return landmarks_.as<const float>(); }
 
 absl::Status SessionState::ReserveLandmarks(int64_t chunks) {
@@ -251,8 +248,7 @@ PartWriter LandmarksPart(const ModelConfig& c, int64_t begin, int64_t count) {
 absl::StatusOr<std::string> SessionState::SerializeStates() const {
   PartWriter w = StatesPart(config_, position_, num_chunks());
   // Recurrent states always; the chunk buffer only up to its filled rows.
-  const size_t state_bytes =
-      config_.num_mamba_layers() * (conv_floats() + ssm_floats()) * sizeof(float);
+  const size_t state_bytes = state_floats() * sizeof(float);
   const size_t buffer_bytes = buffered_rows() * config_.hidden_size * sizeof(float);
   RETURN_IF_ERROR(backend_->Download(w.Reserve(state_bytes), recurrent_.data(), state_bytes));
   RETURN_IF_ERROR(backend_->Download(w.Reserve(buffer_bytes), chunk_buffer(), buffer_bytes));
@@ -270,7 +266,7 @@ absl::StatusOr<std::unique_ptr<SessionSnapshot>> SessionState::Snapshot(int64_t 
   snap->position_ = position_;
   snap->num_chunks_ = num_chunks();
   snap->first_chunk_ = first_chunk;
-  snap->state_bytes_ = config_.num_mamba_layers() * (conv_floats() + ssm_floats()) * sizeof(float);
+  snap->state_bytes_ = state_floats() * sizeof(float);
   snap->buffer_bytes_ = buffered_rows() * config_.hidden_size * sizeof(float);
   const size_t row_bytes = config_.retrieval_dim * sizeof(float);
   const size_t landmark_bytes = (num_chunks() - first_chunk) * row_bytes;

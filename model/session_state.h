@@ -143,6 +143,10 @@ class SessionState {
   int64_t ssm_floats() const {
     return config_.num_heads * config_.head_dim * config_.state_size;
   }
+  // Every Mamba layer's conv and SSM state (recurrent_ holds them, then the chunk buffer).
+  int64_t state_floats() const {
+    return config_.num_mamba_layers() * (conv_floats() + ssm_floats());
+  }
   int64_t recurrent_floats() const;
 
   ModelConfig config_;
