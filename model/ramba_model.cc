@@ -23,7 +23,9 @@ struct RambaModel::Workspace {
     kX, kXn, kQ, kK, kV, kAttn, kGate, kUp, kKfull, kVfull, kMean, kLmk,
     kR, kIdx, kW, kLandmarkPtrs, kNumChunks, kChunkTablePtrs,
     kHsaQ, kHsaO, kLastRows, kLogits, kBufferRows, kSampled,
-    kLaunchSampled,  // launched steps' tokens, read by a chained launch: no other call writes them
+    // Launched steps' tokens in turn (launch_parity_), read by the next launch's carried rows: no
+    // other call writes them.
+    kLaunchSampled, kLaunchSampledOther,
     kHostChunks, kStagedBlocks, kStagedSlots, kStagedTables, kStagedNumChunks, kStagedIdx,
     kStageHostOffsets, kStageTableOffsets, kStageBlocks, kStagePicks, kStageSources, kStageCount,
     kStageEntries, kStageTables,
@@ -131,7 +133,7 @@ absl::Status RambaModel::Forward(absl::Span<SessionState* const> states,
   absl::MutexLock lock(&mu_);
   Output output;
   output.logits = logits;
-  return ForwardLocked(states, tokens, mode, output);
+  return ForwardLocked(states, tokens, mode, output, CarriedTokens());
 }
 
 absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states,
@@ -158,7 +160,7 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
   output.sampled = sampled;
   output.logprob_rows = logprob_rows;
   output.logprobs = logprobs;
-  return ForwardLocked(states, tokens, LogitsMode::kLast, output);
+  return ForwardLocked(states, tokens, LogitsMode::kLast, output, CarriedTokens());
 }
 
 namespace {
@@ -176,27 +178,47 @@ std::vector<absl::Span<const int32_t>> OneTokenEach(absl::Span<const int32_t> to
 absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
                                       absl::Span<const int32_t> tokens,
                                       absl::Span<const SamplingOptions> options, bool logprobs) {
-  if (tokens.empty()) return LaunchStep(states, {}, options, /*chained=*/true, logprobs);
+  if (tokens.empty()) {
+    std::vector<int32_t> carried(states.size());
+    for (size_t s = 0; s < carried.size(); ++s) carried[s] = static_cast<int32_t>(s);
+    const std::vector<absl::Span<const int32_t>> none(states.size());
+    return LaunchStep(states, none, options, carried, /*chained=*/true, logprobs);
+  }
   if (tokens.size() != states.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("LaunchDecode got ", states.size(), " states and ", tokens.size(), " tokens"));
   }
-  return LaunchStep(states, OneTokenEach(tokens), options, /*chained=*/false, logprobs);
+  return LaunchStep(states, OneTokenEach(tokens), options, {}, /*chained=*/false, logprobs);
 }
 
 absl::Status RambaModel::LaunchForward(absl::Span<SessionState* const> states,
                                        absl::Span<const absl::Span<const int32_t>> tokens,
-                                       absl::Span<const SamplingOptions> options, bool logprobs) {
+                                       absl::Span<const SamplingOptions> options, bool logprobs,
+                                       absl::Span<const int32_t> carried) {
   if (tokens.size() != states.size()) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchForward got ", states.size(),
                                                    " states and ", tokens.size(), " token lists"));
   }
-  return LaunchStep(states, tokens, options, /*chained=*/false, logprobs);
+  if (!carried.empty() && carried.size() != states.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchForward got ", states.size(),
+                                                   " states and ", carried.size(),
+                                                   " carried entries"));
+  }
+  return LaunchStep(states, tokens, options, carried, /*chained=*/false, logprobs);
+}
+
+absl::Status RambaModel::Feed(absl::Span<SessionState* const> states,
+                              absl::Span<const absl::Span<const int32_t>> tokens) {
+  absl::MutexLock lock(&mu_);
+  Output output;
+  output.queue_only = true;
+  return ForwardLocked(states, tokens, LogitsMode::kNone, output, CarriedTokens());
 }
 
 absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
                                     absl::Span<const absl::Span<const int32_t>> tokens,
-                                    absl::Span<const SamplingOptions> options, bool chained,
+                                    absl::Span<const SamplingOptions> options,
+                                    absl::Span<const int32_t> carried, bool chained,
                                     bool logprobs) {
   const int64_t B = static_cast<int64_t>(states.size());
   if (B == 0) return absl::InvalidArgumentError("LaunchDecode: no sessions");
@@ -210,16 +232,38 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
     return absl::FailedPreconditionError(absl::StrCat(
         "LaunchDecode: ", kMaxDecodesInFlight, " steps are already launched and not collected"));
   }
-  if (chained) {
-    bool same = states.size() == chain_.size();
-    for (size_t s = 0; same && s < states.size(); ++s) {
-      same = states[s] == chain_[s].first && states[s]->position() == chain_[s].second;
-    }
-    if (!same) {
+  if (chained && states.size() != chain_.size()) {
+    return absl::FailedPreconditionError(
+        "LaunchDecode without tokens must follow a launch of the same sessions in the same "
+        "order, none of them fed since");
+  }
+  // Carried rows feed a placeholder id here; CopyCarried puts the real token in its place.
+  static const int32_t kPlaceholder = 0;
+  std::vector<absl::Span<const int32_t>> spans(tokens.begin(), tokens.end());
+  CarriedTokens carry;
+  for (int64_t s = 0; s < static_cast<int64_t>(carried.size()); ++s) {
+    const int64_t from = carried[s];
+    if (from < 0) continue;
+    if (from >= static_cast<int64_t>(chain_.size()) || chain_[from].first != states[s] ||
+        chain_[from].second != states[s]->position()) {
       return absl::FailedPreconditionError(
-          "LaunchDecode without tokens must follow a launch of the same sessions in the same "
-          "order, none of them fed since");
+          chained ? "LaunchDecode without tokens must follow a launch of the same sessions in the "
+                    "same order, none of them fed since"
+                  : absl::StrCat("LaunchForward: session ", s, " carries row ", from,
+                                 " of the last launch, which is not that session as the launch "
+                                 "left it"));
     }
+    if (!tokens[s].empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LaunchForward: session ", s, " is carried and has tokens as well"));
+    }
+    spans[s] = absl::MakeConstSpan(&kPlaceholder, 1);
+    carry.rows.emplace_back(s, from);
+  }
+  if (!carry.rows.empty()) {
+    const auto last = static_cast<Workspace::Slot>(Workspace::kLaunchSampled + (launch_parity_ ^ 1));
+    ASSIGN_OR_RETURN(carry.from,
+                     workspace_->Get<int32_t>(last, static_cast<int64_t>(chain_.size())));
   }
   Output output;
   output.options = options;
@@ -228,23 +272,10 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   int64_t ticket = -1;
   output.download_ticket = &ticket;
   output.launch_logprobs = logprobs;
-  absl::Status st;
-  if (chained) {
-    ASSIGN_OR_RETURN(int32_t * prev, workspace_->Get<int32_t>(Workspace::kLaunchSampled, B));
-    if (backend_->SupportsGraphs()) {
-      // The previous step's sampled tokens stay on the device: copied into this step's input.
-      st = DecodeStepLocked(states, std::vector<int32_t>(B, 0), output, prev);
-    } else {
-      // Ops ran inside the previous call, so its tokens can simply be read back.
-      std::vector<int32_t> input(B);
-      RETURN_IF_ERROR(backend_->Download(input.data(), prev, B * sizeof(int32_t)));
-      st = ForwardLocked(states, OneTokenEach(input), LogitsMode::kLast, output);
-    }
-  } else {
-    st = ForwardLocked(states, tokens, LogitsMode::kLast, output);
-  }
+  const absl::Status st = ForwardLocked(states, spans, LogitsMode::kLast, output, carry);
   chain_.clear();
   RETURN_IF_ERROR(st);
+  launch_parity_ ^= 1;
   decodes_in_flight_.push_back({ticket, B, logprobs});
   for (SessionState* state : states) chain_.emplace_back(state, state->position());
   return absl::OkStatus();
@@ -287,9 +318,9 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     SamplingInputs(output.options, positions, &params, &uniforms);
     // The tokens, then their logprobs (4-byte words both): one download brings both back.
     const bool launched = output.download_ticket != nullptr;
+    const int slot = launched ? Workspace::kLaunchSampled + launch_parity_ : Workspace::kSampled;
     ASSIGN_OR_RETURN(int32_t * dev,
-                     workspace_->Get<int32_t>(
-                         launched ? Workspace::kLaunchSampled : Workspace::kSampled, 2 * rows));
+                     workspace_->Get<int32_t>(static_cast<Workspace::Slot>(slot), 2 * rows));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
     const bool logprobs = launched ? output.launch_logprobs : output.logprobs != nullptr;
@@ -646,9 +677,27 @@ absl::StatusOr<float*> RambaModel::Head(const float* src, int64_t rows) {
   return out;
 }
 
+absl::Status RambaModel::CopyCarried(const CarriedTokens& carried, const int64_t* seq_offsets,
+                                     const int32_t* tokens) {
+  int32_t* dst = const_cast<int32_t*>(tokens);  // the batch's own token array
+  const auto& rows = carried.rows;
+  for (size_t i = 0; i < rows.size();) {
+    size_t n = 1;  // a run: consecutive sequences (one token each) from consecutive rows
+    while (i + n < rows.size() && rows[i + n].first == rows[i].first + static_cast<int64_t>(n) &&
+           rows[i + n].second == rows[i].second + static_cast<int64_t>(n)) {
+      ++n;
+    }
+    RETURN_IF_ERROR(backend_->Copy(dst + seq_offsets[rows[i].first], carried.from + rows[i].second,
+                                   n * sizeof(int32_t)));
+    i += n;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
                                        absl::Span<const absl::Span<const int32_t>> tokens,
-                                       LogitsMode mode, const Output& output) {
+                                       LogitsMode mode, const Output& output,
+                                       const CarriedTokens& carried) {
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
   Backend* be = backend_;
@@ -699,7 +748,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
     }
   }
   if (be->SupportsGraphs() && rows == num_seqs && mode == LogitsMode::kLast && wants_output) {
-    return DecodeStepLocked(states, all_tokens, output);
+    return DecodeStepLocked(states, all_tokens, output, carried);
   }
 
   const int64_t d = c.hidden_size, S = c.chunk_size;
@@ -707,6 +756,7 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
 
   Batch b;
   RETURN_IF_ERROR(PrepareBatch(states, all_tokens, seq_offsets, &b));
+  RETURN_IF_ERROR(CopyCarried(carried, seq_offsets.data(), b.tokens));
   RETURN_IF_ERROR(LowerLayers(b));
   ASSIGN_OR_RETURN(float* h, ws.Get<float>(W::kH, rows * d));
 
@@ -767,7 +817,9 @@ absl::Status RambaModel::ForwardLocked(absl::Span<SessionState* const> states,
   }
 
   // ---- Final norm and LM head on the rows that need logits ----
-  if (mode == LogitsMode::kNone || !wants_output) return be->Synchronize();
+  if (mode == LogitsMode::kNone || !wants_output) {
+    return output.queue_only ? absl::OkStatus() : be->Synchronize();
+  }
   const float* src = h;
   int64_t out_rows = rows;
   if (mode == LogitsMode::kLast) {
@@ -857,7 +909,7 @@ absl::StatusOr<RambaModel::GraphOutputs> RambaModel::RunGraphed(
 // position), so the order does not change the result.
 absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states,
                                           const std::vector<int32_t>& tokens, const Output& output,
-                                          const int32_t* device_tokens) {
+                                          const CarriedTokens& carried) {
   const ModelConfig& c = config_;
   Workspace& ws = *workspace_;
   Backend* be = backend_;
@@ -887,9 +939,7 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
   const bool stage = *std::max_element(host_chunks.begin(), host_chunks.end()) > 0;
   if (stage) RETURN_IF_ERROR(ws.Put(W::kHostChunks, host_chunks, &b.host_chunks));
   RETURN_IF_ERROR(ws.FlushStaged());
-  if (device_tokens != nullptr) {
-    RETURN_IF_ERROR(be->Copy(const_cast<int32_t*>(b.tokens), device_tokens, B * sizeof(int32_t)));
-  }
+  RETURN_IF_ERROR(CopyCarried(carried, offsets.data(), b.tokens));
 
   auto ops = [&]() -> absl::StatusOr<GraphOutputs> {
     RETURN_IF_ERROR(LowerLayers(b));

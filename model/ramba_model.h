@@ -104,9 +104,21 @@ class RambaModel {
                             absl::Span<const SamplingOptions> options, bool logprobs = false);
   // LaunchDecode's general form: tokens[s] (one or more, as ForwardAndSample takes them) for each
   // session, one token sampled per session; a later LaunchDecode without tokens may follow it.
+  // `carried` (empty, or one entry per session) lets rows join, leave or move between launches
+  // without waiting for the last one's tokens (vLLM's async scheduling): carried[s] >= 0 feeds
+  // session s the token the last launch sampled for its row carried[s], still on the device; that
+  // row's session must be states[s], not fed since, and tokens[s] must be empty. -1: tokens[s].
   absl::Status LaunchForward(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens,
-                             absl::Span<const SamplingOptions> options, bool logprobs = false);
+                             absl::Span<const SamplingOptions> options, bool logprobs = false,
+                             absl::Span<const int32_t> carried = {});
+  // Forward without logits (LogitsMode::kNone) that returns once the work is queued on the
+  // backend instead of waiting for it, so a prompt's tokens can be fed beside launched decode
+  // steps: a server runs the decode rows as one recorded step and the prompts' tokens here,
+  // rather than all of them in one batch that cannot be recorded. Later calls (launches,
+  // snapshots, downloads) are ordered after it on the backend.
+  absl::Status Feed(absl::Span<SessionState* const> states,
+                    absl::Span<const absl::Span<const int32_t>> tokens);
   // The oldest launched step's tokens and, when given, their logprobs (NaN when that launch
   // computed none).
   absl::Status CollectDecode(std::vector<int32_t>* sampled, std::vector<float>* logprobs = nullptr);
@@ -157,20 +169,35 @@ class RambaModel {
     // (LaunchDecode), with every row's logprob after the tokens when launch_logprobs is set.
     int64_t* download_ticket = nullptr;
     bool launch_logprobs = false;
+    // kNone: return once the work is queued instead of waiting for the backend (Feed).
+    bool queue_only = false;
+  };
+  // Input tokens copied on the backend from the last launch's samples (LaunchForward's carried):
+  // (sequence of this batch, whose one token it is; row of the last launch).
+  struct CarriedTokens {
+    const int32_t* from = nullptr;  // the last launch's sampled tokens (backend memory)
+    std::vector<std::pair<int64_t, int64_t>> rows;
   };
   absl::Status ForwardLocked(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens, LogitsMode mode,
-                             const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // A decode batch through its recorded graph. With `device_tokens`, the input tokens are read
-  // from there (backend memory) instead of `tokens`.
+                             const Output& output, const CarriedTokens& carried)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A decode batch through its recorded graph; `carried` rows read their tokens from the last
+  // launch's samples instead of `tokens`.
   absl::Status DecodeStepLocked(absl::Span<SessionState* const> states,
                                 const std::vector<int32_t>& tokens, const Output& output,
-                                const int32_t* device_tokens = nullptr)
+                                const CarriedTokens& carried)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // LaunchDecode and LaunchForward: host tokens, or (chained) the previous launch's samples.
+  // Copies carried tokens into a batch's token array (`seq_offsets`: where each sequence's
+  // tokens start), one copy per run of consecutive rows.
+  absl::Status CopyCarried(const CarriedTokens& carried, const int64_t* seq_offsets,
+                           const int32_t* tokens);
+  // LaunchDecode and LaunchForward: host tokens and/or (carried[s] >= 0) the last launch's
+  // samples; `chained`: LaunchDecode without tokens (the same sessions as the last launch).
   absl::Status LaunchStep(absl::Span<SessionState* const> states,
                           absl::Span<const absl::Span<const int32_t>> tokens,
-                          absl::Span<const SamplingOptions> options, bool chained, bool logprobs);
+                          absl::Span<const SamplingOptions> options, absl::Span<const int32_t> carried,
+                          bool chained, bool logprobs);
   // Downloads and/or samples `rows` rows of logits at backend address `out` (states advanced).
   absl::Status Deliver(absl::Span<SessionState* const> states, const float* out, int64_t rows,
                        const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -225,6 +252,9 @@ class RambaModel {
   };
   std::deque<LaunchedStep> decodes_in_flight_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<SessionState*, int64_t>> chain_ ABSL_GUARDED_BY(mu_);
+  // Launches write their tokens to two workspace slots in turn, so that a launch with more rows
+  // than the last can grow its own slot while it still reads the last one's tokens.
+  int launch_parity_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace ramba

@@ -293,6 +293,7 @@ TEST(CudaModelTest, PipelinedDecodeMatchesSteps) {
     auto model = RambaModel::Load(testing::FixtureDir() + "/" + name, gpu.get());
     ASSERT_TRUE(model.ok()) << model.status();
     testing::ExpectPipelinedDecodeMatchesSteps(model->get(), 70);
+    testing::ExpectCarriedRowsMatchSteps(model->get(), 40);
     testing::ExpectPipelinedDecodeMisuseRefused(model->get());
   }
 }

@@ -3,7 +3,9 @@
 #ifndef RAMBA_TESTS_MODEL_PIPELINED_DECODE_H_
 #define RAMBA_TESTS_MODEL_PIPELINED_DECODE_H_
 
+#include <algorithm>
 #include <cmath>
+#include <deque>
 #include <memory>
 #include <vector>
 
@@ -107,6 +109,126 @@ inline void ExpectPipelinedDecodeMatchesSteps(RambaModel* model, int steps) {
   EXPECT_EQ(from_a, from_b);
 }
 
+// Launches whose rows join, leave and change order between them (LaunchForward's `carried`): a
+// session in the last launch takes its token from there on the device, others feed theirs from
+// the host. The same tokens as ForwardAndSample over the same batches, and Feed (queued, no
+// logits) leaves a session as Forward with no logits does.
+inline void ExpectCarriedRowsMatchSteps(RambaModel* model, int launches) {
+  const int64_t V = model->config().vocab_size;
+  const std::vector<int64_t> prompt_lens = {1, 62, 63, 130};
+  const int n = static_cast<int>(prompt_lens.size());
+  std::vector<std::unique_ptr<SessionState>> stepped, launched;
+  std::vector<int32_t> next;  // each session's next input token
+  for (int i = 0; i < n; ++i) {
+    const auto p = RandomTokens(prompt_lens[i] + 1, V, 70 + i);
+    auto s = model->NewSession();
+    ASSERT_TRUE(s.ok());
+    SessionState* one[] = {s->get()};
+    absl::Span<const int32_t> in[] = {absl::MakeConstSpan(p).first(prompt_lens[i])};
+    ASSERT_TRUE(model->Forward(one, in, LogitsMode::kNone, nullptr).ok());
+    auto f = (*s)->Fork();
+    ASSERT_TRUE(f.ok());
+    stepped.push_back(std::move(*s));
+    launched.push_back(std::move(*f));
+    next.push_back(p.back());
+  }
+  std::vector<SamplingOptions> options(n);
+  options[1].temperature = 0.9f;
+  options[1].seed = 5;
+  options[3].temperature = 1.2f;
+  options[3].top_k = 30;
+  options[3].seed = 9;
+  // Launch k's rows: a changing subset, reversed on odd k.
+  auto members = [n](int k) {
+    std::vector<int> m;
+    for (int i = 0; i < n; ++i) {
+      if ((k * 7 + i * 3) % 5 != 0) m.push_back(i);
+    }
+    if (k % 2 == 1) std::reverse(m.begin(), m.end());
+    return m;
+  };
+
+  // Step by step.
+  std::vector<std::vector<int32_t>> want;
+  {
+    std::vector<int32_t> last = next;
+    for (int k = 0; k < launches; ++k) {
+      const std::vector<int> m = members(k);
+      std::vector<SessionState*> st;
+      std::vector<absl::Span<const int32_t>> in;
+      std::vector<SamplingOptions> o;
+      for (int i : m) {
+        st.push_back(stepped[i].get());
+        in.push_back(absl::MakeConstSpan(&last[i], 1));
+        o.push_back(options[i]);
+      }
+      std::vector<int32_t> sampled;
+      ASSERT_TRUE(model->ForwardAndSample(st, in, o, &sampled).ok());
+      for (size_t r = 0; r < m.size(); ++r) last[m[r]] = sampled[r];
+      want.push_back(sampled);
+    }
+  }
+
+  // Launched: two in flight; rows of the last launch carried, the rest fed their collected token.
+  std::vector<std::vector<int32_t>> got;
+  std::vector<int> last_members;
+  std::vector<int> pending_members;  // members of the launch not yet collected, oldest first
+  std::deque<std::vector<int>> uncollected;
+  auto collect = [&] {
+    std::vector<int32_t> sampled;
+    ASSERT_TRUE(model->CollectDecode(&sampled).ok());
+    const std::vector<int> m = uncollected.front();
+    uncollected.pop_front();
+    ASSERT_EQ(sampled.size(), m.size());
+    for (size_t r = 0; r < m.size(); ++r) next[m[r]] = sampled[r];
+    got.push_back(sampled);
+  };
+  for (int k = 0; k < launches; ++k) {
+    const std::vector<int> m = members(k);
+    std::vector<SessionState*> st;
+    std::vector<absl::Span<const int32_t>> in;
+    std::vector<SamplingOptions> o;
+    std::vector<int32_t> carried;
+    for (int i : m) {
+      st.push_back(launched[i].get());
+      o.push_back(options[i]);
+      const auto at = std::find(last_members.begin(), last_members.end(), i);
+      if (at != last_members.end()) {
+        carried.push_back(static_cast<int32_t>(at - last_members.begin()));
+        in.emplace_back();
+      } else {
+        carried.push_back(-1);
+        in.push_back(absl::MakeConstSpan(&next[i], 1));
+      }
+    }
+    ASSERT_TRUE(model->LaunchForward(st, in, o, /*logprobs=*/k % 4 == 0, carried).ok())
+        << "launch " << k;
+    uncollected.push_back(m);
+    last_members = m;
+    if (uncollected.size() == 2) collect();
+  }
+  while (!uncollected.empty()) collect();
+  EXPECT_EQ(got, want);
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(launched[i]->position(), stepped[i]->position()) << i;
+    EXPECT_EQ(launched[i]->num_chunks(), stepped[i]->num_chunks()) << i;
+  }
+
+  // Feed: queued prompt tokens, then one step each; a Forward without logits on the other copy.
+  const auto more = RandomTokens(70, V, 99);
+  SessionState* a[] = {stepped[2].get()};
+  SessionState* b[] = {launched[2].get()};
+  absl::Span<const int32_t> in[] = {absl::MakeConstSpan(more)};
+  ASSERT_TRUE(model->Forward(a, in, LogitsMode::kNone, nullptr).ok());
+  ASSERT_TRUE(model->Feed(b, in).ok());
+  EXPECT_EQ(b[0]->position(), a[0]->position());
+  const int32_t t[] = {7};
+  std::vector<int32_t> from_a, from_b;
+  ASSERT_TRUE(model->ForwardAndSample(a, {absl::MakeConstSpan(t)}, {options[2]}, &from_a).ok());
+  ASSERT_TRUE(model->ForwardAndSample(b, {absl::MakeConstSpan(t)}, {options[2]}, &from_b).ok());
+  EXPECT_EQ(from_a, from_b);
+}
+
 // Misuse: each call fails with FailedPrecondition / InvalidArgument and leaves positions alone.
 inline void ExpectPipelinedDecodeMisuseRefused(RambaModel* model) {
   auto s1 = model->NewSession();
@@ -160,6 +282,34 @@ inline void ExpectPipelinedDecodeMisuseRefused(RambaModel* model) {
   ASSERT_TRUE(model->Decode(one, t1, &logits).ok());
   EXPECT_EQ(model->LaunchDecode(two, {}, o2).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(positions(), std::make_pair(int64_t{4}, int64_t{3}));
+
+  // Carried rows: only the last launch's rows, each for its own session, as that launch left it.
+  ASSERT_TRUE(model->LaunchDecode(two, t2, o2).ok());
+  ASSERT_TRUE(model->CollectDecode(&out).ok());
+  const std::vector<absl::Span<const int32_t>> none(2);
+  const std::vector<absl::Span<const int32_t>> given = {absl::MakeConstSpan(t1), {}};
+  const int32_t swap[] = {1, 0}, past_end[] = {2, -1}, short_carried[] = {0};
+  const int32_t keep_second[] = {-1, 1};
+  EXPECT_EQ(model->LaunchForward(two, none, o2, false, swap).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(model->LaunchForward(two, given, o2, false, past_end).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(model->LaunchForward(two, none, o2, false, short_carried).code(),
+            absl::StatusCode::kInvalidArgument);
+  const std::vector<absl::Span<const int32_t>> both = {absl::MakeConstSpan(t1),
+                                                       absl::MakeConstSpan(t1)};
+  EXPECT_EQ(model->LaunchForward(two, both, o2, false, keep_second).code(),
+            absl::StatusCode::kInvalidArgument);  // carried and given tokens
+  EXPECT_EQ(positions(), std::make_pair(int64_t{5}, int64_t{4}));
+  // A valid one: the first session fed from the host, the second carried.
+  ASSERT_TRUE(model->LaunchForward(two, given, o2, false, keep_second).ok());
+  ASSERT_TRUE(model->CollectDecode(&out).ok());
+  EXPECT_EQ(positions(), std::make_pair(int64_t{6}, int64_t{5}));
+  // Fed since: no longer carried.
+  ASSERT_TRUE(model->Decode(swapped, t2, &logits).ok());
+  const int32_t both_carried[] = {0, 1};
+  EXPECT_EQ(model->LaunchForward(two, none, o2, false, both_carried).code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace ramba::testing

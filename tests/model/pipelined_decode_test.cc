@@ -1,5 +1,6 @@
 // RambaModel::LaunchDecode / CollectDecode on the CPU backend (which runs each step inside
-// LaunchDecode): the same tokens as ForwardAndSample step by step, and misuse refused. The GPU,
+// LaunchDecode): the same tokens as ForwardAndSample step by step (rows carried between launches
+// too), and misuse refused. The GPU,
 // where steps really queue, runs the same checks in cuda_model_test.cc.
 #include "tests/model/pipelined_decode.h"
 
@@ -16,6 +17,13 @@ TEST(PipelinedDecodeTest, MatchesStepByStepOnCpu) {
     ASSERT_TRUE(model.ok()) << model.status();
     testing::ExpectPipelinedDecodeMatchesSteps(model->get(), 70);
   }
+}
+
+TEST(PipelinedDecodeTest, CarriedRowsMatchStepByStepOnCpu) {
+  auto cpu = kernels::CreateCpuBackend(2);
+  auto model = RambaModel::Load(testing::FixtureDir() + "/tiny_enc1_cls_k3", cpu.get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  testing::ExpectCarriedRowsMatchSteps(model->get(), 40);
 }
 
 TEST(PipelinedDecodeTest, MisuseIsRefusedOnCpu) {
