@@ -14,6 +14,9 @@ struct Engine::Running {
   size_t next = 0;
   int32_t generated = 0;
   int64_t take = 0;  // tokens taken into the current iteration's batch
+  // In the batch being planned: the row of the step in flight whose sampled token is this row's
+  // input (still on the device, not yet in `pending`); -1 when its input comes from `pending`.
+  int32_t carried_from = -1;
   bool stopping = false;  // stopped by on_token; its last token still to feed (feed_stop_token)
 
   int64_t remaining() const { return static_cast<int64_t>(pending.size() - next); }
@@ -21,18 +24,20 @@ struct Engine::Running {
   // In the batch being planned, this row's token is kept and its logprob wanted (a row still
   // feeding input after this batch ignores its token).
   bool wants_logprob() const {
-    return req->include_logprobs && generating() && take == remaining();
+    return req->include_logprobs && generating() && (carried_from >= 0 || take == remaining());
   }
 };
 
-// A decode step launched and not yet collected: its rows in order (null once a row's request has
-// ended while a step launched ahead still carries it).
+// A step launched and not yet collected: its rows in order (null once a row's request has ended
+// while a step launched ahead still carries it).
 struct Engine::InFlight {
   std::vector<Running*> batch;
-  std::vector<SessionState*> states;
-  std::vector<SamplingOptions> options;
-  bool all_decoding = false;  // every row fed its last input token: each gets a token to report
-  bool logprobs = false;      // some row's request wants its token's logprob
+  // Per row: it fed its last input token, so its sampled token counts (the next step may carry
+  // it, or the request ends); a row with input left ignores its token.
+  std::vector<bool> fed_all;
+  // Per row: the row of the step launched before this one that it carries, or -1.
+  std::vector<int32_t> carried;
+  bool logprobs = false;  // some row's request wants its token's logprob
 };
 
 Engine::Engine(RambaModel* model, EngineOptions options)
@@ -208,43 +213,35 @@ bool Contains(const std::vector<T*>& v, const T* x) {
 
 }  // namespace
 
-bool Engine::CanChain(const InFlight& step, const std::vector<std::unique_ptr<Running>>& active) {
-  // Every row runs the next step anyway (none ended, cancelled or at max_new_tokens with this
-  // step's token) and no other request waits for a batch.
-  if (!step.all_decoding || active.size() != step.batch.size()) return false;
-  for (Running* r : step.batch) {
-    if (r == nullptr || r->req->cancelled.load() || r->generated + 1 >= r->req->max_new_tokens) {
-      return false;
-    }
-  }
-  return true;
-}
-
-void Engine::CollectInFlight(const std::vector<std::unique_ptr<Running>>& active, bool chain,
-                             std::vector<ToReport>* to_report, std::vector<Running*>* done) {
-  InFlight& step = *in_flight_;
-  std::unique_ptr<InFlight> next;
-  absl::Status st;
-  if (chain && CanChain(step, active)) {
-    st = model_->LaunchDecode(step.states, {}, step.options, step.logprobs);
-    if (st.ok()) next = std::make_unique<InFlight>(step);
-  }
+void Engine::Collect(const InFlight& step, std::vector<ToReport>* to_report,
+                     std::vector<Running*>* done) {
   std::vector<int32_t> sampled;
   std::vector<float> logprobs;
-  if (absl::Status c = model_->CollectDecode(&sampled, &logprobs); !c.ok() && st.ok()) st = c;
-  if (!st.ok()) {
-    for (Running* r : step.batch) {
-      if (r == nullptr) continue;
-      r->req->on_done(st, FinishReason::kError);
-      done->push_back(r);
+  if (absl::Status st = model_->CollectDecode(&sampled, &logprobs); !st.ok()) {
+    // The step launched after it may carry its tokens: both fail.
+    for (const InFlight* s : {&step, static_cast<const InFlight*>(in_flight_.get())}) {
+      if (s == nullptr) continue;
+      for (Running* r : s->batch) {
+        if (r == nullptr || Contains(*done, r)) continue;
+        r->req->on_done(st, FinishReason::kError);
+        done->push_back(r);
+      }
     }
-    DiscardLaunched();  // the chained successor, if launched
+    DiscardLaunched();
     return;
+  }
+  // Rows whose token the step in flight took as its input.
+  std::vector<int32_t> taken_by(step.batch.size(), -1);
+  if (in_flight_ != nullptr) {
+    for (size_t j = 0; j < in_flight_->carried.size(); ++j) {
+      if (in_flight_->carried[j] >= 0) taken_by[in_flight_->carried[j]] = static_cast<int32_t>(j);
+    }
   }
   for (size_t i = 0; i < step.batch.size(); ++i) {
     Running* r = step.batch[i];
-    if (r == nullptr) continue;
-    switch (Absorb(r, sampled[i], next != nullptr)) {
+    // Ended, failed with the launch after, or input left (launched after it: not seen here).
+    if (r == nullptr || Contains(*done, r) || !step.fed_all[i]) continue;
+    switch (Absorb(r, sampled[i], taken_by[i] >= 0)) {
       case Outcome::kToken:
         to_report->push_back(
             {r, sampled[i],
@@ -252,13 +249,12 @@ void Engine::CollectInFlight(const std::vector<std::unique_ptr<Running>>& active
         break;
       case Outcome::kEnded:
         done->push_back(r);
-        if (next != nullptr) next->batch[i] = nullptr;
+        if (taken_by[i] >= 0) in_flight_->batch[taken_by[i]] = nullptr;
         break;
       case Outcome::kNone:
         break;
     }
   }
-  in_flight_ = std::move(next);
 }
 
 void Engine::DiscardLaunched() {
@@ -270,71 +266,123 @@ void Engine::DiscardLaunched() {
 }
 
 void Engine::PlanBatch(const std::vector<std::unique_ptr<Running>>& active,
-                       const std::vector<Running*>& skip, std::vector<Running*>* batch) {
+                       const std::vector<Running*>& skip, const InFlight* carry_from, bool split,
+                       std::vector<Running*>* batch, std::vector<Running*>* feed) {
+  int64_t budget = options_.max_batch_tokens;
+  for (auto& r : active) {
+    r->take = 0;
+    r->carried_from = -1;
+  }
+  // Rows whose next input is the token the step in flight samples for them: it is not their last
+  // (max_new_tokens), and they are not cancelled.
+  if (carry_from != nullptr) {
+    for (size_t i = 0; i < carry_from->batch.size() && budget > 0; ++i) {
+      Running* r = carry_from->batch[i];
+      if (r == nullptr || !carry_from->fed_all[i] || !r->generating() || Contains(skip, r) ||
+          r->req->cancelled.load() || r->generated + 1 >= r->req->max_new_tokens) {
+        continue;
+      }
+      r->carried_from = static_cast<int32_t>(i);
+      r->take = 1;
+      --budget;
+    }
+  }
+  auto eligible = [&skip](const Running& r) {
+    return r.remaining() > 0 && r.carried_from < 0 && !r.req->cancelled.load() &&
+           !Contains(skip, &r) && !(r.generating() && r.generated >= r.req->max_new_tokens);
+  };
   // One token for every request at its last input token (decoding), then prompt tokens for the
   // others, oldest first, within the token budget.
-  int64_t budget = options_.max_batch_tokens;
-  for (auto& r : active) r->take = 0;
-  auto eligible = [&skip](const Running& r) {
-    return r.remaining() > 0 && !r.req->cancelled.load() && !Contains(skip, &r) &&
-           !(r.generating() && r.generated >= r.req->max_new_tokens);
-  };
   for (auto& r : active) {
-    if (eligible(*r) && r->remaining() == 1 && budget > 0) {
+    if (eligible(*r) && r->remaining() == 1 && (!split || r->generating()) && budget > 0) {
       r->take = 1;
       --budget;
     }
   }
   for (auto& r : active) {
-    if (eligible(*r) && r->take == 0 && budget > 0) {
-      r->take = std::min(r->remaining(), budget);
-      budget -= r->take;
-    }
+    if (!eligible(*r) || r->take > 0 || budget <= 0) continue;
+    // Split: a generating request keeps its last input token for a launch.
+    const int64_t want = split && r->generating() ? r->remaining() - 1 : r->remaining();
+    r->take = std::min(want, budget);
+    budget -= r->take;
+    if (split) feed->push_back(r.get());
   }
   for (auto& r : active) {
-    if (r->take > 0) batch->push_back(r.get());
+    if (r->take > 0 && !(split && Contains(*feed, r.get()))) batch->push_back(r.get());
   }
 }
 
 void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
-                        std::vector<Running*>* done) {
+                        const InFlight* carry_from, std::vector<Running*>* done) {
   auto step = std::make_unique<InFlight>();
-  PlanBatch(active, *done, &step->batch);
-  if (step->batch.empty()) return;
-  std::vector<absl::Span<const int32_t>> spans;
-  for (Running* r : step->batch) {
-    step->states.push_back(r->req->state);
-    step->options.push_back(r->req->sampling);
-    spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
-    step->logprobs = step->logprobs || r->wants_logprob();
-  }
-  const absl::Status st = model_->LaunchForward(step->states, spans, step->options, step->logprobs);
-  if (!st.ok()) {
-    for (Running* r : step->batch) {
+  std::vector<Running*> feed;
+  PlanBatch(active, *done, carry_from, options_.split_prefill, &step->batch, &feed);
+  auto fail = [done](const std::vector<Running*>& rows, const absl::Status& st) {
+    for (Running* r : rows) {
       r->req->on_done(st, FinishReason::kError);
       done->push_back(r);
     }
+  };
+  if (!step->batch.empty()) {
+    std::vector<SessionState*> states;
+    std::vector<SamplingOptions> options;
+    std::vector<absl::Span<const int32_t>> spans;
+    for (Running* r : step->batch) {
+      states.push_back(r->req->state);
+      options.push_back(r->req->sampling);
+      step->carried.push_back(r->carried_from);
+      spans.push_back(r->carried_from >= 0
+                          ? absl::Span<const int32_t>()
+                          : absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+      step->logprobs = step->logprobs || r->wants_logprob();
+    }
+    const absl::Status st =
+        model_->LaunchForward(states, spans, options, step->logprobs, step->carried);
+    if (!st.ok()) {
+      fail(step->batch, st);
+    } else {
+      for (Running* r : step->batch) {
+        if (r->carried_from < 0) r->next += r->take;
+        step->fed_all.push_back(r->remaining() == 0);
+      }
+      in_flight_ = std::move(step);
+    }
+  }
+  if (feed.empty()) return;
+  std::vector<SessionState*> states;
+  std::vector<absl::Span<const int32_t>> spans;
+  for (Running* r : feed) {
+    states.push_back(r->req->state);
+    spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+  }
+  if (const absl::Status st = model_->Feed(states, spans); !st.ok()) {
+    fail(feed, st);
     return;
   }
-  step->all_decoding = true;
-  for (Running* r : step->batch) {
+  for (Running* r : feed) {
     r->next += r->take;
-    step->all_decoding = step->all_decoding && r->generating() && r->remaining() == 0;
+    // Appended: done once the work is queued, since whatever reads the state next (a snapshot,
+    // another step) is ordered after it on the backend.
+    if (r->remaining() == 0 && !r->generating() && Absorb(r, 0, false) == Outcome::kEnded) {
+      done->push_back(r);
+    }
   }
-  in_flight_ = std::move(step);
 }
 
 void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
   const bool pipelined = options_.pipeline_decode;
 
-  // Pipelined: collect the step in flight (launching its successor first when it is the same
-  // batch of decode rows), launch the next one from what is known now, and only then report the
-  // collected tokens, so that the device runs while this thread turns them into text and
-  // messages. A request a reported token stops has had it fed by the step in flight.
+  // Pipelined: launch the next step from what is known now (rows of the step in flight that go
+  // on take its tokens on the device), then collect the step in flight, and only then report its
+  // tokens, so that the device runs while this thread turns them into text and messages. A
+  // request a reported token stops has had it fed by the step launched after it.
   std::vector<ToReport> to_report;
   std::vector<Running*> done;
-  if (in_flight_ != nullptr) CollectInFlight(active, pipelined, &to_report, &done);
-  if (pipelined && in_flight_ == nullptr) LaunchNext(active, &done);
+  if (pipelined) {
+    std::unique_ptr<InFlight> collecting = std::move(in_flight_);
+    LaunchNext(active, collecting.get(), &done);
+    if (collecting != nullptr) Collect(*collecting, &to_report, &done);
+  }
   for (const auto& [r, token, logprob] : to_report) {
     if (Contains(done, r)) continue;  // failed with the launch that would have fed its token
     const bool fed = in_flight_ != nullptr && Contains(in_flight_->batch, r);
@@ -362,7 +410,7 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
 
 void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   std::vector<Running*> batch;
-  PlanBatch(active, {}, &batch);
+  PlanBatch(active, {}, /*carry_from=*/nullptr, /*split=*/false, &batch, nullptr);
   if (batch.empty()) return;
   std::vector<SessionState*> states;
   std::vector<absl::Span<const int32_t>> spans;

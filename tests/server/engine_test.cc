@@ -21,8 +21,16 @@ struct Outcome {
   FinishReason reason = FinishReason::kNone;
 };
 
-class EngineTest : public ::testing::Test {
+// Every test runs with prompts batched beside decode rows and with them fed apart
+// (EngineOptions::split_prefill).
+class EngineTest : public ::testing::TestWithParam<bool> {
  protected:
+  EngineOptions Opts() const {
+    EngineOptions o;
+    o.split_prefill = GetParam();
+    return o;
+  }
+
   void SetUp() override {
     backend_ = kernels::CreateCpuBackend();
     config_ = testing::SmallConfig();
@@ -102,8 +110,8 @@ class EngineTest : public ::testing::Test {
   std::unique_ptr<RambaModel> model_;
 };
 
-TEST_F(EngineTest, ConcurrentRequestsMatchRunningAlone) {
-  EngineOptions opts;
+TEST_P(EngineTest, ConcurrentRequestsMatchRunningAlone) {
+  EngineOptions opts = Opts();
   opts.max_batch_tokens = 96;  // forces prompts to be split across iterations
   Engine engine(model_.get(), opts);
   std::vector<std::unique_ptr<SessionState>> states;
@@ -126,8 +134,8 @@ TEST_F(EngineTest, ConcurrentRequestsMatchRunningAlone) {
 
 // The warm-up runs on the engine thread before any request; requests submitted meanwhile wait
 // for it and get what they would get without one.
-TEST_F(EngineTest, WarmupRunsFirstAndChangesNoResult) {
-  EngineOptions opts;
+TEST_P(EngineTest, WarmupRunsFirstAndChangesNoResult) {
+  EngineOptions opts = Opts();
   opts.warmup = true;
   Engine engine(model_.get(), opts);
   const auto prompt = testing::RandomTokens(150, config_.vocab_size, 5);
@@ -138,16 +146,16 @@ TEST_F(EngineTest, WarmupRunsFirstAndChangesNoResult) {
   ASSERT_TRUE(o.status.ok()) << o.status;
   EXPECT_EQ(o.tokens, Reference(prompt, 40));
 
-  Engine cold(model_.get(), EngineOptions{});
+  Engine cold(model_.get(), Opts());
   EXPECT_TRUE(cold.WaitForWarmup().ok());  // no warm-up: returns at once
 }
 
 // Logprobs come with the tokens of requests that ask for them, batched with requests that do not
 // (NaN there): the raw distribution's, so temperature does not change them.
-TEST_F(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
+TEST_P(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
   for (bool pipelined : {true, false}) {
     SCOPED_TRACE(pipelined ? "pipelined" : "one step at a time");
-    EngineOptions opts;
+    EngineOptions opts = Opts();
     opts.max_batch_tokens = 64;  // the long prompt is fed over several steps, beside decodes
     opts.pipeline_decode = pipelined;
     Engine engine(model_.get(), opts);
@@ -180,8 +188,8 @@ TEST_F(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
   }
 }
 
-TEST_F(EngineTest, AppendOnlyConsumesInput) {
-  Engine engine(model_.get(), {});
+TEST_P(EngineTest, AppendOnlyConsumesInput) {
+  Engine engine(model_.get(), Opts());
   auto s = std::move(*model_->NewSession());
   Outcome o = Run(engine, s.get(), testing::RandomTokens(300, config_.vocab_size, 1), 0).get();
   EXPECT_TRUE(o.status.ok());
@@ -191,7 +199,7 @@ TEST_F(EngineTest, AppendOnlyConsumesInput) {
   EXPECT_EQ(s->num_chunks(), 4);
 }
 
-TEST_F(EngineTest, StopFromCallback) {
+TEST_P(EngineTest, StopFromCallback) {
   // The stopping token is fed before the request ends, however the steps ran: by the step
   // launched ahead (pipelined) or by one more step; with feed_stop_token false, one at a time, it
   // is left unfed.
@@ -200,7 +208,7 @@ TEST_F(EngineTest, StopFromCallback) {
   };
   for (const Case c : {Case{false, true}, Case{true, true}, Case{false, false}}) {
     SCOPED_TRACE(::testing::Message() << "pipelined " << c.pipelined << " feed " << c.feed);
-    EngineOptions opts;
+    EngineOptions opts = Opts();
     opts.pipeline_decode = c.pipelined;
     Engine engine(model_.get(), opts);
     auto s = std::move(*model_->NewSession());
@@ -219,10 +227,10 @@ TEST_F(EngineTest, StopFromCallback) {
   }
 }
 
-TEST_F(EngineTest, CancelStopsWithinOneStepAndStateIsConsistent) {
+TEST_P(EngineTest, CancelStopsWithinOneStepAndStateIsConsistent) {
   for (bool pipelined : {false, true}) {
     SCOPED_TRACE(pipelined ? "pipelined" : "one step at a time");
-    EngineOptions opts;
+    EngineOptions opts = Opts();
     opts.pipeline_decode = pipelined;
     Engine engine(model_.get(), opts);
     auto s = std::move(*model_->NewSession());
@@ -251,7 +259,7 @@ TEST_F(EngineTest, CancelStopsWithinOneStepAndStateIsConsistent) {
 
 // Pipelined decode changes no token, finish reason or state, with requests ending at different
 // steps for different reasons.
-TEST_F(EngineTest, PipelinedDecodeMatchesOneStepAtATime) {
+TEST_P(EngineTest, PipelinedDecodeMatchesOneStepAtATime) {
   SamplingOptions seeded;
   seeded.temperature = 1.1f;
   seeded.seed = 5;
@@ -264,7 +272,7 @@ TEST_F(EngineTest, PipelinedDecodeMatchesOneStepAtATime) {
     std::vector<std::unique_ptr<SessionState>> states;
   };
   auto run = [&](bool pipelined) {
-    EngineOptions opts;
+    EngineOptions opts = Opts();
     opts.pipeline_decode = pipelined;
     Engine engine(model_.get(), opts);
     Run1 r;
@@ -318,7 +326,7 @@ TEST_F(EngineTest, PipelinedDecodeMatchesOneStepAtATime) {
   }
 }
 
-TEST_F(EngineTest, SeededSamplingIsReproducibleAcrossBatching) {
+TEST_P(EngineTest, SeededSamplingIsReproducibleAcrossBatching) {
   SamplingOptions sampling;
   sampling.temperature = 1.0f;
   sampling.top_p = 0.9f;
@@ -326,12 +334,12 @@ TEST_F(EngineTest, SeededSamplingIsReproducibleAcrossBatching) {
   const auto prompt = testing::RandomTokens(150, config_.vocab_size, 5);
   std::vector<int32_t> alone, crowded;
   {
-    Engine engine(model_.get(), {});
+    Engine engine(model_.get(), Opts());
     auto s = std::move(*model_->NewSession());
     alone = Run(engine, s.get(), prompt, 20, sampling).get().tokens;
   }
   {
-    Engine engine(model_.get(), {});
+    Engine engine(model_.get(), Opts());
     std::vector<std::unique_ptr<SessionState>> others;
     std::vector<std::future<Outcome>> fs;
     for (int i = 0; i < 4; ++i) {
@@ -345,8 +353,8 @@ TEST_F(EngineTest, SeededSamplingIsReproducibleAcrossBatching) {
   EXPECT_EQ(alone, crowded);
 }
 
-TEST_F(EngineTest, BadInputFailsOnlyThatRequest) {
-  Engine engine(model_.get(), {});
+TEST_P(EngineTest, BadInputFailsOnlyThatRequest) {
+  Engine engine(model_.get(), Opts());
   auto a = std::move(*model_->NewSession());
   auto b = std::move(*model_->NewSession());
   auto fa = Run(engine, a.get(), {1, 2, static_cast<int32_t>(config_.vocab_size)}, 3);
@@ -378,8 +386,8 @@ TEST_F(EngineTest, BadInputFailsOnlyThatRequest) {
   EXPECT_EQ(foreign->position(), 0);
 }
 
-TEST_F(EngineTest, StopCancelsEverything) {
-  auto engine = std::make_unique<Engine>(model_.get(), EngineOptions{});
+TEST_P(EngineTest, StopCancelsEverything) {
+  auto engine = std::make_unique<Engine>(model_.get(), Opts());
   auto s = std::move(*model_->NewSession());
   auto f = Run(*engine, s.get(), {1, 2, 3}, 100000);
   engine->Stop();
@@ -388,6 +396,11 @@ TEST_F(EngineTest, StopCancelsEverything) {
   engine.reset();
   SUCCEED();
 }
+
+INSTANTIATE_TEST_SUITE_P(Batching, EngineTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "SplitPrefill" : "Mixed";
+                         });
 
 }  // namespace
 }  // namespace ramba::server
