@@ -75,11 +75,11 @@ struct EngineOptions {
   // thread that uses them: warmed up on another thread, the CPU backend's second OpenMP team
   // made libgomp stop spinning, and every later op paid a wake-up (2.8x slower decode).
   bool warmup = false;
-  // When every request is decoding, launch each step before the previous one's tokens are back
-  // (RambaModel::LaunchDecode), so the device does not wait while this thread reports tokens. A
-  // step launched ahead for a request whose token then stops it has fed that token
-  // (EngineRequest::feed_stop_token), and its own token is dropped. Steps are never launched
-  // past max_new_tokens.
+  // Launch each step before the previous one's tokens are back (RambaModel::LaunchForward: rows
+  // that go on take their tokens on the device; rows may join or leave), so the device does not
+  // wait while this thread reports tokens. A step launched ahead for a request whose token then
+  // stops it has fed that token (EngineRequest::feed_stop_token), and its own token is dropped.
+  // Steps are never launched past max_new_tokens.
   bool pipeline_decode = true;
   // With pipeline_decode: prompt tokens go through RambaModel::Feed next to each launch instead
   // of into it, all but a generating request's last one, which joins the next launch as a decode

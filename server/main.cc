@@ -71,9 +71,13 @@ ABSL_FLAG(bool, warmup, true,
           "Before listening, run a throwaway session through a prefill and decode steps up to a "
           "chunk completion, so the first request does not pay the backend's one-time costs.");
 ABSL_FLAG(bool, pipeline_decode, true,
-          "When every running request is decoding, launch each step before the previous one's "
-          "tokens are back, so the GPU does not wait while tokens are streamed (a stop token is "
-          "then fed before generation ends; see EngineOptions).");
+          "Launch each step before the previous one's tokens are back (rows going on take "
+          "theirs on the device), so the GPU does not wait while tokens are streamed (a stop "
+          "token is then fed before generation ends; see EngineOptions).");
+ABSL_FLAG(int32_t, split_prefill, -1,
+          "1: prompts are fed apart from the decode rows' steps (which a GPU then replays as "
+          "recorded graphs); 0: in the same batches (the weights read once for both); -1: 1 on a "
+          "GPU, 0 on the CPU.");
 ABSL_FLAG(int32_t, drain_seconds, 30, "Grace period for running calls on SIGTERM.");
 
 namespace {
@@ -133,6 +137,8 @@ int main(int argc, char** argv) {
   engine_options.max_active_requests = absl::GetFlag(FLAGS_max_active_requests);
   engine_options.warmup = absl::GetFlag(FLAGS_warmup);
   engine_options.pipeline_decode = absl::GetFlag(FLAGS_pipeline_decode);
+  const int32_t split = absl::GetFlag(FLAGS_split_prefill);
+  engine_options.split_prefill = split < 0 ? (*backend)->SupportsGraphs() : split > 0;
   const auto warmup_start = std::chrono::steady_clock::now();
   server::Engine engine(model->get(), engine_options);
   if (absl::Status st = engine.WaitForWarmup(); !st.ok()) return Fail(st);
