@@ -200,9 +200,8 @@ absl::Status RambaModel::LaunchForward(absl::Span<SessionState* const> states,
                                                    " states and ", tokens.size(), " token lists"));
   }
   if (!carried.empty() && carried.size() != states.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("LaunchForward got ", states.size(),
-                                                   " states and ", carried.size(),
-                                                   " carried entries"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LaunchForward got ", states.size(), " states and ", carried.size(), " carried entries"));
   }
   return LaunchStep(states, tokens, options, carried, /*chained=*/false, logprobs);
 }
@@ -261,7 +260,8 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
     carry.rows.emplace_back(s, from);
   }
   if (!carry.rows.empty()) {
-    const auto last = static_cast<Workspace::Slot>(Workspace::kLaunchSampled + (launch_parity_ ^ 1));
+    const auto last =
+        static_cast<Workspace::Slot>(Workspace::kLaunchSampled + (launch_parity_ ^ 1));
     ASSIGN_OR_RETURN(carry.from,
                      workspace_->Get<int32_t>(last, static_cast<int64_t>(chain_.size())));
   }

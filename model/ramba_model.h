@@ -186,8 +186,7 @@ class RambaModel {
   // launch's samples instead of `tokens`.
   absl::Status DecodeStepLocked(absl::Span<SessionState* const> states,
                                 const std::vector<int32_t>& tokens, const Output& output,
-                                const CarriedTokens& carried)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                                const CarriedTokens& carried) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Copies carried tokens into a batch's token array (`seq_offsets`: where each sequence's
   // tokens start), one copy per run of consecutive rows.
   absl::Status CopyCarried(const CarriedTokens& carried, const int64_t* seq_offsets,
@@ -196,8 +195,8 @@ class RambaModel {
   // samples; `chained`: LaunchDecode without tokens (the same sessions as the last launch).
   absl::Status LaunchStep(absl::Span<SessionState* const> states,
                           absl::Span<const absl::Span<const int32_t>> tokens,
-                          absl::Span<const SamplingOptions> options, absl::Span<const int32_t> carried,
-                          bool chained, bool logprobs);
+                          absl::Span<const SamplingOptions> options,
+                          absl::Span<const int32_t> carried, bool chained, bool logprobs);
   // Downloads and/or samples `rows` rows of logits at backend address `out` (states advanced).
   absl::Status Deliver(absl::Span<SessionState* const> states, const float* out, int64_t rows,
                        const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
