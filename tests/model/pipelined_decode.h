@@ -15,28 +15,38 @@
 
 namespace ramba::testing {
 
+// Sessions prefilled with random prompts of `prompt_lens` tokens (seeds from `seed`), each with a
+// fork: the two copies to run two ways, and each session's next input token.
+struct ForkedSessions {
+  std::vector<std::unique_ptr<SessionState>> a, b;
+  std::vector<int32_t> next;
+};
+inline void PrefillForked(RambaModel* model, const std::vector<int64_t>& prompt_lens, uint64_t seed,
+                          ForkedSessions* out) {
+  for (size_t i = 0; i < prompt_lens.size(); ++i) {
+    const auto p = RandomTokens(prompt_lens[i] + 1, model->config().vocab_size, seed + i);
+    auto s = model->NewSession();
+    ASSERT_TRUE(s.ok());
+    SessionState* one[] = {s->get()};
+    absl::Span<const int32_t> in[] = {absl::MakeConstSpan(p).first(prompt_lens[i])};
+    ASSERT_TRUE(model->Forward(one, in, LogitsMode::kNone, nullptr).ok());
+    auto f = (*s)->Fork();
+    ASSERT_TRUE(f.ok());
+    out->a.push_back(std::move(*s));
+    out->b.push_back(std::move(*f));
+    out->next.push_back(p.back());
+  }
+}
+
 // Three sessions (prompts of 1, 60 and 130 tokens, so chunks complete during the steps), one
 // greedy and two sampling with seeds, decode `steps` tokens both ways from forks of one prefill.
 inline void ExpectPipelinedDecodeMatchesSteps(RambaModel* model, int steps) {
-  const int64_t V = model->config().vocab_size;
-  const std::vector<int64_t> prompt_lens = {1, 60, 130};
-  std::vector<std::unique_ptr<SessionState>> stepped, pipelined;
-  std::vector<int32_t> first;
-  for (size_t i = 0; i < prompt_lens.size(); ++i) {
-    const auto p = RandomTokens(prompt_lens[i] + 1, V, 40 + i);
-    auto s = model->NewSession();
-    ASSERT_TRUE(s.ok());
-    if (prompt_lens[i] > 0) {
-      SessionState* one[] = {s->get()};
-      absl::Span<const int32_t> in[] = {absl::MakeConstSpan(p).first(prompt_lens[i])};
-      ASSERT_TRUE(model->Forward(one, in, LogitsMode::kNone, nullptr).ok());
-    }
-    auto f = (*s)->Fork();
-    ASSERT_TRUE(f.ok());
-    stepped.push_back(std::move(*s));
-    pipelined.push_back(std::move(*f));
-    first.push_back(p.back());
-  }
+  ForkedSessions sessions;
+  PrefillForked(model, {1, 60, 130}, 40, &sessions);
+  if (::testing::Test::HasFatalFailure()) return;
+  const std::vector<std::unique_ptr<SessionState>>& stepped = sessions.a;
+  const std::vector<std::unique_ptr<SessionState>>& pipelined = sessions.b;
+  const std::vector<int32_t> first = sessions.next;
   std::vector<SamplingOptions> options(3);
   options[1].temperature = 0.8f;
   options[1].seed = 7;
@@ -115,23 +125,13 @@ inline void ExpectPipelinedDecodeMatchesSteps(RambaModel* model, int steps) {
 // logits) leaves a session as Forward with no logits does.
 inline void ExpectCarriedRowsMatchSteps(RambaModel* model, int launches) {
   const int64_t V = model->config().vocab_size;
-  const std::vector<int64_t> prompt_lens = {1, 62, 63, 130};
-  const int n = static_cast<int>(prompt_lens.size());
-  std::vector<std::unique_ptr<SessionState>> stepped, launched;
-  std::vector<int32_t> next;  // each session's next input token
-  for (int i = 0; i < n; ++i) {
-    const auto p = RandomTokens(prompt_lens[i] + 1, V, 70 + i);
-    auto s = model->NewSession();
-    ASSERT_TRUE(s.ok());
-    SessionState* one[] = {s->get()};
-    absl::Span<const int32_t> in[] = {absl::MakeConstSpan(p).first(prompt_lens[i])};
-    ASSERT_TRUE(model->Forward(one, in, LogitsMode::kNone, nullptr).ok());
-    auto f = (*s)->Fork();
-    ASSERT_TRUE(f.ok());
-    stepped.push_back(std::move(*s));
-    launched.push_back(std::move(*f));
-    next.push_back(p.back());
-  }
+  ForkedSessions sessions;
+  PrefillForked(model, {1, 62, 63, 130}, 70, &sessions);
+  if (::testing::Test::HasFatalFailure()) return;
+  const int n = static_cast<int>(sessions.next.size());
+  const std::vector<std::unique_ptr<SessionState>>& stepped = sessions.a;
+  const std::vector<std::unique_ptr<SessionState>>& launched = sessions.b;
+  std::vector<int32_t> next = sessions.next;  // each session's next input token
   std::vector<SamplingOptions> options(n);
   options[1].temperature = 0.9f;
   options[1].seed = 5;
