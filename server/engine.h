@@ -1,9 +1,10 @@
 // The engine: one thread that owns the model (and so the backend's stream) and runs every
 // session's work in continuous batches. Each step takes one token from every decoding request
 // plus a budget of prompt tokens from prefilling ones, runs them through the model as one ragged
-// batch, samples where a request's input is exhausted, and reports tokens through callbacks.
-// Requests join and leave between steps. Steps are pipelined (EngineOptions::pipeline_decode):
-// the next step is launched before the tokens of the one just collected are reported.
+// batch (or feeds the prompt tokens beside it: EngineOptions::split_prefill), samples where a
+// request's input is exhausted, and reports tokens through callbacks. Requests join and leave
+// between steps. Steps are pipelined (EngineOptions::pipeline_decode): the next step is launched
+// before the one in flight is collected and its tokens reported.
 //
 // The engine never sees protobuf or the store: the gRPC layer turns requests into EngineRequests
 // and commits session state after they finish.
