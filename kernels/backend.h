@@ -257,9 +257,9 @@ class Backend {
   int64_t host_held_bytes() const { return host_held_bytes_.load(std::memory_order_relaxed); }
   virtual absl::Status Synchronize() = 0;
   // A point in the queued work (not recorded into a graph); Wait, on any thread, returns once
-  // the work queued before it has run. With
-  // DownloadSettled, another thread can read what that work wrote without waiting for the work
-  // queued since. This default, for backends whose ops run before they return, has passed.
+  // the work queued before it has run. With DownloadSettled, another thread can read what that
+  // work wrote without waiting for the work queued since. This default, for backends whose ops
+  // run before they return, has passed.
   class Fence {
    public:
     virtual ~Fence() = default;

@@ -61,6 +61,8 @@ struct ModelConfig {
   int64_t in_proj_dim() const { return 2 * d_inner() + 2 * n_groups * state_size + num_heads; }
   int64_t attn_head_dim() const { return hidden_size / num_attention_heads; }
   int64_t kv_dim() const { return num_kv_heads * attn_head_dim(); }
+  // One chunk's K and V (chunk_size rows of kv_dim each): what a chunk memory block holds.
+  int64_t chunk_kv_floats() const { return 2 * chunk_size * kv_dim(); }
   int64_t encoder_intermediate_size() const { return (hidden_size * 8 / 3) / 64 * 64; }
   // Rows the chunk encoder takes per chunk: its tokens, then the CLS row when there is one.
   int64_t encoder_block_len() const { return chunk_size + (has_cls ? 1 : 0); }

@@ -33,6 +33,10 @@ struct RambaModel::Workspace {
   };
   // clang-format on
   explicit Workspace(Backend* b) : backend(b), buffers(kNumSlots) {}
+  // The launched-step token slot of a launch parity (RambaModel::launch_parity_).
+  static Slot LaunchSampled(int parity) {
+    return parity == 0 ? kLaunchSampled : kLaunchSampledOther;
+  }
 
   template <class T>
   absl::StatusOr<T*> Get(Slot slot, int64_t count) {
@@ -231,10 +235,11 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
     return absl::FailedPreconditionError(absl::StrCat(
         "LaunchDecode: ", kMaxDecodesInFlight, " steps are already launched and not collected"));
   }
+  constexpr absl::string_view kNotChained =
+      "LaunchDecode without tokens must follow a launch of the same sessions in the same order, "
+      "none of them fed since";
   if (chained && states.size() != chain_.size()) {
-    return absl::FailedPreconditionError(
-        "LaunchDecode without tokens must follow a launch of the same sessions in the same "
-        "order, none of them fed since");
+    return absl::FailedPreconditionError(kNotChained);
   }
   // Carried rows feed a placeholder id here; CopyCarried puts the real token in its place.
   static const int32_t kPlaceholder = 0;
@@ -246,8 +251,7 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
     if (from >= static_cast<int64_t>(chain_.size()) || chain_[from].first != states[s] ||
         chain_[from].second != states[s]->position()) {
       return absl::FailedPreconditionError(
-          chained ? "LaunchDecode without tokens must follow a launch of the same sessions in the "
-                    "same order, none of them fed since"
+          chained ? std::string(kNotChained)
                   : absl::StrCat("LaunchForward: session ", s, " carries row ", from,
                                  " of the last launch, which is not that session as the launch "
                                  "left it"));
@@ -260,10 +264,9 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
     carry.rows.emplace_back(s, from);
   }
   if (!carry.rows.empty()) {
-    const auto last =
-        static_cast<Workspace::Slot>(Workspace::kLaunchSampled + (launch_parity_ ^ 1));
     ASSIGN_OR_RETURN(carry.from,
-                     workspace_->Get<int32_t>(last, static_cast<int64_t>(chain_.size())));
+                     workspace_->Get<int32_t>(Workspace::LaunchSampled(launch_parity_ ^ 1),
+                                              static_cast<int64_t>(chain_.size())));
   }
   Output output;
   output.options = options;
@@ -318,9 +321,10 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     SamplingInputs(output.options, positions, &params, &uniforms);
     // The tokens, then their logprobs (4-byte words both): one download brings both back.
     const bool launched = output.download_ticket != nullptr;
-    const int slot = launched ? Workspace::kLaunchSampled + launch_parity_ : Workspace::kSampled;
-    ASSIGN_OR_RETURN(int32_t * dev,
-                     workspace_->Get<int32_t>(static_cast<Workspace::Slot>(slot), 2 * rows));
+    ASSIGN_OR_RETURN(
+        int32_t * dev,
+        workspace_->Get<int32_t>(
+            launched ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled, 2 * rows));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
     const bool logprobs = launched ? output.launch_logprobs : output.logprobs != nullptr;
@@ -575,7 +579,7 @@ absl::Status RambaModel::StageSelectedHostChunks(const Batch& b, const int32_t* 
   Workspace& ws = *workspace_;
   using W = Workspace;
   const int64_t per_row = c.retrieval_heads() * c.chunk_topk;
-  const int64_t chunk_floats = 2 * c.chunk_size * c.kv_dim();
+  const int64_t chunk_floats = c.chunk_kv_floats();
   const int64_t num_seqs = b.num_seqs;
   kernels::StagedChunkTables t;
   t.total_host = b.host_offsets_of_seqs[num_seqs];
@@ -618,7 +622,7 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   if (!b.host_offsets_of_seqs.empty()) {
     RETURN_IF_ERROR(StageSelectedHostChunks(b, idx, &mem));
   } else if (b.host_chunks != nullptr) {
-    const int64_t slots = rows * heads * K, chunk_floats = 2 * S * c.kv_dim();
+    const int64_t slots = rows * heads * K, chunk_floats = c.chunk_kv_floats();
     kernels::StagedChunks staged;
     ASSIGN_OR_RETURN(staged.blocks, ws.Get<float>(W::kStagedBlocks, slots * chunk_floats));
     ASSIGN_OR_RETURN(staged.slots, ws.Get<const float*>(W::kStagedSlots, slots));

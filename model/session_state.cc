@@ -314,7 +314,7 @@ absl::StatusOr<SessionSnapshot::Parts> SessionSnapshot::Finish() {
   RETURN_IF_ERROR(be->DownloadSettled(states.Reserve(buffer_bytes_), at, buffer_bytes_));
   at += buffer_bytes_;
   parts.states = states.Finish();
-  const size_t chunk_bytes = 2 * config_.chunk_size * config_.kv_dim() * sizeof(float);
+  const size_t chunk_bytes = config_.chunk_kv_floats() * sizeof(float);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     const int64_t index = first_chunk_ + static_cast<int64_t>(i);
     PartWriter w = ChunkPart(config_, index);

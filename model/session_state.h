@@ -131,7 +131,7 @@ class SessionState {
   // Appends a chunk whose K/V block and landmark row are already in backend memory.
   absl::Status AppendChunk(std::shared_ptr<const ChunkKV> chunk, const float* landmark);
   void AdvancePosition(int64_t n) { position_ += n; }
-  int64_t chunk_floats() const { return 2 * config_.chunk_size * config_.kv_dim(); }
+  int64_t chunk_floats() const { return config_.chunk_kv_floats(); }
 
  private:
   SessionState(const ModelConfig& config, kernels::Backend* backend);

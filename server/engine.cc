@@ -20,6 +20,11 @@ struct Engine::Running {
   bool stopping = false;  // stopped by on_token; its last token still to feed (feed_stop_token)
 
   int64_t remaining() const { return static_cast<int64_t>(pending.size() - next); }
+  // The tokens this row feeds in the batch being planned (none when carried).
+  absl::Span<const int32_t> input() const {
+    if (carried_from >= 0) return {};
+    return absl::MakeConstSpan(pending).subspan(next, take);
+  }
   bool generating() const { return req->max_new_tokens > 0 && !stopping; }
   // In the batch being planned, this row's token is kept and its logprob wanted (a row still
   // feeding input after this batch ignores its token).
@@ -331,9 +336,7 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
       states.push_back(r->req->state);
       options.push_back(r->req->sampling);
       step->carried.push_back(r->carried_from);
-      spans.push_back(r->carried_from >= 0
-                          ? absl::Span<const int32_t>()
-                          : absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+      spans.push_back(r->input());
       step->logprobs = step->logprobs || r->wants_logprob();
     }
     const absl::Status st =
@@ -353,7 +356,7 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
   std::vector<absl::Span<const int32_t>> spans;
   for (Running* r : feed) {
     states.push_back(r->req->state);
-    spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+    spans.push_back(r->input());
   }
   if (const absl::Status st = model_->Feed(states, spans); !st.ok()) {
     fail(feed, st);
@@ -416,7 +419,7 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   std::vector<absl::Span<const int32_t>> spans;
   for (Running* r : batch) {
     states.push_back(r->req->state);
-    spans.push_back(absl::MakeConstSpan(r->pending).subspan(r->next, r->take));
+    spans.push_back(r->input());
   }
   // Every sequence gets a token drawn on the backend (only the tokens are downloaded); those
   // still consuming input ignore theirs.

@@ -137,8 +137,10 @@ int main(int argc, char** argv) {
   engine_options.max_active_requests = absl::GetFlag(FLAGS_max_active_requests);
   engine_options.warmup = absl::GetFlag(FLAGS_warmup);
   engine_options.pipeline_decode = absl::GetFlag(FLAGS_pipeline_decode);
+  // Flags at -1 take their GPU or CPU default.
+  const bool gpu = !(*backend)->host_accessible();
   const int32_t split = absl::GetFlag(FLAGS_split_prefill);
-  engine_options.split_prefill = split < 0 ? (*backend)->SupportsGraphs() : split > 0;
+  engine_options.split_prefill = split < 0 ? gpu : split > 0;
   const auto warmup_start = std::chrono::steady_clock::now();
   server::Engine engine(model->get(), engine_options);
   if (absl::Status st = engine.WaitForWarmup(); !st.ok()) return Fail(st);
@@ -164,7 +166,6 @@ int main(int argc, char** argv) {
   service_options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   // The pools are declared before the service and the gRPC server, so that they outlive the
   // calls whose commits and writes they run.
-  const bool gpu = !(*backend)->host_accessible();
   auto pool = [gpu](int32_t threads, int32_t on_gpu) {
     if (threads < 0) threads = gpu ? on_gpu : 0;
     return threads > 0 ? std::make_unique<server::TaskPool>(threads) : nullptr;

@@ -213,7 +213,7 @@ int main(int argc, char** argv) {
   const double landmark_bytes = 4.0 * (n / config.chunk_size) * config.retrieval_dim;
   // Each retrieval head selects top-K chunks for its share of the kv heads; every HSA layer
   // reads the same selected K/V, counted once.
-  const double chunk_bytes = 4.0 * config.chunk_topk * 2 * config.chunk_size * config.kv_dim();
+  const double chunk_bytes = 4.0 * config.chunk_topk * config.chunk_kv_floats();
   const int32_t steps = absl::GetFlag(FLAGS_decode_tokens);
   for (int32_t batch : batches) {
     std::vector<std::unique_ptr<ramba::SessionState>> states;

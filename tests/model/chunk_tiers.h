@@ -55,7 +55,7 @@ inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::stri
   (*tiered)->set_device_chunk_window(kWindow);
   const ModelConfig& c = (*plain)->config();
   if (staging_chunks >= 0) {
-    const int64_t chunk_bytes = 2 * c.chunk_size * c.kv_dim() * static_cast<int64_t>(sizeof(float));
+    const int64_t chunk_bytes = c.chunk_kv_floats() * static_cast<int64_t>(sizeof(float));
     (*tiered)->set_host_chunk_staging_bytes(staging_chunks * chunk_bytes);
   }
   const int64_t V = c.vocab_size;

@@ -127,7 +127,7 @@ TEST_F(SessionManagerTest, PageInPutsOldChunksInTheHostTier) {
 // the host tier holds more.
 TEST_F(SessionManagerTest, IdleSessionsAreEvictedToTheHostTierBudget) {
   model_->set_device_chunk_window(1);
-  const int64_t chunk_bytes = 2 * config_.chunk_size * config_.kv_dim() * sizeof(float);
+  const int64_t chunk_bytes = config_.chunk_kv_floats() * sizeof(float);
   const int64_t per_session = (299 / 64 - 1) * chunk_bytes;  // 300 tokens: 4 chunks, 3 moved
   Reopen(/*max_resident=*/8, /*max_resident_bytes=*/0,
          /*max_resident_host_bytes=*/5 * per_session / 2);
