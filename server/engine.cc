@@ -1,10 +1,12 @@
 #include "server/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "server/metrics.h"
 
 namespace ramba::server {
 
@@ -135,8 +137,21 @@ void Engine::Loop() {
       }
     }
     active_count_ = static_cast<int64_t>(active.size());
+    iteration_ran_model_ = false;
+    const auto start = std::chrono::steady_clock::now();
     Step(active);
+    if (options_.metrics != nullptr && iteration_ran_model_) {
+      options_.metrics->engine_iteration_latency->Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
   }
+}
+
+void Engine::CountStep(int64_t sequences, int64_t tokens) {
+  iteration_ran_model_ = true;
+  if (options_.metrics == nullptr) return;
+  options_.metrics->engine_step_sequences->Observe(static_cast<double>(sequences));
+  options_.metrics->engine_step_tokens->Observe(static_cast<double>(tokens));
 }
 
 absl::Status Engine::Validate(const EngineRequest& req) const {
@@ -222,6 +237,7 @@ void Engine::Collect(const InFlight& step, std::vector<ToReport>* to_report,
                      std::vector<Running*>* done) {
   std::vector<int32_t> sampled;
   std::vector<float> logprobs;
+  iteration_ran_model_ = true;
   if (absl::Status st = model_->CollectDecode(&sampled, &logprobs); !st.ok()) {
     // The step launched after it may carry its tokens: both fail.
     for (const InFlight* s : {&step, static_cast<const InFlight*>(in_flight_.get())}) {
@@ -322,6 +338,13 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
   auto step = std::make_unique<InFlight>();
   std::vector<Running*> feed;
   PlanBatch(active, *done, carry_from, options_.split_prefill, &step->batch, &feed);
+  if (!step->batch.empty() || !feed.empty()) {
+    int64_t tokens = 0;
+    for (const std::vector<Running*>* rows : {&step->batch, &feed}) {
+      for (const Running* r : *rows) tokens += r->take;
+    }
+    CountStep(static_cast<int64_t>(step->batch.size() + feed.size()), tokens);
+  }
   auto fail = [done](const std::vector<Running*>& rows, const absl::Status& st) {
     for (Running* r : rows) {
       r->req->on_done(st, FinishReason::kError);
@@ -415,6 +438,9 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   std::vector<Running*> batch;
   PlanBatch(active, {}, /*carry_from=*/nullptr, /*split=*/false, &batch, nullptr);
   if (batch.empty()) return;
+  int64_t tokens = 0;
+  for (const Running* r : batch) tokens += r->take;
+  CountStep(static_cast<int64_t>(batch.size()), tokens);
   std::vector<SessionState*> states;
   std::vector<absl::Span<const int32_t>> spans;
   for (Running* r : batch) {

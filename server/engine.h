@@ -27,6 +27,8 @@
 
 namespace ramba::server {
 
+class Metrics;
+
 enum class FinishReason { kNone, kInputConsumed, kMaxTokens, kStop, kCancelled, kError };
 
 // What a token callback tells the engine.
@@ -89,6 +91,9 @@ struct EngineOptions {
   // ms against ~0.4). On the CPU a mixed batch reads the weights once for both, so the server
   // sets this only on a backend with graphs.
   bool split_prefill = false;
+  // Where the engine reports its iterations and steps (Metrics::engine_*); null: nowhere.
+  // Observed on the engine thread; must outlive the engine.
+  Metrics* metrics = nullptr;
 };
 
 // Thread-safe: Submit and Stop may be called from any thread.
@@ -146,6 +151,9 @@ class Engine {
   Outcome Absorb(Running* r, int32_t token, bool fed_ahead);
   // Reports a generated token; true when it ended the request (on_done has run).
   bool Report(Running* r, int32_t token, float logprob, bool fed_ahead);
+  // Counts a launched step of `sequences` sessions and `tokens` tokens (fed prompts included)
+  // towards the metrics, and marks the iteration as one that ran model work.
+  void CountStep(int64_t sequences, int64_t tokens);
 
   RambaModel* model_;
   EngineOptions options_;
@@ -154,6 +162,7 @@ class Engine {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<int64_t> active_count_{0};
   std::unique_ptr<InFlight> in_flight_;  // engine thread only
+  bool iteration_ran_model_ = false;     // engine thread only: this iteration launched or collected
   absl::Status warmup_status_;  // written before warmed_ is notified
   absl::Notification warmed_;
   std::thread thread_;

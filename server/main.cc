@@ -141,6 +141,7 @@ int main(int argc, char** argv) {
   const bool gpu = !(*backend)->host_accessible();
   const int32_t split = absl::GetFlag(FLAGS_split_prefill);
   engine_options.split_prefill = split < 0 ? gpu : split > 0;
+  engine_options.metrics = metrics->get();
   const auto warmup_start = std::chrono::steady_clock::now();
   server::Engine engine(model->get(), engine_options);
   if (absl::Status st = engine.WaitForWarmup(); !st.ok()) return Fail(st);
@@ -154,6 +155,7 @@ int main(int argc, char** argv) {
   session_options.max_resident_sessions = absl::GetFlag(FLAGS_max_resident_sessions);
   session_options.max_resident_bytes = absl::GetFlag(FLAGS_max_resident_bytes);
   session_options.max_resident_host_bytes = absl::GetFlag(FLAGS_max_resident_host_bytes);
+  session_options.metrics = metrics->get();
   server::SessionManager sessions(model->get(), store->get(), session_options);
 
   server::ServiceOptions service_options;
@@ -201,7 +203,10 @@ int main(int argc, char** argv) {
     (*metrics)->active_sessions->Set(static_cast<double>(sessions.ResidentSessions()));
     (*metrics)->stored_sessions->Set(static_cast<double>(sessions.StoredSessions()));
     (*metrics)->store_bytes->Set(static_cast<double>((*store)->ApproximateBytes()));
-    (*metrics)->queue_depth->Set(static_cast<double>(engine.QueueDepth() + engine.ActiveRequests()));
+    const int64_t waiting = engine.QueueDepth(), running = engine.ActiveRequests();
+    (*metrics)->queue_depth->Set(static_cast<double>(waiting + running));
+    (*metrics)->requests_waiting->Set(static_cast<double>(waiting));
+    (*metrics)->requests_running->Set(static_cast<double>(running));
     (*metrics)->backend_bytes->Set(static_cast<double>((*backend)->held_bytes()));
     (*metrics)->backend_host_bytes->Set(static_cast<double>((*backend)->host_held_bytes()));
     std::this_thread::sleep_for(std::chrono::milliseconds(200));

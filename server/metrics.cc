@@ -14,6 +14,18 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100};
 }
 
+// Engine iterations from 100 us (a small decode step on a GPU) to 2.5 s (a long prefill on a CPU).
+prometheus::Histogram::BucketBoundaries IterationBuckets() {
+  return {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+}
+
+// Powers of two from 1 to `max`: batch sizes.
+prometheus::Histogram::BucketBoundaries PowersOfTwo(double max) {
+  prometheus::Histogram::BucketBoundaries b;
+  for (double v = 1; v <= max; v *= 2) b.push_back(v);
+  return b;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen_address) {
@@ -31,6 +43,39 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
                                  "End-to-end duration of requests that run the model.");
   m->commit_latency = histogram("ramba_store_commit_duration_seconds",
                                 "Duration of one atomic session commit to RocksDB.");
+  auto histogram_of = [&](const std::string& name, const std::string& help,
+                          prometheus::Histogram::BucketBoundaries buckets) {
+    return &prometheus::BuildHistogram().Name(name).Help(help).Register(reg).Add(
+        {}, std::move(buckets));
+  };
+  m->engine_iteration_latency = histogram_of(
+      "ramba_engine_iteration_duration_seconds",
+      "Wall time of one engine iteration that ran model work: launching a step and, pipelined, "
+      "collecting the one before it (in steady decode, the time per step).",
+      IterationBuckets());
+  m->engine_step_sequences =
+      histogram_of("ramba_engine_step_sequences", "Sessions in one launched engine step.",
+                   PowersOfTwo(1024));
+  m->engine_step_tokens = histogram_of(
+      "ramba_engine_step_tokens",
+      "Tokens in one launched engine step (decode rows and prompt tokens, fed beside it included).",
+      PowersOfTwo(16384));
+  m->session_page_in_latency =
+      histogram("ramba_session_page_in_duration_seconds",
+                "Time to load a session that was not resident from RocksDB into the backend.");
+  auto& lookups = prometheus::BuildCounter()
+                      .Name("ramba_session_cache_lookups_total")
+                      .Help("Session leases by whether the session was resident (hit) or had to "
+                            "be paged in from the store (miss).")
+                      .Register(reg);
+  m->session_cache_hits = &lookups.Add({{"result", "hit"}});
+  m->session_cache_misses = &lookups.Add({{"result", "miss"}});
+  m->session_evictions = &prometheus::BuildCounter()
+                              .Name("ramba_session_evictions_total")
+                              .Help("Idle sessions dropped from memory to make room (they stay "
+                                    "in the store).")
+                              .Register(reg)
+                              .Add({});
   auto& tokens = prometheus::BuildCounter()
                      .Name("ramba_tokens_total")
                      .Help("Tokens processed, by kind (prompt: fed to the model, generated).")
@@ -51,6 +96,13 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   m->stored_sessions = gauge("ramba_sessions_stored", "Sessions in the store.");
   m->store_bytes = gauge("ramba_store_bytes", "Approximate bytes of the RocksDB store on disk.");
   m->queue_depth = gauge("ramba_engine_queue_depth", "Engine requests waiting or running.");
+  auto& requests_by_state = prometheus::BuildGauge()
+                                .Name("ramba_engine_requests")
+                                .Help("Engine requests by state: running (in the batches) or "
+                                      "waiting (queued for a place, --max_active_requests).")
+                                .Register(reg);
+  m->requests_running = &requests_by_state.Add({{"state", "running"}});
+  m->requests_waiting = &requests_by_state.Add({{"state", "waiting"}});
   m->backend_bytes =
       gauge("ramba_backend_memory_bytes",
             "Memory the model's backend holds (GPU memory with --device cuda): weights, resident "

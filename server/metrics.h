@@ -31,6 +31,18 @@ class Metrics {
   prometheus::Histogram* inter_token_latency;
   prometheus::Histogram* request_latency;  // end to end, per RPC that runs the model
   prometheus::Histogram* commit_latency;   // one store commit
+  // The engine's iterations (Engine): wall time of one that ran model work (launching a step
+  // and, pipelined, collecting the one before it: in steady decode, the step time), and each
+  // launched step's size: sequences, and tokens (prompt tokens fed beside it included).
+  prometheus::Histogram* engine_iteration_latency;
+  prometheus::Histogram* engine_step_sequences;
+  prometheus::Histogram* engine_step_tokens;
+  // Session cache (SessionManager): leases of resident sessions (hits) against ones paged in
+  // from the store (misses, with their page-in time), and idle sessions evicted.
+  prometheus::Counter* session_cache_hits;
+  prometheus::Counter* session_cache_misses;
+  prometheus::Histogram* session_page_in_latency;
+  prometheus::Counter* session_evictions;
   // Token counters.
   prometheus::Counter* prompt_tokens;
   prometheus::Counter* generated_tokens;
@@ -43,6 +55,8 @@ class Metrics {
   prometheus::Gauge* stored_sessions;
   prometheus::Gauge* store_bytes;
   prometheus::Gauge* queue_depth;      // engine requests waiting or running
+  prometheus::Gauge* requests_running;  // in the engine's batches
+  prometheus::Gauge* requests_waiting;  // queued for a place among them
   prometheus::Gauge* backend_bytes;    // Backend::held_bytes(): weights, resident sessions
   prometheus::Gauge* backend_host_bytes;  // Backend::host_held_bytes(): chunks in the host tier
 

@@ -1,10 +1,12 @@
 #include "server/session_manager.h"
 
+#include <chrono>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "server/metrics.h"
 
 namespace ramba::server {
 
@@ -213,6 +215,7 @@ absl::StatusOr<SessionLease> SessionManager::Acquire(const std::string& id) {
       }
       it->second->leased = true;
       lru_.remove(id);
+      if (options_.metrics != nullptr) options_.metrics->session_cache_hits->Increment();
       return SessionLease(this, it->second);
     }
     EvictLocked(1);
@@ -227,7 +230,13 @@ absl::StatusOr<SessionLease> SessionManager::Acquire(const std::string& id) {
     placeholder->leased = true;
     resident_[id] = placeholder;
   }
+  const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<std::shared_ptr<Entry>> entry = PageIn(id);
+  if (options_.metrics != nullptr && entry.ok()) {
+    options_.metrics->session_cache_misses->Increment();
+    options_.metrics->session_page_in_latency->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
   absl::MutexLock lock(&mu_);
   if (!entry.ok()) {
     resident_.erase(id);
@@ -262,6 +271,7 @@ void SessionManager::EvictLocked(int64_t room) {
   while (over() && !lru_.empty()) {
     resident_.erase(lru_.front());
     lru_.pop_front();
+    if (options_.metrics != nullptr) options_.metrics->session_evictions->Increment();
   }
 }
 

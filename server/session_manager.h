@@ -21,6 +21,8 @@
 
 namespace ramba::server {
 
+class Metrics;
+
 // Sampling fields a session or request may leave unset ("use the next default").
 struct SamplingDefaults {
   std::optional<float> temperature;
@@ -67,6 +69,9 @@ struct SessionManagerOptions {
   // The same bound on the backend's host-tier memory (Backend::host_held_bytes(): chunks moved
   // out of GPU memory by RambaModel::set_device_chunk_window); 0: no limit.
   int64_t max_resident_host_bytes = 0;
+  // Where leases (resident or paged in, and the page-in time) and evictions are counted
+  // (Metrics::session_*); null: nowhere. Must outlive the manager.
+  Metrics* metrics = nullptr;
 };
 
 class SessionManager;

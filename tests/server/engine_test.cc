@@ -9,6 +9,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "model/weights.h"
+#include "server/metrics.h"
 #include "tests/testing/test_util.h"
 
 namespace ramba::server {
@@ -185,6 +186,44 @@ TEST_P(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
     }
     // Greedy picks the most likely token: no other has a larger logprob.
     EXPECT_GE(o0.logprobs[0], -std::log(static_cast<double>(config_.vocab_size)));
+  }
+}
+
+// Every token the model consumes is counted in exactly one step's ramba_engine_step_tokens, and
+// every step in an iteration's time.
+TEST_P(EngineTest, StepsAndIterationsAreCounted) {
+  for (bool pipelined : {true, false}) {
+    SCOPED_TRACE(pipelined ? "pipelined" : "one step at a time");
+    auto metrics = std::move(*Metrics::Create(""));
+    EngineOptions opts = Opts();
+    opts.max_batch_tokens = 64;  // the long prompt takes three steps, beside decodes
+    opts.pipeline_decode = pipelined;
+    opts.metrics = metrics.get();
+    {
+      Engine engine(model_.get(), opts);
+      auto s0 = std::move(*model_->NewSession());
+      auto s1 = std::move(*model_->NewSession());
+      auto f0 = Run(engine, s0.get(), testing::RandomTokens(150, config_.vocab_size, 41), 10);
+      auto f1 = Run(engine, s1.get(), testing::RandomTokens(9, config_.vocab_size, 42), 10);
+      ASSERT_TRUE(f0.get().status.ok());
+      ASSERT_TRUE(f1.get().status.ok());
+      // Both positions: the prompt and all but the last generated token (pending).
+      EXPECT_EQ(s0->position() + s1->position(), 150 + 9 + 2 * 9);
+      const auto tokens = metrics->engine_step_tokens->Collect().histogram;
+      const auto sequences = metrics->engine_step_sequences->Collect().histogram;
+      EXPECT_EQ(tokens.sample_sum, static_cast<double>(s0->position() + s1->position()));
+      // Nine decode steps at least after the first token; no step without a session.
+      EXPECT_GE(tokens.sample_count, 10u);
+      EXPECT_EQ(sequences.sample_count, tokens.sample_count);
+      EXPECT_GE(sequences.sample_sum, static_cast<double>(sequences.sample_count));
+      EXPECT_LE(sequences.sample_sum, 2.0 * static_cast<double>(sequences.sample_count));
+    }
+    // Pipelined, the last iteration only collects; each iteration that launched a step counted.
+    const auto iterations = metrics->engine_iteration_latency->Collect().histogram;
+    const uint64_t steps = metrics->engine_step_tokens->Collect().histogram.sample_count;
+    EXPECT_GE(iterations.sample_count, steps);
+    EXPECT_LE(iterations.sample_count, steps + (pipelined ? 1 : 0));
+    EXPECT_GT(iterations.sample_sum, 0.0);
   }
 }
 
