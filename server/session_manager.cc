@@ -205,19 +205,29 @@ absl::StatusOr<std::shared_ptr<SessionManager::Entry>> SessionManager::PageIn(
 
 absl::StatusOr<SessionLease> SessionManager::Acquire(const std::string& id) {
   RETURN_IF_ERROR(ValidateId(id));
+  // A resident session's lease (ABORTED while another holds it); nullopt when not resident.
+  auto lease_resident = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(
+                            mu_) -> std::optional<absl::StatusOr<SessionLease>> {
+    auto it = resident_.find(id);
+    if (it == resident_.end()) return std::nullopt;
+    if (it->second->leased) {
+      return absl::AbortedError(
+          absl::StrCat("session '", id, "' is busy with another request; retry when it finishes"));
+    }
+    it->second->leased = true;
+    lru_.remove(id);
+    if (options_.metrics != nullptr) options_.metrics->session_cache_hits->Increment();
+    return SessionLease(this, it->second);
+  };
   {
     absl::MutexLock lock(&mu_);
-    auto it = resident_.find(id);
-    if (it != resident_.end()) {
-      if (it->second->leased) {
-        return absl::AbortedError(absl::StrCat(
-            "session '", id, "' is busy with another request; retry when it finishes"));
-      }
-      it->second->leased = true;
-      lru_.remove(id);
-      if (options_.metrics != nullptr) options_.metrics->session_cache_hits->Increment();
-      return SessionLease(this, it->second);
-    }
+    if (auto lease = lease_resident()) return std::move(*lease);
+  }
+  // Not resident: an unknown id fails here, before an idle session is evicted for it.
+  RETURN_IF_ERROR(store_->GetRecord(id).status());
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto lease = lease_resident()) return std::move(*lease);  // paged in meanwhile
     EvictLocked(1);
     if (static_cast<int64_t>(resident_.size()) >= options_.max_resident_sessions) {
       return absl::ResourceExhaustedError(absl::StrCat(

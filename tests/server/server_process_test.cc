@@ -536,10 +536,20 @@ TEST(ServerProcessTest, MetricsCountAGenerate) {
   const std::string kGenerated = "ramba_tokens_total{kind=\"generated\"}";
   const std::string kOk = "ramba_requests_total{outcome=\"ok\"}";
   const std::string kTtft = "ramba_time_to_first_token_seconds_count";
+  const std::string kStepTokens = "ramba_engine_step_tokens_sum";
+  const std::string kSteps = "ramba_engine_step_sequences_count";
+  const std::string kIterations = "ramba_engine_iteration_duration_seconds_count";
+  const std::string kHits = "ramba_session_cache_lookups_total{result=\"hit\"}";
+  const std::string kMisses = "ramba_session_cache_lookups_total{result=\"miss\"}";
   auto before = scrape();
-  ASSERT_TRUE(before.count(kGenerated)) << "no " << kGenerated;
-  ASSERT_TRUE(before.count(kOk));
-  ASSERT_TRUE(before.count(kTtft));
+  for (const std::string& name :
+       {kGenerated, kOk, kTtft, kStepTokens, kSteps, kIterations, kHits, kMisses,
+        std::string("ramba_engine_requests{state=\"running\"}"),
+        std::string("ramba_engine_requests{state=\"waiting\"}"),
+        std::string("ramba_session_page_in_duration_seconds_count"),
+        std::string("ramba_session_evictions_total")}) {
+    ASSERT_TRUE(before.count(name)) << "no " << name;
+  }
   Streamed out = RunGenerate(server.stub(), Greedy("m1", 12));
   ASSERT_TRUE(out.status.ok()) << out.status.error_message();
   ASSERT_EQ(out.ids.size(), 12u);
@@ -547,6 +557,13 @@ TEST(ServerProcessTest, MetricsCountAGenerate) {
   EXPECT_EQ(after[kGenerated] - before[kGenerated], 12);
   EXPECT_EQ(after[kOk] - before[kOk], 1);
   EXPECT_EQ(after[kTtft] - before[kTtft], 1);
+  // Twelve one-token steps: the pending token of the append, then 11 of the 12 generated (the
+  // last stays pending); the session was resident.
+  EXPECT_EQ(after[kStepTokens] - before[kStepTokens], 12);
+  EXPECT_EQ(after[kSteps] - before[kSteps], 12);
+  EXPECT_GE(after[kIterations] - before[kIterations], 12);
+  EXPECT_EQ(after[kHits] - before[kHits], 1);
+  EXPECT_EQ(after[kMisses] - before[kMisses], 0);
   // The level gauges refresh every 200 ms.
   double stored = -1;
   for (auto t0 = Clock::now(); Clock::now() - t0 < 2s; std::this_thread::sleep_for(50ms)) {

@@ -7,6 +7,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "model/weights.h"
+#include "server/metrics.h"
 #include "tests/testing/test_util.h"
 
 namespace ramba::server {
@@ -32,7 +33,7 @@ class SessionManagerTest : public ::testing::Test {
     fs::remove_all(dir_);
   }
   void Reopen(int64_t max_resident = 8, int64_t max_resident_bytes = 0,
-              int64_t max_resident_host_bytes = 0) {
+              int64_t max_resident_host_bytes = 0, Metrics* metrics = nullptr) {
     manager_.reset();
     store_.reset();
     store::StoreOptions o;
@@ -44,6 +45,7 @@ class SessionManagerTest : public ::testing::Test {
     mo.max_resident_sessions = max_resident;
     mo.max_resident_bytes = max_resident_bytes;
     mo.max_resident_host_bytes = max_resident_host_bytes;
+    mo.metrics = metrics;
     manager_ = std::make_unique<SessionManager>(model_.get(), store_.get(), mo);
   }
   // Feeds tokens to a leased session, keeping the last one pending as the server does.
@@ -191,6 +193,41 @@ TEST_F(SessionManagerTest, MemoryLimitIsResourceExhaustedNotACrash) {
   { auto done = std::move(*x); }
   EXPECT_TRUE(manager_->Acquire("z").ok());  // the idle one was evicted
   EXPECT_LE(manager_->ResidentSessions(), 2);
+}
+
+TEST_F(SessionManagerTest, HitsMissesAndEvictionsAreCounted) {
+  auto metrics = std::move(*Metrics::Create(""));
+  Reopen(/*max_resident=*/2, 0, 0, metrics.get());
+  auto count = [](prometheus::Counter* c) { return c->Value(); };
+  for (const char* id : {"a", "b"}) ASSERT_TRUE(manager_->Create(id, {}).ok());
+  {
+    auto a = manager_->Acquire("a");  // resident since its creation: a hit
+    ASSERT_TRUE(a.ok());
+    Feed(*a, testing::RandomTokens(10, config_.vocab_size, 1));
+    ASSERT_TRUE(a->Commit().ok());
+  }
+  {
+    auto b = manager_->Acquire("b");  // a hit, then changed and dropped uncommitted
+    ASSERT_TRUE(b.ok());
+    Feed(*b, testing::RandomTokens(10, config_.vocab_size, 2));
+  }
+  ASSERT_TRUE(manager_->Acquire("b").ok());  // paged in again: a miss; unchanged, kept
+  EXPECT_EQ(count(metrics->session_evictions), 0);
+  ASSERT_TRUE(manager_->Create("c", {}).ok());  // evicts a, the least recently used
+  EXPECT_EQ(count(metrics->session_evictions), 1);
+  {
+    auto a = manager_->Acquire("a");  // a miss; makes room by evicting b
+    ASSERT_TRUE(a.ok());
+  }
+  // An unknown id is neither a miss nor a reason to evict an idle session.
+  EXPECT_EQ(manager_->Acquire("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(manager_->ResidentSessions(), 2);
+  EXPECT_EQ(count(metrics->session_cache_hits), 2);
+  EXPECT_EQ(count(metrics->session_cache_misses), 2);
+  EXPECT_EQ(count(metrics->session_evictions), 2);
+  const auto page_ins = metrics->session_page_in_latency->Collect().histogram;
+  EXPECT_EQ(page_ins.sample_count, 2u);
+  EXPECT_GT(page_ins.sample_sum, 0.0);
 }
 
 TEST_F(SessionManagerTest, IdleSessionsAreEvictedToTheByteBudget) {
