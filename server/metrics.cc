@@ -76,6 +76,14 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
                                     "in the store).")
                               .Register(reg)
                               .Add({});
+  auto& refused = prometheus::BuildCounter()
+                     .Name("ramba_session_lease_rejections_total")
+                     .Help("Requests refused a session lease: busy (the session runs another "
+                           "request; ABORTED) or full (every resident slot is leased; "
+                           "RESOURCE_EXHAUSTED, --max_resident_sessions).")
+                     .Register(reg);
+  m->session_leases_busy = &refused.Add({{"reason", "busy"}});
+  m->session_leases_full = &refused.Add({{"reason", "full"}});
   auto& tokens = prometheus::BuildCounter()
                      .Name("ramba_tokens_total")
                      .Help("Tokens processed, by kind (prompt: fed to the model, generated).")

@@ -43,6 +43,10 @@ class Metrics {
   prometheus::Counter* session_cache_misses;
   prometheus::Histogram* session_page_in_latency;
   prometheus::Counter* session_evictions;
+  // Leases refused: the session is busy with another request (ABORTED), or every resident slot
+  // is leased (RESOURCE_EXHAUSTED, --max_resident_sessions).
+  prometheus::Counter* session_leases_busy;
+  prometheus::Counter* session_leases_full;
   // Token counters.
   prometheus::Counter* prompt_tokens;
   prometheus::Counter* generated_tokens;

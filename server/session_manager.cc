@@ -211,6 +211,7 @@ absl::StatusOr<SessionLease> SessionManager::Acquire(const std::string& id) {
     auto it = resident_.find(id);
     if (it == resident_.end()) return std::nullopt;
     if (it->second->leased) {
+      if (options_.metrics != nullptr) options_.metrics->session_leases_busy->Increment();
       return absl::AbortedError(
           absl::StrCat("session '", id, "' is busy with another request; retry when it finishes"));
     }
@@ -230,6 +231,7 @@ absl::StatusOr<SessionLease> SessionManager::Acquire(const std::string& id) {
     if (auto lease = lease_resident()) return std::move(*lease);  // paged in meanwhile
     EvictLocked(1);
     if (static_cast<int64_t>(resident_.size()) >= options_.max_resident_sessions) {
+      if (options_.metrics != nullptr) options_.metrics->session_leases_full->Increment();
       return absl::ResourceExhaustedError(absl::StrCat(
           "all ", options_.max_resident_sessions,
           " resident session slots are busy with requests; retry later"));

@@ -225,6 +225,15 @@ TEST_F(SessionManagerTest, HitsMissesAndEvictionsAreCounted) {
   EXPECT_EQ(count(metrics->session_cache_hits), 2);
   EXPECT_EQ(count(metrics->session_cache_misses), 2);
   EXPECT_EQ(count(metrics->session_evictions), 2);
+  // Refused leases: a busy session, then every slot leased.
+  auto c = manager_->Acquire("c");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(manager_->Acquire("c").status().code(), absl::StatusCode::kAborted);
+  auto a = manager_->Acquire("a");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(manager_->Acquire("b").status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(count(metrics->session_leases_busy), 1);
+  EXPECT_EQ(count(metrics->session_leases_full), 1);
   const auto page_ins = metrics->session_page_in_latency->Collect().histogram;
   EXPECT_EQ(page_ins.sample_count, 2u);
   EXPECT_GT(page_ins.sample_sum, 0.0);
