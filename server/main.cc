@@ -61,7 +61,7 @@ ABSL_FLAG(int64_t, max_message_bytes, 16 << 20, "Largest gRPC message accepted."
 ABSL_FLAG(bool, sync_commits, true, "fsync every commit (acknowledged = durable).");
 ABSL_FLAG(int32_t, commit_threads, -1,
           "Threads writing store commits off the engine thread (concurrent syncs share one "
-          "fsync); 0: the engine thread writes them; -1: 4 on a GPU, 0 on the CPU (whose "
+          "fsync); 0: the engine thread writes them; -1: 16 on a GPU, 0 on the CPU (whose "
           "engine thread keeps every core busy).");
 ABSL_FLAG(int32_t, stream_writer_threads, -1,
           "Threads starting Generate's stream writes, so the engine thread does not pay a "
@@ -172,7 +172,10 @@ int main(int argc, char** argv) {
     if (threads < 0) threads = gpu ? on_gpu : 0;
     return threads > 0 ? std::make_unique<server::TaskPool>(threads) : nullptr;
   };
-  std::unique_ptr<server::TaskPool> committer = pool(absl::GetFlag(FLAGS_commit_threads), 4);
+  // RocksDB writes through one WAL (its CRC32C in software in Debian's build), so commit threads
+  // mostly wait to join a write group; more of them make larger groups (ramba-tiny on an H100, 64
+  // streams: 31K output tok/s with 4, 34-37K with 16; docs/benchmarks.md, twenty-eighth session).
+  std::unique_ptr<server::TaskPool> committer = pool(absl::GetFlag(FLAGS_commit_threads), 16);
   std::unique_ptr<server::TaskPool> writer = pool(absl::GetFlag(FLAGS_stream_writer_threads), 2);
   server::RambaService service(model->get(), tokenizer->get(), &engine, &sessions, metrics->get(),
                                service_options, committer.get(), writer.get());
