@@ -53,9 +53,8 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
       "Wall time of one engine iteration that ran model work: launching a step and, pipelined, "
       "collecting the one before it (in steady decode, the time per step).",
       IterationBuckets());
-  m->engine_step_sequences =
-      histogram_of("ramba_engine_step_sequences", "Sessions in one launched engine step.",
-                   PowersOfTwo(1024));
+  m->engine_step_sequences = histogram_of(
+      "ramba_engine_step_sequences", "Sessions in one launched engine step.", PowersOfTwo(1024));
   m->engine_step_tokens = histogram_of(
       "ramba_engine_step_tokens",
       "Tokens in one launched engine step (decode rows and prompt tokens, fed beside it included).",
@@ -65,23 +64,26 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
                 "Time to load a session that was not resident from RocksDB into the backend.");
   auto& lookups = prometheus::BuildCounter()
                       .Name("ramba_session_cache_lookups_total")
-                      .Help("Session leases by whether the session was resident (hit) or had to "
-                            "be paged in from the store (miss).")
+                      .Help(
+                          "Session leases by whether the session was resident (hit) or had to "
+                          "be paged in from the store (miss).")
                       .Register(reg);
   m->session_cache_hits = &lookups.Add({{"result", "hit"}});
   m->session_cache_misses = &lookups.Add({{"result", "miss"}});
   m->session_evictions = &prometheus::BuildCounter()
                               .Name("ramba_session_evictions_total")
-                              .Help("Idle sessions dropped from memory to make room (they stay "
-                                    "in the store).")
+                              .Help(
+                                  "Idle sessions dropped from memory to make room (they stay "
+                                  "in the store).")
                               .Register(reg)
                               .Add({});
   auto& refused = prometheus::BuildCounter()
-                     .Name("ramba_session_lease_rejections_total")
-                     .Help("Requests refused a session lease: busy (the session runs another "
-                           "request; ABORTED) or full (every resident slot is leased; "
-                           "RESOURCE_EXHAUSTED, --max_resident_sessions).")
-                     .Register(reg);
+                      .Name("ramba_session_lease_rejections_total")
+                      .Help(
+                          "Requests refused a session lease: busy (the session runs another "
+                          "request; ABORTED) or full (every resident slot is leased; "
+                          "RESOURCE_EXHAUSTED, --max_resident_sessions).")
+                      .Register(reg);
   m->session_leases_busy = &refused.Add({{"reason", "busy"}});
   m->session_leases_full = &refused.Add({{"reason", "full"}});
   auto& tokens = prometheus::BuildCounter()
@@ -106,8 +108,9 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   m->queue_depth = gauge("ramba_engine_queue_depth", "Engine requests waiting or running.");
   auto& requests_by_state = prometheus::BuildGauge()
                                 .Name("ramba_engine_requests")
-                                .Help("Engine requests by state: running (in the batches) or "
-                                      "waiting (queued for a place, --max_active_requests).")
+                                .Help(
+                                    "Engine requests by state: running (in the batches) or "
+                                    "waiting (queued for a place, --max_active_requests).")
                                 .Register(reg);
   m->requests_running = &requests_by_state.Add({{"state", "running"}});
   m->requests_waiting = &requests_by_state.Add({{"state", "waiting"}});

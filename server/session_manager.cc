@@ -206,8 +206,8 @@ absl::StatusOr<std::shared_ptr<SessionManager::Entry>> SessionManager::PageIn(
 absl::StatusOr<SessionLease> SessionManager::Acquire(const std::string& id) {
   RETURN_IF_ERROR(ValidateId(id));
   // A resident session's lease (ABORTED while another holds it); nullopt when not resident.
-  auto lease_resident = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(
-                            mu_) -> std::optional<absl::StatusOr<SessionLease>> {
+  auto lease_resident =
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> std::optional<absl::StatusOr<SessionLease>> {
     auto it = resident_.find(id);
     if (it == resident_.end()) return std::nullopt;
     if (it->second->leased) {

@@ -311,16 +311,16 @@ int main(int argc, char** argv) {
     // Issue 5 states the batch-1 target against the weights alone (bf16 weights / bandwidth):
     // printed beside the full floor so neither is mistaken for the other.
     const double weights_s = weight_bytes / (bw * 1e9);
-    std::printf("decode batch %4d context %8d: %8.3f ms/step %9.0f tok/s | floor %.3f ms "
-                "(%.1f MB) ratio %.2fx | weights alone %.3f ms (%.1f MB) ratio %.2fx\n",
-                batch, n, 1e3 * step_s, batch / step_s, 1e3 * floor_s, floor_bytes / 1e6,
-                step_s / floor_s, 1e3 * weights_s, weight_bytes / 1e6, step_s / weights_s);
+    std::printf(
+        "decode batch %4d context %8d: %8.3f ms/step %9.0f tok/s | floor %.3f ms "
+        "(%.1f MB) ratio %.2fx | weights alone %.3f ms (%.1f MB) ratio %.2fx\n",
+        batch, n, 1e3 * step_s, batch / step_s, 1e3 * floor_s, floor_bytes / 1e6, step_s / floor_s,
+        1e3 * weights_s, weight_bytes / 1e6, step_s / weights_s);
     if (pipelined_s > 0) {
       std::printf(
           "  pipelined (each step launched before the previous one's tokens are back): "
           "%8.3f ms/step, ratio %.2fx, %.2fx the weights alone (%.2fx the step above)\n",
-          1e3 * pipelined_s, pipelined_s / floor_s, pipelined_s / weights_s,
-          pipelined_s / step_s);
+          1e3 * pipelined_s, pipelined_s / floor_s, pipelined_s / weights_s, pipelined_s / step_s);
     }
     if (sustained_s > 0) {
       const int64_t S = config.chunk_size;

@@ -542,12 +542,11 @@ TEST(ServerProcessTest, MetricsCountAGenerate) {
   const std::string kHits = "ramba_session_cache_lookups_total{result=\"hit\"}";
   const std::string kMisses = "ramba_session_cache_lookups_total{result=\"miss\"}";
   auto before = scrape();
-  for (const std::string& name :
-       {kGenerated, kOk, kTtft, kStepTokens, kSteps, kIterations, kHits, kMisses,
-        std::string("ramba_engine_requests{state=\"running\"}"),
-        std::string("ramba_engine_requests{state=\"waiting\"}"),
-        std::string("ramba_session_page_in_duration_seconds_count"),
-        std::string("ramba_session_evictions_total")}) {
+  for (const std::string& name : {kGenerated, kOk, kTtft, kStepTokens, kSteps, kIterations, kHits,
+                                  kMisses, std::string("ramba_engine_requests{state=\"running\"}"),
+                                  std::string("ramba_engine_requests{state=\"waiting\"}"),
+                                  std::string("ramba_session_page_in_duration_seconds_count"),
+                                  std::string("ramba_session_evictions_total")}) {
     ASSERT_TRUE(before.count(name)) << "no " << name;
   }
   Streamed out = RunGenerate(server.stub(), Greedy("m1", 12));
