@@ -147,10 +147,16 @@ void Engine::Loop() {
   }
 }
 
-void Engine::CountStep(int64_t sequences, int64_t tokens) {
+void Engine::CountStep(const std::vector<Running*>& launched, const std::vector<Running*>& fed) {
+  if (launched.empty() && fed.empty()) return;
   iteration_ran_model_ = true;
   if (options_.metrics == nullptr) return;
-  options_.metrics->engine_step_sequences->Observe(static_cast<double>(sequences));
+  int64_t tokens = 0;
+  for (const std::vector<Running*>* rows : {&launched, &fed}) {
+    for (const Running* r : *rows) tokens += r->take;
+  }
+  options_.metrics->engine_step_sequences->Observe(
+      static_cast<double>(launched.size() + fed.size()));
   options_.metrics->engine_step_tokens->Observe(static_cast<double>(tokens));
 }
 
@@ -338,13 +344,7 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
   auto step = std::make_unique<InFlight>();
   std::vector<Running*> feed;
   PlanBatch(active, *done, carry_from, options_.split_prefill, &step->batch, &feed);
-  if (!step->batch.empty() || !feed.empty()) {
-    int64_t tokens = 0;
-    for (const std::vector<Running*>* rows : {&step->batch, &feed}) {
-      for (const Running* r : *rows) tokens += r->take;
-    }
-    CountStep(static_cast<int64_t>(step->batch.size() + feed.size()), tokens);
-  }
+  CountStep(step->batch, feed);
   auto fail = [done](const std::vector<Running*>& rows, const absl::Status& st) {
     for (Running* r : rows) {
       r->req->on_done(st, FinishReason::kError);
@@ -438,9 +438,7 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   std::vector<Running*> batch;
   PlanBatch(active, {}, /*carry_from=*/nullptr, /*split=*/false, &batch, nullptr);
   if (batch.empty()) return;
-  int64_t tokens = 0;
-  for (const Running* r : batch) tokens += r->take;
-  CountStep(static_cast<int64_t>(batch.size()), tokens);
+  CountStep(batch, {});
   std::vector<SessionState*> states;
   std::vector<absl::Span<const int32_t>> spans;
   for (Running* r : batch) {

@@ -151,9 +151,9 @@ class Engine {
   Outcome Absorb(Running* r, int32_t token, bool fed_ahead);
   // Reports a generated token; true when it ended the request (on_done has run).
   bool Report(Running* r, int32_t token, float logprob, bool fed_ahead);
-  // Counts a launched step of `sequences` sessions and `tokens` tokens (fed prompts included)
-  // towards the metrics, and marks the iteration as one that ran model work.
-  void CountStep(int64_t sequences, int64_t tokens);
+  // Counts a step's rows, `launched` and prompt rows `fed` beside it (their sessions and taken
+  // tokens), towards the metrics, and marks the iteration as one that ran model work.
+  void CountStep(const std::vector<Running*>& launched, const std::vector<Running*>& fed);
 
   RambaModel* model_;
   EngineOptions options_;

@@ -32,8 +32,22 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
   auto& reg = *m->registry_;
-  auto histogram = [&](const std::string& name, const std::string& help) {
-    return &prometheus::BuildHistogram().Name(name).Help(help).Register(reg).Add({}, LatencyBuckets());
+  // Families by kind; a metric without labels is its family's one child (.Add({})).
+  auto histogram = [&](const std::string& name, const std::string& help,
+                       prometheus::Histogram::BucketBoundaries buckets = LatencyBuckets()) {
+    return &prometheus::BuildHistogram().Name(name).Help(help).Register(reg).Add(
+        {}, std::move(buckets));
+  };
+  auto counters = [&](const std::string& name,
+                      const std::string& help) -> prometheus::Family<prometheus::Counter>& {
+    return prometheus::BuildCounter().Name(name).Help(help).Register(reg);
+  };
+  auto gauges = [&](const std::string& name,
+                    const std::string& help) -> prometheus::Family<prometheus::Gauge>& {
+    return prometheus::BuildGauge().Name(name).Help(help).Register(reg);
+  };
+  auto gauge = [&](const std::string& name, const std::string& help) {
+    return &gauges(name, help).Add({});
   };
   m->time_to_first_token = histogram("ramba_time_to_first_token_seconds",
                                      "Time from a Generate request to its first token.");
@@ -43,75 +57,50 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
                                  "End-to-end duration of requests that run the model.");
   m->commit_latency = histogram("ramba_store_commit_duration_seconds",
                                 "Duration of one atomic session commit to RocksDB.");
-  auto histogram_of = [&](const std::string& name, const std::string& help,
-                          prometheus::Histogram::BucketBoundaries buckets) {
-    return &prometheus::BuildHistogram().Name(name).Help(help).Register(reg).Add(
-        {}, std::move(buckets));
-  };
-  m->engine_iteration_latency = histogram_of(
+  m->engine_iteration_latency = histogram(
       "ramba_engine_iteration_duration_seconds",
       "Wall time of one engine iteration that ran model work: launching a step and, pipelined, "
       "collecting the one before it (in steady decode, the time per step).",
       IterationBuckets());
-  m->engine_step_sequences = histogram_of(
-      "ramba_engine_step_sequences", "Sessions in one launched engine step.", PowersOfTwo(1024));
-  m->engine_step_tokens = histogram_of(
+  m->engine_step_sequences = histogram("ramba_engine_step_sequences",
+                                       "Sessions in one launched engine step.", PowersOfTwo(1024));
+  m->engine_step_tokens = histogram(
       "ramba_engine_step_tokens",
       "Tokens in one launched engine step (decode rows and prompt tokens, fed beside it included).",
       PowersOfTwo(16384));
   m->session_page_in_latency =
       histogram("ramba_session_page_in_duration_seconds",
                 "Time to load a session that was not resident from RocksDB into the backend.");
-  auto& lookups = prometheus::BuildCounter()
-                      .Name("ramba_session_cache_lookups_total")
-                      .Help(
-                          "Session leases by whether the session was resident (hit) or had to "
-                          "be paged in from the store (miss).")
-                      .Register(reg);
+  auto& lookups = counters("ramba_session_cache_lookups_total",
+                           "Session leases by whether the session was resident (hit) or had to "
+                           "be paged in from the store (miss).");
   m->session_cache_hits = &lookups.Add({{"result", "hit"}});
   m->session_cache_misses = &lookups.Add({{"result", "miss"}});
-  m->session_evictions = &prometheus::BuildCounter()
-                              .Name("ramba_session_evictions_total")
-                              .Help(
-                                  "Idle sessions dropped from memory to make room (they stay "
-                                  "in the store).")
-                              .Register(reg)
+  m->session_evictions = &counters("ramba_session_evictions_total",
+                                   "Idle sessions dropped from memory to make room (they stay in "
+                                   "the store).")
                               .Add({});
-  auto& refused = prometheus::BuildCounter()
-                      .Name("ramba_session_lease_rejections_total")
-                      .Help(
-                          "Requests refused a session lease: busy (the session runs another "
-                          "request; ABORTED) or full (every resident slot is leased; "
-                          "RESOURCE_EXHAUSTED, --max_resident_sessions).")
-                      .Register(reg);
+  auto& refused = counters("ramba_session_lease_rejections_total",
+                           "Requests refused a session lease: busy (the session runs another "
+                           "request; ABORTED) or full (every resident slot is leased; "
+                           "RESOURCE_EXHAUSTED, --max_resident_sessions).");
   m->session_leases_busy = &refused.Add({{"reason", "busy"}});
   m->session_leases_full = &refused.Add({{"reason", "full"}});
-  auto& tokens = prometheus::BuildCounter()
-                     .Name("ramba_tokens_total")
-                     .Help("Tokens processed, by kind (prompt: fed to the model, generated).")
-                     .Register(reg);
+  auto& tokens = counters("ramba_tokens_total",
+                          "Tokens processed, by kind (prompt: fed to the model, generated).");
   m->prompt_tokens = &tokens.Add({{"kind", "prompt"}});
   m->generated_tokens = &tokens.Add({{"kind", "generated"}});
-  auto& requests = prometheus::BuildCounter()
-                       .Name("ramba_requests_total")
-                       .Help("Model-running requests by outcome.")
-                       .Register(reg);
+  auto& requests = counters("ramba_requests_total", "Model-running requests by outcome.");
   m->requests_ok = &requests.Add({{"outcome", "ok"}});
   m->requests_cancelled = &requests.Add({{"outcome", "cancelled"}});
   m->requests_failed = &requests.Add({{"outcome", "error"}});
-  auto gauge = [&](const std::string& name, const std::string& help) {
-    return &prometheus::BuildGauge().Name(name).Help(help).Register(reg).Add({});
-  };
   m->active_sessions = gauge("ramba_sessions_active", "Sessions resident in memory.");
   m->stored_sessions = gauge("ramba_sessions_stored", "Sessions in the store.");
   m->store_bytes = gauge("ramba_store_bytes", "Approximate bytes of the RocksDB store on disk.");
   m->queue_depth = gauge("ramba_engine_queue_depth", "Engine requests waiting or running.");
-  auto& requests_by_state = prometheus::BuildGauge()
-                                .Name("ramba_engine_requests")
-                                .Help(
-                                    "Engine requests by state: running (in the batches) or "
-                                    "waiting (queued for a place, --max_active_requests).")
-                                .Register(reg);
+  auto& requests_by_state = gauges("ramba_engine_requests",
+                                   "Engine requests by state: running (in the batches) or waiting "
+                                   "(queued for a place, --max_active_requests).");
   m->requests_running = &requests_by_state.Add({{"state", "running"}});
   m->requests_waiting = &requests_by_state.Add({{"state", "waiting"}});
   m->backend_bytes =
