@@ -59,6 +59,9 @@ ABSL_FLAG(int64_t, max_request_tokens, 1 << 22, "Input tokens one request may ca
 ABSL_FLAG(int32_t, max_generate_tokens, 1 << 16, "Largest max_tokens a Generate may ask for.");
 ABSL_FLAG(int64_t, max_message_bytes, 16 << 20, "Largest gRPC message accepted.");
 ABSL_FLAG(bool, sync_commits, true, "fsync every commit (acknowledged = durable).");
+ABSL_FLAG(int64_t, state_slot_min_bytes, ramba::store::StoreOptions().state_slot_min_bytes,
+          "State snapshots of at least this many bytes are written to state slot files beside "
+          "RocksDB (<store>/state-slots), smaller ones through RocksDB.");
 ABSL_FLAG(int32_t, commit_threads, -1,
           "Threads writing store commits off the engine thread (concurrent syncs share one "
           "fsync); 0: the engine thread writes them; -1: 16 on a GPU, 0 on the CPU (whose "
@@ -124,6 +127,7 @@ int main(int argc, char** argv) {
   store::StoreOptions store_options;
   store_options.path = absl::GetFlag(FLAGS_data_dir);
   store_options.sync_commits = absl::GetFlag(FLAGS_sync_commits);
+  store_options.state_slot_min_bytes = absl::GetFlag(FLAGS_state_slot_min_bytes);
   auto store = store::SessionStore::Open(store_options);
   if (!store.ok()) return Fail(store.status());
 

@@ -1,6 +1,7 @@
 #include "store/keys.h"
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace ramba::store {
@@ -63,6 +64,15 @@ KeyRange ChunkKeyRange(absl::string_view origin, int64_t from) {
 
 std::string MakeOrigin(absl::string_view session_id, uint64_t n) {
   return absl::StrCat(session_id, "#", n);
+}
+
+std::optional<uint64_t> OriginNumber(absl::string_view origin) {
+  const size_t hash = origin.rfind('#');
+  uint64_t n = 0;
+  if (hash == absl::string_view::npos || !absl::SimpleAtoi(origin.substr(hash + 1), &n)) {
+    return std::nullopt;
+  }
+  return n;
 }
 
 std::string Quote(absl::string_view s) { return absl::StrCat("\"", absl::CEscape(s), "\""); }

@@ -12,11 +12,12 @@
 #define RAMBA_STORE_KEYS_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace ramba::store {
 
@@ -50,6 +51,8 @@ KeyRange ChunkKeyRange(absl::string_view origin, int64_t from = 0);
 // The origin ("chunk namespace") of the `n`-th session incarnation created in a store: unique even
 // when a deleted id is reused while forks still hold the old incarnation's chunks.
 std::string MakeOrigin(absl::string_view session_id, uint64_t n);
+// The `n` of an origin made by MakeOrigin (the number after its last '#'); nullopt otherwise.
+std::optional<uint64_t> OriginNumber(absl::string_view origin);
 
 // Printable form of an id or origin for error messages (C escapes, quoted).
 std::string Quote(absl::string_view s);

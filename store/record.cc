@@ -11,6 +11,7 @@ namespace {
 
 constexpr uint16_t kSessionRecordVersion = 1;
 constexpr uint16_t kRefcountVersion = 1;
+constexpr uint16_t kStateSlotPointerVersion = 1;
 
 void PutFixed16(std::string* out, uint16_t v) {
   out->push_back(static_cast<char>(v & 0xFF));
@@ -84,6 +85,8 @@ const char* RecordKindName(RecordKind kind) {
     case RecordKind::kLandmarks: return "landmarks";
     case RecordKind::kRefcount: return "refcount";
     case RecordKind::kMeta: return "store metadata";
+    case RecordKind::kStateSlot:
+      return "state slot pointer";
   }
   return "unknown record";
 }
@@ -139,6 +142,13 @@ absl::StatusOr<absl::string_view> UnwrapRecord(RecordKind kind, absl::string_vie
                                             ", computed 0x", absl::Hex(actual), ")"));
   }
   return in;
+}
+
+std::optional<RecordKind> PeekRecordKind(absl::string_view value) {
+  if (value.size() < kRecordHeaderBytes || LoadLe(value.data(), 4) != kRecordMagic) {
+    return std::nullopt;
+  }
+  return static_cast<RecordKind>(static_cast<uint8_t>(value[5]));
 }
 
 std::string EncodeSessionRecord(const SessionRecord& r) {
@@ -231,6 +241,35 @@ absl::StatusOr<Refcount> DecodeRefcount(absl::string_view in) {
                                             ", shared end ", r.shared_end));
   }
   return r;
+}
+
+std::string EncodeStateSlotPointer(const StateSlotPointer& p) {
+  std::string out;
+  PutFixed16(&out, kStateSlotPointerVersion);
+  PutFixed64(&out, p.file);
+  out.push_back(static_cast<char>(p.slot));
+  PutFixed64(&out, p.length);
+  PutFixed32(&out, p.crc);
+  return out;
+}
+
+absl::StatusOr<StateSlotPointer> DecodeStateSlotPointer(absl::string_view in) {
+  uint16_t version;
+  StateSlotPointer p;
+  if (!GetFixed16(&in, &version) || !GetFixed64(&in, &p.file) || in.empty()) {
+    return absl::DataLossError("state slot pointer has the wrong size");
+  }
+  const auto slot = static_cast<uint8_t>(in[0]);
+  in.remove_prefix(1);
+  if (!GetFixed64(&in, &p.length) || !GetFixed32(&in, &p.crc) || !in.empty()) {
+    return absl::DataLossError("state slot pointer has the wrong size");
+  }
+  if (version != kStateSlotPointerVersion) {
+    return absl::DataLossError(absl::StrCat("unsupported state slot pointer version ", version));
+  }
+  if (slot > 1) return absl::DataLossError(absl::StrCat("state slot pointer names slot ", slot));
+  p.slot = slot;
+  return p;
 }
 
 std::string EncodeLandmarkPayloadHeader(int64_t end) {

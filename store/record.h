@@ -12,11 +12,12 @@
 #define RAMBA_STORE_RECORD_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "store/session_store.h"
 
 namespace ramba::store {
@@ -32,7 +33,12 @@ enum class RecordKind : uint8_t {
   kLandmarks = 4,  // LandmarkBlob
   kRefcount = 5,   // Refcount
   kMeta = 6,       // store metadata (format version, origin counter)
+  kStateSlot = 7,  // StateSlotPointer: where a states snapshot kept in a slot file is
 };
+
+// The kind a value's envelope names, unverified (to pick the decoder of a column family that
+// holds two kinds); nullopt when the value is too short or its magic is wrong.
+std::optional<RecordKind> PeekRecordKind(absl::string_view value);
 const char* RecordKindName(RecordKind kind);
 
 // The envelope header of a record with `payload` stored under `key`. The value is the header
@@ -73,6 +79,19 @@ struct LandmarkBlob {
 };
 std::string EncodeLandmarkPayloadHeader(int64_t end);  // 8 bytes; the blob follows
 absl::StatusOr<LandmarkBlob> DecodeLandmarkPayload(absl::string_view payload);
+
+// A states snapshot kept in a state slot file (store/state_slots.h), as its pointer in the states
+// column family records it: the file's number (the session's origin number), which of its two
+// slots, and the snapshot's length and CRC-32C. Payload: u16 format version (1), u64 file, u8
+// slot, u64 length, u32 crc.
+struct StateSlotPointer {
+  uint64_t file = 0;
+  int slot = 0;  // 0 or 1
+  uint64_t length = 0;
+  uint32_t crc = 0;
+};
+std::string EncodeStateSlotPointer(const StateSlotPointer& p);
+absl::StatusOr<StateSlotPointer> DecodeStateSlotPointer(absl::string_view payload);
 
 // Fixed-width little-endian helpers shared with the store.
 void PutFixed64(std::string* out, uint64_t v);

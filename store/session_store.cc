@@ -6,11 +6,12 @@
 #include <functional>
 #include <map>
 #include <string_view>
-#include "absl/strings/string_view.h"
+#include <unordered_set>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -21,8 +22,10 @@
 #include "rocksdb/slice.h"
 #include "rocksdb/table.h"
 #include "rocksdb/write_batch.h"
+#include "store/crc32c.h"
 #include "store/keys.h"
 #include "store/record.h"
+#include "store/state_slots.h"
 #include "store/testing.h"
 
 namespace ramba::store {
@@ -32,7 +35,9 @@ enum Cf : int { kSessions, kStates, kChunks, kLandmarks, kRefcounts, kMeta, kNum
 constexpr const char* kCfNames[kNumCfs] = {"sessions",  "states",    "chunks",
                                            "landmarks", "refcounts", "meta"};
 
-constexpr uint32_t kStoreFormatVersion = 1;
+// Version 2 added state slot pointers; a version-1 store is upgraded when opened.
+constexpr uint32_t kStoreFormatVersion = 2;
+constexpr char kStateSlotsDir[] = "state-slots";
 constexpr char kMetaFormatKey[] = "format";
 constexpr char kMetaNextOriginKey[] = "next_origin";
 
@@ -91,9 +96,13 @@ class Db {
 class RocksSessionStore final : public SessionStore {
  public:
   RocksSessionStore(const StoreOptions& options, std::unique_ptr<Db> db,
-                    std::array<rocksdb::ColumnFamilyHandle*, kNumCfs> cfs, uint64_t next_origin,
-                    int64_t num_sessions)
-      : options_(options), db_(std::move(db)), cfs_(cfs), next_origin_(next_origin),
+                    std::array<rocksdb::ColumnFamilyHandle*, kNumCfs> cfs,
+                    std::unique_ptr<StateSlots> slots, uint64_t next_origin, int64_t num_sessions)
+      : options_(options),
+        db_(std::move(db)),
+        cfs_(cfs),
+        slots_(std::move(slots)),
+        next_origin_(next_origin),
         num_sessions_(num_sessions) {
     write_options_.sync = options.sync_commits;
   }
@@ -179,8 +188,29 @@ class RocksSessionStore final : public SessionStore {
     batch->DeleteRange(cfs_[kLandmarks], r.begin, r.end).PermitUncheckedError();
   }
   absl::Status ValidateCommit(const CommitRequest& req, int64_t stored_chunks);
-  // Adds the chunks, landmarks, states and the advanced record of `req` to `batch`.
-  void AddCommitWrites(const CommitRequest& req, SessionRecord* record, rocksdb::WriteBatch* batch);
+  // Adds the chunks, landmarks, states (PutStates) and the advanced record of `req` to `batch`.
+  absl::Status AddCommitWrites(const CommitRequest& req, SessionRecord* record, int slot,
+                               rocksdb::WriteBatch* batch);
+
+  // States snapshots. A session's slot files are numbered by its origin; callers hold the
+  // session's stripe, so no slot of it is being written while they read or write one.
+  absl::StatusOr<uint64_t> SlotFile(const SessionRecord& record) {
+    std::optional<uint64_t> n = OriginNumber(record.origin);
+    if (!n) {
+      return absl::DataLossError(absl::StrCat(SessionWhat(record.id), ": origin ",
+                                              Quote(record.origin), " has no number"));
+    }
+    return *n;
+  }
+  // The snapshot of `record`'s session, inline or from its slot.
+  absl::StatusOr<std::string> ReadStates(const rocksdb::ReadOptions& ro,
+                                         const SessionRecord& record);
+  // The slot to write `id`'s next snapshot to: the one its stored pointer does not name.
+  absl::StatusOr<int> NextSlot(const std::string& id);
+  // Adds `states` of `record`'s session to `batch`: inline below state_slot_min_bytes, else
+  // written (durably when commits sync) to `slot` first and a pointer to it added.
+  absl::Status PutStates(rocksdb::WriteBatch* batch, const SessionRecord& record, int slot,
+                         absl::string_view states);
   absl::Status Create(const CommitRequest& req);
   absl::Status Write(rocksdb::WriteBatch* batch, absl::string_view what) {
     return FromRocks(db()->Write(write_options_, batch), absl::StrCat("writing ", what));
@@ -199,6 +229,7 @@ class RocksSessionStore final : public SessionStore {
   rocksdb::WriteOptions write_options_;
   std::unique_ptr<Db> db_;
   const std::array<rocksdb::ColumnFamilyHandle*, kNumCfs> cfs_;
+  const std::unique_ptr<StateSlots> slots_;
   std::array<absl::Mutex, kStripes> stripes_;
   // Guards every refcount read-modify-write (forks and deletes of different sessions may touch
   // the same origin) and the origin counter; held across the batch write that persists them.
@@ -257,8 +288,64 @@ absl::Status RocksSessionStore::ValidateCommit(const CommitRequest& req, int64_t
   return absl::OkStatus();
 }
 
-void RocksSessionStore::AddCommitWrites(const CommitRequest& req, SessionRecord* record,
-                                        rocksdb::WriteBatch* batch) {
+absl::StatusOr<std::string> RocksSessionStore::ReadStates(const rocksdb::ReadOptions& ro,
+                                                          const SessionRecord& record) {
+  const std::string what = absl::StrCat(SessionWhat(record.id), ": states snapshot");
+  std::string value;
+  absl::Status s = Get(ro, kStates, record.id, &value, what);
+  if (absl::IsNotFound(s)) return absl::DataLossError(absl::StrCat(what, " is missing"));
+  RETURN_IF_ERROR(s);
+  if (PeekRecordKind(value) != RecordKind::kStateSlot) {
+    absl::StatusOr<absl::string_view> payload = UnwrapRecord(RecordKind::kStates, record.id, value);
+    if (!payload.ok()) return Annotate(payload.status(), what);
+    value.erase(0, kRecordHeaderBytes);
+    return value;
+  }
+  absl::StatusOr<absl::string_view> payload =
+      UnwrapRecord(RecordKind::kStateSlot, record.id, value);
+  if (!payload.ok()) return Annotate(payload.status(), what);
+  absl::StatusOr<StateSlotPointer> pointer = DecodeStateSlotPointer(*payload);
+  if (!pointer.ok()) return Annotate(pointer.status(), what);
+  ASSIGN_OR_RETURN(uint64_t file, SlotFile(record));
+  if (pointer->file != file) {
+    return absl::DataLossError(
+        absl::StrCat(what, " points to slot file ", pointer->file, ", the session's is ", file));
+  }
+  absl::StatusOr<std::string> states =
+      slots_->Read(pointer->file, pointer->slot, pointer->length, pointer->crc);
+  if (!states.ok()) return Annotate(states.status(), what);
+  return states;
+}
+
+absl::StatusOr<int> RocksSessionStore::NextSlot(const std::string& id) {
+  std::string value;
+  absl::Status s = Get(rocksdb::ReadOptions(), kStates, id, &value, SessionWhat(id));
+  if (absl::IsNotFound(s)) return 0;
+  RETURN_IF_ERROR(s);
+  if (PeekRecordKind(value) != RecordKind::kStateSlot) return 0;
+  // An unreadable pointer names no slot that could be read: either may be written.
+  absl::StatusOr<absl::string_view> payload = UnwrapRecord(RecordKind::kStateSlot, id, value);
+  if (!payload.ok()) return 0;
+  absl::StatusOr<StateSlotPointer> pointer = DecodeStateSlotPointer(*payload);
+  return pointer.ok() ? 1 - pointer->slot : 0;
+}
+
+absl::Status RocksSessionStore::PutStates(rocksdb::WriteBatch* batch, const SessionRecord& record,
+                                          int slot, absl::string_view states) {
+  if (static_cast<int64_t>(states.size()) < options_.state_slot_min_bytes) {
+    PutRecord(batch, kStates, RecordKind::kStates, record.id, states);
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(uint64_t file, SlotFile(record));
+  absl::Status s = slots_->Write(file, slot, states, options_.sync_commits);
+  if (!s.ok()) return Annotate(s, absl::StrCat(SessionWhat(record.id), ": states snapshot"));
+  const StateSlotPointer pointer{file, slot, states.size(), Crc32c(states)};
+  PutRecord(batch, kStates, RecordKind::kStateSlot, record.id, EncodeStateSlotPointer(pointer));
+  return absl::OkStatus();
+}
+
+absl::Status RocksSessionStore::AddCommitWrites(const CommitRequest& req, SessionRecord* record,
+                                                int slot, rocksdb::WriteBatch* batch) {
   const int64_t first = record->num_chunks;
   const auto added = static_cast<int64_t>(req.new_chunks.size());
   for (const auto& [index, blob] : req.new_chunks) {
@@ -280,7 +367,7 @@ void RocksSessionStore::AddCommitWrites(const CommitRequest& req, SessionRecord*
   record->metadata = req.metadata;
   record->updated_unix_micros = NowMicros();
   PutRecord(batch, kSessions, RecordKind::kSession, record->id, EncodeSessionRecord(*record));
-  PutRecord(batch, kStates, RecordKind::kStates, record->id, req.states);
+  return PutStates(batch, *record, slot, req.states);
 }
 
 absl::Status RocksSessionStore::Commit(const CommitRequest& req) {
@@ -310,8 +397,12 @@ absl::Status RocksSessionStore::Commit(const CommitRequest& req) {
         req.expected_position, " (another writer committed first)"));
   }
   RETURN_IF_ERROR(ValidateCommit(req, record.num_chunks));
+  int slot = 0;
+  if (static_cast<int64_t>(req.states.size()) >= options_.state_slot_min_bytes) {
+    ASSIGN_OR_RETURN(slot, NextSlot(req.session_id));
+  }
   rocksdb::WriteBatch batch;
-  AddCommitWrites(req, &record, &batch);
+  RETURN_IF_ERROR(AddCommitWrites(req, &record, slot, &batch));
   return Write(&batch, absl::StrCat("the commit of ", what));
 }
 
@@ -326,8 +417,12 @@ absl::Status RocksSessionStore::Create(const CommitRequest& req) {
   record.origin = AllocateOrigin(req.session_id, &batch);
   PutRecord(&batch, kRefcounts, RecordKind::kRefcount, record.origin,
             EncodeRefcount(Refcount{1, 0}));
-  AddCommitWrites(req, &record, &batch);
-  RETURN_IF_ERROR(Write(&batch, absl::StrCat("the creation of ", SessionWhat(req.session_id))));
+  absl::Status s = AddCommitWrites(req, &record, 0, &batch);
+  if (s.ok()) s = Write(&batch, absl::StrCat("the creation of ", SessionWhat(req.session_id)));
+  if (!s.ok()) {
+    slots_->Remove(next_origin_);  // written for a session that was not created
+    return s;
+  }
   ++next_origin_;
   num_sessions_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
@@ -341,22 +436,15 @@ absl::StatusOr<SessionRecord> RocksSessionStore::GetRecord(const std::string& id
 absl::StatusOr<LoadedSession> RocksSessionStore::Load(const std::string& id) {
   RETURN_IF_ERROR(ValidateSessionId(id));
   const std::string what = SessionWhat(id);
-  // One snapshot: the record, states and landmarks of one commit even while another lands.
+  // The stripe keeps the session's slots still; one snapshot gives the record, states and
+  // landmarks of one commit.
+  StripeLock lock(this, id);
   rocksdb::ManagedSnapshot snapshot(db());
   rocksdb::ReadOptions ro;
   ro.snapshot = snapshot.snapshot();
   LoadedSession out;
   ASSIGN_OR_RETURN(out.record, ReadRecord(ro, id));
-
-  std::string value;
-  absl::Status s = Get(ro, kStates, id, &value, absl::StrCat(what, " states snapshot"));
-  if (absl::IsNotFound(s)) {
-    return absl::DataLossError(absl::StrCat(what, ": states snapshot is missing"));
-  }
-  RETURN_IF_ERROR(s);
-  absl::StatusOr<absl::string_view> states = UnwrapRecord(RecordKind::kStates, id, value);
-  if (!states.ok()) return Annotate(states.status(), absl::StrCat(what, ": states snapshot"));
-  out.states.assign(states->data(), states->size());
+  ASSIGN_OR_RETURN(out.states, ReadStates(ro, out.record));
 
   for (const ChunkSource& source : out.record.chunk_sources) {
     const std::string begin = ChunkKey(source.origin, source.begin);
@@ -497,6 +585,8 @@ absl::Status RocksSessionStore::Delete(const std::string& id) {
     if (origin == record.origin) DeleteChunksFrom(&batch, origin, ref.shared_end);
   }
   RETURN_IF_ERROR(Write(&batch, absl::StrCat("the deletion of ", what)));
+  // A crash before this leaves the files to the next Open's sweep.
+  if (std::optional<uint64_t> file = OriginNumber(record.origin)) slots_->Remove(*file);
   num_sessions_.fetch_sub(1, std::memory_order_relaxed);
   return absl::OkStatus();
 }
@@ -509,15 +599,7 @@ absl::Status RocksSessionStore::Fork(const std::string& parent_id, const std::st
   StripeLock lock(this, parent_id, child_id);
   RETURN_IF_ERROR(CheckAbsent(child_id));
   ASSIGN_OR_RETURN(SessionRecord parent, ReadRecord(rocksdb::ReadOptions(), parent_id));
-  std::string value;
-  absl::Status s =
-      Get(rocksdb::ReadOptions(), kStates, parent_id, &value, absl::StrCat(what, " states"));
-  if (absl::IsNotFound(s)) {
-    return absl::DataLossError(absl::StrCat(what, ": states snapshot is missing"));
-  }
-  RETURN_IF_ERROR(s);
-  absl::StatusOr<absl::string_view> states = UnwrapRecord(RecordKind::kStates, parent_id, value);
-  if (!states.ok()) return Annotate(states.status(), absl::StrCat(what, ": states snapshot"));
+  ASSIGN_OR_RETURN(std::string states, ReadStates(rocksdb::ReadOptions(), parent));
 
   SessionRecord child;
   child.id = child_id;
@@ -543,9 +625,14 @@ absl::Status RocksSessionStore::Fork(const std::string& parent_id, const std::st
   PutRecord(&batch, kRefcounts, RecordKind::kRefcount, child.origin,
             EncodeRefcount(Refcount{1, 0}));
   PutRecord(&batch, kSessions, RecordKind::kSession, child_id, EncodeSessionRecord(child));
-  PutRecord(&batch, kStates, RecordKind::kStates, child_id, *states);
-  RETURN_IF_ERROR(Write(&batch, absl::StrCat("the fork of ", what, " into ",
-                                             SessionWhat(child_id))));
+  absl::Status s = PutStates(&batch, child, 0, states);
+  if (s.ok()) {
+    s = Write(&batch, absl::StrCat("the fork of ", what, " into ", SessionWhat(child_id)));
+  }
+  if (!s.ok()) {
+    slots_->Remove(next_origin_);
+    return s;
+  }
   ++next_origin_;
   num_sessions_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
@@ -573,7 +660,7 @@ int64_t RocksSessionStore::ApproximateBytes() {
   if (db()->GetSortedWalFiles(wal_files).ok()) {
     for (const auto& f : wal_files) total += f->SizeFileBytes();
   }
-  return static_cast<int64_t>(total);
+  return static_cast<int64_t>(total) + slots_->bytes();
 }
 
 absl::Status RocksSessionStore::CompactAll() {
@@ -641,28 +728,31 @@ absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Open(const StoreOpti
   // Format version: written on first open, checked on every later one.
   std::string value;
   rocksdb::Status s = raw->Get(rocksdb::ReadOptions(), cfs[kMeta], kMetaFormatKey, &value);
-  if (s.IsNotFound()) {
-    std::string payload;
-    PutFixed64(&payload, kStoreFormatVersion);
-    RETURN_IF_ERROR(FromRocks(
-        raw->Put(sync_write, cfs[kMeta], kMetaFormatKey,
-                 WrapRecord(RecordKind::kMeta, kMetaFormatKey, payload)),
-        absl::StrCat("initialising ", what)));
-  } else {
+  uint64_t version = kStoreFormatVersion;
+  if (!s.IsNotFound()) {
     RETURN_IF_ERROR(FromRocks(s, absl::StrCat("reading the format of ", what)));
     absl::StatusOr<absl::string_view> payload = UnwrapRecord(RecordKind::kMeta, kMetaFormatKey, value);
     if (!payload.ok()) return Annotate(payload.status(), absl::StrCat(what, ": format record"));
-    uint64_t version = 0;
     absl::string_view in = *payload;
     if (!GetFixed64(&in, &version)) {
       return absl::DataLossError(absl::StrCat(what, ": format record is truncated"));
     }
-    if (version != kStoreFormatVersion) {
+    if (version < 1 || version > kStoreFormatVersion) {
       return absl::FailedPreconditionError(absl::StrCat(what, " has format version ", version,
-                                                        "; this build reads version ",
+                                                        "; this build reads versions 1 to ",
                                                         kStoreFormatVersion));
     }
   }
+  // Written first (a new store) or upgraded (so that an older build refuses what it cannot read).
+  if (s.IsNotFound() || version != kStoreFormatVersion) {
+    std::string payload;
+    PutFixed64(&payload, kStoreFormatVersion);
+    RETURN_IF_ERROR(FromRocks(raw->Put(sync_write, cfs[kMeta], kMetaFormatKey,
+                                       WrapRecord(RecordKind::kMeta, kMetaFormatKey, payload)),
+                              absl::StrCat("writing the format of ", what)));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<StateSlots> slots,
+                   StateSlots::Open(absl::StrCat(options.path, "/", kStateSlotsDir)));
 
   uint64_t next_origin = 1;
   s = raw->Get(rocksdb::ReadOptions(), cfs[kMeta], kMetaNextOriginKey, &value);
@@ -677,16 +767,31 @@ absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Open(const StoreOpti
     }
   }
 
+  // Count the sessions and sweep the slot files of sessions that no longer exist (only when every
+  // record names its origin: a file is never removed on a guess).
   int64_t num_sessions = 0;
+  std::unordered_set<uint64_t> live;
+  bool all_known = true;
   {
     rocksdb::ReadOptions ro;
     ro.fill_cache = false;
     std::unique_ptr<rocksdb::Iterator> it(raw->NewIterator(ro, cfs[kSessions]));
-    for (it->SeekToFirst(); it->Valid(); it->Next()) ++num_sessions;
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      ++num_sessions;
+      const absl::string_view key(it->key().data(), it->key().size());
+      absl::StatusOr<absl::string_view> payload = UnwrapRecord(
+          RecordKind::kSession, key, absl::string_view(it->value().data(), it->value().size()));
+      absl::StatusOr<SessionRecord> record =
+          payload.ok() ? DecodeSessionRecord(*payload) : payload.status();
+      std::optional<uint64_t> n = record.ok() ? OriginNumber(record->origin) : std::nullopt;
+      if (n) live.insert(*n);
+      all_known = all_known && n.has_value();
+    }
     RETURN_IF_ERROR(FromRocks(it->status(), absl::StrCat("counting the sessions of ", what)));
   }
-  return std::unique_ptr<SessionStore>(
-      new RocksSessionStore(options, std::move(db), cfs, next_origin, num_sessions));
+  if (all_known) RETURN_IF_ERROR(slots->RemoveAllBut(live));
+  return std::unique_ptr<SessionStore>(new RocksSessionStore(
+      options, std::move(db), cfs, std::move(slots), next_origin, num_sessions));
 }
 
 namespace testing {

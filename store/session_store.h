@@ -3,7 +3,9 @@
 //
 // Column families:
 //   sessions   id -> SessionRecord (metadata blob, position, chunk count, chunk sources)
-//   states     id -> latest recurrent-state snapshot (one per session, overwritten per commit)
+//   states     id -> latest recurrent-state snapshot (one per session, overwritten per commit),
+//              or for snapshots of StoreOptions::state_slot_min_bytes or more a pointer to it in
+//              a state slot file beside RocksDB (<path>/state-slots, store/state_slots.h)
 //   chunks     (origin, chunk index) -> chunk K/V blob
 //   landmarks  (origin, first chunk index) -> landmark blob covering a range of chunks
 //   refcounts  origin -> number of sessions whose chunk sources name it (or that own it), and the
@@ -44,6 +46,10 @@ struct StoreOptions {
   // false trades that for latency (a crash of the process alone still loses nothing).
   bool sync_commits = true;
   size_t block_cache_bytes = 64 << 20;
+  // States snapshots of at least this many bytes go to state slot files (store/state_slots.h)
+  // instead of through RocksDB's write-ahead log, memtables and compactions: 19x cheaper for
+  // ramba-tiny's 1.1 MiB, 16x for the 370M's 48 MiB (docs/benchmarks.md).
+  int64_t state_slot_min_bytes = 64 << 10;
 };
 
 // A range of chunks [begin, end) stored under `origin`.

@@ -140,5 +140,36 @@ TEST(Record, RefcountAndLandmarks) {
   EXPECT_FALSE(DecodeLandmarkPayload("1234").ok());
 }
 
+TEST(Record, StateSlotPointerAndPeekedKind) {
+  const StateSlotPointer p{42, 1, 1153434, 0xDEADBEEF};
+  const std::string payload = EncodeStateSlotPointer(p);
+  auto d = DecodeStateSlotPointer(payload);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->file, 42u);
+  EXPECT_EQ(d->slot, 1);
+  EXPECT_EQ(d->length, 1153434u);
+  EXPECT_EQ(d->crc, 0xDEADBEEFu);
+  EXPECT_FALSE(DecodeStateSlotPointer(payload.substr(0, payload.size() - 1)).ok());
+  EXPECT_FALSE(DecodeStateSlotPointer(payload + "x").ok());
+  std::string slot2 = payload;
+  slot2[10] = 2;  // u16 version, u64 file, then the slot byte
+  EXPECT_THAT(DecodeStateSlotPointer(slot2).status().message(), HasSubstr("slot 2"));
+
+  const std::string value = WrapRecord(RecordKind::kStateSlot, "id", payload);
+  EXPECT_EQ(PeekRecordKind(value), RecordKind::kStateSlot);
+  EXPECT_EQ(PeekRecordKind(WrapRecord(RecordKind::kStates, "id", "abc")), RecordKind::kStates);
+  EXPECT_EQ(PeekRecordKind(value.substr(0, 19)), std::nullopt);
+  EXPECT_EQ(PeekRecordKind("X" + value.substr(1)), std::nullopt);
+  EXPECT_FALSE(UnwrapRecord(RecordKind::kStates, "id", value).ok());  // kinds are not mixed up
+}
+
+TEST(Keys, OriginNumbers) {
+  EXPECT_EQ(OriginNumber(MakeOrigin("a", 7)), 7u);
+  EXPECT_EQ(OriginNumber(MakeOrigin("x#3", 12)), 12u);  // ids may hold '#'
+  EXPECT_EQ(OriginNumber("no-number"), std::nullopt);
+  EXPECT_EQ(OriginNumber("a#"), std::nullopt);
+  EXPECT_EQ(OriginNumber("a#1x"), std::nullopt);
+}
+
 }  // namespace
 }  // namespace ramba::store

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +15,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -20,6 +23,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "store/keys.h"
+#include "store/record.h"
 #include "store/testing.h"
 
 extern char** environ;
@@ -58,7 +62,7 @@ std::string Landmarks(const std::string& tag, int64_t first, int64_t end) {
   return absl::StrCat("lmk:", tag, ":", first, "-", end);
 }
 
-class SessionStoreTest : public ::testing::Test {
+class StoreFixture : public ::testing::Test {
  protected:
   void SetUp() override {
     char tmpl[] = "/tmp/ramba_store_test_XXXXXX";
@@ -97,7 +101,16 @@ class SessionStoreTest : public ::testing::Test {
   std::unique_ptr<SessionStore> store_;
 };
 
-TEST_F(SessionStoreTest, CreateCommitLoadRoundTrip) {
+// Every store behaviour holds with states snapshots inline in RocksDB and in state slot files.
+class SessionStoreTest : public StoreFixture, public ::testing::WithParamInterface<bool> {
+ protected:
+  void SetUp() override {
+    options_.state_slot_min_bytes = GetParam() ? 0 : INT64_MAX;
+    StoreFixture::SetUp();
+  }
+};
+
+TEST_P(SessionStoreTest, CreateCommitLoadRoundTrip) {
   ASSERT_TRUE(store_->Commit(MakeCommit("a", -1, 0, 2, "a")).ok());
   ASSERT_TRUE(store_->Commit(MakeCommit("a", 2 * 64 + 1, 2, 3, "a")).ok());
   ASSERT_TRUE(store_->Commit(MakeCommit("a", 5 * 64 + 1, 5, 0, "a")).ok());  // states only
@@ -131,7 +144,7 @@ TEST_F(SessionStoreTest, CreateCommitLoadRoundTrip) {
   EXPECT_EQ(store_->NumSessions(), 1);
 }
 
-TEST_F(SessionStoreTest, PositionMismatchIsFailedPreconditionAndChangesNothing) {
+TEST_P(SessionStoreTest, PositionMismatchIsFailedPreconditionAndChangesNothing) {
   ASSERT_TRUE(store_->Commit(MakeCommit("s1", -1, 0, 1, "s1")).ok());
   absl::Status st = store_->Commit(MakeCommit("s1", 7, 1, 1, "x"));
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
@@ -145,7 +158,7 @@ TEST_F(SessionStoreTest, PositionMismatchIsFailedPreconditionAndChangesNothing) 
   EXPECT_EQ(Count("chunks"), 1);
 }
 
-TEST_F(SessionStoreTest, CreateExistingIsAlreadyExists) {
+TEST_P(SessionStoreTest, CreateExistingIsAlreadyExists) {
   ASSERT_TRUE(store_->Commit(MakeCommit("dup", -1, 0, 1, "dup")).ok());
   absl::Status st = store_->Commit(MakeCommit("dup", -1, 0, 1, "other"));
   EXPECT_EQ(st.code(), absl::StatusCode::kAlreadyExists) << st;
@@ -155,7 +168,7 @@ TEST_F(SessionStoreTest, CreateExistingIsAlreadyExists) {
   EXPECT_EQ(store_->NumSessions(), 1);
 }
 
-TEST_F(SessionStoreTest, MissingSessionIsNotFound) {
+TEST_P(SessionStoreTest, MissingSessionIsNotFound) {
   const auto kNotFound = absl::StatusCode::kNotFound;
   EXPECT_EQ(store_->GetRecord("nope").status().code(), kNotFound);
   EXPECT_EQ(store_->Load("nope").status().code(), kNotFound);
@@ -168,7 +181,7 @@ TEST_F(SessionStoreTest, MissingSessionIsNotFound) {
   EXPECT_THAT(st.message(), HasSubstr("session \"nope\" not found"));
 }
 
-TEST_F(SessionStoreTest, InvalidRequestsAreInvalidArgument) {
+TEST_P(SessionStoreTest, InvalidRequestsAreInvalidArgument) {
   const auto kInvalid = absl::StatusCode::kInvalidArgument;
   EXPECT_EQ(store_->Commit(MakeCommit("", -1, 0, 1, "e")).code(), kInvalid);
   const std::string long_id(129, 'x');
@@ -198,7 +211,7 @@ TEST_F(SessionStoreTest, InvalidRequestsAreInvalidArgument) {
   EXPECT_EQ(store_->NumSessions(), 1);
 }
 
-TEST_F(SessionStoreTest, IdsThatPrefixEachOtherAndBinaryIdsStaySeparate) {
+TEST_P(SessionStoreTest, IdsThatPrefixEachOtherAndBinaryIdsStaySeparate) {
   const std::vector<std::string> ids = {"ab", "abc", "ab#1", std::string("a\0b", 3), "a"};
   for (const std::string& id : ids) ASSERT_TRUE(store_->Commit(MakeCommit(id, -1, 0, 3, id)).ok());
   ASSERT_TRUE(store_->Delete("ab").ok());
@@ -213,7 +226,7 @@ TEST_F(SessionStoreTest, IdsThatPrefixEachOtherAndBinaryIdsStaySeparate) {
   EXPECT_EQ(Count("chunks"), 12);
 }
 
-TEST_F(SessionStoreTest, ReopenKeepsEverything) {
+TEST_P(SessionStoreTest, ReopenKeepsEverything) {
   ASSERT_TRUE(store_->Commit(MakeCommit("p", -1, 0, 2, "p")).ok());
   ASSERT_TRUE(store_->Fork("p", "c", "child-meta").ok());
   ASSERT_TRUE(store_->Commit(MakeCommit("c", 2 * 64 + 1, 2, 2, "c")).ok());
@@ -242,7 +255,7 @@ TEST_F(SessionStoreTest, ReopenKeepsEverything) {
   ExpectChunks("d", 5, [](int64_t i) { return i < 2 ? "p" : i < 4 ? "c" : "d"; });
 }
 
-TEST_F(SessionStoreTest, CorruptedRecordsAreDataLoss) {
+TEST_P(SessionStoreTest, CorruptedRecordsAreDataLoss) {
   ASSERT_TRUE(store_->Commit(MakeCommit("v", -1, 0, 3, "v")).ok());
   auto rec = store_->GetRecord("v");
   ASSERT_TRUE(rec.ok());
@@ -293,7 +306,7 @@ TEST_F(SessionStoreTest, CorruptedRecordsAreDataLoss) {
   EXPECT_THAT(loaded.status().message(), HasSubstr("landmarks at chunk 0"));
 }
 
-TEST_F(SessionStoreTest, CorruptedSstFileOnDiskIsDataLoss) {
+TEST_P(SessionStoreTest, CorruptedSstFileOnDiskIsDataLoss) {
   const std::string kTag = "disk";
   ASSERT_TRUE(store_->Commit(MakeCommit("d", -1, 0, 4, kTag, 4096)).ok());
   ASSERT_TRUE(store_->CompactAll().ok());  // into SST files, WAL obsolete
@@ -319,7 +332,7 @@ TEST_F(SessionStoreTest, CorruptedSstFileOnDiskIsDataLoss) {
   EXPECT_THAT(chunk.status().message(), HasSubstr("chunk 2"));
 }
 
-TEST_F(SessionStoreTest, ForkSharesChunksAndSurvivesParentDeletion) {
+TEST_P(SessionStoreTest, ForkSharesChunksAndSurvivesParentDeletion) {
   constexpr size_t kBytes = 64 << 10;  // large enough for the reclaimed bytes to show
   ASSERT_TRUE(store_->Commit(MakeCommit("parent", -1, 0, 2, "parent", kBytes)).ok());
   ASSERT_TRUE(store_->Commit(MakeCommit("parent", 2 * 64 + 1, 2, 2, "parent", kBytes)).ok());
@@ -368,7 +381,7 @@ TEST_F(SessionStoreTest, ForkSharesChunksAndSurvivesParentDeletion) {
   EXPECT_LT(after, before / 4) << "before " << before << " after " << after;
 }
 
-TEST_F(SessionStoreTest, DeletingTheChildFirstKeepsTheParent) {
+TEST_P(SessionStoreTest, DeletingTheChildFirstKeepsTheParent) {
   ASSERT_TRUE(store_->Commit(MakeCommit("p", -1, 0, 3, "p")).ok());
   ASSERT_TRUE(store_->Fork("p", "c", "").ok());
   ASSERT_TRUE(store_->Commit(MakeCommit("c", 3 * 64 + 1, 3, 1, "c")).ok());
@@ -382,7 +395,7 @@ TEST_F(SessionStoreTest, DeletingTheChildFirstKeepsTheParent) {
   EXPECT_EQ(Count("refcounts"), 0);
 }
 
-TEST_F(SessionStoreTest, ForkOfAFork) {
+TEST_P(SessionStoreTest, ForkOfAFork) {
   ASSERT_TRUE(store_->Commit(MakeCommit("a", -1, 0, 2, "a")).ok());
   ASSERT_TRUE(store_->Fork("a", "b", "").ok());
   ASSERT_TRUE(store_->Commit(MakeCommit("b", 2 * 64 + 1, 2, 2, "b")).ok());
@@ -412,7 +425,7 @@ TEST_F(SessionStoreTest, ForkOfAFork) {
   EXPECT_EQ(Count("refcounts"), 0);
 }
 
-TEST_F(SessionStoreTest, ReusingADeletedIdDoesNotTouchChunksItsForksStillHold) {
+TEST_P(SessionStoreTest, ReusingADeletedIdDoesNotTouchChunksItsForksStillHold) {
   ASSERT_TRUE(store_->Commit(MakeCommit("x", -1, 0, 2, "old")).ok());
   ASSERT_TRUE(store_->Fork("x", "y", "").ok());
   ASSERT_TRUE(store_->Delete("x").ok());
@@ -424,7 +437,7 @@ TEST_F(SessionStoreTest, ReusingADeletedIdDoesNotTouchChunksItsForksStillHold) {
   EXPECT_EQ(Count("chunks"), 3);
 }
 
-TEST_F(SessionStoreTest, ListPaginatesInIdOrder) {
+TEST_P(SessionStoreTest, ListPaginatesInIdOrder) {
   std::vector<std::string> ids;
   for (int i = 0; i < 25; ++i) ids.push_back(absl::StrCat("s", i < 10 ? "0" : "", i));
   std::vector<std::string> shuffled = ids;
@@ -462,7 +475,7 @@ TEST_F(SessionStoreTest, ListPaginatesInIdOrder) {
   EXPECT_EQ(next->next_page_token, "s11");
 }
 
-TEST_F(SessionStoreTest, ConcurrentCommitsToSixteenSessions) {
+TEST_P(SessionStoreTest, ConcurrentCommitsToSixteenSessions) {
   constexpr int kThreads = 16, kCommits = 20;
   std::vector<std::thread> threads;
   std::vector<absl::Status> errors(kThreads);
@@ -489,12 +502,13 @@ TEST_F(SessionStoreTest, ConcurrentCommitsToSixteenSessions) {
     auto loaded = store_->Load(id);
     ASSERT_TRUE(loaded.ok()) << loaded.status();
     EXPECT_EQ(loaded->record.num_chunks, kCommits);
+    EXPECT_EQ(loaded->states, MakeCommit(id, 0, kCommits, 0, id).states);
     EXPECT_EQ(loaded->landmarks.size(), static_cast<size_t>(kCommits));
     ExpectChunks(id, kCommits, [&](int64_t) { return id; });
   }
 }
 
-TEST_F(SessionStoreTest, ConcurrentForksAndDeletesOfOneParentKeepRefcountsExact) {
+TEST_P(SessionStoreTest, ConcurrentForksAndDeletesOfOneParentKeepRefcountsExact) {
   ASSERT_TRUE(store_->Commit(MakeCommit("root", -1, 0, 4, "root")).ok());
   constexpr int kThreads = 8, kRounds = 10;
   std::vector<std::thread> threads;
@@ -525,7 +539,7 @@ TEST_F(SessionStoreTest, ConcurrentForksAndDeletesOfOneParentKeepRefcountsExact)
   EXPECT_EQ(store_->NumSessions(), 0);
 }
 
-TEST_F(SessionStoreTest, UnsyncedCommitsWork) {
+TEST_P(SessionStoreTest, UnsyncedCommitsWork) {
   options_.sync_commits = false;
   Reopen();
   ASSERT_TRUE(store_->Commit(MakeCommit("u", -1, 0, 2, "u")).ok());
@@ -539,15 +553,269 @@ TEST_F(SessionStoreTest, UnsyncedCommitsWork) {
   EXPECT_EQ(Count("chunks"), 0);
 }
 
+// State slot files (store/state_slots.h): every snapshot goes to a slot here.
+class StateSlotsTest : public StoreFixture {
+ protected:
+  void SetUp() override {
+    options_.state_slot_min_bytes = 0;
+    StoreFixture::SetUp();
+  }
+  std::string SlotDir() const { return options_.path + "/state-slots"; }
+  std::vector<std::string> SlotFiles() const {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(SlotDir())) names.push_back(e.path().filename());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+  std::string Slot(const std::string& id, int slot) {
+    auto rec = store_->GetRecord(id);
+    EXPECT_TRUE(rec.ok()) << rec.status();
+    const std::string origin = rec.ok() ? rec->origin : "";
+    return absl::StrCat(SlotDir(), "/", origin.substr(origin.rfind('#') + 1), ".", slot);
+  }
+  static std::string ReadFile(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  }
+  // A states snapshot of `bytes` for (id, position): content that tells commits apart.
+  static std::string States(const std::string& id, int64_t position, size_t bytes = 200 << 10) {
+    return Blob(absl::StrCat(id, "@", position), 0, bytes);
+  }
+};
+
+TEST_F(StateSlotsTest, CommitsAlternateTwoSlotsAndDeleteRemovesThem) {
+  int64_t pos = -1;
+  std::vector<std::string> committed;
+  for (int c = 0; c < 3; ++c) {
+    CommitRequest r = MakeCommit("a", pos, c, 1, "a");
+    r.states = States("a", r.new_position);
+    ASSERT_TRUE(store_->Commit(r).ok());
+    committed.push_back(r.states);
+    pos = r.new_position;
+    auto loaded = store_->Load("a");
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    EXPECT_EQ(loaded->states, r.states);
+  }
+  // Commit 0 wrote slot 0, commit 1 slot 1, commit 2 slot 0 again; the one before stays whole.
+  EXPECT_EQ(SlotFiles().size(), 2u);
+  EXPECT_EQ(ReadFile(Slot("a", 0)), committed[2]);
+  EXPECT_EQ(ReadFile(Slot("a", 1)), committed[1]);
+  // Not through RocksDB: its files hold the pointer, not the bytes.
+  EXPECT_LT(testing::GetRaw(*store_, "states", "a")->size(), 100u);
+  const int64_t bytes = store_->ApproximateBytes();  // the slots counted
+  const std::string slot0 = Slot("a", 0);
+
+  ASSERT_TRUE(store_->Delete("a").ok());
+  EXPECT_TRUE(SlotFiles().empty());
+  EXPECT_FALSE(fs::exists(slot0));
+  EXPECT_LE(store_->ApproximateBytes(), bytes - 2 * (200 << 10) + 4096);  // + the tombstones
+}
+
+TEST_F(StateSlotsTest, ADamagedOrMissingSlotIsDataLossAndTheNextCommitRecovers) {
+  CommitRequest a = MakeCommit("a", -1, 0, 1, "a");
+  a.states = States("a", a.new_position);
+  CommitRequest b = MakeCommit("b", -1, 0, 1, "b");
+  b.states = States("b", b.new_position);
+  ASSERT_TRUE(store_->Commit(a).ok());
+  ASSERT_TRUE(store_->Commit(b).ok());
+  const std::string slot = Slot("a", 0);
+  {
+    std::fstream f(slot, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(1234);
+    f.put(static_cast<char>(a.states[1234] ^ 0x40));
+  }
+  auto loaded = store_->Load("a");
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(loaded.status().message(), HasSubstr("session \"a\": states snapshot: state slot"));
+  EXPECT_THAT(loaded.status().message(), HasSubstr("checksum mismatch"));
+  EXPECT_EQ(store_->Fork("a", "a2", "").code(), absl::StatusCode::kDataLoss);
+  EXPECT_TRUE(store_->Load("b").ok());  // other sessions are untouched
+
+  fs::resize_file(slot, 100);
+  loaded = store_->Load("a");
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(loaded.status().message(), HasSubstr("holds 100 bytes"));
+  fs::remove(slot);
+  loaded = store_->Load("a");
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(loaded.status().message(), HasSubstr("is missing"));
+
+  // The next commit writes the other slot and a pointer to it: the session reads again.
+  CommitRequest next = MakeCommit("a", a.new_position, 1, 1, "a");
+  next.states = States("a", next.new_position);
+  ASSERT_TRUE(store_->Commit(next).ok());
+  loaded = store_->Load("a");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->states, next.states);
+}
+
+TEST_F(StateSlotsTest, AFailedSlotWriteFailsTheCommitAndChangesNothing) {
+  CommitRequest first = MakeCommit("a", -1, 0, 1, "a");
+  first.states = States("a", first.new_position);
+  ASSERT_TRUE(store_->Commit(first).ok());
+  // A directory where the next slot goes: opening it for writing fails.
+  const std::string next_slot = Slot("a", 1);
+  fs::create_directory(next_slot);
+  CommitRequest second = MakeCommit("a", first.new_position, 1, 2, "a");
+  second.states = States("a", second.new_position);
+  absl::Status s = store_->Commit(second);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_THAT(s.message(), HasSubstr("session \"a\": states snapshot: opening state slot"));
+  auto loaded = store_->Load("a");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->record.position, first.new_position);
+  EXPECT_EQ(loaded->record.num_chunks, 1);
+  EXPECT_EQ(loaded->states, first.states);
+
+  fs::remove(next_slot);
+  ASSERT_TRUE(store_->Commit(second).ok());
+  loaded = store_->Load("a");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->states, second.states);
+  EXPECT_EQ(loaded->record.num_chunks, 3);
+}
+
+TEST_F(StateSlotsTest, OpenRemovesSlotFilesOfSessionsThatDoNotExist) {
+  CommitRequest a = MakeCommit("a", -1, 0, 1, "a");
+  a.states = States("a", a.new_position);
+  ASSERT_TRUE(store_->Commit(a).ok());
+  const std::string kept = Slot("a", 0);
+  store_.reset();
+  // What a crash leaves: a slot written for a session whose creation never committed, and one
+  // of a session deleted before its files were unlinked.
+  for (const char* name : {"999.0", "12345.1"}) std::ofstream(SlotDir() + "/" + name) << "stale";
+  std::ofstream(SlotDir() + "/notes.txt") << "not a slot";
+  Reopen();
+  EXPECT_THAT(SlotFiles(), ::testing::ElementsAre(fs::path(kept).filename().string(), "notes.txt"));
+  auto loaded = store_->Load("a");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->states, a.states);
+}
+
+TEST_F(StateSlotsTest, InlineSnapshotsMoveToSlotsAndBack) {
+  options_.state_slot_min_bytes = INT64_MAX;  // as a store written before slots
+  Reopen();
+  CommitRequest r = MakeCommit("a", -1, 0, 1, "a");
+  ASSERT_TRUE(store_->Commit(r).ok());
+  ASSERT_TRUE(store_->Fork("a", "f", "").ok());
+  options_.state_slot_min_bytes = 0;
+  Reopen();
+  auto loaded = store_->Load("a");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->states, r.states);
+  EXPECT_TRUE(SlotFiles().empty());
+
+  r = MakeCommit("a", r.new_position, 1, 1, "a");
+  ASSERT_TRUE(store_->Commit(r).ok());
+  EXPECT_EQ(SlotFiles().size(), 1u);
+  options_.state_slot_min_bytes = INT64_MAX;
+  Reopen();
+  loaded = store_->Load("a");  // a slot pointer, read by a store writing inline
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->states, r.states);
+  r = MakeCommit("a", r.new_position, 2, 1, "a");
+  ASSERT_TRUE(store_->Commit(r).ok());
+  loaded = store_->Load("a");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->states, r.states);
+  auto fork = store_->Load("f");
+  ASSERT_TRUE(fork.ok()) << fork.status();
+  EXPECT_EQ(fork->states, MakeCommit("a", -1, 0, 1, "a").states);
+}
+
+TEST_F(StateSlotsTest, ForksGetTheirOwnSlots) {
+  CommitRequest p = MakeCommit("parent", -1, 0, 2, "parent");
+  p.states = States("parent", p.new_position);
+  ASSERT_TRUE(store_->Commit(p).ok());
+  ASSERT_TRUE(store_->Fork("parent", "child", "").ok());
+  EXPECT_NE(Slot("child", 0), Slot("parent", 0));
+  // Two commits of the child write both of its slots; the parent's stay as they were.
+  int64_t pos = p.new_position;
+  for (int c = 0; c < 2; ++c) {
+    CommitRequest r = MakeCommit("child", pos, 2 + c, 1, "child");
+    r.states = States("child", r.new_position);
+    ASSERT_TRUE(store_->Commit(r).ok());
+    pos = r.new_position;
+  }
+  auto parent = store_->Load("parent");
+  ASSERT_TRUE(parent.ok()) << parent.status();
+  EXPECT_EQ(parent->states, p.states);
+  ASSERT_TRUE(store_->Delete("parent").ok());
+  auto child = store_->Load("child");
+  ASSERT_TRUE(child.ok()) << child.status();
+  EXPECT_EQ(child->states, States("child", pos));
+  EXPECT_EQ(SlotFiles().size(), 2u);
+}
+
+TEST_F(StateSlotsTest, LoadsDuringCommitsSeeWholeSnapshots) {
+  options_.sync_commits = false;
+  Reopen();
+  CommitRequest r = MakeCommit("s", -1, 0, 0, "s");
+  r.states = States("s", r.new_position, 64 << 10);
+  ASSERT_TRUE(store_->Commit(r).ok());
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    int64_t pos = r.new_position;
+    for (int c = 0; c < 200; ++c) {
+      CommitRequest next = MakeCommit("s", pos, 0, 0, "s");
+      next.new_position = pos + 1;
+      next.states = States("s", next.new_position, 64 << 10);
+      if (!store_->Commit(next).ok()) break;
+      pos = next.new_position;
+    }
+    done = true;
+  });
+  int loads = 0;
+  while (!done) {
+    auto loaded = store_->Load("s");
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    ASSERT_EQ(loaded->states, States("s", loaded->record.position, 64 << 10));
+    ++loads;
+  }
+  writer.join();
+  auto last = store_->Load("s");
+  ASSERT_TRUE(last.ok());
+  EXPECT_EQ(last->record.position, r.new_position + 200);
+  EXPECT_GT(loads, 0);
+}
+
+TEST_F(StoreFixture, FormatVersionIsUpgradedAndANewerOneRefused) {
+  auto version = [&]() -> uint64_t {
+    auto raw = testing::GetRaw(*store_, "meta", "format");
+    EXPECT_TRUE(raw.ok()) << raw.status();
+    uint64_t v = 0;
+    absl::string_view in = absl::string_view(*raw).substr(20);
+    EXPECT_TRUE(GetFixed64(&in, &v));
+    return v;
+  };
+  EXPECT_EQ(version(), 2u);
+  auto put_version = [&](uint64_t v) {
+    std::string payload;
+    PutFixed64(&payload, v);
+    ASSERT_TRUE(
+        testing::PutRaw(*store_, "meta", "format", WrapRecord(RecordKind::kMeta, "format", payload))
+            .ok());
+  };
+  put_version(1);  // a store written before state slots
+  Reopen();
+  EXPECT_EQ(version(), 2u);
+  put_version(3);
+  store_.reset();
+  auto s = SessionStore::Open(options_);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.status().message(), HasSubstr("format version 3"));
+}
+
 // Crash durability: a child process commits and is killed with SIGKILL without closing the DB;
 // every acknowledged commit must be there when the parent reopens it. The child re-executes this
 // binary (fork + execve, so it starts with a clean RocksDB) running CrashChild.Commits.
 constexpr int kCrashCommits = 25;
 
-void RunCrashChild(const std::string& path, bool sync) {
+void RunCrashChild(const std::string& path, bool sync, bool slots) {
   const std::string self = fs::read_symlink("/proc/self/exe");
   std::vector<std::string> env_strings = {absl::StrCat("RAMBA_STORE_CRASH_PATH=", path),
-                                          absl::StrCat("RAMBA_STORE_CRASH_SYNC=", sync ? 1 : 0)};
+                                          absl::StrCat("RAMBA_STORE_CRASH_SYNC=", sync ? 1 : 0),
+                                          absl::StrCat("RAMBA_STORE_CRASH_SLOTS=", slots ? 1 : 0)};
   std::vector<char*> envp;
   for (char** e = environ; *e != nullptr; ++e) envp.push_back(*e);
   for (std::string& s : env_strings) envp.push_back(s.data());
@@ -573,6 +841,8 @@ TEST(CrashChild, Commits) {
   StoreOptions options;
   options.path = path;
   options.sync_commits = std::string(std::getenv("RAMBA_STORE_CRASH_SYNC")) == "1";
+  options.state_slot_min_bytes =
+      std::string(std::getenv("RAMBA_STORE_CRASH_SLOTS")) == "1" ? 0 : INT64_MAX;
   auto store = SessionStore::Open(options);
   if (!store.ok()) _exit(2);
   int64_t pos = -1;
@@ -586,25 +856,38 @@ TEST(CrashChild, Commits) {
   _exit(5);
 }
 
-class CrashDurabilityTest : public SessionStoreTest, public ::testing::WithParamInterface<bool> {};
+INSTANTIATE_TEST_SUITE_P(States, SessionStoreTest, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Slots" : "Inline"; });
+
+class CrashDurabilityTest : public StoreFixture,
+                            public ::testing::WithParamInterface<std::tuple<bool, bool>> {};
 
 TEST_P(CrashDurabilityTest, AcknowledgedCommitsSurviveSigkill) {
-  options_.sync_commits = GetParam();
+  const auto [sync, slots] = GetParam();
+  options_.sync_commits = sync;
+  options_.state_slot_min_bytes = slots ? 0 : INT64_MAX;
   store_.reset();  // the child owns the DB while it runs
-  RunCrashChild(options_.path, GetParam());
+  RunCrashChild(options_.path, sync, slots);
   Reopen();
   auto loaded = store_->Load("crash");
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_EQ(loaded->record.num_chunks, kCrashCommits);
   EXPECT_EQ(loaded->record.position, kCrashCommits * 64 + 1);
   EXPECT_EQ(loaded->landmarks.size(), static_cast<size_t>(kCrashCommits));
+  EXPECT_EQ(loaded->states, MakeCommit("crash", 0, kCrashCommits, 0, "crash").states);
   ExpectChunks("crash", kCrashCommits, [](int64_t) { return "crash"; });
   ExpectChunks("crash-fork", kCrashCommits, [](int64_t) { return "crash"; });
   EXPECT_EQ(store_->NumSessions(), 2);
 }
 
 // sync = true is the power-loss guarantee; sync = false must still survive a process crash.
-INSTANTIATE_TEST_SUITE_P(Sync, CrashDurabilityTest, ::testing::Bool());
+// Either way with states inline and in slot files.
+INSTANTIATE_TEST_SUITE_P(SyncAndSlots, CrashDurabilityTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()),
+                         [](const auto& info) {
+                           return absl::StrCat(std::get<0>(info.param) ? "Sync" : "NoSync",
+                                               std::get<1>(info.param) ? "Slots" : "Inline");
+                         });
 
 }  // namespace
 }  // namespace ramba::store
