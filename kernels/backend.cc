@@ -241,6 +241,7 @@ absl::Status Backend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t
                                       const StagedChunks& out) {
   if (!host_accessible()) return absl::UnimplementedError("StageHostChunks");
   const int64_t per_row = heads * top_k;
+  uint64_t selected = 0, host = 0;
   for (int64_t r = 0; r < rows; ++r) {
     out.tables[r] = out.slots + r * per_row;
     out.num_chunks[r] = per_row;
@@ -248,9 +249,11 @@ absl::Status Backend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t
       const int64_t slot = r * per_row + j;
       const int32_t c = indices[slot];
       out.indices[slot] = c < 0 ? -1 : static_cast<int32_t>(j);
+      selected += c >= 0;
       if (c < 0) {
         out.slots[slot] = nullptr;
       } else if (c < host_chunks[r]) {
+        ++host;
         float* block = out.blocks + slot * chunk_floats;
         std::memcpy(block, mem.chunk_kv[r][c], chunk_floats * sizeof(float));
         out.slots[slot] = block;
@@ -258,6 +261,10 @@ absl::Status Backend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t
         out.slots[slot] = mem.chunk_kv[r][c];
       }
     }
+  }
+  if (out.tier_counts != nullptr) {
+    out.tier_counts[0] += selected;
+    out.tier_counts[1] += host;
   }
   return absl::OkStatus();
 }
@@ -270,10 +277,19 @@ absl::Status Backend::StageSelectedHostChunks(const ChunkMemoryBatch& mem, const
   const int64_t* host_off = out.host_offsets;
   // Picks per host-tier chunk, counted up to kMaxCountedPicks.
   std::fill(out.picks, out.picks + out.total_host, 0);
+  uint64_t selected = 0, host = 0;
   for (int64_t slot = 0; slot < rows * per_row; ++slot) {
     const int32_t c = indices[slot];
     const int32_t s = mem.row_seq[slot / per_row];
-    if (c >= 0 && c < host_off[s + 1] - host_off[s]) ++out.picks[host_off[s] + c];
+    selected += c >= 0;
+    if (c >= 0 && c < host_off[s + 1] - host_off[s]) {
+      ++out.picks[host_off[s] + c];
+      ++host;
+    }
+  }
+  if (out.tier_counts != nullptr) {
+    out.tier_counts[0] += selected;
+    out.tier_counts[1] += host;
   }
   for (int64_t i = 0; i < out.total_host; ++i) {
     out.picks[i] = std::min(out.picks[i], kMaxCountedPicks);

@@ -124,6 +124,9 @@ struct StagedChunks {
   const float* const** tables = nullptr;  // [rows] row r's table: slots + r * heads * top_k
   int64_t* num_chunks = nullptr;          // [rows] heads * top_k
   int32_t* indices = nullptr;             // [rows, heads, top_k] slot numbers; -1 kept
+  // Optional [2], backend memory: += the step's selections (indices >= 0), += those in the host
+  // tier (the device window's hit ratio for operators; RambaModel::chunk_tier_counts).
+  uint64_t* tier_counts = nullptr;
 };
 
 // Backend memory for Backend::StageSelectedHostChunks. The offsets (prefix sums over the batch's
@@ -140,6 +143,7 @@ struct StagedChunkTables {
   const int64_t* table_offsets = nullptr;  // [num_seqs + 1] prefix sums of num_chunks
   const float** entries = nullptr;         // [table_offsets[num_seqs]] the new tables' entries
   const float* const** tables = nullptr;   // [num_seqs] sequence s's table: entries + offset
+  uint64_t* tier_counts = nullptr;         // optional [2], as StagedChunks::tier_counts
 };
 
 // One layer's Mamba-2 mixer: everything after in_proj, optionally through out_proj

@@ -275,11 +275,12 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   int64_t ticket = -1;
   output.download_ticket = &ticket;
   output.launch_logprobs = logprobs;
+  launched_tier_counts_ = false;  // Deliver sets it
   const absl::Status st = ForwardLocked(states, spans, LogitsMode::kLast, output, carry);
   chain_.clear();
   RETURN_IF_ERROR(st);
   launch_parity_ ^= 1;
-  decodes_in_flight_.push_back({ticket, B, logprobs});
+  decodes_in_flight_.push_back({ticket, B, logprobs, launched_tier_counts_});
   for (SessionState* state : states) chain_.emplace_back(state, state->position());
   return absl::OkStatus();
 }
@@ -293,9 +294,11 @@ absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled,
   }
   const LaunchedStep step = decodes_in_flight_.front();
   decodes_in_flight_.pop_front();
-  std::vector<int32_t> words(static_cast<size_t>(step.rows * (step.logprobs ? 2 : 1)));
+  std::vector<int32_t> words(
+      static_cast<size_t>(step.tier_counts ? 2 * step.rows + 4 : step.rows * (step.logprobs ? 2 : 1)));
   RETURN_IF_ERROR(backend_->FinishDownload(step.ticket, words.data()));
   sampled->assign(words.begin(), words.begin() + step.rows);
+  if (step.tier_counts) TakeTierCounts(words.data() + 2 * step.rows);
   if (logprobs != nullptr) {
     logprobs->assign(step.rows, std::numeric_limits<float>::quiet_NaN());
     if (step.logprobs) std::memcpy(logprobs->data(), words.data() + step.rows, step.rows * 4);
@@ -306,6 +309,20 @@ absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled,
 int RambaModel::decodes_in_flight() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int>(decodes_in_flight_.size());
+}
+
+absl::StatusOr<uint64_t*> RambaModel::TierCountsLocked() {
+  if (tier_counts_buffer_.empty()) {
+    ASSIGN_OR_RETURN(tier_counts_buffer_, backend_->Allocate(2 * sizeof(uint64_t)));
+    RETURN_IF_ERROR(backend_->Zero(tier_counts_buffer_.data(), 2 * sizeof(uint64_t)));
+  }
+  return tier_counts_buffer_.as<uint64_t>();
+}
+
+void RambaModel::TakeTierCounts(const int32_t* words) {
+  uint64_t v[2];
+  std::memcpy(v, words, sizeof(v));
+  chunk_tier_counts_ = ChunkTierCounts{v[0], v[1]};
 }
 
 absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const float* out,
@@ -319,23 +336,32 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     std::vector<kernels::SamplingParams> params;
     std::vector<float> uniforms;
     SamplingInputs(output.options, positions, &params, &uniforms);
-    // The tokens, then their logprobs (4-byte words both): one download brings both back.
+    // The tokens, then their logprobs (4-byte words both), then after steps that counted chunk
+    // tiers the counts (4 words): one download brings them back.
     const bool launched = output.download_ticket != nullptr;
     ASSIGN_OR_RETURN(
         int32_t * dev,
         workspace_->Get<int32_t>(
-            launched ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled, 2 * rows));
+            launched ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled,
+            2 * rows + 4));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
     const bool logprobs = launched ? output.launch_logprobs : output.logprobs != nullptr;
     if (logprobs) RETURN_IF_ERROR(be->TokenLogprobs(out, rows, vocab, dev, dev_logprobs));
-    const size_t bytes = (logprobs ? 2 : 1) * rows * sizeof(int32_t);
+    const bool counts = tier_counts_dirty_;
+    if (counts) {
+      RETURN_IF_ERROR(be->Copy(dev + 2 * rows, tier_counts_buffer_.data(), 2 * sizeof(uint64_t)));
+      tier_counts_dirty_ = false;
+    }
+    const size_t bytes = (counts ? 2 * rows + 4 : (logprobs ? 2 : 1) * rows) * sizeof(int32_t);
     if (launched) {
+      launched_tier_counts_ = counts;
       ASSIGN_OR_RETURN(*output.download_ticket, be->BeginDownload(dev, bytes));
       return absl::OkStatus();
     }
     std::vector<int32_t> words(bytes / sizeof(int32_t));
     RETURN_IF_ERROR(be->Download(words.data(), dev, bytes));
+    if (counts) TakeTierCounts(words.data() + 2 * rows);
     output.sampled->assign(words.begin(), words.begin() + rows);
     if (logprobs) {
       output.logprobs->assign(rows, std::numeric_limits<float>::quiet_NaN());
@@ -595,6 +621,8 @@ absl::Status RambaModel::StageSelectedHostChunks(const Batch& b, const int32_t* 
   ASSIGN_OR_RETURN(t.entries,
                    ws.Get<const float*>(W::kStageEntries, b.table_offsets_of_seqs[num_seqs]));
   ASSIGN_OR_RETURN(t.tables, ws.Get<const float* const*>(W::kStageTables, num_seqs));
+  ASSIGN_OR_RETURN(t.tier_counts, TierCountsLocked());
+  tier_counts_dirty_ = true;
   RETURN_IF_ERROR(backend_->StageSelectedHostChunks(b.mem, idx, b.rows, per_row, chunk_floats, t));
   mem->chunk_kv = t.tables;
   return absl::OkStatus();
@@ -624,6 +652,8 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
   } else if (b.host_chunks != nullptr) {
     const int64_t slots = rows * heads * K, chunk_floats = c.chunk_kv_floats();
     kernels::StagedChunks staged;
+    ASSIGN_OR_RETURN(staged.tier_counts, TierCountsLocked());
+    tier_counts_dirty_ = true;
     ASSIGN_OR_RETURN(staged.blocks, ws.Get<float>(W::kStagedBlocks, slots * chunk_floats));
     ASSIGN_OR_RETURN(staged.slots, ws.Get<const float*>(W::kStagedSlots, slots));
     ASSIGN_OR_RETURN(staged.tables, ws.Get<const float* const*>(W::kStagedTables, rows));

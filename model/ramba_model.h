@@ -58,6 +58,18 @@ class RambaModel {
   // chunks its rows select, once for all its HSA layers (Backend::StageSelectedHostChunks); chunks
   // beyond it are read in place. Set before use.
   void set_host_chunk_staging_bytes(int64_t bytes) { host_chunk_staging_bytes_ = bytes; }
+  // Chunk selections (row x retrieval head x top-k picks) of the steps that had host-tier chunks,
+  // and how many of them were in the host tier: device / selected is the device window's hit
+  // ratio. Cumulative since the model was made; counted on the backend and brought back with
+  // the sampled tokens of the step that counted, so steps that sample nothing show later.
+  struct ChunkTierCounts {
+    uint64_t selected = 0;
+    uint64_t host = 0;
+  };
+  ChunkTierCounts chunk_tier_counts() const {
+    absl::MutexLock lock(&mu_);
+    return chunk_tier_counts_;
+  }
   kernels::Backend* backend() const { return backend_; }
 
   // An empty session (position 0).
@@ -245,15 +257,26 @@ class RambaModel {
   // Launched steps awaiting CollectDecode, oldest first, and the last launch's sessions with
   // their positions after it (a chained launch must match them).
   struct LaunchedStep {
-    int64_t ticket = 0;  // the download of its tokens (then logprobs)
+    int64_t ticket = 0;  // the download of its tokens (then logprobs, then tier counts)
     int64_t rows = 0;
     bool logprobs = false;
+    bool tier_counts = false;
   };
   std::deque<LaunchedStep> decodes_in_flight_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<SessionState*, int64_t>> chain_ ABSL_GUARDED_BY(mu_);
   // Launches write their tokens to two workspace slots in turn, so that a launch with more rows
   // than the last can grow its own slot while it still reads the last one's tokens.
   int launch_parity_ ABSL_GUARDED_BY(mu_) = 0;
+  // ChunkTierCounts on the backend ([2] uint64: selected, host; allocated and zeroed by the first
+  // step that stages host-tier chunks, so never while a graph records), whether a step counted
+  // since the last delivery, whether the last launched delivery's download carries them, and the
+  // last values brought back.
+  absl::StatusOr<uint64_t*> TierCountsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TakeTierCounts(const int32_t* words) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  kernels::Buffer tier_counts_buffer_ ABSL_GUARDED_BY(mu_);
+  bool tier_counts_dirty_ ABSL_GUARDED_BY(mu_) = false;
+  bool launched_tier_counts_ ABSL_GUARDED_BY(mu_) = false;
+  ChunkTierCounts chunk_tier_counts_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ramba

@@ -158,6 +158,15 @@ void Engine::CountStep(const std::vector<Running*>& launched, const std::vector<
   options_.metrics->engine_step_sequences->Observe(
       static_cast<double>(launched.size() + fed.size()));
   options_.metrics->engine_step_tokens->Observe(static_cast<double>(tokens));
+  // The model's cumulative counts as of the last step that brought them back.
+  const RambaModel::ChunkTierCounts tiers = model_->chunk_tier_counts();
+  if (tiers.selected > tier_counts_seen_.selected) {
+    const uint64_t host = tiers.host - tier_counts_seen_.host;
+    const uint64_t device = tiers.selected - tier_counts_seen_.selected - host;
+    options_.metrics->chunk_selections_device->Increment(static_cast<double>(device));
+    options_.metrics->chunk_selections_host->Increment(static_cast<double>(host));
+    tier_counts_seen_ = tiers;
+  }
 }
 
 absl::Status Engine::Validate(const EngineRequest& req) const {

@@ -162,6 +162,7 @@ class Engine {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<int64_t> active_count_{0};
   std::unique_ptr<InFlight> in_flight_;  // engine thread only
+  RambaModel::ChunkTierCounts tier_counts_seen_;  // engine thread only: counted into metrics
   bool iteration_ran_model_ = false;     // engine thread only: this iteration launched or collected
   absl::Status warmup_status_;  // written before warmed_ is notified
   absl::Notification warmed_;

@@ -86,6 +86,13 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
                            "RESOURCE_EXHAUSTED, --max_resident_sessions).");
   m->session_leases_busy = &refused.Add({{"reason", "busy"}});
   m->session_leases_full = &refused.Add({{"reason", "full"}});
+  auto& selections = counters(
+      "ramba_chunk_selections_total",
+      "Chunk selections (row x retrieval head x top-k picks) of steps whose sessions had chunks in "
+      "the host tier, by where the chunk was: device (within --device_chunk_window) or host "
+      "(copied in for the step). device / (device + host) is the window's hit ratio.");
+  m->chunk_selections_device = &selections.Add({{"tier", "device"}});
+  m->chunk_selections_host = &selections.Add({{"tier", "host"}});
   auto& tokens = counters("ramba_tokens_total",
                           "Tokens processed, by kind (prompt: fed to the model, generated).");
   m->prompt_tokens = &tokens.Add({{"kind", "prompt"}});

@@ -47,6 +47,10 @@ class Metrics {
   // is leased (RESOURCE_EXHAUSTED, --max_resident_sessions).
   prometheus::Counter* session_leases_busy;
   prometheus::Counter* session_leases_full;
+  // Chunk selections of steps that had host-tier chunks, by where the chunk was (device: in the
+  // --device_chunk_window; host: copied in for the step). RambaModel::chunk_tier_counts.
+  prometheus::Counter* chunk_selections_device;
+  prometheus::Counter* chunk_selections_host;
   // Token counters.
   prometheus::Counter* prompt_tokens;
   prometheus::Counter* generated_tokens;

@@ -59,6 +59,17 @@ __global__ void StageHostChunksKernel(ChunkMemoryBatch mem, const int64_t* __res
     if (j == 0) {
       out.tables[r] = out.slots + static_cast<int64_t>(r) * per_row;
       out.num_chunks[r] = per_row;
+      if (out.tier_counts != nullptr) {  // the row's counts, two atomics per row
+        unsigned long long selected = 0, host = 0;
+        for (int i = 0; i < per_row; ++i) {
+          const int32_t ci = indices[static_cast<int64_t>(r) * per_row + i];
+          selected += ci >= 0;
+          host += ci >= 0 && ci < host_chunks[r];
+        }
+        auto* counts = reinterpret_cast<unsigned long long*>(out.tier_counts);
+        atomicAdd(&counts[0], selected);
+        atomicAdd(&counts[1], host);
+      }
     }
     out.indices[slot] = c < 0 ? -1 : j;
     out.slots[slot] = copy ? out.blocks + slot * chunk_floats : src;
@@ -67,21 +78,36 @@ __global__ void StageHostChunksKernel(ChunkMemoryBatch mem, const int64_t* __res
 }
 
 // Picks per selected host-tier chunk (Backend::StageSelectedHostChunks); `picks` zeroed before.
+// `tier_counts` (optional, StagedChunkTables::tier_counts) gets the selections and host picks.
 __global__ void CountHostPicksKernel(const int32_t* __restrict__ row_seq,
                                      const int64_t* __restrict__ host_offsets,
                                      const int32_t* __restrict__ indices, int64_t slots,
-                                     int per_row, int32_t* __restrict__ picks) {
+                                     int per_row, int32_t* __restrict__ picks,
+                                     uint64_t* tier_counts) {
   AllowDependentGrids();
   WaitForPriorGrids();
+  unsigned long long selected = 0, host = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < slots;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int32_t c = indices[i];
     if (c < 0) continue;
+    ++selected;
     const int32_t s = row_seq[i / per_row];
     const int64_t base = host_offsets[s];
     if (c < host_offsets[s + 1] - base) {
       atomicAdd(&picks[base + c], 1);
+      ++host;
     }
+  }
+  if (tier_counts == nullptr) return;
+  for (int o = 16; o > 0; o >>= 1) {
+    selected += __shfl_down_sync(0xffffffffu, selected, o);
+    host += __shfl_down_sync(0xffffffffu, host, o);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    auto* counts = reinterpret_cast<unsigned long long*>(tier_counts);
+    atomicAdd(&counts[0], selected);
+    atomicAdd(&counts[1], host);
   }
 }
 
@@ -224,7 +250,7 @@ absl::Status StageSelectedHostChunks(Context& ctx, const ChunkMemoryBatch& mem,
     RETURN_IF_ERROR(Launch(ctx, CountHostPicksKernel,
                            static_cast<unsigned>(std::min<int64_t>((slots + 255) / 256, 1024)),
                            256, 0, mem.row_seq, out.host_offsets, indices, slots,
-                           static_cast<int>(per_row), out.picks));
+                           static_cast<int>(per_row), out.picks, out.tier_counts));
   }
   RETURN_IF_ERROR(Launch(ctx, AssignStagingKernel, 1, kAssignThreads, 0, out.picks,
                          out.total_host, out.capacity, out.staged));

@@ -119,6 +119,60 @@ inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::stri
   EXPECT_EQ((*b)->host_chunks(), (*b)->num_chunks() - kWindow);
 }
 
+// Chunk selections of steps with host-tier chunks are counted by tier
+// (RambaModel::chunk_tier_counts) and come back with the sampled tokens, through
+// ForwardAndSample and LaunchDecode / CollectDecode alike. With K + 1 chunks and a window of two,
+// each (row, retrieval head) picks all chunks but one: K - 2 or K - 1 of them in the host tier
+// (so counting every pick, or none, as host-tier fails).
+inline void ExpectTierSelectionsCounted(kernels::Backend* be, const std::string& dir) {
+  auto model = RambaModel::Load(dir, be);
+  ASSERT_TRUE(model.ok()) << model.status();
+  RambaModel& m = **model;
+  const ModelConfig& c = m.config();
+  const auto K = static_cast<uint64_t>(c.chunk_topk);
+  const auto heads = static_cast<uint64_t>(c.retrieval_heads());
+  m.set_device_chunk_window(2);
+  auto s = m.NewSession();
+  ASSERT_TRUE(s.ok());
+  const int64_t prompt = (c.chunk_topk + 1) * c.chunk_size + 10;
+  const auto tokens = RandomTokens(prompt + 8, c.vocab_size, 7);
+  std::vector<float> last;
+  ASSERT_TRUE(m.Prefill(s->get(), absl::MakeConstSpan(tokens).first(prompt), &last, prompt).ok());
+  ASSERT_EQ((*s)->host_chunks(), c.chunk_topk - 1);
+  // Nothing comes back until a step samples: then the prefill's counts too (its later rows read
+  // chunks that moved to the host tier during it).
+  EXPECT_EQ(m.chunk_tier_counts().selected, 0u);
+
+  SessionState* st[] = {s->get()};
+  const std::vector<SamplingOptions> greedy(1);
+  std::vector<int32_t> sampled;
+  RambaModel::ChunkTierCounts base;
+  auto expect_steps = [&](uint64_t steps) {
+    const RambaModel::ChunkTierCounts n = m.chunk_tier_counts();
+    EXPECT_EQ(n.selected - base.selected, steps * heads * K);
+    EXPECT_GE(n.host - base.host, steps * heads * (K - 2));
+    EXPECT_LE(n.host - base.host, steps * heads * (K - 1));
+  };
+  for (int64_t i = 0; i < 4; ++i) {
+    const int32_t t = tokens[prompt + i];
+    const absl::Span<const int32_t> in[] = {absl::MakeConstSpan(&t, 1)};
+    ASSERT_TRUE(m.ForwardAndSample(st, in, greedy, &sampled).ok());
+    if (i == 0) {
+      base = m.chunk_tier_counts();
+      EXPECT_GT(base.selected, heads * K);
+      EXPECT_LE(base.host, base.selected);
+      continue;
+    }
+    expect_steps(static_cast<uint64_t>(i));
+  }
+  for (int64_t i = 4; i < 8; ++i) {
+    ASSERT_TRUE(m.LaunchDecode(st, {tokens[prompt + i]}, greedy).ok());
+    ASSERT_TRUE(m.CollectDecode(&sampled).ok());
+    expect_steps(static_cast<uint64_t>(i));
+  }
+  EXPECT_EQ((*s)->host_chunks(), c.chunk_topk - 1);  // no chunk completed on the way
+}
+
 }  // namespace ramba::testing
 
 #endif  // RAMBA_TESTS_MODEL_CHUNK_TIERS_H_

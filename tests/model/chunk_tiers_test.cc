@@ -25,6 +25,11 @@ TEST(ChunkTiersTest, PrefillStagingBeyondItsBoundChangesNoResultOnCpu) {
   }
 }
 
+TEST(ChunkTiersTest, SelectionsAreCountedByTierOnCpu) {
+  auto cpu = kernels::CreateCpuBackend(2);
+  testing::ExpectTierSelectionsCounted(cpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3");
+}
+
 TEST(ChunkTiersTest, WindowOfZeroMovesNothing) {
   auto cpu = kernels::CreateCpuBackend(2);
   auto model = RambaModel::Load(testing::FixtureDir() + "/tiny_enc1_cls_k3", cpu.get());
