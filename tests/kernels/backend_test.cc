@@ -218,8 +218,12 @@ TEST(BackendTest, StageHostChunksCopiesOnlyHostTierSelections) {
   const float* const* staged_tables[2];
   int64_t num_chunks[2];
   int32_t staged_indices[2 * kTopK];
-  StagedChunks out{staged_blocks.data(), slots, staged_tables, num_chunks, staged_indices};
+  uint64_t tier_counts[2] = {5, 1};  // adds to what is there: 4 selected, 1 of them host-tier
+  StagedChunks out{staged_blocks.data(), slots,          staged_tables,
+                   num_chunks,           staged_indices, tier_counts};
   ASSERT_TRUE(be->StageHostChunks(mem, host_chunks, indices, 2, kHeads, kTopK, kFloats, out).ok());
+  EXPECT_EQ(tier_counts[0], 9u);
+  EXPECT_EQ(tier_counts[1], 2u);
   EXPECT_EQ(slots[0], table0[2]);                           // on the device: read in place
   EXPECT_EQ(slots[1], staged_blocks.data() + 1 * kFloats);  // host tier: copied
   EXPECT_EQ(std::vector<float>(slots[1], slots[1] + kFloats), blocks[0]);
@@ -299,11 +303,15 @@ TEST(BackendTest, StageSelectedHostChunksCopiesEachOnceMostPickedFirst) {
     out.table_offsets = in.table_offsets.data();
     out.entries = entries.data();
     out.tables = tables.data();
+    uint64_t tier_counts[2] = {0, 0};
+    out.tier_counts = tier_counts;
     ASSERT_TRUE(be->StageSelectedHostChunks(in.Mem(), in.indices.data(),
                                             SelectedHostChunksCase::kRows,
                                             SelectedHostChunksCase::kPerRow, kFloats, out)
                     .ok());
     EXPECT_EQ(staged, static_cast<int32_t>(want.size()));
+    EXPECT_EQ(tier_counts[0], 8u);  // every pick but the -1
+    EXPECT_EQ(tier_counts[1], 6u);  // host-tier picks, however many are staged
     EXPECT_EQ(tables[0], entries.data());
     EXPECT_EQ(tables[1], entries.data() + 6);
     for (int s = 0; s < 2; ++s) {

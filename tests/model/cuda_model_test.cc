@@ -314,6 +314,14 @@ TEST(CudaModelTest, MovingChunksToTheHostChangesNoResult) {
   }
 }
 
+// Decode steps count in their staging kernel, prefills in the pick count
+// (tests/model/chunk_tiers.h).
+TEST(CudaModelTest, SelectionsAreCountedByTier) {
+  auto gpu = GpuOrSkip(kernels::DType::kBF16);
+  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  testing::ExpectTierSelectionsCounted(gpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3");
+}
+
 TEST(CudaModelTest, SnapshotHoldsThePartsAsTheyWereWhenTaken) {
   auto gpu = GpuOrSkip(kernels::DType::kBF16);
   if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
