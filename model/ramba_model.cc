@@ -985,6 +985,7 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
   };
   ASSIGN_OR_RETURN(const GraphOutputs step, RunGraphed({B, b.mem.max_num_chunks, stage}, ops));
   float* out = step[0];
+  if (stage) tier_counts_dirty_ = true;  // a replayed graph counted too, without UpperLayers
 
   // Chunks completed by this step: the partial-chunk buffer now holds all chunk_size rows.
   std::vector<SessionState*> owners;
