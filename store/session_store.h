@@ -42,8 +42,10 @@ namespace ramba::store {
 
 struct StoreOptions {
   std::string path;  // RocksDB directory; created when missing
-  // Sync the write-ahead log on every commit: an acknowledged commit survives power loss.
-  // false trades that for latency (a crash of the process alone still loses nothing).
+  // Sync the write-ahead log (and the state slot) on every commit: an acknowledged commit
+  // survives power loss. false trades that for latency (a crash of the process alone still loses
+  // nothing); after a power loss a session whose recent commits were lost may then read as
+  // DataLoss rather than rolled back, when a lost commit had rewritten its older slot.
   bool sync_commits = true;
   size_t block_cache_bytes = 64 << 20;
   // States snapshots of at least this many bytes go to state slot files (store/state_slots.h)
