@@ -218,11 +218,13 @@ TEST_P(EngineTest, StepsAndIterationsAreCounted) {
       EXPECT_GE(sequences.sample_sum, static_cast<double>(sequences.sample_count));
       EXPECT_LE(sequences.sample_sum, 2.0 * static_cast<double>(sequences.sample_count));
     }
-    // Pipelined, the last iteration only collects; each iteration that launched a step counted.
+    // Each iteration that launched a step counted; pipelined, an iteration that only collects
+    // ends a request whose session has nothing left to launch: at most one per request (two
+    // here, depending on when the other request ends).
     const auto iterations = metrics->engine_iteration_latency->Collect().histogram;
     const uint64_t steps = metrics->engine_step_tokens->Collect().histogram.sample_count;
     EXPECT_GE(iterations.sample_count, steps);
-    EXPECT_LE(iterations.sample_count, steps + (pipelined ? 1 : 0));
+    EXPECT_LE(iterations.sample_count, steps + (pipelined ? 2 : 0));
     EXPECT_GT(iterations.sample_sum, 0.0);
   }
 }
