@@ -272,15 +272,15 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   output.options = options;
   std::vector<int32_t> unused;  // the tokens arrive through the download ticket
   output.sampled = &unused;
-  int64_t ticket = -1;
-  output.download_ticket = &ticket;
-  output.launch_logprobs = logprobs;
-  launched_tier_counts_ = false;  // Deliver sets it
+  LaunchedStep launched;
+  launched.rows = B;
+  launched.logprobs = logprobs;
+  output.launched = &launched;
   const absl::Status st = ForwardLocked(states, spans, LogitsMode::kLast, output, carry);
   chain_.clear();
   RETURN_IF_ERROR(st);
   launch_parity_ ^= 1;
-  decodes_in_flight_.push_back({ticket, B, logprobs, launched_tier_counts_});
+  decodes_in_flight_.push_back(launched);
   for (SessionState* state : states) chain_.emplace_back(state, state->position());
   return absl::OkStatus();
 }
@@ -294,8 +294,7 @@ absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled,
   }
   const LaunchedStep step = decodes_in_flight_.front();
   decodes_in_flight_.pop_front();
-  std::vector<int32_t> words(
-      static_cast<size_t>(step.tier_counts ? 2 * step.rows + 4 : step.rows * (step.logprobs ? 2 : 1)));
+  std::vector<int32_t> words(static_cast<size_t>(step.words()));
   RETURN_IF_ERROR(backend_->FinishDownload(step.ticket, words.data()));
   sampled->assign(words.begin(), words.begin() + step.rows);
   if (step.tier_counts) TakeTierCounts(words.data() + 2 * step.rows);
@@ -316,6 +315,7 @@ absl::StatusOr<uint64_t*> RambaModel::TierCountsLocked() {
     ASSIGN_OR_RETURN(tier_counts_buffer_, backend_->Allocate(2 * sizeof(uint64_t)));
     RETURN_IF_ERROR(backend_->Zero(tier_counts_buffer_.data(), 2 * sizeof(uint64_t)));
   }
+  tier_counts_dirty_ = true;
   return tier_counts_buffer_.as<uint64_t>();
 }
 
@@ -338,25 +338,26 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     SamplingInputs(output.options, positions, &params, &uniforms);
     // The tokens, then their logprobs (4-byte words both), then after steps that counted chunk
     // tiers the counts (4 words): one download brings them back.
-    const bool launched = output.download_ticket != nullptr;
+    LaunchedStep* launched = output.launched;
     ASSIGN_OR_RETURN(
         int32_t * dev,
         workspace_->Get<int32_t>(
-            launched ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled,
+            launched != nullptr ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled,
             2 * rows + 4));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
-    const bool logprobs = launched ? output.launch_logprobs : output.logprobs != nullptr;
+    const bool logprobs = launched != nullptr ? launched->logprobs : output.logprobs != nullptr;
     if (logprobs) RETURN_IF_ERROR(be->TokenLogprobs(out, rows, vocab, dev, dev_logprobs));
     const bool counts = tier_counts_dirty_;
     if (counts) {
       RETURN_IF_ERROR(be->Copy(dev + 2 * rows, tier_counts_buffer_.data(), 2 * sizeof(uint64_t)));
       tier_counts_dirty_ = false;
     }
-    const size_t bytes = (counts ? 2 * rows + 4 : (logprobs ? 2 : 1) * rows) * sizeof(int32_t);
-    if (launched) {
-      launched_tier_counts_ = counts;
-      ASSIGN_OR_RETURN(*output.download_ticket, be->BeginDownload(dev, bytes));
+    const LaunchedStep layout{-1, rows, logprobs, counts};
+    const size_t bytes = layout.words() * sizeof(int32_t);
+    if (launched != nullptr) {
+      launched->tier_counts = counts;
+      ASSIGN_OR_RETURN(launched->ticket, be->BeginDownload(dev, bytes));
       return absl::OkStatus();
     }
     std::vector<int32_t> words(bytes / sizeof(int32_t));
@@ -622,7 +623,6 @@ absl::Status RambaModel::StageSelectedHostChunks(const Batch& b, const int32_t* 
                    ws.Get<const float*>(W::kStageEntries, b.table_offsets_of_seqs[num_seqs]));
   ASSIGN_OR_RETURN(t.tables, ws.Get<const float* const*>(W::kStageTables, num_seqs));
   ASSIGN_OR_RETURN(t.tier_counts, TierCountsLocked());
-  tier_counts_dirty_ = true;
   RETURN_IF_ERROR(backend_->StageSelectedHostChunks(b.mem, idx, b.rows, per_row, chunk_floats, t));
   mem->chunk_kv = t.tables;
   return absl::OkStatus();
@@ -653,7 +653,6 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
     const int64_t slots = rows * heads * K, chunk_floats = c.chunk_kv_floats();
     kernels::StagedChunks staged;
     ASSIGN_OR_RETURN(staged.tier_counts, TierCountsLocked());
-    tier_counts_dirty_ = true;
     ASSIGN_OR_RETURN(staged.blocks, ws.Get<float>(W::kStagedBlocks, slots * chunk_floats));
     ASSIGN_OR_RETURN(staged.slots, ws.Get<const float*>(W::kStagedSlots, slots));
     ASSIGN_OR_RETURN(staged.tables, ws.Get<const float* const*>(W::kStagedTables, rows));

@@ -170,6 +170,16 @@ class RambaModel {
     GraphOutputs outputs = {};
   };
   RambaModel(ModelConfig config, ModelWeights weights, kernels::Backend* backend);
+  // A launched step awaiting CollectDecode: the download of its tokens, then its logprobs, then
+  // (after a step that counted chunk tiers) the counts.
+  struct LaunchedStep {
+    int64_t ticket = -1;
+    int64_t rows = 0;
+    bool logprobs = false;     // every row's logprob follows the tokens
+    bool tier_counts = false;  // the counts follow the logprobs' place
+    // 4-byte words of that download.
+    int64_t words() const { return tier_counts ? 2 * rows + 4 : rows * (logprobs ? 2 : 1); }
+  };
   // Where a forward pass's last-token logits go: downloaded, sampled on the backend, or both.
   struct Output {
     std::vector<float>* logits = nullptr;
@@ -177,10 +187,10 @@ class RambaModel {
     std::vector<int32_t>* sampled = nullptr;
     absl::Span<const bool> logprob_rows;  // with logprobs: rows whose sampled token's logprob
     std::vector<float>* logprobs = nullptr;
-    // With sampled: queue the tokens' download under *download_ticket instead of waiting for it
-    // (LaunchDecode), with every row's logprob after the tokens when launch_logprobs is set.
-    int64_t* download_ticket = nullptr;
-    bool launch_logprobs = false;
+    // With sampled: queue the tokens' download (launched->ticket, tier_counts set here) instead
+    // of waiting for it (LaunchDecode), every row's logprob after the tokens when
+    // launched->logprobs is set.
+    LaunchedStep* launched = nullptr;
     // kNone: return once the work is queued instead of waiting for the backend (Feed).
     bool queue_only = false;
   };
@@ -256,12 +266,6 @@ class RambaModel {
   std::set<GraphKey> seen_shapes_ ABSL_GUARDED_BY(mu_);
   // Launched steps awaiting CollectDecode, oldest first, and the last launch's sessions with
   // their positions after it (a chained launch must match them).
-  struct LaunchedStep {
-    int64_t ticket = 0;  // the download of its tokens (then logprobs, then tier counts)
-    int64_t rows = 0;
-    bool logprobs = false;
-    bool tier_counts = false;
-  };
   std::deque<LaunchedStep> decodes_in_flight_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<SessionState*, int64_t>> chain_ ABSL_GUARDED_BY(mu_);
   // Launches write their tokens to two workspace slots in turn, so that a launch with more rows
@@ -269,13 +273,12 @@ class RambaModel {
   int launch_parity_ ABSL_GUARDED_BY(mu_) = 0;
   // ChunkTierCounts on the backend ([2] uint64: selected, host; allocated and zeroed by the first
   // step that stages host-tier chunks, so never while a graph records), whether a step counted
-  // since the last delivery, whether the last launched delivery's download carries them, and the
-  // last values brought back.
+  // since the last delivery, and the last values brought back. TierCountsLocked hands the
+  // counters to a staging op and marks them for the next delivery.
   absl::StatusOr<uint64_t*> TierCountsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TakeTierCounts(const int32_t* words) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   kernels::Buffer tier_counts_buffer_ ABSL_GUARDED_BY(mu_);
   bool tier_counts_dirty_ ABSL_GUARDED_BY(mu_) = false;
-  bool launched_tier_counts_ ABSL_GUARDED_BY(mu_) = false;
   ChunkTierCounts chunk_tier_counts_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -176,9 +176,10 @@ int main(int argc, char** argv) {
     if (threads < 0) threads = gpu ? on_gpu : 0;
     return threads > 0 ? std::make_unique<server::TaskPool>(threads) : nullptr;
   };
-  // RocksDB writes through one WAL (its CRC32C in software in Debian's build), so commit threads
-  // mostly wait to join a write group; more of them make larger groups (ramba-tiny on an H100, 64
-  // streams: 31K output tok/s with 4, 34-37K with 16; docs/benchmarks.md, twenty-eighth session).
+  // Commits write their state slots in parallel and share RocksDB write groups and fsyncs, so
+  // more threads take more commits a second (ramba-tiny on an H100, 64 streams: 31K output tok/s
+  // with 4, 34-37K with 16 before state slots; the store alone with slots: 1.8K / 5.8K / 9.5K
+  // commits/s unsynced on 1 / 4 / 16 threads; docs/benchmarks.md, 28th and 29th sessions).
   std::unique_ptr<server::TaskPool> committer = pool(absl::GetFlag(FLAGS_commit_threads), 16);
   std::unique_ptr<server::TaskPool> writer = pool(absl::GetFlag(FLAGS_stream_writer_threads), 2);
   server::RambaService service(model->get(), tokenizer->get(), &engine, &sessions, metrics->get(),

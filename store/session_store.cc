@@ -202,6 +202,12 @@ class RocksSessionStore final : public SessionStore {
     }
     return *n;
   }
+  // The slot pointer stored as `value` under `id` (DataLoss when it does not verify).
+  static absl::StatusOr<StateSlotPointer> SlotPointer(const std::string& id,
+                                                      absl::string_view value) {
+    ASSIGN_OR_RETURN(absl::string_view payload, UnwrapRecord(RecordKind::kStateSlot, id, value));
+    return DecodeStateSlotPointer(payload);
+  }
   // The snapshot of `record`'s session, inline or from its slot.
   absl::StatusOr<std::string> ReadStates(const rocksdb::ReadOptions& ro,
                                          const SessionRecord& record);
@@ -301,10 +307,7 @@ absl::StatusOr<std::string> RocksSessionStore::ReadStates(const rocksdb::ReadOpt
     value.erase(0, kRecordHeaderBytes);
     return value;
   }
-  absl::StatusOr<absl::string_view> payload =
-      UnwrapRecord(RecordKind::kStateSlot, record.id, value);
-  if (!payload.ok()) return Annotate(payload.status(), what);
-  absl::StatusOr<StateSlotPointer> pointer = DecodeStateSlotPointer(*payload);
+  absl::StatusOr<StateSlotPointer> pointer = SlotPointer(record.id, value);
   if (!pointer.ok()) return Annotate(pointer.status(), what);
   ASSIGN_OR_RETURN(uint64_t file, SlotFile(record));
   if (pointer->file != file) {
@@ -324,9 +327,7 @@ absl::StatusOr<int> RocksSessionStore::NextSlot(const std::string& id) {
   RETURN_IF_ERROR(s);
   if (PeekRecordKind(value) != RecordKind::kStateSlot) return 0;
   // An unreadable pointer names no slot that could be read: either may be written.
-  absl::StatusOr<absl::string_view> payload = UnwrapRecord(RecordKind::kStateSlot, id, value);
-  if (!payload.ok()) return 0;
-  absl::StatusOr<StateSlotPointer> pointer = DecodeStateSlotPointer(*payload);
+  absl::StatusOr<StateSlotPointer> pointer = SlotPointer(id, value);
   return pointer.ok() ? 1 - pointer->slot : 0;
 }
 
@@ -696,11 +697,12 @@ absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Open(const StoreOpti
   db_options.paranoid_checks = true;
   db_options.keep_log_file_num = 4;
   db_options.max_background_jobs = 2;
-  // A commit carries a whole recurrent-state snapshot (1 MiB for ramba-tiny, 48 MiB for the
-  // 370M): with the default 1 MiB group limit each concurrent commit wrote the WAL and synced it
-  // alone. Groups up to 64 MiB share one write and one fsync, and pipelined writes let the next
-  // group's WAL write overlap this one's memtable inserts (ramba-tiny, 64 streams on the GPU
-  // host: 32-36K -> 38-41K output tok/s; docs/benchmarks.md).
+  // A commit could carry a whole recurrent-state snapshot (1 MiB for ramba-tiny, 48 MiB for the
+  // 370M; now only below state_slot_min_bytes, or in stores opened with a larger one): with the
+  // default 1 MiB group limit each concurrent commit wrote the WAL and synced it alone. Groups up
+  // to 64 MiB share one write and one fsync, and pipelined writes let the next group's WAL write
+  // overlap this one's memtable inserts (ramba-tiny, 64 streams on the GPU host: 32-36K -> 38-41K
+  // output tok/s; docs/benchmarks.md).
   db_options.max_write_batch_group_size_bytes = uint64_t{64} << 20;
   db_options.enable_pipelined_write = true;
 
