@@ -240,11 +240,20 @@ absl::Status Backend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t
                                       int64_t top_k, int64_t chunk_floats,
                                       const StagedChunks& out) {
   if (!host_accessible()) return absl::UnimplementedError("StageHostChunks");
-  const int64_t per_row = heads * top_k;
-  uint64_t selected = 0, host = 0;
+  const int64_t per_row = heads * top_k, S = out.cache.slots;
+  if (S > 0 && (out.cache.blocks == nullptr || out.cache.tags == nullptr)) {
+    return absl::InvalidArgumentError("StageHostChunks: cache slots without cache arrays");
+  }
+  const size_t chunk_bytes = chunk_floats * sizeof(float);
+  uint64_t selected = 0, host = 0, hits = 0;
   for (int64_t r = 0; r < rows; ++r) {
     out.tables[r] = out.slots + r * per_row;
     out.num_chunks[r] = per_row;
+    // The row's cache: tags (chunk + 1 per slot), stamps (last use per slot), the clock.
+    float* cache = S > 0 ? out.cache.blocks[r] : nullptr;
+    int32_t* tags = cache != nullptr ? out.cache.tags[r] : nullptr;
+    int32_t* stamps = tags != nullptr ? tags + S : nullptr;
+    const int32_t now = tags != nullptr ? ++tags[2 * S] : 0;
     for (int64_t j = 0; j < per_row; ++j) {
       const int64_t slot = r * per_row + j;
       const int32_t c = indices[slot];
@@ -252,19 +261,38 @@ absl::Status Backend::StageHostChunks(const ChunkMemoryBatch& mem, const int64_t
       selected += c >= 0;
       if (c < 0) {
         out.slots[slot] = nullptr;
-      } else if (c < host_chunks[r]) {
-        ++host;
-        float* block = out.blocks + slot * chunk_floats;
-        std::memcpy(block, mem.chunk_kv[r][c], chunk_floats * sizeof(float));
-        out.slots[slot] = block;
-      } else {
-        out.slots[slot] = mem.chunk_kv[r][c];
+        continue;
       }
+      if (c >= host_chunks[r]) {
+        out.slots[slot] = mem.chunk_kv[r][c];
+        continue;
+      }
+      ++host;
+      int64_t at = -1;  // the cache slot holding c, else the one to copy it into
+      bool hit = false;
+      for (int64_t i = 0; tags != nullptr && i < S; ++i) {
+        if (tags[i] == c + 1) {
+          at = i;
+          hit = true;
+          break;
+        }
+        if (stamps[i] < now && (at < 0 || stamps[i] < stamps[at])) at = i;
+      }
+      float* block = at >= 0 ? cache + at * chunk_floats : out.blocks + slot * chunk_floats;
+      if (hit) {
+        ++hits;
+      } else {
+        std::memcpy(block, mem.chunk_kv[r][c], chunk_bytes);
+        if (at >= 0) tags[at] = c + 1;
+      }
+      if (at >= 0) stamps[at] = now;
+      out.slots[slot] = block;
     }
   }
   if (out.tier_counts != nullptr) {
     out.tier_counts[0] += selected;
     out.tier_counts[1] += host;
+    out.tier_counts[2] += hits;
   }
   return absl::OkStatus();
 }

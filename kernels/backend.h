@@ -117,6 +117,16 @@ struct ChunkMemoryBatch {
   int64_t num_seqs = -1;
 };
 
+// Each decode row's session cache of host-tier chunks (SessionState::chunk_cache), in backend
+// memory, for Backend::StageHostChunks. Its tags: [slots] chunk index + 1 per slot (0: empty),
+// [slots] the slot's last use, [1] the row's use clock; all zero when the cache is new.
+struct ChunkCacheRows {
+  float* const* blocks = nullptr;  // [rows] -> [slots, chunk_floats]; null entry: no cache
+  int32_t* const* tags = nullptr;  // [rows] -> [2 * slots + 1]
+  int64_t slots = 0;               // per cache; 0: no caches
+  static int64_t TagWords(int64_t slots) { return 2 * slots + 1; }
+};
+
 // Backend memory for Backend::StageHostChunks, for `slots` = rows * heads * top_k entries.
 struct StagedChunks {
   float* blocks = nullptr;                // [slots, chunk_floats] copies of host-tier chunks
@@ -124,9 +134,14 @@ struct StagedChunks {
   const float* const** tables = nullptr;  // [rows] row r's table: slots + r * heads * top_k
   int64_t* num_chunks = nullptr;          // [rows] heads * top_k
   int32_t* indices = nullptr;             // [rows, heads, top_k] slot numbers; -1 kept
-  // Optional [2], backend memory: += the step's selections (indices >= 0), += those in the host
-  // tier (the device window's hit ratio for operators; RambaModel::chunk_tier_counts).
+  // Optional [kTierCounts], backend memory: += the step's selections (indices >= 0), += those in
+  // the host tier, += those of them found in a row's chunk cache (the device tiers' hit ratio for
+  // operators; RambaModel::chunk_tier_counts).
   uint64_t* tier_counts = nullptr;
+  static constexpr int kTierCounts = 3;
+  // Optional: the rows' chunk caches, kept as LRUs across steps (see StageHostChunks).
+  ChunkCacheRows cache;
+  int32_t* copies = nullptr;  // [slots] scratch when `cache` is set
 };
 
 // Backend memory for Backend::StageSelectedHostChunks. The offsets (prefix sums over the batch's
@@ -143,7 +158,8 @@ struct StagedChunkTables {
   const int64_t* table_offsets = nullptr;  // [num_seqs + 1] prefix sums of num_chunks
   const float** entries = nullptr;         // [table_offsets[num_seqs]] the new tables' entries
   const float* const** tables = nullptr;   // [num_seqs] sequence s's table: entries + offset
-  uint64_t* tier_counts = nullptr;         // optional [2], as StagedChunks::tier_counts
+  uint64_t* tier_counts = nullptr;         // optional [kTierCounts], as StagedChunks::tier_counts
+                                           // (no chunk caches here: the third stays)
 };
 
 // One layer's Mamba-2 mixer: everything after in_proj, optionally through out_proj
@@ -416,8 +432,14 @@ class Backend {
   // backend memory; SessionState::host_chunks) are copied into out.blocks, once per step, so the
   // step's HSA layers read them from backend memory instead of each over PCIe; the others are
   // read where they are. Builds the view the attention then takes: the ChunkMemoryBatch with
-  // chunk_kv = out.tables and num_chunks = out.num_chunks, and out.indices. This default runs on
-  // host-accessible memory.
+  // chunk_kv = out.tables and num_chunks = out.num_chunks, and out.indices.
+  // With out.cache, a row whose cache is set keeps its host-tier picks across steps, least
+  // recently used out: each step advances the row's clock; a pick, in order, whose chunk is in a
+  // slot reads it there (a hit: no copy) and marks the slot used now; a miss is copied into the
+  // slot used longest ago (empty first, then the lowest stamp, ties by slot) among those not used
+  // this step, or, when every slot was, into out.blocks for this step only. Chunks are immutable,
+  // so a slot stays valid for as long as its session's chunk index does.
+  // This default runs on host-accessible memory.
   virtual absl::Status StageHostChunks(const ChunkMemoryBatch& mem, const int64_t* host_chunks,
                                        const int32_t* indices, int64_t rows, int64_t heads,
                                        int64_t top_k, int64_t chunk_floats,

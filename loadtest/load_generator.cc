@@ -52,6 +52,20 @@ v1::Input RandomTokens(std::mt19937_64& rng, int32_t n, int32_t vocab) {
   return in;
 }
 
+// User u's prompt from o.prompt_text (LoadOptions::prompt_text).
+v1::Input TextPrompt(const LoadOptions& o, int32_t u) {
+  const std::string& t = o.prompt_text;
+  const size_t n = std::min<size_t>(o.prompt_tokens, t.size());
+  size_t begin = t.size() > n ? static_cast<size_t>(u) * n % (t.size() - n + 1) : 0,
+         end = begin + n;
+  auto continuation = [&](size_t i) { return (static_cast<unsigned char>(t[i]) & 0xC0) == 0x80; };
+  while (begin < end && continuation(begin)) ++begin;
+  while (end < t.size() && end > begin && continuation(end)) --end;
+  v1::Input in;
+  in.set_text(t.substr(begin, end - begin));
+  return in;
+}
+
 // One Generate call as the client saw it.
 struct Sample {
   bool ok = false;
@@ -131,7 +145,8 @@ absl::Status RunSessions(v1::RambaService::Stub* stub, const LoadOptions& o, int
         std::mt19937_64 rng(o.seed * 1000003 + u);
         v1::CreateSessionRequest req;
         req.set_session_id(ids[u]);
-        *req.mutable_initial_input() = RandomTokens(rng, o.prompt_tokens, vocab);
+        *req.mutable_initial_input() =
+            o.prompt_text.empty() ? RandomTokens(rng, o.prompt_tokens, vocab) : TextPrompt(o, u);
         v1::CreateSessionResponse resp;
         grpc::ClientContext ctx;
         Prepare(&ctx, o.timeout_seconds, ids[u]);

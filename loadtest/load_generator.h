@@ -27,6 +27,10 @@ struct LoadOptions {
   int32_t sessions = 8;              // concurrent virtual users
   int32_t requests_per_session = 4;  // Generate calls per user, one after another
   int32_t prompt_tokens = 512;       // random ids in each session before its first request
+  // Non-empty: each session's prompt is instead prompt_tokens bytes of this text (user u's from
+  // byte u * prompt_tokens, wrapping; trimmed to whole UTF-8 characters), sent as text for the
+  // server to tokenise, so that the model meets real content (retrieval patterns differ).
+  std::string prompt_text;
   int32_t turn_tokens = 32;          // random ids appended by each request before generating
   int32_t max_tokens = 64;           // generated per request (end-of-sequence ignored)
   float temperature = 0.0f;

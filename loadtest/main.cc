@@ -5,6 +5,8 @@
 //       --prompt_tokens 4096 --turn_tokens 64 --max_tokens 128 --json report.json
 #include <cstdio>
 #include <fstream>
+#include <iterator>
+#include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -16,6 +18,9 @@ ABSL_FLAG(int32_t, sessions, 8, "Concurrent virtual users, each with its own ses
 ABSL_FLAG(int32_t, requests_per_session, 4, "Generate calls per user, one after another.");
 ABSL_FLAG(int32_t, prompt_tokens, 512,
           "Random token ids in each session before its first call (setup, not timed).");
+ABSL_FLAG(std::string, prompt_file, "",
+          "Take each session's prompt from this text file instead (prompt_tokens bytes of it, "
+          "a different stretch per session, tokenised by the server).");
 ABSL_FLAG(int32_t, turn_tokens, 32, "Random token ids each call appends before generating.");
 ABSL_FLAG(int32_t, max_tokens, 64, "Tokens generated per call (end-of-sequence ignored).");
 ABSL_FLAG(float, temperature, 0.0f, "Sampling temperature (0: greedy).");
@@ -40,6 +45,14 @@ int main(int argc, char** argv) {
   o.requests_per_session = absl::GetFlag(FLAGS_requests_per_session);
   o.prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
   o.turn_tokens = absl::GetFlag(FLAGS_turn_tokens);
+  if (const std::string path = absl::GetFlag(FLAGS_prompt_file); !path.empty()) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+      std::fprintf(stderr, "ramba-loadtest: cannot read --prompt_file %s\n", path.c_str());
+      return 1;
+    }
+    o.prompt_text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
   o.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   o.temperature = absl::GetFlag(FLAGS_temperature);
   o.logprobs = absl::GetFlag(FLAGS_logprobs);

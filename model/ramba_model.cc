@@ -28,7 +28,7 @@ struct RambaModel::Workspace {
     kLaunchSampled, kLaunchSampledOther,
     kHostChunks, kStagedBlocks, kStagedSlots, kStagedTables, kStagedNumChunks, kStagedIdx,
     kStageHostOffsets, kStageTableOffsets, kStageBlocks, kStagePicks, kStageSources, kStageCount,
-    kStageEntries, kStageTables,
+    kStageEntries, kStageTables, kCacheBlocks, kCacheTags, kStagedCopies,
     kNumSlots
   };
   // clang-format on
@@ -312,17 +312,18 @@ int RambaModel::decodes_in_flight() const {
 
 absl::StatusOr<uint64_t*> RambaModel::TierCountsLocked() {
   if (tier_counts_buffer_.empty()) {
-    ASSIGN_OR_RETURN(tier_counts_buffer_, backend_->Allocate(2 * sizeof(uint64_t)));
-    RETURN_IF_ERROR(backend_->Zero(tier_counts_buffer_.data(), 2 * sizeof(uint64_t)));
+    ASSIGN_OR_RETURN(tier_counts_buffer_, backend_->Allocate(kTierWords * sizeof(int32_t)));
+    RETURN_IF_ERROR(backend_->Zero(tier_counts_buffer_.data(), kTierWords * sizeof(int32_t)));
   }
   tier_counts_dirty_ = true;
   return tier_counts_buffer_.as<uint64_t>();
 }
 
 void RambaModel::TakeTierCounts(const int32_t* words) {
-  uint64_t v[2];
+  uint64_t v[kernels::StagedChunks::kTierCounts];
+  static_assert(sizeof(v) == kTierWords * sizeof(int32_t));
   std::memcpy(v, words, sizeof(v));
-  chunk_tier_counts_ = ChunkTierCounts{v[0], v[1]};
+  chunk_tier_counts_ = ChunkTierCounts{v[0], v[1], v[2]};
 }
 
 absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const float* out,
@@ -337,20 +338,21 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     std::vector<float> uniforms;
     SamplingInputs(output.options, positions, &params, &uniforms);
     // The tokens, then their logprobs (4-byte words both), then after steps that counted chunk
-    // tiers the counts (4 words): one download brings them back.
+    // tiers the counts (kTierWords): one download brings them back.
     LaunchedStep* launched = output.launched;
     ASSIGN_OR_RETURN(
         int32_t * dev,
         workspace_->Get<int32_t>(
             launched != nullptr ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled,
-            2 * rows + 4));
+            2 * rows + kTierWords));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
     const bool logprobs = launched != nullptr ? launched->logprobs : output.logprobs != nullptr;
     if (logprobs) RETURN_IF_ERROR(be->TokenLogprobs(out, rows, vocab, dev, dev_logprobs));
     const bool counts = tier_counts_dirty_;
     if (counts) {
-      RETURN_IF_ERROR(be->Copy(dev + 2 * rows, tier_counts_buffer_.data(), 2 * sizeof(uint64_t)));
+      RETURN_IF_ERROR(
+          be->Copy(dev + 2 * rows, tier_counts_buffer_.data(), kTierWords * sizeof(int32_t)));
       tier_counts_dirty_ = false;
     }
     const LaunchedStep layout{-1, rows, logprobs, counts};
@@ -392,6 +394,8 @@ struct RambaModel::Batch {
   // Decode only: each sequence's host-tier chunk count (backend memory), when any sequence has
   // chunks there: UpperLayers then stages the selected ones once for the step's HSA layers.
   const int64_t* host_chunks = nullptr;
+  // With host_chunks and a device chunk cache: each row's session cache (unset rows: none).
+  kernels::ChunkCacheRows cache;
   // Other batches (prefill, mixed) whose sequences have host-tier chunks: prefix sums over the
   // sequences of their host-tier and stored chunk counts (host copies; empty when none has any):
   // UpperLayers then stages the distinct selected ones once for all rows.
@@ -658,6 +662,10 @@ absl::Status RambaModel::UpperLayers(const Batch& b) {
     ASSIGN_OR_RETURN(staged.tables, ws.Get<const float* const*>(W::kStagedTables, rows));
     ASSIGN_OR_RETURN(staged.num_chunks, ws.Get<int64_t>(W::kStagedNumChunks, rows));
     ASSIGN_OR_RETURN(staged.indices, ws.Get<int32_t>(W::kStagedIdx, slots));
+    if (b.cache.slots > 0) {
+      staged.cache = b.cache;
+      ASSIGN_OR_RETURN(staged.copies, ws.Get<int32_t>(W::kStagedCopies, slots));
+    }
     RETURN_IF_ERROR(
         be->StageHostChunks(b.mem, b.host_chunks, idx, rows, heads, K, chunk_floats, staged));
     mem.chunk_kv = staged.tables;
@@ -971,6 +979,20 @@ absl::Status RambaModel::DecodeStepLocked(absl::Span<SessionState* const> states
   for (SessionState* st : states) host_chunks.push_back(st->host_chunks());
   const bool stage = *std::max_element(host_chunks.begin(), host_chunks.end()) > 0;
   if (stage) RETURN_IF_ERROR(ws.Put(W::kHostChunks, host_chunks, &b.host_chunks));
+  if (stage && device_chunk_cache_ > 0) {
+    // Sessions with host-tier chunks get their cache (made on first use); the others none.
+    std::vector<float*> cache_blocks(B, nullptr);
+    std::vector<int32_t*> cache_tags(B, nullptr);
+    for (int64_t s = 0; s < B; ++s) {
+      if (host_chunks[s] == 0) continue;
+      RETURN_IF_ERROR(states[s]->EnsureChunkCache(device_chunk_cache_));
+      cache_blocks[s] = states[s]->chunk_cache_blocks();
+      cache_tags[s] = states[s]->chunk_cache_tags();
+    }
+    b.cache.slots = device_chunk_cache_;  // the arrays' addresses come with the flush below
+    RETURN_IF_ERROR(ws.Put(W::kCacheBlocks, cache_blocks, &b.cache.blocks));
+    RETURN_IF_ERROR(ws.Put(W::kCacheTags, cache_tags, &b.cache.tags));
+  }
   RETURN_IF_ERROR(ws.FlushStaged());
   RETURN_IF_ERROR(CopyCarried(carried, offsets.data(), b.tokens));
 

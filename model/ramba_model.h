@@ -58,13 +58,21 @@ class RambaModel {
   // chunks its rows select, once for all its HSA layers (Backend::StageSelectedHostChunks); chunks
   // beyond it are read in place. Set before use.
   void set_host_chunk_staging_bytes(int64_t bytes) { host_chunk_staging_bytes_ = bytes; }
+  // Host-tier chunks each session keeps in backend memory for decode steps, as an LRU cache
+  // (SessionState::EnsureChunkCache, Backend::StageHostChunks): a decode step copies over PCIe
+  // only the picks its session's cache lacks. Used with a device chunk window; 0 (the default):
+  // every host-tier pick is copied for its step only. Set before use.
+  void set_device_chunk_cache(int64_t slots) { device_chunk_cache_ = slots; }
+  int64_t device_chunk_cache() const { return device_chunk_cache_; }
   // Chunk selections (row x retrieval head x top-k picks) of the steps that had host-tier chunks,
-  // and how many of them were in the host tier: device / selected is the device window's hit
+  // how many of them were in the host tier, and how many of those a decode step found in its
+  // session's chunk cache: (selected - host + cached) / selected is the device tiers' hit
   // ratio. Cumulative since the model was made; counted on the backend and brought back with
   // the sampled tokens of the step that counted, so steps that sample nothing show later.
   struct ChunkTierCounts {
     uint64_t selected = 0;
     uint64_t host = 0;
+    uint64_t cached = 0;
   };
   ChunkTierCounts chunk_tier_counts() const {
     absl::MutexLock lock(&mu_);
@@ -172,13 +180,16 @@ class RambaModel {
   RambaModel(ModelConfig config, ModelWeights weights, kernels::Backend* backend);
   // A launched step awaiting CollectDecode: the download of its tokens, then its logprobs, then
   // (after a step that counted chunk tiers) the counts.
+  static constexpr int64_t kTierWords = 2 * kernels::StagedChunks::kTierCounts;  // uint64 each
   struct LaunchedStep {
     int64_t ticket = -1;
     int64_t rows = 0;
     bool logprobs = false;     // every row's logprob follows the tokens
     bool tier_counts = false;  // the counts follow the logprobs' place
     // 4-byte words of that download.
-    int64_t words() const { return tier_counts ? 2 * rows + 4 : rows * (logprobs ? 2 : 1); }
+    int64_t words() const {
+      return tier_counts ? 2 * rows + kTierWords : rows * (logprobs ? 2 : 1);
+    }
   };
   // Where a forward pass's last-token logits go: downloaded, sampled on the backend, or both.
   struct Output {
@@ -257,6 +268,7 @@ class RambaModel {
   ModelWeights weights_;
   kernels::Backend* backend_;
   int64_t device_chunk_window_ = 0;
+  int64_t device_chunk_cache_ = 0;
   int64_t host_chunk_staging_bytes_ = int64_t{256} << 20;
   mutable absl::Mutex mu_;
   std::unique_ptr<Workspace> workspace_ ABSL_GUARDED_BY(mu_);

@@ -195,6 +195,20 @@ absl::Status SessionState::KeepChunksOnDevice(int64_t window) {
   return st;
 }
 
+absl::Status SessionState::EnsureChunkCache(int64_t slots) {
+  if (slots == cache_slots_) return absl::OkStatus();
+  cache_blocks_ = kernels::Buffer();
+  cache_tags_ = kernels::Buffer();
+  cache_slots_ = 0;
+  if (slots <= 0) return absl::OkStatus();
+  const size_t tag_bytes = kernels::ChunkCacheRows::TagWords(slots) * sizeof(int32_t);
+  ASSIGN_OR_RETURN(cache_blocks_, backend_->Allocate(slots * chunk_floats() * sizeof(float)));
+  ASSIGN_OR_RETURN(cache_tags_, backend_->Allocate(tag_bytes));
+  RETURN_IF_ERROR(backend_->Zero(cache_tags_.data(), tag_bytes));
+  cache_slots_ = slots;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {
   std::unique_ptr<SessionState> s(new SessionState(config_, backend_));
   const size_t bytes = recurrent_floats() * sizeof(float);

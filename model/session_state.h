@@ -117,6 +117,14 @@ class SessionState {
   absl::Status KeepChunksOnDevice(int64_t window);
   // Chunks [0, host_chunks()) are in the host tier.
   int64_t host_chunks() const { return host_chunks_; }
+  // A cache of `slots` host-tier chunks in backend memory, which decode steps keep as an LRU
+  // (Backend::StageHostChunks; ChunkCacheRows gives its layout): made empty on first use or
+  // when the size changes; not copied by Fork nor serialised (a fork or a restored session
+  // starts cold). Returns its blocks and tags.
+  absl::Status EnsureChunkCache(int64_t slots);
+  float* chunk_cache_blocks() const { return cache_blocks_.as<float>(); }
+  int32_t* chunk_cache_tags() const { return cache_tags_.as<int32_t>(); }
+  int64_t chunk_cache_slots() const { return cache_slots_; }
 
   // ---- Access for the model's forward pass (backend memory) ----
   float* conv_state(int64_t layer) const;  // [conv_kernel - 1, conv_dim]
@@ -161,6 +169,8 @@ class SessionState {
   int64_t host_chunks_ = 0;      // chunks_[0, host_chunks_) are in the host tier
   kernels::Buffer chunk_table_;  // capacity chunk_table_capacity_ pointers
   int64_t chunk_table_capacity_ = 0;
+  kernels::Buffer cache_blocks_, cache_tags_;  // EnsureChunkCache
+  int64_t cache_slots_ = 0;
 };
 
 }  // namespace ramba

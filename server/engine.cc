@@ -161,10 +161,12 @@ void Engine::CountStep(const std::vector<Running*>& launched, const std::vector<
   // The model's cumulative counts as of the last step that brought them back.
   const RambaModel::ChunkTierCounts tiers = model_->chunk_tier_counts();
   if (tiers.selected > tier_counts_seen_.selected) {
-    const uint64_t host = tiers.host - tier_counts_seen_.host;
-    const uint64_t device = tiers.selected - tier_counts_seen_.selected - host;
+    const uint64_t host_tier = tiers.host - tier_counts_seen_.host;
+    const uint64_t cached = tiers.cached - tier_counts_seen_.cached;
+    const uint64_t device = tiers.selected - tier_counts_seen_.selected - host_tier;
     options_.metrics->chunk_selections_device->Increment(static_cast<double>(device));
-    options_.metrics->chunk_selections_host->Increment(static_cast<double>(host));
+    options_.metrics->chunk_selections_cache->Increment(static_cast<double>(cached));
+    options_.metrics->chunk_selections_host->Increment(static_cast<double>(host_tier - cached));
     tier_counts_seen_ = tiers;
   }
 }

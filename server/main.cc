@@ -49,6 +49,10 @@ ABSL_FLAG(int64_t, device_chunk_window, 0,
           "memory (a decode step copies the few it selects to the GPU, a prefill the distinct "
           "ones its rows select, up to --host_chunk_staging_mb), so GPU memory per session stays "
           "bounded at any length. 0: all stay in GPU memory.");
+ABSL_FLAG(int64_t, device_chunk_cache, 32,
+          "With --device_chunk_window: host-tier chunks each session keeps in GPU memory as an "
+          "LRU cache, so that a decode step copies over PCIe only the picks it has not met "
+          "recently (0-4096; 0: copy every host-tier pick for its step).");
 ABSL_FLAG(int64_t, host_chunk_staging_mb, 256,
           "GPU memory a prefill (or any batch that is not a decode step) may use to copy the "
           "host-tier chunks its rows select (--device_chunk_window); beyond it they are read in "
@@ -112,6 +116,10 @@ int main(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError(
         "--device_chunk_window and --host_chunk_staging_mb must be >= 0"));
   }
+  if (absl::GetFlag(FLAGS_device_chunk_cache) < 0 ||
+      absl::GetFlag(FLAGS_device_chunk_cache) > 4096) {
+    return Fail(absl::InvalidArgumentError("--device_chunk_cache must be in [0, 4096]"));
+  }
   if ((*backend)->host_accessible()) {
     // The CPU backend's memory is host memory already: moving chunks would only copy them.
     if (absl::GetFlag(FLAGS_device_chunk_window) > 0) {
@@ -119,6 +127,7 @@ int main(int argc, char** argv) {
     }
   } else {
     (*model)->set_device_chunk_window(absl::GetFlag(FLAGS_device_chunk_window));
+    (*model)->set_device_chunk_cache(absl::GetFlag(FLAGS_device_chunk_cache));
     (*model)->set_host_chunk_staging_bytes(absl::GetFlag(FLAGS_host_chunk_staging_mb) << 20);
   }
   auto tokenizer = LoadTokenizer(model_dir, (*model)->config().vocab_size);

@@ -89,9 +89,11 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   auto& selections = counters(
       "ramba_chunk_selections_total",
       "Chunk selections (row x retrieval head x top-k picks) of steps whose sessions had chunks in "
-      "the host tier, by where the chunk was: device (within --device_chunk_window) or host "
-      "(copied in for the step). device / (device + host) is the window's hit ratio.");
+      "the host tier, by where the chunk was: device (within --device_chunk_window), cache (a "
+      "host-tier chunk a decode step found in its session's --device_chunk_cache) or host "
+      "(copied in over PCIe). (device + cache) / all is the GPU tiers' hit ratio.");
   m->chunk_selections_device = &selections.Add({{"tier", "device"}});
+  m->chunk_selections_cache = &selections.Add({{"tier", "cache"}});
   m->chunk_selections_host = &selections.Add({{"tier", "host"}});
   auto& tokens = counters("ramba_tokens_total",
                           "Tokens processed, by kind (prompt: fed to the model, generated).");

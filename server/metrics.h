@@ -48,8 +48,10 @@ class Metrics {
   prometheus::Counter* session_leases_busy;
   prometheus::Counter* session_leases_full;
   // Chunk selections of steps that had host-tier chunks, by where the chunk was (device: in the
-  // --device_chunk_window; host: copied in for the step). RambaModel::chunk_tier_counts.
+  // --device_chunk_window; cache: in the session's --device_chunk_cache; host: copied in over
+  // PCIe). RambaModel::chunk_tier_counts.
   prometheus::Counter* chunk_selections_device;
+  prometheus::Counter* chunk_selections_cache;
   prometheus::Counter* chunk_selections_host;
   // Token counters.
   prometheus::Counter* prompt_tokens;

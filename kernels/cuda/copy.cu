@@ -77,6 +77,109 @@ __global__ void StageHostChunksKernel(ChunkMemoryBatch mem, const int64_t* __res
   if (copy) CopyChunk(src, out.blocks + slot * chunk_floats, chunk_floats);
 }
 
+// With chunk caches (StagedChunks::cache): a warp per row decides, in pick order, each host-tier
+// pick's place as Backend::StageHostChunks describes (the row's tags in shared memory; a pick's
+// slot lookup and its victim choice are one ballot or one min-reduction over the slots), writes
+// the step's tables and marks the picks to copy (out.copies) for CopyCachedChunksKernel.
+__global__ void AssignCachedChunksKernel(ChunkMemoryBatch mem,
+                                         const int64_t* __restrict__ host_chunks,
+                                         const int32_t* __restrict__ indices, int per_row,
+                                         int64_t chunk_floats, StagedChunks out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  extern __shared__ int32_t s_tags[];  // [2 * slots]: tags, then stamps
+  const int r = blockIdx.x, lane = threadIdx.x, S = static_cast<int>(out.cache.slots);
+  float* cache = out.cache.blocks[r];
+  int32_t* tags = cache != nullptr ? out.cache.tags[r] : nullptr;
+  int32_t now = 0;
+  if (tags != nullptr) {
+    for (int i = lane; i < 2 * S; i += 32) s_tags[i] = tags[i];
+    now = tags[2 * S] + 1;
+  }
+  __syncwarp();
+  const int64_t hc = host_chunks[r];
+  unsigned long long selected = 0, host = 0, hits = 0;
+  for (int j = 0; j < per_row; ++j) {
+    const int64_t slot = static_cast<int64_t>(r) * per_row + j;
+    const int32_t c = indices[slot];
+    const float* src = c >= 0 ? mem.chunk_kv[r][c] : nullptr;
+    const float* place = src;
+    int32_t copy = 0;
+    if (c >= 0 && c < hc) {
+      ++host;
+      copy = 1;
+      place = out.blocks + slot * chunk_floats;
+      if (tags != nullptr) {
+        // The slot holding c (at most one), else the lowest (stamp, slot) not used this step.
+        int found = -1;
+        int32_t best_stamp = INT_MAX;
+        int best = -1;
+        for (int i = lane; i < S; i += 32) {
+          if (s_tags[i] == c + 1 && found < 0) found = i;
+          const int32_t st = s_tags[S + i];
+          if (st < now && st < best_stamp) best_stamp = st, best = i;
+        }
+        const unsigned ball = __ballot_sync(0xffffffffu, found >= 0);
+        int at = -1;
+        if (ball != 0) {
+          at = __shfl_sync(0xffffffffu, found, __ffs(ball) - 1);
+          copy = 0;
+          ++hits;
+        } else {
+          for (int o = 16; o > 0; o /= 2) {
+            const int32_t os = __shfl_xor_sync(0xffffffffu, best_stamp, o);
+            const int ob = __shfl_xor_sync(0xffffffffu, best, o);
+            if (ob >= 0 && (best < 0 || os < best_stamp || (os == best_stamp && ob < best))) {
+              best_stamp = os, best = ob;
+            }
+          }
+          at = best;
+        }
+        if (at >= 0) {
+          place = cache + static_cast<int64_t>(at) * chunk_floats;
+          if (lane == 0) {
+            s_tags[at] = c + 1;
+            s_tags[S + at] = now;
+          }
+        }
+        __syncwarp();
+      }
+    }
+    selected += c >= 0;
+    if (lane == 0) {
+      out.indices[slot] = c < 0 ? -1 : j;
+      out.slots[slot] = place;
+      out.copies[slot] = copy;
+    }
+  }
+  if (lane == 0) {
+    out.tables[r] = out.slots + static_cast<int64_t>(r) * per_row;
+    out.num_chunks[r] = per_row;
+    if (tags != nullptr) tags[2 * S] = now;
+    if (out.tier_counts != nullptr) {
+      auto* counts = reinterpret_cast<unsigned long long*>(out.tier_counts);
+      atomicAdd(&counts[0], selected);
+      atomicAdd(&counts[1], host);
+      atomicAdd(&counts[2], hits);
+    }
+  }
+  if (tags != nullptr) {
+    for (int i = lane; i < 2 * S; i += 32) tags[i] = s_tags[i];
+  }
+}
+
+// One block per (row, pick) that AssignCachedChunksKernel marked: the chunk over PCIe into its
+// place (a cache slot or the step's own block).
+__global__ void CopyCachedChunksKernel(ChunkMemoryBatch mem, const int32_t* __restrict__ indices,
+                                       int per_row, int64_t chunk_floats, StagedChunks out) {
+  AllowDependentGrids();
+  WaitForPriorGrids();
+  const int r = blockIdx.y, j = blockIdx.x;
+  const int64_t slot = static_cast<int64_t>(r) * per_row + j;
+  if (out.copies[slot] == 0) return;
+  CopyChunk(mem.chunk_kv[r][indices[slot]], const_cast<float*>(out.slots[slot]), chunk_floats);
+}
+
 // Picks per selected host-tier chunk (Backend::StageSelectedHostChunks); `picks` zeroed before.
 // `tier_counts` (optional, StagedChunkTables::tier_counts) gets the selections and host picks.
 __global__ void CountHostPicksKernel(const int32_t* __restrict__ row_seq,
@@ -227,9 +330,19 @@ absl::Status StageHostChunks(Context& ctx, const ChunkMemoryBatch& mem, const in
   if (chunk_floats % 4 != 0) {
     return absl::InvalidArgumentError("StageHostChunks: chunk_floats must be a multiple of 4");
   }
-  return Launch(ctx, StageHostChunksKernel,
-                dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(rows)), 256, 0, mem,
-                host_chunks, indices, static_cast<int>(per_row), chunk_floats, out);
+  const dim3 picks(static_cast<unsigned>(per_row), static_cast<unsigned>(rows));
+  if (out.cache.slots > 0) {
+    if (out.cache.slots > 4096) {
+      return absl::InvalidArgumentError("StageHostChunks: at most 4096 cache slots");
+    }
+    const size_t smem = 2 * out.cache.slots * sizeof(int32_t);
+    RETURN_IF_ERROR(Launch(ctx, AssignCachedChunksKernel, static_cast<unsigned>(rows), 32, smem,
+                           mem, host_chunks, indices, static_cast<int>(per_row), chunk_floats, out));
+    return Launch(ctx, CopyCachedChunksKernel, picks, 256, 0, mem, indices,
+                  static_cast<int>(per_row), chunk_floats, out);
+  }
+  return Launch(ctx, StageHostChunksKernel, picks, 256, 0, mem, host_chunks, indices,
+                static_cast<int>(per_row), chunk_floats, out);
 }
 
 absl::Status StageSelectedHostChunks(Context& ctx, const ChunkMemoryBatch& mem,

@@ -787,6 +787,10 @@ absl::Status CudaBackend::StageHostChunks(const ChunkMemoryBatch& mem, const int
                       out.blocks != nullptr && out.slots != nullptr && out.tables != nullptr &&
                       out.num_chunks != nullptr && out.indices != nullptr,
                   "null pointer");
+  RAMBA_CHECK_ARG("StageHostChunks",
+                  out.cache.slots == 0 || (out.cache.blocks != nullptr &&
+                                           out.cache.tags != nullptr && out.copies != nullptr),
+                  "cache slots without cache arrays");
   if (rows == 0) return absl::OkStatus();
   return cuda::StageHostChunks(*this, mem, host_chunks, indices, rows, heads * top_k, chunk_floats,
                                out);

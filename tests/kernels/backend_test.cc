@@ -218,12 +218,13 @@ TEST(BackendTest, StageHostChunksCopiesOnlyHostTierSelections) {
   const float* const* staged_tables[2];
   int64_t num_chunks[2];
   int32_t staged_indices[2 * kTopK];
-  uint64_t tier_counts[2] = {5, 1};  // adds to what is there: 4 selected, 1 of them host-tier
+  uint64_t tier_counts[3] = {5, 1, 7};  // adds to what is there: 4 selected, 1 host-tier, 0 cached
   StagedChunks out{staged_blocks.data(), slots,          staged_tables,
                    num_chunks,           staged_indices, tier_counts};
   ASSERT_TRUE(be->StageHostChunks(mem, host_chunks, indices, 2, kHeads, kTopK, kFloats, out).ok());
   EXPECT_EQ(tier_counts[0], 9u);
   EXPECT_EQ(tier_counts[1], 2u);
+  EXPECT_EQ(tier_counts[2], 7u);
   EXPECT_EQ(slots[0], table0[2]);                           // on the device: read in place
   EXPECT_EQ(slots[1], staged_blocks.data() + 1 * kFloats);  // host tier: copied
   EXPECT_EQ(std::vector<float>(slots[1], slots[1] + kFloats), blocks[0]);
@@ -237,6 +238,75 @@ TEST(BackendTest, StageHostChunksCopiesOnlyHostTierSelections) {
   EXPECT_EQ(staged_tables[1], slots + kTopK);
   EXPECT_EQ(num_chunks[0], kTopK);
   EXPECT_EQ(num_chunks[1], kTopK);
+}
+
+// A row's chunk cache across steps (two slots; chunks 0-4 in the host tier, 5 on the device):
+// hits read the slot, misses go to the least recently used slot not used this step, and when
+// every slot was used this step, to the step's own block. A second row has no cache.
+TEST(BackendTest, StageHostChunksKeepsEachRowsCacheLeastRecentlyUsedOut) {
+  auto be = CreateCpuBackend(1);
+  constexpr int64_t kFloats = 4, kTopK = 3, kSlots = 2;
+  std::vector<std::vector<float>> blocks(6, std::vector<float>(kFloats));
+  for (int b = 0; b < 6; ++b) {
+    for (int i = 0; i < kFloats; ++i) blocks[b][i] = 10.0f * b + i;
+  }
+  std::vector<const float*> table;
+  for (const auto& b : blocks) table.push_back(b.data());
+  const float* const* tables[] = {table.data(), table.data()};
+  ChunkMemoryBatch mem;
+  mem.chunk_kv = tables;
+  const int64_t host_chunks[] = {5, 5};
+  std::vector<float> cache(kSlots * kFloats, -1.0f);
+  std::vector<int32_t> tags(ChunkCacheRows::TagWords(kSlots), 0);
+  float* cache_blocks[] = {cache.data(), nullptr};
+  int32_t* cache_tags[] = {tags.data(), nullptr};
+  std::vector<float> step_blocks(2 * kTopK * kFloats);
+  const float* slots[2 * kTopK];
+  const float* const* staged_tables[2];
+  int64_t num_chunks[2];
+  int32_t staged_indices[2 * kTopK], copies[2 * kTopK];
+  uint64_t counts[3] = {0, 0, 0};
+  StagedChunks out{step_blocks.data(), slots, staged_tables, num_chunks, staged_indices, counts};
+  out.cache = {cache_blocks, cache_tags, kSlots};
+  out.copies = copies;
+  const float* slot0 = cache.data();
+  const float* slot1 = cache.data() + kFloats;
+  auto step = [&](std::vector<int32_t> row0) {
+    std::vector<int32_t> indices = row0;
+    indices.insert(indices.end(), {0, 1, 2});  // row 1: no cache, copied for the step each time
+    EXPECT_TRUE(
+        be->StageHostChunks(mem, host_chunks, indices.data(), 2, 1, kTopK, kFloats, out).ok());
+    for (int j = 0; j < kTopK; ++j) {
+      if (indices[j] >= 0) {
+        EXPECT_EQ(std::vector<float>(slots[j], slots[j] + kFloats), blocks[indices[j]]) << j;
+      }
+      EXPECT_EQ(slots[kTopK + j], step_blocks.data() + (kTopK + j) * kFloats);
+    }
+  };
+  step({0, 1, 5});  // two misses fill the slots; 5 is on the device
+  EXPECT_EQ(slots[0], slot0);
+  EXPECT_EQ(slots[1], slot1);
+  EXPECT_EQ(slots[2], table[5]);
+  EXPECT_EQ(counts[0], 6u);
+  EXPECT_EQ(counts[1], 5u);
+  EXPECT_EQ(counts[2], 0u);
+  step({1, 2, -1});  // 1 hits; 2 replaces 0, used longest ago
+  EXPECT_EQ(slots[0], slot1);
+  EXPECT_EQ(slots[1], slot0);
+  EXPECT_EQ(counts[1], 10u);
+  EXPECT_EQ(counts[2], 1u);
+  step({2, 0, 2});  // 2 hits twice; 0 replaces 1, the slot not used this step
+  EXPECT_EQ(slots[0], slot0);
+  EXPECT_EQ(slots[1], slot1);
+  EXPECT_EQ(slots[2], slot0);
+  EXPECT_EQ(counts[2], 3u);
+  step({3, 4, 1});  // both slots used at step 3: 3 and 4 take them (ties by slot), 1 none
+  EXPECT_EQ(slots[0], slot0);
+  EXPECT_EQ(slots[1], slot1);
+  EXPECT_EQ(slots[2], step_blocks.data() + 2 * kFloats);
+  EXPECT_EQ(counts[0], 6u + 5u + 6u + 6u);
+  EXPECT_EQ(counts[2], 3u);
+  EXPECT_EQ(tags, (std::vector<int32_t>{4, 5, 4, 4, 4}));  // chunks 3, 4; last uses; clock
 }
 
 // The inputs of a StageSelectedHostChunks call, in host memory: two sequences (6 chunks, the
@@ -303,7 +373,7 @@ TEST(BackendTest, StageSelectedHostChunksCopiesEachOnceMostPickedFirst) {
     out.table_offsets = in.table_offsets.data();
     out.entries = entries.data();
     out.tables = tables.data();
-    uint64_t tier_counts[2] = {0, 0};
+    uint64_t tier_counts[3] = {0, 0, 0};
     out.tier_counts = tier_counts;
     ASSERT_TRUE(be->StageSelectedHostChunks(in.Mem(), in.indices.data(),
                                             SelectedHostChunksCase::kRows,

@@ -255,6 +255,132 @@ TEST_F(CudaBackendTest, StageSelectedHostChunksMatchesTheHostDefault) {
   }
 }
 
+// StageHostChunks with chunk caches on the GPU (a warp per row deciding hits and LRU victims)
+// places, copies and counts exactly as the host default does, over steps of skewed picks with
+// repeats, rows without a cache, and more distinct picks than slots.
+TEST_F(CudaBackendTest, StageHostChunksCachesMatchTheHostDefault) {
+  auto cpu = CreateCpuBackend(1);
+  constexpr int64_t kFloats = 68, kHeads = 2, kTopK = 4, kPerRow = kHeads * kTopK, kRows = 40;
+  constexpr int64_t kSlots = 6, kSteps = 8;
+  std::mt19937 rng(9);
+  std::vector<std::vector<float>> values(kRows);
+  std::vector<kernels::Buffer> kept;
+  std::vector<std::vector<const float*>> cpu_tables(kRows), gpu_tables(kRows);
+  std::vector<int64_t> num_chunks(kRows), host(kRows);
+  for (int64_t r = 0; r < kRows; ++r) {
+    num_chunks[r] = 10 + rng() % 60;
+    host[r] = rng() % (num_chunks[r] + 1);
+    values[r] = RandomVec(num_chunks[r] * kFloats, 30 + static_cast<int>(r));
+    for (int64_t c = 0; c < num_chunks[r]; ++c) {
+      const float* v = values[r].data() + c * kFloats;
+      cpu_tables[r].push_back(v);
+      auto buf = c < host[r] ? gpu_->AllocateHostCopy(v, kFloats * sizeof(float))
+                             : gpu_->Allocate(kFloats * sizeof(float));
+      ASSERT_TRUE(buf.ok()) << buf.status();
+      if (c >= host[r]) ASSERT_TRUE(gpu_->Upload(buf->data(), v, kFloats * sizeof(float)).ok());
+      gpu_tables[r].push_back(buf->as<float>());
+      kept.push_back(*std::move(buf));
+    }
+  }
+  std::vector<const float*const*> cpu_table_ptrs, gpu_table_ptrs;
+  for (int64_t r = 0; r < kRows; ++r) {
+    cpu_table_ptrs.push_back(cpu_tables[r].data());
+    gpu_table_ptrs.push_back(ToGpu(gpu_tables[r]));
+  }
+  ChunkMemoryBatch cpu_mem, gpu_mem;
+  cpu_mem.chunk_kv = cpu_table_ptrs.data();
+  gpu_mem.chunk_kv = ToGpu(gpu_table_ptrs);
+  const int64_t* gpu_host = ToGpu(host);
+  // Every fifth row has no cache.
+  const int64_t tag_words = ChunkCacheRows::TagWords(kSlots);
+  std::vector<std::vector<float>> cpu_cache(kRows, std::vector<float>(kSlots * kFloats));
+  std::vector<std::vector<int32_t>> cpu_tags(kRows, std::vector<int32_t>(tag_words, 0));
+  std::vector<float*> cpu_cache_ptrs(kRows), gpu_cache_ptrs(kRows);
+  std::vector<int32_t*> cpu_tag_ptrs(kRows), gpu_tag_ptrs(kRows);
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (r % 5 == 4) continue;
+    cpu_cache_ptrs[r] = cpu_cache[r].data();
+    cpu_tag_ptrs[r] = cpu_tags[r].data();
+    gpu_cache_ptrs[r] = Poisoned<float>(kSlots * kFloats);
+    gpu_tag_ptrs[r] = ToGpu(std::vector<int32_t>(tag_words, 0));
+  }
+  std::vector<float> cpu_blocks(kRows * kPerRow * kFloats);
+  std::vector<const float*> cpu_slots(kRows * kPerRow);
+  std::vector<const float* const*> cpu_out_tables(kRows);
+  std::vector<int64_t> cpu_num(kRows);
+  std::vector<int32_t> cpu_idx(kRows * kPerRow), cpu_copies(kRows * kPerRow);
+  std::vector<uint64_t> cpu_counts(3, 0);
+  StagedChunks want{cpu_blocks.data(), cpu_slots.data(), cpu_out_tables.data(),
+                    cpu_num.data(),    cpu_idx.data(),   cpu_counts.data()};
+  want.cache = {cpu_cache_ptrs.data(), cpu_tag_ptrs.data(), kSlots};
+  want.copies = cpu_copies.data();
+  StagedChunks got{
+      Poisoned<float>(kRows * kPerRow * kFloats), Poisoned<const float*>(kRows * kPerRow),
+      Poisoned<const float* const*>(kRows),       Poisoned<int64_t>(kRows),
+      Poisoned<int32_t>(kRows * kPerRow),         ToGpu(std::vector<uint64_t>(3, 0))};
+  got.cache = {ToGpu(gpu_cache_ptrs), ToGpu(gpu_tag_ptrs), kSlots};
+  got.copies = Poisoned<int32_t>(kRows * kPerRow);
+  uint64_t hits = 0;
+  for (int64_t step = 0; step < kSteps; ++step) {
+    SCOPED_TRACE(step);
+    std::vector<int32_t> indices(kRows * kPerRow);
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t j = 0; j < kPerRow; ++j) {
+        const uint32_t u = rng() % 10;  // a few chunks picked often, so hits and repeats
+        indices[r * kPerRow + j] =
+            u == 0 ? -1
+                   : static_cast<int32_t>(u < 6 ? rng() % std::min<int64_t>(num_chunks[r], 5)
+                                                : rng() % num_chunks[r]);
+      }
+    }
+    ASSERT_TRUE(cpu->StageHostChunks(cpu_mem, host.data(), indices.data(), kRows, kHeads, kTopK,
+                                     kFloats, want)
+                    .ok());
+    ASSERT_TRUE(
+        gpu_->StageHostChunks(gpu_mem, gpu_host, ToGpu(indices), kRows, kHeads, kTopK, kFloats, got)
+            .ok());
+    EXPECT_EQ(FromGpu(got.tier_counts, 3), cpu_counts);
+    EXPECT_EQ(FromGpu(got.indices, kRows * kPerRow), cpu_idx);
+    const std::vector<const float*> slots = FromGpu(got.slots, kRows * kPerRow);
+    const std::vector<float> blocks = FromGpu(got.blocks, kRows * kPerRow * kFloats);
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t j = 0; j < kPerRow; ++j) {
+        const int64_t i = r * kPerRow + j;
+        const float* w = cpu_slots[i];
+        const float* g = slots[i];
+        const int32_t c = indices[i];
+        if (c < 0) {
+          EXPECT_EQ(g, nullptr);
+        } else if (c >= host[r]) {
+          EXPECT_EQ(g, gpu_tables[r][c]) << r << " " << j;
+        } else if (w >= cpu_blocks.data() && w < cpu_blocks.data() + cpu_blocks.size()) {
+          ASSERT_EQ(g, got.blocks + i * kFloats) << r << " " << j;
+          EXPECT_EQ(
+              std::vector<float>(blocks.begin() + i * kFloats, blocks.begin() + (i + 1) * kFloats),
+              std::vector<float>(cpu_tables[r][c], cpu_tables[r][c] + kFloats));
+        } else {
+          const int64_t at = (w - cpu_cache[r].data()) / kFloats;
+          ASSERT_EQ(g, gpu_cache_ptrs[r] + at * kFloats) << r << " " << j;
+        }
+      }
+      if (cpu_tag_ptrs[r] == nullptr) continue;
+      EXPECT_EQ(FromGpu(gpu_tag_ptrs[r], tag_words), cpu_tags[r]) << r;
+      const std::vector<float> cache = FromGpu(gpu_cache_ptrs[r], kSlots * kFloats);
+      for (int64_t k = 0; k < kSlots; ++k) {
+        const int32_t c = cpu_tags[r][k] - 1;
+        if (c < 0) continue;
+        EXPECT_EQ(
+            std::vector<float>(cache.begin() + k * kFloats, cache.begin() + (k + 1) * kFloats),
+            std::vector<float>(cpu_tables[r][c], cpu_tables[r][c] + kFloats))
+            << r << " " << k;
+      }
+    }
+    hits = cpu_counts[2];
+  }
+  EXPECT_GT(hits, 100u);                 // the caches were hit
+  EXPECT_LT(hits, cpu_counts[1] - 100);  // and missed
+}
+
 // A server creates and pages in sessions on its RPC threads while the model's thread may be
 // recording a graph: those memory calls must run at once (not become part of the recording) and
 // leave the recording as it was.

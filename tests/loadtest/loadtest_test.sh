@@ -35,6 +35,18 @@ assert r["ttft_ms"]["max"] <= r["e2e_ms"]["max"], r
 assert r["itl_ms"]["count"] >= 1, r
 print("loadtest report ok")
 PY
+# Prompts from a text file (multi-byte characters, so that stretches must be cut at character
+# boundaries for the server to accept them as UTF-8).
+python3 -c "import sys; open(sys.argv[1], 'w').write('héllo wörld ✓ ' * 40)" "$dir/prompt.txt"
+"$loadtest_bin" --server "127.0.0.1:$port" --sessions 3 --requests_per_session 2 \
+  --prompt_file "$dir/prompt.txt" --prompt_tokens 51 --turn_tokens 5 --max_tokens 7 \
+  --json "$dir/text.json"
+python3 - "$dir/text.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["requests_ok"] == 6 and r["requests_failed"] == 0, r
+print("text-prompt report ok")
+PY
 # Open loop: stateless requests arriving at 50 per second.
 "$loadtest_bin" --server "127.0.0.1:$port" --sessions 2 --requests_per_session 3 \
   --prompt_tokens 100 --turn_tokens 5 --max_tokens 7 --request_rate 50 --json "$dir/open.json"

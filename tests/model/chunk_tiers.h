@@ -45,14 +45,18 @@ inline std::unique_ptr<SessionState> RoundTrip(const SessionState& from, const M
 
 // `tolerance`: max per-row relative difference allowed (0: bitwise). `staging_chunks` >= 0 bounds
 // the chunks a prefill copies out of the host tier (RambaModel::set_host_chunk_staging_bytes; the
-// rest are read in place); -1 keeps the model's default.
+// rest are read in place); -1 keeps the model's default. `cache_slots`: each session's chunk
+// cache for decode steps (RambaModel::set_device_chunk_cache; 1 is fewer than a step picks),
+// which only backends with graphs run (elsewhere decode is a ragged batch).
 inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::string& dir,
-                                           double tolerance, int64_t staging_chunks = -1) {
+                                           double tolerance, int64_t staging_chunks = -1,
+                                           int64_t cache_slots = 0) {
   constexpr int64_t kWindow = 2;
   auto plain = RambaModel::Load(dir, be);
   auto tiered = RambaModel::Load(dir, be);
   ASSERT_TRUE(plain.ok() && tiered.ok());
   (*tiered)->set_device_chunk_window(kWindow);
+  (*tiered)->set_device_chunk_cache(cache_slots);
   const ModelConfig& c = (*plain)->config();
   if (staging_chunks >= 0) {
     const int64_t chunk_bytes = c.chunk_kv_floats() * static_cast<int64_t>(sizeof(float));
@@ -123,8 +127,11 @@ inline void ExpectChunkTiersChangeNoResult(kernels::Backend* be, const std::stri
 // (RambaModel::chunk_tier_counts) and come back with the sampled tokens, through
 // ForwardAndSample and LaunchDecode / CollectDecode alike. With K + 1 chunks and a window of two,
 // each (row, retrieval head) picks all chunks but one: K - 2 or K - 1 of them in the host tier
-// (so counting every pick, or none, as host-tier fails).
-inline void ExpectTierSelectionsCounted(kernels::Backend* be, const std::string& dir) {
+// (so counting every pick, or none, as host-tier fails). With a chunk cache of `cache_slots` >=
+// K - 1, no host-tier chunk is copied twice: after the first decode step at most one more miss
+// (the chunk it did not pick), every other host-tier pick a cache hit.
+inline void ExpectTierSelectionsCounted(kernels::Backend* be, const std::string& dir,
+                                        int64_t cache_slots = 0) {
   auto model = RambaModel::Load(dir, be);
   ASSERT_TRUE(model.ok()) << model.status();
   RambaModel& m = **model;
@@ -132,6 +139,7 @@ inline void ExpectTierSelectionsCounted(kernels::Backend* be, const std::string&
   const auto K = static_cast<uint64_t>(c.chunk_topk);
   const auto heads = static_cast<uint64_t>(c.retrieval_heads());
   m.set_device_chunk_window(2);
+  m.set_device_chunk_cache(cache_slots);
   auto s = m.NewSession();
   ASSERT_TRUE(s.ok());
   const int64_t prompt = (c.chunk_topk + 1) * c.chunk_size + 10;
@@ -171,6 +179,15 @@ inline void ExpectTierSelectionsCounted(kernels::Backend* be, const std::string&
     expect_steps(static_cast<uint64_t>(i));
   }
   EXPECT_EQ((*s)->host_chunks(), c.chunk_topk - 1);  // no chunk completed on the way
+  const RambaModel::ChunkTierCounts n = m.chunk_tier_counts();
+  if (cache_slots == 0) {
+    EXPECT_EQ(n.cached, 0u);
+  } else {
+    ASSERT_GE(cache_slots, c.chunk_topk - 1);
+    EXPECT_LE(n.cached, n.host);
+    EXPECT_GE(n.cached - base.cached, n.host - base.host - 1);  // steps 2-8: one miss at most
+    EXPECT_EQ((*s)->chunk_cache_slots(), cache_slots);
+  }
 }
 
 }  // namespace ramba::testing

@@ -322,6 +322,18 @@ TEST(CudaModelTest, SelectionsAreCountedByTier) {
   testing::ExpectTierSelectionsCounted(gpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3");
 }
 
+// The chunk cache on the GPU (AssignCachedChunksKernel): as on the CPU (chunk_tiers_test.cc).
+TEST(CudaModelTest, ChunkCacheChangesNoResult) {
+  auto gpu = GpuOrSkip(kernels::DType::kBF16);
+  if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
+  for (int64_t slots : {1, 16}) {
+    SCOPED_TRACE(slots);
+    testing::ExpectChunkTiersChangeNoResult(gpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3",
+                                            1e-5, -1, slots);
+  }
+  testing::ExpectTierSelectionsCounted(gpu.get(), testing::FixtureDir() + "/tiny_enc1_cls_k3", 16);
+}
+
 TEST(CudaModelTest, SnapshotHoldsThePartsAsTheyWereWhenTaken) {
   auto gpu = GpuOrSkip(kernels::DType::kBF16);
   if (gpu == nullptr) GTEST_SKIP() << "no CUDA GPU";
