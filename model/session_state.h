@@ -120,7 +120,7 @@ class SessionState {
   // A cache of `slots` host-tier chunks in backend memory, which decode steps keep as an LRU
   // (Backend::StageHostChunks; ChunkCacheRows gives its layout): made empty on first use or
   // when the size changes; not copied by Fork nor serialised (a fork or a restored session
-  // starts cold). Returns its blocks and tags.
+  // starts cold); slots <= 0 frees it.
   absl::Status EnsureChunkCache(int64_t slots);
   float* chunk_cache_blocks() const { return cache_blocks_.as<float>(); }
   int32_t* chunk_cache_tags() const { return cache_tags_.as<int32_t>(); }
