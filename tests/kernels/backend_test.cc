@@ -196,15 +196,21 @@ TEST(BackendTest, ScatterRowsWritesEachRowToItsPointer) {
   EXPECT_EQ(be->ScatterRows(src.data(), 2, dst, 2, 3).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// n chunks of `floats` values, chunk b's value i = 10 b + i: each tells where it came from.
+std::vector<std::vector<float>> NumberedChunks(int n, int64_t floats) {
+  std::vector<std::vector<float>> blocks(n, std::vector<float>(floats));
+  for (int b = 0; b < n; ++b) {
+    for (int64_t i = 0; i < floats; ++i) blocks[b][i] = 10.0f * b + i;
+  }
+  return blocks;
+}
+
 // Host-tier chunks a row selected are copied into the staging blocks; device ones are pointed at
 // where they are; empty slots stay empty; the view's indices are slot numbers.
 TEST(BackendTest, StageHostChunksCopiesOnlyHostTierSelections) {
   auto be = CreateCpuBackend(1);
   constexpr int64_t kFloats = 8, kHeads = 1, kTopK = 3;
-  std::vector<std::vector<float>> blocks(5, std::vector<float>(kFloats));
-  for (int b = 0; b < 5; ++b) {
-    for (int i = 0; i < kFloats; ++i) blocks[b][i] = 10.0f * b + i;
-  }
+  const std::vector<std::vector<float>> blocks = NumberedChunks(5, kFloats);
   // Sequence 0: chunks 0..2, the first two in the host tier; sequence 1: chunks 3..4, none.
   const float* table0[] = {blocks[0].data(), blocks[1].data(), blocks[2].data()};
   const float* table1[] = {blocks[3].data(), blocks[4].data()};
@@ -246,10 +252,7 @@ TEST(BackendTest, StageHostChunksCopiesOnlyHostTierSelections) {
 TEST(BackendTest, StageHostChunksKeepsEachRowsCacheLeastRecentlyUsedOut) {
   auto be = CreateCpuBackend(1);
   constexpr int64_t kFloats = 4, kTopK = 3, kSlots = 2;
-  std::vector<std::vector<float>> blocks(6, std::vector<float>(kFloats));
-  for (int b = 0; b < 6; ++b) {
-    for (int i = 0; i < kFloats; ++i) blocks[b][i] = 10.0f * b + i;
-  }
+  const std::vector<std::vector<float>> blocks = NumberedChunks(6, kFloats);
   std::vector<const float*> table;
   for (const auto& b : blocks) table.push_back(b.data());
   const float* const* tables[] = {table.data(), table.data()};

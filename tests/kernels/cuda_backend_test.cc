@@ -139,6 +139,35 @@ TEST_F(CudaBackendTest, HostBlocksComeBackOnlyAfterTheWorkQueuedBeforeTheirFree)
   EXPECT_EQ(back, src);
 }
 
+// Chunk memories of several sequences with random values, as the host default reads them
+// (cpu: host pointers) and as the GPU does (gpu): chunks [0, host[s]) of sequence s in mapped
+// host memory (the host tier), the rest in GPU memory. Sequence s's values come from seed0 + s.
+struct TieredChunks {
+  std::vector<std::vector<float>> values;           // [sequence][chunk * floats]
+  std::vector<std::vector<const float*>> cpu, gpu;  // [sequence][chunk]
+  std::vector<kernels::Buffer> kept;
+};
+void MakeTieredChunks(Backend* gpu, const std::vector<int64_t>& num_chunks,
+                      const std::vector<int64_t>& host, int64_t floats, int seed0,
+                      TieredChunks* t) {
+  const size_t n = num_chunks.size(), bytes = floats * sizeof(float);
+  t->values.resize(n);
+  t->cpu.resize(n);
+  t->gpu.resize(n);
+  for (size_t s = 0; s < n; ++s) {
+    t->values[s] = RandomVec(num_chunks[s] * floats, seed0 + static_cast<int>(s));
+    for (int64_t c = 0; c < num_chunks[s]; ++c) {
+      const float* v = t->values[s].data() + c * floats;
+      t->cpu[s].push_back(v);
+      auto buf = c < host[s] ? gpu->AllocateHostCopy(v, bytes) : gpu->Allocate(bytes);
+      ASSERT_TRUE(buf.ok()) << buf.status();
+      if (c >= host[s]) ASSERT_TRUE(gpu->Upload(buf->data(), v, bytes).ok());
+      t->gpu[s].push_back(buf->as<float>());
+      t->kept.push_back(*std::move(buf));
+    }
+  }
+}
+
 // StageSelectedHostChunks on the GPU (host-tier chunks in mapped host memory, the others in GPU
 // memory, many rows picking skewed chunks) chooses, copies and points exactly as the host
 // default does on the same inputs, for capacities above, at and below the distinct picks.
@@ -152,22 +181,10 @@ TEST_F(CudaBackendTest, StageSelectedHostChunksMatchesTheHostDefault) {
     table_offsets.push_back(table_offsets.back() + num_chunks[s]);
   }
   std::mt19937 rng(5);
-  std::vector<std::vector<float>> values;  // [sequence][chunk * kFloats]
-  std::vector<kernels::Buffer> kept;
-  std::vector<std::vector<const float*>> cpu_tables(3), gpu_tables(3);
-  for (int s = 0; s < 3; ++s) {
-    values.push_back(RandomVec(num_chunks[s] * kFloats, 10 + s));
-    for (int64_t c = 0; c < num_chunks[s]; ++c) {
-      const float* v = values[s].data() + c * kFloats;
-      cpu_tables[s].push_back(v);
-      auto buf = c < host[s] ? gpu_->AllocateHostCopy(v, kFloats * sizeof(float))
-                             : gpu_->Allocate(kFloats * sizeof(float));
-      ASSERT_TRUE(buf.ok()) << buf.status();
-      if (c >= host[s]) ASSERT_TRUE(gpu_->Upload(buf->data(), v, kFloats * sizeof(float)).ok());
-      gpu_tables[s].push_back(buf->as<float>());
-      kept.push_back(*std::move(buf));
-    }
-  }
+  TieredChunks chunks;
+  ASSERT_NO_FATAL_FAILURE(MakeTieredChunks(gpu_.get(), num_chunks, host, kFloats, 10, &chunks));
+  const auto& cpu_tables = chunks.cpu;
+  const auto& gpu_tables = chunks.gpu;
   std::vector<int32_t> row_seq(kRows), indices(kRows * kPerRow);
   for (int64_t r = 0; r < kRows; ++r) {
     row_seq[r] = static_cast<int32_t>(rng() % 3);
@@ -263,25 +280,15 @@ TEST_F(CudaBackendTest, StageHostChunksCachesMatchTheHostDefault) {
   constexpr int64_t kFloats = 68, kHeads = 2, kTopK = 4, kPerRow = kHeads * kTopK, kRows = 40;
   constexpr int64_t kSlots = 6, kSteps = 8;
   std::mt19937 rng(9);
-  std::vector<std::vector<float>> values(kRows);
-  std::vector<kernels::Buffer> kept;
-  std::vector<std::vector<const float*>> cpu_tables(kRows), gpu_tables(kRows);
   std::vector<int64_t> num_chunks(kRows), host(kRows);
   for (int64_t r = 0; r < kRows; ++r) {
     num_chunks[r] = 10 + rng() % 60;
     host[r] = rng() % (num_chunks[r] + 1);
-    values[r] = RandomVec(num_chunks[r] * kFloats, 30 + static_cast<int>(r));
-    for (int64_t c = 0; c < num_chunks[r]; ++c) {
-      const float* v = values[r].data() + c * kFloats;
-      cpu_tables[r].push_back(v);
-      auto buf = c < host[r] ? gpu_->AllocateHostCopy(v, kFloats * sizeof(float))
-                             : gpu_->Allocate(kFloats * sizeof(float));
-      ASSERT_TRUE(buf.ok()) << buf.status();
-      if (c >= host[r]) ASSERT_TRUE(gpu_->Upload(buf->data(), v, kFloats * sizeof(float)).ok());
-      gpu_tables[r].push_back(buf->as<float>());
-      kept.push_back(*std::move(buf));
-    }
   }
+  TieredChunks chunks;
+  ASSERT_NO_FATAL_FAILURE(MakeTieredChunks(gpu_.get(), num_chunks, host, kFloats, 30, &chunks));
+  const auto& cpu_tables = chunks.cpu;
+  const auto& gpu_tables = chunks.gpu;
   std::vector<const float*const*> cpu_table_ptrs, gpu_table_ptrs;
   for (int64_t r = 0; r < kRows; ++r) {
     cpu_table_ptrs.push_back(cpu_tables[r].data());
