@@ -135,6 +135,9 @@ __global__ void AssignCachedChunksKernel(ChunkMemoryBatch mem,
           }
           at = best;
         }
+        // Every lane's reads of the tags above are done before lane 0 rewrites one: the ballot
+        // and shuffles order execution, not shared-memory accesses (racecheck's hazard).
+        __syncwarp();
         if (at >= 0) {
           place = cache + static_cast<int64_t>(at) * chunk_floats;
           if (lane == 0) {
