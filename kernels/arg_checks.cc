@@ -35,7 +35,7 @@ absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* para
   for (int64_t r = 0; r < rows; ++r) {
     const SamplingParams& p = params[r];
     if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature) || p.top_k < 0 ||
-        std::isnan(p.top_p)) {
+        std::isnan(p.top_p) || !(p.min_p >= 0.0f && p.min_p <= 1.0f)) {
       return InvalidOpArgument(op, absl::StrCat("row ", r, " has invalid sampling parameters"));
     }
   }

@@ -24,7 +24,7 @@ absl::Status CheckAttentionHeads(std::string_view op, int64_t nh, int64_t nkv, i
 // output whose row stride holds its rows.
 absl::Status CheckMixerOutProj(std::string_view op, const MambaMixerArgs& a);
 // Per-row sampling parameters (host array of `rows`): finite temperature >= 0, top_k >= 0,
-// top_p not NaN.
+// top_p not NaN, min_p in [0, 1].
 absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* params, int64_t rows);
 
 }  // namespace ramba::kernels

@@ -234,6 +234,7 @@ struct SamplingParams {
   float temperature = 1.0f;
   int32_t top_k = 0;    // 0: no top-k filter
   float top_p = 1.0f;   // 1: no nucleus filter
+  float min_p = 0.0f;   // 0: no min-p filter
 };
 
 class Backend {
@@ -408,10 +409,11 @@ class Backend {
                                             int64_t chunk_size, float* out) = 0;
 
   // Draws one token per row from logits [rows, vocab]: greedy when temperature == 0, otherwise
-  // softmax(logits / temperature) restricted to the top_k most likely tokens, then to the
-  // smallest prefix (by descending probability) whose mass reaches top_p, sampled by inverse CDF
-  // with uniforms[r] in [0, 1). params and uniforms are host arrays of `rows` entries; out is
-  // backend memory. Deterministic for equal inputs.
+  // softmax(logits / temperature) restricted to the top_k most likely tokens, then to those whose
+  // probability is at least min_p times the most likely one's, then to the smallest prefix (by
+  // descending probability) whose mass reaches top_p, sampled by inverse CDF with uniforms[r] in
+  // [0, 1). params and uniforms are host arrays of `rows` entries; out is backend memory.
+  // Deterministic for equal inputs.
   virtual absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
                               const SamplingParams* params, const float* uniforms,
                               int32_t* out) = 0;

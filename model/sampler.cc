@@ -18,6 +18,9 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
   if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", o.top_p));
   }
+  if (!(o.min_p >= 0.0f && o.min_p <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat("min_p must be in [0, 1], got ", o.min_p));
+  }
   return absl::OkStatus();
 }
 
@@ -34,7 +37,7 @@ void SamplingInputs(absl::Span<const SamplingOptions> options, absl::Span<const 
   params->resize(options.size());
   uniforms->resize(options.size());
   for (size_t r = 0; r < options.size(); ++r) {
-    (*params)[r] = {options[r].temperature, options[r].top_k, options[r].top_p};
+    (*params)[r] = {options[r].temperature, options[r].top_k, options[r].top_p, options[r].min_p};
     (*uniforms)[r] = SamplingUniform(options[r].seed, positions[r]);
   }
 }

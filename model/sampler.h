@@ -17,11 +17,12 @@ struct SamplingOptions {
   float temperature = 0.0f;  // 0: greedy
   int32_t top_k = 0;         // 0: off
   float top_p = 1.0f;        // 1: off
+  float min_p = 0.0f;        // 0: off
   uint64_t seed = 0;
 };
 
-// Checks ranges: temperature >= 0 and finite, top_k >= 0, 0 < top_p <= 1. The message names the
-// field.
+// Checks ranges: temperature >= 0 and finite, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1. The
+// message names the field.
 absl::Status ValidateSamplingOptions(const SamplingOptions& options);
 
 // The uniform in [0, 1) for (seed, position): splitmix64 of both, top 24 bits.

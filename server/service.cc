@@ -55,11 +55,13 @@ absl::StatusOr<SamplingDefaults> FromProto(const v1::SamplingParams& p, const ch
   if (p.has_temperature()) d.temperature = p.temperature();
   if (p.has_top_k()) d.top_k = p.top_k();
   if (p.has_top_p()) d.top_p = p.top_p();
+  if (p.has_min_p()) d.min_p = p.min_p();
   if (p.has_seed()) d.seed = p.seed();
   SamplingOptions check;
   check.temperature = d.temperature.value_or(1.0f);
   check.top_k = d.top_k.value_or(0);
   check.top_p = d.top_p.value_or(1.0f);
+  check.min_p = d.min_p.value_or(0.0f);
   if (absl::Status s = ValidateSamplingOptions(check); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": ", s.message()));
   }
@@ -70,6 +72,7 @@ void ToProto(const SamplingDefaults& d, v1::SamplingParams* p) {
   if (d.temperature) p->set_temperature(*d.temperature);
   if (d.top_k) p->set_top_k(*d.top_k);
   if (d.top_p) p->set_top_p(*d.top_p);
+  if (d.min_p) p->set_min_p(*d.min_p);
   if (d.seed) p->set_seed(*d.seed);
 }
 
@@ -79,6 +82,7 @@ SamplingOptions Resolve(const SamplingDefaults& req, const SamplingDefaults& ses
   o.temperature = req.temperature.value_or(session.temperature.value_or(1.0f));
   o.top_k = req.top_k.value_or(session.top_k.value_or(0));
   o.top_p = req.top_p.value_or(session.top_p.value_or(1.0f));
+  o.min_p = req.min_p.value_or(session.min_p.value_or(0.0f));
   if (req.seed) {
     o.seed = *req.seed;
   } else if (session.seed) {
@@ -1025,6 +1029,7 @@ grpc::ServerUnaryReactor* RambaService::GetModelInfo(grpc::CallbackServerContext
   lim->mutable_default_sampling()->set_temperature(1.0f);
   lim->mutable_default_sampling()->set_top_k(0);
   lim->mutable_default_sampling()->set_top_p(1.0f);
+  lim->mutable_default_sampling()->set_min_p(0.0f);
   resp->set_server_version("ramba 0.1");
   return Done(ctx, absl::OkStatus());
 }

@@ -28,6 +28,7 @@ struct SamplingDefaults {
   std::optional<float> temperature;
   std::optional<int32_t> top_k;
   std::optional<float> top_p;
+  std::optional<float> min_p;
   std::optional<uint64_t> seed;
 };
 

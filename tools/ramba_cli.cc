@@ -24,6 +24,8 @@ ABSL_FLAG(int32_t, max_tokens, 64, "Tokens to generate.");
 ABSL_FLAG(float, temperature, 0.0f, "Sampling temperature; 0 = greedy.");
 ABSL_FLAG(int32_t, top_k, 0, "Top-k filter (0 = off).");
 ABSL_FLAG(float, top_p, 1.0f, "Nucleus filter (1 = off).");
+ABSL_FLAG(float, min_p, 0.0f,
+          "Min-p filter: keep tokens at least this fraction as likely as the top one (0 = off).");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed: the same seed gives the same tokens.");
 ABSL_FLAG(std::string, device, "auto", "cpu, cuda or auto.");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all cores).");
@@ -67,6 +69,7 @@ int main(int argc, char** argv) {
   sampling.temperature = absl::GetFlag(FLAGS_temperature);
   sampling.top_k = absl::GetFlag(FLAGS_top_k);
   sampling.top_p = absl::GetFlag(FLAGS_top_p);
+  sampling.min_p = absl::GetFlag(FLAGS_min_p);
   sampling.seed = absl::GetFlag(FLAGS_seed);
   if (auto s = ramba::ValidateSamplingOptions(sampling); !s.ok()) return Fail(s);
 

@@ -46,6 +46,8 @@ ABSL_FLAG(std::optional<int32_t>, max_tokens, std::nullopt, "generate: most toke
 ABSL_FLAG(std::optional<float>, temperature, std::nullopt, "generate/create: sampling temperature (0: greedy).");
 ABSL_FLAG(std::optional<int32_t>, top_k, std::nullopt, "generate/create: top-k filter (0: off).");
 ABSL_FLAG(std::optional<float>, top_p, std::nullopt, "generate/create: nucleus filter in (0, 1].");
+ABSL_FLAG(std::optional<float>, min_p, std::nullopt,
+          "generate/create: min-p filter in [0, 1] (0: off).");
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "generate/create: sampling seed.");
 ABSL_FLAG(bool, ignore_eos, false, "generate: do not stop at the end-of-sequence token.");
 ABSL_FLAG(bool, no_commit, false, "generate: leave the session unchanged (read-only query).");
@@ -68,12 +70,12 @@ usage: ramba [--server host:port] [--timeout SECONDS] COMMAND [ARGS]
 
 commands:
   create [--id ID] [--label k=v]... [--text T | --file F | -]
-         [--temperature T --top_k K --top_p P --seed S]   (the session's sampling defaults)
+         [--temperature T --top_k K --top_p P --min_p M --seed S]   (the session's sampling defaults)
       Creates a session, optionally with an initial input; prints the session (JSON).
   append ID (--text T | --file F | -) [--expected_position N]
       Appends text ('-': standard input). Inputs larger than one piece (~1 MiB, or the server's
       message limit) are streamed with AppendStream. Prints the new position.
-  generate ID [--prompt T] [--max_tokens N] [--temperature T --top_k K --top_p P --seed S]
+  generate ID [--prompt T] [--max_tokens N] [--temperature T --top_k K --top_p P --min_p M --seed S]
               [--stop S]... [--ignore_eos] [--no_commit] [--expected_position N] [--logprobs]
       Streams generated text to stdout as it arrives; the finish reason and usage go to stderr.
       --no_commit leaves the session unchanged (the prompt and the output are not kept).
@@ -288,6 +290,7 @@ bool SamplingFromFlags(v1::SamplingParams* p) {
   if (auto v = absl::GetFlag(FLAGS_temperature)) p->set_temperature(*v), any = true;
   if (auto v = absl::GetFlag(FLAGS_top_k)) p->set_top_k(*v), any = true;
   if (auto v = absl::GetFlag(FLAGS_top_p)) p->set_top_p(*v), any = true;
+  if (auto v = absl::GetFlag(FLAGS_min_p)) p->set_min_p(*v), any = true;
   if (auto v = absl::GetFlag(FLAGS_seed)) p->set_seed(*v), any = true;
   return any;
 }

@@ -59,11 +59,19 @@ int32_t SampleRow(const float* logits, int64_t vocab, const SamplingParams& para
     sorted = m;
   };
 
-  // Top-k: the kept set is the first k of the ranking.
-  int64_t kept = vocab;
+  // Top-k keeps the first k of the ranking, min-p the prefix whose probabilities reach min_p
+  // times the first's (which is 1, or all +inf logits share the mass): together the shorter.
+  int64_t kept = params.top_k > 0 && params.top_k < vocab ? params.top_k : vocab;
+  if (params.min_p > 0.0f) {
+    int64_t n = 1;  // the first token always stays
+    for (; n < kept; ++n) {
+      ensure_sorted(n + 1);
+      if (!(p[order[n]] >= params.min_p)) break;
+    }
+    kept = n;
+  }
   double mass = 0.0;
-  if (params.top_k > 0 && params.top_k < vocab) {
-    kept = params.top_k;
+  if (kept < vocab) {
     ensure_sorted(kept);
     for (int64_t j = 0; j < kept; ++j) mass += p[order[j]];
   } else {

@@ -60,6 +60,7 @@ struct RowArgs {
   float temperature;
   int32_t top_k;
   float top_p;
+  float min_p;
   float uniform;
 };
 
@@ -423,6 +424,35 @@ __device__ Mass MassAbove(const View& v, const Prob& prob, uint32_t key, const S
   return BlockSum(s, sm);
 }
 
+// The smallest key whose probability reaches min_p (P(max_key) == 1 does), by one thread's
+// binary search over the key space: P does not decrease with the key, so the tokens it keeps are
+// those with key >= the result, a ranking prefix. No pass over the row.
+__device__ uint32_t MinPKey(const Prob& prob, float min_p, const Smem& sm) {
+  if (threadIdx.x == 0) {
+    uint32_t lo = 0, hi = OrderedKey(prob.mx);
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (prob.P(mid) >= min_p) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    *sm.result() = lo;
+  }
+  __syncthreads();
+  const uint32_t key = *sm.result();
+  __syncthreads();
+  return key;
+}
+
+// Number of tokens with key >= floor.
+__device__ Mass CountFrom(const View& v, uint32_t floor, const Smem& sm) {
+  Mass c = 0;
+  for (int i = threadIdx.x; i < v.n; i += blockDim.x) c += v.Key(i) >= floor;
+  return BlockSum(c, sm);
+}
+
 // Number of tokens with key >= floor and p > 0.
 __device__ Mass CountPositive(const View& v, const Prob& prob, uint32_t floor, const Smem& sm) {
   Mass c = 0;
@@ -513,10 +543,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   Mass mass = 0;
   bool mass_known = false;
 
-  if (a.top_k > 0 && a.top_k < vocab) {
-    const Query q{Goal::kCount, static_cast<uint32_t>(a.top_k), 0.0f, 0, false, 0};
-    const Nav f = Search(view, prob, q, sm);  // always found: top_k < vocab
-    kept = static_cast<Mass>(a.top_k);
+  // Top-k and min-p both keep a ranking prefix, so together they keep the shorter one: min-p's is
+  // the tokens with key >= its cut, all ties included.
+  Mass top = a.top_k > 0 && a.top_k < vocab ? static_cast<Mass>(a.top_k) : kept;
+  if (a.min_p > 0.0f) top = min(top, CountFrom(view, MinPKey(prob, a.min_p, sm), sm));
+  if (top < kept) {
+    const Query q{Goal::kCount, static_cast<uint32_t>(top), 0.0f, 0, false, 0};
+    const Nav f = Search(view, prob, q, sm);  // always found: top < vocab
+    kept = top;
     floor = f.prefix;
     maybe_compact(floor, f.cnt_above + f.bin_cnt);
     const Mass j = TieIndex(f, q, prob);
@@ -690,7 +724,8 @@ absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t voc
   std::vector<RowArgs> host(static_cast<size_t>(rows));
   bool any_sampled = false;
   for (int64_t r = 0; r < rows; ++r) {
-    host[r] = RowArgs{params[r].temperature, params[r].top_k, params[r].top_p, uniforms[r]};
+    host[r] = RowArgs{params[r].temperature, params[r].top_k, params[r].top_p, params[r].min_p,
+                      uniforms[r]};
     any_sampled = any_sampled || params[r].temperature > 0.0f;
   }
   if (!any_sampled && rows <= Context::kCountersPerSlot / 4 &&

@@ -469,6 +469,10 @@ TEST(BackendTest, BadArgumentsAreErrorsNotCrashes) {
   int32_t out;
   EXPECT_EQ(be->Sample(a.data(), 1, 8, &sp, &u, &out).code(), kBad);
   EXPECT_EQ(be->Sample(a.data(), 1, 0, &sp, &u, &out).code(), kBad);
+  for (float min_p : {-0.5f, 1.5f, NAN}) {
+    const SamplingParams mp{1.0f, 0, 1.0f, min_p};
+    EXPECT_EQ(be->Sample(a.data(), 1, 8, &mp, &u, &out).code(), kBad) << min_p;
+  }
 }
 
 }  // namespace

@@ -93,6 +93,19 @@ Decision Decide(const float* logits, int64_t vocab, const SamplingParams& sp, fl
     return la > lb || (la == lb && a < b);
   });
   int64_t kept = sp.top_k > 0 && sp.top_k < vocab ? sp.top_k : vocab;
+  if (sp.min_p > 0.0f) {
+    // The min-p cut: the GPU's expf may put a token within rounding of min_p on the other side.
+    int64_t n = 0;
+    while (n < kept && p[order[n]] >= sp.min_p) ++n;
+    if (n < kept) {
+      d.cut_margin = std::abs(static_cast<double>(p[order[n]]) - sp.min_p);
+      if (n > 0) {
+        d.cut_margin =
+            std::min(d.cut_margin, std::abs(static_cast<double>(p[order[n - 1]]) - sp.min_p));
+      }
+      kept = std::max<int64_t>(n, 1);
+    }
+  }
   double mass = 0.0;
   for (int64_t j = 0; j < kept; ++j) mass += p[order[j]];
   if (!(mass > 0.0)) return d;
@@ -106,7 +119,7 @@ Decision Decide(const float* logits, int64_t vocab, const SamplingParams& sp, fl
       ++n;
       if (cum >= target) break;
     }
-    d.cut_margin = std::abs(cum - target) / mass;
+    d.cut_margin = std::min(d.cut_margin, std::abs(cum - target) / mass);
     if (n > 1) d.cut_margin = std::min(d.cut_margin, std::abs(target - prev) / mass);
     kept = std::max<int64_t>(n, 1);
     mass = cum;
@@ -157,11 +170,11 @@ class CudaSampleTest : public CudaOpTest {
       if (got[r] == want[r]) continue;
       std::ostringstream ctx;
       ctx << what << " row " << r << " T=" << sp.temperature << " top_k=" << sp.top_k
-          << " top_p=" << sp.top_p << " u=" << uniforms[r] << ": gpu " << got[r] << " cpu "
-          << want[r];
+          << " top_p=" << sp.top_p << " min_p=" << sp.min_p << " u=" << uniforms[r] << ": gpu "
+          << got[r] << " cpu " << want[r];
       ASSERT_GT(sp.temperature, 0.0f) << "greedy mismatch: " << ctx.str();
       const Decision d = Decide(logits.data() + r * vocab, vocab, sp, uniforms[r]);
-      if (d.cut_margin < 1e-6) {  // the cut itself is within rounding: any token may follow
+      if (d.cut_margin < 1e-6) {  // a cut itself is within rounding: any token may follow
         ++cut_mismatches_;
         continue;
       }
@@ -193,12 +206,14 @@ class CudaSampleTest : public CudaOpTest {
   int64_t rounding_fallbacks_ = 0;
 };
 
-// The parameter grid of the brief: every combination, cycled over the rows of a batch.
+// The parameter grid of the brief (and min_p): every combination, cycled over a batch's rows.
 std::vector<SamplingParams> ParamGrid() {
   std::vector<SamplingParams> grid;
   for (float t : {0.5f, 1.0f, 2.0f}) {
     for (int32_t k : {0, 1, 5, 40}) {
-      for (float p : {1.0f, 0.9f, 0.5f, 1e-6f}) grid.push_back({t, k, p});
+      for (float p : {1.0f, 0.9f, 0.5f, 1e-6f}) {
+        for (float m : {0.0f, 0.05f, 0.3f}) grid.push_back({t, k, p, m});
+      }
     }
   }
   return grid;
@@ -322,7 +337,7 @@ TEST_F(CudaSampleTest, PeakedFlatAndTiedRowsMatchCpu) {
 }
 
 // One row, many uniforms: the inverse CDF over the whole vocabulary (no cut) and after large cuts
-// (top_k above the kernel's candidate list, top_p keeping most of a flat row).
+// (top_k above the kernel's candidate list, top_p keeping most of a flat row, min_p cuts).
 TEST_F(CudaSampleTest, ManyUniformsOverOneRow) {
   const int64_t vocab = 50280, rows = 256;
   for (Shape shape : {Shape::kNormal, Shape::kNearFlat}) {
@@ -331,7 +346,8 @@ TEST_F(CudaSampleTest, ManyUniformsOverOneRow) {
     for (int64_t r = 0; r < rows; ++r) logits.insert(logits.end(), one.begin(), one.end());
     for (SamplingParams sp :
          {SamplingParams{1.0f, 0, 1.0f}, SamplingParams{0.7f, 0, 0.95f},
-          SamplingParams{1.3f, 10000, 1.0f}, SamplingParams{1.0f, 3000, 0.9f}}) {
+          SamplingParams{1.3f, 10000, 1.0f}, SamplingParams{1.0f, 3000, 0.9f},
+          SamplingParams{1.0f, 0, 1.0f, 0.001f}, SamplingParams{1.0f, 0, 0.9f, 0.2f}}) {
       std::vector<float> u(static_cast<size_t>(rows));
       for (int64_t r = 0; r < rows; ++r) u[r] = (r + 0.5f) / rows;
       u[0] = 0.0f;
@@ -427,6 +443,7 @@ TEST_F(CudaSampleTest, ReportsTiming) {
                         {"T=0.8 top_k=40 top_p=0.9", Shape::kNormal, {0.8f, 40, 0.9f}},
                         {"T=1 top_p=0.9 peaked", Shape::kPeaked, {1.0f, 0, 0.9f}},
                         {"T=1 top_p=0.9 normal", Shape::kNormal, {1.0f, 0, 0.9f}},
+                        {"T=1 min_p=0.05 normal", Shape::kNormal, {1.0f, 0, 1.0f, 0.05f}},
                         {"T=1 full CDF normal", Shape::kNormal, {1.0f, 0, 1.0f}},
                         {"T=1 top_p=0.95 near-flat", Shape::kNearFlat, {1.0f, 0, 0.95f}},
                         {"T=1 full CDF flat", Shape::kFlat, {1.0f, 0, 1.0f}}};

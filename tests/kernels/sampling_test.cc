@@ -141,6 +141,40 @@ TEST(SampleTest, TopPKeepsSmallestPrefixReachingMass) {
   EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 2, 0.7f}, 100).size(), 2u);
 }
 
+TEST(SampleTest, MinPKeepsTokensAtLeastThatFractionOfTheMostLikely) {
+  auto be = testing::Cpu();
+  const std::vector<double> probs = {0.1, 0.4, 0.05, 0.3, 0.15};
+  const auto logits = LogProbs(probs);
+  const int n = 10000;
+  auto h = Histogram(be.get(), logits, {1.0f, 0, 1.0f, 0.5f}, n);  // keeps p >= 0.2
+  EXPECT_EQ(h.size(), 2u);
+  EXPECT_NEAR(h[1], 0.4 / 0.7 * n, 2);
+  EXPECT_NEAR(h[3], 0.3 / 0.7 * n, 2);
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 0, 1.0f, 0.3f}, 1000).size(), 3u);  // p >= 0.12
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 0, 1.0f, 1.0f}, 100),
+            (std::map<int32_t, int>{{1, 100}}));
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 0, 1.0f, 0.0f}, 10000).size(), 5u);  // off
+  // Temperature first: at T = 0.5 the ratios square, 0.3 / 0.4 -> 0.5625 < 0.6.
+  EXPECT_EQ(Histogram(be.get(), logits, {0.5f, 0, 1.0f, 0.6f}, 100),
+            (std::map<int32_t, int>{{1, 100}}));
+  // min_p 1 keeps every token tied with the most likely.
+  const std::vector<float> ties = {0, 1, 1, 1, 0};
+  EXPECT_EQ(Histogram(be.get(), ties, {1.0f, 0, 1.0f, 1.0f}, 999),
+            (std::map<int32_t, int>{{1, 333}, {2, 333}, {3, 333}}));
+  // With top-k: both cuts apply (top 2 = {1, 3}; min_p 0.3 would also keep 4).
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 2, 1.0f, 0.3f}, 1000).size(), 2u);
+}
+
+TEST(SampleTest, MinPComesBeforeTopP) {
+  auto be = testing::Cpu();
+  const auto logits = LogProbs({0.5, 0.3, 0.2});
+  // min_p 0.5 keeps {0, 1} (mass 0.8); top_p 0.6 of that is reached by token 0 alone (0.625).
+  // Top-p first would keep {0, 1} (0.5 < 0.6 <= 0.8).
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 0, 0.6f, 0.5f}, 100),
+            (std::map<int32_t, int>{{0, 100}}));
+  EXPECT_EQ(Histogram(be.get(), logits, {1.0f, 0, 0.6f, 0.0f}, 1000).size(), 2u);
+}
+
 // Straightforward reference: full sort, double probabilities.
 int32_t SampleRef(const std::vector<float>& logits, SamplingParams p, float u) {
   const int64_t V = logits.size();
@@ -152,6 +186,7 @@ int32_t SampleRef(const std::vector<float>& logits, SamplingParams p, float u) {
   std::vector<double> pr(V);
   for (int64_t i = 0; i < V; ++i) pr[i] = std::exp((double(logits[i]) - logits[order[0]]) / p.temperature);
   int64_t kept = p.top_k > 0 ? std::min<int64_t>(p.top_k, V) : V;
+  while (kept > 1 && pr[order[kept - 1]] < p.min_p) --kept;
   double mass = 0;
   for (int64_t j = 0; j < kept; ++j) mass += pr[order[j]];
   if (p.top_p < 1.0f) {
@@ -176,8 +211,9 @@ TEST(SampleTest, LargeVocabMatchesReferenceAndBatchIsDeterministic) {
   auto be = testing::Cpu();
   const int64_t V = 50280, rows = 6;
   std::vector<float> logits = RandomVec(rows * V, 3, -4.0f, 4.0f);
-  const std::vector<SamplingParams> params = {{1.0f, 0, 1.0f},  {0.7f, 0, 0.9f}, {1.3f, 40, 1.0f},
-                                              {1.0f, 100, 0.5f}, {0.0f, 0, 1.0f}, {2.0f, 0, 0.2f}};
+  const std::vector<SamplingParams> params = {{1.0f, 0, 1.0f, 0.05f}, {0.7f, 0, 0.9f},
+                                              {1.3f, 40, 1.0f, 0.2f}, {1.0f, 100, 0.5f},
+                                              {0.0f, 0, 1.0f},        {2.0f, 0, 0.2f}};
   const auto uniforms = RandomVec(rows, 4, 0.0f, 1.0f);
   std::vector<int32_t> out(rows), again(rows);
   ASSERT_TRUE(be->Sample(logits.data(), rows, V, params.data(), uniforms.data(), out.data()).ok());
@@ -200,6 +236,8 @@ TEST(SampleTest, LargeVocabMatchesReferenceAndBatchIsDeterministic) {
   for (float u : us) {
     const SamplingParams p{0.8f, 0, 0.95f};
     ASSERT_EQ(SampleOne(be.get(), row, p, u), SampleRef(row, p, u)) << u;
+    const SamplingParams m{1.5f, 0, 0.9f, 0.01f};
+    ASSERT_EQ(SampleOne(be.get(), row, m, u), SampleRef(row, m, u)) << u;
   }
 }
 

@@ -1,6 +1,7 @@
 // Sampling: greedy, reproducibility from a seed, filters, and validation messages.
 #include "model/sampler.h"
 
+#include <cmath>
 #include <map>
 
 #include "gtest/gtest.h"
@@ -74,6 +75,14 @@ TEST_F(SamplerTest, InvalidOptionsNameTheField) {
   o = {};
   o.top_p = 0;
   EXPECT_NE(ValidateSamplingOptions(o).message().find("top_p"), std::string::npos);
+  for (float bad : {-0.1f, 1.5f, NAN}) {
+    o = {};
+    o.min_p = bad;
+    EXPECT_NE(ValidateSamplingOptions(o).message().find("min_p"), std::string::npos) << bad;
+  }
+  o = {};
+  o.min_p = 1.0f;
+  EXPECT_TRUE(ValidateSamplingOptions(o).ok());
   o = {};
   o.top_k = -3;
   EXPECT_NE(ValidateSamplingOptions(o).message().find("top_k"), std::string::npos);

@@ -197,6 +197,7 @@ TEST(ProtoTest, OptionalFieldsHavePresence) {
       {"ramba.v1.SamplingParams", "temperature"},
       {"ramba.v1.SamplingParams", "top_k"},
       {"ramba.v1.SamplingParams", "top_p"},
+      {"ramba.v1.SamplingParams", "min_p"},
       {"ramba.v1.SamplingParams", "seed"},
       {"ramba.v1.AppendRequest", "expected_position"},
       {"ramba.v1.AppendStreamRequest", "expected_position"},

@@ -270,6 +270,12 @@ TEST_F(ServiceTest, ErrorsNameTheProblem) {
   EXPECT_NE(bad.status.error_message().find("top_p"), std::string::npos);
   EXPECT_FALSE(bad.has_final);
   g.mutable_sampling()->clear_top_p();
+  g.mutable_sampling()->set_min_p(-0.5f);
+  bad = Generate(g);
+  EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad.status.error_message().find("min_p"), std::string::npos)
+      << bad.status.error_message();
+  g.mutable_sampling()->clear_min_p();
   g.mutable_stopping()->set_max_tokens(0);
   EXPECT_EQ(Generate(g).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   // Nothing above changed the session.

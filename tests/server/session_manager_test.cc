@@ -341,6 +341,7 @@ TEST(SessionMetaTest, JsonRoundTrip) {
   m.labels = {{"k", "v"}, {"é", "ü"}};
   m.default_sampling.temperature = 0.7f;
   m.default_sampling.seed = 123456789012345ull;
+  m.default_sampling.min_p = 0.05f;
   m.pending_token = 42;
   m.parent_id = "p";
   auto back = SessionMeta::FromJson(m.ToJson());
@@ -348,6 +349,7 @@ TEST(SessionMetaTest, JsonRoundTrip) {
   EXPECT_EQ(back->labels, m.labels);
   EXPECT_EQ(back->default_sampling.seed, m.default_sampling.seed);
   EXPECT_FALSE(back->default_sampling.top_p.has_value());
+  EXPECT_EQ(back->default_sampling.min_p, 0.05f);
   EXPECT_EQ(back->pending_token, 42);
   EXPECT_EQ(back->parent_id, "p");
   EXPECT_EQ(SessionMeta::FromJson("{").status().code(), absl::StatusCode::kDataLoss);
