@@ -202,6 +202,52 @@ TEST_F(ServiceTest, LogprobsOfSampledTokens) {
   }
 }
 
+// min_p = 1 keeps only the most likely token, so even a hot temperature then samples what
+// greedy decoding gives; from the session's defaults (kept in the store) or the request.
+TEST_F(ServiceTest, MinPFromSessionDefaultsOrRequest) {
+  const std::string prompt = "Once upon a time";
+  auto run = [&](const std::string& id, const v1::SamplingParams* defaults,
+                 const v1::SamplingParams& sampling) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    v1::CreateSessionResponse resp;
+    req.set_session_id(id);
+    req.mutable_initial_input()->set_text(prompt);
+    if (defaults != nullptr) *req.mutable_default_sampling() = *defaults;
+    EXPECT_TRUE(stub_->CreateSession(&ctx, req, &resp).ok());
+    v1::GenerateRequest g;
+    g.set_session_id(id);
+    g.mutable_stopping()->set_max_tokens(12);
+    g.mutable_stopping()->set_ignore_eos(true);
+    *g.mutable_sampling() = sampling;
+    Streamed out = Generate(g);
+    EXPECT_TRUE(out.status.ok()) << out.status.error_message();
+    return out.ids;
+  };
+  v1::SamplingParams greedy;
+  greedy.set_temperature(0);
+  const std::vector<int32_t> want = run("g", nullptr, greedy);
+  ASSERT_EQ(want.size(), 12u);
+
+  v1::SamplingParams hot;
+  hot.set_temperature(3.0f);
+  hot.set_seed(11);
+  EXPECT_NE(run("hot", nullptr, hot), want) << "temperature 3 alone should leave greedy";
+  v1::SamplingParams hot_min_p = hot;
+  hot_min_p.set_min_p(1.0f);
+  EXPECT_EQ(run("req", nullptr, hot_min_p), want);
+  v1::SamplingParams seed_only;
+  seed_only.set_seed(11);
+  EXPECT_EQ(run("def", &hot_min_p, seed_only), want);
+
+  grpc::ClientContext ctx;
+  v1::GetSessionRequest gr;
+  v1::GetSessionResponse gresp;
+  gr.set_session_id("def");
+  ASSERT_TRUE(stub_->GetSession(&ctx, gr, &gresp).ok());
+  EXPECT_EQ(gresp.session().default_sampling().min_p(), 1.0f);
+}
+
 TEST_F(ServiceTest, CommitGeneratedFalseLeavesSessionAsItWas) {
   Create("s", "abcdef");
   v1::GenerateRequest g;
