@@ -1,23 +1,25 @@
 // Token sampling, one thread block per row (greedy-only batches: several, GreedyKernel), matching
 // kernels/cpu/sampling.cc token for token.
 //
-// Tokens are ranked by (logit descending, id ascending) as on the CPU, but nothing is sorted.
-// Every question the sampler asks is "which token of the ranking is the first at which a
-// cumulative weight reaches a threshold": the k-th token (weight 1: top-k, and the last positive
-// token), or the token where the cumulative probability mass reaches top_p * mass (top-p) or
-// exceeds u * mass (the inverse CDF). Search() answers it by a radix select over 32-bit
-// order-preserving keys of the logits: four passes of 8-bit digit histograms (count and mass per
-// digit, highest digit first) narrow the answer to one logit value, and the tokens tied on that
-// value are told apart by id. A pass costs O(vocab) whatever the distribution looks like, and a
-// row takes about a dozen of them (the row stays in shared memory when it fits); once a top-k or
-// top-p cut leaves few candidates, they are compacted into a short list and later passes run on it.
+// Tokens are ranked by (logit descending, id ascending) as on the CPU, but nothing is sorted. Every
+// question the sampler asks is "which token of the ranking is the first at which a cumulative
+// weight reaches a threshold": the k-th token (weight 1: top-k, with min-p as a count of the tokens
+// at or above its cut, and the last positive token), or the token where the cumulative probability
+// mass reaches top_p * mass (top-p) or exceeds u * mass (the inverse CDF). Search() answers it by a
+// radix select over 32-bit order-preserving keys of the logits: four passes of 8-bit digit
+// histograms (count and mass per digit, highest digit first) narrow the answer to one logit value,
+// and the tokens tied on that value are told apart by id. A pass costs O(vocab) whatever the
+// distribution looks like, and a row takes about a dozen of them (the row stays in shared memory
+// when it fits); once a top-k or top-p cut leaves few candidates, they are compacted into a short
+// list and later passes run on it.
 //
 // Probabilities are exp((l - max) / T) in f32 as on the CPU, then held as fixed-point integers
 // q = round(p * 2^S), with S chosen so that a whole row sums below 2^62. Integer sums are exact
 // in any order, so histogram atomics are deterministic, and every cut is decided on exact
 // cumulative sums. Those differ from the CPU's double sums by at most vocab^2 * 2^-62 of the mass
 // (6e-10 for 50K tokens) plus expf's last-bit differences, so GPU and CPU disagree only when a
-// uniform (or top_p) lands within rounding of a cumulative boundary.
+// uniform (or top_p) lands within rounding of a cumulative boundary, or a token's probability
+// within rounding of min_p.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -424,9 +426,9 @@ __device__ Mass MassAbove(const View& v, const Prob& prob, uint32_t key, const S
   return BlockSum(s, sm);
 }
 
-// The smallest key whose probability reaches min_p (P(max_key) == 1 does), by one thread's
-// binary search over the key space: P does not decrease with the key, so the tokens it keeps are
-// those with key >= the result, a ranking prefix. No pass over the row.
+// The smallest key whose probability reaches min_p (the most likely token's, P == 1, does), by
+// one thread's binary search over the key space: P does not decrease with the key, so min-p keeps
+// the tokens with key >= the result, a ranking prefix. No pass over the row.
 __device__ uint32_t MinPKey(const Prob& prob, float min_p, const Smem& sm) {
   if (threadIdx.x == 0) {
     uint32_t lo = 0, hi = OrderedKey(prob.mx);
