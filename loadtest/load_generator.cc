@@ -81,6 +81,9 @@ Sample TimedGenerate(v1::RambaService::Stub& stub, const LoadOptions& o, const s
   Sample out;
   v1::SamplingParams sampling;
   sampling.set_temperature(o.temperature);
+  if (o.top_k > 0) sampling.set_top_k(o.top_k);
+  if (o.top_p < 1.0f) sampling.set_top_p(o.top_p);
+  if (o.min_p > 0.0f) sampling.set_min_p(o.min_p);
   sampling.set_seed(seed);
   v1::StoppingCriteria stopping;
   stopping.set_max_tokens(o.max_tokens);
@@ -315,18 +318,22 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
 
 std::string FormatReport(const LoadReport& r) {
   const LoadOptions& o = r.options;
+  std::string filters;
+  if (o.top_k > 0) absl::StrAppendFormat(&filters, ", top_k %d", o.top_k);
+  if (o.min_p > 0.0f) absl::StrAppendFormat(&filters, ", min_p %g", o.min_p);
+  if (o.top_p < 1.0f) absl::StrAppendFormat(&filters, ", top_p %g", o.top_p);
   std::string out =
       o.request_rate > 0
           ? absl::StrFormat(
                 "ramba-loadtest: %s (%s on %s), open loop: %d stateless requests arriving at %g "
-                "per second; %d prompt tokens in, %d out per request, temperature %g\n",
+                "per second; %d prompt tokens in, %d out per request, temperature %g%s\n",
                 o.server, r.model, r.device, o.sessions * o.requests_per_session, o.request_rate,
-                o.prompt_tokens + o.turn_tokens, o.max_tokens, o.temperature)
+                o.prompt_tokens + o.turn_tokens, o.max_tokens, o.temperature, filters)
           : absl::StrFormat(
                 "ramba-loadtest: %s (%s on %s), %d sessions x %d requests; %d prompt + %d turn "
-                "tokens in, %d out per request, temperature %g\n",
+                "tokens in, %d out per request, temperature %g%s\n",
                 o.server, r.model, r.device, o.sessions, o.requests_per_session, o.prompt_tokens,
-                o.turn_tokens, o.max_tokens, o.temperature);
+                o.turn_tokens, o.max_tokens, o.temperature, filters);
   const double wall = std::max(r.wall_seconds, 1e-9);
   absl::StrAppendFormat(&out,
                         "requests: %d ok, %d failed in %.3f s = %.2f req/s; output %d tokens = "
@@ -365,6 +372,9 @@ std::string ReportJson(const LoadReport& r) {
       {"turn_tokens", o.turn_tokens},
       {"max_tokens", o.max_tokens},
       {"temperature", o.temperature},
+      {"top_k", o.top_k},
+      {"top_p", o.top_p},
+      {"min_p", o.min_p},
       {"request_rate", o.request_rate},
       {"requests_ok", r.requests_ok},
       {"requests_failed", r.requests_failed},

@@ -34,6 +34,9 @@ struct LoadOptions {
   int32_t turn_tokens = 32;          // random ids appended by each request before generating
   int32_t max_tokens = 64;           // generated per request (end-of-sequence ignored)
   float temperature = 0.0f;
+  int32_t top_k = 0;  // the filters, sent when set (0, 1, 0: off)
+  float top_p = 1.0f;
+  float min_p = 0.0f;
   bool logprobs = false;         // ask for each token's logprob (output.include_logprobs)
   uint64_t seed = 1;             // token ids and sampling seeds
   double timeout_seconds = 600;  // deadline of each call

@@ -24,6 +24,9 @@ ABSL_FLAG(std::string, prompt_file, "",
 ABSL_FLAG(int32_t, turn_tokens, 32, "Random token ids each call appends before generating.");
 ABSL_FLAG(int32_t, max_tokens, 64, "Tokens generated per call (end-of-sequence ignored).");
 ABSL_FLAG(float, temperature, 0.0f, "Sampling temperature (0: greedy).");
+ABSL_FLAG(int32_t, top_k, 0, "Top-k filter (0: off).");
+ABSL_FLAG(float, top_p, 1.0f, "Nucleus filter (1: off).");
+ABSL_FLAG(float, min_p, 0.0f, "Min-p filter (0: off).");
 ABSL_FLAG(bool, logprobs, false, "Ask for each generated token's logprob.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the token ids and of the sampling.");
 ABSL_FLAG(double, timeout, 600, "Deadline of each call in seconds.");
@@ -55,6 +58,9 @@ int main(int argc, char** argv) {
   }
   o.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   o.temperature = absl::GetFlag(FLAGS_temperature);
+  o.top_k = absl::GetFlag(FLAGS_top_k);
+  o.top_p = absl::GetFlag(FLAGS_top_p);
+  o.min_p = absl::GetFlag(FLAGS_min_p);
   o.logprobs = absl::GetFlag(FLAGS_logprobs);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
