@@ -125,6 +125,8 @@ struct ChunkCacheRows {
   int32_t* const* tags = nullptr;  // [rows] -> [2 * slots + 1]
   int64_t slots = 0;               // per cache; 0: no caches
   static int64_t TagWords(int64_t slots) { return 2 * slots + 1; }
+  // The most slots a cache may have (the CUDA staging keeps a row's tags in shared memory).
+  static constexpr int64_t kMaxSlots = 4096;
 };
 
 // Backend memory for Backend::StageHostChunks, for `slots` = rows * heads * top_k entries.

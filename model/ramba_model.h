@@ -63,7 +63,6 @@ class RambaModel {
   // only the picks its session's cache lacks. Used with a device chunk window; 0 (the default):
   // every host-tier pick is copied for its step only. Set before use.
   void set_device_chunk_cache(int64_t slots) { device_chunk_cache_ = slots; }
-  int64_t device_chunk_cache() const { return device_chunk_cache_; }
   // Chunk selections (row x retrieval head x top-k picks) of the steps that had host-tier chunks,
   // how many of them were in the host tier, and how many of those a decode step found in its
   // session's chunk cache: (selected - host + cached) / selected is the device tiers' hit
@@ -283,10 +282,10 @@ class RambaModel {
   // Launches write their tokens to two workspace slots in turn, so that a launch with more rows
   // than the last can grow its own slot while it still reads the last one's tokens.
   int launch_parity_ ABSL_GUARDED_BY(mu_) = 0;
-  // ChunkTierCounts on the backend ([2] uint64: selected, host; allocated and zeroed by the first
-  // step that stages host-tier chunks, so never while a graph records), whether a step counted
-  // since the last delivery, and the last values brought back. TierCountsLocked hands the
-  // counters to a staging op and marks them for the next delivery.
+  // ChunkTierCounts on the backend ([kTierCounts] uint64: selected, host, cached; allocated and
+  // zeroed by the first step that stages host-tier chunks, so never while a graph records),
+  // whether a step counted since the last delivery, and the last values brought back.
+  // TierCountsLocked hands the counters to a staging op and marks them for the next delivery.
   absl::StatusOr<uint64_t*> TierCountsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TakeTierCounts(const int32_t* words) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   kernels::Buffer tier_counts_buffer_ ABSL_GUARDED_BY(mu_);

@@ -117,8 +117,9 @@ int main(int argc, char** argv) {
         "--device_chunk_window and --host_chunk_staging_mb must be >= 0"));
   }
   if (absl::GetFlag(FLAGS_device_chunk_cache) < 0 ||
-      absl::GetFlag(FLAGS_device_chunk_cache) > 4096) {
-    return Fail(absl::InvalidArgumentError("--device_chunk_cache must be in [0, 4096]"));
+      absl::GetFlag(FLAGS_device_chunk_cache) > kernels::ChunkCacheRows::kMaxSlots) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--device_chunk_cache must be in [0, ",
+                                                        kernels::ChunkCacheRows::kMaxSlots, "]")));
   }
   if ((*backend)->host_accessible()) {
     // The CPU backend's memory is host memory already: moving chunks would only copy them.

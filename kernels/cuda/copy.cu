@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.cuh"
@@ -335,8 +336,9 @@ absl::Status StageHostChunks(Context& ctx, const ChunkMemoryBatch& mem, const in
   }
   const dim3 picks(static_cast<unsigned>(per_row), static_cast<unsigned>(rows));
   if (out.cache.slots > 0) {
-    if (out.cache.slots > 4096) {
-      return absl::InvalidArgumentError("StageHostChunks: at most 4096 cache slots");
+    if (out.cache.slots > ChunkCacheRows::kMaxSlots) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("StageHostChunks: at most ", ChunkCacheRows::kMaxSlots, " cache slots"));
     }
     const size_t smem = 2 * out.cache.slots * sizeof(int32_t);
     RETURN_IF_ERROR(Launch(ctx, AssignCachedChunksKernel, static_cast<unsigned>(rows), 32, smem,
