@@ -42,4 +42,15 @@ absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* para
   return absl::OkStatus();
 }
 
+absl::Status CheckPenaltyParams(std::string_view op, const PenaltyParams* params, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const PenaltyParams& p = params[r];
+    if (!std::isfinite(p.presence) || !std::isfinite(p.frequency) ||
+        !std::isfinite(p.repetition) || !(p.repetition > 0.0f)) {
+      return InvalidOpArgument(op, absl::StrCat("row ", r, " has invalid penalties"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace ramba::kernels

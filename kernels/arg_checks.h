@@ -26,6 +26,8 @@ absl::Status CheckMixerOutProj(std::string_view op, const MambaMixerArgs& a);
 // Per-row sampling parameters (host array of `rows`): finite temperature >= 0, top_k >= 0,
 // top_p not NaN, min_p in [0, 1].
 absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* params, int64_t rows);
+// Per-row penalties (host array of `rows`): finite presence and frequency, finite repetition > 0.
+absl::Status CheckPenaltyParams(std::string_view op, const PenaltyParams* params, int64_t rows);
 
 }  // namespace ramba::kernels
 

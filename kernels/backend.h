@@ -239,6 +239,22 @@ struct SamplingParams {
   float min_p = 0.0f;   // 0: no min-p filter
 };
 
+// Repetition penalties of one row (vLLM's), applied to its logits before sampling. counts is the
+// row's generation's token counts, [vocab] int32 in backend memory: the low bits count the times
+// the token was generated (kGeneratedMask), kPromptTokenBit marks a token of the prompt. For token t
+// with generated count c, logit l:
+//   if c > 0 or t is in the prompt: l = l > 0 ? l / repetition : l * repetition;
+//   l -= frequency * c + (c > 0 ? presence : 0).
+// counts == nullptr: the row has no penalties.
+struct PenaltyParams {
+  static constexpr int32_t kPromptTokenBit = 1 << 30;
+  static constexpr int32_t kGeneratedMask = kPromptTokenBit - 1;
+  int32_t* counts = nullptr;
+  float presence = 0.0f;    // 0: off
+  float frequency = 0.0f;   // 0: off
+  float repetition = 1.0f;  // 1: off; > 0
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -419,6 +435,16 @@ class Backend {
   virtual absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
                               const SamplingParams* params, const float* uniforms,
                               int32_t* out) = 0;
+
+  // out[r] = logits[r] with params[r]'s penalties applied (a copy where the row has none). params
+  // is a host array of `rows` entries; logits and out are backend memory and may not overlap.
+  virtual absl::Status ApplyPenalties(const float* logits, int64_t rows, int64_t vocab,
+                                      const PenaltyParams* params, float* out) = 0;
+  // params[r].counts[tokens[r]] += 1 for every row with counts (tokens: backend memory, as Sample
+  // writes them), so a generation's counts follow its tokens on the backend, also while the
+  // next step is launched before this one's tokens are back. Ids outside [0, vocab) are skipped.
+  virtual absl::Status CountTokens(const PenaltyParams* params, int64_t rows, int64_t vocab,
+                                   const int32_t* tokens) = 0;
 
   // out[r] = log softmax(logits[r])[tokens[r]] (the raw distribution: no temperature or cut),
   // NaN where tokens[r] is outside [0, vocab). tokens and out are backend memory, so a step's

@@ -84,6 +84,9 @@ Sample TimedGenerate(v1::RambaService::Stub& stub, const LoadOptions& o, const s
   if (o.top_k > 0) sampling.set_top_k(o.top_k);
   if (o.top_p < 1.0f) sampling.set_top_p(o.top_p);
   if (o.min_p > 0.0f) sampling.set_min_p(o.min_p);
+  if (o.presence_penalty != 0.0f) sampling.set_presence_penalty(o.presence_penalty);
+  if (o.frequency_penalty != 0.0f) sampling.set_frequency_penalty(o.frequency_penalty);
+  if (o.repetition_penalty != 1.0f) sampling.set_repetition_penalty(o.repetition_penalty);
   sampling.set_seed(seed);
   v1::StoppingCriteria stopping;
   stopping.set_max_tokens(o.max_tokens);
@@ -322,6 +325,15 @@ std::string FormatReport(const LoadReport& r) {
   if (o.top_k > 0) absl::StrAppendFormat(&filters, ", top_k %d", o.top_k);
   if (o.min_p > 0.0f) absl::StrAppendFormat(&filters, ", min_p %g", o.min_p);
   if (o.top_p < 1.0f) absl::StrAppendFormat(&filters, ", top_p %g", o.top_p);
+  if (o.presence_penalty != 0.0f) {
+    absl::StrAppendFormat(&filters, ", presence_penalty %g", o.presence_penalty);
+  }
+  if (o.frequency_penalty != 0.0f) {
+    absl::StrAppendFormat(&filters, ", frequency_penalty %g", o.frequency_penalty);
+  }
+  if (o.repetition_penalty != 1.0f) {
+    absl::StrAppendFormat(&filters, ", repetition_penalty %g", o.repetition_penalty);
+  }
   std::string out =
       o.request_rate > 0
           ? absl::StrFormat(
@@ -375,6 +387,9 @@ std::string ReportJson(const LoadReport& r) {
       {"top_k", o.top_k},
       {"top_p", o.top_p},
       {"min_p", o.min_p},
+      {"presence_penalty", o.presence_penalty},
+      {"frequency_penalty", o.frequency_penalty},
+      {"repetition_penalty", o.repetition_penalty},
       {"request_rate", o.request_rate},
       {"requests_ok", r.requests_ok},
       {"requests_failed", r.requests_failed},

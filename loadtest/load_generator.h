@@ -37,6 +37,9 @@ struct LoadOptions {
   int32_t top_k = 0;  // the filters, sent when set (0, 1, 0: off)
   float top_p = 1.0f;
   float min_p = 0.0f;
+  float presence_penalty = 0.0f;  // the penalties, sent when set (0, 0, 1: off)
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
   bool logprobs = false;         // ask for each token's logprob (output.include_logprobs)
   uint64_t seed = 1;             // token ids and sampling seeds
   double timeout_seconds = 600;  // deadline of each call

@@ -26,6 +26,7 @@ struct RambaModel::Workspace {
     // Launched steps' tokens in turn (launch_parity_), read by the next launch's carried rows: no
     // other call writes them.
     kLaunchSampled, kLaunchSampledOther,
+    kPenalized,  // the logits with penalties applied (Deliver)
     kHostChunks, kStagedBlocks, kStagedSlots, kStagedTables, kStagedNumChunks, kStagedIdx,
     kStageHostOffsets, kStageTableOffsets, kStageBlocks, kStagePicks, kStageSources, kStageCount,
     kStageEntries, kStageTables, kCacheBlocks, kCacheTags, kStagedCopies,
@@ -140,6 +141,25 @@ absl::Status RambaModel::Forward(absl::Span<SessionState* const> states,
   return ForwardLocked(states, tokens, mode, output, CarriedTokens());
 }
 
+namespace {
+
+// Valid options, and token counts for every session sampled with penalties.
+absl::Status CheckSampling(absl::Span<SessionState* const> states,
+                           absl::Span<const SamplingOptions> options) {
+  for (size_t s = 0; s < options.size(); ++s) {
+    RETURN_IF_ERROR(ValidateSamplingOptions(options[s]));
+    if (options[s].has_penalties() && states[s]->token_counts() == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence ", s,
+                       " samples with penalties, but its session's token counts were never reset "
+                       "for the generation (SessionState::ResetTokenCounts)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states,
                                           absl::Span<const absl::Span<const int32_t>> tokens,
                                           absl::Span<const SamplingOptions> options,
@@ -157,7 +177,7 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
                                                    " states and ", logprob_rows.size(),
                                                    " logprob flags"));
   }
-  for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
+  RETURN_IF_ERROR(CheckSampling(states, options));
   absl::MutexLock lock(&mu_);
   Output output;
   output.options = options;
@@ -229,7 +249,7 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
     return absl::InvalidArgumentError(
         absl::StrCat("LaunchDecode got ", B, " states and ", options.size(), " sampling options"));
   }
-  for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
+  RETURN_IF_ERROR(CheckSampling(states, options));
   absl::MutexLock lock(&mu_);
   if (static_cast<int>(decodes_in_flight_.size()) >= kMaxDecodesInFlight) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -346,7 +366,23 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
             launched != nullptr ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled,
             2 * rows + kTierWords));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
-    RETURN_IF_ERROR(be->Sample(out, rows, vocab, params.data(), uniforms.data(), dev));
+    // Penalties go into a copy: logprobs stay those of the raw distribution.
+    std::vector<kernels::PenaltyParams> penalties;
+    for (int64_t r = 0; r < rows; ++r) {
+      const SamplingOptions& o = output.options[r];
+      if (!o.has_penalties()) continue;
+      penalties.resize(rows);
+      penalties[r] = {states[r]->token_counts(), o.presence_penalty, o.frequency_penalty,
+                      o.repetition_penalty};
+    }
+    const float* to_sample = out;
+    if (!penalties.empty()) {
+      ASSIGN_OR_RETURN(float* penalized, workspace_->Get<float>(Workspace::kPenalized, rows * vocab));
+      RETURN_IF_ERROR(be->ApplyPenalties(out, rows, vocab, penalties.data(), penalized));
+      to_sample = penalized;
+    }
+    RETURN_IF_ERROR(be->Sample(to_sample, rows, vocab, params.data(), uniforms.data(), dev));
+    if (!penalties.empty()) RETURN_IF_ERROR(be->CountTokens(penalties.data(), rows, vocab, dev));
     const bool logprobs = launched != nullptr ? launched->logprobs : output.logprobs != nullptr;
     if (logprobs) RETURN_IF_ERROR(be->TokenLogprobs(out, rows, vocab, dev, dev_logprobs));
     const bool counts = tier_counts_dirty_;

@@ -21,6 +21,18 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
   if (!(o.min_p >= 0.0f && o.min_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat("min_p must be in [0, 1], got ", o.min_p));
   }
+  if (!(o.presence_penalty >= -2.0f && o.presence_penalty <= 2.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("presence_penalty must be in [-2, 2], got ", o.presence_penalty));
+  }
+  if (!(o.frequency_penalty >= -2.0f && o.frequency_penalty <= 2.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("frequency_penalty must be in [-2, 2], got ", o.frequency_penalty));
+  }
+  if (!(o.repetition_penalty > 0.0f) || !std::isfinite(o.repetition_penalty)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "repetition_penalty must be a finite number > 0, got ", o.repetition_penalty));
+  }
   return absl::OkStatus();
 }
 
@@ -52,7 +64,12 @@ absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,
     return absl::InvalidArgumentError(absl::StrCat("SampleTokens: ", logits.size(),
                                                    " logits for ", rows, " rows of vocab ", vocab));
   }
-  for (const SamplingOptions& o : options) RETURN_IF_ERROR(ValidateSamplingOptions(o));
+  for (const SamplingOptions& o : options) {
+    RETURN_IF_ERROR(ValidateSamplingOptions(o));
+    if (o.has_penalties()) {
+      return absl::InvalidArgumentError("SampleTokens: penalties need a session's token counts");
+    }
+  }
   std::vector<kernels::SamplingParams> params;
   std::vector<float> uniforms;
   SamplingInputs(options, positions, &params, &uniforms);

@@ -19,10 +19,21 @@ struct SamplingOptions {
   float top_p = 1.0f;        // 1: off
   float min_p = 0.0f;        // 0: off
   uint64_t seed = 0;
+  // Repetition penalties (vLLM's; kernels::PenaltyParams has the rule), applied to the logits
+  // before temperature and the filters, greedy included. presence and frequency count the tokens
+  // the generation has sampled so far; repetition also the prompt's. The session's token counts
+  // must have been reset for the generation (SessionState::ResetTokenCounts).
+  float presence_penalty = 0.0f;    // 0: off
+  float frequency_penalty = 0.0f;   // 0: off
+  float repetition_penalty = 1.0f;  // 1: off
+  bool has_penalties() const {
+    return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f;
+  }
 };
 
-// Checks ranges: temperature >= 0 and finite, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1. The
-// message names the field.
+// Checks ranges: temperature >= 0 and finite, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1,
+// presence and frequency penalties in [-2, 2] (OpenAI's range), repetition penalty finite and
+// > 0. The message names the field.
 absl::Status ValidateSamplingOptions(const SamplingOptions& options);
 
 // The uniform in [0, 1) for (seed, position): splitmix64 of both, top 24 bits.
@@ -34,7 +45,7 @@ void SamplingInputs(absl::Span<const SamplingOptions> options, absl::Span<const 
                     std::vector<kernels::SamplingParams>* params, std::vector<float>* uniforms);
 
 // Samples one token per row of host `logits` [rows, vocab]; positions[r] is the position the
-// sampled token will take in its session.
+// sampled token will take in its session. Penalties are refused (no token counts here).
 absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,
                                                   absl::Span<const float> logits, int64_t vocab,
                                                   absl::Span<const SamplingOptions> options,

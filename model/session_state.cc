@@ -209,6 +209,23 @@ absl::Status SessionState::EnsureChunkCache(int64_t slots) {
   return absl::OkStatus();
 }
 
+absl::Status SessionState::ResetTokenCounts(absl::Span<const int32_t> prompt) {
+  const int64_t vocab = config_.vocab_size;
+  std::vector<int32_t> counts(static_cast<size_t>(vocab), 0);
+  for (const int32_t t : prompt) {
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ResetTokenCounts: token id ", t, " is outside [0, ", vocab, ")"));
+    }
+    counts[t] = kernels::PenaltyParams::kPromptTokenBit;
+  }
+  const size_t bytes = counts.size() * sizeof(int32_t);
+  if (token_counts_.empty()) {
+    ASSIGN_OR_RETURN(token_counts_, backend_->Allocate(bytes));
+  }
+  return backend_->Upload(token_counts_.data(), counts.data(), bytes);
+}
+
 absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {
   std::unique_ptr<SessionState> s(new SessionState(config_, backend_));
   const size_t bytes = recurrent_floats() * sizeof(float);

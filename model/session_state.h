@@ -126,6 +126,15 @@ class SessionState {
   int32_t* chunk_cache_tags() const { return cache_tags_.as<int32_t>(); }
   int64_t chunk_cache_slots() const { return cache_slots_; }
 
+  // ---- Generation scratch ----
+  // Token counts of the generation in progress, for repetition penalties: [vocab] int32 in
+  // backend memory in kernels::PenaltyParams' layout, zero but for `prompt`'s tokens marked
+  // (ids outside [0, vocab) are an error); steps sampling with penalties count their tokens.
+  // Not copied by Fork nor serialised (a generation does not outlive its request); null until
+  // the first reset.
+  absl::Status ResetTokenCounts(absl::Span<const int32_t> prompt);
+  int32_t* token_counts() const { return token_counts_.as<int32_t>(); }
+
   // ---- Access for the model's forward pass (backend memory) ----
   float* conv_state(int64_t layer) const;  // [conv_kernel - 1, conv_dim]
   float* ssm_state(int64_t layer) const;   // [num_heads, head_dim, state_size]
@@ -171,6 +180,7 @@ class SessionState {
   int64_t chunk_table_capacity_ = 0;
   kernels::Buffer cache_blocks_, cache_tags_;  // EnsureChunkCache
   int64_t cache_slots_ = 0;
+  kernels::Buffer token_counts_;  // ResetTokenCounts
 };
 
 }  // namespace ramba

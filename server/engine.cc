@@ -128,6 +128,10 @@ void Engine::Loop() {
           st = absl::FailedPreconditionError("the session already has a request running");
         }
       }
+      // A generation with penalties counts its tokens from here (its input is the prompt).
+      if (st.ok() && r->req->max_new_tokens > 0 && r->req->sampling.has_penalties()) {
+        st = r->req->state->ResetTokenCounts(r->req->input);
+      }
       if (!st.ok()) {
         r->req->on_done(st, FinishReason::kError);
       } else if (r->remaining() == 0) {

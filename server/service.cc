@@ -56,12 +56,18 @@ absl::StatusOr<SamplingDefaults> FromProto(const v1::SamplingParams& p, const ch
   if (p.has_top_k()) d.top_k = p.top_k();
   if (p.has_top_p()) d.top_p = p.top_p();
   if (p.has_min_p()) d.min_p = p.min_p();
+  if (p.has_presence_penalty()) d.presence_penalty = p.presence_penalty();
+  if (p.has_frequency_penalty()) d.frequency_penalty = p.frequency_penalty();
+  if (p.has_repetition_penalty()) d.repetition_penalty = p.repetition_penalty();
   if (p.has_seed()) d.seed = p.seed();
   SamplingOptions check;
   check.temperature = d.temperature.value_or(1.0f);
   check.top_k = d.top_k.value_or(0);
   check.top_p = d.top_p.value_or(1.0f);
   check.min_p = d.min_p.value_or(0.0f);
+  check.presence_penalty = d.presence_penalty.value_or(0.0f);
+  check.frequency_penalty = d.frequency_penalty.value_or(0.0f);
+  check.repetition_penalty = d.repetition_penalty.value_or(1.0f);
   if (absl::Status s = ValidateSamplingOptions(check); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": ", s.message()));
   }
@@ -73,6 +79,9 @@ void ToProto(const SamplingDefaults& d, v1::SamplingParams* p) {
   if (d.top_k) p->set_top_k(*d.top_k);
   if (d.top_p) p->set_top_p(*d.top_p);
   if (d.min_p) p->set_min_p(*d.min_p);
+  if (d.presence_penalty) p->set_presence_penalty(*d.presence_penalty);
+  if (d.frequency_penalty) p->set_frequency_penalty(*d.frequency_penalty);
+  if (d.repetition_penalty) p->set_repetition_penalty(*d.repetition_penalty);
   if (d.seed) p->set_seed(*d.seed);
 }
 
@@ -83,6 +92,10 @@ SamplingOptions Resolve(const SamplingDefaults& req, const SamplingDefaults& ses
   o.top_k = req.top_k.value_or(session.top_k.value_or(0));
   o.top_p = req.top_p.value_or(session.top_p.value_or(1.0f));
   o.min_p = req.min_p.value_or(session.min_p.value_or(0.0f));
+  o.presence_penalty = req.presence_penalty.value_or(session.presence_penalty.value_or(0.0f));
+  o.frequency_penalty = req.frequency_penalty.value_or(session.frequency_penalty.value_or(0.0f));
+  o.repetition_penalty =
+      req.repetition_penalty.value_or(session.repetition_penalty.value_or(1.0f));
   if (req.seed) {
     o.seed = *req.seed;
   } else if (session.seed) {
@@ -1030,6 +1043,9 @@ grpc::ServerUnaryReactor* RambaService::GetModelInfo(grpc::CallbackServerContext
   lim->mutable_default_sampling()->set_top_k(0);
   lim->mutable_default_sampling()->set_top_p(1.0f);
   lim->mutable_default_sampling()->set_min_p(0.0f);
+  lim->mutable_default_sampling()->set_presence_penalty(0.0f);
+  lim->mutable_default_sampling()->set_frequency_penalty(0.0f);
+  lim->mutable_default_sampling()->set_repetition_penalty(1.0f);
   resp->set_server_version("ramba 0.1");
   return Done(ctx, absl::OkStatus());
 }

@@ -21,6 +21,15 @@ std::string SessionMeta::ToJson() const {
   if (default_sampling.top_k) sampling["top_k"] = *default_sampling.top_k;
   if (default_sampling.top_p) sampling["top_p"] = *default_sampling.top_p;
   if (default_sampling.min_p) sampling["min_p"] = *default_sampling.min_p;
+  if (default_sampling.presence_penalty) {
+    sampling["presence_penalty"] = *default_sampling.presence_penalty;
+  }
+  if (default_sampling.frequency_penalty) {
+    sampling["frequency_penalty"] = *default_sampling.frequency_penalty;
+  }
+  if (default_sampling.repetition_penalty) {
+    sampling["repetition_penalty"] = *default_sampling.repetition_penalty;
+  }
   if (default_sampling.seed) sampling["seed"] = *default_sampling.seed;
   j["sampling"] = sampling;
   if (pending_token.has_value()) j["pending_token"] = *pending_token;
@@ -43,6 +52,15 @@ absl::StatusOr<SessionMeta> SessionMeta::FromJson(const std::string& text) {
     if (s.contains("top_k")) m.default_sampling.top_k = s.at("top_k").get<int32_t>();
     if (s.contains("top_p")) m.default_sampling.top_p = s.at("top_p").get<float>();
     if (s.contains("min_p")) m.default_sampling.min_p = s.at("min_p").get<float>();
+    if (s.contains("presence_penalty")) {
+      m.default_sampling.presence_penalty = s.at("presence_penalty").get<float>();
+    }
+    if (s.contains("frequency_penalty")) {
+      m.default_sampling.frequency_penalty = s.at("frequency_penalty").get<float>();
+    }
+    if (s.contains("repetition_penalty")) {
+      m.default_sampling.repetition_penalty = s.at("repetition_penalty").get<float>();
+    }
     if (s.contains("seed")) m.default_sampling.seed = s.at("seed").get<uint64_t>();
     if (j.contains("pending_token")) m.pending_token = j.at("pending_token").get<int32_t>();
     m.parent_id = j.value("parent_id", "");

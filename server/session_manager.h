@@ -29,6 +29,9 @@ struct SamplingDefaults {
   std::optional<int32_t> top_k;
   std::optional<float> top_p;
   std::optional<float> min_p;
+  std::optional<float> presence_penalty;
+  std::optional<float> frequency_penalty;
+  std::optional<float> repetition_penalty;
   std::optional<uint64_t> seed;
 };
 

@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "base/status_macros.h"
 #include "kernels/backend.h"
 #include "model/ramba_model.h"
 #include "model/weights.h"
@@ -52,6 +53,9 @@ ABSL_FLAG(int32_t, append_tokens, 0,
 ABSL_FLAG(bool, logprobs, false,
           "Decode steps also compute every sampled token's logprob on the device and download it "
           "with the tokens (what a server does for requests with output.include_logprobs)");
+ABSL_FLAG(bool, penalties, false,
+          "Decode with presence / frequency / repetition penalties (0.5 / 0.5 / 1.1): every "
+          "step then also penalises a copy of the logits and counts its tokens on the device");
 ABSL_FLAG(bool, download_logits, false,
           "Decode steps download every row's logits (Decode) instead of sampling greedily on "
           "the device and downloading the tokens (ForwardAndSample, what the server does)");
@@ -230,7 +234,23 @@ int main(int argc, char** argv) {
     for (int32_t b = 0; b < batch; ++b) tokens[b] = (b * 7919 + 13) % config.vocab_size;
     std::vector<absl::Span<const int32_t>> spans;
     for (int32_t b = 0; b < batch; ++b) spans.push_back(absl::MakeConstSpan(&tokens[b], 1));
-    const std::vector<ramba::SamplingOptions> greedy(batch);
+    std::vector<ramba::SamplingOptions> greedy(batch);
+    const bool penalties = absl::GetFlag(FLAGS_penalties);
+    if (penalties) {
+      for (ramba::SamplingOptions& o : greedy) {
+        o.presence_penalty = o.frequency_penalty = 0.5f;
+        o.repetition_penalty = 1.1f;
+      }
+    }
+    // Each session's generation counts from its first input token.
+    auto reset_counts = [&]() -> absl::Status {
+      if (!penalties) return absl::OkStatus();
+      for (int32_t b = 0; b < batch; ++b) {
+        RETURN_IF_ERROR(ptrs[b]->ResetTokenCounts(absl::MakeConstSpan(&tokens[b], 1)));
+      }
+      return absl::OkStatus();
+    };
+    if (auto st = reset_counts(); !st.ok()) return Fail(st);
     const bool download = absl::GetFlag(FLAGS_download_logits);
     const bool logprobs = absl::GetFlag(FLAGS_logprobs);
     const std::unique_ptr<bool[]> all_rows(new bool[batch]);
@@ -286,6 +306,7 @@ int main(int argc, char** argv) {
         ptrs.push_back(s->get());
         states.push_back(std::move(*s));
       }
+      if (auto st = reset_counts(); !st.ok()) return Fail(st);
       auto launch = [&](absl::Span<const int32_t> input) {
         return (*model)->LaunchDecode(ptrs, input, greedy, logprobs);
       };

@@ -27,6 +27,13 @@ ABSL_FLAG(float, top_p, 1.0f, "Nucleus filter (1 = off).");
 ABSL_FLAG(float, min_p, 0.0f,
           "Min-p filter: keep tokens at least this fraction as likely as the top one (0 = off).");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed: the same seed gives the same tokens.");
+ABSL_FLAG(float, presence_penalty, 0.0f,
+          "Subtracted from the logits of tokens already generated, in [-2, 2] (0 = off).");
+ABSL_FLAG(float, frequency_penalty, 0.0f,
+          "Subtracted once per time a token was generated, in [-2, 2] (0 = off).");
+ABSL_FLAG(float, repetition_penalty, 1.0f,
+          "Divides positive / multiplies negative logits of tokens in the prompt or generated "
+          "(> 1 discourages repeats; 1 = off).");
 ABSL_FLAG(std::string, device, "auto", "cpu, cuda or auto.");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all cores).");
 ABSL_FLAG(int32_t, segment, 1024, "Prefill segment length in tokens.");
@@ -71,6 +78,9 @@ int main(int argc, char** argv) {
   sampling.top_p = absl::GetFlag(FLAGS_top_p);
   sampling.min_p = absl::GetFlag(FLAGS_min_p);
   sampling.seed = absl::GetFlag(FLAGS_seed);
+  sampling.presence_penalty = absl::GetFlag(FLAGS_presence_penalty);
+  sampling.frequency_penalty = absl::GetFlag(FLAGS_frequency_penalty);
+  sampling.repetition_penalty = absl::GetFlag(FLAGS_repetition_penalty);
   if (auto s = ramba::ValidateSamplingOptions(sampling); !s.ok()) return Fail(s);
 
   auto backend = ramba::kernels::CreateBackend(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_threads));
@@ -90,21 +100,29 @@ int main(int argc, char** argv) {
   auto state = (*model)->NewSession();
   if (!state.ok()) return Fail(state.status());
 
-  std::vector<float> logits;
+  // The prompt but its last token in segments, then one token sampled per step on the backend
+  // (logits stay there), the first from the prompt's last token.
   const auto t0 = Clock::now();
-  if (auto s = (*model)->Prefill(state->get(), ids, &logits, absl::GetFlag(FLAGS_segment)); !s.ok()) {
+  const absl::Span<const int32_t> all(ids);
+  if (auto s = (*model)->Prefill(state->get(), all.first(ids.size() - 1), nullptr,
+                                 absl::GetFlag(FLAGS_segment));
+      !s.ok()) {
     return Fail(s);
   }
-  const auto t1 = Clock::now();
-
+  if (sampling.has_penalties()) {
+    if (auto s = (*state)->ResetTokenCounts(ids); !s.ok()) return Fail(s);
+  }
   const int32_t max_tokens = absl::GetFlag(FLAGS_max_tokens);
   int32_t generated = 0;
   ramba::SessionState* states[] = {state->get()};
+  int32_t input = ids.back();
+  auto t1 = t0;
   for (; generated < max_tokens; ++generated) {
-    const int64_t pos = (*state)->position();
-    auto next = ramba::SampleTokens(backend->get(), logits, config.vocab_size, {sampling}, {pos});
-    if (!next.ok()) return Fail(next.status());
-    const int32_t token = (*next)[0];
+    const absl::Span<const int32_t> in[] = {absl::MakeConstSpan(&input, 1)};
+    std::vector<int32_t> next;
+    if (auto s = (*model)->ForwardAndSample(states, in, {sampling}, &next); !s.ok()) return Fail(s);
+    if (generated == 0) t1 = Clock::now();  // the prompt's time includes its first token
+    const int32_t token = next[0];
     auto text = (*tokenizer)->DecodeToken(token);
     if (text.ok()) {
       std::fwrite(text->data(), 1, text->size(), stdout);
@@ -114,19 +132,16 @@ int main(int argc, char** argv) {
       ++generated;
       break;
     }
-    if (generated + 1 == max_tokens) {
-      ++generated;
-      break;
-    }
-    const int32_t in[] = {token};
-    if (auto s = (*model)->Decode(states, in, &logits); !s.ok()) return Fail(s);
+    input = token;
   }
   const auto t2 = Clock::now();
   std::printf("\n");
   const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2);
   std::fprintf(stderr,
-               "prompt %zu tokens in %.3fs (%.1f tok/s); generated %d tokens in %.3fs (%.1f tok/s)\n",
-               ids.size(), prefill_s, ids.size() / std::max(prefill_s, 1e-9), generated, decode_s,
-               generated / std::max(decode_s, 1e-9));
+               "prompt %zu tokens (and the first token) in %.3fs (%.1f tok/s); generated %d more tokens "
+               "in %.3fs (%.1f tok/s)\n",
+               ids.size(), prefill_s, ids.size() / std::max(prefill_s, 1e-9),
+               std::max(generated - 1, 0), decode_s,
+               std::max(generated - 1, 0) / std::max(decode_s, 1e-9));
   return 0;
 }

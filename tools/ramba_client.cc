@@ -48,6 +48,12 @@ ABSL_FLAG(std::optional<int32_t>, top_k, std::nullopt, "generate/create: top-k f
 ABSL_FLAG(std::optional<float>, top_p, std::nullopt, "generate/create: nucleus filter in (0, 1].");
 ABSL_FLAG(std::optional<float>, min_p, std::nullopt,
           "generate/create: min-p filter in [0, 1] (0: off).");
+ABSL_FLAG(std::optional<float>, presence_penalty, std::nullopt,
+          "generate/create: subtracted from generated tokens' logits, in [-2, 2] (0: off).");
+ABSL_FLAG(std::optional<float>, frequency_penalty, std::nullopt,
+          "generate/create: subtracted per time a token was generated, in [-2, 2] (0: off).");
+ABSL_FLAG(std::optional<float>, repetition_penalty, std::nullopt,
+          "generate/create: > 1 discourages repeating prompt and generated tokens (1: off).");
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "generate/create: sampling seed.");
 ABSL_FLAG(bool, ignore_eos, false, "generate: do not stop at the end-of-sequence token.");
 ABSL_FLAG(bool, no_commit, false, "generate: leave the session unchanged (read-only query).");
@@ -70,12 +76,14 @@ usage: ramba [--server host:port] [--timeout SECONDS] COMMAND [ARGS]
 
 commands:
   create [--id ID] [--label k=v]... [--text T | --file F | -]
-         [--temperature T --top_k K --top_p P --min_p M --seed S]   (the session's sampling defaults)
+         [--temperature T --top_k K --top_p P --min_p M --seed S
+          --presence_penalty P --frequency_penalty F --repetition_penalty R]   (the session's sampling defaults)
       Creates a session, optionally with an initial input; prints the session (JSON).
   append ID (--text T | --file F | -) [--expected_position N]
       Appends text ('-': standard input). Inputs larger than one piece (~1 MiB, or the server's
       message limit) are streamed with AppendStream. Prints the new position.
   generate ID [--prompt T] [--max_tokens N] [--temperature T --top_k K --top_p P --min_p M --seed S]
+              [--presence_penalty P --frequency_penalty F --repetition_penalty R]
               [--stop S]... [--ignore_eos] [--no_commit] [--expected_position N] [--logprobs]
       Streams generated text to stdout as it arrives; the finish reason and usage go to stderr.
       --no_commit leaves the session unchanged (the prompt and the output are not kept).
@@ -291,6 +299,11 @@ bool SamplingFromFlags(v1::SamplingParams* p) {
   if (auto v = absl::GetFlag(FLAGS_top_k)) p->set_top_k(*v), any = true;
   if (auto v = absl::GetFlag(FLAGS_top_p)) p->set_top_p(*v), any = true;
   if (auto v = absl::GetFlag(FLAGS_min_p)) p->set_min_p(*v), any = true;
+  if (auto v = absl::GetFlag(FLAGS_presence_penalty)) p->set_presence_penalty(*v), any = true;
+  if (auto v = absl::GetFlag(FLAGS_frequency_penalty)) p->set_frequency_penalty(*v), any = true;
+  if (auto v = absl::GetFlag(FLAGS_repetition_penalty)) {
+    p->set_repetition_penalty(*v), any = true;
+  }
   if (auto v = absl::GetFlag(FLAGS_seed)) p->set_seed(*v), any = true;
   return any;
 }

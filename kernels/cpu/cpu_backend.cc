@@ -343,6 +343,28 @@ absl::Status CpuBackend::SparseChunkAttention(const float* q, int64_t rows,
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::ApplyPenalties(const float* logits, int64_t rows, int64_t vocab,
+                                        const PenaltyParams* params, float* out) {
+  RAMBA_CHECK_ARG("ApplyPenalties", rows >= 0 && vocab > 0, "bad sizes");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("ApplyPenalties", logits != nullptr && params != nullptr && out != nullptr,
+                  "null pointer");
+  RAMBA_CHECK_ARG("ApplyPenalties", logits + rows * vocab <= out || out + rows * vocab <= logits,
+                  "logits and out overlap");
+  RETURN_IF_ERROR(CheckPenaltyParams("ApplyPenalties", params, rows));
+  cpu::ApplyPenalties(logits, rows, vocab, params, out);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CountTokens(const PenaltyParams* params, int64_t rows, int64_t vocab,
+                                     const int32_t* tokens) {
+  RAMBA_CHECK_ARG("CountTokens", rows >= 0 && vocab > 0, "bad sizes");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("CountTokens", params != nullptr && tokens != nullptr, "null pointer");
+  cpu::CountTokens(params, rows, vocab, tokens);
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
                                        const int32_t* tokens, float* out) {
   RAMBA_CHECK_ARG("TokenLogprobs", rows >= 0 && vocab > 0, "bad sizes");

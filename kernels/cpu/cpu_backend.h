@@ -60,6 +60,10 @@ class CpuBackend : public Backend {
                                     int64_t retrieval_heads, int64_t top_k, int64_t nh,
                                     int64_t nkv, int64_t hd, int64_t chunk_size,
                                     float* out) override;
+  absl::Status ApplyPenalties(const float* logits, int64_t rows, int64_t vocab,
+                              const PenaltyParams* params, float* out) override;
+  absl::Status CountTokens(const PenaltyParams* params, int64_t rows, int64_t vocab,
+                           const int32_t* tokens) override;
   absl::Status TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
                              const int32_t* tokens, float* out) override;
   absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,

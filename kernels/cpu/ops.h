@@ -77,6 +77,22 @@ void TokenLogprobs(const float* logits, int64_t rows, int64_t vocab, const int32
                    float* out);
 void Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingParams* params,
             const float* uniforms, int32_t* out);
+// One logit under PenaltyParams' rule; `count` is the token's counts entry. The CUDA kernel rounds
+// each operation the same way (no contraction into an FMA), so both backends agree to the bit.
+inline float PenalizedLogit(float l, int32_t count, const PenaltyParams& p) {
+  const int32_t c = count & PenaltyParams::kGeneratedMask;
+  if (c > 0 || (count & PenaltyParams::kPromptTokenBit) != 0) {
+    l = l > 0.0f ? l / p.repetition : l * p.repetition;
+  }
+  if (c > 0) {
+    const volatile float scaled = p.frequency * static_cast<float>(c);  // no FMA
+    l -= scaled + p.presence;
+  }
+  return l;
+}
+void ApplyPenalties(const float* logits, int64_t rows, int64_t vocab, const PenaltyParams* params,
+                    float* out);
+void CountTokens(const PenaltyParams* params, int64_t rows, int64_t vocab, const int32_t* tokens);
 
 }  // namespace ramba::kernels::cpu
 

@@ -127,6 +127,28 @@ void TokenLogprobs(const float* logits, int64_t rows, int64_t vocab, const int32
   }
 }
 
+void ApplyPenalties(const float* logits, int64_t rows, int64_t vocab, const PenaltyParams* params,
+                    float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = logits + r * vocab;
+    float* dst = out + r * vocab;
+    const PenaltyParams& p = params[r];
+    if (p.counts == nullptr) {
+      std::copy(row, row + vocab, dst);
+      continue;
+    }
+    for (int64_t i = 0; i < vocab; ++i) dst[i] = PenalizedLogit(row[i], p.counts[i], p);
+  }
+}
+
+void CountTokens(const PenaltyParams* params, int64_t rows, int64_t vocab, const int32_t* tokens) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (params[r].counts != nullptr && tokens[r] >= 0 && tokens[r] < vocab) {
+      ++params[r].counts[tokens[r]];
+    }
+  }
+}
+
 void Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingParams* params,
             const float* uniforms, int32_t* out) {
 #pragma omp parallel for schedule(static) if (rows > 1 && rows * vocab > (1 << 16))

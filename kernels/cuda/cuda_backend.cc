@@ -753,6 +753,26 @@ absl::Status CudaBackend::HsaBlock(const HsaBlockArgs& a) {
   return Backend::HsaBlock(a);
 }
 
+absl::Status CudaBackend::ApplyPenalties(const float* logits, int64_t rows, int64_t vocab,
+                                         const PenaltyParams* params, float* out) {
+  constexpr std::string_view kOp = "ApplyPenalties";
+  RAMBA_CHECK_ARG(kOp, rows >= 0 && vocab > 0, "bad sizes");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG(kOp, logits != nullptr && params != nullptr && out != nullptr, "null pointer");
+  RAMBA_CHECK_ARG(kOp, logits + rows * vocab <= out || out + rows * vocab <= logits,
+                  "logits and out overlap");
+  RETURN_IF_ERROR(CheckPenaltyParams(kOp, params, rows));
+  return cuda::ApplyPenalties(*this, logits, rows, vocab, params, out);
+}
+
+absl::Status CudaBackend::CountTokens(const PenaltyParams* params, int64_t rows, int64_t vocab,
+                                      const int32_t* tokens) {
+  RAMBA_CHECK_ARG("CountTokens", rows >= 0 && vocab > 0, "bad sizes");
+  if (rows == 0) return absl::OkStatus();
+  RAMBA_CHECK_ARG("CountTokens", params != nullptr && tokens != nullptr, "null pointer");
+  return cuda::CountTokens(*this, params, rows, vocab, tokens);
+}
+
 absl::Status CudaBackend::TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
                                         const int32_t* tokens, float* out) {
   RAMBA_CHECK_ARG("TokenLogprobs", rows >= 0 && vocab > 0 && vocab <= INT32_MAX, "bad sizes");

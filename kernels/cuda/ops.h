@@ -42,6 +42,8 @@ enum class ScratchSlot : int {
   kSparseKv,          // selected chunks' K/V in bf16 for the tensor-core sparse attention
   kSampling,          // per-row parameters, uniforms and candidate lists
   kSamplingAux,
+  kPenalties,         // per-row penalty parameters: ApplyPenalties'
+  kPenaltyCounts,     // and CountTokens'
   kNumSlots
 };
 
@@ -237,6 +239,11 @@ absl::Status StageSelectedHostChunks(Context& ctx, const ChunkMemoryBatch& mem,
                                      int64_t chunk_floats, const StagedChunkTables& out);
 
 // ---- sampling.cu ----
+// Backend::ApplyPenalties and CountTokens; params is a host array of `rows` entries.
+absl::Status ApplyPenalties(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
+                            const PenaltyParams* params, float* out);
+absl::Status CountTokens(Context& ctx, const PenaltyParams* params, int64_t rows, int64_t vocab,
+                         const int32_t* tokens);
 absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
                            const int32_t* tokens, float* out);
 // params and uniforms are host arrays of `rows` entries.

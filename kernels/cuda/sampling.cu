@@ -707,6 +707,80 @@ int CeilLog2(int64_t v) {
 
 }  // namespace
 
+// One logit under PenaltyParams' rule, rounded as kernels/cpu/ops.h's PenalizedLogit (the
+// intrinsics keep nvcc from contracting into an FMA), so both backends agree to the bit.
+__device__ __forceinline__ float PenalizedLogit(float l, int32_t count, const PenaltyParams& p) {
+  const int32_t c = count & PenaltyParams::kGeneratedMask;
+  if (c > 0 || (count & PenaltyParams::kPromptTokenBit) != 0) {
+    l = l > 0.0f ? __fdiv_rn(l, p.repetition) : __fmul_rn(l, p.repetition);
+  }
+  if (c > 0) l = __fsub_rn(l, __fadd_rn(__fmul_rn(p.frequency, static_cast<float>(c)), p.presence));
+  return l;
+}
+
+constexpr int kPenaltyThreads = 256;
+constexpr int kPenaltyPerThread = 4;  // float4 where the row is 16-byte aligned
+
+// Grid (pieces of kPenaltyThreads * kPenaltyPerThread logits, rows).
+__global__ void __launch_bounds__(kPenaltyThreads)
+    ApplyPenaltiesKernel(const float* __restrict__ logits, int vocab,
+                         const PenaltyParams* __restrict__ params, float* __restrict__ out) {
+  WaitForPriorGrids();
+  AllowDependentGrids();
+  const int64_t row = blockIdx.y;
+  const PenaltyParams p = params[row];
+  const float* x = logits + row * vocab;
+  float* y = out + row * vocab;
+  const int base = blockIdx.x * kPenaltyThreads * kPenaltyPerThread;
+#pragma unroll
+  for (int u = 0; u < kPenaltyPerThread; ++u) {
+    const int i = base + u * kPenaltyThreads + threadIdx.x;
+    if (i >= vocab) break;
+    const float l = __ldg(x + i);
+    y[i] = p.counts == nullptr ? l : PenalizedLogit(l, p.counts[i], p);
+  }
+}
+
+__global__ void CountTokensKernel(const PenaltyParams* __restrict__ params, int rows, int vocab,
+                                  const int32_t* __restrict__ tokens) {
+  WaitForPriorGrids();
+  AllowDependentGrids();
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const int32_t t = tokens[r];
+  int32_t* counts = params[r].counts;
+  if (counts != nullptr && t >= 0 && t < vocab) atomicAdd(counts + t, 1);
+}
+
+absl::Status ApplyPenalties(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
+                            const PenaltyParams* params, float* out) {
+  if (rows == 0) return absl::OkStatus();
+  if (rows > 65535 || vocab > INT32_MAX) {
+    return absl::InvalidArgumentError("ApplyPenalties: too many rows or too large a vocab");
+  }
+  ASSIGN_OR_RETURN(void* dev, ctx.UploadScratch(ScratchSlot::kPenalties, params,
+                                                static_cast<size_t>(rows) * sizeof(PenaltyParams)));
+  constexpr int kPiece = kPenaltyThreads * kPenaltyPerThread;
+  const dim3 grid(static_cast<unsigned>((vocab + kPiece - 1) / kPiece),
+                  static_cast<unsigned>(rows));
+  return Launch(ctx, ApplyPenaltiesKernel, grid, kPenaltyThreads, 0, logits,
+                static_cast<int>(vocab), static_cast<const PenaltyParams*>(dev), out);
+}
+
+absl::Status CountTokens(Context& ctx, const PenaltyParams* params, int64_t rows, int64_t vocab,
+                         const int32_t* tokens) {
+  if (rows == 0) return absl::OkStatus();
+  if (rows > INT32_MAX || vocab > INT32_MAX) {
+    return absl::InvalidArgumentError("CountTokens: too many rows or too large a vocab");
+  }
+  ASSIGN_OR_RETURN(void* dev, ctx.UploadScratch(ScratchSlot::kPenaltyCounts, params,
+                                                static_cast<size_t>(rows) * sizeof(PenaltyParams)));
+  constexpr int kThreads = 128;
+  return Launch(ctx, CountTokensKernel, static_cast<unsigned>((rows + kThreads - 1) / kThreads),
+                kThreads, 0, static_cast<const PenaltyParams*>(dev), static_cast<int>(rows),
+                static_cast<int>(vocab), tokens);
+}
+
 absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
                            const int32_t* tokens, float* out) {
   if (rows == 0) return absl::OkStatus();

@@ -473,6 +473,17 @@ TEST(BackendTest, BadArgumentsAreErrorsNotCrashes) {
     const SamplingParams mp{1.0f, 0, 1.0f, min_p};
     EXPECT_EQ(be->Sample(a.data(), 1, 8, &mp, &u, &out).code(), kBad) << min_p;
   }
+  std::vector<int32_t> counts(8, 0);
+  for (const PenaltyParams& pp : {PenaltyParams{counts.data(), NAN, 0.0f, 1.0f},
+                                  PenaltyParams{counts.data(), 0.0f, INFINITY, 1.0f},
+                                  PenaltyParams{counts.data(), 0.0f, 0.0f, 0.0f},
+                                  PenaltyParams{counts.data(), 0.0f, 0.0f, -2.0f}}) {
+    EXPECT_EQ(be->ApplyPenalties(a.data(), 1, 8, &pp, b.data()).code(), kBad);
+  }
+  const PenaltyParams ok_penalty{counts.data(), 1.0f, 0.0f, 1.0f};
+  EXPECT_EQ(be->ApplyPenalties(a.data(), 1, 8, &ok_penalty, a.data() + 4).code(), kBad);  // overlap
+  EXPECT_EQ(be->ApplyPenalties(a.data(), 1, 0, &ok_penalty, b.data()).code(), kBad);
+  EXPECT_EQ(be->CountTokens(&ok_penalty, 1, 8, nullptr).code(), kBad);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <iostream>
 #include <numeric>
 #include <random>
@@ -301,6 +302,62 @@ TEST_F(CudaOpTest, TokenLogprobsMatchCpu) {
                 << "vocab " << vocab << " row " << r;
           }
         }
+      }
+    }
+  }
+}
+
+// Penalties are elementwise with the same rounding on both backends: bit-exact.
+TEST_F(CudaOpTest, PenaltiesAndTokenCountsMatchCpu) {
+  std::mt19937 gen(7);
+  for (int64_t vocab : {1, 3, 257, 50280}) {
+    for (int64_t rows : {1, 6, 130}) {
+      std::vector<float> logits = MakeLogits(Shape::kNormal, rows, vocab, gen);
+      logits[0] = -INFINITY;
+      std::vector<std::vector<int32_t>> counts(static_cast<size_t>(rows));
+      std::vector<int32_t*> d_counts(static_cast<size_t>(rows), nullptr);
+      std::vector<PenaltyParams> cpu_params(static_cast<size_t>(rows));
+      std::vector<PenaltyParams> gpu_params(static_cast<size_t>(rows));
+      for (int64_t r = 0; r < rows; ++r) {
+        if (r % 5 == 2) continue;  // no penalties: copied
+        std::vector<int32_t>& c = counts[r];
+        c.assign(static_cast<size_t>(vocab), 0);
+        for (int32_t& x : c) {
+          const uint32_t g = gen();
+          if (g % 4 == 0) x = static_cast<int32_t>(g / 4 % 5);
+          if (g % 7 == 0) x |= PenaltyParams::kPromptTokenBit;
+        }
+        d_counts[r] = ToGpu(c);
+        const float presence = (static_cast<int>(gen() % 9) - 4) * 0.37f;
+        const float frequency = (static_cast<int>(gen() % 9) - 4) * 0.29f;
+        const float repetition = 0.3f + (gen() % 17) * 0.13f;
+        cpu_params[r] = {c.data(), presence, frequency, repetition};
+        gpu_params[r] = {d_counts[r], presence, frequency, repetition};
+      }
+      std::vector<float> want(logits.size());
+      ASSERT_TRUE(
+          cpu_->ApplyPenalties(logits.data(), rows, vocab, cpu_params.data(), want.data()).ok());
+      float* d_out = Poisoned<float>(rows * vocab);
+      ASSERT_TRUE(
+          gpu_->ApplyPenalties(ToGpu(logits), rows, vocab, gpu_params.data(), d_out).ok());
+      const std::vector<float> got = FromGpu(d_out, rows * vocab);
+      int64_t differ = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        differ += std::memcmp(&got[i], &want[i], sizeof(float)) != 0;
+      }
+      EXPECT_EQ(differ, 0) << "vocab " << vocab << " rows " << rows;
+
+      // Two rounds of counting, the second with every row's token the same.
+      std::vector<int32_t> tokens(static_cast<size_t>(rows));
+      for (int32_t& t : tokens) t = static_cast<int32_t>(gen() % (vocab + 1));  // vocab: skipped
+      const int32_t* d_tokens = ToGpu(tokens);
+      for (int round = 0; round < 2; ++round) {
+        ASSERT_TRUE(cpu_->CountTokens(cpu_params.data(), rows, vocab, tokens.data()).ok());
+        ASSERT_TRUE(gpu_->CountTokens(gpu_params.data(), rows, vocab, d_tokens).ok());
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        if (d_counts[r] == nullptr) continue;
+        EXPECT_EQ(FromGpu(d_counts[r], vocab), counts[r]) << "vocab " << vocab << " row " << r;
       }
     }
   }

@@ -1,4 +1,5 @@
-// Sample: greedy, temperature, top-k, top-p, inverse-CDF order and determinism.
+// Sample: greedy, temperature, top-k, top-p, inverse-CDF order and determinism; the repetition
+// penalties (ApplyPenalties, CountTokens).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -239,6 +240,59 @@ TEST(SampleTest, LargeVocabMatchesReferenceAndBatchIsDeterministic) {
     const SamplingParams m{1.5f, 0, 0.9f, 0.01f};
     ASSERT_EQ(SampleOne(be.get(), row, m, u), SampleRef(row, m, u)) << u;
   }
+}
+
+TEST(PenaltiesTest, EachPenaltyAsVllmDefinesIt) {
+  auto be = testing::Cpu();
+  constexpr int32_t kPrompt = PenaltyParams::kPromptTokenBit;
+  // Token 0 never seen, 1 in the prompt only, 2 generated once, 3 generated 3 times (and in the
+  // prompt), 4 generated twice with a negative logit.
+  std::vector<int32_t> counts = {0, kPrompt, 1, kPrompt | 3, 2};
+  const std::vector<float> logits = {2.0f, 2.0f, 2.0f, 3.0f, -1.0f,   // row 0: penalised
+                                     2.0f, 2.0f, 2.0f, 3.0f, -1.0f};  // row 1: no counts
+  const std::vector<PenaltyParams> params = {{counts.data(), 0.5f, 0.25f, 2.0f}, {}};
+  std::vector<float> out(10, NAN);
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 2, 5, params.data(), out.data()).ok());
+  const std::vector<float> want = {2.0f,
+                                   2.0f / 2.0f,                        // prompt: repetition only
+                                   2.0f / 2.0f - (0.25f * 1 + 0.5f),   // generated once
+                                   3.0f / 2.0f - (0.25f * 3 + 0.5f),   // three times
+                                   -1.0f * 2.0f - (0.25f * 2 + 0.5f),  // negative: multiplied
+                                   2.0f, 2.0f, 2.0f, 3.0f, -1.0f};     // row 1 copied
+  EXPECT_EQ(out, want);
+  // Each penalty alone.
+  const PenaltyParams presence{counts.data(), 1.0f, 0.0f, 1.0f};
+  const PenaltyParams frequency{counts.data(), 0.0f, 1.0f, 1.0f};
+  const PenaltyParams repetition{counts.data(), 0.0f, 0.0f, 4.0f};
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 1, 5, &presence, out.data()).ok());
+  EXPECT_EQ(std::vector<float>(out.begin(), out.begin() + 5),
+            (std::vector<float>{2.0f, 2.0f, 1.0f, 2.0f, -2.0f}));
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 1, 5, &frequency, out.data()).ok());
+  EXPECT_EQ(std::vector<float>(out.begin(), out.begin() + 5),
+            (std::vector<float>{2.0f, 2.0f, 1.0f, 0.0f, -3.0f}));
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 1, 5, &repetition, out.data()).ok());
+  EXPECT_EQ(std::vector<float>(out.begin(), out.begin() + 5),
+            (std::vector<float>{2.0f, 0.5f, 0.5f, 0.75f, -4.0f}));
+  // A penalty turns greedy away from a repeated token.
+  int32_t token = -1;
+  const SamplingParams greedy{0.0f, 0, 1.0f};
+  const float u = 0.5f;
+  ASSERT_TRUE(be->Sample(logits.data(), 1, 5, &greedy, &u, &token).ok());
+  EXPECT_EQ(token, 3);
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 1, 5, &frequency, out.data()).ok());
+  ASSERT_TRUE(be->Sample(out.data(), 1, 5, &greedy, &u, &token).ok());
+  EXPECT_EQ(token, 0);
+}
+
+TEST(PenaltiesTest, CountTokensKeepsThePromptMarkAndSkipsRowsWithoutCounts) {
+  auto be = testing::Cpu();
+  std::vector<int32_t> a = {0, PenaltyParams::kPromptTokenBit, 0}, b = {0, 0, 0};
+  const std::vector<PenaltyParams> params = {{a.data()}, {}, {b.data()}};
+  const std::vector<int32_t> tokens = {1, 2, 7};  // row 2's id is out of range: skipped
+  ASSERT_TRUE(be->CountTokens(params.data(), 3, 3, tokens.data()).ok());
+  ASSERT_TRUE(be->CountTokens(params.data(), 1, 3, tokens.data()).ok());
+  EXPECT_EQ(a, (std::vector<int32_t>{0, PenaltyParams::kPromptTokenBit | 2, 0}));
+  EXPECT_EQ(b, (std::vector<int32_t>{0, 0, 0}));
 }
 
 }  // namespace

@@ -22,12 +22,14 @@ done
 [ -n "$port" ] || { cat "$dir/server.out"; exit 1; }
 "$loadtest_bin" --server "127.0.0.1:$port" --sessions 3 --requests_per_session 2 \
   --prompt_tokens 100 --turn_tokens 5 --max_tokens 7 --temperature 0.8 --top_p 0.9 --min_p 0.05 \
-  --json "$dir/r.json"
+  --repetition_penalty 1.2 --frequency_penalty 0.5 --json "$dir/r.json"
 python3 - "$dir/r.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 assert r["requests_ok"] == 6 and r["requests_failed"] == 0, r
 assert r["top_k"] == 0 and abs(r["top_p"] - 0.9) < 1e-6 and abs(r["min_p"] - 0.05) < 1e-6, r
+assert abs(r["repetition_penalty"] - 1.2) < 1e-6 and r["frequency_penalty"] == 0.5, r
+assert r["presence_penalty"] == 0, r
 assert r["output_tokens"] == 6 * 7 and r["input_tokens"] == 6 * 5, r
 for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
     s = r[k]

@@ -295,6 +295,7 @@ TEST(CudaModelTest, PipelinedDecodeMatchesSteps) {
     testing::ExpectPipelinedDecodeMatchesSteps(model->get(), 70);
     testing::ExpectCarriedRowsMatchSteps(model->get(), 40);
     testing::ExpectPipelinedDecodeMisuseRefused(model->get());
+    testing::ExpectPenaltiesMatchHostReference(model->get(), 70);
   }
 }
 

@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/backend.h"
 #include "model/ramba_model.h"
+#include "model/sampler.h"
 #include "tests/testing/test_util.h"
 
 namespace ramba::testing {
@@ -310,6 +312,99 @@ inline void ExpectPipelinedDecodeMisuseRefused(RambaModel* model) {
   const int32_t both_carried[] = {0, 1};
   EXPECT_EQ(model->LaunchForward(two, none, o2, false, both_carried).code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+// Repetition penalties: pipelined launches (each step's tokens counted on the backend and fed to
+// the next on the device) give the tokens of a host reference that penalises downloaded logits
+// step by step (the CPU backend's ApplyPenalties, bit-exact with the GPU's) and samples them
+// without penalties; a session whose counts were never reset is refused, unchanged.
+inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
+  const int64_t V = model->config().vocab_size;
+  const std::vector<int64_t> lens = {1, 60, 130};
+  constexpr uint64_t kSeed = 90;
+  ForkedSessions sessions;
+  PrefillForked(model, lens, kSeed, &sessions);
+  if (::testing::Test::HasFatalFailure()) return;
+  std::vector<SessionState*> a, b;
+  for (size_t i = 0; i < lens.size(); ++i) {
+    a.push_back(sessions.a[i].get());
+    b.push_back(sessions.b[i].get());
+  }
+  std::vector<SamplingOptions> options(3);
+  options[0].frequency_penalty = 1.5f;  // greedy
+  options[0].presence_penalty = 0.5f;
+  options[0].repetition_penalty = 1.3f;
+  options[1].temperature = 0.9f;
+  options[1].seed = 11;
+  options[1].repetition_penalty = 1.8f;
+  options[1].presence_penalty = -0.4f;
+  // options[2]: greedy without penalties, beside rows with them.
+  std::vector<SamplingOptions> plain = options;
+  for (SamplingOptions& o : plain) o.presence_penalty = o.frequency_penalty = 0.0f;
+  for (SamplingOptions& o : plain) o.repetition_penalty = 1.0f;
+
+  // Reference on the host.
+  auto cpu = kernels::CreateCpuBackend(1);
+  std::vector<std::vector<int32_t>> prompts, counts;
+  for (size_t i = 0; i < lens.size(); ++i) {
+    prompts.push_back(RandomTokens(lens[i] + 1, V, kSeed + i));
+    counts.emplace_back(static_cast<size_t>(V), 0);
+    for (int32_t t : prompts.back()) counts.back()[t] = kernels::PenaltyParams::kPromptTokenBit;
+  }
+  std::vector<std::vector<int32_t>> want;
+  std::vector<int32_t> next = sessions.next;
+  int penalty_changed_greedy = 0;
+  for (int step = 0; step < steps; ++step) {
+    std::vector<absl::Span<const int32_t>> spans;
+    for (const int32_t& t : next) spans.push_back(absl::MakeConstSpan(&t, 1));
+    std::vector<float> logits;
+    ASSERT_TRUE(model->Forward(a, spans, LogitsMode::kLast, &logits).ok());
+    std::vector<kernels::PenaltyParams> params(lens.size());
+    std::vector<int64_t> positions;
+    for (size_t i = 0; i < lens.size(); ++i) {
+      const SamplingOptions& o = options[i];
+      if (o.has_penalties()) {
+        params[i] = {counts[i].data(), o.presence_penalty, o.frequency_penalty,
+                     o.repetition_penalty};
+      }
+      positions.push_back(a[i]->position());
+    }
+    std::vector<float> penalized(logits.size());
+    ASSERT_TRUE(cpu->ApplyPenalties(logits.data(), 3, V, params.data(), penalized.data()).ok());
+    auto sampled = SampleTokens(model->backend(), penalized, V, plain, positions);
+    ASSERT_TRUE(sampled.ok()) << sampled.status();
+    ASSERT_TRUE(cpu->CountTokens(params.data(), 3, V, sampled->data()).ok());
+    penalty_changed_greedy += (*sampled)[0] != std::max_element(logits.begin(), logits.begin() + V) -
+                                                  logits.begin();
+    want.push_back(*sampled);
+    next = *sampled;
+  }
+  EXPECT_GT(penalty_changed_greedy, 0) << "the penalties never changed a greedy token";
+
+  // Counts never reset: refused before any state changes.
+  const int64_t before = b[0]->position();
+  EXPECT_EQ(model->LaunchDecode(b, sessions.next, options).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(b[0]->position(), before);
+  EXPECT_EQ(model->decodes_in_flight(), 0);
+
+  // Pipelined on the model.
+  for (size_t i = 0; i < lens.size(); ++i) {
+    if (options[i].has_penalties()) ASSERT_TRUE(b[i]->ResetTokenCounts(prompts[i]).ok());
+  }
+  std::vector<std::vector<int32_t>> got;
+  auto collect = [&] {
+    std::vector<int32_t> sampled;
+    ASSERT_TRUE(model->CollectDecode(&sampled).ok());
+    got.push_back(sampled);
+  };
+  ASSERT_TRUE(model->LaunchDecode(b, sessions.next, options).ok());
+  for (int step = 1; step < steps; ++step) {
+    ASSERT_TRUE(model->LaunchDecode(b, {}, options).ok());
+    collect();
+  }
+  collect();
+  EXPECT_EQ(got, want);
 }
 
 }  // namespace ramba::testing

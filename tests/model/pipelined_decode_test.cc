@@ -26,6 +26,13 @@ TEST(PipelinedDecodeTest, CarriedRowsMatchStepByStepOnCpu) {
   testing::ExpectCarriedRowsMatchSteps(model->get(), 40);
 }
 
+TEST(PipelinedDecodeTest, PenaltiesMatchHostReferenceOnCpu) {
+  auto cpu = kernels::CreateCpuBackend(2);
+  auto model = RambaModel::Load(testing::FixtureDir() + "/tiny_enc1_cls_k3", cpu.get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  testing::ExpectPenaltiesMatchHostReference(model->get(), 70);
+}
+
 TEST(PipelinedDecodeTest, MisuseIsRefusedOnCpu) {
   auto cpu = kernels::CreateCpuBackend(2);
   auto model = RambaModel::Load(testing::FixtureDir() + "/tiny_enc1_cls_k3", cpu.get());

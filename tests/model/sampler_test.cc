@@ -83,6 +83,30 @@ TEST_F(SamplerTest, InvalidOptionsNameTheField) {
   o = {};
   o.min_p = 1.0f;
   EXPECT_TRUE(ValidateSamplingOptions(o).ok());
+  for (float bad : {-2.5f, 2.01f, NAN}) {
+    o = {};
+    o.presence_penalty = bad;
+    EXPECT_NE(ValidateSamplingOptions(o).message().find("presence_penalty"), std::string::npos);
+    o = {};
+    o.frequency_penalty = bad;
+    EXPECT_NE(ValidateSamplingOptions(o).message().find("frequency_penalty"), std::string::npos);
+  }
+  for (float bad : {0.0f, -1.0f, INFINITY, NAN}) {
+    o = {};
+    o.repetition_penalty = bad;
+    EXPECT_NE(ValidateSamplingOptions(o).message().find("repetition_penalty"), std::string::npos)
+        << bad;
+  }
+  o = {};
+  o.presence_penalty = -2.0f;
+  o.frequency_penalty = 2.0f;
+  o.repetition_penalty = 0.5f;
+  EXPECT_TRUE(ValidateSamplingOptions(o).ok());
+  EXPECT_TRUE(o.has_penalties());
+  // Valid, but SampleTokens has no token counts to apply them with.
+  EXPECT_EQ(SampleTokens(backend_.get(), logits_, 5, {o}, {0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(SamplingOptions{}.has_penalties());
   o = {};
   o.top_k = -3;
   EXPECT_NE(ValidateSamplingOptions(o).message().find("top_k"), std::string::npos);

@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
+#include <set>
 #include <thread>
 
 #include "grpcpp/grpcpp.h"
@@ -246,6 +248,84 @@ TEST_F(ServiceTest, MinPFromSessionDefaultsOrRequest) {
   gr.set_session_id("def");
   ASSERT_TRUE(stub_->GetSession(&ctx, gr, &gresp).ok());
   EXPECT_EQ(gresp.session().default_sampling().min_p(), 1.0f);
+}
+
+TEST_F(ServiceTest, PenaltiesFromSessionDefaultsOrRequestCountEachGeneration) {
+  const std::string prompt = "Once upon a time";
+  auto create = [&](const std::string& id, const v1::SamplingParams* defaults) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    v1::CreateSessionResponse resp;
+    req.set_session_id(id);
+    req.mutable_initial_input()->set_text(prompt);
+    if (defaults != nullptr) *req.mutable_default_sampling() = *defaults;
+    EXPECT_TRUE(stub_->CreateSession(&ctx, req, &resp).ok());
+  };
+  // 24 greedy tokens, left uncommitted so that the session can run them again.
+  auto run = [&](const std::string& id, const v1::SamplingParams& sampling) {
+    v1::GenerateRequest g;
+    g.set_session_id(id);
+    g.mutable_stopping()->set_max_tokens(24);
+    g.mutable_stopping()->set_ignore_eos(true);
+    g.set_commit_generated(false);
+    *g.mutable_sampling() = sampling;
+    Streamed out = Generate(g);
+    EXPECT_TRUE(out.status.ok()) << out.status.error_message();
+    return out.ids;
+  };
+  v1::SamplingParams greedy;
+  greedy.set_temperature(0);
+  create("plain", nullptr);
+  const std::vector<int32_t> plain = run("plain", greedy);
+  ASSERT_EQ(plain.size(), 24u);
+  const std::set<int32_t> plain_distinct(plain.begin(), plain.end());
+  ASSERT_LT(plain_distinct.size(), plain.size()) << "greedy output should repeat tokens";
+
+  v1::SamplingParams penalised = greedy;
+  penalised.set_frequency_penalty(2.0f);
+  penalised.set_presence_penalty(2.0f);
+  penalised.set_repetition_penalty(3.0f);
+  create("req", nullptr);
+  const std::vector<int32_t> want = run("req", penalised);
+  ASSERT_EQ(want.size(), 24u);
+  EXPECT_NE(want, plain);
+  EXPECT_GT(std::set<int32_t>(want.begin(), want.end()).size(), plain_distinct.size());
+  // Each generation counts from zero: the same request again gives the same tokens.
+  EXPECT_EQ(run("req", penalised), want);
+  // From the session's defaults (the request sets only the temperature).
+  create("def", &penalised);
+  EXPECT_EQ(run("def", greedy), want);
+  // A request's value overrides the default: penalties off again.
+  v1::SamplingParams off = greedy;
+  off.set_frequency_penalty(0.0f);
+  off.set_presence_penalty(0.0f);
+  off.set_repetition_penalty(1.0f);
+  EXPECT_EQ(run("def", off), plain);
+
+  grpc::ClientContext ctx;
+  v1::GetSessionRequest gr;
+  v1::GetSessionResponse gresp;
+  gr.set_session_id("def");
+  ASSERT_TRUE(stub_->GetSession(&ctx, gr, &gresp).ok());
+  EXPECT_EQ(gresp.session().default_sampling().repetition_penalty(), 3.0f);
+  EXPECT_EQ(gresp.session().default_sampling().frequency_penalty(), 2.0f);
+
+  // Out of range: INVALID_ARGUMENT naming the field, nothing generated.
+  for (const auto& [field, set] :
+       std::vector<std::pair<std::string, std::function<void(v1::SamplingParams*)>>>{
+           {"presence_penalty", [](v1::SamplingParams* p) { p->set_presence_penalty(2.5f); }},
+           {"frequency_penalty", [](v1::SamplingParams* p) { p->set_frequency_penalty(-3.0f); }},
+           {"repetition_penalty", [](v1::SamplingParams* p) { p->set_repetition_penalty(0.0f); }}}) {
+    v1::GenerateRequest g;
+    g.set_session_id("req");
+    g.mutable_stopping()->set_max_tokens(4);
+    set(g.mutable_sampling());
+    Streamed out = Generate(g);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
+    EXPECT_NE(out.status.error_message().find(field), std::string::npos)
+        << out.status.error_message();
+    EXPECT_TRUE(out.ids.empty());
+  }
 }
 
 TEST_F(ServiceTest, CommitGeneratedFalseLeavesSessionAsItWas) {

@@ -342,6 +342,8 @@ TEST(SessionMetaTest, JsonRoundTrip) {
   m.default_sampling.temperature = 0.7f;
   m.default_sampling.seed = 123456789012345ull;
   m.default_sampling.min_p = 0.05f;
+  m.default_sampling.presence_penalty = -0.5f;
+  m.default_sampling.repetition_penalty = 1.25f;
   m.pending_token = 42;
   m.parent_id = "p";
   auto back = SessionMeta::FromJson(m.ToJson());
@@ -350,6 +352,9 @@ TEST(SessionMetaTest, JsonRoundTrip) {
   EXPECT_EQ(back->default_sampling.seed, m.default_sampling.seed);
   EXPECT_FALSE(back->default_sampling.top_p.has_value());
   EXPECT_EQ(back->default_sampling.min_p, 0.05f);
+  EXPECT_EQ(back->default_sampling.presence_penalty, -0.5f);
+  EXPECT_FALSE(back->default_sampling.frequency_penalty.has_value());
+  EXPECT_EQ(back->default_sampling.repetition_penalty, 1.25f);
   EXPECT_EQ(back->pending_token, 42);
   EXPECT_EQ(back->parent_id, "p");
   EXPECT_EQ(SessionMeta::FromJson("{").status().code(), absl::StatusCode::kDataLoss);
