@@ -151,6 +151,64 @@ TEST_P(EngineTest, WarmupRunsFirstAndChangesNoResult) {
   EXPECT_TRUE(cold.WaitForWarmup().ok());  // no warm-up: returns at once
 }
 
+// Penalties count the request's input as the prompt and the tokens of this generation only: a
+// greedy reference penalises host logits (the CPU backend's ApplyPenalties) after prefilling the
+// whole history. Two generations in a row on one session, batched beside a request without
+// penalties.
+TEST_P(EngineTest, PenaltiesCountTheInputAndEachGenerationAfresh) {
+  Engine engine(model_.get(), Opts());
+  SamplingOptions penalised;
+  penalised.frequency_penalty = 1.0f;
+  penalised.presence_penalty = 0.5f;
+  penalised.repetition_penalty = 1.5f;
+  auto reference = [&](const std::vector<int32_t>& history, const std::vector<int32_t>& prompt,
+                       int n) {
+    auto s = std::move(*model_->NewSession());
+    std::vector<float> logits;
+    EXPECT_TRUE(model_->Prefill(s.get(), history, &logits).ok());
+    std::vector<int32_t> counts(config_.vocab_size, 0);
+    for (int32_t t : prompt) counts[t] = kernels::PenaltyParams::kPromptTokenBit;
+    const kernels::PenaltyParams p{counts.data(), penalised.presence_penalty,
+                                   penalised.frequency_penalty, penalised.repetition_penalty};
+    std::vector<int32_t> out;
+    SessionState* st[] = {s.get()};
+    for (int i = 0; i < n; ++i) {
+      std::vector<float> pen(logits.size());
+      EXPECT_TRUE(backend_->ApplyPenalties(logits.data(), 1, config_.vocab_size, &p, pen.data())
+                      .ok());
+      const int32_t t =
+          static_cast<int32_t>(std::max_element(pen.begin(), pen.end()) - pen.begin());
+      out.push_back(t);
+      ++counts[t];
+      const int32_t in[] = {t};
+      EXPECT_TRUE(model_->Decode(st, in, &logits).ok());
+    }
+    return out;
+  };
+  const auto prompt = testing::RandomTokens(90, config_.vocab_size, 21);
+  const auto other = testing::RandomTokens(40, config_.vocab_size, 22);
+  auto state = std::move(*model_->NewSession());
+  auto other_state = std::move(*model_->NewSession());
+  std::future<Outcome> f = Run(engine, state.get(), prompt, 30, penalised);
+  std::future<Outcome> g = Run(engine, other_state.get(), other, 30);
+  const Outcome first = f.get();
+  ASSERT_TRUE(first.status.ok()) << first.status;
+  EXPECT_EQ(first.tokens, reference(prompt, prompt, 30));
+  EXPECT_NE(first.tokens, Reference(prompt, 30));  // the penalties changed something
+  const Outcome beside = g.get();
+  ASSERT_TRUE(beside.status.ok()) << beside.status;
+  EXPECT_EQ(beside.tokens, Reference(other, 30));  // and nothing beside them
+
+  // The next generation's prompt is its input: the pending token and two more.
+  const std::vector<int32_t> input = {first.tokens.back(), 3, 5};
+  const Outcome second = Run(engine, state.get(), input, 20, penalised).get();
+  ASSERT_TRUE(second.status.ok()) << second.status;
+  std::vector<int32_t> history = prompt;
+  history.insert(history.end(), first.tokens.begin(), first.tokens.end() - 1);
+  history.insert(history.end(), input.begin(), input.end());
+  EXPECT_EQ(second.tokens, reference(history, input, 20));
+}
+
 // Logprobs come with the tokens of requests that ask for them, batched with requests that do not
 // (NaN there): the raw distribution's, so temperature does not change them.
 TEST_P(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {

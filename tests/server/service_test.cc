@@ -290,8 +290,30 @@ TEST_F(ServiceTest, PenaltiesFromSessionDefaultsOrRequestCountEachGeneration) {
   ASSERT_EQ(want.size(), 24u);
   EXPECT_NE(want, plain);
   EXPECT_GT(std::set<int32_t>(want.begin(), want.end()).size(), plain_distinct.size());
-  // Each generation counts from zero: the same request again gives the same tokens.
+  // Each generation counts from zero: the same request again gives the same tokens, and a
+  // session's second generation gives what a fork of it (fresh counts) gives.
   EXPECT_EQ(run("req", penalised), want);
+  auto run_committed = [&](const std::string& id) {
+    v1::GenerateRequest g;
+    g.set_session_id(id);
+    g.mutable_stopping()->set_max_tokens(24);
+    g.mutable_stopping()->set_ignore_eos(true);
+    *g.mutable_sampling() = penalised;
+    Streamed out = Generate(g);
+    EXPECT_TRUE(out.status.ok()) << out.status.error_message();
+    return out.ids;
+  };
+  EXPECT_EQ(run_committed("req"), want);
+  {
+    grpc::ClientContext ctx;
+    v1::ForkSessionRequest f;
+    v1::ForkSessionResponse fr;
+    f.set_session_id("req");
+    f.set_new_session_id("req-fork");
+    ASSERT_TRUE(stub_->ForkSession(&ctx, f, &fr).ok());
+  }
+  const std::vector<int32_t> second = run_committed("req");
+  EXPECT_EQ(run_committed("req-fork"), second);
   // From the session's defaults (the request sets only the temperature).
   create("def", &penalised);
   EXPECT_EQ(run("def", greedy), want);
