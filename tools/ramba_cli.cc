@@ -116,12 +116,11 @@ int main(int argc, char** argv) {
   int32_t generated = 0;
   ramba::SessionState* states[] = {state->get()};
   int32_t input = ids.back();
-  auto t1 = t0;
+  const auto t1 = Clock::now();  // generation's time includes the prompt's last token
   for (; generated < max_tokens; ++generated) {
     const absl::Span<const int32_t> in[] = {absl::MakeConstSpan(&input, 1)};
     std::vector<int32_t> next;
     if (auto s = (*model)->ForwardAndSample(states, in, {sampling}, &next); !s.ok()) return Fail(s);
-    if (generated == 0) t1 = Clock::now();  // the prompt's time includes its first token
     const int32_t token = next[0];
     auto text = (*tokenizer)->DecodeToken(token);
     if (text.ok()) {
@@ -138,10 +137,8 @@ int main(int argc, char** argv) {
   std::printf("\n");
   const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2);
   std::fprintf(stderr,
-               "prompt %zu tokens (and the first token) in %.3fs (%.1f tok/s); generated %d more tokens "
-               "in %.3fs (%.1f tok/s)\n",
-               ids.size(), prefill_s, ids.size() / std::max(prefill_s, 1e-9),
-               std::max(generated - 1, 0), decode_s,
-               std::max(generated - 1, 0) / std::max(decode_s, 1e-9));
+               "prompt %zu tokens in %.3fs (%.1f tok/s); generated %d tokens in %.3fs (%.1f tok/s)\n",
+               ids.size() - 1, prefill_s, (ids.size() - 1) / std::max(prefill_s, 1e-9), generated,
+               decode_s, generated / std::max(decode_s, 1e-9));
   return 0;
 }
