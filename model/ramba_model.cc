@@ -26,7 +26,6 @@ struct RambaModel::Workspace {
     // Launched steps' tokens in turn (launch_parity_), read by the next launch's carried rows: no
     // other call writes them.
     kLaunchSampled, kLaunchSampledOther,
-    kPenalized,  // the logits with penalties applied (Deliver)
     kHostChunks, kStagedBlocks, kStagedSlots, kStagedTables, kStagedNumChunks, kStagedIdx,
     kStageHostOffsets, kStageTableOffsets, kStageBlocks, kStagePicks, kStageSources, kStageCount,
     kStageEntries, kStageTables, kCacheBlocks, kCacheTags, kStagedCopies,
@@ -377,9 +376,15 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     }
     const float* to_sample = out;
     if (!penalties.empty()) {
-      ASSIGN_OR_RETURN(float* penalized, workspace_->Get<float>(Workspace::kPenalized, rows * vocab));
-      RETURN_IF_ERROR(be->ApplyPenalties(out, rows, vocab, penalties.data(), penalized));
-      to_sample = penalized;
+      // Not in the workspace: growing it would make every recorded graph record again.
+      const size_t bytes = static_cast<size_t>(rows * vocab) * sizeof(float);
+      if (penalized_logits_.size() < bytes) {
+        penalized_logits_.Reset();
+        ASSIGN_OR_RETURN(penalized_logits_, be->Allocate(bytes + bytes / 4));
+      }
+      RETURN_IF_ERROR(be->ApplyPenalties(out, rows, vocab, penalties.data(),
+                                         penalized_logits_.as<float>()));
+      to_sample = penalized_logits_.as<float>();
     }
     RETURN_IF_ERROR(be->Sample(to_sample, rows, vocab, params.data(), uniforms.data(), dev));
     if (!penalties.empty()) RETURN_IF_ERROR(be->CountTokens(penalties.data(), rows, vocab, dev));

@@ -719,12 +719,36 @@ __device__ __forceinline__ float PenalizedLogit(float l, int32_t count, const Pe
 }
 
 constexpr int kPenaltyThreads = 256;
-constexpr int kPenaltyPerThread = 4;  // float4 where the row is 16-byte aligned
+constexpr int kPenaltyPerThread = 4;
+
+// A small batch's parameters travel as a kernel argument, so the op needs no upload (a copy on
+// the stream ahead of it, ~2-3 us at batch 1); larger ones are uploaded.
+struct PenaltyRows {
+  static constexpr int kInline = 16;
+  PenaltyParams inline_rows[kInline];
+  const PenaltyParams* uploaded;  // rows > kInline
+  __device__ __forceinline__ const PenaltyParams& operator[](int64_t r) const {
+    return uploaded != nullptr ? uploaded[r] : inline_rows[r];
+  }
+};
+
+absl::StatusOr<PenaltyRows> StagePenaltyRows(Context& ctx, ScratchSlot slot,
+                                             const PenaltyParams* params, int64_t rows) {
+  PenaltyRows p{};
+  if (rows <= PenaltyRows::kInline) {
+    std::copy(params, params + rows, p.inline_rows);
+    return p;
+  }
+  ASSIGN_OR_RETURN(void* dev, ctx.UploadScratch(slot, params,
+                                                static_cast<size_t>(rows) * sizeof(PenaltyParams)));
+  p.uploaded = static_cast<const PenaltyParams*>(dev);
+  return p;
+}
 
 // Grid (pieces of kPenaltyThreads * kPenaltyPerThread logits, rows).
 __global__ void __launch_bounds__(kPenaltyThreads)
-    ApplyPenaltiesKernel(const float* __restrict__ logits, int vocab,
-                         const PenaltyParams* __restrict__ params, float* __restrict__ out) {
+    ApplyPenaltiesKernel(const float* __restrict__ logits, int vocab, const PenaltyRows params,
+                         float* __restrict__ out) {
   WaitForPriorGrids();
   AllowDependentGrids();
   const int64_t row = blockIdx.y;
@@ -741,7 +765,7 @@ __global__ void __launch_bounds__(kPenaltyThreads)
   }
 }
 
-__global__ void CountTokensKernel(const PenaltyParams* __restrict__ params, int rows, int vocab,
+__global__ void CountTokensKernel(const PenaltyRows params, int rows, int vocab,
                                   const int32_t* __restrict__ tokens) {
   WaitForPriorGrids();
   AllowDependentGrids();
@@ -758,13 +782,13 @@ absl::Status ApplyPenalties(Context& ctx, const float* logits, int64_t rows, int
   if (rows > 65535 || vocab > INT32_MAX) {
     return absl::InvalidArgumentError("ApplyPenalties: too many rows or too large a vocab");
   }
-  ASSIGN_OR_RETURN(void* dev, ctx.UploadScratch(ScratchSlot::kPenalties, params,
-                                                static_cast<size_t>(rows) * sizeof(PenaltyParams)));
+  ASSIGN_OR_RETURN(const PenaltyRows p,
+                   StagePenaltyRows(ctx, ScratchSlot::kPenalties, params, rows));
   constexpr int kPiece = kPenaltyThreads * kPenaltyPerThread;
   const dim3 grid(static_cast<unsigned>((vocab + kPiece - 1) / kPiece),
                   static_cast<unsigned>(rows));
   return Launch(ctx, ApplyPenaltiesKernel, grid, kPenaltyThreads, 0, logits,
-                static_cast<int>(vocab), static_cast<const PenaltyParams*>(dev), out);
+                static_cast<int>(vocab), p, out);
 }
 
 absl::Status CountTokens(Context& ctx, const PenaltyParams* params, int64_t rows, int64_t vocab,
@@ -773,12 +797,11 @@ absl::Status CountTokens(Context& ctx, const PenaltyParams* params, int64_t rows
   if (rows > INT32_MAX || vocab > INT32_MAX) {
     return absl::InvalidArgumentError("CountTokens: too many rows or too large a vocab");
   }
-  ASSIGN_OR_RETURN(void* dev, ctx.UploadScratch(ScratchSlot::kPenaltyCounts, params,
-                                                static_cast<size_t>(rows) * sizeof(PenaltyParams)));
+  ASSIGN_OR_RETURN(const PenaltyRows p,
+                   StagePenaltyRows(ctx, ScratchSlot::kPenaltyCounts, params, rows));
   constexpr int kThreads = 128;
   return Launch(ctx, CountTokensKernel, static_cast<unsigned>((rows + kThreads - 1) / kThreads),
-                kThreads, 0, static_cast<const PenaltyParams*>(dev), static_cast<int>(rows),
-                static_cast<int>(vocab), tokens);
+                kThreads, 0, p, static_cast<int>(rows), static_cast<int>(vocab), tokens);
 }
 
 absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
