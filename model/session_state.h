@@ -131,8 +131,9 @@ class SessionState {
   // backend memory in kernels::PenaltyParams' layout, zero but for `prompt`'s tokens marked
   // (ids outside [0, vocab) are an error); steps sampling with penalties count their tokens.
   // Not copied by Fork nor serialised (a generation does not outlive its request); null until
-  // the first reset.
+  // reset, and again after ReleaseTokenCounts (work already queued keeps its memory).
   absl::Status ResetTokenCounts(absl::Span<const int32_t> prompt);
+  void ReleaseTokenCounts() { token_counts_.Reset(); }
   int32_t* token_counts() const { return token_counts_.as<int32_t>(); }
 
   // ---- Access for the model's forward pass (backend memory) ----

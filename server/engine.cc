@@ -128,9 +128,18 @@ void Engine::Loop() {
           st = absl::FailedPreconditionError("the session already has a request running");
         }
       }
-      // A generation with penalties counts its tokens from here (its input is the prompt).
+      // A generation with penalties counts its tokens from here (its input is the prompt) until
+      // it ends, so that their memory follows running generations, not resident sessions (every
+      // op using them is queued by then).
       if (st.ok() && r->req->max_new_tokens > 0 && r->req->sampling.has_penalties()) {
         st = r->req->state->ResetTokenCounts(r->req->input);
+        if (st.ok()) {
+          r->req->on_done = [state = r->req->state, done = std::move(r->req->on_done)](
+                                const absl::Status& s, FinishReason reason) {
+            state->ReleaseTokenCounts();
+            done(s, reason);
+          };
+        }
       }
       if (!st.ok()) {
         r->req->on_done(st, FinishReason::kError);

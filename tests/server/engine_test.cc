@@ -194,6 +194,7 @@ TEST_P(EngineTest, PenaltiesCountTheInputAndEachGenerationAfresh) {
   const Outcome first = f.get();
   ASSERT_TRUE(first.status.ok()) << first.status;
   EXPECT_EQ(first.tokens, reference(prompt, prompt, 30));
+  EXPECT_EQ(state->token_counts(), nullptr);  // released with the request
   EXPECT_NE(first.tokens, Reference(prompt, 30));  // the penalties changed something
   const Outcome beside = g.get();
   ASSERT_TRUE(beside.status.ok()) << beside.status;
