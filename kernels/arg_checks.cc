@@ -45,8 +45,8 @@ absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* para
 absl::Status CheckPenaltyParams(std::string_view op, const PenaltyParams* params, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r) {
     const PenaltyParams& p = params[r];
-    if (!std::isfinite(p.presence) || !std::isfinite(p.frequency) ||
-        !std::isfinite(p.repetition) || !(p.repetition > 0.0f)) {
+    if (!std::isfinite(p.presence) || !std::isfinite(p.frequency) || !std::isfinite(p.repetition) ||
+        !(p.repetition > 0.0f)) {
       return InvalidOpArgument(op, absl::StrCat("row ", r, " has invalid penalties"));
     }
   }

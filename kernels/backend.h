@@ -241,8 +241,8 @@ struct SamplingParams {
 
 // Repetition penalties of one row (vLLM's), applied to its logits before sampling. counts is the
 // row's generation's token counts, [vocab] int32 in backend memory: the low bits count the times
-// the token was generated (kGeneratedMask), kPromptTokenBit marks a token of the prompt. For token t
-// with generated count c, logit l:
+// the token was generated (kGeneratedMask), kPromptTokenBit marks a token of the prompt. For token
+// t with generated count c, logit l:
 //   if c > 0 or t is in the prompt: l = l > 0 ? l / repetition : l * repetition;
 //   l -= frequency * c + (c > 0 ? presence : 0).
 // counts == nullptr: the row has no penalties.

@@ -382,8 +382,8 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
         penalized_logits_.Reset();
         ASSIGN_OR_RETURN(penalized_logits_, be->Allocate(bytes + bytes / 4));
       }
-      RETURN_IF_ERROR(be->ApplyPenalties(out, rows, vocab, penalties.data(),
-                                         penalized_logits_.as<float>()));
+      RETURN_IF_ERROR(
+          be->ApplyPenalties(out, rows, vocab, penalties.data(), penalized_logits_.as<float>()));
       to_sample = penalized_logits_.as<float>();
     }
     RETURN_IF_ERROR(be->Sample(to_sample, rows, vocab, params.data(), uniforms.data(), dev));

@@ -30,8 +30,8 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
         absl::StrCat("frequency_penalty must be in [-2, 2], got ", o.frequency_penalty));
   }
   if (!(o.repetition_penalty > 0.0f) || !std::isfinite(o.repetition_penalty)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "repetition_penalty must be a finite number > 0, got ", o.repetition_penalty));
+    return absl::InvalidArgumentError(
+        absl::StrCat("repetition_penalty must be a finite number > 0, got ", o.repetition_penalty));
   }
   return absl::OkStatus();
 }

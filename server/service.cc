@@ -94,8 +94,7 @@ SamplingOptions Resolve(const SamplingDefaults& req, const SamplingDefaults& ses
   o.min_p = req.min_p.value_or(session.min_p.value_or(0.0f));
   o.presence_penalty = req.presence_penalty.value_or(session.presence_penalty.value_or(0.0f));
   o.frequency_penalty = req.frequency_penalty.value_or(session.frequency_penalty.value_or(0.0f));
-  o.repetition_penalty =
-      req.repetition_penalty.value_or(session.repetition_penalty.value_or(1.0f));
+  o.repetition_penalty = req.repetition_penalty.value_or(session.repetition_penalty.value_or(1.0f));
   if (req.seed) {
     o.seed = *req.seed;
   } else if (session.seed) {

@@ -136,9 +136,10 @@ int main(int argc, char** argv) {
   const auto t2 = Clock::now();
   std::printf("\n");
   const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2);
-  std::fprintf(stderr,
-               "prompt %zu tokens in %.3fs (%.1f tok/s); generated %d tokens in %.3fs (%.1f tok/s)\n",
-               ids.size() - 1, prefill_s, (ids.size() - 1) / std::max(prefill_s, 1e-9), generated,
-               decode_s, generated / std::max(decode_s, 1e-9));
+  std::fprintf(
+      stderr,
+      "prompt %zu tokens in %.3fs (%.1f tok/s); generated %d tokens in %.3fs (%.1f tok/s)\n",
+      ids.size() - 1, prefill_s, (ids.size() - 1) / std::max(prefill_s, 1e-9), generated, decode_s,
+      generated / std::max(decode_s, 1e-9));
   return 0;
 }

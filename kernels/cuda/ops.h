@@ -32,18 +32,18 @@ inline bool EnvSwitchOn(const char* name) {
 // Scratch slots: each op family owns its slots, so one op's scratch never aliases another's
 // while both are queued on the stream.
 enum class ScratchSlot : int {
-  kMatmulInput = 0,   // activations converted to bf16 for cuBLASLt (GemmInput)
-  kMatmulWeights,     // weights stacked twice along k for the one-GEMM hi + lo product
-  kCublasWorkspace,   // cuBLASLt workspace
-  kSsm,               // chunked-scan intermediates
-  kMixer,             // fused decode mixer: per-block partial sums of squares
-  kRetrieval,         // landmark scores / partial top-K lists
-  kAttention,         // attention partials
-  kSparseKv,          // selected chunks' K/V in bf16 for the tensor-core sparse attention
-  kSampling,          // per-row parameters, uniforms and candidate lists
+  kMatmulInput = 0,  // activations converted to bf16 for cuBLASLt (GemmInput)
+  kMatmulWeights,    // weights stacked twice along k for the one-GEMM hi + lo product
+  kCublasWorkspace,  // cuBLASLt workspace
+  kSsm,              // chunked-scan intermediates
+  kMixer,            // fused decode mixer: per-block partial sums of squares
+  kRetrieval,        // landmark scores / partial top-K lists
+  kAttention,        // attention partials
+  kSparseKv,         // selected chunks' K/V in bf16 for the tensor-core sparse attention
+  kSampling,         // per-row parameters, uniforms and candidate lists
   kSamplingAux,
-  kPenalties,         // per-row penalty parameters: ApplyPenalties'
-  kPenaltyCounts,     // and CountTokens'
+  kPenalties,      // per-row penalty parameters: ApplyPenalties'
+  kPenaltyCounts,  // and CountTokens'
   kNumSlots
 };
 

@@ -338,8 +338,7 @@ TEST_F(CudaOpTest, PenaltiesAndTokenCountsMatchCpu) {
       ASSERT_TRUE(
           cpu_->ApplyPenalties(logits.data(), rows, vocab, cpu_params.data(), want.data()).ok());
       float* d_out = Poisoned<float>(rows * vocab);
-      ASSERT_TRUE(
-          gpu_->ApplyPenalties(ToGpu(logits), rows, vocab, gpu_params.data(), d_out).ok());
+      ASSERT_TRUE(gpu_->ApplyPenalties(ToGpu(logits), rows, vocab, gpu_params.data(), d_out).ok());
       const std::vector<float> got = FromGpu(d_out, rows * vocab);
       int64_t differ = 0;
       for (size_t i = 0; i < got.size(); ++i) {

@@ -374,8 +374,8 @@ inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
     auto sampled = SampleTokens(model->backend(), penalized, V, plain, positions);
     ASSERT_TRUE(sampled.ok()) << sampled.status();
     ASSERT_TRUE(cpu->CountTokens(params.data(), 3, V, sampled->data()).ok());
-    penalty_changed_greedy += (*sampled)[0] != std::max_element(logits.begin(), logits.begin() + V) -
-                                                  logits.begin();
+    penalty_changed_greedy +=
+        (*sampled)[0] != std::max_element(logits.begin(), logits.begin() + V) - logits.begin();
     want.push_back(*sampled);
     next = *sampled;
   }

@@ -174,8 +174,8 @@ TEST_P(EngineTest, PenaltiesCountTheInputAndEachGenerationAfresh) {
     SessionState* st[] = {s.get()};
     for (int i = 0; i < n; ++i) {
       std::vector<float> pen(logits.size());
-      EXPECT_TRUE(backend_->ApplyPenalties(logits.data(), 1, config_.vocab_size, &p, pen.data())
-                      .ok());
+      EXPECT_TRUE(
+          backend_->ApplyPenalties(logits.data(), 1, config_.vocab_size, &p, pen.data()).ok());
       const int32_t t =
           static_cast<int32_t>(std::max_element(pen.begin(), pen.end()) - pen.begin());
       out.push_back(t);
@@ -194,7 +194,7 @@ TEST_P(EngineTest, PenaltiesCountTheInputAndEachGenerationAfresh) {
   const Outcome first = f.get();
   ASSERT_TRUE(first.status.ok()) << first.status;
   EXPECT_EQ(first.tokens, reference(prompt, prompt, 30));
-  EXPECT_EQ(state->token_counts(), nullptr);  // released with the request
+  EXPECT_EQ(state->token_counts(), nullptr);       // released with the request
   EXPECT_NE(first.tokens, Reference(prompt, 30));  // the penalties changed something
   const Outcome beside = g.get();
   ASSERT_TRUE(beside.status.ok()) << beside.status;

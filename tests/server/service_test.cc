@@ -337,7 +337,8 @@ TEST_F(ServiceTest, PenaltiesFromSessionDefaultsOrRequestCountEachGeneration) {
        std::vector<std::pair<std::string, std::function<void(v1::SamplingParams*)>>>{
            {"presence_penalty", [](v1::SamplingParams* p) { p->set_presence_penalty(2.5f); }},
            {"frequency_penalty", [](v1::SamplingParams* p) { p->set_frequency_penalty(-3.0f); }},
-           {"repetition_penalty", [](v1::SamplingParams* p) { p->set_repetition_penalty(0.0f); }}}) {
+           {"repetition_penalty",
+            [](v1::SamplingParams* p) { p->set_repetition_penalty(0.0f); }}}) {
     v1::GenerateRequest g;
     g.set_session_id("req");
     g.mutable_stopping()->set_max_tokens(4);
