@@ -28,6 +28,9 @@ absl::Status CheckMixerOutProj(std::string_view op, const MambaMixerArgs& a);
 absl::Status CheckSamplingParams(std::string_view op, const SamplingParams* params, int64_t rows);
 // Per-row penalties (host array of `rows`): finite presence and frequency, finite repetition > 0.
 absl::Status CheckPenaltyParams(std::string_view op, const PenaltyParams* params, int64_t rows);
+// TopLogprobs' sizes (rows >= 0, 1 <= n <= min(vocab, kMaxTopLogprobs)) and, with rows, pointers.
+absl::Status CheckTopLogprobsArgs(const float* logits, int64_t rows, int64_t vocab, int64_t n,
+                                  const int32_t* ids, const float* logprobs);
 
 }  // namespace ramba::kernels
 

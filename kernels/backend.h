@@ -452,6 +452,14 @@ class Backend {
   virtual absl::Status TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
                                      const int32_t* tokens, float* out) = 0;
 
+  // The n most likely tokens of each row with their logprobs under the raw distribution (as
+  // TokenLogprobs'): ids[r * n + j], logprobs[r * n + j] for j < n, by descending logit, ties
+  // lower id first (NaN logits rank as -inf). 1 <= n <= min(vocab, kMaxTopLogprobs); outputs are
+  // backend memory.
+  static constexpr int64_t kMaxTopLogprobs = 20;
+  virtual absl::Status TopLogprobs(const float* logits, int64_t rows, int64_t vocab, int64_t n,
+                                   int32_t* ids, float* logprobs) = 0;
+
   // dst[r][0, cols) = src[r * ld, r * ld + cols) for r < rows; dst is an array of `rows` row
   // pointers (batched decode appends each session's row to its own partial-chunk buffer).
   virtual absl::Status ScatterRows(const float* src, int64_t ld, float* const* dst, int64_t rows,

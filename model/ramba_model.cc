@@ -157,6 +157,15 @@ absl::Status CheckSampling(absl::Span<SessionState* const> states,
   return absl::OkStatus();
 }
 
+absl::Status CheckTopLogprobs(int top_logprobs, int64_t vocab) {
+  const int64_t most = std::min<int64_t>(vocab, kernels::Backend::kMaxTopLogprobs);
+  if (top_logprobs < 0 || top_logprobs > most) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_logprobs must be in [0, ", most, "], got ", top_logprobs));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states,
@@ -164,7 +173,8 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
                                           absl::Span<const SamplingOptions> options,
                                           std::vector<int32_t>* sampled,
                                           absl::Span<const bool> logprob_rows,
-                                          std::vector<float>* logprobs) {
+                                          std::vector<float>* logprobs, int top_logprobs,
+                                          std::vector<TopLogprob>* top) {
   if (sampled == nullptr) return absl::InvalidArgumentError("ForwardAndSample: null output");
   if (options.size() != states.size()) {
     return absl::InvalidArgumentError(absl::StrCat("ForwardAndSample got ", states.size(),
@@ -177,12 +187,18 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
                                                    " logprob flags"));
   }
   RETURN_IF_ERROR(CheckSampling(states, options));
+  RETURN_IF_ERROR(CheckTopLogprobs(top_logprobs, config_.vocab_size));
+  if (top_logprobs > 0 && (logprobs == nullptr || top == nullptr)) {
+    return absl::InvalidArgumentError("ForwardAndSample: top_logprobs without logprobs and top");
+  }
   absl::MutexLock lock(&mu_);
   Output output;
   output.options = options;
   output.sampled = sampled;
   output.logprob_rows = logprob_rows;
   output.logprobs = logprobs;
+  output.top_n = top_logprobs;
+  output.top = top;
   return ForwardLocked(states, tokens, LogitsMode::kLast, output, CarriedTokens());
 }
 
@@ -200,24 +216,26 @@ std::vector<absl::Span<const int32_t>> OneTokenEach(absl::Span<const int32_t> to
 
 absl::Status RambaModel::LaunchDecode(absl::Span<SessionState* const> states,
                                       absl::Span<const int32_t> tokens,
-                                      absl::Span<const SamplingOptions> options, bool logprobs) {
+                                      absl::Span<const SamplingOptions> options, bool logprobs,
+                                      int top_logprobs) {
   if (tokens.empty()) {
     std::vector<int32_t> carried(states.size());
     for (size_t s = 0; s < carried.size(); ++s) carried[s] = static_cast<int32_t>(s);
     const std::vector<absl::Span<const int32_t>> none(states.size());
-    return LaunchStep(states, none, options, carried, /*chained=*/true, logprobs);
+    return LaunchStep(states, none, options, carried, /*chained=*/true, logprobs, top_logprobs);
   }
   if (tokens.size() != states.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("LaunchDecode got ", states.size(), " states and ", tokens.size(), " tokens"));
   }
-  return LaunchStep(states, OneTokenEach(tokens), options, {}, /*chained=*/false, logprobs);
+  return LaunchStep(states, OneTokenEach(tokens), options, {}, /*chained=*/false, logprobs,
+                    top_logprobs);
 }
 
 absl::Status RambaModel::LaunchForward(absl::Span<SessionState* const> states,
                                        absl::Span<const absl::Span<const int32_t>> tokens,
                                        absl::Span<const SamplingOptions> options, bool logprobs,
-                                       absl::Span<const int32_t> carried) {
+                                       absl::Span<const int32_t> carried, int top_logprobs) {
   if (tokens.size() != states.size()) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchForward got ", states.size(),
                                                    " states and ", tokens.size(), " token lists"));
@@ -226,7 +244,7 @@ absl::Status RambaModel::LaunchForward(absl::Span<SessionState* const> states,
     return absl::InvalidArgumentError(absl::StrCat(
         "LaunchForward got ", states.size(), " states and ", carried.size(), " carried entries"));
   }
-  return LaunchStep(states, tokens, options, carried, /*chained=*/false, logprobs);
+  return LaunchStep(states, tokens, options, carried, /*chained=*/false, logprobs, top_logprobs);
 }
 
 absl::Status RambaModel::Feed(absl::Span<SessionState* const> states,
@@ -241,7 +259,7 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
                                     absl::Span<const absl::Span<const int32_t>> tokens,
                                     absl::Span<const SamplingOptions> options,
                                     absl::Span<const int32_t> carried, bool chained,
-                                    bool logprobs) {
+                                    bool logprobs, int top_logprobs) {
   const int64_t B = static_cast<int64_t>(states.size());
   if (B == 0) return absl::InvalidArgumentError("LaunchDecode: no sessions");
   if (static_cast<int64_t>(options.size()) != B) {
@@ -249,6 +267,7 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
         absl::StrCat("LaunchDecode got ", B, " states and ", options.size(), " sampling options"));
   }
   RETURN_IF_ERROR(CheckSampling(states, options));
+  RETURN_IF_ERROR(CheckTopLogprobs(top_logprobs, config_.vocab_size));
   absl::MutexLock lock(&mu_);
   if (static_cast<int>(decodes_in_flight_.size()) >= kMaxDecodesInFlight) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -293,7 +312,8 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   output.sampled = &unused;
   LaunchedStep launched;
   launched.rows = B;
-  launched.logprobs = logprobs;
+  launched.logprobs = logprobs || top_logprobs > 0;
+  launched.top_n = top_logprobs;
   output.launched = &launched;
   const absl::Status st = ForwardLocked(states, spans, LogitsMode::kLast, output, carry);
   chain_.clear();
@@ -305,7 +325,8 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
 }
 
 absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled,
-                                       std::vector<float>* logprobs) {
+                                       std::vector<float>* logprobs,
+                                       std::vector<TopLogprob>* top) {
   if (sampled == nullptr) return absl::InvalidArgumentError("CollectDecode: null output");
   absl::MutexLock lock(&mu_);
   if (decodes_in_flight_.empty()) {
@@ -316,11 +337,12 @@ absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled,
   std::vector<int32_t> words(static_cast<size_t>(step.words()));
   RETURN_IF_ERROR(backend_->FinishDownload(step.ticket, words.data()));
   sampled->assign(words.begin(), words.begin() + step.rows);
-  if (step.tier_counts) TakeTierCounts(words.data() + 2 * step.rows);
+  if (step.tier_counts) TakeTierCounts(words.data() + step.tier_offset());
   if (logprobs != nullptr) {
     logprobs->assign(step.rows, std::numeric_limits<float>::quiet_NaN());
     if (step.logprobs) std::memcpy(logprobs->data(), words.data() + step.rows, step.rows * 4);
   }
+  if (top != nullptr) TakeTopLogprobs(step, words.data(), top);
   return absl::OkStatus();
 }
 
@@ -336,6 +358,17 @@ absl::StatusOr<uint64_t*> RambaModel::TierCountsLocked() {
   }
   tier_counts_dirty_ = true;
   return tier_counts_buffer_.as<uint64_t>();
+}
+
+void RambaModel::TakeTopLogprobs(const LaunchedStep& layout, const int32_t* words,
+                                 std::vector<TopLogprob>* top) {
+  const int64_t n = layout.rows * layout.top_n;
+  top->resize(static_cast<size_t>(n));
+  const int32_t* ids = words + layout.top_offset();
+  for (int64_t i = 0; i < n; ++i) {
+    (*top)[i].id = ids[i];
+    std::memcpy(&(*top)[i].logprob, ids + n + i, sizeof(float));
+  }
 }
 
 void RambaModel::TakeTierCounts(const int32_t* words) {
@@ -363,7 +396,7 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
         int32_t * dev,
         workspace_->Get<int32_t>(
             launched != nullptr ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled,
-            2 * rows + kTierWords));
+            2 * rows + 2 * rows * kernels::Backend::kMaxTopLogprobs + kTierWords));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     // Penalties go into a copy: logprobs stay those of the raw distribution.
     std::vector<kernels::PenaltyParams> penalties;
@@ -389,14 +422,20 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     RETURN_IF_ERROR(be->Sample(to_sample, rows, vocab, params.data(), uniforms.data(), dev));
     if (!penalties.empty()) RETURN_IF_ERROR(be->CountTokens(penalties.data(), rows, vocab, dev));
     const bool logprobs = launched != nullptr ? launched->logprobs : output.logprobs != nullptr;
-    if (logprobs) RETURN_IF_ERROR(be->TokenLogprobs(out, rows, vocab, dev, dev_logprobs));
+    const int64_t top_n = launched != nullptr ? launched->top_n : output.top_n;
     const bool counts = tier_counts_dirty_;
+    const LaunchedStep layout{-1, rows, logprobs, top_n, counts};
+    if (logprobs) RETURN_IF_ERROR(be->TokenLogprobs(out, rows, vocab, dev, dev_logprobs));
+    if (top_n > 0) {
+      int32_t* top_ids = dev + layout.top_offset();
+      RETURN_IF_ERROR(be->TopLogprobs(out, rows, vocab, top_n, top_ids,
+                                      reinterpret_cast<float*>(top_ids + rows * top_n)));
+    }
     if (counts) {
-      RETURN_IF_ERROR(
-          be->Copy(dev + 2 * rows, tier_counts_buffer_.data(), kTierWords * sizeof(int32_t)));
+      RETURN_IF_ERROR(be->Copy(dev + layout.tier_offset(), tier_counts_buffer_.data(),
+                               kTierWords * sizeof(int32_t)));
       tier_counts_dirty_ = false;
     }
-    const LaunchedStep layout{-1, rows, logprobs, counts};
     const size_t bytes = layout.words() * sizeof(int32_t);
     if (launched != nullptr) {
       launched->tier_counts = counts;
@@ -405,7 +444,7 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     }
     std::vector<int32_t> words(bytes / sizeof(int32_t));
     RETURN_IF_ERROR(be->Download(words.data(), dev, bytes));
-    if (counts) TakeTierCounts(words.data() + 2 * rows);
+    if (counts) TakeTierCounts(words.data() + layout.tier_offset());
     output.sampled->assign(words.begin(), words.begin() + rows);
     if (logprobs) {
       output.logprobs->assign(rows, std::numeric_limits<float>::quiet_NaN());
@@ -413,6 +452,7 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
         if (output.logprob_rows[r]) std::memcpy(&(*output.logprobs)[r], &words[rows + r], 4);
       }
     }
+    if (top_n > 0) TakeTopLogprobs(layout, words.data(), output.top);
   }
   if (output.logits != nullptr) {
     output.logits->resize(rows * vocab);

@@ -26,6 +26,14 @@
 
 namespace ramba {
 
+// One of the most likely tokens at a sampled token's place, with its logprob under the raw
+// distribution (Backend::TopLogprobs).
+struct TopLogprob {
+  int32_t id = -1;
+  float logprob = 0.0f;
+  bool operator==(const TopLogprob& o) const { return id == o.id && logprob == o.logprob; }
+};
+
 // Which rows of a forward pass produce logits.
 enum class LogitsMode {
   kNone,  // no logits (intermediate prefill segments)
@@ -98,13 +106,15 @@ class RambaModel {
   // With `logprobs`, (*logprobs)[s] is the natural log of sampled[s]'s probability under the raw
   // distribution (softmax of the logits, before temperature, top-k and top-p) for the sequences
   // with logprob_rows[s] set (one span entry per sequence), NaN for the others; only those rows'
-  // logits are downloaded.
+  // logits are downloaded. With top_logprobs = n > 0 as well (n <= min(vocab,
+  // Backend::kMaxTopLogprobs)), (*top)[s * n + j] is sequence s's j-th most likely token.
   absl::Status ForwardAndSample(absl::Span<SessionState* const> states,
                                 absl::Span<const absl::Span<const int32_t>> tokens,
                                 absl::Span<const SamplingOptions> options,
                                 std::vector<int32_t>* sampled,
                                 absl::Span<const bool> logprob_rows = {},
-                                std::vector<float>* logprobs = nullptr);
+                                std::vector<float>* logprobs = nullptr, int top_logprobs = 0,
+                                std::vector<TopLogprob>* top = nullptr);
 
   // Decode steps queued ahead of their results, so the device need not idle while the caller
   // handles a step's tokens (vLLM's async scheduling). LaunchDecode queues one step of one token
@@ -116,11 +126,13 @@ class RambaModel {
   // fed since (other forward calls may come between). States advance at launch; at most
   // kMaxDecodesInFlight steps may be uncollected. Options and tokens are validated before any
   // state changes. With `logprobs`, every sampled token's logprob (as ForwardAndSample's) is
-  // computed on the backend and comes back with the tokens.
+  // computed on the backend and comes back with the tokens; with top_logprobs = n > 0, each
+  // row's n most likely tokens too (implies logprobs).
   static constexpr int kMaxDecodesInFlight = 2;
   absl::Status LaunchDecode(absl::Span<SessionState* const> states,
                             absl::Span<const int32_t> tokens,
-                            absl::Span<const SamplingOptions> options, bool logprobs = false);
+                            absl::Span<const SamplingOptions> options, bool logprobs = false,
+                            int top_logprobs = 0);
   // LaunchDecode's general form: tokens[s] (one or more, as ForwardAndSample takes them) for each
   // session, one token sampled per session; a later LaunchDecode without tokens may follow it.
   // `carried` (empty, or one entry per session) lets rows join, leave or move between launches
@@ -130,7 +142,7 @@ class RambaModel {
   absl::Status LaunchForward(absl::Span<SessionState* const> states,
                              absl::Span<const absl::Span<const int32_t>> tokens,
                              absl::Span<const SamplingOptions> options, bool logprobs = false,
-                             absl::Span<const int32_t> carried = {});
+                             absl::Span<const int32_t> carried = {}, int top_logprobs = 0);
   // Forward without logits (LogitsMode::kNone) that returns once the work is queued on the
   // backend instead of waiting for it, so a prompt's tokens can be fed beside launched decode
   // steps: a server runs the decode rows as one recorded step and the prompts' tokens here,
@@ -139,8 +151,10 @@ class RambaModel {
   absl::Status Feed(absl::Span<SessionState* const> states,
                     absl::Span<const absl::Span<const int32_t>> tokens);
   // The oldest launched step's tokens and, when given, their logprobs (NaN when that launch
-  // computed none).
-  absl::Status CollectDecode(std::vector<int32_t>* sampled, std::vector<float>* logprobs = nullptr);
+  // computed none) and each row's top_logprobs most likely tokens (rows * n entries, row-major;
+  // empty when that launch asked for none).
+  absl::Status CollectDecode(std::vector<int32_t>* sampled, std::vector<float>* logprobs = nullptr,
+                             std::vector<TopLogprob>* top = nullptr);
   int decodes_in_flight() const;
 
   // Feeds `tokens` to one session in segments of at most `segment_tokens` (bounded scratch
@@ -178,16 +192,21 @@ class RambaModel {
   };
   RambaModel(ModelConfig config, ModelWeights weights, kernels::Backend* backend);
   // A launched step awaiting CollectDecode: the download of its tokens, then its logprobs, then
-  // (after a step that counted chunk tiers) the counts.
+  // each row's top_n most likely ids and their logprobs, then (after a step that counted chunk
+  // tiers) the counts.
   static constexpr int64_t kTierWords = 2 * kernels::StagedChunks::kTierCounts;  // uint64 each
   struct LaunchedStep {
     int64_t ticket = -1;
     int64_t rows = 0;
     bool logprobs = false;     // every row's logprob follows the tokens
-    bool tier_counts = false;  // the counts follow the logprobs' place
+    int64_t top_n = 0;         // then top ids [rows, top_n], then their logprobs (logprobs set)
+    bool tier_counts = false;  // the counts follow
+    int64_t top_offset() const { return 2 * rows; }
+    int64_t tier_offset() const { return 2 * rows + 2 * rows * top_n; }
     // 4-byte words of that download.
     int64_t words() const {
-      return tier_counts ? 2 * rows + kTierWords : rows * (logprobs ? 2 : 1);
+      if (!logprobs && !tier_counts) return rows;
+      return tier_offset() + (tier_counts ? kTierWords : 0);
     }
   };
   // Where a forward pass's last-token logits go: downloaded, sampled on the backend, or both.
@@ -197,6 +216,8 @@ class RambaModel {
     std::vector<int32_t>* sampled = nullptr;
     absl::Span<const bool> logprob_rows;  // with logprobs: rows whose sampled token's logprob
     std::vector<float>* logprobs = nullptr;
+    int64_t top_n = 0;  // with logprobs: each row's top_n most likely tokens into *top
+    std::vector<TopLogprob>* top = nullptr;
     // With sampled: queue the tokens' download (launched->ticket, tier_counts set here) instead
     // of waiting for it (LaunchDecode), every row's logprob after the tokens when
     // launched->logprobs is set.
@@ -228,7 +249,8 @@ class RambaModel {
   absl::Status LaunchStep(absl::Span<SessionState* const> states,
                           absl::Span<const absl::Span<const int32_t>> tokens,
                           absl::Span<const SamplingOptions> options,
-                          absl::Span<const int32_t> carried, bool chained, bool logprobs);
+                          absl::Span<const int32_t> carried, bool chained, bool logprobs,
+                          int top_logprobs);
   // Downloads and/or samples `rows` rows of logits at backend address `out` (states advanced).
   absl::Status Deliver(absl::Span<SessionState* const> states, const float* out, int64_t rows,
                        const Output& output) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -288,6 +310,9 @@ class RambaModel {
   // TierCountsLocked hands the counters to a staging op and marks them for the next delivery.
   absl::StatusOr<uint64_t*> TierCountsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TakeTierCounts(const int32_t* words) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A step's top logprobs from its download's words (layout: where they are).
+  static void TakeTopLogprobs(const LaunchedStep& layout, const int32_t* words,
+                              std::vector<TopLogprob>* top);
   kernels::Buffer tier_counts_buffer_ ABSL_GUARDED_BY(mu_);
   bool tier_counts_dirty_ ABSL_GUARDED_BY(mu_) = false;
   ChunkTierCounts chunk_tier_counts_ ABSL_GUARDED_BY(mu_);

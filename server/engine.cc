@@ -31,7 +31,14 @@ struct Engine::Running {
   // In the batch being planned, this row's token is kept and its logprob wanted (a row still
   // feeding input after this batch ignores its token).
   bool wants_logprob() const {
-    return req->include_logprobs && generating() && (carried_from >= 0 || take == remaining());
+    return (req->include_logprobs || req->top_logprobs > 0) && generating() &&
+           (carried_from >= 0 || take == remaining());
+  }
+  // This row's share of a step's top logprobs (n per row), empty when it asked for none.
+  std::vector<TopLogprob> TopOf(const std::vector<TopLogprob>& top, size_t row, int64_t n) const {
+    if (req->top_logprobs <= 0 || n <= 0) return {};
+    const auto first = top.begin() + static_cast<int64_t>(row) * n;
+    return std::vector<TopLogprob>(first, first + std::min<int64_t>(req->top_logprobs, n));
   }
 };
 
@@ -45,6 +52,7 @@ struct Engine::InFlight {
   // Per row: the row of the step launched before this one that it carries, or -1.
   std::vector<int32_t> carried;
   bool logprobs = false;  // some row's request wants its token's logprob
+  int top_logprobs = 0;   // the most top logprobs a row wants
 };
 
 Engine::Engine(RambaModel* model, EngineOptions options)
@@ -204,12 +212,18 @@ absl::Status Engine::Validate(const EngineRequest& req) const {
                                                      ")"));
     }
   }
+  const int64_t most_top = std::min<int64_t>(vocab, kernels::Backend::kMaxTopLogprobs);
+  if (req.top_logprobs < 0 || req.top_logprobs > most_top) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_logprobs must be in [0, ", most_top, "], got ", req.top_logprobs));
+  }
   return ValidateSamplingOptions(req.sampling);
 }
 
-bool Engine::Report(Running* r, int32_t token, float logprob, bool fed_ahead) {
+bool Engine::Report(Running* r, int32_t token, float logprob, absl::Span<const TopLogprob> top,
+                    bool fed_ahead) {
   const TokenAction action =
-      r->req->on_token ? r->req->on_token(token, logprob) : TokenAction::kContinue;
+      r->req->on_token ? r->req->on_token(token, logprob, top) : TokenAction::kContinue;
   if (action == TokenAction::kStop) {
     if (!fed_ahead && r->req->feed_stop_token) {
       r->stopping = true;  // the token is pending: the next batch feeds it, then the request ends
@@ -267,8 +281,9 @@ void Engine::Collect(const InFlight& step, std::vector<ToReport>* to_report,
                      std::vector<Running*>* done) {
   std::vector<int32_t> sampled;
   std::vector<float> logprobs;
+  std::vector<TopLogprob> top;
   iteration_ran_model_ = true;
-  if (absl::Status st = model_->CollectDecode(&sampled, &logprobs); !st.ok()) {
+  if (absl::Status st = model_->CollectDecode(&sampled, &logprobs, &top); !st.ok()) {
     // The step launched after it may carry its tokens: both fail.
     for (const InFlight* s : {&step, static_cast<const InFlight*>(in_flight_.get())}) {
       if (s == nullptr) continue;
@@ -296,7 +311,10 @@ void Engine::Collect(const InFlight& step, std::vector<ToReport>* to_report,
       case Outcome::kToken:
         to_report->push_back(
             {r, sampled[i],
-             r->req->include_logprobs ? logprobs[i] : std::numeric_limits<float>::quiet_NaN()});
+             r->req->include_logprobs || r->req->top_logprobs > 0
+                 ? logprobs[i]
+                 : std::numeric_limits<float>::quiet_NaN(),
+             r->TopOf(top, i, step.top_logprobs)});
         break;
       case Outcome::kEnded:
         done->push_back(r);
@@ -385,9 +403,10 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
       step->carried.push_back(r->carried_from);
       spans.push_back(r->input());
       step->logprobs = step->logprobs || r->wants_logprob();
+      if (r->wants_logprob()) step->top_logprobs = std::max(step->top_logprobs, r->req->top_logprobs);
     }
-    const absl::Status st =
-        model_->LaunchForward(states, spans, options, step->logprobs, step->carried);
+    const absl::Status st = model_->LaunchForward(states, spans, options, step->logprobs,
+                                                  step->carried, step->top_logprobs);
     if (!st.ok()) {
       fail(step->batch, st);
     } else {
@@ -433,10 +452,10 @@ void Engine::Step(std::vector<std::unique_ptr<Running>>& active) {
     LaunchNext(active, collecting.get(), &done);
     if (collecting != nullptr) Collect(*collecting, &to_report, &done);
   }
-  for (const auto& [r, token, logprob] : to_report) {
+  for (const auto& [r, token, logprob, top] : to_report) {
     if (Contains(done, r)) continue;  // failed with the launch that would have fed its token
     const bool fed = in_flight_ != nullptr && Contains(in_flight_->batch, r);
-    if (Report(r, token, logprob, fed)) {
+    if (Report(r, token, logprob, top, fed)) {
       done.push_back(r);
       if (fed) *std::find(in_flight_->batch.begin(), in_flight_->batch.end(), r) = nullptr;
     }
@@ -475,17 +494,20 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   // Logprobs only for the rows that keep their token (Running::wants_logprob).
   auto want_logprob = std::make_unique<bool[]>(batch.size());  // a span of bool (not vector<bool>)
   bool any_logprob = false;
+  int top_n = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     Running* r = batch[i];
     options.push_back(r->req->sampling);
     want_logprob[i] = r->wants_logprob();
     any_logprob = any_logprob || want_logprob[i];
+    if (want_logprob[i]) top_n = std::max(top_n, r->req->top_logprobs);
   }
   std::vector<int32_t> sampled;
   std::vector<float> logprobs;
+  std::vector<TopLogprob> top;
   const absl::Status st = model_->ForwardAndSample(
       states, spans, options, &sampled, absl::MakeConstSpan(want_logprob.get(), batch.size()),
-      any_logprob ? &logprobs : nullptr);
+      any_logprob ? &logprobs : nullptr, top_n, &top);
   std::vector<Running*> done;
   for (size_t i = 0; i < batch.size(); ++i) {
     Running* r = batch[i];
@@ -497,7 +519,8 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
     r->next += r->take;
     const Outcome o = Absorb(r, sampled[i], /*fed_ahead=*/false);
     const float logprob = any_logprob ? logprobs[i] : std::numeric_limits<float>::quiet_NaN();
-    if (o == Outcome::kEnded || (o == Outcome::kToken && Report(r, sampled[i], logprob, false))) {
+    if (o == Outcome::kEnded ||
+        (o == Outcome::kToken && Report(r, sampled[i], logprob, r->TopOf(top, i, top_n), false))) {
       done.push_back(r);
     }
   }

@@ -49,9 +49,14 @@ struct EngineRequest {
   SamplingOptions sampling;
   // Whether on_token gets the token's logprob (RambaModel::ForwardAndSample); NaN otherwise.
   bool include_logprobs = false;
+  // How many of the most likely tokens at each generated token's place on_token gets (with
+  // their logprobs; implies include_logprobs), 0 to min(vocab, Backend::kMaxTopLogprobs).
+  int32_t top_logprobs = 0;
   // Called on the engine thread for each generated token; kStop ends generation after it (stop
-  // sequences and stop ids are decided by the caller, which knows the text).
-  std::function<TokenAction(int32_t token, float logprob)> on_token;
+  // sequences and stop ids are decided by the caller, which knows the text). `top` is valid for
+  // the call only.
+  std::function<TokenAction(int32_t token, float logprob, absl::Span<const TopLogprob> top)>
+      on_token;
   // Called exactly once, on the engine thread, when the request leaves the engine.
   std::function<void(const absl::Status& status, FinishReason reason)> on_done;
   // Whether a generation ended by kStop feeds its stopping token before on_done. A step launched
@@ -119,6 +124,7 @@ class Engine {
     Running* r;
     int32_t token;
     float logprob;
+    std::vector<TopLogprob> top;
   };
   enum class Outcome { kNone, kToken, kEnded };
   void Loop();
@@ -150,7 +156,8 @@ class Engine {
   // taken by the step launched ahead when fed_ahead), or kEnded (on_done has run).
   Outcome Absorb(Running* r, int32_t token, bool fed_ahead);
   // Reports a generated token; true when it ended the request (on_done has run).
-  bool Report(Running* r, int32_t token, float logprob, bool fed_ahead);
+  bool Report(Running* r, int32_t token, float logprob, absl::Span<const TopLogprob> top,
+              bool fed_ahead);
   // Counts a step's rows, `launched` and prompt rows `fed` beside it (their sessions and taken
   // tokens), towards the metrics, and marks the iteration as one that ran model work.
   void CountStep(const std::vector<Running*>& launched, const std::vector<Running*>& fed);

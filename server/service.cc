@@ -272,6 +272,7 @@ struct GenerateSpec {
   bool include_stop_sequence = false;
   bool include_text = true;
   bool include_logprobs = false;
+  int32_t top_logprobs = 0;
   bool commit_input = true;
   bool commit_generated = true;
   bool has_expected = false;
@@ -323,6 +324,13 @@ absl::StatusOr<GenerateSpec> ParseGenerate(const RambaService::Deps& d, const v1
   g.include_stop_sequence = stopping.include_stop_sequence();
   g.include_text = !output.has_include_token_text() || output.include_token_text();
   g.include_logprobs = output.include_logprobs();
+  const int64_t most_top =
+      std::min<int64_t>(d.model->config().vocab_size, kernels::Backend::kMaxTopLogprobs);
+  if (output.top_logprobs() < 0 || output.top_logprobs() > most_top) {
+    return absl::InvalidArgumentError(absl::StrCat("output.top_logprobs must be in [0, ",
+                                                   most_top, "], got ", output.top_logprobs()));
+  }
+  g.top_logprobs = output.top_logprobs();
   return g;
 }
 
@@ -455,8 +463,11 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     req->max_new_tokens = spec_.max_tokens;
     req->sampling = sampling_;
     req->include_logprobs = spec_.include_logprobs;
+    req->top_logprobs = spec_.top_logprobs;
     req->feed_stop_token = !(stateless_ || fork_only_);  // a throwaway state needs no last step
-    req->on_token = [this](int32_t t, float logprob) { return OnToken(t, logprob); };
+    req->on_token = [this](int32_t t, float logprob, absl::Span<const TopLogprob> top) {
+      return OnToken(t, logprob, top);
+    };
     req->on_done = [this](const absl::Status& s, FinishReason r) { OnEngineDone(s, r); };
     {
       absl::MutexLock lock(&mu_);
@@ -469,7 +480,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   }
 
   // Engine thread.
-  TokenAction OnToken(int32_t token, float logprob) {
+  TokenAction OnToken(int32_t token, float logprob, absl::Span<const TopLogprob> top) {
     const auto now = Clock::now();
     if (!first_token_) {
       first_token_ = now;
@@ -482,7 +493,14 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     const ModelConfig& c = deps_.model->config();
     v1::Token t;
     t.set_id(token);
-    if (spec_.include_logprobs) t.set_logprob(logprob);
+    if (spec_.include_logprobs || spec_.top_logprobs > 0) t.set_logprob(logprob);
+    for (const TopLogprob& alt : top) {
+      v1::TopLogprob* a = t.add_top_logprobs();
+      a->set_id(alt.id);
+      a->set_logprob(alt.logprob);
+      auto bytes = deps_.tokenizer->DecodeToken(alt.id);
+      if (bytes.ok()) a->set_token(*bytes);
+    }
     TokenAction action = TokenAction::kContinue;
     if (!spec_.ignore_eos && token == c.eos_token_id) {
       reason_ = v1::FINISH_REASON_EOS;

@@ -53,6 +53,9 @@ ABSL_FLAG(int32_t, append_tokens, 0,
 ABSL_FLAG(bool, logprobs, false,
           "Decode steps also compute every sampled token's logprob on the device and download it "
           "with the tokens (what a server does for requests with output.include_logprobs)");
+ABSL_FLAG(int32_t, top_logprobs, 0,
+          "Also compute each row's N most likely tokens and their logprobs on the device "
+          "(output.top_logprobs; implies --logprobs)");
 ABSL_FLAG(bool, penalties, false,
           "Decode with presence / frequency / repetition penalties (0.5 / 0.5 / 1.1): every "
           "step then also penalises a copy of the logits and counts its tokens on the device");
@@ -252,7 +255,9 @@ int main(int argc, char** argv) {
     };
     if (auto st = reset_counts(); !st.ok()) return Fail(st);
     const bool download = absl::GetFlag(FLAGS_download_logits);
-    const bool logprobs = absl::GetFlag(FLAGS_logprobs);
+    const int32_t top_n = absl::GetFlag(FLAGS_top_logprobs);
+    const bool logprobs = absl::GetFlag(FLAGS_logprobs) || top_n > 0;
+    std::vector<ramba::TopLogprob> top;
     const std::unique_ptr<bool[]> all_rows(new bool[batch]);
     std::fill(all_rows.get(), all_rows.get() + batch, true);
     std::vector<float> row_logprobs;
@@ -260,7 +265,8 @@ int main(int argc, char** argv) {
       if (download) return (*model)->Decode(ptrs, tokens, &logits);
       if (!logprobs) return (*model)->ForwardAndSample(ptrs, spans, greedy, &sampled);
       return (*model)->ForwardAndSample(ptrs, spans, greedy, &sampled,
-                                        absl::MakeConstSpan(all_rows.get(), batch), &row_logprobs);
+                                        absl::MakeConstSpan(all_rows.get(), batch), &row_logprobs,
+                                        top_n, &top);
     };
     // Two warm-up steps, then the timed ones.
     for (int i = 0; i < 2; ++i) {
@@ -308,9 +314,9 @@ int main(int argc, char** argv) {
       }
       if (auto st = reset_counts(); !st.ok()) return Fail(st);
       auto launch = [&](absl::Span<const int32_t> input) {
-        return (*model)->LaunchDecode(ptrs, input, greedy, logprobs);
+        return (*model)->LaunchDecode(ptrs, input, greedy, logprobs, top_n);
       };
-      auto collect = [&]() { return (*model)->CollectDecode(&sampled, &row_logprobs); };
+      auto collect = [&]() { return (*model)->CollectDecode(&sampled, &row_logprobs, &top); };
       if (auto st = launch(tokens); !st.ok()) return Fail(st);
       for (int i = 0; i < 2; ++i) {  // warm-up, as above
         if (auto st = launch({}); !st.ok()) return Fail(st);

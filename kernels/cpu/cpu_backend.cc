@@ -375,6 +375,15 @@ absl::Status CpuBackend::TokenLogprobs(const float* logits, int64_t rows, int64_
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::TopLogprobs(const float* logits, int64_t rows, int64_t vocab, int64_t n,
+                                     int32_t* ids, float* logprobs) {
+  RETURN_IF_ERROR(CheckTopLogprobsArgs(logits, rows, vocab, n, ids, logprobs));
+  if (rows == 0) return absl::OkStatus();
+  ApplyThreads();
+  cpu::TopLogprobs(logits, rows, vocab, n, ids, logprobs);
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Sample(const float* logits, int64_t rows, int64_t vocab,
                                 const SamplingParams* params, const float* uniforms,
                                 int32_t* out) {

@@ -66,6 +66,8 @@ class CpuBackend : public Backend {
                            const int32_t* tokens) override;
   absl::Status TokenLogprobs(const float* logits, int64_t rows, int64_t vocab,
                              const int32_t* tokens, float* out) override;
+  absl::Status TopLogprobs(const float* logits, int64_t rows, int64_t vocab, int64_t n,
+                           int32_t* ids, float* logprobs) override;
   absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
                       const SamplingParams* params, const float* uniforms,
                       int32_t* out) override;

@@ -77,6 +77,8 @@ void TokenLogprobs(const float* logits, int64_t rows, int64_t vocab, const int32
                    float* out);
 void Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingParams* params,
             const float* uniforms, int32_t* out);
+void TopLogprobs(const float* logits, int64_t rows, int64_t vocab, int64_t n, int32_t* ids,
+                 float* logprobs);
 // One logit under PenaltyParams' rule; `count` is the token's counts entry. The CUDA kernel rounds
 // each operation the same way (no contraction into an FMA), so both backends agree to the bit.
 inline float PenalizedLogit(float l, int32_t count, const PenaltyParams& p) {

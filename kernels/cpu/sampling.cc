@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/ops.h"
@@ -108,6 +109,38 @@ int32_t SampleRow(const float* logits, int64_t vocab, const SamplingParams& para
   return last_positive;
 }
 
+namespace {
+
+// (max, log of the sum of exp(x - max) in double) over a row.
+std::pair<float, double> RowLogSumExp(const float* row, int64_t vocab) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < vocab; ++i) max = std::max(max, row[i]);
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(row[i]) - max);
+  return {max, std::log(sum)};
+}
+
+}  // namespace
+
+void TopLogprobs(const float* logits, int64_t rows, int64_t vocab, int64_t n, int32_t* ids,
+                 float* logprobs) {
+  std::vector<int32_t> order(static_cast<size_t>(vocab));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = logits + r * vocab;
+    const auto [max, log_sum] = RowLogSumExp(row, vocab);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + n, order.end(), [row](int32_t a, int32_t b) {
+      const float la = Clean(row[a]), lb = Clean(row[b]);
+      return la > lb || (la == lb && a < b);
+    });
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t t = order[j];
+      ids[r * n + j] = t;
+      logprobs[r * n + j] = static_cast<float>(static_cast<double>(row[t]) - max - log_sum);
+    }
+  }
+}
+
 // exp(x - max) summed in double over the row, then the log.
 void TokenLogprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* tokens,
                    float* out) {
@@ -119,11 +152,8 @@ void TokenLogprobs(const float* logits, int64_t rows, int64_t vocab, const int32
       out[r] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    float max = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < vocab; ++i) max = std::max(max, row[i]);
-    double sum = 0.0;
-    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(row[i]) - max);
-    out[r] = static_cast<float>(static_cast<double>(row[token]) - max - std::log(sum));
+    const auto [max, log_sum] = RowLogSumExp(row, vocab);
+    out[r] = static_cast<float>(static_cast<double>(row[token]) - max - log_sum);
   }
 }
 

@@ -246,6 +246,8 @@ absl::Status CountTokens(Context& ctx, const PenaltyParams* params, int64_t rows
                          const int32_t* tokens);
 absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
                            const int32_t* tokens, float* out);
+absl::Status TopLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab, int64_t n,
+                         int32_t* ids, float* logprobs);
 // params and uniforms are host arrays of `rows` entries.
 absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t vocab,
                     const SamplingParams* params, const float* uniforms, int32_t* out);

@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -659,14 +660,11 @@ __device__ __forceinline__ void MergeLse(float& m, float& s, float m2, float s2)
   m = mx;
 }
 
-__global__ void __launch_bounds__(kLogprobThreads)
-    TokenLogprobsKernel(const float* __restrict__ logits, int vocab,
-                        const int32_t* __restrict__ tokens, float* __restrict__ out) {
+// The row's max m and log of sum(exp(x - m)), for every thread of the block (kLogprobThreads).
+__device__ __forceinline__ void BlockLogSumExp(const float* __restrict__ x, int vocab, float* max,
+                                               float* log_sum) {
   __shared__ float ms[kLogprobThreads / 32], ss[kLogprobThreads / 32];
-  WaitForPriorGrids();
-  AllowDependentGrids();
-  const int row = blockIdx.x;
-  const float* x = logits + static_cast<int64_t>(row) * vocab;
+  __shared__ float result[2];
   float m = -INFINITY, s = 0.0f;
   for (int base = 0; base < vocab; base += kLogprobThreads * kLogprobPerThread) {
     float v[kLogprobPerThread];
@@ -692,11 +690,82 @@ __global__ void __launch_bounds__(kLogprobThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) ms[warp] = m, ss[warp] = s;
   __syncthreads();
+  if (threadIdx.x == 0) {
+    m = ms[0], s = ss[0];
+    for (int w = 1; w < kLogprobThreads / 32; ++w) MergeLse(m, s, ms[w], ss[w]);
+    result[0] = m;
+    result[1] = logf(s);
+  }
+  __syncthreads();
+  *max = result[0];
+  *log_sum = result[1];
+}
+
+__global__ void __launch_bounds__(kLogprobThreads)
+    TokenLogprobsKernel(const float* __restrict__ logits, int vocab,
+                        const int32_t* __restrict__ tokens, float* __restrict__ out) {
+  WaitForPriorGrids();
+  AllowDependentGrids();
+  const int row = blockIdx.x;
+  const float* x = logits + static_cast<int64_t>(row) * vocab;
+  float m, log_s;
+  BlockLogSumExp(x, vocab, &m, &log_s);
   if (threadIdx.x != 0) return;
-  m = ms[0], s = ss[0];
-  for (int w = 1; w < kLogprobThreads / 32; ++w) MergeLse(m, s, ms[w], ss[w]);
   const int32_t token = tokens[row];
-  out[row] = token < 0 || token >= vocab ? __int_as_float(0x7fc00000) : x[token] - m - logf(s);
+  out[row] = token < 0 || token >= vocab ? __int_as_float(0x7fc00000) : x[token] - m - log_s;
+}
+
+// One block per row: the log-sum-exp, then n rounds, each finding the first token in (logit
+// descending, id ascending) order after the last one found: every thread scans its strided share
+// (the row is in L2 after the first pass), then a block reduction. n <= 20, so n passes over the
+// row cost less than sorting it.
+__global__ void __launch_bounds__(kLogprobThreads)
+    TopLogprobsKernel(const float* __restrict__ logits, int vocab, int n, int32_t* __restrict__ ids,
+                      float* __restrict__ out) {
+  __shared__ float warp_v[kLogprobThreads / 32];
+  __shared__ int warp_i[kLogprobThreads / 32];
+  __shared__ float pick_v;
+  __shared__ int pick_i;
+  WaitForPriorGrids();
+  AllowDependentGrids();
+  const int row = blockIdx.x;
+  const float* x = logits + static_cast<int64_t>(row) * vocab;
+  float m, log_s;
+  BlockLogSumExp(x, vocab, &m, &log_s);
+  // Before the first round everything comes after (+inf, -1).
+  float last_v = INFINITY;
+  int last_i = -1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int k = 0; k < n; ++k) {
+    float bv = -INFINITY;
+    int bi = INT_MAX;
+    for (int i = threadIdx.x; i < vocab; i += kLogprobThreads) {
+      float v = x[i];
+      if (v != v) v = -INFINITY;  // NaN ranks as -inf
+      const bool after = v < last_v || (v == last_v && i > last_i);
+      if (after && (v > bv || (v == bv && i < bi))) bv = v, bi = i;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float v2 = __shfl_xor_sync(kFullMask, bv, o);
+      const int i2 = __shfl_xor_sync(kFullMask, bi, o);
+      if (v2 > bv || (v2 == bv && i2 < bi)) bv = v2, bi = i2;
+    }
+    if (lane == 0) warp_v[warp] = bv, warp_i[warp] = bi;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kLogprobThreads / 32; ++w) {
+        if (warp_v[w] > bv || (warp_v[w] == bv && warp_i[w] < bi)) bv = warp_v[w], bi = warp_i[w];
+      }
+      pick_v = bv;
+      pick_i = bi;
+      const int64_t at = static_cast<int64_t>(row) * n + k;
+      ids[at] = bi;
+      out[at] = x[bi] - m - log_s;
+    }
+    __syncthreads();
+    last_v = pick_v;
+    last_i = pick_i;
+  }
 }
 
 int CeilLog2(int64_t v) {
@@ -810,6 +879,13 @@ absl::Status TokenLogprobs(Context& ctx, const float* logits, int64_t rows, int6
   if (rows > INT32_MAX) return absl::InvalidArgumentError("TokenLogprobs: too many rows");
   return Launch(ctx, TokenLogprobsKernel, static_cast<unsigned>(rows), kLogprobThreads, 0, logits,
                 static_cast<int>(vocab), tokens, out);
+}
+
+absl::Status TopLogprobs(Context& ctx, const float* logits, int64_t rows, int64_t vocab, int64_t n,
+                         int32_t* ids, float* logprobs) {
+  if (rows > INT32_MAX) return absl::InvalidArgumentError("TopLogprobs: too many rows");
+  return Launch(ctx, TopLogprobsKernel, static_cast<unsigned>(rows), kLogprobThreads, 0, logits,
+                static_cast<int>(vocab), static_cast<int>(n), ids, logprobs);
 }
 
 absl::Status Sample(Context& ctx, const float* logits, int64_t rows, int64_t vocab,

@@ -307,6 +307,44 @@ TEST_F(CudaOpTest, TokenLogprobsMatchCpu) {
   }
 }
 
+TEST_F(CudaOpTest, TopLogprobsMatchCpu) {
+  std::mt19937 gen(5);
+  for (int64_t vocab : {20, 257, 50280}) {
+    for (int64_t rows : {1, 5, 130}) {
+      for (Shape shape : {Shape::kNormal, Shape::kPeaked, Shape::kTies, Shape::kFlat}) {
+        for (int64_t n : {1, 7, 20}) {
+          std::vector<float> logits = MakeLogits(shape, rows, vocab, gen);
+          if (rows > 2) {  // NaN and -inf entries rank last
+            logits[vocab] = NAN;
+            logits[vocab + 1] = -INFINITY;
+          }
+          std::vector<int32_t> want_ids(rows * n);
+          std::vector<float> want_lp(rows * n);
+          ASSERT_TRUE(cpu_->TopLogprobs(logits.data(), rows, vocab, n, want_ids.data(),
+                                        want_lp.data())
+                          .ok());
+          int32_t* d_ids = Poisoned<int32_t>(rows * n);
+          float* d_lp = Poisoned<float>(rows * n);
+          ASSERT_TRUE(gpu_->TopLogprobs(ToGpu(logits), rows, vocab, n, d_ids, d_lp).ok());
+          const std::vector<int32_t> ids = FromGpu(d_ids, rows * n);
+          const std::vector<float> lp = FromGpu(d_lp, rows * n);
+          ASSERT_EQ(ids, want_ids) << "vocab " << vocab << " rows " << rows << " n " << n;
+          for (int64_t i = 0; i < rows * n; ++i) {
+            if (std::isnan(want_lp[i])) {
+              EXPECT_TRUE(std::isnan(lp[i])) << i;
+            } else if (std::isinf(want_lp[i])) {
+              EXPECT_EQ(lp[i], want_lp[i]) << i;
+            } else {
+              EXPECT_NEAR(lp[i], want_lp[i], 2e-5 + 1e-6 * std::fabs(want_lp[i]))
+                  << "vocab " << vocab << " rows " << rows << " n " << n << " entry " << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Penalties are elementwise with the same rounding on both backends: bit-exact.
 TEST_F(CudaOpTest, PenaltiesAndTokenCountsMatchCpu) {
   std::mt19937 gen(7);

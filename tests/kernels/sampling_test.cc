@@ -242,6 +242,42 @@ TEST(SampleTest, LargeVocabMatchesReferenceAndBatchIsDeterministic) {
   }
 }
 
+TEST(TopLogprobsTest, MostLikelyFirstTiesByIdNanLast) {
+  auto be = testing::Cpu();
+  // Row 0: a tie between ids 1 and 3; row 1: a NaN ranks after -1.
+  const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 2.0f, 1.0f,  //
+                                     NAN, -1.0f, 3.0f, 0.0f, 3.5f};
+  std::vector<int32_t> ids(6, -7);
+  std::vector<float> lp(6, 0.0f);
+  ASSERT_TRUE(be->TopLogprobs(logits.data(), 2, 5, 3, ids.data(), lp.data()).ok());
+  EXPECT_EQ(ids, (std::vector<int32_t>{1, 3, 4, 4, 2, 3}));  // ids within each row
+  double sum0 = 0;
+  for (int i = 0; i < 5; ++i) sum0 += std::exp(logits[i] - 2.0);
+  EXPECT_NEAR(lp[0], -std::log(sum0), 1e-6);
+  EXPECT_EQ(lp[0], lp[1]);
+  EXPECT_NEAR(lp[2], 1.0 - 2.0 - std::log(sum0), 1e-6);
+  // The logprobs agree with TokenLogprobs for the same tokens.
+  std::vector<float> token_lp(2);
+  const std::vector<int32_t> tokens = {4, 3};
+  ASSERT_TRUE(be->TokenLogprobs(logits.data(), 2, 5, tokens.data(), token_lp.data()).ok());
+  EXPECT_EQ(token_lp[0], lp[2]);
+  EXPECT_TRUE(std::isnan(token_lp[1]) && std::isnan(lp[5]));  // a NaN logit: no distribution
+  // All of a row, and bad sizes.
+  std::vector<int32_t> all(5);
+  std::vector<float> all_lp(5);
+  ASSERT_TRUE(be->TopLogprobs(logits.data(), 1, 5, 5, all.data(), all_lp.data()).ok());
+  EXPECT_EQ(all, (std::vector<int32_t>{1, 3, 4, 0, 2}));
+  for (int64_t n : {0, 6}) {
+    EXPECT_EQ(be->TopLogprobs(logits.data(), 1, 5, n, all.data(), all_lp.data()).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  std::vector<float> big(50, 0.0f);
+  std::vector<int32_t> big_ids(21);
+  std::vector<float> big_lp(21);
+  EXPECT_EQ(be->TopLogprobs(big.data(), 1, 50, 21, big_ids.data(), big_lp.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(PenaltiesTest, EachPenaltyAsVllmDefinesIt) {
   auto be = testing::Cpu();
   constexpr int32_t kPrompt = PenaltyParams::kPromptTokenBit;

@@ -65,6 +65,7 @@ inline void ExpectPipelinedDecodeMatchesSteps(RambaModel* model, int steps) {
   // Step by step: each step's sampled tokens are the next step's input.
   std::vector<std::vector<int32_t>> want;
   std::vector<std::vector<float>> want_logprobs;
+  std::vector<std::vector<TopLogprob>> want_top;  // 5 per session
   std::vector<int32_t> next = first;
   const bool all[] = {true, true, true};
   for (int step = 0; step < steps; ++step) {
@@ -72,26 +73,33 @@ inline void ExpectPipelinedDecodeMatchesSteps(RambaModel* model, int steps) {
     for (const int32_t& t : next) spans.push_back(absl::MakeConstSpan(&t, 1));
     std::vector<int32_t> sampled;
     std::vector<float> logprobs;
-    ASSERT_TRUE(model->ForwardAndSample(a, spans, options, &sampled, all, &logprobs).ok());
+    std::vector<TopLogprob> top;
+    ASSERT_TRUE(model->ForwardAndSample(a, spans, options, &sampled, all, &logprobs, 5, &top).ok());
     want.push_back(sampled);
     want_logprobs.push_back(logprobs);
+    want_top.push_back(top);
     next = sampled;
   }
 
   // Pipelined: two steps in flight, the later one fed by the earlier one's tokens on the device;
-  // every third step also brings its tokens' logprobs back.
+  // every third step also brings its tokens' logprobs back, and each row's 5 most likely tokens.
   std::vector<std::vector<int32_t>> got;
   std::vector<std::vector<float>> got_logprobs;
+  std::vector<std::vector<TopLogprob>> got_top;
   auto collect = [&] {
     std::vector<int32_t> sampled;
     std::vector<float> logprobs;
-    ASSERT_TRUE(model->CollectDecode(&sampled, &logprobs).ok());
+    std::vector<TopLogprob> top;
+    ASSERT_TRUE(model->CollectDecode(&sampled, &logprobs, &top).ok());
     got.push_back(sampled);
     got_logprobs.push_back(logprobs);
+    got_top.push_back(top);
   };
-  ASSERT_TRUE(model->LaunchDecode(b, first, options, /*logprobs=*/true).ok());
+  ASSERT_TRUE(model->LaunchDecode(b, first, options, /*logprobs=*/true, /*top_logprobs=*/5).ok());
   for (int step = 1; step < steps; ++step) {
-    ASSERT_TRUE(model->LaunchDecode(b, {}, options, /*logprobs=*/step % 3 == 0).ok());
+    ASSERT_TRUE(
+        model->LaunchDecode(b, {}, options, /*logprobs=*/step % 3 == 0, step % 3 == 0 ? 5 : 0)
+            .ok());
     EXPECT_EQ(model->decodes_in_flight(), 2);
     collect();
   }
@@ -102,10 +110,19 @@ inline void ExpectPipelinedDecodeMatchesSteps(RambaModel* model, int steps) {
       const float lp = got_logprobs[step][s];
       if (step % 3 != 0) {
         EXPECT_TRUE(std::isnan(lp)) << "step " << step;
+        EXPECT_TRUE(got_top[step].empty()) << "step " << step;
         continue;
       }
       EXPECT_NEAR(lp, want_logprobs[step][s], 1e-5) << "step " << step << " session " << s;
       EXPECT_LE(lp, 0.0f);
+      ASSERT_EQ(got_top[step].size(), 5 * a.size());
+      for (size_t j = 5 * s; j < 5 * s + 5; ++j) {
+        EXPECT_EQ(got_top[step][j].id, want_top[step][j].id) << "step " << step << " entry " << j;
+        EXPECT_NEAR(got_top[step][j].logprob, want_top[step][j].logprob, 1e-5);
+        if (j > 5 * s) EXPECT_LE(got_top[step][j].logprob, got_top[step][j - 1].logprob);
+      }
+      // A greedy row's token is its most likely one.
+      if (options[s].temperature == 0.0f) EXPECT_EQ(got[step][s], got_top[step][5 * s].id);
     }
   }
   for (size_t i = 0; i < a.size(); ++i) {

@@ -2,9 +2,12 @@
 // request, and leaves states consistent.
 #include "server/engine.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <future>
+#include <tuple>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
@@ -18,6 +21,7 @@ namespace {
 struct Outcome {
   std::vector<int32_t> tokens;
   std::vector<float> logprobs;  // one per token; NaN unless the request asked
+  std::vector<std::vector<TopLogprob>> top;  // one list per token
   absl::Status status;
   FinishReason reason = FinishReason::kNone;
 };
@@ -43,7 +47,8 @@ class EngineTest : public ::testing::TestWithParam<bool> {
                            int max_new, SamplingOptions sampling = {},
                            std::function<TokenAction(int32_t)> stop = nullptr,
                            std::shared_ptr<EngineRequest>* handle = nullptr,
-                           bool include_logprobs = false, bool feed_stop_token = true) {
+                           bool include_logprobs = false, bool feed_stop_token = true,
+                           int32_t top_logprobs = 0) {
     auto req = std::make_shared<EngineRequest>();
     auto outcome = std::make_shared<Outcome>();
     auto promise = std::make_shared<std::promise<Outcome>>();
@@ -52,8 +57,10 @@ class EngineTest : public ::testing::TestWithParam<bool> {
     req->max_new_tokens = max_new;
     req->sampling = sampling;
     req->include_logprobs = include_logprobs;
+    req->top_logprobs = top_logprobs;
     req->feed_stop_token = feed_stop_token;
-    req->on_token = [outcome, stop](int32_t t, float logprob) {
+    req->on_token = [outcome, stop](int32_t t, float logprob, absl::Span<const TopLogprob> top) {
+      outcome->top.emplace_back(top.begin(), top.end());
       outcome->tokens.push_back(t);
       outcome->logprobs.push_back(logprob);
       return stop ? stop(t) : TokenAction::kContinue;
@@ -245,6 +252,60 @@ TEST_P(EngineTest, LogprobsAreTheRawLogSoftmaxOfSampledTokens) {
     }
     // Greedy picks the most likely token: no other has a larger logprob.
     EXPECT_GE(o0.logprobs[0], -std::log(static_cast<double>(config_.vocab_size)));
+  }
+}
+
+// Top logprobs: each token comes with its request's n most likely tokens under the raw
+// distribution, most likely first, checked against host logits (ties within rounding allowed).
+TEST_P(EngineTest, TopLogprobsAreTheMostLikelyTokensOfTheRawDistribution) {
+  for (bool pipelined : {true, false}) {
+    SCOPED_TRACE(pipelined ? "pipelined" : "one step at a time");
+    EngineOptions opts = Opts();
+    opts.max_batch_tokens = 64;
+    opts.pipeline_decode = pipelined;
+    Engine engine(model_.get(), opts);
+    const std::vector<int32_t> p0 = testing::RandomTokens(100, config_.vocab_size, 41);
+    const std::vector<int32_t> p1 = testing::RandomTokens(30, config_.vocab_size, 42);
+    auto s0 = std::move(*model_->NewSession());
+    auto s1 = std::move(*model_->NewSession());
+    auto s2 = std::move(*model_->NewSession());
+    SamplingOptions hot;
+    hot.temperature = 1.5f;
+    hot.seed = 5;
+    auto f0 = Run(engine, s0.get(), p0, 8, hot, nullptr, nullptr, false, true, /*top=*/4);
+    auto f1 = Run(engine, s1.get(), p1, 8, {}, nullptr, nullptr, false, true, /*top=*/1);
+    auto f2 = Run(engine, s2.get(), p1, 8);
+    const Outcome o0 = f0.get(), o1 = f1.get(), o2 = f2.get();
+    ASSERT_TRUE(o0.status.ok() && o1.status.ok() && o2.status.ok());
+    for (const auto& [o, prompt, n] :
+         {std::tuple(&o0, &p0, 4), std::tuple(&o1, &p1, 1), std::tuple(&o2, &p1, 0)}) {
+      ASSERT_EQ(o->top.size(), 8u);
+      // The logits before each generated token, on the host.
+      auto s = std::move(*model_->NewSession());
+      std::vector<float> logits;
+      ASSERT_TRUE(model_->Prefill(s.get(), *prompt, &logits).ok());
+      SessionState* st[] = {s.get()};
+      for (int i = 0; i < 8; ++i) {
+        const std::vector<TopLogprob>& top = o->top[i];
+        ASSERT_EQ(top.size(), static_cast<size_t>(n)) << i;
+        if (n > 0) EXPECT_FALSE(std::isnan(o->logprobs[i]));  // top implies the logprob
+        double max = -INFINITY, sum = 0.0;
+        for (float x : logits) max = std::max<double>(max, x);
+        for (float x : logits) sum += std::exp(x - max);
+        std::vector<double> ref(logits.size());
+        for (size_t t = 0; t < logits.size(); ++t) ref[t] = logits[t] - max - std::log(sum);
+        std::vector<double> sorted = ref;
+        std::sort(sorted.rbegin(), sorted.rend());
+        for (int j = 0; j < n; ++j) {
+          EXPECT_NEAR(top[j].logprob, ref[top[j].id], 1e-4) << i << " " << j;
+          EXPECT_NEAR(top[j].logprob, sorted[j], 1e-4) << i << " " << j;  // the j-th largest
+          if (j > 0) EXPECT_LE(top[j].logprob, top[j - 1].logprob);
+        }
+        if (n > 0 && o == &o1) EXPECT_EQ(top[0].id, o->tokens[i]);  // greedy
+        const int32_t in[] = {o->tokens[i]};
+        ASSERT_TRUE(model_->Decode(st, in, &logits).ok());
+      }
+    }
   }
 }
 

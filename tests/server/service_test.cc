@@ -86,6 +86,7 @@ class ServiceTest : public ::testing::Test {
     grpc::Status status;
     std::vector<int32_t> ids;
     std::vector<float> logprobs;  // NaN where the token came without one
+    std::vector<std::vector<v1::TopLogprob>> top;  // one list per token
     std::string text;
     v1::Final final;
     bool has_final = false;
@@ -100,6 +101,7 @@ class ServiceTest : public ::testing::Test {
         for (const auto& t : msg.tokens().tokens()) {
           out.ids.push_back(t.id());
           out.logprobs.push_back(t.has_logprob() ? t.logprob() : NAN);
+          out.top.emplace_back(t.top_logprobs().begin(), t.top_logprobs().end());
           out.text += t.text();
         }
       } else if (msg.has_final()) {
@@ -206,6 +208,48 @@ TEST_F(ServiceTest, LogprobsOfSampledTokens) {
 
 // min_p = 1 keeps only the most likely token, so even a hot temperature then samples what
 // greedy decoding gives; from the session's defaults (kept in the store) or the request.
+// top_logprobs: each token carries the n most likely tokens of the same raw distribution, with
+// their bytes, most likely first; the logprob comes with them; out of range: INVALID_ARGUMENT.
+TEST_F(ServiceTest, TopLogprobsOfEachToken) {
+  Create("top", "Once upon a time");
+  v1::GenerateRequest g;
+  g.set_session_id("top");
+  g.mutable_stopping()->set_max_tokens(6);
+  g.mutable_stopping()->set_ignore_eos(true);
+  g.mutable_sampling()->set_temperature(0);
+  g.mutable_output()->set_top_logprobs(3);
+  Streamed out = Generate(g);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  ASSERT_EQ(out.ids.size(), 6u);
+  auto state = std::move(*model_->NewSession());
+  std::vector<float> logits;
+  ASSERT_TRUE(model_->Prefill(state.get(), tokenizer_->Encode("Once upon a time"), &logits).ok());
+  SessionState* st[] = {state.get()};
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_EQ(out.top[i].size(), 3u) << i;
+    EXPECT_FALSE(std::isnan(out.logprobs[i]));
+    EXPECT_EQ(out.top[i][0].id(), out.ids[i]);  // greedy
+    EXPECT_EQ(out.top[i][0].logprob(), out.logprobs[i]);
+    double max = -INFINITY, sum = 0.0;
+    for (float x : logits) max = std::max<double>(max, x);
+    for (float x : logits) sum += std::exp(x - max);
+    for (int j = 0; j < 3; ++j) {
+      const v1::TopLogprob& t = out.top[i][j];
+      EXPECT_NEAR(t.logprob(), logits[t.id()] - max - std::log(sum), 1e-4) << i << " " << j;
+      EXPECT_EQ(t.token(), *tokenizer_->DecodeToken(t.id()));
+      if (j > 0) EXPECT_LE(t.logprob(), out.top[i][j - 1].logprob());
+    }
+    const int32_t in[] = {out.ids[i]};
+    ASSERT_TRUE(model_->Decode(st, in, &logits).ok());
+  }
+  for (int bad : {-1, 21}) {
+    g.mutable_output()->set_top_logprobs(bad);
+    Streamed b = Generate(g);
+    EXPECT_EQ(b.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(b.status.error_message().find("top_logprobs"), std::string::npos);
+  }
+}
+
 TEST_F(ServiceTest, MinPFromSessionDefaultsOrRequest) {
   const std::string prompt = "Once upon a time";
   auto run = [&](const std::string& id, const v1::SamplingParams* defaults,
