@@ -91,6 +91,15 @@ class ServiceTest : public ::testing::Test {
     v1::Final final;
     bool has_final = false;
   };
+  // log softmax of the logits, in double: the raw distribution's logprobs.
+  static std::vector<double> LogSoftmax(const std::vector<float>& logits) {
+    double max = -INFINITY, sum = 0.0;
+    for (float x : logits) max = std::max<double>(max, x);
+    for (float x : logits) sum += std::exp(x - max);
+    std::vector<double> out;
+    for (float x : logits) out.push_back(x - max - std::log(sum));
+    return out;
+  }
   Streamed Generate(const v1::GenerateRequest& req) {
     grpc::ClientContext ctx;
     auto reader = stub_->Generate(&ctx, req);
@@ -197,17 +206,12 @@ TEST_F(ServiceTest, LogprobsOfSampledTokens) {
   ASSERT_TRUE(model_->Prefill(state.get(), tokenizer_->Encode("Once upon a time"), &logits).ok());
   SessionState* st[] = {state.get()};
   for (int i = 0; i < 8; ++i) {
-    double max = -INFINITY, sum = 0.0;
-    for (float x : logits) max = std::max<double>(max, x);
-    for (float x : logits) sum += std::exp(x - max);
-    EXPECT_NEAR(out.logprobs[i], logits[out.ids[i]] - max - std::log(sum), 1e-4) << i;
+    EXPECT_NEAR(out.logprobs[i], LogSoftmax(logits)[out.ids[i]], 1e-4) << i;
     const int32_t in[] = {out.ids[i]};
     ASSERT_TRUE(model_->Decode(st, in, &logits).ok());
   }
 }
 
-// min_p = 1 keeps only the most likely token, so even a hot temperature then samples what
-// greedy decoding gives; from the session's defaults (kept in the store) or the request.
 // top_logprobs: each token carries the n most likely tokens of the same raw distribution, with
 // their bytes, most likely first; the logprob comes with them; out of range: INVALID_ARGUMENT.
 TEST_F(ServiceTest, TopLogprobsOfEachToken) {
@@ -230,12 +234,10 @@ TEST_F(ServiceTest, TopLogprobsOfEachToken) {
     EXPECT_FALSE(std::isnan(out.logprobs[i]));
     EXPECT_EQ(out.top[i][0].id(), out.ids[i]);  // greedy
     EXPECT_EQ(out.top[i][0].logprob(), out.logprobs[i]);
-    double max = -INFINITY, sum = 0.0;
-    for (float x : logits) max = std::max<double>(max, x);
-    for (float x : logits) sum += std::exp(x - max);
+    const std::vector<double> want = LogSoftmax(logits);
     for (int j = 0; j < 3; ++j) {
       const v1::TopLogprob& t = out.top[i][j];
-      EXPECT_NEAR(t.logprob(), logits[t.id()] - max - std::log(sum), 1e-4) << i << " " << j;
+      EXPECT_NEAR(t.logprob(), want[t.id()], 1e-4) << i << " " << j;
       EXPECT_EQ(t.token(), *tokenizer_->DecodeToken(t.id()));
       if (j > 0) EXPECT_LE(t.logprob(), out.top[i][j - 1].logprob());
     }
@@ -250,6 +252,8 @@ TEST_F(ServiceTest, TopLogprobsOfEachToken) {
   }
 }
 
+// min_p = 1 keeps only the most likely token, so even a hot temperature then samples what
+// greedy decoding gives; from the session's defaults (kept in the store) or the request.
 TEST_F(ServiceTest, MinPFromSessionDefaultsOrRequest) {
   const std::string prompt = "Once upon a time";
   auto run = [&](const std::string& id, const v1::SamplingParams* defaults,
