@@ -23,6 +23,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -58,6 +59,9 @@ ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "generate/create: samplin
 ABSL_FLAG(bool, ignore_eos, false, "generate: do not stop at the end-of-sequence token.");
 ABSL_FLAG(bool, no_commit, false, "generate: leave the session unchanged (read-only query).");
 ABSL_FLAG(bool, logprobs, false, "generate: report the generated tokens' total and mean logprob.");
+ABSL_FLAG(int32_t, top_logprobs, 0,
+          "generate: print each token's N most likely alternatives and their logprobs to stderr "
+          "(N <= 20).");
 ABSL_FLAG(std::optional<int64_t>, expected_position, std::nullopt,
           "append/generate/delete/fork: fail with FAILED_PRECONDITION unless the session is at this position.");
 ABSL_FLAG(int32_t, page_size, 0, "list: sessions per page (0: the server's default).");
@@ -85,6 +89,7 @@ commands:
   generate ID [--prompt T] [--max_tokens N] [--temperature T --top_k K --top_p P --min_p M --seed S]
               [--presence_penalty P --frequency_penalty F --repetition_penalty R]
               [--stop S]... [--ignore_eos] [--no_commit] [--expected_position N] [--logprobs]
+              [--top_logprobs N]
       Streams generated text to stdout as it arrives; the finish reason and usage go to stderr.
       --no_commit leaves the session unchanged (the prompt and the output are not kept).
   get ID                    Prints the session (JSON).
@@ -425,6 +430,7 @@ int Generate(Client& c, const std::vector<std::string>& args) {
   if (absl::GetFlag(FLAGS_no_commit)) req.set_commit_input(false);
   if (auto e = absl::GetFlag(FLAGS_expected_position)) req.set_expected_position(*e);
   if (absl::GetFlag(FLAGS_logprobs)) req.mutable_output()->set_include_logprobs(true);
+  req.mutable_output()->set_top_logprobs(absl::GetFlag(FLAGS_top_logprobs));
 
   auto ctx = c.Context(args[0]);
   auto reader = c.stub()->Generate(ctx.get(), req);
@@ -441,6 +447,14 @@ int Generate(Client& c, const std::vector<std::string>& args) {
         if (!t.text().empty()) newline = t.text().back() == '\n';
         ++streamed;
         if (t.has_logprob()) logprob_sum += t.logprob(), ++logprob_count;
+        if (t.top_logprobs_size() > 0) {
+          std::string alts;
+          for (const v1::TopLogprob& a : t.top_logprobs()) {
+            absl::StrAppendFormat(&alts, " '%s' %d %.3f;", absl::CHexEscape(a.token()), a.id(),
+                                  a.logprob());
+          }
+          std::fprintf(stderr, "[token %d %.3f:%s]\n", t.id(), t.logprob(), alts.c_str());
+        }
       }
       std::fflush(stdout);
     } else if (msg.has_final()) {

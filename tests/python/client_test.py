@@ -127,6 +127,12 @@ try:
         check("cli append stdin", r.returncode == 0 and "8" in r.stdout, (r.stdout, r.stderr))
         r = cli("generate", "cli-1", "--max_tokens", "5", "--temperature", "0", "--ignore_eos")
         check("cli generate", r.returncode == 0 and "13" in r.stderr, (r.stdout, r.stderr))
+        r = cli("generate", "cli-1", "--max_tokens", "4", "--temperature", "0", "--ignore_eos",
+                "--no_commit", "--top_logprobs", "3", "--repetition_penalty", "1.3")
+        alts = [l for l in r.stderr.splitlines() if l.startswith("[token ")]
+        check("cli top logprobs", r.returncode == 0 and len(alts) == 4
+              and all(len(re.findall(r"' \d+ -?\d+\.\d+;", l)) == 3 for l in alts),
+              (r.stdout, r.stderr))
         r = cli("fork", "cli-1", "--id", "cli-2")
         check("cli fork", r.returncode == 0 and '"cli-2"' in r.stdout, r.stderr)
         r = cli("list")
