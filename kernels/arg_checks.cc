@@ -58,9 +58,9 @@ absl::Status CheckTopLogprobsArgs(const float* logits, int64_t rows, int64_t voc
                                   const int32_t* ids, const float* logprobs) {
   constexpr std::string_view kOp = "TopLogprobs";
   RAMBA_CHECK_ARG(kOp, rows >= 0 && vocab > 0 && vocab <= INT32_MAX, "bad sizes");
-  RAMBA_CHECK_ARG(kOp, n >= 1 && n <= std::min(vocab, Backend::kMaxTopLogprobs),
-                  absl::StrCat("n must be in [1, min(vocab, ", Backend::kMaxTopLogprobs,
-                               ")], got ", n));
+  RAMBA_CHECK_ARG(
+      kOp, n >= 1 && n <= std::min(vocab, Backend::kMaxTopLogprobs),
+      absl::StrCat("n must be in [1, min(vocab, ", Backend::kMaxTopLogprobs, ")], got ", n));
   RAMBA_CHECK_ARG(kOp, rows == 0 || (logits != nullptr && ids != nullptr && logprobs != nullptr),
                   "null pointer");
   return absl::OkStatus();

@@ -258,8 +258,8 @@ absl::Status RambaModel::Feed(absl::Span<SessionState* const> states,
 absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
                                     absl::Span<const absl::Span<const int32_t>> tokens,
                                     absl::Span<const SamplingOptions> options,
-                                    absl::Span<const int32_t> carried, bool chained,
-                                    bool logprobs, int top_logprobs) {
+                                    absl::Span<const int32_t> carried, bool chained, bool logprobs,
+                                    int top_logprobs) {
   const int64_t B = static_cast<int64_t>(states.size());
   if (B == 0) return absl::InvalidArgumentError("LaunchDecode: no sessions");
   if (static_cast<int64_t>(options.size()) != B) {
@@ -324,8 +324,7 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
   return absl::OkStatus();
 }
 
-absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled,
-                                       std::vector<float>* logprobs,
+absl::Status RambaModel::CollectDecode(std::vector<int32_t>* sampled, std::vector<float>* logprobs,
                                        std::vector<TopLogprob>* top) {
   if (sampled == nullptr) return absl::InvalidArgumentError("CollectDecode: null output");
   absl::MutexLock lock(&mu_);

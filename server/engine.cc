@@ -309,12 +309,11 @@ void Engine::Collect(const InFlight& step, std::vector<ToReport>* to_report,
     if (r == nullptr || Contains(*done, r) || !step.fed_all[i]) continue;
     switch (Absorb(r, sampled[i], taken_by[i] >= 0)) {
       case Outcome::kToken:
-        to_report->push_back(
-            {r, sampled[i],
-             r->req->include_logprobs || r->req->top_logprobs > 0
-                 ? logprobs[i]
-                 : std::numeric_limits<float>::quiet_NaN(),
-             r->TopOf(top, i, step.top_logprobs)});
+        to_report->push_back({r, sampled[i],
+                              r->req->include_logprobs || r->req->top_logprobs > 0
+                                  ? logprobs[i]
+                                  : std::numeric_limits<float>::quiet_NaN(),
+                              r->TopOf(top, i, step.top_logprobs)});
         break;
       case Outcome::kEnded:
         done->push_back(r);
@@ -403,7 +402,9 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
       step->carried.push_back(r->carried_from);
       spans.push_back(r->input());
       step->logprobs = step->logprobs || r->wants_logprob();
-      if (r->wants_logprob()) step->top_logprobs = std::max(step->top_logprobs, r->req->top_logprobs);
+      if (r->wants_logprob()) {
+        step->top_logprobs = std::max(step->top_logprobs, r->req->top_logprobs);
+      }
     }
     const absl::Status st = model_->LaunchForward(states, spans, options, step->logprobs,
                                                   step->carried, step->top_logprobs);

@@ -327,8 +327,8 @@ absl::StatusOr<GenerateSpec> ParseGenerate(const RambaService::Deps& d, const v1
   const int64_t most_top =
       std::min<int64_t>(d.model->config().vocab_size, kernels::Backend::kMaxTopLogprobs);
   if (output.top_logprobs() < 0 || output.top_logprobs() > most_top) {
-    return absl::InvalidArgumentError(absl::StrCat("output.top_logprobs must be in [0, ",
-                                                   most_top, "], got ", output.top_logprobs()));
+    return absl::InvalidArgumentError(absl::StrCat("output.top_logprobs must be in [0, ", most_top,
+                                                   "], got ", output.top_logprobs()));
   }
   g.top_logprobs = output.top_logprobs();
   return g;

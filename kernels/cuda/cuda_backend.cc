@@ -782,8 +782,8 @@ absl::Status CudaBackend::TokenLogprobs(const float* logits, int64_t rows, int64
   return cuda::TokenLogprobs(*this, logits, rows, vocab, tokens, out);
 }
 
-absl::Status CudaBackend::TopLogprobs(const float* logits, int64_t rows, int64_t vocab,
-                                      int64_t n, int32_t* ids, float* logprobs) {
+absl::Status CudaBackend::TopLogprobs(const float* logits, int64_t rows, int64_t vocab, int64_t n,
+                                      int32_t* ids, float* logprobs) {
   RETURN_IF_ERROR(CheckTopLogprobsArgs(logits, rows, vocab, n, ids, logprobs));
   if (rows == 0) return absl::OkStatus();
   return cuda::TopLogprobs(*this, logits, rows, vocab, n, ids, logprobs);

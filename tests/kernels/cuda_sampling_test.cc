@@ -320,9 +320,9 @@ TEST_F(CudaOpTest, TopLogprobsMatchCpu) {
           }
           std::vector<int32_t> want_ids(rows * n);
           std::vector<float> want_lp(rows * n);
-          ASSERT_TRUE(cpu_->TopLogprobs(logits.data(), rows, vocab, n, want_ids.data(),
-                                        want_lp.data())
-                          .ok());
+          ASSERT_TRUE(
+              cpu_->TopLogprobs(logits.data(), rows, vocab, n, want_ids.data(), want_lp.data())
+                  .ok());
           int32_t* d_ids = Poisoned<int32_t>(rows * n);
           float* d_lp = Poisoned<float>(rows * n);
           ASSERT_TRUE(gpu_->TopLogprobs(ToGpu(logits), rows, vocab, n, d_ids, d_lp).ok());
