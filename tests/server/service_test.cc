@@ -91,13 +91,48 @@ class ServiceTest : public ::testing::Test {
     v1::Final final;
     bool has_final = false;
   };
-  // log softmax of the logits, in double: the raw distribution's logprobs.
-  static std::vector<double> LogSoftmax(const std::vector<float>& logits) {
-    double max = -INFINITY, sum = 0.0;
-    for (float x : logits) max = std::max<double>(max, x);
-    for (float x : logits) sum += std::exp(x - max);
-    std::vector<double> out;
-    for (float x : logits) out.push_back(x - max - std::log(sum));
+  // A session made from `text`, with sampling defaults when given.
+  void CreateWithDefaults(const std::string& id, const std::string& text,
+                          const v1::SamplingParams* defaults) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    v1::CreateSessionResponse resp;
+    req.set_session_id(id);
+    req.mutable_initial_input()->set_text(text);
+    if (defaults != nullptr) *req.mutable_default_sampling() = *defaults;
+    EXPECT_TRUE(stub_->CreateSession(&ctx, req, &resp).ok());
+  }
+  // The ids of max_tokens tokens generated on session `id` (end of sequence ignored).
+  std::vector<int32_t> GenerateIds(const std::string& id, const v1::SamplingParams& sampling,
+                                   int max_tokens, bool commit = true) {
+    v1::GenerateRequest g;
+    g.set_session_id(id);
+    g.mutable_stopping()->set_max_tokens(max_tokens);
+    g.mutable_stopping()->set_ignore_eos(true);
+    g.set_commit_generated(commit);
+    *g.mutable_sampling() = sampling;
+    Streamed out = Generate(g);
+    EXPECT_TRUE(out.status.ok()) << out.status.error_message();
+    return out.ids;
+  }
+  // The raw distribution's logprobs (log softmax in double) before each of `ids`, generated
+  // after `prompt`, from the same model on the host.
+  std::vector<std::vector<double>> RawLogprobs(const std::string& prompt,
+                                               const std::vector<int32_t>& ids) {
+    auto state = std::move(*model_->NewSession());
+    std::vector<float> logits;
+    EXPECT_TRUE(model_->Prefill(state.get(), tokenizer_->Encode(prompt), &logits).ok());
+    SessionState* st[] = {state.get()};
+    std::vector<std::vector<double>> out;
+    for (int32_t id : ids) {
+      double max = -INFINITY, sum = 0.0;
+      for (float x : logits) max = std::max<double>(max, x);
+      for (float x : logits) sum += std::exp(x - max);
+      out.emplace_back();
+      for (float x : logits) out.back().push_back(x - max - std::log(sum));
+      const int32_t in[] = {id};
+      EXPECT_TRUE(model_->Decode(st, in, &logits).ok());
+    }
     return out;
   }
   Streamed Generate(const v1::GenerateRequest& req) {
@@ -201,15 +236,8 @@ TEST_F(ServiceTest, LogprobsOfSampledTokens) {
   ASSERT_TRUE(out.status.ok()) << out.status.error_message();
   ASSERT_EQ(out.ids.size(), 8u);
 
-  auto state = std::move(*model_->NewSession());
-  std::vector<float> logits;
-  ASSERT_TRUE(model_->Prefill(state.get(), tokenizer_->Encode("Once upon a time"), &logits).ok());
-  SessionState* st[] = {state.get()};
-  for (int i = 0; i < 8; ++i) {
-    EXPECT_NEAR(out.logprobs[i], LogSoftmax(logits)[out.ids[i]], 1e-4) << i;
-    const int32_t in[] = {out.ids[i]};
-    ASSERT_TRUE(model_->Decode(st, in, &logits).ok());
-  }
+  const auto want = RawLogprobs("Once upon a time", out.ids);
+  for (int i = 0; i < 8; ++i) EXPECT_NEAR(out.logprobs[i], want[i][out.ids[i]], 1e-4) << i;
 }
 
 // top_logprobs: each token carries the n most likely tokens of the same raw distribution, with
@@ -225,24 +253,19 @@ TEST_F(ServiceTest, TopLogprobsOfEachToken) {
   Streamed out = Generate(g);
   ASSERT_TRUE(out.status.ok()) << out.status.error_message();
   ASSERT_EQ(out.ids.size(), 6u);
-  auto state = std::move(*model_->NewSession());
-  std::vector<float> logits;
-  ASSERT_TRUE(model_->Prefill(state.get(), tokenizer_->Encode("Once upon a time"), &logits).ok());
-  SessionState* st[] = {state.get()};
+  const auto raw = RawLogprobs("Once upon a time", out.ids);
   for (int i = 0; i < 6; ++i) {
     ASSERT_EQ(out.top[i].size(), 3u) << i;
     EXPECT_FALSE(std::isnan(out.logprobs[i]));
     EXPECT_EQ(out.top[i][0].id(), out.ids[i]);  // greedy
     EXPECT_EQ(out.top[i][0].logprob(), out.logprobs[i]);
-    const std::vector<double> want = LogSoftmax(logits);
+    const std::vector<double>& want = raw[i];
     for (int j = 0; j < 3; ++j) {
       const v1::TopLogprob& t = out.top[i][j];
       EXPECT_NEAR(t.logprob(), want[t.id()], 1e-4) << i << " " << j;
       EXPECT_EQ(t.token(), *tokenizer_->DecodeToken(t.id()));
       if (j > 0) EXPECT_LE(t.logprob(), out.top[i][j - 1].logprob());
     }
-    const int32_t in[] = {out.ids[i]};
-    ASSERT_TRUE(model_->Decode(st, in, &logits).ok());
   }
   for (int bad : {-1, 21}) {
     g.mutable_output()->set_top_logprobs(bad);
@@ -258,21 +281,8 @@ TEST_F(ServiceTest, MinPFromSessionDefaultsOrRequest) {
   const std::string prompt = "Once upon a time";
   auto run = [&](const std::string& id, const v1::SamplingParams* defaults,
                  const v1::SamplingParams& sampling) {
-    grpc::ClientContext ctx;
-    v1::CreateSessionRequest req;
-    v1::CreateSessionResponse resp;
-    req.set_session_id(id);
-    req.mutable_initial_input()->set_text(prompt);
-    if (defaults != nullptr) *req.mutable_default_sampling() = *defaults;
-    EXPECT_TRUE(stub_->CreateSession(&ctx, req, &resp).ok());
-    v1::GenerateRequest g;
-    g.set_session_id(id);
-    g.mutable_stopping()->set_max_tokens(12);
-    g.mutable_stopping()->set_ignore_eos(true);
-    *g.mutable_sampling() = sampling;
-    Streamed out = Generate(g);
-    EXPECT_TRUE(out.status.ok()) << out.status.error_message();
-    return out.ids;
+    CreateWithDefaults(id, prompt, defaults);
+    return GenerateIds(id, sampling, 12);
   };
   v1::SamplingParams greedy;
   greedy.set_temperature(0);
@@ -301,25 +311,11 @@ TEST_F(ServiceTest, MinPFromSessionDefaultsOrRequest) {
 TEST_F(ServiceTest, PenaltiesFromSessionDefaultsOrRequestCountEachGeneration) {
   const std::string prompt = "Once upon a time";
   auto create = [&](const std::string& id, const v1::SamplingParams* defaults) {
-    grpc::ClientContext ctx;
-    v1::CreateSessionRequest req;
-    v1::CreateSessionResponse resp;
-    req.set_session_id(id);
-    req.mutable_initial_input()->set_text(prompt);
-    if (defaults != nullptr) *req.mutable_default_sampling() = *defaults;
-    EXPECT_TRUE(stub_->CreateSession(&ctx, req, &resp).ok());
+    CreateWithDefaults(id, prompt, defaults);
   };
-  // 24 greedy tokens, left uncommitted so that the session can run them again.
+  // 24 tokens, left uncommitted so that the session can run them again.
   auto run = [&](const std::string& id, const v1::SamplingParams& sampling) {
-    v1::GenerateRequest g;
-    g.set_session_id(id);
-    g.mutable_stopping()->set_max_tokens(24);
-    g.mutable_stopping()->set_ignore_eos(true);
-    g.set_commit_generated(false);
-    *g.mutable_sampling() = sampling;
-    Streamed out = Generate(g);
-    EXPECT_TRUE(out.status.ok()) << out.status.error_message();
-    return out.ids;
+    return GenerateIds(id, sampling, 24, /*commit=*/false);
   };
   v1::SamplingParams greedy;
   greedy.set_temperature(0);
@@ -341,16 +337,7 @@ TEST_F(ServiceTest, PenaltiesFromSessionDefaultsOrRequestCountEachGeneration) {
   // Each generation counts from zero: the same request again gives the same tokens, and a
   // session's second generation gives what a fork of it (fresh counts) gives.
   EXPECT_EQ(run("req", penalised), want);
-  auto run_committed = [&](const std::string& id) {
-    v1::GenerateRequest g;
-    g.set_session_id(id);
-    g.mutable_stopping()->set_max_tokens(24);
-    g.mutable_stopping()->set_ignore_eos(true);
-    *g.mutable_sampling() = penalised;
-    Streamed out = Generate(g);
-    EXPECT_TRUE(out.status.ok()) << out.status.error_message();
-    return out.ids;
-  };
+  auto run_committed = [&](const std::string& id) { return GenerateIds(id, penalised, 24); };
   EXPECT_EQ(run_committed("req"), want);
   {
     grpc::ClientContext ctx;
