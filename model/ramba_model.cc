@@ -157,15 +157,6 @@ absl::Status CheckSampling(absl::Span<SessionState* const> states,
   return absl::OkStatus();
 }
 
-absl::Status CheckTopLogprobs(int top_logprobs, int64_t vocab) {
-  const int64_t most = std::min<int64_t>(vocab, kernels::Backend::kMaxTopLogprobs);
-  if (top_logprobs < 0 || top_logprobs > most) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("top_logprobs must be in [0, ", most, "], got ", top_logprobs));
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states,
@@ -187,7 +178,7 @@ absl::Status RambaModel::ForwardAndSample(absl::Span<SessionState* const> states
                                                    " logprob flags"));
   }
   RETURN_IF_ERROR(CheckSampling(states, options));
-  RETURN_IF_ERROR(CheckTopLogprobs(top_logprobs, config_.vocab_size));
+  RETURN_IF_ERROR(ValidateTopLogprobs(top_logprobs, config_.vocab_size));
   if (top_logprobs > 0 && (logprobs == nullptr || top == nullptr)) {
     return absl::InvalidArgumentError("ForwardAndSample: top_logprobs without logprobs and top");
   }
@@ -267,7 +258,7 @@ absl::Status RambaModel::LaunchStep(absl::Span<SessionState* const> states,
         absl::StrCat("LaunchDecode got ", B, " states and ", options.size(), " sampling options"));
   }
   RETURN_IF_ERROR(CheckSampling(states, options));
-  RETURN_IF_ERROR(CheckTopLogprobs(top_logprobs, config_.vocab_size));
+  RETURN_IF_ERROR(ValidateTopLogprobs(top_logprobs, config_.vocab_size));
   absl::MutexLock lock(&mu_);
   if (static_cast<int>(decodes_in_flight_.size()) >= kMaxDecodesInFlight) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -388,8 +379,10 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     std::vector<kernels::SamplingParams> params;
     std::vector<float> uniforms;
     SamplingInputs(output.options, positions, &params, &uniforms);
-    // The tokens, then their logprobs (4-byte words both), then after steps that counted chunk
-    // tiers the counts (kTierWords): one download brings them back.
+    // The tokens, then their logprobs (4-byte words both), then the top logprobs, then after
+    // steps that counted chunk tiers the counts (kTierWords): one download brings them back
+    // (LaunchedStep's layout). Sized for the most top logprobs, so that asking for them never
+    // grows the workspace (which would record every graph again).
     LaunchedStep* launched = output.launched;
     ASSIGN_OR_RETURN(
         int32_t * dev,
@@ -398,13 +391,16 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
             2 * rows + 2 * rows * kernels::Backend::kMaxTopLogprobs + kTierWords));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
     // Penalties go into a copy: logprobs stay those of the raw distribution.
-    std::vector<kernels::PenaltyParams> penalties;
-    for (int64_t r = 0; r < rows; ++r) {
-      const SamplingOptions& o = output.options[r];
-      if (!o.has_penalties()) continue;
+    std::vector<kernels::PenaltyParams> penalties;  // empty: no row has any
+    if (std::any_of(output.options.begin(), output.options.end(),
+                    [](const SamplingOptions& o) { return o.has_penalties(); })) {
       penalties.resize(rows);
-      penalties[r] = {states[r]->token_counts(), o.presence_penalty, o.frequency_penalty,
-                      o.repetition_penalty};
+      for (int64_t r = 0; r < rows; ++r) {
+        const SamplingOptions& o = output.options[r];
+        if (!o.has_penalties()) continue;
+        penalties[r] = {states[r]->token_counts(), o.presence_penalty, o.frequency_penalty,
+                        o.repetition_penalty};
+      }
     }
     const float* to_sample = out;
     if (!penalties.empty()) {

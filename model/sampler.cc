@@ -1,5 +1,6 @@
 #include "model/sampler.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -32,6 +33,15 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
   if (!(o.repetition_penalty > 0.0f) || !std::isfinite(o.repetition_penalty)) {
     return absl::InvalidArgumentError(
         absl::StrCat("repetition_penalty must be a finite number > 0, got ", o.repetition_penalty));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTopLogprobs(int64_t top_logprobs, int64_t vocab) {
+  const int64_t most = std::min<int64_t>(vocab, kernels::Backend::kMaxTopLogprobs);
+  if (top_logprobs < 0 || top_logprobs > most) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_logprobs must be in [0, ", most, "], got ", top_logprobs));
   }
   return absl::OkStatus();
 }

@@ -36,6 +36,10 @@ struct SamplingOptions {
 // > 0. The message names the field.
 absl::Status ValidateSamplingOptions(const SamplingOptions& options);
 
+// Checks 0 <= top_logprobs <= min(vocab, Backend::kMaxTopLogprobs); the message names
+// top_logprobs.
+absl::Status ValidateTopLogprobs(int64_t top_logprobs, int64_t vocab);
+
 // The uniform in [0, 1) for (seed, position): splitmix64 of both, top 24 bits.
 float SamplingUniform(uint64_t seed, int64_t position);
 

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "server/metrics.h"
 
 namespace ramba::server {
@@ -31,8 +32,7 @@ struct Engine::Running {
   // In the batch being planned, this row's token is kept and its logprob wanted (a row still
   // feeding input after this batch ignores its token).
   bool wants_logprob() const {
-    return (req->include_logprobs || req->top_logprobs > 0) && generating() &&
-           (carried_from >= 0 || take == remaining());
+    return req->wants_logprobs() && generating() && (carried_from >= 0 || take == remaining());
   }
   // This row's share of a step's top logprobs (n per row), empty when it asked for none.
   std::vector<TopLogprob> TopOf(const std::vector<TopLogprob>& top, size_t row, int64_t n) const {
@@ -212,11 +212,7 @@ absl::Status Engine::Validate(const EngineRequest& req) const {
                                                      ")"));
     }
   }
-  const int64_t most_top = std::min<int64_t>(vocab, kernels::Backend::kMaxTopLogprobs);
-  if (req.top_logprobs < 0 || req.top_logprobs > most_top) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("top_logprobs must be in [0, ", most_top, "], got ", req.top_logprobs));
-  }
+  RETURN_IF_ERROR(ValidateTopLogprobs(req.top_logprobs, vocab));
   return ValidateSamplingOptions(req.sampling);
 }
 
@@ -309,11 +305,10 @@ void Engine::Collect(const InFlight& step, std::vector<ToReport>* to_report,
     if (r == nullptr || Contains(*done, r) || !step.fed_all[i]) continue;
     switch (Absorb(r, sampled[i], taken_by[i] >= 0)) {
       case Outcome::kToken:
-        to_report->push_back({r, sampled[i],
-                              r->req->include_logprobs || r->req->top_logprobs > 0
-                                  ? logprobs[i]
-                                  : std::numeric_limits<float>::quiet_NaN(),
-                              r->TopOf(top, i, step.top_logprobs)});
+        to_report->push_back(
+            {r, sampled[i],
+             r->req->wants_logprobs() ? logprobs[i] : std::numeric_limits<float>::quiet_NaN(),
+             r->TopOf(top, i, step.top_logprobs)});
         break;
       case Outcome::kEnded:
         done->push_back(r);

@@ -52,6 +52,7 @@ struct EngineRequest {
   // How many of the most likely tokens at each generated token's place on_token gets (with
   // their logprobs; implies include_logprobs), 0 to min(vocab, Backend::kMaxTopLogprobs).
   int32_t top_logprobs = 0;
+  bool wants_logprobs() const { return include_logprobs || top_logprobs > 0; }
   // Called on the engine thread for each generated token; kStop ends generation after it (stop
   // sequences and stop ids are decided by the caller, which knows the text). `top` is valid for
   // the call only.

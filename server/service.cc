@@ -50,6 +50,25 @@ absl::StatusOr<std::vector<int32_t>> ToTokens(const v1::Input& input, const Toke
   return ids;
 }
 
+// The server's defaults: SamplingOptions' own, but temperature 1 (sampling, not greedy).
+SamplingOptions ServerSamplingDefaults() {
+  SamplingOptions o;
+  o.temperature = 1.0f;
+  return o;
+}
+
+// Every field `d` sets, written over *o.
+void Override(const SamplingDefaults& d, SamplingOptions* o) {
+  if (d.temperature) o->temperature = *d.temperature;
+  if (d.top_k) o->top_k = *d.top_k;
+  if (d.top_p) o->top_p = *d.top_p;
+  if (d.min_p) o->min_p = *d.min_p;
+  if (d.presence_penalty) o->presence_penalty = *d.presence_penalty;
+  if (d.frequency_penalty) o->frequency_penalty = *d.frequency_penalty;
+  if (d.repetition_penalty) o->repetition_penalty = *d.repetition_penalty;
+  if (d.seed) o->seed = *d.seed;
+}
+
 absl::StatusOr<SamplingDefaults> FromProto(const v1::SamplingParams& p, const char* field) {
   SamplingDefaults d;
   if (p.has_temperature()) d.temperature = p.temperature();
@@ -60,14 +79,8 @@ absl::StatusOr<SamplingDefaults> FromProto(const v1::SamplingParams& p, const ch
   if (p.has_frequency_penalty()) d.frequency_penalty = p.frequency_penalty();
   if (p.has_repetition_penalty()) d.repetition_penalty = p.repetition_penalty();
   if (p.has_seed()) d.seed = p.seed();
-  SamplingOptions check;
-  check.temperature = d.temperature.value_or(1.0f);
-  check.top_k = d.top_k.value_or(0);
-  check.top_p = d.top_p.value_or(1.0f);
-  check.min_p = d.min_p.value_or(0.0f);
-  check.presence_penalty = d.presence_penalty.value_or(0.0f);
-  check.frequency_penalty = d.frequency_penalty.value_or(0.0f);
-  check.repetition_penalty = d.repetition_penalty.value_or(1.0f);
+  SamplingOptions check = ServerSamplingDefaults();
+  Override(d, &check);
   if (absl::Status s = ValidateSamplingOptions(check); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": ", s.message()));
   }
@@ -87,19 +100,10 @@ void ToProto(const SamplingDefaults& d, v1::SamplingParams* p) {
 
 // Request value, else session default, else server default (seed: random).
 SamplingOptions Resolve(const SamplingDefaults& req, const SamplingDefaults& session) {
-  SamplingOptions o;
-  o.temperature = req.temperature.value_or(session.temperature.value_or(1.0f));
-  o.top_k = req.top_k.value_or(session.top_k.value_or(0));
-  o.top_p = req.top_p.value_or(session.top_p.value_or(1.0f));
-  o.min_p = req.min_p.value_or(session.min_p.value_or(0.0f));
-  o.presence_penalty = req.presence_penalty.value_or(session.presence_penalty.value_or(0.0f));
-  o.frequency_penalty = req.frequency_penalty.value_or(session.frequency_penalty.value_or(0.0f));
-  o.repetition_penalty = req.repetition_penalty.value_or(session.repetition_penalty.value_or(1.0f));
-  if (req.seed) {
-    o.seed = *req.seed;
-  } else if (session.seed) {
-    o.seed = *session.seed;
-  } else {
+  SamplingOptions o = ServerSamplingDefaults();
+  Override(session, &o);
+  Override(req, &o);
+  if (!req.seed && !session.seed) {
     std::random_device rd;
     o.seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
   }
@@ -324,11 +328,9 @@ absl::StatusOr<GenerateSpec> ParseGenerate(const RambaService::Deps& d, const v1
   g.include_stop_sequence = stopping.include_stop_sequence();
   g.include_text = !output.has_include_token_text() || output.include_token_text();
   g.include_logprobs = output.include_logprobs();
-  const int64_t most_top =
-      std::min<int64_t>(d.model->config().vocab_size, kernels::Backend::kMaxTopLogprobs);
-  if (output.top_logprobs() < 0 || output.top_logprobs() > most_top) {
-    return absl::InvalidArgumentError(absl::StrCat("output.top_logprobs must be in [0, ", most_top,
-                                                   "], got ", output.top_logprobs()));
+  if (absl::Status s = ValidateTopLogprobs(output.top_logprobs(), d.model->config().vocab_size);
+      !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("output.", s.message()));
   }
   g.top_logprobs = output.top_logprobs();
   return g;
@@ -1056,13 +1058,15 @@ grpc::ServerUnaryReactor* RambaService::GetModelInfo(grpc::CallbackServerContext
   lim->set_max_session_tokens(l.max_session_tokens);
   lim->set_default_page_size(l.default_page_size);
   lim->set_max_page_size(l.max_page_size);
-  lim->mutable_default_sampling()->set_temperature(1.0f);
-  lim->mutable_default_sampling()->set_top_k(0);
-  lim->mutable_default_sampling()->set_top_p(1.0f);
-  lim->mutable_default_sampling()->set_min_p(0.0f);
-  lim->mutable_default_sampling()->set_presence_penalty(0.0f);
-  lim->mutable_default_sampling()->set_frequency_penalty(0.0f);
-  lim->mutable_default_sampling()->set_repetition_penalty(1.0f);
+  const SamplingOptions def = ServerSamplingDefaults();
+  v1::SamplingParams* ds = lim->mutable_default_sampling();
+  ds->set_temperature(def.temperature);
+  ds->set_top_k(def.top_k);
+  ds->set_top_p(def.top_p);
+  ds->set_min_p(def.min_p);
+  ds->set_presence_penalty(def.presence_penalty);
+  ds->set_frequency_penalty(def.frequency_penalty);
+  ds->set_repetition_penalty(def.repetition_penalty);
   resp->set_server_version("ramba 0.1");
   return Done(ctx, absl::OkStatus());
 }
