@@ -50,6 +50,9 @@ absl::Status CheckPenaltyParams(std::string_view op, const PenaltyParams* params
         !(p.repetition > 0.0f)) {
       return InvalidOpArgument(op, absl::StrCat("row ", r, " has invalid penalties"));
     }
+    if (p.hold_back && p.counts == nullptr) {
+      return InvalidOpArgument(op, absl::StrCat("row ", r, " holds tokens back without counts"));
+    }
   }
   return absl::OkStatus();
 }

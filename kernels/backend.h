@@ -239,20 +239,28 @@ struct SamplingParams {
   float min_p = 0.0f;   // 0: no min-p filter
 };
 
-// Repetition penalties of one row (vLLM's), applied to its logits before sampling. counts is the
-// row's generation's token counts, [vocab] int32 in backend memory: the low bits count the times
-// the token was generated (kGeneratedMask), kPromptTokenBit marks a token of the prompt. For token
-// t with generated count c, logit l:
+// What one row's logits go through before sampling (vLLM's order): its logit bias, its held-back
+// tokens, its repetition penalties. counts is the row's generation's token counts, [vocab] int32
+// in backend memory: the low bits count the times the token was generated (kGeneratedMask),
+// kPromptTokenBit marks a token of the prompt, kHeldBackBit one that may not be sampled while
+// hold_back is set (a request's stop tokens before its min_tokens). For token t with generated
+// count c, logit l:
+//   l += bias[t] (bias: [vocab] floats in backend memory, or null);
+//   if hold_back and t is marked held back: l = -inf;
 //   if c > 0 or t is in the prompt: l = l > 0 ? l / repetition : l * repetition;
 //   l -= frequency * c + (c > 0 ? presence : 0).
-// counts == nullptr: the row has no penalties.
+// counts == nullptr: no penalties (and hold_back must be false); with bias also null the row is
+// copied as it is.
 struct PenaltyParams {
   static constexpr int32_t kPromptTokenBit = 1 << 30;
-  static constexpr int32_t kGeneratedMask = kPromptTokenBit - 1;
+  static constexpr int32_t kHeldBackBit = 1 << 29;
+  static constexpr int32_t kGeneratedMask = kHeldBackBit - 1;
   int32_t* counts = nullptr;
   float presence = 0.0f;    // 0: off
   float frequency = 0.0f;   // 0: off
   float repetition = 1.0f;  // 1: off; > 0
+  const float* bias = nullptr;
+  bool hold_back = false;
 };
 
 class Backend {
@@ -436,8 +444,9 @@ class Backend {
                               const SamplingParams* params, const float* uniforms,
                               int32_t* out) = 0;
 
-  // out[r] = logits[r] with params[r]'s penalties applied (a copy where the row has none). params
-  // is a host array of `rows` entries; logits and out are backend memory and may not overlap.
+  // out[r] = logits[r] after params[r]'s bias, held-back tokens and penalties (a copy where the
+  // row has none). params is a host array of `rows` entries; logits and out are backend memory and
+  // may not overlap.
   virtual absl::Status ApplyPenalties(const float* logits, int64_t rows, int64_t vocab,
                                       const PenaltyParams* params, float* out) = 0;
   // params[r].counts[tokens[r]] += 1 for every row with counts (tokens: backend memory, as Sample

@@ -142,16 +142,22 @@ absl::Status RambaModel::Forward(absl::Span<SessionState* const> states,
 
 namespace {
 
-// Valid options, and token counts for every session sampled with penalties.
+// Valid options, and the generation scratch each one uses.
 absl::Status CheckSampling(absl::Span<SessionState* const> states,
                            absl::Span<const SamplingOptions> options) {
   for (size_t s = 0; s < options.size(); ++s) {
     RETURN_IF_ERROR(ValidateSamplingOptions(options[s]));
-    if (options[s].has_penalties() && states[s]->token_counts() == nullptr) {
+    if (options[s].needs_token_counts() && states[s]->token_counts() == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "sequence ", s,
+          " samples with penalties or held-back tokens, but its session's token counts were never "
+          "reset for the generation (SessionState::ResetTokenCounts)"));
+    }
+    if (options[s].logit_bias && states[s]->logit_bias() == nullptr) {
       return absl::FailedPreconditionError(
           absl::StrCat("sequence ", s,
-                       " samples with penalties, but its session's token counts were never reset "
-                       "for the generation (SessionState::ResetTokenCounts)"));
+                       " samples with a logit bias, but its session has none "
+                       "(SessionState::SetLogitBias)"));
     }
   }
   return absl::OkStatus();
@@ -390,16 +396,21 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
             launched != nullptr ? Workspace::LaunchSampled(launch_parity_) : Workspace::kSampled,
             2 * rows + 2 * rows * kernels::Backend::kMaxTopLogprobs + kTierWords));
     float* dev_logprobs = reinterpret_cast<float*>(dev + rows);
-    // Penalties go into a copy: logprobs stay those of the raw distribution.
-    std::vector<kernels::PenaltyParams> penalties;  // empty: no row has any
+    // Bias, held-back tokens and penalties go into a copy: logprobs stay those of the raw
+    // distribution.
+    std::vector<kernels::PenaltyParams> penalties;  // empty: no row adjusts its logits
     if (std::any_of(output.options.begin(), output.options.end(),
-                    [](const SamplingOptions& o) { return o.has_penalties(); })) {
+                    [](const SamplingOptions& o) { return o.adjusts_logits(); })) {
       penalties.resize(rows);
       for (int64_t r = 0; r < rows; ++r) {
         const SamplingOptions& o = output.options[r];
-        if (!o.has_penalties()) continue;
-        penalties[r] = {states[r]->token_counts(), o.presence_penalty, o.frequency_penalty,
-                        o.repetition_penalty};
+        kernels::PenaltyParams& p = penalties[r];
+        if (o.needs_token_counts()) {
+          p = {states[r]->token_counts(), o.presence_penalty, o.frequency_penalty,
+               o.repetition_penalty};
+          p.hold_back = o.hold_back;
+        }
+        if (o.logit_bias) p.bias = states[r]->logit_bias();
       }
     }
     const float* to_sample = out;

@@ -46,6 +46,33 @@ absl::Status ValidateTopLogprobs(int64_t top_logprobs, int64_t vocab) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateLogitBias(absl::Span<const LogitBias> bias, int64_t vocab,
+                               absl::string_view field) {
+  if (static_cast<int64_t>(bias.size()) > kMaxLogitBiasEntries) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " has ", bias.size(), " entries, more than the ", kMaxLogitBiasEntries, " allowed"));
+  }
+  std::vector<int32_t> ids;
+  ids.reserve(bias.size());
+  for (const LogitBias& b : bias) {
+    if (b.id < 0 || b.id >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " has token id ", b.id, " outside the vocabulary [0, ", vocab, ")"));
+    }
+    if (!(b.bias >= -kMaxLogitBias && b.bias <= kMaxLogitBias)) {
+      return absl::InvalidArgumentError(absl::StrCat(field, " of token ", b.id, " must be in [-",
+                                                     kMaxLogitBias, ", ", kMaxLogitBias, "], got ",
+                                                     b.bias));
+    }
+    ids.push_back(b.id);
+  }
+  std::sort(ids.begin(), ids.end());
+  if (const auto dup = std::adjacent_find(ids.begin(), ids.end()); dup != ids.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " lists token ", *dup, " twice"));
+  }
+  return absl::OkStatus();
+}
+
 float SamplingUniform(uint64_t seed, int64_t position) {
   uint64_t z = seed ^ (0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(position) + 1));
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -76,8 +103,9 @@ absl::StatusOr<std::vector<int32_t>> SampleTokens(kernels::Backend* backend,
   }
   for (const SamplingOptions& o : options) {
     RETURN_IF_ERROR(ValidateSamplingOptions(o));
-    if (o.has_penalties()) {
-      return absl::InvalidArgumentError("SampleTokens: penalties need a session's token counts");
+    if (o.adjusts_logits()) {
+      return absl::InvalidArgumentError(
+          "SampleTokens: penalties, held-back tokens and logit bias need a session");
     }
   }
   std::vector<kernels::SamplingParams> params;

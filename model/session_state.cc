@@ -209,21 +209,37 @@ absl::Status SessionState::EnsureChunkCache(int64_t slots) {
   return absl::OkStatus();
 }
 
-absl::Status SessionState::ResetTokenCounts(absl::Span<const int32_t> prompt) {
+absl::Status SessionState::ResetTokenCounts(absl::Span<const int32_t> prompt,
+                                            absl::Span<const int32_t> held_back) {
   const int64_t vocab = config_.vocab_size;
   std::vector<int32_t> counts(static_cast<size_t>(vocab), 0);
-  for (const int32_t t : prompt) {
-    if (t < 0 || t >= vocab) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("ResetTokenCounts: token id ", t, " is outside [0, ", vocab, ")"));
+  for (const auto& [tokens, mark] : {std::pair(prompt, kernels::PenaltyParams::kPromptTokenBit),
+                                     std::pair(held_back, kernels::PenaltyParams::kHeldBackBit)}) {
+    for (const int32_t t : tokens) {
+      if (t < 0 || t >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("ResetTokenCounts: token id ", t, " is outside [0, ", vocab, ")"));
+      }
+      counts[t] |= mark;
     }
-    counts[t] = kernels::PenaltyParams::kPromptTokenBit;
   }
   const size_t bytes = counts.size() * sizeof(int32_t);
   if (token_counts_.empty()) {
     ASSIGN_OR_RETURN(token_counts_, backend_->Allocate(bytes));
   }
   return backend_->Upload(token_counts_.data(), counts.data(), bytes);
+}
+
+absl::Status SessionState::SetLogitBias(absl::Span<const LogitBias> bias) {
+  const int64_t vocab = config_.vocab_size;
+  RETURN_IF_ERROR(ValidateLogitBias(bias, vocab));
+  std::vector<float> dense(static_cast<size_t>(vocab), 0.0f);
+  for (const LogitBias& b : bias) dense[b.id] = b.bias;
+  const size_t bytes = dense.size() * sizeof(float);
+  if (logit_bias_.empty()) {
+    ASSIGN_OR_RETURN(logit_bias_, backend_->Allocate(bytes));
+  }
+  return backend_->Upload(logit_bias_.data(), dense.data(), bytes);
 }
 
 absl::StatusOr<std::unique_ptr<SessionState>> SessionState::Fork() const {

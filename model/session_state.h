@@ -15,6 +15,7 @@
 #include "absl/types/span.h"
 #include "kernels/backend.h"
 #include "model/config.h"
+#include "model/sampler.h"
 
 namespace ramba {
 
@@ -127,14 +128,23 @@ class SessionState {
   int64_t chunk_cache_slots() const { return cache_slots_; }
 
   // ---- Generation scratch ----
-  // Token counts of the generation in progress, for repetition penalties: [vocab] int32 in
-  // backend memory in kernels::PenaltyParams' layout, zero but for `prompt`'s tokens marked
-  // (ids outside [0, vocab) are an error); steps sampling with penalties count their tokens.
-  // Not copied by Fork nor serialised (a generation does not outlive its request); null until
-  // reset, and again after ReleaseTokenCounts (work already queued keeps its memory).
-  absl::Status ResetTokenCounts(absl::Span<const int32_t> prompt);
-  void ReleaseTokenCounts() { token_counts_.Reset(); }
+  // What sampling keeps on the backend for the generation in progress. Not copied by Fork nor
+  // serialised (a generation does not outlive its request); null until set, and again after
+  // ReleaseGenerationScratch (work already queued keeps its memory).
+  // Token counts, for repetition penalties and held-back tokens: [vocab] int32 in
+  // kernels::PenaltyParams' layout, zero but for `prompt`'s tokens marked as the prompt's and
+  // `held_back`'s as held back (ids outside [0, vocab) are an error); steps sampling with
+  // penalties count their tokens.
+  absl::Status ResetTokenCounts(absl::Span<const int32_t> prompt,
+                                absl::Span<const int32_t> held_back = {});
   int32_t* token_counts() const { return token_counts_.as<int32_t>(); }
+  // Logit bias: [vocab] floats, zero but for `bias`'s entries (valid: ValidateLogitBias).
+  absl::Status SetLogitBias(absl::Span<const LogitBias> bias);
+  const float* logit_bias() const { return logit_bias_.as<float>(); }
+  void ReleaseGenerationScratch() {
+    token_counts_.Reset();
+    logit_bias_.Reset();
+  }
 
   // ---- Access for the model's forward pass (backend memory) ----
   float* conv_state(int64_t layer) const;  // [conv_kernel - 1, conv_dim]
@@ -182,6 +192,7 @@ class SessionState {
   kernels::Buffer cache_blocks_, cache_tags_;  // EnsureChunkCache
   int64_t cache_slots_ = 0;
   kernels::Buffer token_counts_;  // ResetTokenCounts
+  kernels::Buffer logit_bias_;    // SetLogitBias
 };
 
 }  // namespace ramba

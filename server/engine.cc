@@ -34,6 +34,15 @@ struct Engine::Running {
   bool wants_logprob() const {
     return req->wants_logprobs() && generating() && (carried_from >= 0 || take == remaining());
   }
+  // The request's sampling options for the batch being planned: its held-back tokens stay out
+  // while the generation has produced fewer than min_new_tokens before this row's token (a
+  // carried row's token comes after the one still on the device).
+  SamplingOptions SamplingForStep() const {
+    SamplingOptions o = req->sampling;
+    o.hold_back =
+        !req->held_back.empty() && generated + (carried_from >= 0 ? 1 : 0) < req->min_new_tokens;
+    return o;
+  }
   // This row's share of a step's top logprobs (n per row), empty when it asked for none.
   std::vector<TopLogprob> TopOf(const std::vector<TopLogprob>& top, size_t row, int64_t n) const {
     if (req->top_logprobs <= 0 || n <= 0) return {};
@@ -136,19 +145,7 @@ void Engine::Loop() {
           st = absl::FailedPreconditionError("the session already has a request running");
         }
       }
-      // A generation with penalties counts its tokens from here (its input is the prompt) until
-      // it ends, so that their memory follows running generations, not resident sessions (every
-      // op using them is queued by then).
-      if (st.ok() && r->req->max_new_tokens > 0 && r->req->sampling.has_penalties()) {
-        st = r->req->state->ResetTokenCounts(r->req->input);
-        if (st.ok()) {
-          r->req->on_done = [state = r->req->state, done = std::move(r->req->on_done)](
-                                const absl::Status& s, FinishReason reason) {
-            state->ReleaseTokenCounts();
-            done(s, reason);
-          };
-        }
-      }
+      if (st.ok()) st = StartGeneration(*r->req);
       if (!st.ok()) {
         r->req->on_done(st, FinishReason::kError);
       } else if (r->remaining() == 0) {
@@ -192,6 +189,30 @@ void Engine::CountStep(const std::vector<Running*>& launched, const std::vector<
   }
 }
 
+absl::Status Engine::StartGeneration(EngineRequest& req) {
+  if (req.max_new_tokens == 0) return absl::OkStatus();
+  SessionState* state = req.state;
+  req.sampling.logit_bias = !req.logit_bias.empty();
+  req.sampling.hold_back = false;  // per step (Running::SamplingForStep)
+  const bool hold_back = req.min_new_tokens > 0 && !req.held_back.empty();
+  if (!req.sampling.has_penalties() && !hold_back && !req.sampling.logit_bias) {
+    return absl::OkStatus();
+  }
+  // The generation's scratch lives from here (its input is the prompt) until it ends, so that
+  // the memory follows running generations, not resident sessions (every op using it is queued
+  // by then).
+  req.on_done = [state, done = std::move(req.on_done)](const absl::Status& s, FinishReason reason) {
+    state->ReleaseGenerationScratch();
+    done(s, reason);
+  };
+  if (req.sampling.has_penalties() || hold_back) {
+    RETURN_IF_ERROR(state->ResetTokenCounts(
+        req.input, hold_back ? absl::MakeConstSpan(req.held_back) : absl::Span<const int32_t>()));
+  }
+  if (req.sampling.logit_bias) RETURN_IF_ERROR(state->SetLogitBias(req.logit_bias));
+  return absl::OkStatus();
+}
+
 absl::Status Engine::Validate(const EngineRequest& req) const {
   if (req.state == nullptr) return absl::InvalidArgumentError("request has no session state");
   if (req.state->backend() != model_->backend()) {
@@ -213,6 +234,17 @@ absl::Status Engine::Validate(const EngineRequest& req) const {
     }
   }
   RETURN_IF_ERROR(ValidateTopLogprobs(req.top_logprobs, vocab));
+  RETURN_IF_ERROR(ValidateLogitBias(req.logit_bias, vocab));
+  if (req.min_new_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("min_new_tokens must be >= 0, got ", req.min_new_tokens));
+  }
+  for (const int32_t t : req.held_back) {
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("held-back token id ", t, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
   return ValidateSamplingOptions(req.sampling);
 }
 
@@ -393,7 +425,7 @@ void Engine::LaunchNext(const std::vector<std::unique_ptr<Running>>& active,
     std::vector<absl::Span<const int32_t>> spans;
     for (Running* r : step->batch) {
       states.push_back(r->req->state);
-      options.push_back(r->req->sampling);
+      options.push_back(r->SamplingForStep());
       step->carried.push_back(r->carried_from);
       spans.push_back(r->input());
       step->logprobs = step->logprobs || r->wants_logprob();
@@ -493,7 +525,7 @@ void Engine::StepOneAtATime(std::vector<std::unique_ptr<Running>>& active) {
   int top_n = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     Running* r = batch[i];
-    options.push_back(r->req->sampling);
+    options.push_back(r->SamplingForStep());
     want_logprob[i] = r->wants_logprob();
     any_logprob = any_logprob || want_logprob[i];
     if (want_logprob[i]) top_n = std::max(top_n, r->req->top_logprobs);

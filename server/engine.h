@@ -46,7 +46,15 @@ struct EngineRequest {
   // token is fed before on_done (see feed_stop_token).
   std::vector<int32_t> input;
   int32_t max_new_tokens = 0;    // 0: append only
+  // The engine sets sampling.logit_bias and .hold_back itself, from the two fields below.
   SamplingOptions sampling;
+  // Added to the logits of the listed tokens at every generated token (valid:
+  // ValidateLogitBias).
+  std::vector<LogitBias> logit_bias;
+  // min_tokens: the first min_new_tokens generated tokens are never one of held_back (the caller's
+  // stop tokens: EOS, stop ids), which the model cannot sample until then.
+  int32_t min_new_tokens = 0;
+  std::vector<int32_t> held_back;
   // Whether on_token gets the token's logprob (RambaModel::ForwardAndSample); NaN otherwise.
   bool include_logprobs = false;
   // How many of the most likely tokens at each generated token's place on_token gets (with
@@ -130,6 +138,9 @@ class Engine {
   enum class Outcome { kNone, kToken, kEnded };
   void Loop();
   absl::Status Validate(const EngineRequest& request) const;
+  // Sets up the generation scratch a request's sampling needs (SessionState::ResetTokenCounts,
+  // SetLogitBias), released when it ends.
+  static absl::Status StartGeneration(EngineRequest& request);
   // One iteration over `active`. Pipelined: launch the next step, collect the one in flight
   // before it, report.
   void Step(std::vector<std::unique_ptr<Running>>& active);

@@ -1,5 +1,6 @@
 #include "server/service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <random>
 
@@ -69,7 +70,8 @@ void Override(const SamplingDefaults& d, SamplingOptions* o) {
   if (d.seed) o->seed = *d.seed;
 }
 
-absl::StatusOr<SamplingDefaults> FromProto(const v1::SamplingParams& p, const char* field) {
+absl::StatusOr<SamplingDefaults> FromProto(const v1::SamplingParams& p, int64_t vocab,
+                                           const char* field) {
   SamplingDefaults d;
   if (p.has_temperature()) d.temperature = p.temperature();
   if (p.has_top_k()) d.top_k = p.top_k();
@@ -84,6 +86,10 @@ absl::StatusOr<SamplingDefaults> FromProto(const v1::SamplingParams& p, const ch
   if (absl::Status s = ValidateSamplingOptions(check); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": ", s.message()));
   }
+  for (const auto& [id, bias] : p.logit_bias()) d.logit_bias.push_back({id, bias});
+  std::sort(d.logit_bias.begin(), d.logit_bias.end(),
+            [](const LogitBias& a, const LogitBias& b) { return a.id < b.id; });
+  RETURN_IF_ERROR(ValidateLogitBias(d.logit_bias, vocab, absl::StrCat(field, ".logit_bias")));
   return d;
 }
 
@@ -96,6 +102,7 @@ void ToProto(const SamplingDefaults& d, v1::SamplingParams* p) {
   if (d.frequency_penalty) p->set_frequency_penalty(*d.frequency_penalty);
   if (d.repetition_penalty) p->set_repetition_penalty(*d.repetition_penalty);
   if (d.seed) p->set_seed(*d.seed);
+  for (const LogitBias& b : d.logit_bias) (*p->mutable_logit_bias())[b.id] = b.bias;
 }
 
 // Request value, else session default, else server default (seed: random).
@@ -108,6 +115,12 @@ SamplingOptions Resolve(const SamplingDefaults& req, const SamplingDefaults& ses
     o.seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
   }
   return o;
+}
+
+// The request's logit bias when it has one, else the session's.
+const std::vector<LogitBias>& ResolveLogitBias(const SamplingDefaults& req,
+                                               const SamplingDefaults& session) {
+  return req.logit_bias.empty() ? session.logit_bias : req.logit_bias;
 }
 
 void SetTime(int64_t micros, google::protobuf::Timestamp* t) {
@@ -270,6 +283,7 @@ struct GenerateSpec {
   std::vector<int32_t> input;
   SamplingDefaults sampling;
   int32_t max_tokens = 0;
+  int32_t min_tokens = 0;
   std::vector<std::string> stop_sequences;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
@@ -291,7 +305,7 @@ absl::StatusOr<GenerateSpec> ParseGenerate(const RambaService::Deps& d, const v1
   GenerateSpec g;
   ASSIGN_OR_RETURN(g.input, ToTokens(input, *d.tokenizer, d.model->config().vocab_size,
                                      lim.max_request_input_tokens, "input"));
-  ASSIGN_OR_RETURN(g.sampling, FromProto(sampling, "sampling"));
+  ASSIGN_OR_RETURN(g.sampling, FromProto(sampling, d.model->config().vocab_size, "sampling"));
   g.max_tokens = stopping.has_max_tokens() ? stopping.max_tokens() : lim.default_max_tokens;
   if (g.max_tokens < 1 || g.max_tokens > lim.max_generate_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("stopping.max_tokens must be in [1, ",
@@ -324,6 +338,12 @@ absl::StatusOr<GenerateSpec> ParseGenerate(const RambaService::Deps& d, const v1
     }
     g.stop_token_ids.push_back(id);
   }
+  if (stopping.min_tokens() < 0 || stopping.min_tokens() > g.max_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stopping.min_tokens must be in [0, max_tokens = ", g.max_tokens, "], got ",
+                     stopping.min_tokens()));
+  }
+  g.min_tokens = stopping.min_tokens();
   g.ignore_eos = stopping.ignore_eos();
   g.include_stop_sequence = stopping.include_stop_sequence();
   g.include_text = !output.has_include_token_text() || output.include_token_text();
@@ -380,6 +400,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       }
       ASSIGN_OR_RETURN(temp_, deps_.model->NewSession());
       sampling_ = Resolve(spec_.sampling, {});
+      logit_bias_ = spec_.sampling.logit_bias;
       return Submit(temp_.get(), spec_.input);
     }
     if (!spec_.commit_input && spec_.commit_generated) {
@@ -407,6 +428,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       }
     }
     sampling_ = Resolve(spec_.sampling, lease_->meta().default_sampling);
+    logit_bias_ = ResolveLogitBias(spec_.sampling, lease_->meta().default_sampling);
     std::vector<int32_t> feed;
     if (lease_->meta().pending_token) feed.push_back(*lease_->meta().pending_token);
     if (spec_.commit_generated) {
@@ -464,6 +486,10 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     req->input = std::move(feed);
     req->max_new_tokens = spec_.max_tokens;
     req->sampling = sampling_;
+    req->logit_bias = logit_bias_;
+    req->min_new_tokens = spec_.min_tokens;
+    req->held_back = spec_.stop_token_ids;
+    if (!spec_.ignore_eos) req->held_back.push_back(deps_.model->config().eos_token_id);
     req->include_logprobs = spec_.include_logprobs;
     req->top_logprobs = spec_.top_logprobs;
     req->feed_stop_token = !(stateless_ || fork_only_);  // a throwaway state needs no last step
@@ -516,7 +542,9 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     std::string text;
     if (action == TokenAction::kContinue) {
       auto bytes = deps_.tokenizer->DecodeToken(token);
-      text = streamer_.Add(bytes.ok() ? *bytes : std::string());
+      // A stop sequence counts from the min_tokens-th token on (StoppingCriteria.min_tokens).
+      text = streamer_.Add(bytes.ok() ? *bytes : std::string(),
+                           static_cast<int32_t>(generated_.size()) >= spec_.min_tokens);
       if (streamer_.stopped()) {
         reason_ = v1::FINISH_REASON_STOP_SEQUENCE;
         action = TokenAction::kStop;
@@ -690,6 +718,7 @@ class GenerateCall : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   std::optional<Clock::time_point> first_token_;
   double load_ms_ = 0;
   SamplingOptions sampling_;
+  std::vector<LogitBias> logit_bias_;
   std::shared_ptr<SessionLease> lease_;
   std::unique_ptr<SessionState> temp_;
   bool fork_only_ = false;
@@ -811,7 +840,8 @@ grpc::ServerUnaryReactor* RambaService::CreateSession(grpc::CallbackServerContex
     return Done(ctx, s);
   }
   meta.labels.insert(req->labels().begin(), req->labels().end());
-  auto sampling = FromProto(req->default_sampling(), "default_sampling");
+  auto sampling =
+      FromProto(req->default_sampling(), deps_.model->config().vocab_size, "default_sampling");
   if (!sampling.ok()) return Done(ctx, sampling.status());
   meta.default_sampling = *sampling;
   auto tokens = ToTokens(req->initial_input(), *deps_.tokenizer, deps_.model->config().vocab_size,
@@ -906,7 +936,8 @@ grpc::ServerUnaryReactor* RambaService::ForkSession(grpc::CallbackServerContext*
   }
   std::optional<SamplingDefaults> sampling;
   if (req->has_default_sampling()) {
-    auto d = FromProto(req->default_sampling(), "default_sampling");
+    auto d =
+        FromProto(req->default_sampling(), deps_.model->config().vocab_size, "default_sampling");
     if (!d.ok()) return Done(ctx, d.status());
     sampling = *d;
   }
@@ -1058,6 +1089,7 @@ grpc::ServerUnaryReactor* RambaService::GetModelInfo(grpc::CallbackServerContext
   lim->set_max_session_tokens(l.max_session_tokens);
   lim->set_default_page_size(l.default_page_size);
   lim->set_max_page_size(l.max_page_size);
+  lim->set_max_logit_bias(static_cast<int32_t>(kMaxLogitBiasEntries));
   const SamplingOptions def = ServerSamplingDefaults();
   v1::SamplingParams* ds = lim->mutable_default_sampling();
   ds->set_temperature(def.temperature);

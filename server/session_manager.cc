@@ -31,6 +31,11 @@ std::string SessionMeta::ToJson() const {
     sampling["repetition_penalty"] = *default_sampling.repetition_penalty;
   }
   if (default_sampling.seed) sampling["seed"] = *default_sampling.seed;
+  if (!default_sampling.logit_bias.empty()) {
+    nlohmann::json bias = nlohmann::json::array();
+    for (const LogitBias& b : default_sampling.logit_bias) bias.push_back({b.id, b.bias});
+    sampling["logit_bias"] = bias;
+  }
   j["sampling"] = sampling;
   if (pending_token.has_value()) j["pending_token"] = *pending_token;
   if (!parent_id.empty()) j["parent_id"] = parent_id;
@@ -62,6 +67,11 @@ absl::StatusOr<SessionMeta> SessionMeta::FromJson(const std::string& text) {
       m.default_sampling.repetition_penalty = s.at("repetition_penalty").get<float>();
     }
     if (s.contains("seed")) m.default_sampling.seed = s.at("seed").get<uint64_t>();
+    if (s.contains("logit_bias")) {
+      for (const auto& b : s.at("logit_bias")) {
+        m.default_sampling.logit_bias.push_back({b.at(0).get<int32_t>(), b.at(1).get<float>()});
+      }
+    }
     if (j.contains("pending_token")) m.pending_token = j.at("pending_token").get<int32_t>();
     m.parent_id = j.value("parent_id", "");
     if (j.contains("fork_position")) m.fork_position = j.at("fork_position").get<int64_t>();

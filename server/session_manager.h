@@ -33,6 +33,7 @@ struct SamplingDefaults {
   std::optional<float> frequency_penalty;
   std::optional<float> repetition_penalty;
   std::optional<uint64_t> seed;
+  std::vector<LogitBias> logit_bias;  // empty: unset; by id
 };
 
 // What the server keeps about a session besides the model state (stored as the record's

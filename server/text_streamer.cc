@@ -64,18 +64,21 @@ TextStreamer::TextStreamer(std::vector<std::string> stop_sequences, bool include
   }
 }
 
-std::string TextStreamer::Add(const std::string& token_bytes) {
+std::string TextStreamer::Add(const std::string& token_bytes, bool may_stop) {
   if (stopped()) return "";
   held_ += token_bytes;
-  // A stop sequence anywhere in the held text ends generation; the earliest match wins.
+  // A stop sequence in the held text ends generation; the earliest match wins.
   size_t best = std::string::npos;
-  for (size_t k = 0; k < stops_.size(); ++k) {
-    const size_t at = held_.find(stops_[k]);
+  for (size_t k = 0; k < stops_.size() && may_stop; ++k) {
+    const size_t len = stops_[k].size();
+    const size_t from = no_stop_before_ >= len ? no_stop_before_ - len + 1 : 0;
+    const size_t at = held_.find(stops_[k], from);
     if (at != std::string::npos && (best == std::string::npos || at < best)) {
       best = at;
       stop_index_ = static_cast<int>(k);
     }
   }
+  no_stop_before_ = may_stop ? 0 : held_.size();
   if (best != std::string::npos) {
     std::string out = held_.substr(0, best + (include_stop_ ? stops_[stop_index_].size() : 0));
     held_.clear();
@@ -95,6 +98,7 @@ std::string TextStreamer::Add(const std::string& token_bytes) {
   release = CompleteUtf8Prefix(held_.substr(0, release));
   std::string out = held_.substr(0, release);
   held_.erase(0, release);
+  no_stop_before_ -= std::min(no_stop_before_, release);
   return SanitizeUtf8(out);
 }
 

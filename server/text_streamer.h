@@ -14,8 +14,10 @@ class TextStreamer {
   TextStreamer(std::vector<std::string> stop_sequences, bool include_stop_sequence);
 
   // Adds one token's bytes; returns the text now safe to release (possibly empty). After a stop
-  // sequence matched, stopped() is true and later calls return "".
-  std::string Add(const std::string& token_bytes);
+  // sequence matched, stopped() is true and later calls return "". With may_stop false a match
+  // ending in these bytes does not count (min_tokens); one ending in later bytes does, even if it
+  // began here.
+  std::string Add(const std::string& token_bytes, bool may_stop = true);
   // Releases whatever is held back (end of generation without a stop match). Invalid UTF-8 at
   // the end becomes U+FFFD.
   std::string Flush();
@@ -28,6 +30,7 @@ class TextStreamer {
   std::vector<std::string> stops_;
   bool include_stop_;
   std::string held_;  // bytes not yet released
+  size_t no_stop_before_ = 0;  // matches must end past held_[0, no_stop_before_)
   int stop_index_ = -1;
 };
 

@@ -59,6 +59,9 @@ ABSL_FLAG(int32_t, top_logprobs, 0,
 ABSL_FLAG(bool, penalties, false,
           "Decode with presence / frequency / repetition penalties (0.5 / 0.5 / 1.1): every "
           "step then also penalises a copy of the logits and counts its tokens on the device");
+ABSL_FLAG(bool, logit_bias, false,
+          "Decode with a logit bias (100 tokens) and held-back stop tokens, as a request with "
+          "logit_bias and min_tokens: every step then also adjusts a copy of the logits");
 ABSL_FLAG(bool, download_logits, false,
           "Decode steps download every row's logits (Decode) instead of sampling greedily on "
           "the device and downloading the tokens (ForwardAndSample, what the server does)");
@@ -245,11 +248,31 @@ int main(int argc, char** argv) {
         o.repetition_penalty = 1.1f;
       }
     }
+    const bool bias = absl::GetFlag(FLAGS_logit_bias);
+    std::vector<ramba::LogitBias> bias_entries;
+    const int32_t held_back[] = {static_cast<int32_t>(config.eos_token_id)};
+    if (bias) {
+      for (int32_t i = 0; i < 100; ++i) {
+        bias_entries.push_back({static_cast<int32_t>((i * 503 + 7) % config.vocab_size), -2.0f});
+      }
+      std::sort(bias_entries.begin(), bias_entries.end(),
+                [](const ramba::LogitBias& a, const ramba::LogitBias& b) { return a.id < b.id; });
+      bias_entries.erase(std::unique(bias_entries.begin(), bias_entries.end(),
+                                     [](const ramba::LogitBias& a, const ramba::LogitBias& b) {
+                                       return a.id == b.id;
+                                     }),
+                         bias_entries.end());
+      for (ramba::SamplingOptions& o : greedy) o.logit_bias = o.hold_back = true;
+    }
     // Each session's generation counts from its first input token.
     auto reset_counts = [&]() -> absl::Status {
-      if (!penalties) return absl::OkStatus();
       for (int32_t b = 0; b < batch; ++b) {
-        RETURN_IF_ERROR(ptrs[b]->ResetTokenCounts(absl::MakeConstSpan(&tokens[b], 1)));
+        if (penalties || bias) {
+          RETURN_IF_ERROR(ptrs[b]->ResetTokenCounts(
+              absl::MakeConstSpan(&tokens[b], 1),
+              bias ? absl::MakeConstSpan(held_back) : absl::Span<const int32_t>()));
+        }
+        if (bias) RETURN_IF_ERROR(ptrs[b]->SetLogitBias(bias_entries));
       }
       return absl::OkStatus();
     };

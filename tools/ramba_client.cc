@@ -25,6 +25,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -56,6 +57,11 @@ ABSL_FLAG(std::optional<float>, frequency_penalty, std::nullopt,
 ABSL_FLAG(std::optional<float>, repetition_penalty, std::nullopt,
           "generate/create: > 1 discourages repeating prompt and generated tokens (1: off).");
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "generate/create: sampling seed.");
+ABSL_FLAG(std::vector<std::string>, logit_bias, {},
+          "generate/create: ID:BIAS,... added to those tokens' logits, BIAS in [-100, 100].");
+ABSL_FLAG(int32_t, min_tokens, 0,
+          "generate: tokens generated before end of sequence, a stop id or a stop sequence may "
+          "end the generation.");
 ABSL_FLAG(bool, ignore_eos, false, "generate: do not stop at the end-of-sequence token.");
 ABSL_FLAG(bool, no_commit, false, "generate: leave the session unchanged (read-only query).");
 ABSL_FLAG(bool, logprobs, false, "generate: report the generated tokens' total and mean logprob.");
@@ -81,13 +87,15 @@ usage: ramba [--server host:port] [--timeout SECONDS] COMMAND [ARGS]
 commands:
   create [--id ID] [--label k=v]... [--text T | --file F | -]
          [--temperature T --top_k K --top_p P --min_p M --seed S
-          --presence_penalty P --frequency_penalty F --repetition_penalty R]   (the session's sampling defaults)
+          --presence_penalty P --frequency_penalty F --repetition_penalty R
+          --logit_bias ID:BIAS,...]   (the session's sampling defaults)
       Creates a session, optionally with an initial input; prints the session (JSON).
   append ID (--text T | --file F | -) [--expected_position N]
       Appends text ('-': standard input). Inputs larger than one piece (~1 MiB, or the server's
       message limit) are streamed with AppendStream. Prints the new position.
   generate ID [--prompt T] [--max_tokens N] [--temperature T --top_k K --top_p P --min_p M --seed S]
               [--presence_penalty P --frequency_penalty F --repetition_penalty R]
+              [--logit_bias ID:BIAS,...] [--min_tokens N]
               [--stop S]... [--ignore_eos] [--no_commit] [--expected_position N] [--logprobs]
               [--top_logprobs N]
       Streams generated text to stdout as it arrives; the finish reason and usage go to stderr.
@@ -298,19 +306,28 @@ bool ParseLabels(const std::vector<std::string>& labels,
   return true;
 }
 
-bool SamplingFromFlags(v1::SamplingParams* p) {
-  bool any = false;
-  if (auto v = absl::GetFlag(FLAGS_temperature)) p->set_temperature(*v), any = true;
-  if (auto v = absl::GetFlag(FLAGS_top_k)) p->set_top_k(*v), any = true;
-  if (auto v = absl::GetFlag(FLAGS_top_p)) p->set_top_p(*v), any = true;
-  if (auto v = absl::GetFlag(FLAGS_min_p)) p->set_min_p(*v), any = true;
-  if (auto v = absl::GetFlag(FLAGS_presence_penalty)) p->set_presence_penalty(*v), any = true;
-  if (auto v = absl::GetFlag(FLAGS_frequency_penalty)) p->set_frequency_penalty(*v), any = true;
-  if (auto v = absl::GetFlag(FLAGS_repetition_penalty)) {
-    p->set_repetition_penalty(*v), any = true;
+// Fills *p from the sampling flags; false with *error set when --logit_bias is malformed.
+bool SamplingFromFlags(v1::SamplingParams* p, std::string* error) {
+  for (const std::string& entry : absl::GetFlag(FLAGS_logit_bias)) {
+    const size_t colon = entry.find(':');
+    int32_t id = 0;
+    float bias = 0.0f;
+    if (colon == std::string::npos || !absl::SimpleAtoi(entry.substr(0, colon), &id) ||
+        !absl::SimpleAtof(entry.substr(colon + 1), &bias)) {
+      *error = "--logit_bias entries are ID:BIAS, got '" + entry + "'";
+      return false;
+    }
+    (*p->mutable_logit_bias())[id] = bias;
   }
-  if (auto v = absl::GetFlag(FLAGS_seed)) p->set_seed(*v), any = true;
-  return any;
+  if (auto v = absl::GetFlag(FLAGS_temperature)) p->set_temperature(*v);
+  if (auto v = absl::GetFlag(FLAGS_top_k)) p->set_top_k(*v);
+  if (auto v = absl::GetFlag(FLAGS_top_p)) p->set_top_p(*v);
+  if (auto v = absl::GetFlag(FLAGS_min_p)) p->set_min_p(*v);
+  if (auto v = absl::GetFlag(FLAGS_presence_penalty)) p->set_presence_penalty(*v);
+  if (auto v = absl::GetFlag(FLAGS_frequency_penalty)) p->set_frequency_penalty(*v);
+  if (auto v = absl::GetFlag(FLAGS_repetition_penalty)) p->set_repetition_penalty(*v);
+  if (auto v = absl::GetFlag(FLAGS_seed)) p->set_seed(*v);
+  return true;
 }
 
 // Appends everything left in `src` (whose first piece is `first`) to `id` with AppendStream,
@@ -354,7 +371,7 @@ int Create(Client& c, const std::vector<std::string>& args) {
   v1::CreateSessionRequest req;
   req.set_session_id(absl::GetFlag(FLAGS_id));
   if (!ParseLabels(absl::GetFlag(FLAGS_label), req.mutable_labels(), &error)) return Usage(error);
-  SamplingFromFlags(req.mutable_default_sampling());
+  if (!SamplingFromFlags(req.mutable_default_sampling(), &error)) return Usage(error);
   std::string first;
   if (!src->none()) {
     src->Next(c.PieceBytes(), &first, &error);
@@ -423,8 +440,10 @@ int Generate(Client& c, const std::vector<std::string>& args) {
   v1::GenerateRequest req;
   req.set_session_id(args[0]);
   if (auto p = absl::GetFlag(FLAGS_prompt)) req.mutable_input()->set_text(*p);
-  SamplingFromFlags(req.mutable_sampling());
+  std::string error;
+  if (!SamplingFromFlags(req.mutable_sampling(), &error)) return Usage(error);
   if (auto n = absl::GetFlag(FLAGS_max_tokens)) req.mutable_stopping()->set_max_tokens(*n);
+  req.mutable_stopping()->set_min_tokens(absl::GetFlag(FLAGS_min_tokens));
   for (const std::string& s : absl::GetFlag(FLAGS_stop)) req.mutable_stopping()->add_stop_sequences(s);
   req.mutable_stopping()->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
   if (absl::GetFlag(FLAGS_no_commit)) req.set_commit_input(false);
@@ -561,7 +580,8 @@ int Fork(Client& c, const std::vector<std::string>& args) {
   if (!ParseLabels(absl::GetFlag(FLAGS_label), req.mutable_labels(), &error)) return Usage(error);
   if (auto e = absl::GetFlag(FLAGS_expected_position)) req.set_expected_position(*e);
   v1::SamplingParams sampling;
-  if (SamplingFromFlags(&sampling)) *req.mutable_default_sampling() = sampling;
+  if (!SamplingFromFlags(&sampling, &error)) return Usage(error);
+  if (sampling.ByteSizeLong() > 0) *req.mutable_default_sampling() = sampling;  // any flag set
   v1::ForkSessionResponse resp;
   auto ctx = c.Context(args[0]);  // the fork is made where its parent lives
   const grpc::Status s = c.stub()->ForkSession(ctx.get(), req, &resp);

@@ -12,6 +12,7 @@
 #define RAMBA_KERNELS_CPU_OPS_H_
 
 #include <cstdint>
+#include <limits>
 
 #include "kernels/backend.h"
 
@@ -79,9 +80,14 @@ void Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingPara
             const float* uniforms, int32_t* out);
 void TopLogprobs(const float* logits, int64_t rows, int64_t vocab, int64_t n, int32_t* ids,
                  float* logprobs);
-// One logit under PenaltyParams' rule; `count` is the token's counts entry. The CUDA kernel rounds
-// each operation the same way (no contraction into an FMA), so both backends agree to the bit.
-inline float PenalizedLogit(float l, int32_t count, const PenaltyParams& p) {
+// One logit under PenaltyParams' rule; `count` is the token's counts entry (0 without counts),
+// `bias` its bias (0 without). The CUDA kernel rounds each operation the same way (no
+// contraction into an FMA), so both backends agree to the bit.
+inline float AdjustedLogit(float l, int32_t count, float bias, const PenaltyParams& p) {
+  l += bias;
+  if (p.hold_back && (count & PenaltyParams::kHeldBackBit) != 0) {
+    return -std::numeric_limits<float>::infinity();
+  }
   const int32_t c = count & PenaltyParams::kGeneratedMask;
   if (c > 0 || (count & PenaltyParams::kPromptTokenBit) != 0) {
     l = l > 0.0f ? l / p.repetition : l * p.repetition;

@@ -163,11 +163,14 @@ void ApplyPenalties(const float* logits, int64_t rows, int64_t vocab, const Pena
     const float* row = logits + r * vocab;
     float* dst = out + r * vocab;
     const PenaltyParams& p = params[r];
-    if (p.counts == nullptr) {
+    if (p.counts == nullptr && p.bias == nullptr) {
       std::copy(row, row + vocab, dst);
       continue;
     }
-    for (int64_t i = 0; i < vocab; ++i) dst[i] = PenalizedLogit(row[i], p.counts[i], p);
+    for (int64_t i = 0; i < vocab; ++i) {
+      dst[i] = AdjustedLogit(row[i], p.counts != nullptr ? p.counts[i] : 0,
+                             p.bias != nullptr ? p.bias[i] : 0.0f, p);
+    }
   }
 }
 

@@ -833,9 +833,12 @@ int CeilLog2(int64_t v) {
 
 }  // namespace
 
-// One logit under PenaltyParams' rule, rounded as kernels/cpu/ops.h's PenalizedLogit (the
+// One logit under PenaltyParams' rule, rounded as kernels/cpu/ops.h's AdjustedLogit (the
 // intrinsics keep nvcc from contracting into an FMA), so both backends agree to the bit.
-__device__ __forceinline__ float PenalizedLogit(float l, int32_t count, const PenaltyParams& p) {
+__device__ __forceinline__ float AdjustedLogit(float l, int32_t count, float bias,
+                                               const PenaltyParams& p) {
+  l = __fadd_rn(l, bias);
+  if (p.hold_back && (count & PenaltyParams::kHeldBackBit) != 0) return -INFINITY;
   const int32_t c = count & PenaltyParams::kGeneratedMask;
   if (c > 0 || (count & PenaltyParams::kPromptTokenBit) != 0) {
     l = l > 0.0f ? __fdiv_rn(l, p.repetition) : __fmul_rn(l, p.repetition);
@@ -887,7 +890,10 @@ __global__ void __launch_bounds__(kPenaltyThreads)
     const int i = base + u * kPenaltyThreads + threadIdx.x;
     if (i >= vocab) break;
     const float l = __ldg(x + i);
-    y[i] = p.counts == nullptr ? l : PenalizedLogit(l, p.counts[i], p);
+    y[i] = p.counts == nullptr && p.bias == nullptr
+               ? l
+               : AdjustedLogit(l, p.counts != nullptr ? p.counts[i] : 0,
+                               p.bias != nullptr ? __ldg(p.bias + i) : 0.0f, p);
   }
 }
 

@@ -346,7 +346,7 @@ TEST_F(CudaOpTest, TopLogprobsMatchCpu) {
 }
 
 // Penalties are elementwise with the same rounding on both backends: bit-exact.
-TEST_F(CudaOpTest, PenaltiesAndTokenCountsMatchCpu) {
+TEST_F(CudaOpTest, BiasHeldBackTokensPenaltiesAndCountsMatchCpu) {
   std::mt19937 gen(7);
   for (int64_t vocab : {1, 3, 257, 50280}) {
     for (int64_t rows : {1, 6, 130}) {
@@ -356,21 +356,39 @@ TEST_F(CudaOpTest, PenaltiesAndTokenCountsMatchCpu) {
       std::vector<int32_t*> d_counts(static_cast<size_t>(rows), nullptr);
       std::vector<PenaltyParams> cpu_params(static_cast<size_t>(rows));
       std::vector<PenaltyParams> gpu_params(static_cast<size_t>(rows));
+      std::vector<std::vector<float>> bias(static_cast<size_t>(rows));
       for (int64_t r = 0; r < rows; ++r) {
-        if (r % 5 == 2) continue;  // no penalties: copied
+        // Rows 5k + 1 and 5k + 4 have a logit bias, 5k + 2 has neither bias nor penalties
+        // (copied), 5k + 4 has only the bias, 5k + 3 holds tokens back.
+        if (r % 5 == 1 || r % 5 == 4) {
+          bias[r].assign(static_cast<size_t>(vocab), 0.0f);
+          for (float& b : bias[r]) {
+            if (gen() % 3 == 0) b = (static_cast<int>(gen() % 401) - 200) * 0.5f;
+          }
+          cpu_params[r].bias = bias[r].data();
+          gpu_params[r].bias = ToGpu(bias[r]);
+        }
+        if (r % 5 == 2 || r % 5 == 4) continue;
         std::vector<int32_t>& c = counts[r];
         c.assign(static_cast<size_t>(vocab), 0);
         for (int32_t& x : c) {
           const uint32_t g = gen();
           if (g % 4 == 0) x = static_cast<int32_t>(g / 4 % 5);
           if (g % 7 == 0) x |= PenaltyParams::kPromptTokenBit;
+          if (g % 11 == 0) x |= PenaltyParams::kHeldBackBit;
         }
         d_counts[r] = ToGpu(c);
         const float presence = (static_cast<int>(gen() % 9) - 4) * 0.37f;
         const float frequency = (static_cast<int>(gen() % 9) - 4) * 0.29f;
         const float repetition = 0.3f + (gen() % 17) * 0.13f;
-        cpu_params[r] = {c.data(), presence, frequency, repetition};
-        gpu_params[r] = {d_counts[r], presence, frequency, repetition};
+        for (auto [params, counts_ptr] :
+             {std::pair(&cpu_params[r], c.data()), std::pair(&gpu_params[r], d_counts[r])}) {
+          params->counts = counts_ptr;
+          params->presence = presence;
+          params->frequency = frequency;
+          params->repetition = repetition;
+          params->hold_back = r % 5 == 3;
+        }
       }
       std::vector<float> want(logits.size());
       ASSERT_TRUE(

@@ -1,5 +1,5 @@
 // Sample: greedy, temperature, top-k, top-p, inverse-CDF order and determinism; the repetition
-// penalties (ApplyPenalties, CountTokens).
+// penalties, logit bias and held-back tokens (ApplyPenalties, CountTokens).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -329,6 +329,42 @@ TEST(PenaltiesTest, CountTokensKeepsThePromptMarkAndSkipsRowsWithoutCounts) {
   ASSERT_TRUE(be->CountTokens(params.data(), 1, 3, tokens.data()).ok());
   EXPECT_EQ(a, (std::vector<int32_t>{0, PenaltyParams::kPromptTokenBit | 2, 0}));
   EXPECT_EQ(b, (std::vector<int32_t>{0, 0, 0}));
+}
+
+TEST(PenaltiesTest, BiasThenHeldBackTokensThenPenalties) {
+  auto be = testing::Cpu();
+  constexpr int32_t kHeld = PenaltyParams::kHeldBackBit;
+  // Token 0 biased up, 1 held back (and biased up: still out), 2 generated twice and biased
+  // down, 3 held back and generated once, 4 untouched.
+  std::vector<int32_t> counts = {0, kHeld, 2, kHeld | 1, 0};
+  const std::vector<float> bias = {1.5f, 100.0f, -1.0f, 0.0f, 0.0f};
+  const std::vector<float> logits = {1.0f, 2.0f, 3.0f, 4.0f, -1.0f};
+  std::vector<float> out(5, NAN);
+
+  PenaltyParams p{counts.data(), 0.5f, 0.25f, 2.0f};
+  p.bias = bias.data();
+  p.hold_back = true;
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 1, 5, &p, out.data()).ok());
+  EXPECT_EQ(out, (std::vector<float>{2.5f, -INFINITY,
+                                     (3.0f - 1.0f) / 2.0f - (0.25f * 2 + 0.5f),  // biased first
+                                     -INFINITY, -1.0f}));
+  // Not holding back (min_tokens reached): the marks change nothing.
+  p.hold_back = false;
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 1, 5, &p, out.data()).ok());
+  EXPECT_EQ(out, (std::vector<float>{2.5f, 102.0f, 0.0f, 4.0f / 2.0f - (0.25f + 0.5f), -1.0f}));
+  // A bias without counts; a held-back row without counts is refused.
+  PenaltyParams bias_only;
+  bias_only.bias = bias.data();
+  ASSERT_TRUE(be->ApplyPenalties(logits.data(), 1, 5, &bias_only, out.data()).ok());
+  EXPECT_EQ(out, (std::vector<float>{2.5f, 102.0f, 2.0f, 4.0f, -1.0f}));
+  PenaltyParams held_without_counts;
+  held_without_counts.hold_back = true;
+  EXPECT_EQ(be->ApplyPenalties(logits.data(), 1, 5, &held_without_counts, out.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+  // Counting keeps the held-back mark.
+  const int32_t token = 1;
+  ASSERT_TRUE(be->CountTokens(&p, 1, 5, &token).ok());
+  EXPECT_EQ(counts[1], kHeld | 1);
 }
 
 }  // namespace

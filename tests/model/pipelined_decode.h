@@ -7,6 +7,7 @@
 #include <cmath>
 #include <deque>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -331,10 +332,11 @@ inline void ExpectPipelinedDecodeMisuseRefused(RambaModel* model) {
             absl::StatusCode::kFailedPrecondition);
 }
 
-// Repetition penalties: pipelined launches (each step's tokens counted on the backend and fed to
-// the next on the device) give the tokens of a host reference that penalises downloaded logits
-// step by step (the CPU backend's ApplyPenalties, bit-exact with the GPU's) and samples them
-// without penalties; a session whose counts were never reset is refused, unchanged.
+// Logit bias, held-back tokens and repetition penalties: pipelined launches (each step's tokens
+// counted on the backend and fed to the next on the device) give the tokens of a host reference
+// that adjusts downloaded logits step by step (the CPU backend's ApplyPenalties, bit-exact with
+// the GPU's) and samples them without adjustments; a session whose counts were never reset is
+// refused, unchanged.
 inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
   const int64_t V = model->config().vocab_size;
   const std::vector<int64_t> lens = {1, 60, 130};
@@ -355,10 +357,35 @@ inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
   options[1].seed = 11;
   options[1].repetition_penalty = 1.8f;
   options[1].presence_penalty = -0.4f;
-  // options[2]: greedy without penalties, beside rows with them.
-  std::vector<SamplingOptions> plain = options;
-  for (SamplingOptions& o : plain) o.presence_penalty = o.frequency_penalty = 0.0f;
-  for (SamplingOptions& o : plain) o.repetition_penalty = 1.0f;
+  // options[2]: greedy without penalties, beside rows with them. Rows 0 and 2 have a logit bias;
+  // row 1 holds back every third token id for its first kHeldSteps tokens (min_tokens).
+  constexpr int kHeldSteps = 4;
+  std::vector<std::vector<LogitBias>> bias(lens.size());
+  std::vector<std::vector<float>> dense_bias(lens.size());
+  std::vector<int32_t> held;
+  {
+    std::mt19937 gen(5);
+    for (int i : {0, 2}) {
+      options[i].logit_bias = true;
+      dense_bias[i].assign(static_cast<size_t>(V), 0.0f);
+      for (int32_t t = 0; t < V; t += 1 + static_cast<int32_t>(gen() % 4)) {
+        const float v = (static_cast<int>(gen() % 21) - 10) * 5.0f;
+        bias[i].push_back({t, v});
+        dense_bias[i][t] = v;
+      }
+    }
+    for (int32_t t = 0; t < V; t += 3) held.push_back(t);
+  }
+  auto options_at = [&](int step) {
+    std::vector<SamplingOptions> o = options;
+    o[1].hold_back = step < kHeldSteps;
+    return o;
+  };
+  std::vector<SamplingOptions> plain(lens.size());
+  for (size_t i = 0; i < lens.size(); ++i) {
+    plain[i].temperature = options[i].temperature;
+    plain[i].seed = options[i].seed;
+  }
 
   // Reference on the host.
   auto cpu = kernels::CreateCpuBackend(1);
@@ -368,22 +395,26 @@ inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
     counts.emplace_back(static_cast<size_t>(V), 0);
     for (int32_t t : prompts.back()) counts.back()[t] = kernels::PenaltyParams::kPromptTokenBit;
   }
+  for (int32_t t : held) counts[1][t] |= kernels::PenaltyParams::kHeldBackBit;
   std::vector<std::vector<int32_t>> want;
   std::vector<int32_t> next = sessions.next;
-  int penalty_changed_greedy = 0;
+  int penalty_changed_greedy = 0, bias_changed_greedy = 0;
   for (int step = 0; step < steps; ++step) {
     std::vector<absl::Span<const int32_t>> spans;
     for (const int32_t& t : next) spans.push_back(absl::MakeConstSpan(&t, 1));
     std::vector<float> logits;
     ASSERT_TRUE(model->Forward(a, spans, LogitsMode::kLast, &logits).ok());
+    const std::vector<SamplingOptions> at = options_at(step);
     std::vector<kernels::PenaltyParams> params(lens.size());
     std::vector<int64_t> positions;
     for (size_t i = 0; i < lens.size(); ++i) {
-      const SamplingOptions& o = options[i];
-      if (o.has_penalties()) {
+      const SamplingOptions& o = at[i];
+      if (o.needs_token_counts()) {
         params[i] = {counts[i].data(), o.presence_penalty, o.frequency_penalty,
                      o.repetition_penalty};
+        params[i].hold_back = o.hold_back;
       }
+      if (o.logit_bias) params[i].bias = dense_bias[i].data();
       positions.push_back(a[i]->position());
     }
     std::vector<float> penalized(logits.size());
@@ -391,12 +422,20 @@ inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
     auto sampled = SampleTokens(model->backend(), penalized, V, plain, positions);
     ASSERT_TRUE(sampled.ok()) << sampled.status();
     ASSERT_TRUE(cpu->CountTokens(params.data(), 3, V, sampled->data()).ok());
-    penalty_changed_greedy +=
-        (*sampled)[0] != std::max_element(logits.begin(), logits.begin() + V) - logits.begin();
+    auto argmax = [&](size_t row) {
+      const auto first = logits.begin() + static_cast<int64_t>(row) * V;
+      return static_cast<int32_t>(std::max_element(first, first + V) - first);
+    };
+    penalty_changed_greedy += (*sampled)[0] != argmax(0);
+    bias_changed_greedy += (*sampled)[2] != argmax(2);
+    if (step < kHeldSteps) {
+      EXPECT_NE((*sampled)[1] % 3, 0) << "step " << step << " sampled a held-back token";
+    }
     want.push_back(*sampled);
     next = *sampled;
   }
   EXPECT_GT(penalty_changed_greedy, 0) << "the penalties never changed a greedy token";
+  EXPECT_GT(bias_changed_greedy, 0) << "the bias never changed a greedy token";
 
   // Counts never reset: refused before any state changes.
   const int64_t before = b[0]->position();
@@ -407,7 +446,12 @@ inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
 
   // Pipelined on the model.
   for (size_t i = 0; i < lens.size(); ++i) {
-    if (options[i].has_penalties()) ASSERT_TRUE(b[i]->ResetTokenCounts(prompts[i]).ok());
+    if (options[i].has_penalties()) {
+      ASSERT_TRUE(b[i]->ResetTokenCounts(prompts[i], i == 1 ? absl::MakeConstSpan(held)
+                                                            : absl::Span<const int32_t>())
+                      .ok());
+    }
+    if (options[i].logit_bias) ASSERT_TRUE(b[i]->SetLogitBias(bias[i]).ok());
   }
   std::vector<std::vector<int32_t>> got;
   auto collect = [&] {
@@ -415,13 +459,14 @@ inline void ExpectPenaltiesMatchHostReference(RambaModel* model, int steps) {
     ASSERT_TRUE(model->CollectDecode(&sampled).ok());
     got.push_back(sampled);
   };
-  ASSERT_TRUE(model->LaunchDecode(b, sessions.next, options).ok());
+  ASSERT_TRUE(model->LaunchDecode(b, sessions.next, options_at(0)).ok());
   for (int step = 1; step < steps; ++step) {
-    ASSERT_TRUE(model->LaunchDecode(b, {}, options).ok());
+    ASSERT_TRUE(model->LaunchDecode(b, {}, options_at(step)).ok());
     collect();
   }
   collect();
   EXPECT_EQ(got, want);
+  for (SessionState* s : b) s->ReleaseGenerationScratch();
 }
 
 }  // namespace ramba::testing

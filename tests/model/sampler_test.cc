@@ -115,6 +115,32 @@ TEST_F(SamplerTest, InvalidOptionsNameTheField) {
   EXPECT_FALSE(SampleTokens(backend_.get(), logits_, 4, {SamplingOptions{}}, {0}).ok());
 }
 
+TEST(ValidateLogitBiasTest, IdsInVocabularyOnceValuesInRangeAtMostTheLimit) {
+  EXPECT_TRUE(ValidateLogitBias({}, 10).ok());
+  EXPECT_TRUE(ValidateLogitBias({{0, -100.0f}, {9, 100.0f}}, 10).ok());
+  for (const std::vector<LogitBias>& bad : std::vector<std::vector<LogitBias>>{
+           {{10, 1.0f}}, {{-1, 1.0f}}, {{2, 100.5f}}, {{2, NAN}}, {{4, 1.0f}, {4, 2.0f}}}) {
+    const absl::Status s = ValidateLogitBias(bad, 10, "sampling.logit_bias");
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("sampling.logit_bias"), std::string::npos) << s.message();
+  }
+  std::vector<LogitBias> many(kMaxLogitBiasEntries + 1);
+  for (size_t i = 0; i < many.size(); ++i) many[i].id = static_cast<int32_t>(i);
+  EXPECT_FALSE(ValidateLogitBias(many, 5000).ok());
+  many.pop_back();
+  EXPECT_TRUE(ValidateLogitBias(many, 5000).ok());
+  // Options that adjust the logits need a session: SampleTokens refuses them.
+  auto backend = kernels::CreateCpuBackend(1);
+  const std::vector<float> logits = {1.0f, 2.0f};
+  for (int which = 0; which < 2; ++which) {
+    SamplingOptions o;
+    (which == 0 ? o.logit_bias : o.hold_back) = true;
+    EXPECT_TRUE(o.adjusts_logits());
+    EXPECT_EQ(SampleTokens(backend.get(), logits, 2, {o}, {0}).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
 TEST(SamplingUniformTest, InRangeAndSpread) {
   double sum = 0;
   for (int64_t i = 0; i < 10000; ++i) {

@@ -133,6 +133,14 @@ try:
         check("cli top logprobs", r.returncode == 0 and len(alts) == 4
               and all(len(re.findall(r"' \d+ -?\d+\.\d+;", l)) == 3 for l in alts),
               (r.stdout, r.stderr))
+        # A forced token that is also a stop sequence, counted from the second token on.
+        q = stub.Tokenize(pb.TokenizeRequest(text="Q")).ids[0]
+        r = cli("generate", "cli-1", "--max_tokens", "5", "--temperature", "0", "--no_commit",
+                "--logit_bias", f"{q}:100,{q + 1}:-5", "--stop", "Q", "--min_tokens", "2")
+        check("cli logit bias and min_tokens", r.returncode == 0 and r.stdout == "Q"
+              and "STOP_SEQUENCE" in r.stderr, (r.stdout, r.stderr))
+        r = cli("generate", "cli-1", "--logit_bias", "7=1")
+        check("cli bad logit bias", r.returncode != 0 and "ID:BIAS" in r.stderr, r.stderr)
         r = cli("fork", "cli-1", "--id", "cli-2")
         check("cli fork", r.returncode == 0 and '"cli-2"' in r.stdout, r.stderr)
         r = cli("list")

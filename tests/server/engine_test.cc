@@ -48,7 +48,8 @@ class EngineTest : public ::testing::TestWithParam<bool> {
                            std::function<TokenAction(int32_t)> stop = nullptr,
                            std::shared_ptr<EngineRequest>* handle = nullptr,
                            bool include_logprobs = false, bool feed_stop_token = true,
-                           int32_t top_logprobs = 0) {
+                           int32_t top_logprobs = 0,
+                           std::function<void(EngineRequest*)> edit = nullptr) {
     auto req = std::make_shared<EngineRequest>();
     auto outcome = std::make_shared<Outcome>();
     auto promise = std::make_shared<std::promise<Outcome>>();
@@ -70,6 +71,7 @@ class EngineTest : public ::testing::TestWithParam<bool> {
       outcome->reason = r;
       promise->set_value(*outcome);
     };
+    if (edit) edit(req.get());
     if (handle != nullptr) *handle = req;
     engine.Submit(req);
     return promise->get_future();
@@ -215,6 +217,69 @@ TEST_P(EngineTest, PenaltiesCountTheInputAndEachGenerationAfresh) {
   history.insert(history.end(), first.tokens.begin(), first.tokens.end() - 1);
   history.insert(history.end(), input.begin(), input.end());
   EXPECT_EQ(second.tokens, reference(history, input, 20));
+}
+
+// A logit bias steers greedy choices; held-back tokens stay out of exactly the first
+// min_new_tokens tokens, also when steps are launched before the previous token is back (the
+// engine decides per launch, counting the token still on the device).
+TEST_P(EngineTest, LogitBiasAndHeldBackTokensUntilMinTokens) {
+  const auto prompt = testing::RandomTokens(50, config_.vocab_size, 31);
+  const std::vector<int32_t> plain = Reference(prompt, 12);
+  int32_t forced = 0;  // a token greedy decoding does not pick by itself
+  while (std::find(plain.begin(), plain.end(), forced) != plain.end()) ++forced;
+  for (const bool pipelined : {true, false}) {
+    SCOPED_TRACE(pipelined ? "pipelined" : "one step at a time");
+    EngineOptions opts = Opts();
+    opts.pipeline_decode = pipelined;
+    Engine engine(model_.get(), opts);
+    auto state = std::move(*model_->NewSession());
+    const Outcome biased =
+        Run(engine, state.get(), prompt, 6, {}, nullptr, nullptr, false, true, 0,
+            [forced](EngineRequest* r) { r->logit_bias = {{forced, 100.0f}}; })
+            .get();
+    ASSERT_TRUE(biased.status.ok()) << biased.status;
+    EXPECT_EQ(biased.tokens, std::vector<int32_t>(6, forced));
+    EXPECT_EQ(state->logit_bias(), nullptr);  // released with the request
+
+    // Held back (as a stop token) for the first 4 tokens: greedy goes its own way until then,
+    // and the bias makes the fifth token the stop token.
+    for (const int min_tokens : {4, 1}) {
+      auto held = std::move(*model_->NewSession());
+      auto stop_at_forced = [forced](int32_t t) {
+        return t == forced ? TokenAction::kStop : TokenAction::kContinue;
+      };
+      auto hold_back = [forced, min_tokens](EngineRequest* r) {
+        r->logit_bias = {{forced, 100.0f}};
+        r->min_new_tokens = min_tokens;
+        r->held_back = {forced, 7};
+      };
+      const Outcome o = Run(engine, held.get(), prompt, 20, {}, stop_at_forced, nullptr, false,
+                            true, 0, hold_back)
+                            .get();
+      ASSERT_TRUE(o.status.ok()) << o.status;
+      EXPECT_EQ(o.reason, FinishReason::kStop);
+      std::vector<int32_t> want(plain.begin(), plain.begin() + min_tokens);
+      want.push_back(forced);
+      EXPECT_EQ(o.tokens, want) << "min_tokens " << min_tokens;
+      EXPECT_EQ(held->token_counts(), nullptr);
+    }
+  }
+  // Bad bias entries and held-back ids fail the request alone.
+  Engine engine(model_.get(), Opts());
+  auto state = std::move(*model_->NewSession());
+  for (const auto& edit : std::vector<std::function<void(EngineRequest*)>>{
+           [](EngineRequest* r) { r->logit_bias = {{1, 101.0f}}; },
+           [this](EngineRequest* r) {
+             r->logit_bias = {{static_cast<int32_t>(config_.vocab_size), 1.0f}};
+           },
+           [](EngineRequest* r) { r->logit_bias = {{3, 1.0f}, {3, 2.0f}}; },
+           [](EngineRequest* r) { r->held_back = {-1}; },
+           [](EngineRequest* r) { r->min_new_tokens = -1; }}) {
+    const Outcome bad =
+        Run(engine, state.get(), prompt, 3, {}, nullptr, nullptr, false, true, 0, edit).get();
+    EXPECT_EQ(bad.status.code(), absl::StatusCode::kInvalidArgument) << bad.status;
+    EXPECT_EQ(state->position(), 0);
+  }
 }
 
 // Logprobs come with the tokens of requests that ask for them, batched with requests that do not

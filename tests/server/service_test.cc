@@ -8,6 +8,7 @@
 #include <functional>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -386,6 +387,110 @@ TEST_F(ServiceTest, PenaltiesFromSessionDefaultsOrRequestCountEachGeneration) {
   }
 }
 
+// A logit bias from the request or from the session's defaults (stored with the session; a
+// request's map replaces the session's); min_tokens holds EOS and stop ids back and lets only
+// stop sequences ending in token min_tokens or later stop; bad values name their field.
+TEST_F(ServiceTest, LogitBiasAndMinTokens) {
+  const std::string prompt = "Once upon a time";
+  v1::SamplingParams greedy;
+  greedy.set_temperature(0);
+  CreateWithDefaults("s", prompt, nullptr);
+  const std::vector<int32_t> plain = GenerateIds("s", greedy, 8, /*commit=*/false);
+  ASSERT_EQ(plain.size(), 8u);
+  const std::vector<int32_t> q = tokenizer_->Encode("Q");
+  ASSERT_EQ(q.size(), 1u);
+  const int32_t forced = q[0];
+  ASSERT_EQ(std::find(plain.begin(), plain.end(), forced), plain.end());
+  v1::SamplingParams biased = greedy;
+  (*biased.mutable_logit_bias())[forced] = 100.0f;
+  (*biased.mutable_logit_bias())[plain[0]] = -1.0f;
+  EXPECT_EQ(GenerateIds("s", biased, 5, false), std::vector<int32_t>(5, forced));
+
+  CreateWithDefaults("def", prompt, &biased);
+  EXPECT_EQ(GenerateIds("def", greedy, 5, false), std::vector<int32_t>(5, forced));
+  v1::SamplingParams unbiased = greedy;
+  (*unbiased.mutable_logit_bias())[forced] = 0.0f;
+  EXPECT_EQ(GenerateIds("def", unbiased, 8, false), plain);
+  {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest gr;
+    v1::GetSessionResponse gresp;
+    gr.set_session_id("def");
+    ASSERT_TRUE(stub_->GetSession(&ctx, gr, &gresp).ok());
+    EXPECT_EQ(gresp.session().default_sampling().logit_bias().at(forced), 100.0f);
+    EXPECT_EQ(gresp.session().default_sampling().logit_bias().size(), 2u);
+  }
+
+  auto generate = [&](int min_tokens, auto&& stop) {
+    v1::GenerateRequest g;
+    g.set_session_id("s");
+    g.set_commit_generated(false);
+    g.mutable_stopping()->set_max_tokens(10);
+    g.mutable_stopping()->set_min_tokens(min_tokens);
+    *g.mutable_sampling() = biased;
+    stop(g.mutable_stopping());
+    return Generate(g);
+  };
+  std::vector<int32_t> want(plain.begin(), plain.begin() + 3);
+  want.push_back(forced);
+  // The forced token as a stop id: three tokens of the plain greedy run (plain[0]'s small bias
+  // aside, which changes nothing there), then the stop token.
+  Streamed out = generate(3, [&](v1::StoppingCriteria* s) { s->add_stop_token_ids(forced); });
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.ids, want);
+  EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_STOP_TOKEN);
+  // The end-of-sequence token, forced the same way.
+  const int32_t eos = model_->config().eos_token_id;
+  (*biased.mutable_logit_bias())[eos] = 100.0f;
+  (*biased.mutable_logit_bias())[forced] = 0.0f;
+  want.back() = eos;
+  out = generate(3, [](v1::StoppingCriteria*) {});
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.ids, want);
+  EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_EOS);
+  // A stop sequence in every token counts from token min_tokens on.
+  (*biased.mutable_logit_bias())[eos] = 0.0f;
+  (*biased.mutable_logit_bias())[forced] = 100.0f;
+  for (const int min_tokens : {0, 1, 3}) {
+    out = generate(min_tokens, [](v1::StoppingCriteria* s) { s->add_stop_sequences("Q"); });
+    ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+    EXPECT_EQ(out.ids, std::vector<int32_t>(std::max(min_tokens, 1), forced));
+    EXPECT_EQ(out.text, std::string(std::max(min_tokens - 1, 0), 'Q'));
+    EXPECT_EQ(out.final.finish_reason(), v1::FINISH_REASON_STOP_SEQUENCE);
+  }
+
+  // Errors name the field, in requests and in session defaults.
+  const int32_t vocab = static_cast<int32_t>(model_->config().vocab_size);
+  for (const auto& [key, value, field] :
+       std::vector<std::tuple<int32_t, float, std::string>>{{forced, 100.5f, "sampling.logit_bias"},
+                                                            {vocab, 1.0f, "sampling.logit_bias"},
+                                                            {-1, 1.0f, "sampling.logit_bias"}}) {
+    v1::SamplingParams bad = greedy;
+    (*bad.mutable_logit_bias())[key] = value;
+    v1::GenerateRequest g;
+    g.set_session_id("s");
+    *g.mutable_sampling() = bad;
+    const Streamed e = Generate(g);
+    EXPECT_EQ(e.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(e.status.error_message().find(field), std::string::npos) << e.status.error_message();
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    v1::CreateSessionResponse resp;
+    req.set_session_id("bad");
+    *req.mutable_default_sampling() = bad;
+    const grpc::Status s = stub_->CreateSession(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("default_sampling.logit_bias"), std::string::npos)
+        << s.error_message();
+  }
+  for (const int min_tokens : {-1, 11}) {
+    const Streamed e = generate(min_tokens, [](v1::StoppingCriteria*) {});
+    EXPECT_EQ(e.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(e.status.error_message().find("stopping.min_tokens"), std::string::npos)
+        << e.status.error_message();
+  }
+}
+
 TEST_F(ServiceTest, CommitGeneratedFalseLeavesSessionAsItWas) {
   Create("s", "abcdef");
   v1::GenerateRequest g;
@@ -693,6 +798,8 @@ TEST_F(ServiceTest, ModelInfoAndTokenize) {
   EXPECT_EQ(resp.model().vocab_size(), 256);
   EXPECT_EQ(resp.model().chunk_size(), 64);
   EXPECT_EQ(resp.model().tokenizer(), v1::TOKENIZER_KIND_BYTE);
+  EXPECT_EQ(resp.limits().max_logit_bias(), kMaxLogitBiasEntries);
+  EXPECT_EQ(resp.limits().default_sampling().repetition_penalty(), 1.0f);
   grpc::ClientContext c2;
   v1::TokenizeRequest t;
   v1::TokenizeResponse tr;

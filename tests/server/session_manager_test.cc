@@ -344,6 +344,7 @@ TEST(SessionMetaTest, JsonRoundTrip) {
   m.default_sampling.min_p = 0.05f;
   m.default_sampling.presence_penalty = -0.5f;
   m.default_sampling.repetition_penalty = 1.25f;
+  m.default_sampling.logit_bias = {{3, -100.0f}, {70, 2.5f}};
   m.pending_token = 42;
   m.parent_id = "p";
   auto back = SessionMeta::FromJson(m.ToJson());
@@ -355,6 +356,10 @@ TEST(SessionMetaTest, JsonRoundTrip) {
   EXPECT_EQ(back->default_sampling.presence_penalty, -0.5f);
   EXPECT_FALSE(back->default_sampling.frequency_penalty.has_value());
   EXPECT_EQ(back->default_sampling.repetition_penalty, 1.25f);
+  ASSERT_EQ(back->default_sampling.logit_bias.size(), 2u);
+  EXPECT_EQ(back->default_sampling.logit_bias[1].id, 70);
+  EXPECT_EQ(back->default_sampling.logit_bias[1].bias, 2.5f);
+  EXPECT_EQ(back->default_sampling.logit_bias[0].bias, -100.0f);
   EXPECT_EQ(back->pending_token, 42);
   EXPECT_EQ(back->parent_id, "p");
   EXPECT_EQ(SessionMeta::FromJson("{").status().code(), absl::StatusCode::kDataLoss);

@@ -54,6 +54,26 @@ TEST(TextStreamerTest, IncludeStopSequenceAndEarliestMatch) {
   EXPECT_EQ(t.matched(), "lo w");
 }
 
+// min_tokens: a match ending in bytes added with may_stop false does not count; one that began
+// there and ends later does.
+TEST(TextStreamerTest, MatchesEndingBeforeMayStopDoNotCount) {
+  TextStreamer t({"ab", "b"}, false);
+  EXPECT_EQ(t.Add("xab", false), "xab");  // both matches end here: released
+  EXPECT_FALSE(t.stopped());
+  EXPECT_EQ(t.Add("a", false), "");  // may start "ab": held back
+  EXPECT_EQ(t.Add("bc", true), "");  // "ab" ends now: stops
+  EXPECT_TRUE(t.stopped());
+  EXPECT_EQ(t.matched(), "ab");
+
+  // A shorter stop sequence inside text held back for a longer one ended too early.
+  TextStreamer u({"a", "abc"}, true);
+  EXPECT_EQ(u.Add("ab", false), "");  // held: "ab" may begin "abc"
+  EXPECT_EQ(u.Add("x", true), "abx");
+  EXPECT_FALSE(u.stopped());
+  EXPECT_EQ(u.Add("a", true), "a");  // include_stop_sequence: the match is released
+  EXPECT_TRUE(u.stopped());
+}
+
 TEST(TextStreamerTest, InvalidBytesBecomeReplacementCharacters) {
   EXPECT_EQ(SanitizeUtf8("a\xFF" "b"), "a\xEF\xBF\xBD" "b");
   EXPECT_EQ(SanitizeUtf8("\x80"), "\xEF\xBF\xBD");
