@@ -661,9 +661,11 @@ __device__ __forceinline__ void MergeLse(float& m, float& s, float m2, float s2)
   m = mx;
 }
 
-// The row's max m and log of sum(exp(x - m)), for every thread of the block (kLogprobThreads).
+// The row's max m and log of sum(exp(x - m)), for every thread of the block (kLogprobThreads);
+// with thread_max, also the max over the thread's own share (x[threadIdx.x + k *
+// kLogprobThreads], NaN left out; -inf when none).
 __device__ __forceinline__ void BlockLogSumExp(const float* __restrict__ x, int vocab, float* max,
-                                               float* log_sum) {
+                                               float* log_sum, float* thread_max = nullptr) {
   __shared__ float ms[kLogprobThreads / 32], ss[kLogprobThreads / 32];
   __shared__ float result[2];
   float m = -INFINITY, s = 0.0f;
@@ -684,6 +686,7 @@ __device__ __forceinline__ void BlockLogSumExp(const float* __restrict__ x, int 
       }
     }
   }
+  if (thread_max != nullptr) *thread_max = m;
   for (int o = 16; o > 0; o >>= 1) {
     const float m2 = __shfl_xor_sync(kFullMask, m, o), s2 = __shfl_xor_sync(kFullMask, s, o);
     MergeLse(m, s, m2, s2);
@@ -771,52 +774,88 @@ __device__ __forceinline__ void PickBest(int count, Get get, int n, const float*
   }
 }
 
-constexpr int kTopCandidates = 4096;
+// Sorts the warp's 32 (v, i) pairs by RanksBefore (bitonic, through shuffles): lane k ends with
+// the k-th.
+__device__ __forceinline__ void WarpSortRanked(float& v, int& i) {
+  const int lane = threadIdx.x % 32;
+  for (int size = 2; size <= 32; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      const float v2 = __shfl_xor_sync(kFullMask, v, stride);
+      const int i2 = __shfl_xor_sync(kFullMask, i, stride);
+      // Runs of `size` alternate direction; within a pair the lower lane of an ascending run
+      // keeps the pair's first.
+      const bool keep_first = ((lane & stride) == 0) == ((lane & size) == 0);
+      if (keep_first ? RanksBefore(v2, i2, v, i) : RanksBefore(v, i, v2, i2)) v = v2, i = i2;
+    }
+  }
+}
 
-// One block per row: the log-sum-exp; then a threshold T, the n-th best of the threads' own
-// maxima (n distinct tokens reach it, so the row's n best all do); the tokens >= T gathered in
-// shared memory (a few dozen unless the row is flat); and n selection rounds over them. A row
-// with more than kTopCandidates such tokens takes the rounds over the whole row instead (~8 us
-// a round for 50K logits on an H100: what every row paid before the threshold).
+constexpr int kTopCandidates = 4096;
+// Up to this many candidates are ordered by counting, each against all: one barrier, where the
+// n selection rounds take two per round.
+constexpr int kRankedCandidates = 1024;
+
+// One block per row: the log-sum-exp, and in the same pass each thread's own max; a threshold T,
+// the n-th best of those maxima (n distinct tokens reach it, so the row's n best all do: each
+// warp sorts its lanes' maxima, the n-th best of the warps' n best is found by counting); the
+// tokens >= T gathered in shared memory (a few dozen unless the row is flat), each placed by
+// counting the candidates ranked before it. A row with more than kRankedCandidates candidates
+// takes n selection rounds over them, one with more than kTopCandidates over the whole row.
 __global__ void __launch_bounds__(kLogprobThreads)
     TopLogprobsKernel(const float* __restrict__ logits, int vocab, int n, int32_t* __restrict__ ids,
                       float* __restrict__ out) {
+  constexpr int kWarps = kLogprobThreads / 32;
   __shared__ float cand_v[kTopCandidates];
   __shared__ int cand_i[kTopCandidates];
+  __shared__ float warp_best_v[kWarps * Backend::kMaxTopLogprobs];
+  __shared__ int warp_best_i[kWarps * Backend::kMaxTopLogprobs];
   __shared__ int num_cand;
+  __shared__ float threshold;
   WaitForPriorGrids();
   AllowDependentGrids();
   const int row = blockIdx.x;
   const float* x = logits + static_cast<int64_t>(row) * vocab;
   ids += static_cast<int64_t>(row) * n;
   out += static_cast<int64_t>(row) * n;
-  float m, log_s;
-  BlockLogSumExp(x, vocab, &m, &log_s);
-  float own_max = -INFINITY;
-  for (int i = threadIdx.x; i < vocab; i += kLogprobThreads) {
-    own_max = fmaxf(own_max, NanAsNegInf(__ldg(x + i)));
-  }
-  // T: n rounds over the threads' maxima, each thread's taken at most once.
-  float threshold = -INFINITY;
-  bool taken = false;
-  for (int k = 0; k < n; ++k) {
-    int winner;
-    BlockPick(taken ? -INFINITY : own_max, taken ? INT_MAX : static_cast<int>(threadIdx.x),
-              &threshold, &winner);
-    if (winner == static_cast<int>(threadIdx.x)) taken = true;
-  }
+  float m, log_s, own_max;
+  BlockLogSumExp(x, vocab, &m, &log_s, &own_max);
+  // T: the n-th best (max, thread) pair.
+  float v = own_max;
+  int i = static_cast<int>(threadIdx.x);
+  WarpSortRanked(v, i);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane < n) warp_best_v[warp * n + lane] = v, warp_best_i[warp * n + lane] = i;
   if (threadIdx.x == 0) num_cand = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < vocab; i += kLogprobThreads) {
-    const float v = NanAsNegInf(__ldg(x + i));
-    if (v >= threshold) {
+  if (threadIdx.x < kWarps * n) {
+    const float tv = warp_best_v[threadIdx.x];
+    const int ti = warp_best_i[threadIdx.x];
+    int before = 0;
+    for (int k = 0; k < kWarps * n; ++k) {
+      before += RanksBefore(warp_best_v[k], warp_best_i[k], tv, ti);
+    }
+    if (before == n - 1) threshold = tv;
+  }
+  __syncthreads();
+  const float t = threshold;
+  for (int j = threadIdx.x; j < vocab; j += kLogprobThreads) {
+    const float xv = NanAsNegInf(__ldg(x + j));
+    if (xv >= t) {
       const int slot = atomicAdd(&num_cand, 1);
-      if (slot < kTopCandidates) cand_v[slot] = v, cand_i[slot] = i;
+      if (slot < kTopCandidates) cand_v[slot] = xv, cand_i[slot] = j;
     }
   }
   __syncthreads();
   const int count = num_cand;
-  if (count <= kTopCandidates) {
+  if (count <= kRankedCandidates) {
+    for (int j = threadIdx.x; j < count; j += kLogprobThreads) {
+      const float cv = cand_v[j];
+      const int ci = cand_i[j];
+      int before = 0;
+      for (int k = 0; k < count; ++k) before += RanksBefore(cand_v[k], cand_i[k], cv, ci);
+      if (before < n) ids[before] = ci, out[before] = x[ci] - m - log_s;
+    }
+  } else if (count <= kTopCandidates) {
     PickBest(count, [&](int j) { return std::pair<float, int>(cand_v[j], cand_i[j]); }, n, x, m,
              log_s, ids, out);
   } else {
