@@ -399,6 +399,7 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
     // Bias, held-back tokens and penalties go into a copy: logprobs stay those of the raw
     // distribution.
     std::vector<kernels::PenaltyParams> penalties;  // empty: no row adjusts its logits
+    bool counted = false;                           // some row counts its tokens
     if (std::any_of(output.options.begin(), output.options.end(),
                     [](const SamplingOptions& o) { return o.adjusts_logits(); })) {
       penalties.resize(rows);
@@ -409,6 +410,7 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
           p = {states[r]->token_counts(), o.presence_penalty, o.frequency_penalty,
                o.repetition_penalty};
           p.hold_back = o.hold_back;
+          counted = true;
         }
         if (o.logit_bias) p.bias = states[r]->logit_bias();
       }
@@ -426,7 +428,7 @@ absl::Status RambaModel::Deliver(absl::Span<SessionState* const> states, const f
       to_sample = penalized_logits_.as<float>();
     }
     RETURN_IF_ERROR(be->Sample(to_sample, rows, vocab, params.data(), uniforms.data(), dev));
-    if (!penalties.empty()) RETURN_IF_ERROR(be->CountTokens(penalties.data(), rows, vocab, dev));
+    if (counted) RETURN_IF_ERROR(be->CountTokens(penalties.data(), rows, vocab, dev));
     const bool logprobs = launched != nullptr ? launched->logprobs : output.logprobs != nullptr;
     const int64_t top_n = launched != nullptr ? launched->top_n : output.top_n;
     const bool counts = tier_counts_dirty_;

@@ -316,8 +316,8 @@ class RambaModel {
   kernels::Buffer tier_counts_buffer_ ABSL_GUARDED_BY(mu_);
   bool tier_counts_dirty_ ABSL_GUARDED_BY(mu_) = false;
   ChunkTierCounts chunk_tier_counts_ ABSL_GUARDED_BY(mu_);
-  // A step's logits with penalties applied (Deliver), outside the workspace since no graph
-  // reads them.
+  // A step's logits after logit bias, held-back tokens and penalties (Deliver), outside the
+  // workspace since no graph reads them.
   kernels::Buffer penalized_logits_ ABSL_GUARDED_BY(mu_);
 };
 
