@@ -305,27 +305,21 @@ class CudaAttentionOpsTest : public CudaOpTest {
     EXPECT_LE(NormRelError(tc, want16), 4e-3);
     EXPECT_LE(NormRelError(tc, want), 1e-2);
     EXPECT_GT(CheckEmptyRowsAreZero(tc, sel, rows, rheads, top_k, nh * hd), 0);
-    // The block-shared kernel, with 16 and 8 rows per block, a warp per row (mma.sync) or a
-    // warpgroup per four rows (wgmma): the same bf16 products, each row's chunks added in union
-    // order (most recent first) instead of slot order, so it stays within rounding of the
-    // per-warp kernel as well as of the CPU.
+    // The block-shared kernel, with 16 and 8 rows per block: the same bf16 products, each row's
+    // chunks added in union order (most recent first) instead of slot order, so it stays within
+    // rounding of the per-warp kernel as well as of the CPU.
     std::vector<float> shared8;  // the default block size's result
-    for (const char* kernel : {"shared", "wgmma"}) {
-      for (const char* block_rows : {"16", "8"}) {
-        SCOPED_TRACE(::testing::Message()
-                     << "block-shared " << kernel << ", " << block_rows << " rows per block");
-        ScopedEnv env("RAMBA_CUDA_SPARSE_ROWS", block_rows);
-        const std::vector<float> sh = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, kernel);
-        if (block_rows[0] == '8' && kernel[0] == 's') shared8 = sh;
-        // (wgmma weights a chunk picked twice by one row once, with the two weights' sum, so
-        // its P is rounded to bf16 once rather than twice.)
-        EXPECT_LE(NormRelError(sh, tc), kernel[0] == 'w' ? 2e-3 : 1e-3);
-        EXPECT_LE(NormRelError(sh, want16), 4e-3);
-        EXPECT_LE(NormRelError(sh, want), 1e-2);
-        EXPECT_GT(CheckEmptyRowsAreZero(sh, sel, rows, rheads, top_k, nh * hd), 0);
-        // Deterministic: each row's sum has one order whatever the warps' timing.
-        EXPECT_TRUE(sh == GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, kernel));
-      }
+    for (const char* block_rows : {"16", "8"}) {
+      SCOPED_TRACE(::testing::Message() << "block-shared, " << block_rows << " rows per block");
+      ScopedEnv env("RAMBA_CUDA_SPARSE_ROWS", block_rows);
+      const std::vector<float> sh = GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "shared");
+      if (block_rows[0] == '8') shared8 = sh;
+      EXPECT_LE(NormRelError(sh, tc), 1e-3);
+      EXPECT_LE(NormRelError(sh, want16), 4e-3);
+      EXPECT_LE(NormRelError(sh, want), 1e-2);
+      EXPECT_GT(CheckEmptyRowsAreZero(sh, sel, rows, rheads, top_k, nh * hd), 0);
+      // Deterministic: each row's sum has one order whatever the warps' timing.
+      EXPECT_TRUE(sh == GpuSparse(m, sel, q, rheads, top_k, nh, nkv, hd, cs, "shared"));
     }
     // The default picks one of the three paths: the shared one with 8 rows per block, or past its
     // top-K of 16 the per-warp kernel (which "shared" then runs too).
